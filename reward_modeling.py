@@ -1,0 +1,363 @@
+"""Reward modelling on `prompt`/`chosen`/`rejected` pairs: the second stage of RLHF.
+
+    python reward_modeling.py                       # the embedded tiny TL;DR task, offline, a few minutes on a CPU
+    accelerate launch reward_modeling.py --model-name-or-path models/sft_tldr \
+        --dataset-name trl-lib/tldr-preference --learning-rate 3e-6 --output-dir models/rm_tldr
+
+A scalar head on the SFT model scores `prompt + completion + EOS` at its last non-pad token, trained with the
+pairwise loss -log sigmoid(r_chosen - r_rejected). After training the scores are shifted so that the dataset's
+reference completions score 0 on average (the N+ normalisation), and the shift is stored in the weights, so a
+plain `AutoModelForSequenceClassification.from_pretrained` gives normalised scores.
+"""
+
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import tyro
+
+
+@dataclass
+class Args:
+    # common settings
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (W&B run names start with it)"""
+    seed: int = 1
+    """seed of python, numpy and torch"""
+    track: bool = False
+    """log to Weights and Biases"""
+    wandb_project_name: str = "rlhf"
+    """the W&B project"""
+    wandb_entity: Optional[str] = None
+    """the W&B entity (team)"""
+    output_dir: str = "models/rm_tiny"
+    """where the reward model and tokenizer are saved (written atomically at the end)"""
+    overwrite_output_dir: bool = False
+    """replace an existing non-empty output_dir"""
+    push_to_hub: bool = False
+    """upload the saved model and tokenizer to the Hugging Face hub"""
+    hub_model_id: Optional[str] = None
+    """the hub repository for --push-to-hub (default: the output_dir's name)"""
+    trust_remote_code: bool = False
+    """allow models and tokenizers that run code from their repository"""
+
+    # data and model
+    model_name_or_path: str = "embedded/sft_model"
+    """the SFT model the reward model starts from: a hub id or a local folder"""
+    tokenizer_name_or_path: Optional[str] = None
+    """the tokenizer (default: model_name_or_path); it needs a pad token distinct from EOS"""
+    dataset_name: str = "embedded/preference_data"
+    """hub id, a save_to_disk folder, or a json/jsonl/parquet file with `prompt`, `chosen`, `rejected` columns"""
+    dataset_train_split: str = "train"
+    """the split to train on"""
+    dataset_test_split: str = "test"
+    """the held-out split for accuracy (and accuracy against gold labels if it has `gold_chosen_is_better`)"""
+    max_length: int = 256
+    """pairs whose prompt + completion is longer (in tokens) are dropped and counted"""
+    normalize_reward: bool = True
+    """shift the scores so that the reference completions score 0 on average (N+ normalisation)"""
+    normalize_dataset_name: str = "embedded/sft_data"
+    """dataset with `prompt`/`completion` reference pairs used for the normalisation"""
+    normalize_split: str = "validation"
+    """its split"""
+    normalize_num_examples: int = 256
+    """how many reference completions are scored for the normalisation"""
+
+    # optimisation
+    learning_rate: float = 1e-3
+    """peak learning rate (~3e-6 for Pythia-1B)"""
+    num_train_epochs: int = 1
+    """passes over the training split (the N+ recipe uses one)"""
+    per_device_train_batch_size: int = 32
+    """pairs per forward pass on each process"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per optimizer step"""
+    lr_scheduler_type: Literal["cosine", "linear", "constant"] = "cosine"
+    """learning-rate schedule after warmup"""
+    warmup_ratio: float = 0.05
+    """fraction of the optimizer steps spent warming up linearly"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm"""
+    bf16: bool = False
+    """bf16 autocast"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass to save memory"""
+    logging_steps: int = 20
+    """print/log the train loss and accuracy every this many optimizer steps"""
+
+
+def fail(argument: str, message: str) -> None:
+    """Stop before any expensive work, naming the argument and the fix."""
+    sys.exit(f"error: --{argument.replace('_', '-')}: {message}")
+
+
+def load_any_dataset(name: str, split: str):
+    """A hub id, a `save_to_disk` folder (DatasetDict or Dataset), or a json/jsonl/parquet file."""
+    from datasets import Dataset, load_dataset, load_from_disk
+
+    if os.path.isdir(name) and any(os.path.exists(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json")):
+        data = load_from_disk(name)
+        return data if isinstance(data, Dataset) else data[split]
+    if os.path.isfile(name):
+        kind = "parquet" if name.endswith(".parquet") else "json"
+        return load_dataset(kind, data_files=name, split="train")
+    return load_dataset(name, split=split)
+
+
+def pad_batch(sequences: list, pad_token_id: int, side: str = "right") -> tuple:
+    """Pad token-id lists into (input_ids, attention_mask)."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        cols = slice(0, len(s)) if side == "right" else slice(width - len(s), width)
+        input_ids[i, cols], attention_mask[i, cols] = torch.tensor(s), 1
+    return input_ids, attention_mask
+
+
+def get_reward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Scalar score at the last attended token, for left or right padding. Position ids count real tokens
+    only, so a left-padded sequence gets the same score as the unpadded one."""
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+    last = (torch.arange(input_ids.shape[1], device=input_ids.device) * attention_mask).argmax(1)
+    return model.score(hidden[torch.arange(len(input_ids), device=input_ids.device), last]).squeeze(-1)
+
+
+def pairwise_loss_and_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> tuple:
+    """Bradley-Terry loss -log sigmoid(r_c - r_r) and the fraction of pairs ranked right (ties count wrong)."""
+    return -F.logsigmoid(chosen - rejected).mean(), (chosen > rejected).float().mean()
+
+
+def shift_scores(model, delta: float) -> None:
+    """Add `delta` to every score by moving the bias of the final norm that feeds the linear head along the
+    head's weight: score = w . (norm(h) + b), so b += delta * w / |w|^2 shifts it exactly. The architecture
+    stays stock, so plain `from_pretrained` reproduces the normalised scores."""
+    w = model.score.weight.data[0].float()
+    norm = getattr(model.base_model, "final_layer_norm", None) or getattr(model.base_model, "norm", None)
+    if norm is None or getattr(norm, "bias", None) is None:
+        raise ValueError("reward normalisation needs a final norm with a bias before the score head; "
+                         "pass --no-normalize-reward for this architecture")
+    norm.bias.data += (delta * w / w.dot(w)).to(norm.bias.dtype)
+
+
+def atomic_save(output_dir: str, write) -> None:
+    """`write(tmp_dir)` fills a temporary folder, which then replaces output_dir in one rename."""
+    tmp = output_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    if os.path.exists(output_dir):
+        shutil.rmtree(output_dir)
+    os.replace(tmp, output_dir)
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+
+    # Validate everything cheap before loading a model.
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
+
+    if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.overwrite_output_dir:
+        fail("output_dir", f"{args.output_dir!r} exists and is not empty; pass --overwrite-output-dir or another path")
+    for name in ("learning_rate", "per_device_train_batch_size", "num_train_epochs", "gradient_accumulation_steps",
+                 "max_length"):
+        if getattr(args, name) <= 0:
+            fail(name, f"must be positive, got {getattr(args, name)}")
+    tokenizer_path = args.tokenizer_name_or_path or args.model_name_or_path
+    for arg, path in (("model_name_or_path", args.model_name_or_path), ("tokenizer_name_or_path", tokenizer_path)):
+        # A hub id is `name` or `org/name`; anything else that does not exist is a missing local folder.
+        looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1
+        if not os.path.exists(path) and (looks_local or os.environ.get("HF_HUB_OFFLINE") == "1"):
+            fail(arg, f"{path!r} does not exist; train it with `python sft.py` or pass a path/hub id")
+    splits = {}
+    for arg, name, split, columns in (
+            ("dataset_train_split", args.dataset_name, args.dataset_train_split, {"prompt", "chosen", "rejected"}),
+            ("dataset_test_split", args.dataset_name, args.dataset_test_split, {"prompt", "chosen", "rejected"}),
+            ("normalize_split", args.normalize_dataset_name, args.normalize_split, {"prompt", "completion"})):
+        if arg == "normalize_split" and not args.normalize_reward:
+            continue
+        dataset_arg = "normalize_dataset_name" if arg == "normalize_split" else "dataset_name"
+        try:
+            splits[arg] = load_any_dataset(name, split)
+        except Exception as e:
+            fail(dataset_arg, f"could not load split {split!r} of {name!r}: {e}")
+        missing = columns - set(splits[arg].column_names)
+        if missing:
+            fail(dataset_arg, f"split {split!r} of {name!r} lacks columns {sorted(missing)} (has "
+                              f"{splits[arg].column_names}); it needs {sorted(columns)}")
+        if len(splits[arg]) == 0:
+            fail(arg, f"split {split!r} of {name!r} is empty")
+    config = AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+    if getattr(config, "num_labels", 1) != 1 and any("ForSequenceClassification" in a for a in config.architectures or []):
+        fail("model_name_or_path", f"{args.model_name_or_path!r} is a classifier with {config.num_labels} labels; "
+                                   "a reward model has one (start from the SFT model instead)")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=args.trust_remote_code)
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        fail("tokenizer_name_or_path", f"{tokenizer_path!r} has pad token {tokenizer.pad_token!r} (EOS is "
+                                       f"{tokenizer.eos_token!r}); add a distinct one, e.g. "
+                                       "tokenizer.add_special_tokens({'pad_token': '[PAD]'}), and save it")
+
+    # TRY NOT TO MODIFY: seeding, processes, tracking
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
+                              mixed_precision="bf16" if args.bf16 else "no")
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    if args.track and accelerator.is_main_process:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=run_name)
+
+    # Data: prompt + completion + EOS, so that the score is read at EOS, as in PPO where responses end with it.
+    def encode(prompt: str, completion: str) -> list:
+        return tokenizer(prompt + completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+    def tokenize_pairs(data):
+        has_gold = "gold_chosen_is_better" in data.column_names
+        rows = []
+        for i, row in enumerate(data):
+            c, r = encode(row["prompt"], row["chosen"]), encode(row["prompt"], row["rejected"])
+            if max(len(c), len(r)) <= args.max_length:
+                rows.append({"chosen": c, "rejected": r, "gold": int(row["gold_chosen_is_better"]) if has_gold else -1})
+        return rows, len(data) - len(rows)
+
+    train_rows, dropped_train = tokenize_pairs(splits["dataset_train_split"])
+    eval_rows, dropped_eval = tokenize_pairs(splits["dataset_test_split"])
+    accelerator.print(f"{len(train_rows)} train / {len(eval_rows)} eval pairs; dropped as longer than --max-length "
+                      f"{args.max_length}: {dropped_train} train, {dropped_eval} eval")
+    if not train_rows:
+        fail("max_length", f"every training pair is longer than {args.max_length} tokens")
+    pad = tokenizer.pad_token_id
+
+    def collate(batch):
+        # Chosen and rejected go through the model in one forward: first half chosen, second half rejected.
+        input_ids, attention_mask = pad_batch([b["chosen"] for b in batch] + [b["rejected"] for b in batch], pad)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "gold": torch.tensor([b["gold"] for b in batch])}
+
+    train_loader = torch.utils.data.DataLoader(train_rows, batch_size=args.per_device_train_batch_size, shuffle=True,
+                                               collate_fn=collate, generator=torch.Generator().manual_seed(args.seed))
+    eval_loader = torch.utils.data.DataLoader(eval_rows, batch_size=args.per_device_train_batch_size, collate_fn=collate)
+
+    # Model: the SFT backbone with a fresh one-output head, N(0, 1/sqrt(d_model + 1)) as in the N+ recipe.
+    for key in ("hidden_dropout", "attention_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if hasattr(config, key):
+            setattr(config, key, 0.0)
+    config.num_labels, config.id2label, config.label2id = 1, {0: "LABEL_0"}, {"LABEL_0": 0}
+    config.pad_token_id = pad
+    model = AutoModelForSequenceClassification.from_pretrained(args.model_name_or_path, config=config,
+                                                               trust_remote_code=args.trust_remote_code)
+    torch.nn.init.normal_(model.score.weight, std=1 / math.sqrt(config.hidden_size + 1))
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, eps=1e-5)
+    num_update_steps = math.ceil(len(train_loader) / args.gradient_accumulation_steps) * args.num_train_epochs
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=int(args.warmup_ratio * num_update_steps),
+                              num_training_steps=num_update_steps)
+    model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
+        model, optimizer, train_loader, eval_loader, scheduler)
+    unwrapped = accelerator.unwrap_model(model)
+
+    @torch.no_grad()
+    def evaluate() -> dict:
+        """Held-out loss, accuracy against the dataset's labels, and against gold labels where they exist."""
+        model.eval()
+        stats = torch.zeros(5, device=accelerator.device)  # loss sum, correct, count, gold correct, gold count
+        for batch in eval_loader:
+            rewards = get_reward(unwrapped, batch["input_ids"], batch["attention_mask"])
+            chosen, rejected = rewards.chunk(2)
+            stats[0] += -F.logsigmoid(chosen - rejected).sum()
+            stats[1] += (chosen > rejected).sum()
+            stats[2] += len(chosen)
+            has_gold = batch["gold"] >= 0
+            stats[3] += ((chosen > rejected) == (batch["gold"] == 1))[has_gold].sum()
+            stats[4] += has_gold.sum()
+        stats = accelerator.reduce(stats, "sum")
+        model.train()
+        out = {"eval/loss": (stats[0] / stats[2]).item(), "eval/accuracy": (stats[1] / stats[2]).item()}
+        if stats[4] > 0:
+            out["eval/gold_accuracy"] = (stats[3] / stats[4]).item()
+        return out
+
+    # ALGO LOGIC: the training loop
+    metrics_log, step, start = [], 0, time.time()
+    model.train()
+    for epoch in range(args.num_train_epochs):
+        for batch in train_loader:
+            with accelerator.accumulate(model):
+                chosen, rejected = get_reward(unwrapped, batch["input_ids"], batch["attention_mask"]).chunk(2)
+                loss, accuracy = pairwise_loss_and_accuracy(chosen, rejected)
+                if not torch.isfinite(loss):
+                    sys.exit(f"error: non-finite loss {loss.item()} at optimizer step {step}; lower --learning-rate")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            if accelerator.sync_gradients:
+                step += 1
+                if step % args.logging_steps == 0:
+                    row = {"train/loss": accelerator.reduce(loss.detach(), "mean").item(),
+                           "train/accuracy": accelerator.reduce(accuracy, "mean").item(),
+                           "lr": scheduler.get_last_lr()[0], "epoch": epoch, "step": step}
+                    metrics_log.append(row)
+                    accelerator.print(f"step {step}/{num_update_steps} loss {row['train/loss']:.4f} "
+                                      f"accuracy {row['train/accuracy']:.3f}")
+                    if args.track and accelerator.is_main_process:
+                        wandb.log(row, step=step)
+        row = {**evaluate(), "epoch": epoch, "step": step}
+        metrics_log.append(row)
+        accelerator.print(f"epoch {epoch}: {row} ({time.time() - start:.0f}s)")
+        if args.track and accelerator.is_main_process:
+            wandb.log(row, step=step)
+
+    # N+ normalisation: score the reference completions and shift so that their mean is 0.
+    if args.normalize_reward:
+        refs = splits["normalize_split"].select(range(min(args.normalize_num_examples, len(splits["normalize_split"]))))
+        refs = refs.shard(accelerator.num_processes, accelerator.process_index)
+        sequences = [s for s in (encode(p, c) for p, c in zip(refs["prompt"], refs["completion"])) if len(s) <= args.max_length]
+        total = torch.zeros(2, device=accelerator.device)
+        model.eval()
+        with torch.no_grad():
+            for i in range(0, len(sequences), args.per_device_train_batch_size):
+                input_ids, attention_mask = pad_batch(sequences[i: i + args.per_device_train_batch_size], pad)
+                rewards = get_reward(unwrapped, input_ids.to(accelerator.device), attention_mask.to(accelerator.device))
+                total += torch.stack([rewards.sum(), torch.tensor(float(len(rewards)))])
+            total = accelerator.reduce(total, "sum")
+            mean_before = (total[0] / total[1]).item()
+            shift_scores(unwrapped, -mean_before)
+        accelerator.print(f"reward normalisation: reference completions scored {mean_before:.4f} on average; "
+                          "shifted to 0")
+        metrics_log.append({"normalization/reference_mean_before": mean_before, "step": step})
+
+    # Save atomically; the config keeps num_labels=1 and the pad id, so the HF forward reads the same token.
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        def write(path):
+            unwrapped.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(path)
+            with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+                f.writelines(json.dumps(row) + "\n" for row in metrics_log)
+            with open(os.path.join(path, "args.json"), "w") as f:
+                json.dump(asdict(args), f, indent=2)
+
+        atomic_save(args.output_dir, write)
+        accelerator.print(f"saved to {args.output_dir} after {time.time() - start:.0f}s")
+        if args.push_to_hub:
+            unwrapped.push_to_hub(args.hub_model_id or os.path.basename(args.output_dir.rstrip("/")))
+            tokenizer.push_to_hub(args.hub_model_id or os.path.basename(args.output_dir.rstrip("/")))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()

@@ -1,0 +1,318 @@
+"""Supervised fine-tuning on `prompt`/`completion` data: the first stage of RLHF.
+
+    python sft.py                                   # the embedded tiny TL;DR task, offline, a few minutes on a CPU
+    accelerate launch sft.py --model-name-or-path EleutherAI/pythia-1b-deduped --dataset-name trl-lib/tldr \
+        --learning-rate 3e-5 --num-train-epochs 1 --output-dir models/sft_tldr
+
+The loss is the next-token cross-entropy on completion tokens only (prompt and padding positions are masked),
+and the completion ends with EOS so that the policy learns to stop.
+"""
+
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import tyro
+
+
+@dataclass
+class Args:
+    # common settings
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (W&B run names start with it)"""
+    seed: int = 1
+    """seed of python, numpy and torch"""
+    track: bool = False
+    """log to Weights and Biases"""
+    wandb_project_name: str = "rlhf"
+    """the W&B project"""
+    wandb_entity: Optional[str] = None
+    """the W&B entity (team)"""
+    output_dir: str = "models/sft_tiny"
+    """where the model and tokenizer are saved (written atomically at the end)"""
+    overwrite_output_dir: bool = False
+    """replace an existing non-empty output_dir"""
+    push_to_hub: bool = False
+    """upload the saved model and tokenizer to the Hugging Face hub"""
+    hub_model_id: Optional[str] = None
+    """the hub repository for --push-to-hub (default: the output_dir's name)"""
+    trust_remote_code: bool = False
+    """allow models and tokenizers that run code from their repository"""
+
+    # data and model
+    model_name_or_path: str = "embedded/base_model"
+    """the base model: a hub id or a local folder"""
+    tokenizer_name_or_path: Optional[str] = None
+    """the tokenizer (default: model_name_or_path); it needs a pad token distinct from EOS"""
+    dataset_name: str = "embedded/sft_data"
+    """hub id, a save_to_disk folder, or a json/jsonl/parquet file with `prompt` and `completion` columns"""
+    dataset_train_split: str = "train"
+    """the split to train on"""
+    dataset_test_split: str = "validation"
+    """the held-out split for the eval loss and sample completions"""
+    max_length: int = 256
+    """examples whose prompt + completion is longer (in tokens) are dropped and counted"""
+
+    # optimisation
+    learning_rate: float = 3e-3
+    """peak learning rate (tiny models trained from scratch like it high; ~3e-5 for Pythia-1B)"""
+    num_train_epochs: int = 3
+    """passes over the training split"""
+    per_device_train_batch_size: int = 32
+    """examples per forward pass on each process"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per optimizer step"""
+    lr_scheduler_type: Literal["cosine", "linear", "constant"] = "cosine"
+    """learning-rate schedule after warmup"""
+    warmup_ratio: float = 0.05
+    """fraction of the optimizer steps spent warming up linearly"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm"""
+    bf16: bool = False
+    """bf16 autocast (about 2x matmul speed on CPUs with avx512_bf16, and on GPUs)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass to save memory"""
+    logging_steps: int = 20
+    """print/log the train loss every this many optimizer steps"""
+    num_sample_completions: int = 6
+    """validation prompts shown with the model's greedy completion at the end"""
+    sample_max_new_tokens: int = 53
+    """generation length of the sample completions"""
+
+
+def fail(argument: str, message: str) -> None:
+    """Stop before any expensive work, naming the argument and the fix."""
+    sys.exit(f"error: --{argument.replace('_', '-')}: {message}")
+
+
+def load_any_dataset(name: str, split: str):
+    """A hub id, a `save_to_disk` folder (DatasetDict or Dataset), or a json/jsonl/parquet file."""
+    from datasets import Dataset, load_dataset, load_from_disk
+
+    if os.path.isdir(name) and any(os.path.exists(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json")):
+        data = load_from_disk(name)
+        return data if isinstance(data, Dataset) else data[split]
+    if os.path.isfile(name):
+        kind = "parquet" if name.endswith(".parquet") else "json"
+        return load_dataset(kind, data_files=name, split="train")
+    return load_dataset(name, split=split)
+
+
+def tokenize_example(tokenizer, prompt: str, completion: str) -> dict:
+    """Prompt and completion tokenised separately (no chat template), EOS appended; labels mask the prompt."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return {"input_ids": prompt_ids + completion_ids, "labels": [-100] * len(prompt_ids) + completion_ids}
+
+
+def collate(batch: list, pad_token_id: int) -> dict:
+    """Right padding: padded positions get label -100 and attention 0."""
+    width = max(len(b["input_ids"]) for b in batch)
+    input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    for i, b in enumerate(batch):
+        n = len(b["input_ids"])
+        input_ids[i, :n], attention_mask[i, :n], labels[i, :n] = torch.tensor(b["input_ids"]), 1, torch.tensor(b["labels"])
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def completion_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy on positions whose label is not -100 (the completion tokens)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
+                           reduction=reduction)
+
+
+def atomic_save(output_dir: str, write) -> None:
+    """`write(tmp_dir)` fills a temporary folder, which then replaces output_dir in one rename."""
+    tmp = output_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    if os.path.exists(output_dir):
+        shutil.rmtree(output_dir)
+    os.replace(tmp, output_dir)
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+
+    # Validate everything cheap before loading a model: a typo should cost a second, not a model load.
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_scheduler
+
+    if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.overwrite_output_dir:
+        fail("output_dir", f"{args.output_dir!r} exists and is not empty; pass --overwrite-output-dir or another path")
+    for name in ("learning_rate", "per_device_train_batch_size", "num_train_epochs", "gradient_accumulation_steps",
+                 "max_length"):
+        if getattr(args, name) <= 0:
+            fail(name, f"must be positive, got {getattr(args, name)}")
+    tokenizer_path = args.tokenizer_name_or_path or args.model_name_or_path
+    for arg, path in (("model_name_or_path", args.model_name_or_path), ("tokenizer_name_or_path", tokenizer_path)):
+        # A hub id is `name` or `org/name`; anything else that does not exist is a missing local folder.
+        looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1
+        if not os.path.exists(path) and (looks_local or os.environ.get("HF_HUB_OFFLINE") == "1"):
+            fail(arg, f"{path!r} does not exist; build the embedded task with `python tiny_tldr.py` or pass a path/hub id")
+    try:
+        train_data = load_any_dataset(args.dataset_name, args.dataset_train_split)
+        eval_data = load_any_dataset(args.dataset_name, args.dataset_test_split)
+    except Exception as e:  # the datasets library has many failure types; all mean the same thing to the user
+        fail("dataset_name", f"could not load {args.dataset_name!r} splits {args.dataset_train_split!r}/"
+                             f"{args.dataset_test_split!r}: {e}")
+    for split_name, data in (("dataset_train_split", train_data), ("dataset_test_split", eval_data)):
+        missing = {"prompt", "completion"} - set(data.column_names)
+        if missing:
+            fail("dataset_name", f"split {getattr(args, split_name)!r} lacks columns {sorted(missing)} "
+                                 f"(has {data.column_names}); SFT needs `prompt` and `completion` strings")
+        if len(data) == 0:
+            fail(split_name, f"split {getattr(args, split_name)!r} of {args.dataset_name!r} is empty")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=args.trust_remote_code)
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        fail("tokenizer_name_or_path", f"{tokenizer_path!r} has pad token {tokenizer.pad_token!r} (EOS is "
+                                       f"{tokenizer.eos_token!r}); add a distinct one, e.g. "
+                                       "tokenizer.add_special_tokens({'pad_token': '[PAD]'}), and save it")
+
+    # TRY NOT TO MODIFY: seeding, processes, tracking
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
+                              mixed_precision="bf16" if args.bf16 else "no")
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    if args.track and accelerator.is_main_process:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=run_name)
+
+    # Data: tokenise, drop (and count) over-long examples.
+    def tokenize_split(data):
+        rows = [tokenize_example(tokenizer, p, c) for p, c in zip(data["prompt"], data["completion"])]
+        kept = [r for r in rows if len(r["input_ids"]) <= args.max_length]
+        return kept, len(rows) - len(kept)
+
+    train_rows, dropped_train = tokenize_split(train_data)
+    eval_rows, dropped_eval = tokenize_split(eval_data)
+    accelerator.print(f"{len(train_rows)} train / {len(eval_rows)} eval examples; dropped as longer than "
+                      f"--max-length {args.max_length}: {dropped_train} train, {dropped_eval} eval")
+    if not train_rows:
+        fail("max_length", f"every training example is longer than {args.max_length} tokens")
+    pad = tokenizer.pad_token_id
+    train_loader = torch.utils.data.DataLoader(train_rows, batch_size=args.per_device_train_batch_size, shuffle=True,
+                                               collate_fn=lambda b: collate(b, pad),
+                                               generator=torch.Generator().manual_seed(args.seed))
+    eval_loader = torch.utils.data.DataLoader(eval_rows, batch_size=args.per_device_train_batch_size,
+                                              collate_fn=lambda b: collate(b, pad))
+
+    # Model: dropout off, as in the whole RLHF pipeline (the N+ recipe).
+    config = AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+    for key in ("hidden_dropout", "attention_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if hasattr(config, key):
+            setattr(config, key, 0.0)
+    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, config=config,
+                                                 trust_remote_code=args.trust_remote_code)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, eps=1e-5, weight_decay=args.weight_decay)
+    num_update_steps = math.ceil(len(train_loader) / args.gradient_accumulation_steps) * args.num_train_epochs
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=int(args.warmup_ratio * num_update_steps),
+                              num_training_steps=num_update_steps)
+    model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
+        model, optimizer, train_loader, eval_loader, scheduler)
+
+    @torch.no_grad()
+    def evaluate() -> float:
+        """Mean completion-token loss over the held-out split (summed over tokens, gathered over processes)."""
+        model.eval()
+        total, count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
+        for batch in eval_loader:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            total += completion_loss(logits, batch["labels"], reduction="sum")
+            count += (batch["labels"][:, 1:] != -100).sum()
+        model.train()
+        return (accelerator.reduce(total, "sum") / accelerator.reduce(count, "sum")).item()
+
+    # ALGO LOGIC: the training loop
+    metrics_log, step, start = [], 0, time.time()
+    model.train()
+    for epoch in range(args.num_train_epochs):
+        for batch in train_loader:
+            with accelerator.accumulate(model):
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                loss = completion_loss(logits, batch["labels"])
+                if not torch.isfinite(loss):
+                    sys.exit(f"error: non-finite loss {loss.item()} at optimizer step {step}; lower --learning-rate")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            if accelerator.sync_gradients:
+                step += 1
+                if step % args.logging_steps == 0:
+                    row = {"train/loss": accelerator.reduce(loss.detach(), "mean").item(),
+                           "lr": scheduler.get_last_lr()[0], "epoch": epoch, "step": step}
+                    metrics_log.append(row)
+                    accelerator.print(f"step {step}/{num_update_steps} loss {row['train/loss']:.4f} lr {row['lr']:.2e}")
+                    if args.track and accelerator.is_main_process:
+                        wandb.log(row, step=step)
+        eval_loss = evaluate()
+        metrics_log.append({"eval/loss": eval_loss, "epoch": epoch, "step": step})
+        accelerator.print(f"epoch {epoch}: eval loss {eval_loss:.4f} ({time.time() - start:.0f}s)")
+        if args.track and accelerator.is_main_process:
+            wandb.log({"eval/loss": eval_loss}, step=step)
+
+    # Sample completions (greedy) on held-out prompts, next to the dataset's reference.
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.is_main_process and args.num_sample_completions > 0:
+        from rich.console import Console
+        from rich.table import Table
+
+        prompts = eval_data["prompt"][: args.num_sample_completions]
+        enc = tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False)
+        unwrapped.eval()
+        with torch.no_grad():
+            out = unwrapped.generate(**enc.to(accelerator.device), max_new_tokens=args.sample_max_new_tokens,
+                                     do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+        responses = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        table = Table(title="sample completions", show_lines=True)
+        for column in ("query", "model response", "reference"):
+            table.add_column(column)
+        for p, r, ref in zip(prompts, responses, eval_data["completion"][: args.num_sample_completions]):
+            table.add_row(p[-300:], r, ref)
+        Console().print(table)
+        if args.track:
+            wandb.log({"samples": wandb.Table(columns=["query", "model response", "reference"],
+                                              data=[[p, r, c] for p, r, c in zip(prompts, responses, eval_data["completion"])])})
+
+    # Save atomically: a crash mid-save never leaves a half-written output_dir.
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        def write(path):
+            unwrapped.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(path)
+            with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+                f.writelines(json.dumps(row) + "\n" for row in metrics_log)
+            with open(os.path.join(path, "args.json"), "w") as f:
+                json.dump(asdict(args), f, indent=2)
+
+        atomic_save(args.output_dir, write)
+        accelerator.print(f"saved to {args.output_dir} after {time.time() - start:.0f}s")
+        if args.push_to_hub:
+            unwrapped.push_to_hub(args.hub_model_id or os.path.basename(args.output_dir.rstrip("/")))
+            tokenizer.push_to_hub(args.hub_model_id or os.path.basename(args.output_dir.rstrip("/")))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
