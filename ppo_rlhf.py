@@ -56,6 +56,12 @@ class Args:
     """allow models and tokenizers that run code from their repository"""
     logging_steps: int = 1
     """log the metrics every this many PPO updates"""
+    save_steps: int = 0
+    """write a resumable checkpoint every this many PPO updates (0: never)"""
+    save_total_limit: Optional[int] = 2
+    """keep only the newest this many checkpoints (None: keep all)"""
+    resume_from_checkpoint: Optional[str] = None
+    """a checkpoint folder, or `latest` for the newest one in output_dir/checkpoints; the run continues exactly"""
 
     # data
     dataset_name: str = "embedded/prompts"
@@ -326,6 +332,31 @@ def prompt_order(num_prompts: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(num_prompts, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
+def latest_checkpoint(output_dir: str) -> Optional[str]:
+    """The newest complete checkpoint (incomplete ones are still named *.tmp and never match)."""
+    folder = os.path.join(output_dir, "checkpoints")
+    names = [n for n in os.listdir(folder) if n.startswith("checkpoint-") and n[11:].isdigit()] if os.path.isdir(folder) else []
+    return os.path.join(folder, max(names, key=lambda n: int(n[11:]))) if names else None
+
+
+def rng_state(sampling_generator: torch.Generator) -> dict:
+    """Every random state of this process, as tensors and ints so that torch.load(weights_only=True) reads it."""
+    version, mt, gauss = random.getstate()
+    np_state = np.random.get_state()
+    return {"python": [version, torch.tensor(mt, dtype=torch.int64), gauss], "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "numpy_rest": [np_state[0], np_state[2], np_state[3], np_state[4]], "torch": torch.get_rng_state(),
+            "sampling": sampling_generator.get_state()}
+
+
+def set_rng_state(state: dict, sampling_generator: torch.Generator) -> None:
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt.tolist()), gauss))
+    name, pos, has_gauss, cached = state["numpy_rest"]
+    np.random.set_state((name, state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    sampling_generator.set_state(state["sampling"])
+
+
 def disable_dropout(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.Dropout):
@@ -348,8 +379,21 @@ if __name__ == "__main__":
     stop_token_id = args.stop_token_id  # resolved to EOS below once the tokenizer is loaded
 
     # Validate everything cheap before loading a model: a typo should cost a second, not a model load.
-    if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.overwrite_output_dir:
-        fail("output_dir", f"{args.output_dir!r} exists and is not empty; pass --overwrite-output-dir or another path")
+    resume_dir = args.resume_from_checkpoint
+    if resume_dir == "latest":
+        resume_dir = latest_checkpoint(args.output_dir)
+        if resume_dir is None:
+            fail("resume_from_checkpoint", f"no checkpoint in {os.path.join(args.output_dir, 'checkpoints')!r}; "
+                                           "start without --resume-from-checkpoint")
+    elif resume_dir is not None and not os.path.isfile(os.path.join(resume_dir, "state.pt")):
+        fail("resume_from_checkpoint", f"{resume_dir!r} is not a checkpoint folder (no state.pt); pass one of "
+                                       f"{os.path.join(args.output_dir, 'checkpoints', 'checkpoint-*')} or `latest`")
+    if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not (args.overwrite_output_dir or resume_dir):
+        fail("output_dir", f"{args.output_dir!r} exists and is not empty; pass --overwrite-output-dir, "
+                           "--resume-from-checkpoint latest, or another path")
+    if args.save_steps < 0 or (args.save_total_limit is not None and args.save_total_limit < 1):
+        fail("save_steps", f"--save-steps {args.save_steps} must be >= 0 and --save-total-limit "
+                           f"{args.save_total_limit} >= 1 (or None)")
     if args.stop_token is not None and args.stop_token_id is not None:
         fail("stop_token_id", f"both --stop-token {args.stop_token} and --stop-token-id {args.stop_token_id} are set; "
                               "pass --stop-token None to stop on the id, or drop --stop-token-id")
@@ -442,8 +486,22 @@ if __name__ == "__main__":
         wandb.define_metric("eval/*", step_metric="train/episode")
     os.makedirs(args.output_dir, exist_ok=True)
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    resume_state = torch.load(os.path.join(resume_dir, "state.pt"), weights_only=True) if resume_dir else None
     if accelerator.is_main_process and os.path.exists(metrics_path):
-        os.remove(metrics_path)
+        # Resuming keeps the rows up to the checkpoint (a killed run may have logged later updates, or half a line).
+        kept = []
+        if resume_state is not None:
+            with open(metrics_path) as f:
+                for line in f:
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    if row.get("update", 0) <= resume_state["update"]:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+        with open(metrics_path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(metrics_path + ".tmp", metrics_path)
 
     # Data: tokenised once, without a chat template; left padding happens per batch.
     def tokenize(batch):
@@ -453,19 +511,17 @@ if __name__ == "__main__":
     eval_data = eval_data.select(range(min(args.num_eval_prompts or len(eval_data), len(eval_data))))
     eval_ids = eval_data.map(tokenize, batched=True, num_proc=args.dataset_num_proc, keep_in_memory=True)["input_ids"]
 
-    def prompt_batches(start_update: int = 0):
-        """Yields (update, this process's prompts) forever; each pass over the data reshuffles."""
-        per_pass = len(train_ids) // batch_size if len(train_ids) >= batch_size else 0
-        update = start_update
-        while True:
-            if per_pass:
-                epoch, index = divmod(update, per_pass)
-                order = prompt_order(len(train_ids), args.seed, epoch)[index * batch_size: (index + 1) * batch_size]
-            else:  # fewer prompts than one global batch: sample with a fresh shuffle per update
-                order = prompt_order(len(train_ids), args.seed, update).repeat(math.ceil(batch_size / len(train_ids)))[:batch_size]
-            mine = order[accelerator.process_index * local_batch_size: (accelerator.process_index + 1) * local_batch_size]
-            yield update, [train_ids[i] for i in mine.tolist()]
-            update += 1
+    def prompts_for_update(update: int) -> list:
+        """This process's prompts for a PPO update (1-based). The loader repeats forever, reshuffling each pass;
+        the position in the data is a function of the update number, so resuming needs no loader state."""
+        per_pass = len(train_ids) // batch_size
+        if per_pass:
+            epoch, index = divmod(update - 1, per_pass)
+            order = prompt_order(len(train_ids), args.seed, epoch)[index * batch_size: (index + 1) * batch_size]
+        else:  # fewer prompts than one global batch: a fresh shuffle per update, repeated to fill it
+            order = prompt_order(len(train_ids), args.seed, update).repeat(math.ceil(batch_size / len(train_ids)))[:batch_size]
+        mine = order[accelerator.process_index * local_batch_size: (accelerator.process_index + 1) * local_batch_size]
+        return [train_ids[i] for i in mine.tolist()]
 
     # Models: policy and reference from the SFT model; value model and reward model from the reward model.
     def load(cls, path, **kwargs):
@@ -474,9 +530,10 @@ if __name__ == "__main__":
         disable_dropout(model)  # dropout would make the rollout and training log-probs disagree
         return model
 
-    policy = load(AutoModelForCausalLM, args.sft_model_path)
+    # A resumed run takes the trained policy and value model from the checkpoint.
+    policy = load(AutoModelForCausalLM, os.path.join(resume_dir, "policy") if resume_dir else args.sft_model_path)
     ref_policy = load(AutoModelForCausalLM, args.sft_model_path).eval().requires_grad_(False)
-    value_model = load(AutoModelForSequenceClassification, value_model_path)
+    value_model = load(AutoModelForSequenceClassification, os.path.join(resume_dir, "value_model") if resume_dir else value_model_path)
     reward_model = load(AutoModelForSequenceClassification, args.reward_model_path).eval().requires_grad_(False)
     if args.gradient_checkpointing:
         for m in (policy, value_model):
@@ -561,11 +618,50 @@ if __name__ == "__main__":
             wandb.log({"samples": wandb.Table(columns=["query", "model response", "score"],
                                               data=[[r["query"], r["response"], r["score"]] for r in rows])})
 
+    def save_checkpoint(update: int) -> None:
+        """Policy and value model (safetensors), optimizer, scheduler, counters, args and every process's RNG
+        states, written to checkpoint-N.tmp and renamed into place: a kill at any moment leaves the previous
+        checkpoints intact and never a half-written one under a final name."""
+        folder = os.path.join(args.output_dir, "checkpoints", f"checkpoint-{update}")
+        tmp = folder + ".tmp"
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        accelerator.wait_for_everyone()
+        state_dict = accelerator.get_state_dict(model)
+        torch.save(rng_state(sampling_generator), os.path.join(tmp, f"rng_rank{accelerator.process_index}.pt"))
+        if accelerator.is_main_process:
+            for name in ("policy", "value_model"):
+                getattr(unwrapped, name).save_pretrained(
+                    os.path.join(tmp, name), state_dict={k[len(name) + 1:]: v for k, v in state_dict.items() if k.startswith(name + ".")})
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "update": update,
+                        "global_episode": global_episode, "optimizer_steps": optimizer_steps,
+                        "world_size": world_size, "args": json.dumps(asdict(args))}, os.path.join(tmp, "state.pt"))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(tmp, folder)
+            done = sorted((n for n in os.listdir(os.path.dirname(folder)) if n[11:].isdigit()), key=lambda n: int(n[11:]))
+            for old in done[: -args.save_total_limit] if args.save_total_limit else []:
+                shutil.rmtree(os.path.join(args.output_dir, "checkpoints", old))
+        accelerator.wait_for_everyone()
+
     sample_every = max(num_total_batches // args.num_sample_generations, 1) if args.num_sample_generations else 0
-    global_episode, start_time = 0, time.time()
-    batches = prompt_batches()
-    for update in range(1, num_total_batches + 1):
-        _, prompts = next(batches)
+    global_episode, optimizer_steps, first_update = 0, 0, 1
+    if resume_state is not None:
+        if resume_state["world_size"] != world_size:
+            fail("resume_from_checkpoint", f"the checkpoint was written by {resume_state['world_size']} processes; "
+                                           f"resume it with the same number, not {world_size}")
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        global_episode, optimizer_steps = resume_state["global_episode"], resume_state["optimizer_steps"]
+        first_update = resume_state["update"] + 1
+        set_rng_state(torch.load(os.path.join(resume_dir, f"rng_rank{accelerator.process_index}.pt"), weights_only=True),
+                      sampling_generator)
+        accelerator.print(f"resumed from {resume_dir}: continuing at update {first_update}, episode {global_episode}")
+    start_time, start_episode = time.time(), global_episode
+    for update in range(first_update, num_total_batches + 1):
+        prompts = prompts_for_update(update)
         global_episode += batch_size
         timer = {"generation": 0.0, "rollout_forward": 0.0, "training": 0.0}
         update_start = time.time()
@@ -689,9 +785,13 @@ if __name__ == "__main__":
                 if not torch.isfinite(loss):
                     sys.exit(f"error: non-finite loss at update {update}, PPO epoch {ppo_epoch}; the run stops here "
                              "(lower --learning-rate)")
-                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                if not torch.isfinite(grad_norm):
+                    sys.exit(f"error: non-finite gradient norm at update {update}, PPO epoch {ppo_epoch}; the run "
+                             "stops before the step, so the last checkpoint is intact (lower --learning-rate)")
                 optimizer.step()
                 optimizer.zero_grad()
+                optimizer_steps += 1
         timer["training"] = time.time() - t0
 
         # TRY NOT TO MODIFY: logging. Step 11. Token-weighted averages, gathered over processes.
@@ -706,7 +806,7 @@ if __name__ == "__main__":
             objective = accelerator.reduce(per_process, "mean")
             num_eos = accelerator.reduce(contains_stop.sum().double(), "sum")
         if update % args.logging_steps == 0 or update == num_total_batches:
-            row = {"eps": int(global_episode / (time.time() - start_time)), "objective/kl": objective[0].item(),
+            row = {"eps": int((global_episode - start_episode) / (time.time() - start_time)), "objective/kl": objective[0].item(),
                    "objective/entropy": objective[1].item(), "objective/non_score_reward": objective[2].item(),
                    "objective/rlhf_reward": objective[3].item(), "objective/scores": objective[4].item(),
                    "policy/approxkl_avg": (s[0] / n_pg).item(), "policy/clipfrac_avg": (s[1] / n_pg).item(),
@@ -714,7 +814,7 @@ if __name__ == "__main__":
                    "val/clipfrac_avg": (s[4] / n_vf).item(), "policy/entropy_avg": (s[5] / n_pg).item(),
                    "val/ratio": ratio_mean.item(), "val/ratio_var": (s[7] / n_pg - ratio_mean ** 2).item(),
                    "val/num_eos_tokens": num_eos.item(), "lr": scheduler.get_last_lr()[0], "episode": global_episode,
-                   "update": update, "objective/response_length": objective[5].item(),
+                   "update": update, "optimizer_steps": optimizer_steps, "objective/response_length": objective[5].item(),
                    **{f"time/{k}": v for k, v in timer.items()}, "time/update": time.time() - update_start}
             log(row)
             accelerator.print(f"update {update}/{num_total_batches} episode {global_episode} "
@@ -729,6 +829,8 @@ if __name__ == "__main__":
         if sample_every and (update % sample_every == 0 or update == num_total_batches):
             _, rows = evaluate(eval_ids[: 8 * accelerator.num_processes])
             print_samples(rows, update)
+        if args.save_steps and update % args.save_steps == 0:
+            save_checkpoint(update)
 
     # Save the policy (+ tokenizer) at output_dir and the value model in output_dir/value_model. Each is written
     # to a temporary folder first and moved into place, so an interrupted save never leaves a half-written model.
