@@ -84,7 +84,7 @@ class Args:
     """the value model's initialisation (default: reward_model_path)"""
 
     # batch sizes (see the batch arithmetic below)
-    total_episodes: int = 4096
+    total_episodes: int = 3072
     """total number of prompts rolled out over the run, all processes together"""
     per_device_train_batch_size: int = 16
     """micro-batch size of one forward/backward on each process"""
