@@ -587,8 +587,9 @@ if __name__ == "__main__":
             totals += torch.stack([scores.sum(), kl.sum(), has_stop.float().sum(), valid.float().sum(),
                                    torch.tensor(float(len(scores)), device=device)])
             texts = tokenizer.batch_decode(postprocessed, skip_special_tokens=True)
-            rows += [{"query": tokenizer.decode(q, skip_special_tokens=True), "response": r, "score": s}
-                     for q, r, s in zip(queries, texts, scores.tolist())]
+            first = accelerator.process_index + accelerator.num_processes * i  # position of this chunk in prompt_ids
+            rows += [{"index": first + accelerator.num_processes * j, "query": tokenizer.decode(q, skip_special_tokens=True),
+                      "response": r, "score": s} for j, (q, r, s) in enumerate(zip(queries, texts, scores.tolist()))]
         totals = accelerator.reduce(totals, "sum")
         n = totals[4]
         return {"eval/score": (totals[0] / n).item(), "eval/kl": (totals[1] / n).item(),
