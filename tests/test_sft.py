@@ -1,0 +1,333 @@
+"""Tests of sft.py: completion-only loss masking, padding, EOS, a tiny end-to-end run as a user would do it, and
+bad inputs that must stop the script before training, naming the argument to fix and writing nothing."""
+
+import dataclasses
+import json
+import math
+import os
+import re
+import runpy
+import shutil
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ROOT, run_script
+
+import sft  # noqa: E402
+
+EMBEDDED = os.path.join(ROOT, "embedded")
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the 2 CPUs are shared: one uncontended thread is much faster than two
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(os.path.join(EMBEDDED, "tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def examples():
+    from datasets import load_from_disk
+
+    return load_from_disk(os.path.join(EMBEDDED, "sft_data"))["validation"].select(range(32))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tokenisation, padding, masking
+
+
+def test_tokenize_example_masks_the_prompt_and_appends_eos(tokenizer, examples):
+    for row in examples.select(range(8)):
+        out = sft.tokenize_example(tokenizer, row["prompt"], row["completion"])
+        p = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+        c = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
+        assert out["input_ids"] == p + c + [tokenizer.eos_token_id]
+        assert out["labels"] == [-100] * len(p) + c + [tokenizer.eos_token_id]
+        assert tokenizer.decode(out["input_ids"]) == row["prompt"] + row["completion"] + tokenizer.eos_token
+        assert tokenizer.pad_token_id not in out["input_ids"]
+
+
+def test_collate_right_pads_with_attention_and_labels_masked(tokenizer, examples):
+    rows = [sft.tokenize_example(tokenizer, r["prompt"], r["completion"]) for r in examples.select(range(5))]
+    lengths = [len(r["input_ids"]) for r in rows]
+    prompt_lengths = [r["labels"].count(-100) for r in rows]
+    assert len(set(lengths)) > 1  # the test needs padding to happen
+    pad = tokenizer.pad_token_id
+    batch = sft.collate(rows, pad)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (5, max(lengths))
+    for i, (n, np_) in enumerate(zip(lengths, prompt_lengths)):
+        assert batch["input_ids"][i, :n].tolist() == rows[i]["input_ids"]
+        assert (batch["input_ids"][i, n:] == pad).all()
+        assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (max(lengths) - n)
+        # labels are -100 exactly on prompt and pad positions, the token ids everywhere else
+        masked = (batch["labels"][i] == -100).tolist()
+        assert masked == [t < np_ or t >= n for t in range(max(lengths))]
+        assert batch["labels"][i, np_:n].tolist() == rows[i]["input_ids"][np_:n]
+        assert batch["labels"][i, n - 1].item() == tokenizer.eos_token_id
+
+
+def hand_cross_entropy(logits, labels):
+    """Mean over completion tokens of -log p(token | everything before it), written out position by position."""
+    total, count = 0.0, 0
+    for b in range(labels.shape[0]):
+        for t in range(1, labels.shape[1]):
+            if labels[b, t] != -100:
+                total -= torch.log_softmax(logits[b, t - 1].double(), -1)[labels[b, t]].item()
+                count += 1
+    return total / count, count
+
+
+def test_completion_loss_is_cross_entropy_over_completion_tokens_only(tokenizer, examples):
+    rows = [sft.tokenize_example(tokenizer, r["prompt"], r["completion"]) for r in examples.select(range(3))]
+    batch = sft.collate(rows, tokenizer.pad_token_id)
+    labels = batch["labels"]
+    torch.manual_seed(0)
+    logits = torch.randn(*labels.shape, 50) * 3
+    labels = labels.clamp(max=49).masked_fill(labels == -100, -100)  # fit a 50-token vocabulary
+    expected, count = hand_cross_entropy(logits, labels)
+    assert count == sum(len(r["input_ids"]) - r["labels"].count(-100) for r in rows)
+    assert sft.completion_loss(logits, labels).item() == pytest.approx(expected, rel=1e-5)
+    assert sft.completion_loss(logits, labels, reduction="sum").item() == pytest.approx(expected * count, rel=1e-5)
+
+    # Logits at positions that predict a prompt or pad token (and the last position) do not matter...
+    predicts_masked = torch.zeros(labels.shape, dtype=torch.bool)
+    predicts_masked[:, :-1] = labels[:, 1:] == -100
+    predicts_masked[:, -1] = True
+    changed = logits.clone()
+    changed[predicts_masked] = torch.randn(int(predicts_masked.sum()), 50) * 10
+    assert sft.completion_loss(changed, labels).item() == pytest.approx(expected, rel=1e-5)
+    # ...and the logit that predicts the first completion token does.
+    first = rows[0]["labels"].count(-100)
+    changed[0, first - 1, labels[0, first]] += 5.0
+    assert sft.completion_loss(changed, labels).item() < expected - 1e-3
+
+
+def test_completion_loss_matches_the_hf_causal_lm_loss(tokenizer, examples):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(EMBEDDED, "sft_model")).eval()
+    batch = sft.collate([sft.tokenize_example(tokenizer, r["prompt"], r["completion"]) for r in examples.select(range(4))],
+                        tokenizer.pad_token_id)
+    with torch.no_grad():
+        out = model(**batch)
+    assert sft.completion_loss(out.logits, batch["labels"]).item() == pytest.approx(out.loss.item(), rel=1e-5)
+    # the trained SFT model has learned the completions: far below the uniform ln(vocab)
+    assert out.loss.item() < 0.5 * math.log(len(tokenizer))
+
+
+def test_load_any_dataset_file_and_folders(tmp_path, monkeypatch):
+    import datasets
+    from datasets import Dataset, DatasetDict
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+
+    rows = [{"prompt": "SUBREDDIT: r/x\n\nTITLE: t\n\nPOST: p\n\nTL;DR:", "completion": f" c{i}."} for i in range(3)]
+    with open(tmp_path / "d.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    assert sft.load_any_dataset(str(tmp_path / "d.jsonl"), "validation").to_list() == rows  # one file: every split
+    DatasetDict(train=Dataset.from_list(rows), validation=Dataset.from_list(rows[:1])).save_to_disk(str(tmp_path / "dd"))
+    assert sft.load_any_dataset(str(tmp_path / "dd"), "validation").to_list() == rows[:1]
+    Dataset.from_list(rows[1:]).save_to_disk(str(tmp_path / "ds"))
+    assert sft.load_any_dataset(str(tmp_path / "ds"), "train").to_list() == rows[1:]
+
+
+def test_atomic_save_replaces_the_folder_and_leaves_no_temporary(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    sft.atomic_save(str(out) + "/", lambda path: (os.makedirs(path), open(os.path.join(path, "new.txt"), "w").close()))
+    assert sorted(os.listdir(out)) == ["new.txt"] and sorted(os.listdir(tmp_path)) == ["out"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the script as a user runs it
+
+
+def help_text(script: str) -> str:
+    proc = run_script(script, "--help", env=ONE_THREAD, timeout=120)
+    return re.sub(r"[\s│╭╮╰╯─]+", " ", proc.stdout)
+
+
+def test_help_lists_every_argument_with_its_docstring():
+    text = help_text("sft.py")
+    for field in dataclasses.fields(sft.Args):
+        assert f"--{field.name.replace('_', '-')} " in text or f"--{field.name.replace('_', '-')}," in text, field.name
+    for doc in ("the base model: a hub id or a local folder", "peak learning rate", "passes over the training split",
+                "it needs a pad token distinct from EOS"):
+        assert doc in text
+
+
+@pytest.mark.slow
+def test_sft_tiny_run_saves_a_loadable_model_and_finite_eval_loss(tmp_path, examples, tokenizer):
+    from datasets import DatasetDict, load_from_disk
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    full = load_from_disk(os.path.join(EMBEDDED, "sft_data"))
+    DatasetDict(train=full["train"].select(range(160)), validation=examples).save_to_disk(str(tmp_path / "data"))
+    out = tmp_path / "sft_out"
+    proc = run_script("sft.py", "--dataset-name", str(tmp_path / "data"), "--model-name-or-path",
+                      os.path.join(EMBEDDED, "base_model"), "--num-train-epochs", "1", "--per-device-train-batch-size",
+                      "16", "--logging-steps", "5", "--num-sample-completions", "2", "--sample-max-new-tokens", "12",
+                      "--output-dir", str(out), env={**ONE_THREAD, "HF_DATASETS_CACHE": str(tmp_path / "cache")},
+                      timeout=600)
+    assert "160 train / 32 eval examples" in proc.stdout
+    assert {"config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "args.json"} <= set(os.listdir(out))
+    assert not os.path.exists(str(out) + ".tmp")
+    with open(out / "metrics.jsonl") as f:
+        metrics = [json.loads(line) for line in f]
+    assert [m["step"] for m in metrics if "train/loss" in m] == [5, 10]  # 160 examples / 16 per step
+    (eval_row,) = [m for m in metrics if "eval/loss" in m]
+    assert eval_row["step"] == 10 and math.isfinite(eval_row["eval/loss"])
+    with open(out / "args.json") as f:
+        assert json.load(f)["per_device_train_batch_size"] == 16
+
+    saved_tok = AutoTokenizer.from_pretrained(str(out))
+    assert saved_tok.pad_token_id is not None and saved_tok.pad_token_id != saved_tok.eos_token_id
+    assert saved_tok.get_vocab() == tokenizer.get_vocab()
+    trained = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    base = AutoModelForCausalLM.from_pretrained(os.path.join(EMBEDDED, "base_model")).eval()
+    batch = sft.collate([sft.tokenize_example(tokenizer, r["prompt"], r["completion"]) for r in examples],
+                        tokenizer.pad_token_id)
+    with torch.no_grad():
+        trained_loss = sft.completion_loss(trained(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                                           batch["labels"]).item()
+        base_loss = sft.completion_loss(base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                                        batch["labels"]).item()
+    # The saved weights are the evaluated ones, and ten steps of training already beat the random base model.
+    assert trained_loss == pytest.approx(eval_row["eval/loss"], rel=1e-4)
+    assert trained_loss < base_loss - 0.5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bad input: stop before training, name the argument, write nothing
+
+
+class ReachedTraining(Exception):
+    pass
+
+
+def refuse_accelerator(*args, **kwargs):
+    raise ReachedTraining("validation passed: the script went on to build the Accelerator")
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(path)
+
+
+def copy_model_with_pad(tmp_path, pad) -> str:
+    """A copy of embedded/sft_model whose tokenizer is re-saved with no pad token (pad=None) or pad == EOS."""
+    from transformers import AutoTokenizer
+
+    path = str(tmp_path / "model_bad_tokenizer")
+    shutil.copytree(os.path.join(EMBEDDED, "sft_model"), path)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.pad_token = tok.eos_token if pad == "eos" else None
+    tok.save_pretrained(path)
+    reloaded = AutoTokenizer.from_pretrained(path)
+    assert reloaded.pad_token_id == (reloaded.eos_token_id if pad == "eos" else None)  # the case is what it claims
+    return path
+
+
+def good_args(tmp_path):
+    return {"--model-name-or-path": os.path.join(EMBEDDED, "base_model"),
+            "--dataset-name": os.path.join(EMBEDDED, "sft_data"), "--output-dir": str(tmp_path / "out")}
+
+
+def no_completion_column(tmp_path):
+    return {"--dataset-name": write_jsonl(tmp_path / "d.jsonl", [{"prompt": "SUBREDDIT: r/x\n\nTITLE: t\n\nPOST: p\n\nTL;DR:"}])}
+
+
+def empty_dataset(tmp_path):
+    from datasets import Dataset
+
+    Dataset.from_dict({"prompt": [], "completion": []}).save_to_disk(str(tmp_path / "empty"))
+    return {"--dataset-name": str(tmp_path / "empty")}
+
+
+BAD_INPUTS = {
+    # case: (changes to the good arguments, the argument the message must name, a word the message must contain)
+    "missing completion column": (no_completion_column, "--dataset-name", "completion"),
+    "empty jsonl file": (lambda t: {"--dataset-name": write_jsonl(t / "e.jsonl", [])}, "--dataset-name", "could not load"),
+    # datasets 5 cannot load back an empty save_to_disk folder (0 shards), so the script's "is empty" check is not
+    # reached; the load error names --dataset-name, which is the argument to change.
+    "empty dataset": (empty_dataset, "--dataset-name", "could not load"),
+    "missing split": (lambda t: {"--dataset-test-split": "nope"}, "--dataset-name", "nope"),
+    "model path missing": (lambda t: {"--model-name-or-path": str(t / "no_such_model")}, "--model-name-or-path",
+                           "does not exist"),
+    "tokenizer path missing": (lambda t: {"--tokenizer-name-or-path": str(t / "no_such_tok")},
+                               "--tokenizer-name-or-path", "does not exist"),
+    "tokenizer without pad": (lambda t: {"--model-name-or-path": copy_model_with_pad(t, None)},
+                              "--tokenizer-name-or-path", "pad token None"),
+    "tokenizer pad is eos": (lambda t: {"--model-name-or-path": copy_model_with_pad(t, "eos")},
+                             "--tokenizer-name-or-path", "<|endoftext|>"),
+    "non-positive learning rate": (lambda t: {"--learning-rate": "0"}, "--learning-rate", "positive"),
+    "non-empty output dir": (lambda t: {}, "--output-dir", "--overwrite-output-dir"),
+}
+
+
+def run_in_process(script, argv, tmp_path, monkeypatch):
+    """Run the script's __main__ here, sharing this process's imports (a subprocess costs ~5 s of imports per
+    case); the Accelerator, built right after validation, is replaced by a tripwire."""
+    import accelerate
+    import datasets
+
+    monkeypatch.setattr(accelerate, "Accelerator", refuse_accelerator)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    monkeypatch.chdir(ROOT)
+    with pytest.raises((SystemExit, ReachedTraining)) as info:
+        runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+    return info.value
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_stops_before_training_naming_the_argument(case, tmp_path, monkeypatch):
+    make, argument, word = BAD_INPUTS[case]
+    args = {**good_args(tmp_path), **make(tmp_path)}
+    out = args["--output-dir"]
+    if case == "non-empty output dir":
+        os.makedirs(out)
+        with open(os.path.join(out, "keep.txt"), "w") as f:
+            f.write("precious")
+    error = run_in_process("sft.py", [x for kv in args.items() for x in kv], tmp_path, monkeypatch)
+    assert isinstance(error, SystemExit), f"{case}: the script went on to training"
+    assert isinstance(error.code, str), error.code  # sys.exit("message"): status 1, the message on stderr
+    assert error.code.startswith(f"error: {argument}:"), error.code
+    assert word in error.code
+    if case == "non-empty output dir":
+        assert os.listdir(out) == ["keep.txt"]
+    else:
+        assert not os.path.exists(out)
+    assert not os.path.exists(out + ".tmp")
+
+
+def test_good_input_passes_validation(tmp_path, monkeypatch):
+    """The control for the table above: with nothing broken, the same harness reaches training."""
+    args = good_args(tmp_path)
+    assert isinstance(run_in_process("sft.py", [x for kv in args.items() for x in kv], tmp_path, monkeypatch),
+                      ReachedTraining)
+
+
+def test_bad_input_from_the_command_line_exits_nonzero(tmp_path):
+    out = tmp_path / "out"
+    proc = run_script("sft.py", "--dataset-name", no_completion_column(tmp_path)["--dataset-name"], "--output-dir",
+                      str(out), check=False, env={**ONE_THREAD, "HF_DATASETS_CACHE": str(tmp_path / "cache")},
+                      timeout=120)
+    assert proc.returncode == 1
+    assert "error: --dataset-name:" in proc.stderr and "completion" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
