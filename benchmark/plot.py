@@ -130,9 +130,13 @@ def aggregate(series: list, band: str, num_points: int) -> tuple:
         return grid, mean, np.nanmin(stacked, 0), np.nanmax(stacked, 0)
 
 
+def describe(label: str, seeds: list) -> str:
+    return f"{label} ({len(seeds)} seed{'s' * (len(seeds) != 1)})"
+
+
 def final_values_table(runs: Dict[str, list], metrics: List[str]) -> str:
     """Markdown table: one row per metric, one column per label, `mean ± std` over seeds of the last logged value."""
-    header = "| metric | " + " | ".join(f"{label} ({len(r)} seed{'s' * (len(r) != 1)})" for label, r in runs.items())
+    header = "| metric | " + " | ".join(describe(label, seeds) for label, seeds in runs.items())
     lines = [header + " |", "|---|" + "---|" * len(runs)]
     for metric in metrics:
         cells = []
@@ -189,13 +193,13 @@ def plot(args: Args) -> str:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, handle)
     band = "min-max over seeds" if args.band == "minmax" else "mean ± std over seeds"
-    fig.legend(list(handles.values()), [f"{label} ({len(runs[label])} seeds)" for label in handles],
-               loc="lower center", bbox_to_anchor=(0.5, 1.0),
-               ncol=min(len(handles), 4), title=f"mean over seeds, band: {band}"
+    fig.legend(list(handles.values()), [describe(label, runs[label]) for label in handles],
+               loc="upper center", ncol=min(len(handles), 4), title=f"mean over seeds, band: {band}"
                + (f", smoothing window {args.smoothing}" if args.smoothing > 1 else ""))
-    fig.tight_layout()
+    legend_rows = math.ceil(len(handles) / 4)
+    fig.tight_layout(rect=(0, 0, 1, 1 - (0.45 + 0.25 * legend_rows) / fig.get_figheight()))  # the top is the legend's
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    fig.savefig(args.output, dpi=100, bbox_inches="tight")
+    fig.savefig(args.output, dpi=100)
     plt.close(fig)
 
     table = final_values_table(runs, [m for m in METRICS if m in present] + evals)
