@@ -189,13 +189,18 @@ if __name__ == "__main__":
         try:
             splits[arg] = load_any_dataset(name, split)
         except Exception as e:
-            fail(dataset_arg, f"could not load split {split!r} of {name!r}: {e}")
+            fail(dataset_arg, f"could not load split {split!r} of {name!r} (is it empty, or missing that split?): {e}")
         missing = columns - set(splits[arg].column_names)
         if missing:
             fail(dataset_arg, f"split {split!r} of {name!r} lacks columns {sorted(missing)} (has "
                               f"{splits[arg].column_names}); it needs {sorted(columns)}")
         if len(splits[arg]) == 0:
             fail(arg, f"split {split!r} of {name!r} is empty")
+    if os.path.isfile(args.dataset_name) and len(splits["dataset_train_split"]) > 1:
+        # One file has no splits: hold out its last 10% as the test pairs.
+        data = splits["dataset_train_split"]
+        cut = len(data) - max(1, len(data) // 10)
+        splits["dataset_train_split"], splits["dataset_test_split"] = data.select(range(cut)), data.select(range(cut, len(data)))
     config = AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
     if getattr(config, "num_labels", 1) != 1 and any("ForSequenceClassification" in a for a in config.architectures or []):
         fail("model_name_or_path", f"{args.model_name_or_path!r} is a classifier with {config.num_labels} labels; "

@@ -167,7 +167,10 @@ if __name__ == "__main__":
         eval_data = load_any_dataset(args.dataset_name, args.dataset_test_split)
     except Exception as e:  # the datasets library has many failure types; all mean the same thing to the user
         fail("dataset_name", f"could not load {args.dataset_name!r} splits {args.dataset_train_split!r}/"
-                             f"{args.dataset_test_split!r}: {e}")
+                             f"{args.dataset_test_split!r} (is it empty, or missing that split?): {e}")
+    if os.path.isfile(args.dataset_name) and len(train_data) > 1:  # one file has no splits: hold out its last 10%
+        cut = len(train_data) - max(1, len(train_data) // 10)
+        train_data, eval_data = train_data.select(range(cut)), train_data.select(range(cut, len(train_data)))
     for split_name, data in (("dataset_train_split", train_data), ("dataset_test_split", eval_data)):
         missing = {"prompt", "completion"} - set(data.column_names)
         if missing:
