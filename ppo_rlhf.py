@@ -158,6 +158,27 @@ class Args:
     """under ZeRO-3, gather the policy's weights (not the value model's) for generation: fast, but the policy must fit
     on one device; False generates on the sharded weights, one all-gather per layer per token"""
 
+    # LoRA (PEFT)
+    use_peft: bool = False
+    """train a LoRA adapter instead of the policy's weights; the reference is the same model with the adapter disabled
+    (no second copy in memory); the value model is trained in full, as in TRL"""
+    lora_r: int = 16
+    """LoRA rank"""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)"""
+    lora_dropout: float = 0.0
+    """dropout on the adapter's input (TRL: 0.05; any dropout makes the rollout and training log-probs disagree)"""
+    lora_target_modules: Optional[list[str]] = None
+    """modules that get an adapter (default: PEFT's choice for the architecture, query_key_value for GPT-NeoX;
+    `all-linear` for every linear layer but the LM head)"""
+    model_adapter_name: Optional[str] = None
+    """name of the trained adapter (default: `default`), for models that carry several adapters"""
+    ref_adapter_name: Optional[str] = None
+    """when --sft-model-path is a LoRA adapter folder: it is loaded twice, trained as model_adapter_name and frozen
+    under this name, and the reference switches to it (set_adapter) instead of disabling the adapter"""
+    merge_adapter_on_save: bool = False
+    """also save the policy with the adapter merged into its weights, in output_dir/merged (a plain model)"""
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Helpers: small, pure, and each compared with a plain computation in tests/test_ppo_helpers.py
@@ -264,6 +285,13 @@ def response_hidden(backbone: nn.Module, query_responses: torch.Tensor, attentio
     return out.last_hidden_state[:, context_length - 1: -1]
 
 
+def backbone_and_head(causal_lm: nn.Module) -> tuple:
+    """The transformer body and the LM head of a causal LM. For a PEFT model, `.base_model` is the LoRA wrapper, not
+    the body: unwrap it first (the LoRA layers sit inside the body, so they still apply)."""
+    model = causal_lm.get_base_model() if hasattr(causal_lm, "get_base_model") else causal_lm
+    return model.base_model, model.get_output_embeddings()
+
+
 class PolicyAndValue(nn.Module):
     """The two trained models behind one forward, so that accelerate/DeepSpeed wrap (and DDP syncs) them together.
     The LM head runs on response positions only: a 512-token prompt costs no vocabulary-sized logits."""
@@ -273,8 +301,9 @@ class PolicyAndValue(nn.Module):
         self.policy, self.value_model = policy, value_model
 
     def forward(self, query_responses, attention_mask, context_length: int, temperature: float):
-        hidden = response_hidden(self.policy.base_model, query_responses, attention_mask, context_length)
-        logits = self.policy.get_output_embeddings()(hidden).float() / (temperature + 1e-7)
+        backbone, head = backbone_and_head(self.policy)
+        hidden = response_hidden(backbone, query_responses, attention_mask, context_length)
+        logits = head(hidden).float() / (temperature + 1e-7)
         value_hidden = response_hidden(self.value_model.base_model, query_responses, attention_mask, context_length)
         values = self.value_model.score(value_hidden).squeeze(-1).float()
         return logits, values
@@ -291,7 +320,7 @@ def generate(policy: nn.Module, queries: torch.Tensor, query_mask: torch.Tensor,
     """Sample up to response_length tokens (top_k 0, top_p 1) with a KV cache, computing the LM head on the last
     position only, and stop as soon as every row has produced the stop token. With sync_processes (sharded ZeRO-3
     weights: each forward is collective), stop only when every row of every process has."""
-    backbone, head = policy.base_model, policy.get_output_embeddings()
+    backbone, head = backbone_and_head(policy)
     attention_mask = query_mask.long()
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
     out = backbone(input_ids=queries, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
@@ -438,6 +467,19 @@ if __name__ == "__main__":
         if path is not None and not os.path.exists(path) and (looks_local or os.environ.get("HF_HUB_OFFLINE") == "1"):
             fail(arg, f"{path!r} does not exist; pass a local folder or a hub id (the embedded task's models are "
                       "made by `python tiny_tldr.py --with-models`)")
+    sft_is_adapter = os.path.isfile(os.path.join(args.sft_model_path, "adapter_config.json"))
+    model_adapter_name = args.model_adapter_name or "default"
+    if not args.use_peft and (args.model_adapter_name or args.ref_adapter_name or args.merge_adapter_on_save or sft_is_adapter):
+        fail("use_peft", "--model-adapter-name, --ref-adapter-name, --merge-adapter-on-save and an adapter folder as "
+                         "--sft-model-path are LoRA settings; add --use-peft")
+    if sft_is_adapter and not args.ref_adapter_name:
+        fail("ref_adapter_name", f"{args.sft_model_path!r} is a LoRA adapter: the reference must be that adapter, not "
+                                 "the base model; pass --ref-adapter-name reference (any name but the trained one's)")
+    if args.ref_adapter_name and not sft_is_adapter:
+        fail("ref_adapter_name", f"{args.sft_model_path!r} is not a LoRA adapter folder (no adapter_config.json): the "
+                                 "reference is the policy with its adapter disabled; drop --ref-adapter-name")
+    if args.ref_adapter_name and args.ref_adapter_name == model_adapter_name:
+        fail("ref_adapter_name", f"is the trained adapter's name {model_adapter_name!r}; pick another")
     try:
         train_data = load_any_dataset(args.dataset_name, args.dataset_train_split)
     except Exception as e:  # the datasets library has many failure types; all mean the same thing to the user
@@ -553,16 +595,44 @@ if __name__ == "__main__":
         disable_dropout(model)  # dropout would make the rollout and training log-probs disagree
         return model
 
-    # A resumed run takes the trained policy and value model from the checkpoint.
-    policy = load(AutoModelForCausalLM, os.path.join(resume_dir, "policy") if resume_dir else args.sft_model_path)
-    ref_policy = load(AutoModelForCausalLM, args.sft_model_path).eval().requires_grad_(False)
+    # A resumed run takes the trained policy (or adapter) and value model from the checkpoint.
+    if not args.use_peft:
+        policy = load(AutoModelForCausalLM, os.path.join(resume_dir, "policy") if resume_dir else args.sft_model_path)
+        ref_policy = load(AutoModelForCausalLM, args.sft_model_path).eval().requires_grad_(False)
+    else:
+        # LoRA: the base weights are frozen and shared with the reference, which is the same model with the adapter
+        # disabled (or, for an SFT adapter, with that adapter loaded a second time, frozen): no reference copy.
+        from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
+
+        base_path = PeftConfig.from_pretrained(args.sft_model_path).base_model_name_or_path if sft_is_adapter else args.sft_model_path
+        policy = load(AutoModelForCausalLM, base_path)
+        if resume_dir or sft_is_adapter:
+            policy = PeftModel.from_pretrained(policy, os.path.join(resume_dir, "policy") if resume_dir else args.sft_model_path,
+                                               adapter_name=model_adapter_name, is_trainable=True)
+        else:
+            policy = get_peft_model(policy, LoraConfig(task_type="CAUSAL_LM", r=args.lora_r, lora_alpha=args.lora_alpha,
+                                                       lora_dropout=args.lora_dropout,
+                                                       target_modules=args.lora_target_modules), adapter_name=model_adapter_name)
+        if args.ref_adapter_name:
+            policy.load_adapter(args.sft_model_path, adapter_name=args.ref_adapter_name, is_trainable=False)
+            policy.set_adapter(model_adapter_name)
+        ref_policy = None
     value_model = load(AutoModelForSequenceClassification, os.path.join(resume_dir, "value_model") if resume_dir else value_model_path)
     reward_model = load(AutoModelForSequenceClassification, args.reward_model_path).eval().requires_grad_(False)
     if args.gradient_checkpointing:
         for m in (policy, value_model):
             m.gradient_checkpointing_enable()
     model = PolicyAndValue(policy, value_model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, eps=1e-5, weight_decay=0.0)
+
+    def num_params(m, trainable=False):  # ZeRO-3 may already hold only a shard of each parameter: count full sizes
+        return sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters() if p.requires_grad or not trainable) if m else 0
+
+    reference = (f"{num_params(ref_policy)}" if ref_policy is not None else f"0 (the policy with adapter "
+                 f"{args.ref_adapter_name!r})" if args.ref_adapter_name else "0 (the policy with its adapter disabled)")
+    accelerator.print(f"parameters: policy {num_params(policy)} ({num_params(policy, True)} trained), value model "
+                      f"{num_params(value_model)}, reward model {num_params(reward_model)}, reference {reference}")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, eps=1e-5,
+                                  weight_decay=0.0)
     # Stepped by hand once per PPO update (accelerate's wrapper would step it once per process, DeepSpeed once per
     # optimizer step), so it is not prepared.
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=int(args.warmup_ratio * num_total_batches),
@@ -600,7 +670,30 @@ if __name__ == "__main__":
         engine.eval()
         return engine
 
-    ref_policy, reward_model = prepare_frozen(ref_policy), prepare_frozen(reward_model)
+    ref_policy = prepare_frozen(ref_policy) if ref_policy is not None else None
+    reward_model = prepare_frozen(reward_model)
+
+    @contextlib.contextmanager
+    def reference_policy():
+        """The frozen SFT copy, or with LoRA the policy itself with its adapter disabled (or the SFT adapter set)."""
+        if ref_policy is not None:
+            yield ref_policy
+        elif args.ref_adapter_name:
+            unwrapped.policy.set_adapter(args.ref_adapter_name, inference_mode=True)
+            try:
+                yield unwrapped.policy
+            finally:
+                unwrapped.policy.set_adapter(model_adapter_name)
+        else:
+            with unwrapped.policy.disable_adapter():
+                yield unwrapped.policy
+
+    @torch.no_grad()
+    def reference_logits(query_responses, attention_mask, context_length: int, temperature: float) -> torch.Tensor:
+        with reference_policy() as ref:
+            backbone, head = backbone_and_head(ref)
+            hidden = response_hidden(backbone, query_responses, attention_mask, context_length)
+            return head(hidden).float() / (temperature + 1e-7)
 
     @contextlib.contextmanager
     def generation_weights():
@@ -664,8 +757,7 @@ if __name__ == "__main__":
             context_length = queries.shape[1]
             with autocast():
                 logits, _ = unwrapped(query_responses, attention_mask, context_length, 1.0)
-                ref_logits = ref_policy.get_output_embeddings()(
-                    response_hidden(ref_policy.base_model, query_responses, attention_mask, context_length)).float()
+                ref_logits = reference_logits(query_responses, attention_mask, context_length, 1.0)
             valid = torch.arange(responses.shape[1], device=device)[None, :] <= sequence_lengths[:, None]
             kl = ((sequence_logprobs(logits, responses) - sequence_logprobs(ref_logits, responses)) * valid).sum(1)
             has_stop = (responses == eos_check_id).any(1)
@@ -705,6 +797,31 @@ if __name__ == "__main__":
             wandb.log({"samples": wandb.Table(columns=["query", "model response", "score"],
                                               data=[[r["query"], r["response"], r["score"]] for r in rows])})
 
+    def save_policy(path: str, state_dict: dict, merge: bool = False) -> None:
+        """The policy as from_pretrained loads it: its weights or, with LoRA, the trained adapter (and with merge, the
+        adapter merged into a plain copy of the base model, in path/merged)."""
+        if not args.use_peft:
+            unwrapped.policy.save_pretrained(path, state_dict=state_dict)
+            return
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        os.makedirs(path, exist_ok=True)
+        adapter = get_peft_model_state_dict(unwrapped.policy, state_dict, model_adapter_name)
+        save_file({k: v.contiguous() for k, v in adapter.items()}, os.path.join(path, "adapter_model.safetensors"))
+        unwrapped.policy.peft_config[model_adapter_name].save_pretrained(path)
+        if merge:
+            # A fresh copy of the base on this process only: under ZeRO-3 the live weights are shards, and transformers
+            # must not load it with zero.Init (a collective), so its DeepSpeed config is unset meanwhile.
+            from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
+            base = AutoModelForCausalLM.from_pretrained(base_path, trust_remote_code=args.trust_remote_code)
+            if is_deepspeed:
+                set_hf_deepspeed_config(accelerator.state.deepspeed_plugin.dschf)
+            PeftModel.from_pretrained(base, path).merge_and_unload().save_pretrained(os.path.join(path, "merged"))
+            tokenizer.save_pretrained(os.path.join(path, "merged"))
+
     def save_checkpoint(update: int) -> None:
         """Policy and value model (safetensors), optimizer, scheduler, counters, args and every process's RNG
         states, written to checkpoint-N.tmp and renamed into place: a kill at any moment leaves the previous
@@ -721,9 +838,10 @@ if __name__ == "__main__":
         if is_deepspeed:
             model.save_checkpoint(tmp, tag="deepspeed", save_latest=False)
         if accelerator.is_main_process:
-            for name in ("policy", "value_model"):
-                getattr(unwrapped, name).save_pretrained(
-                    os.path.join(tmp, name), state_dict={k[len(name) + 1:]: v for k, v in state_dict.items() if k.startswith(name + ".")})
+            split = {name: {k[len(name) + 1:]: v for k, v in state_dict.items() if k.startswith(name + ".")}
+                     for name in ("policy", "value_model")}
+            save_policy(os.path.join(tmp, "policy"), split["policy"])
+            unwrapped.value_model.save_pretrained(os.path.join(tmp, "value_model"), state_dict=split["value_model"])
             torch.save({"optimizer": None if is_deepspeed else optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "update": update, "global_episode": global_episode, "optimizer_steps": optimizer_steps,
                         "world_size": world_size, "zero_stage": zero_stage if is_deepspeed else None,
@@ -783,8 +901,7 @@ if __name__ == "__main__":
                 # so the first PPO mini-batch has ratio exactly 1; the values come from that same call.
                 with autocast():
                     logits, v = unwrapped(qr, am, context_length, args.temperature)
-                    ref_logits = ref_policy.get_output_embeddings()(
-                        response_hidden(ref_policy.base_model, qr, am, context_length)).float() / (args.temperature + 1e-7)
+                    ref_logits = reference_logits(qr, am, context_length, args.temperature)
                 logprobs.append(sequence_logprobs(logits, r))
                 ref_logprobs.append(sequence_logprobs(ref_logits, r))
                 values.append(v)
@@ -939,7 +1056,7 @@ if __name__ == "__main__":
         shutil.rmtree(tmp, ignore_errors=True)
         split = {name: {k[len(name) + 1:]: v for k, v in state_dict.items() if k.startswith(name + ".")}
                  for name in ("policy", "value_model")}
-        unwrapped.policy.save_pretrained(os.path.join(tmp, "policy"), state_dict=split["policy"])
+        save_policy(os.path.join(tmp, "policy"), split["policy"], merge=args.merge_adapter_on_save)
         tokenizer.save_pretrained(os.path.join(tmp, "policy"))
         unwrapped.value_model.save_pretrained(os.path.join(tmp, "value_model"), state_dict=split["value_model"])
         tokenizer.save_pretrained(os.path.join(tmp, "value_model"))
@@ -956,6 +1073,8 @@ if __name__ == "__main__":
         shutil.rmtree(os.path.join(args.output_dir, "value_model"), ignore_errors=True)
         os.replace(os.path.join(tmp, "value_model"), os.path.join(args.output_dir, "value_model"))
         for name in os.listdir(os.path.join(tmp, "policy")):
+            if os.path.isdir(os.path.join(args.output_dir, name)):  # merged/ from an earlier run
+                shutil.rmtree(os.path.join(args.output_dir, name))
             os.replace(os.path.join(tmp, "policy", name), os.path.join(args.output_dir, name))
         shutil.rmtree(tmp)
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
