@@ -164,6 +164,32 @@ class Args:
     num_eval_prompts: Optional[int] = None
     """evaluate on the first this many test prompts (default: all)"""
 
+    # processes and DeepSpeed (the launch commands are in docs/scale_out.md)
+    ds3_gather_for_generation: bool = True
+    """under ZeRO-3, gather the policy's weights (not the value model's) for generation: fast, but the policy must fit
+    on one device; False generates on the sharded weights, one all-gather per layer per token"""
+
+    # LoRA (PEFT)
+    use_peft: bool = False
+    """train a LoRA adapter instead of the policy's weights; the reference is the same model with the adapter disabled
+    (no second copy in memory); the value model is trained in full, as in TRL"""
+    lora_r: int = 16
+    """LoRA rank"""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)"""
+    lora_dropout: float = 0.0
+    """dropout on the adapter's input (TRL: 0.05; any dropout makes the rollout and training log-probs disagree)"""
+    lora_target_modules: Optional[list[str]] = None
+    """modules that get an adapter (default: PEFT's choice for the architecture, query_key_value for GPT-NeoX;
+    `all-linear` for every linear layer but the LM head)"""
+    model_adapter_name: Optional[str] = None
+    """name of the trained adapter (default: `default`), for models that carry several adapters"""
+    ref_adapter_name: Optional[str] = None
+    """when --sft-model-path is a LoRA adapter folder: it is loaded twice, trained as model_adapter_name and frozen
+    under this name, and the reference switches to it (set_adapter) instead of disabling the adapter"""
+    merge_adapter_on_save: bool = False
+    """also save the policy with the adapter merged into its weights, in output_dir/merged (a plain model)"""
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Helpers: small, pure, and each compared with a plain computation in tests/test_ppo_helpers.py
@@ -270,6 +296,13 @@ def response_hidden(backbone: nn.Module, query_responses: torch.Tensor, attentio
     return out.last_hidden_state[:, context_length - 1: -1]
 
 
+def backbone_and_head(causal_lm: nn.Module) -> tuple:
+    """The transformer body and the LM head of a causal LM. For a PEFT model, `.base_model` is the LoRA wrapper, not
+    the body: unwrap it first (the LoRA layers sit inside the body, so they still apply)."""
+    model = causal_lm.get_base_model() if hasattr(causal_lm, "get_base_model") else causal_lm
+    return model.base_model, model.get_output_embeddings()
+
+
 class PolicyAndValue(nn.Module):
     """The two trained models behind one forward, so that accelerate/DeepSpeed wrap (and DDP syncs) them together.
     The LM head runs on response positions only: a 512-token prompt costs no vocabulary-sized logits."""
@@ -279,8 +312,9 @@ class PolicyAndValue(nn.Module):
         self.policy, self.value_model = policy, value_model
 
     def forward(self, query_responses, attention_mask, context_length: int, temperature: float):
-        hidden = response_hidden(self.policy.base_model, query_responses, attention_mask, context_length)
-        logits = self.policy.get_output_embeddings()(hidden).float() / (temperature + 1e-7)
+        backbone, head = backbone_and_head(self.policy)
+        hidden = response_hidden(backbone, query_responses, attention_mask, context_length)
+        logits = head(hidden).float() / (temperature + 1e-7)
         value_hidden = response_hidden(self.value_model.base_model, query_responses, attention_mask, context_length)
         values = self.value_model.score(value_hidden).squeeze(-1).float()
         return logits, values
@@ -292,10 +326,12 @@ def sequence_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tenso
 
 @torch.no_grad()
 def generate(policy: nn.Module, queries: torch.Tensor, query_mask: torch.Tensor, response_length: int,
-             temperature: float, stop_token_id: Optional[int], generator: torch.Generator) -> torch.Tensor:
+             temperature: float, stop_token_id: Optional[int], generator: torch.Generator,
+             sync_processes: bool = False) -> torch.Tensor:
     """Sample up to response_length tokens (top_k 0, top_p 1) with a KV cache, computing the LM head on the last
-    position only, and stop as soon as every row has produced the stop token."""
-    backbone, head = policy.base_model, policy.get_output_embeddings()
+    position only, and stop as soon as every row has produced the stop token. With sync_processes (sharded ZeRO-3
+    weights: each forward is collective), stop only when every row of every process has."""
+    backbone, head = backbone_and_head(policy)
     attention_mask = query_mask.long()
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
     out = backbone(input_ids=queries, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
@@ -307,7 +343,10 @@ def generate(policy: nn.Module, queries: torch.Tensor, query_mask: torch.Tensor,
         tokens.append(token)
         if stop_token_id is not None:
             done |= token[:, 0] == stop_token_id
-            if done.all():
+            all_done = done.all().float()
+            if sync_processes:
+                torch.distributed.all_reduce(all_done, op=torch.distributed.ReduceOp.MIN)
+            if all_done:
                 break
         if step + 1 < response_length:
             attention_mask = torch.cat([attention_mask, torch.ones_like(token)], dim=1)
@@ -386,6 +425,7 @@ if __name__ == "__main__":
     batch_size = local_batch_size * world_size  # episodes per update
     mini_batch_size = batch_size // max(args.num_mini_batches, 1)
     local_mini_batch_size = local_batch_size // max(args.num_mini_batches, 1)
+    micro_per_mini = local_mini_batch_size // args.per_device_train_batch_size  # backward passes per optimizer step
     num_total_batches = math.ceil(args.total_episodes / batch_size)  # PPO updates
     stop_token_id = args.stop_token_id  # resolved to EOS below once the tokenizer is loaded
 
@@ -438,6 +478,19 @@ if __name__ == "__main__":
         if path is not None and not os.path.exists(path) and (looks_local or os.environ.get("HF_HUB_OFFLINE") == "1"):
             fail(arg, f"{path!r} does not exist; pass a local folder or a hub id (the embedded task's models are "
                       "made by `python tiny_tldr.py --with-models`)")
+    sft_is_adapter = os.path.isfile(os.path.join(args.sft_model_path, "adapter_config.json"))
+    model_adapter_name = args.model_adapter_name or "default"
+    if not args.use_peft and (args.model_adapter_name or args.ref_adapter_name or args.merge_adapter_on_save or sft_is_adapter):
+        fail("use_peft", "--model-adapter-name, --ref-adapter-name, --merge-adapter-on-save and an adapter folder as "
+                         "--sft-model-path are LoRA settings; add --use-peft")
+    if sft_is_adapter and not args.ref_adapter_name:
+        fail("ref_adapter_name", f"{args.sft_model_path!r} is a LoRA adapter: the reference must be that adapter, not "
+                                 "the base model; pass --ref-adapter-name reference (any name but the trained one's)")
+    if args.ref_adapter_name and not sft_is_adapter:
+        fail("ref_adapter_name", f"{args.sft_model_path!r} is not a LoRA adapter folder (no adapter_config.json): the "
+                                 "reference is the policy with its adapter disabled; drop --ref-adapter-name")
+    if args.ref_adapter_name and args.ref_adapter_name == model_adapter_name:
+        fail("ref_adapter_name", f"is the trained adapter's name {model_adapter_name!r}; pick another")
     try:
         train_data = load_any_dataset(args.dataset_name, args.dataset_train_split)
     except Exception as e:  # the datasets library has many failure types; all mean the same thing to the user
@@ -493,8 +546,20 @@ if __name__ == "__main__":
 
     # TRY NOT TO MODIFY: processes, seeding, tracking
     from accelerate import Accelerator
+    from accelerate.utils import DistributedType, GradientAccumulationPlugin, InitProcessGroupKwargs
 
-    accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else "no")
+    # On a CPU-only host the processes talk over gloo: cpu=True joins the process group that torchrun (or `accelerate
+    # launch --multi_gpu`) set up, where a plain Accelerator() would run independent copies; accelerate ignores
+    # DeepSpeed under cpu=True, and DeepSpeed needs the backend named or each rank sees one process. GPUs: NCCL.
+    on_cpu = not torch.cuda.is_available()
+    deepspeed_launch = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    accelerator = Accelerator(
+        cpu=on_cpu and not deepspeed_launch, mixed_precision="bf16" if args.bf16 else "no",
+        # One optimizer step per mini-batch: accelerate (and the DeepSpeed engine) accumulate micro_per_mini backward
+        # passes, whatever gradient_accumulation_steps the launcher's config says.
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=micro_per_mini, sync_with_dataloader=False),
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if on_cpu and world_size > 1 else [])
+    is_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     if accelerator.num_processes != world_size:
         fail("num_processes", f"WORLD_SIZE says {world_size} processes but accelerate runs {accelerator.num_processes}")
     device = accelerator.device
@@ -574,21 +639,127 @@ if __name__ == "__main__":
         disable_dropout(model)  # dropout would make the rollout and training log-probs disagree
         return model
 
-    # A resumed run takes the trained policy and value model from the checkpoint.
-    policy = load(AutoModelForCausalLM, os.path.join(resume_dir, "policy") if resume_dir else args.sft_model_path)
-    ref_policy = load(AutoModelForCausalLM, args.sft_model_path).eval().requires_grad_(False)
+    # A resumed run takes the trained policy (or adapter) and value model from the checkpoint.
+    if not args.use_peft:
+        policy = load(AutoModelForCausalLM, os.path.join(resume_dir, "policy") if resume_dir else args.sft_model_path)
+        ref_policy = load(AutoModelForCausalLM, args.sft_model_path).eval().requires_grad_(False)
+    else:
+        # LoRA: the base weights are frozen and shared with the reference, which is the same model with the adapter
+        # disabled (or, for an SFT adapter, with that adapter loaded a second time, frozen): no reference copy.
+        from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
+
+        base_path = PeftConfig.from_pretrained(args.sft_model_path).base_model_name_or_path if sft_is_adapter else args.sft_model_path
+        policy = load(AutoModelForCausalLM, base_path)
+        if resume_dir or sft_is_adapter:
+            policy = PeftModel.from_pretrained(policy, os.path.join(resume_dir, "policy") if resume_dir else args.sft_model_path,
+                                               adapter_name=model_adapter_name, is_trainable=True)
+        else:
+            policy = get_peft_model(policy, LoraConfig(task_type="CAUSAL_LM", r=args.lora_r, lora_alpha=args.lora_alpha,
+                                                       lora_dropout=args.lora_dropout,
+                                                       target_modules=args.lora_target_modules), adapter_name=model_adapter_name)
+        if args.ref_adapter_name:
+            policy.load_adapter(args.sft_model_path, adapter_name=args.ref_adapter_name, is_trainable=False)
+            policy.set_adapter(model_adapter_name)
+        ref_policy = None
     value_model = load(AutoModelForSequenceClassification, os.path.join(resume_dir, "value_model") if resume_dir else value_model_path)
     reward_model = load(AutoModelForSequenceClassification, args.reward_model_path).eval().requires_grad_(False)
     if args.gradient_checkpointing:
         for m in (policy, value_model):
             m.gradient_checkpointing_enable()
     model = PolicyAndValue(policy, value_model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, eps=1e-5, weight_decay=0.0)
+
+    def num_params(m, trainable=False):  # ZeRO-3 may already hold only a shard of each parameter: count full sizes
+        return sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters() if p.requires_grad or not trainable) if m else 0
+
+    reference = (f"{num_params(ref_policy)}" if ref_policy is not None else f"0 (the policy with adapter "
+                 f"{args.ref_adapter_name!r})" if args.ref_adapter_name else "0 (the policy with its adapter disabled)")
+    accelerator.print(f"parameters: policy {num_params(policy)} ({num_params(policy, True)} trained), value model "
+                      f"{num_params(value_model)}, reward model {num_params(reward_model)}, reference {reference}")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, eps=1e-5,
+                                  weight_decay=0.0)
+    # Stepped by hand once per PPO update (accelerate's wrapper would step it once per process, DeepSpeed once per
+    # optimizer step), so it is not prepared.
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=int(args.warmup_ratio * num_total_batches),
                               num_training_steps=num_total_batches)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    ref_policy, reward_model = ref_policy.to(device), reward_model.to(device)
+    zero_stage = 0
+    if is_deepspeed:
+        # The PPO loop relies on these, whatever the launcher's config file says: one engine step per mini-batch,
+        # clipping at --max-grad-norm, and (ZeRO-3) full weights gathered for saving loadable models.
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds_config.update(train_micro_batch_size_per_gpu=args.per_device_train_batch_size,
+                         gradient_accumulation_steps=micro_per_mini, gradient_clipping=args.max_grad_norm,
+                         train_batch_size=args.per_device_train_batch_size * micro_per_mini * world_size)
+        zero_stage = ds_config["zero_optimization"]["stage"]
+        if zero_stage == 3:
+            ds_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
+
+    def prepare_frozen(frozen: nn.Module) -> nn.Module:
+        """The reference and reward models are never trained: a copy on every process, or, under DeepSpeed, an
+        inference engine from an eval config built here (no optimizer; ZeRO-3 shards them like the trained models
+        when training uses ZeRO-3, else stage 0 keeps a full copy on each process)."""
+        if not is_deepspeed:
+            return frozen.to(device)
+        import deepspeed
+
+        eval_config = {"train_micro_batch_size_per_gpu": args.per_device_train_batch_size, "bf16": {"enabled": args.bf16},
+                       "zero_optimization": {"stage": 0}}
+        if zero_stage == 3:
+            zero = ds_config["zero_optimization"]
+            eval_config["zero_optimization"] = {
+                "stage": 3, "stage3_param_persistence_threshold": zero.get("stage3_param_persistence_threshold", 1e5),
+                "offload_param": zero.get("offload_param", {"device": "none"})}
+        engine, *_ = deepspeed.initialize(model=frozen, config=eval_config)
+        engine.eval()
+        return engine
+
+    ref_policy = prepare_frozen(ref_policy) if ref_policy is not None else None
+    reward_model = prepare_frozen(reward_model)
+
+    @contextlib.contextmanager
+    def reference_policy():
+        """The frozen SFT copy, or with LoRA the policy itself with its adapter disabled (or the SFT adapter set)."""
+        if ref_policy is not None:
+            yield ref_policy
+        elif args.ref_adapter_name:
+            unwrapped.policy.set_adapter(args.ref_adapter_name, inference_mode=True)
+            try:
+                yield unwrapped.policy
+            finally:
+                unwrapped.policy.set_adapter(model_adapter_name)
+        else:
+            with unwrapped.policy.disable_adapter():
+                yield unwrapped.policy
+
+    @torch.no_grad()
+    def reference_logits(query_responses, attention_mask, context_length: int, temperature: float) -> torch.Tensor:
+        with reference_policy() as ref:
+            backbone, head = backbone_and_head(ref)
+            hidden = response_hidden(backbone, query_responses, attention_mask, context_length)
+            return head(hidden).float() / (temperature + 1e-7)
+
+    @contextlib.contextmanager
+    def generation_weights():
+        """ZeRO-3: gather the policy's shards (not the value model's) once per generation, and lift DeepSpeed's
+        per-module hooks meanwhile: they would partition the gathered weights again after every layer and all-gather
+        them at every token (as deepspeed.runtime.zero.unwrap_model_for_generation does, for the policy only)."""
+        if zero_stage != 3 or not args.ds3_gather_for_generation:
+            yield
+            return
+        import deepspeed
+
+        hooks = model.optimizer.parameter_offload  # owns ZeRO-3's fetch/release hooks of the trained modules
+        with deepspeed.zero.GatheredParameters(list(unwrapped.policy.parameters())):
+            for hook in hooks.forward_hooks + hooks.backward_hooks:
+                hook.remove()
+            hooks.forward_hooks, hooks.backward_hooks = [], []
+            try:
+                yield
+            finally:
+                hooks._register_deepspeed_module(hooks.module)
+
+    sharded_generation = zero_stage == 3 and not args.ds3_gather_for_generation
     pad_id = tokenizer.pad_token_id
     accelerator.print(f"{len(train_ids)} train / {len(eval_ids)} eval prompts; {num_total_batches} updates of "
                       f"{batch_size} episodes ({world_size} processes x {local_batch_size})")
@@ -611,29 +782,36 @@ if __name__ == "__main__":
         """Near-greedy responses to the given prompts: mean score, KL to the reference (sum over the response of
         logp - logp_ref at temperature 1), stop-token rate and length, gathered over processes."""
         mine = prompt_ids[accelerator.process_index:: accelerator.num_processes]
+        # Every process runs the same number of batches (under ZeRO-3 each forward is collective): a process with one
+        # prompt fewer repeats its first one, with weight 0.
+        weight = torch.ones(math.ceil(len(prompt_ids) / accelerator.num_processes), device=device)
+        weight[len(mine):] = 0.0
+        mine = mine + mine[:1] * (len(weight) - len(mine))
         rows, totals = [], torch.zeros(5, device=device)  # score, kl, has-stop, length, count
         for i in range(0, len(mine), args.local_rollout_forward_batch_size):
             queries, query_mask = (t.to(device) for t in left_pad(mine[i: i + args.local_rollout_forward_batch_size], pad_id))
-            with autocast():
+            w = weight[i: i + args.local_rollout_forward_batch_size]
+            with autocast(), generation_weights():
                 responses = generate(unwrapped.policy, queries, query_mask, args.response_length,
-                                     args.eval_temperature, stop_token_id, sampling_generator)
+                                     args.eval_temperature, stop_token_id, sampling_generator,
+                                     sync_processes=sharded_generation)
             postprocessed, sequence_lengths, scores = rollout_scores(queries, query_mask, responses)
             query_responses = torch.cat([queries, responses], 1)
             attention_mask = torch.cat([query_mask, torch.ones_like(responses)], 1)
             context_length = queries.shape[1]
             with autocast():
                 logits, _ = unwrapped(query_responses, attention_mask, context_length, 1.0)
-                ref_logits = ref_policy.get_output_embeddings()(
-                    response_hidden(ref_policy.base_model, query_responses, attention_mask, context_length)).float()
+                ref_logits = reference_logits(query_responses, attention_mask, context_length, 1.0)
             valid = torch.arange(responses.shape[1], device=device)[None, :] <= sequence_lengths[:, None]
             kl = ((sequence_logprobs(logits, responses) - sequence_logprobs(ref_logits, responses)) * valid).sum(1)
             has_stop = (responses == eos_check_id).any(1)
-            totals += torch.stack([scores.sum(), kl.sum(), has_stop.float().sum(), valid.float().sum(),
-                                   torch.tensor(float(len(scores)), device=device)])
+            totals += torch.stack([(scores * w).sum(), (kl * w).sum(), (has_stop.float() * w).sum(),
+                                   (valid.float().sum(1) * w).sum(), w.sum()])
             texts = tokenizer.batch_decode(postprocessed, skip_special_tokens=True)
             first = accelerator.process_index + accelerator.num_processes * i  # position of this chunk in prompt_ids
             rows += [{"index": first + accelerator.num_processes * j, "query": tokenizer.decode(q, skip_special_tokens=True),
-                      "response": r, "score": s} for j, (q, r, s) in enumerate(zip(queries, texts, scores.tolist()))]
+                      "response": r, "score": s} for j, (q, r, s, keep) in enumerate(zip(queries, texts, scores.tolist(), w))
+                     if keep > 0]
         totals = accelerator.reduce(totals, "sum")
         n = totals[4]
         return {"eval/score": (totals[0] / n).item(), "eval/kl": (totals[1] / n).item(),
@@ -663,25 +841,55 @@ if __name__ == "__main__":
             wandb.log({"samples": wandb.Table(columns=["query", "model response", "score"],
                                               data=[[r["query"], r["response"], r["score"]] for r in rows])})
 
+    def save_policy(path: str, state_dict: dict, merge: bool = False) -> None:
+        """The policy as from_pretrained loads it: its weights or, with LoRA, the trained adapter (and with merge, the
+        adapter merged into a plain copy of the base model, in path/merged)."""
+        if not args.use_peft:
+            unwrapped.policy.save_pretrained(path, state_dict=state_dict)
+            return
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        os.makedirs(path, exist_ok=True)
+        adapter = get_peft_model_state_dict(unwrapped.policy, state_dict, model_adapter_name)
+        save_file({k: v.contiguous() for k, v in adapter.items()}, os.path.join(path, "adapter_model.safetensors"))
+        unwrapped.policy.peft_config[model_adapter_name].save_pretrained(path)
+        if merge:
+            # A fresh copy of the base on this process only: under ZeRO-3 the live weights are shards, and transformers
+            # must not load it with zero.Init (a collective), so its DeepSpeed config is unset meanwhile.
+            from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
+            base = AutoModelForCausalLM.from_pretrained(base_path, trust_remote_code=args.trust_remote_code)
+            if is_deepspeed:
+                set_hf_deepspeed_config(accelerator.state.deepspeed_plugin.dschf)
+            PeftModel.from_pretrained(base, path).merge_and_unload().save_pretrained(os.path.join(path, "merged"))
+            tokenizer.save_pretrained(os.path.join(path, "merged"))
+
     def save_checkpoint(update: int) -> None:
         """Policy and value model (safetensors), optimizer, scheduler, counters, args and every process's RNG
         states, written to checkpoint-N.tmp and renamed into place: a kill at any moment leaves the previous
-        checkpoints intact and never a half-written one under a final name."""
+        checkpoints intact and never a half-written one under a final name. Under DeepSpeed the optimizer state is
+        partitioned: every process writes its own part with the engine's save_checkpoint."""
         folder = os.path.join(args.output_dir, "checkpoints", f"checkpoint-{update}")
         tmp = folder + ".tmp"
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
         accelerator.wait_for_everyone()
-        state_dict = accelerator.get_state_dict(model)
+        state_dict = accelerator.get_state_dict(model)  # on every process: ZeRO-3 gathers the shards
         torch.save(rng_state(sampling_generator), os.path.join(tmp, f"rng_rank{accelerator.process_index}.pt"))
+        if is_deepspeed:
+            model.save_checkpoint(tmp, tag="deepspeed", save_latest=False)
         if accelerator.is_main_process:
-            for name in ("policy", "value_model"):
-                getattr(unwrapped, name).save_pretrained(
-                    os.path.join(tmp, name), state_dict={k[len(name) + 1:]: v for k, v in state_dict.items() if k.startswith(name + ".")})
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "update": update,
-                        "global_episode": global_episode, "optimizer_steps": optimizer_steps,
-                        "world_size": world_size, "args": json.dumps(asdict(args))}, os.path.join(tmp, "state.pt"))
+            split = {name: {k[len(name) + 1:]: v for k, v in state_dict.items() if k.startswith(name + ".")}
+                     for name in ("policy", "value_model")}
+            save_policy(os.path.join(tmp, "policy"), split["policy"])
+            unwrapped.value_model.save_pretrained(os.path.join(tmp, "value_model"), state_dict=split["value_model"])
+            torch.save({"optimizer": None if is_deepspeed else optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "update": update, "global_episode": global_episode, "optimizer_steps": optimizer_steps,
+                        "world_size": world_size, "zero_stage": zero_stage if is_deepspeed else None,
+                        "args": json.dumps(asdict(args))}, os.path.join(tmp, "state.pt"))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             shutil.rmtree(folder, ignore_errors=True)
@@ -697,7 +905,13 @@ if __name__ == "__main__":
         if resume_state["world_size"] != world_size:
             fail("resume_from_checkpoint", f"the checkpoint was written by {resume_state['world_size']} processes; "
                                            f"resume it with the same number, not {world_size}")
-        optimizer.load_state_dict(resume_state["optimizer"])
+        if resume_state.get("zero_stage") != (zero_stage if is_deepspeed else None):
+            fail("resume_from_checkpoint", f"the checkpoint was written with DeepSpeed ZeRO stage "
+                                           f"{resume_state.get('zero_stage')} (None: no DeepSpeed); resume it the same way")
+        if is_deepspeed:
+            model.load_checkpoint(resume_dir, tag="deepspeed", load_optimizer_states=True, load_lr_scheduler_states=False)
+        else:
+            optimizer.load_state_dict(resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
         global_episode, optimizer_steps = resume_state["global_episode"], resume_state["optimizer_steps"]
         first_update = resume_state["update"] + 1
@@ -738,9 +952,9 @@ if __name__ == "__main__":
             for i in range(0, local_batch_size, args.local_rollout_forward_batch_size):
                 q, qm = queries[i: i + args.local_rollout_forward_batch_size], query_mask[i: i + args.local_rollout_forward_batch_size]
                 t0 = time.time()
-                with autocast():
+                with autocast(), generation_weights():
                     r = generate(unwrapped.policy, q, qm, args.response_length, args.temperature, stop_token_id,
-                                 sampling_generator)
+                                 sampling_generator, sync_processes=sharded_generation)
                 timer["generation"] += time.time() - t0
                 t0 = time.time()
                 responses.append(r)
@@ -749,8 +963,7 @@ if __name__ == "__main__":
                 # so the first PPO mini-batch has ratio exactly 1; the values come from that same call.
                 with autocast():
                     logits, v = unwrapped(qr, am, context_length, args.temperature)
-                    ref_logits = ref_policy.get_output_embeddings()(
-                        response_hidden(ref_policy.base_model, qr, am, context_length)).float() / (args.temperature + 1e-7)
+                    ref_logits = reference_logits(qr, am, context_length, args.temperature)
                 logprobs.append(sequence_logprobs(logits, r))
                 ref_logprobs.append(sequence_logprobs(ref_logits, r))
                 values.append(v)
@@ -804,21 +1017,21 @@ if __name__ == "__main__":
         # Sums over valid tokens (weights) of: approxkl, pg clipfrac, pg loss, vf loss, vf clipfrac, entropy,
         # ratio, ratio^2; and the token counts for the policy and the value terms.
         stat_sums = torch.zeros(10, device=device, dtype=torch.float64)
-        micro_per_mini = local_mini_batch_size // args.per_device_train_batch_size
         for ppo_epoch in range(args.num_ppo_epochs):
             permutation = torch.from_numpy(np.random.permutation(local_batch_size)).to(device)
             for mb_start in range(0, local_batch_size, local_mini_batch_size):
                 mini = permutation[mb_start: mb_start + local_mini_batch_size]
-                # Loss = token sum / valid tokens of the whole mini-batch: the split into micro-batches does not
-                # change the gradient (TRL averaged per-micro-batch means instead).
-                n_pg = (~padding_mask[mini]).sum().clamp(min=1)
-                n_vf = (~padding_mask_p1[mini]).sum().clamp(min=1)
-                for k, mc_start in enumerate(range(0, local_mini_batch_size, args.per_device_train_batch_size)):
+                # Gradient = token sum / valid tokens of the whole mini-batch: the split into micro-batches does not
+                # change it (TRL averaged per-micro-batch means instead). accelerate (or DeepSpeed) divides each
+                # micro-batch loss by micro_per_mini, so the token sums are divided by the mean count per micro-batch.
+                n_pg = (~padding_mask[mini]).sum().clamp(min=1) / micro_per_mini
+                n_vf = (~padding_mask_p1[mini]).sum().clamp(min=1) / micro_per_mini
+                for mc_start in range(0, local_mini_batch_size, args.per_device_train_batch_size):
                     micro = mini[mc_start: mc_start + args.per_device_train_batch_size]
                     valid_pg, valid_vf = ~padding_mask[micro], ~padding_mask_p1[micro]
-                    # DDP all-reduces gradients on the last micro-batch of the mini-batch only.
-                    sync = accelerator.no_sync(model) if k + 1 < micro_per_mini else contextlib.nullcontext()
-                    with sync:
+                    # Gradients are all-reduced (DDP) or reduce-scattered (ZeRO) on the mini-batch's last micro-batch;
+                    # the DeepSpeed engine takes its optimizer step inside that backward.
+                    with accelerator.accumulate(model):
                         with autocast():
                             logits, vpred = model(query_responses[micro], attention_mask[micro], context_length,
                                                   args.temperature)
@@ -848,13 +1061,14 @@ if __name__ == "__main__":
                 if not torch.isfinite(loss):
                     sys.exit(f"error: non-finite loss at update {update}, PPO epoch {ppo_epoch}; the run stops here "
                              "(lower --learning-rate)")
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                if not torch.isfinite(grad_norm):
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)  # DeepSpeed: its norm
+                if not math.isfinite(float(grad_norm)):
                     sys.exit(f"error: non-finite gradient norm at update {update}, PPO epoch {ppo_epoch}; the run "
-                             "stops before the step, so the last checkpoint is intact (lower --learning-rate)")
+                             "stops here, so the last checkpoint is intact (lower --learning-rate)")
                 optimizer.step()
                 optimizer.zero_grad()
-                optimizer_steps += 1
+                # Under DeepSpeed, count the engine's own steps: a mismatch with the mini-batches would show here.
+                optimizer_steps = model.global_steps if is_deepspeed else optimizer_steps + 1
         timer["training"] = time.time() - t0
 
         # TRY NOT TO MODIFY: logging. Step 11. Token-weighted averages, gathered over processes.
@@ -909,7 +1123,7 @@ if __name__ == "__main__":
         shutil.rmtree(tmp, ignore_errors=True)
         split = {name: {k[len(name) + 1:]: v for k, v in state_dict.items() if k.startswith(name + ".")}
                  for name in ("policy", "value_model")}
-        unwrapped.policy.save_pretrained(os.path.join(tmp, "policy"), state_dict=split["policy"])
+        save_policy(os.path.join(tmp, "policy"), split["policy"], merge=args.merge_adapter_on_save)
         tokenizer.save_pretrained(os.path.join(tmp, "policy"))
         unwrapped.value_model.save_pretrained(os.path.join(tmp, "value_model"), state_dict=split["value_model"])
         tokenizer.save_pretrained(os.path.join(tmp, "value_model"))
@@ -926,6 +1140,8 @@ if __name__ == "__main__":
         shutil.rmtree(os.path.join(args.output_dir, "value_model"), ignore_errors=True)
         os.replace(os.path.join(tmp, "value_model"), os.path.join(args.output_dir, "value_model"))
         for name in os.listdir(os.path.join(tmp, "policy")):
+            if os.path.isdir(os.path.join(args.output_dir, name)):  # merged/ from an earlier run
+                shutil.rmtree(os.path.join(args.output_dir, name))
             os.replace(os.path.join(tmp, "policy", name), os.path.join(args.output_dir, name))
         shutil.rmtree(tmp)
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
@@ -936,5 +1152,5 @@ if __name__ == "__main__":
             unwrapped.policy.push_to_hub(repo)
             tokenizer.push_to_hub(repo)
     accelerator.wait_for_everyone()
-    del model, optimizer
+    del model, optimizer, ref_policy, reward_model  # before the process group goes: avoids gloo's abort at exit
     accelerator.end_training()
