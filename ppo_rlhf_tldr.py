@@ -577,25 +577,6 @@ if __name__ == "__main__":
         wandb.define_metric("train/episode")
         wandb.define_metric("train/*", step_metric="train/episode")
         wandb.define_metric("eval/*", step_metric="train/episode")
-    os.makedirs(args.output_dir, exist_ok=True)
-    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    resume_state = torch.load(os.path.join(resume_dir, "state.pt"), weights_only=True) if resume_dir else None
-    if accelerator.is_main_process and os.path.exists(metrics_path):
-        # Resuming keeps the rows up to the checkpoint (a killed run may have logged later updates, or half a line).
-        kept = []
-        if resume_state is not None:
-            with open(metrics_path) as f:
-                for line in f:
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue
-                    if row.get("update", 0) <= resume_state["update"]:
-                        kept.append(line if line.endswith("\n") else line + "\n")
-        with open(metrics_path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(metrics_path + ".tmp", metrics_path)
-
     # Data: tokenised once, without a chat template; left padding happens per batch.
     def tokenize(batch):
         return {"input_ids": tokenizer(batch["prompt"], add_special_tokens=False)["input_ids"]}
@@ -631,6 +612,26 @@ if __name__ == "__main__":
             order = prompt_order(len(train_ids), args.seed, update).repeat(math.ceil(batch_size / len(train_ids)))[:batch_size]
         mine = order[accelerator.process_index * local_batch_size: (accelerator.process_index + 1) * local_batch_size]
         return [train_ids[i] for i in mine.tolist()]
+
+    # Only now, with every input checked, is anything written to output_dir.
+    os.makedirs(args.output_dir, exist_ok=True)
+    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    resume_state = torch.load(os.path.join(resume_dir, "state.pt"), weights_only=True) if resume_dir else None
+    if accelerator.is_main_process and os.path.exists(metrics_path):
+        # Resuming keeps the rows up to the checkpoint (a killed run may have logged later updates, or half a line).
+        kept = []
+        if resume_state is not None:
+            with open(metrics_path) as f:
+                for line in f:
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    if row.get("update", 0) <= resume_state["update"]:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+        with open(metrics_path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(metrics_path + ".tmp", metrics_path)
 
     # Models: policy and reference from the SFT model; value model and reward model from the reward model.
     def load(cls, path, **kwargs):
@@ -781,6 +782,7 @@ if __name__ == "__main__":
     def evaluate(prompt_ids: list) -> tuple:
         """Near-greedy responses to the given prompts: mean score, KL to the reference (sum over the response of
         logp - logp_ref at temperature 1), stop-token rate and length, gathered over processes."""
+        model.eval()  # gradient checkpointing (active in train mode) would drop the KV cache of generation
         mine = prompt_ids[accelerator.process_index:: accelerator.num_processes]
         # Every process runs the same number of batches (under ZeRO-3 each forward is collective): a process with one
         # prompt fewer repeats its first one, with weight 0.

@@ -480,32 +480,11 @@ def test_micro_batch_split_does_not_change_the_metrics(runs):
     assert_same_metrics(runs["base"]().check().rows, runs["micro8"]().check().rows, tol=1e-4)
 
 
-GRADIENT_CHECKPOINTING_BUG = (
-    "ppo_rlhf.py bug: evaluate() runs generate() with the policy still in train mode after the PPO epochs (only the "
-    "rollout calls model.eval()); with --gradient-checkpointing the checkpointed layers then drop the KV cache and "
-    "the first evaluation crashes: RuntimeError: output with shape [8, 4, 1, 1] doesn't match the broadcast shape "
-    "[8, 4, 1, 100]. Repro: python ppo_rlhf.py --gradient-checkpointing --total-episodes 8 "
-    "--per-device-train-batch-size 4 --gradient-accumulation-steps 2 --eval-steps 1 --num-eval-prompts 8 "
-    "--num-sample-generations 0 --output-dir /tmp/gc")
-
-
 @pytest.mark.slow
-@needs("base", "checkpointing")
-def test_gradient_checkpointing_trains_exactly_as_without(runs):
-    """The training rows logged with --gradient-checkpointing match the run without it (all of them once the bug
-    below is fixed; until then the rows logged before the crash). That checkpointing really recomputes activations
-    is checked in test_ppo_helpers.py."""
-    base, checkpointing = runs["base"]().check(), runs["checkpointing"]()
-    rows = checkpointing.train_rows
-    assert [r["update"] for r in rows] == list(range(1, len(rows) + 1)) and len(rows) >= 2, checkpointing.stderr[-2000:]
-    assert_same_metrics(base.train_rows[: len(rows)], rows, tol=1e-4)
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(reason=GRADIENT_CHECKPOINTING_BUG, strict=False)
 @needs("base", "checkpointing")
 def test_gradient_checkpointing_gives_the_same_metrics(runs):
-    # That checkpointing really recomputes activations is checked in test_ppo_helpers.py.
+    """Every logged row (training and evaluation) with --gradient-checkpointing matches the run without it; that
+    checkpointing really recomputes activations is checked in test_ppo_helpers.py."""
     assert_same_metrics(runs["base"]().check().rows, runs["checkpointing"]().check().rows, tol=1e-4)
 
 
