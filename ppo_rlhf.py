@@ -508,9 +508,12 @@ if __name__ == "__main__":
                                    "wrong; add one with tokenizer.add_special_tokens({'pad_token': '[PAD]'})")
     value_model_path = args.value_model_path or args.reward_model_path
     for arg, path in (("reward_model_path", args.reward_model_path), ("value_model_path", value_model_path)):
-        num_labels = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code).num_labels
-        if num_labels != 1:
-            fail(arg, f"{path!r} has {num_labels} labels; a reward/value model outputs one scalar (num_labels=1)")
+        # A trained classifier must have one label; a plain LM (TRL's get-started uses Pythia itself) gets a new
+        # one-output head, as TRL did.
+        config = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+        is_classifier = any("ForSequenceClassification" in a for a in config.architectures or [])
+        if is_classifier and config.num_labels != 1:
+            fail(arg, f"{path!r} has {config.num_labels} labels; a reward/value model outputs one scalar (num_labels=1)")
     if args.stop_token == "eos":
         stop_token_id = tokenizer.eos_token_id
     # The EOS trick checks the configured stop token (TRL checked EOS even with a custom stop_token_id).
@@ -592,6 +595,9 @@ if __name__ == "__main__":
     # Models: policy and reference from the SFT model; value model and reward model from the reward model.
     def load(cls, path, **kwargs):
         config = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+        if cls is AutoModelForSequenceClassification:
+            config.num_labels, config.id2label, config.label2id = 1, {0: "LABEL_0"}, {"LABEL_0": 0}
+            config.pad_token_id = tokenizer.pad_token_id
         model = cls.from_pretrained(path, config=config, trust_remote_code=args.trust_remote_code, **kwargs)
         disable_dropout(model)  # dropout would make the rollout and training log-probs disagree
         return model
