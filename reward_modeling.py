@@ -10,6 +10,7 @@ reference completions score 0 on average (the N+ normalisation), and the shift i
 plain `AutoModelForSequenceClassification.from_pretrained` gives normalised scores.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -126,11 +127,11 @@ def pad_batch(sequences: list, pad_token_id: int, side: str = "right") -> tuple:
 
 def get_reward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Scalar score at the last attended token, for left or right padding. Position ids count real tokens
-    only, so a left-padded sequence gets the same score as the unpadded one."""
+    only, so a left-padded sequence gets the same score as the unpadded one. It goes through the model's own forward
+    (which reads the last non-pad token: the same one, as pad only pads), so that a DDP or DeepSpeed wrapper sees the
+    call: DDP syncs no gradient of a backward whose forward bypassed it."""
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
-    last = (torch.arange(input_ids.shape[1], device=input_ids.device) * attention_mask).argmax(1)
-    return model.score(hidden[torch.arange(len(input_ids), device=input_ids.device), last]).squeeze(-1)
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits.squeeze(-1)
 
 
 def pairwise_loss_and_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> tuple:
@@ -138,12 +139,17 @@ def pairwise_loss_and_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> 
     return -F.logsigmoid(chosen - rejected).mean(), (chosen > rejected).float().mean()
 
 
+def final_norm(model):
+    """The norm whose output feeds the score head (GPT-NeoX: final_layer_norm; Llama-style: norm), or None."""
+    return getattr(model.base_model, "final_layer_norm", None) or getattr(model.base_model, "norm", None)
+
+
 def shift_scores(model, delta: float) -> None:
     """Add `delta` to every score by moving the bias of the final norm that feeds the linear head along the
     head's weight: score = w . (norm(h) + b), so b += delta * w / |w|^2 shifts it exactly. The architecture
     stays stock, so plain `from_pretrained` reproduces the normalised scores."""
     w = model.score.weight.data[0].float()
-    norm = getattr(model.base_model, "final_layer_norm", None) or getattr(model.base_model, "norm", None)
+    norm = final_norm(model)
     if norm is None or getattr(norm, "bias", None) is None:
         raise ValueError("reward normalisation needs a final norm with a bias before the score head; "
                          "pass --no-normalize-reward for this architecture")
@@ -213,9 +219,37 @@ if __name__ == "__main__":
 
     # TRY NOT TO MODIFY: seeding, processes, tracking
     from accelerate import Accelerator
+    from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
-    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              mixed_precision="bf16" if args.bf16 else "no")
+    # On a CPU-only host the processes talk over gloo: cpu=True joins the process group that torchrun (or `accelerate
+    # launch --multi_gpu`) set up, where a plain Accelerator() would run independent copies; accelerate ignores
+    # DeepSpeed under cpu=True, and DeepSpeed needs the backend named or each rank sees one process. GPUs: NCCL.
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    on_cpu = not torch.cuda.is_available()
+    deepspeed_launch = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    accelerator = Accelerator(cpu=on_cpu and not deepspeed_launch, gradient_accumulation_steps=args.gradient_accumulation_steps,
+                              mixed_precision="bf16" if args.bf16 else "no",
+                              kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if on_cpu and world_size > 1 else [])
+    if accelerator.num_processes != world_size:
+        fail("num_processes", f"WORLD_SIZE says {world_size} processes but accelerate runs {accelerator.num_processes}")
+    zero_stage = 0
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # Clip at --max-grad-norm whatever the config file says; ZeRO-3 gathers full weights to save a loadable model.
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds_config["gradient_clipping"] = args.max_grad_norm
+        zero_stage = ds_config["zero_optimization"]["stage"]
+        if zero_stage == 3:
+            ds_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+
+    def gathered(params: list):
+        """Under ZeRO-3 the models are loaded as shards: gather these parameters to change them (on the main process,
+        then re-partitioned); otherwise a no-op."""
+        if zero_stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -263,7 +297,8 @@ if __name__ == "__main__":
     config.pad_token_id = pad
     model = AutoModelForSequenceClassification.from_pretrained(args.model_name_or_path, config=config,
                                                                trust_remote_code=args.trust_remote_code)
-    torch.nn.init.normal_(model.score.weight, std=1 / math.sqrt(config.hidden_size + 1))
+    with gathered([model.score.weight]):
+        torch.nn.init.normal_(model.score.weight, std=1 / math.sqrt(config.hidden_size + 1))
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, eps=1e-5)
@@ -301,7 +336,7 @@ if __name__ == "__main__":
     for epoch in range(args.num_train_epochs):
         for batch in train_loader:
             with accelerator.accumulate(model):
-                chosen, rejected = get_reward(unwrapped, batch["input_ids"], batch["attention_mask"]).chunk(2)
+                chosen, rejected = get_reward(model, batch["input_ids"], batch["attention_mask"]).chunk(2)
                 loss, accuracy = pairwise_loss_and_accuracy(chosen, rejected)
                 if not torch.isfinite(loss):
                     sys.exit(f"error: non-finite loss {loss.item()} at optimizer step {step}; lower --learning-rate")
@@ -331,18 +366,25 @@ if __name__ == "__main__":
     # N+ normalisation: score the reference completions and shift so that their mean is 0.
     if args.normalize_reward:
         refs = splits["normalize_split"].select(range(min(args.normalize_num_examples, len(splits["normalize_split"]))))
-        refs = refs.shard(accelerator.num_processes, accelerator.process_index)
         sequences = [s for s in (encode(p, c) for p, c in zip(refs["prompt"], refs["completion"])) if len(s) <= args.max_length]
+        # An equal share per process, the short one padded with weight-0 repeats: under ZeRO-3 forwards are collective.
+        share = math.ceil(len(sequences) / accelerator.num_processes)
+        mine = sequences[accelerator.process_index * share: (accelerator.process_index + 1) * share]
+        weights = torch.tensor([1.0] * len(mine) + [0.0] * (share - len(mine)), device=accelerator.device)
+        mine += sequences[:1] * (share - len(mine))
         total = torch.zeros(2, device=accelerator.device)
         model.eval()
         with torch.no_grad():
-            for i in range(0, len(sequences), args.per_device_train_batch_size):
-                input_ids, attention_mask = pad_batch(sequences[i: i + args.per_device_train_batch_size], pad)
+            for i in range(0, len(mine), args.per_device_train_batch_size):
+                input_ids, attention_mask = pad_batch(mine[i: i + args.per_device_train_batch_size], pad)
                 rewards = get_reward(unwrapped, input_ids.to(accelerator.device), attention_mask.to(accelerator.device))
-                total += torch.stack([rewards.sum(), torch.tensor(float(len(rewards)))])
+                w = weights[i: i + args.per_device_train_batch_size]
+                total += torch.stack([(rewards * w).sum(), w.sum()])
             total = accelerator.reduce(total, "sum")
             mean_before = (total[0] / total[1]).item()
-            shift_scores(unwrapped, -mean_before)
+            norm = final_norm(unwrapped)
+            with gathered([unwrapped.score.weight] + (list(norm.parameters()) if norm is not None else [])):
+                shift_scores(unwrapped, -mean_before)
         accelerator.print(f"reward normalisation: reference completions scored {mean_before:.4f} on average; "
                           "shifted to 0")
         metrics_log.append({"normalization/reference_mean_before": mean_before, "step": step})
@@ -365,4 +407,5 @@ if __name__ == "__main__":
             unwrapped.push_to_hub(args.hub_model_id or os.path.basename(args.output_dir.rstrip("/")))
             tokenizer.push_to_hub(args.hub_model_id or os.path.basename(args.output_dir.rstrip("/")))
     accelerator.wait_for_everyone()
+    del model, optimizer  # before the process group goes: avoids gloo's abort at exit
     accelerator.end_training()

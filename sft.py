@@ -90,6 +90,21 @@ class Args:
     sample_max_new_tokens: int = 53
     """generation length of the sample completions"""
 
+    # LoRA (PEFT)
+    use_peft: bool = False
+    """train a LoRA adapter instead of the model's weights; output_dir then holds the adapter"""
+    lora_r: int = 16
+    """LoRA rank"""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)"""
+    lora_dropout: float = 0.0
+    """dropout on the adapter's input (0, like every dropout in the RLHF pipeline)"""
+    lora_target_modules: Optional[list[str]] = None
+    """modules that get an adapter (default: PEFT's choice for the architecture; `all-linear` for every linear layer)"""
+    merge_adapter_on_save: bool = False
+    """also save the adapter merged into the base weights, in output_dir/merged (a plain model, e.g. for
+    reward_modeling.py)"""
+
 
 def fail(argument: str, message: str) -> None:
     """Stop before any expensive work, naming the argument and the fix."""
@@ -152,6 +167,8 @@ if __name__ == "__main__":
 
     if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.overwrite_output_dir:
         fail("output_dir", f"{args.output_dir!r} exists and is not empty; pass --overwrite-output-dir or another path")
+    if args.merge_adapter_on_save and not args.use_peft:
+        fail("merge_adapter_on_save", "merges a LoRA adapter into the model; add --use-peft")
     for name in ("learning_rate", "per_device_train_batch_size", "num_train_epochs", "gradient_accumulation_steps",
                  "max_length"):
         if getattr(args, name) <= 0:
@@ -186,9 +203,28 @@ if __name__ == "__main__":
 
     # TRY NOT TO MODIFY: seeding, processes, tracking
     from accelerate import Accelerator
+    from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
-    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              mixed_precision="bf16" if args.bf16 else "no")
+    # On a CPU-only host the processes talk over gloo: cpu=True joins the process group that torchrun (or `accelerate
+    # launch --multi_gpu`) set up, where a plain Accelerator() would run independent copies; accelerate ignores
+    # DeepSpeed under cpu=True, and DeepSpeed needs the backend named or each rank sees one process. GPUs: NCCL.
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    on_cpu = not torch.cuda.is_available()
+    deepspeed_launch = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    accelerator = Accelerator(cpu=on_cpu and not deepspeed_launch, gradient_accumulation_steps=args.gradient_accumulation_steps,
+                              mixed_precision="bf16" if args.bf16 else "no",
+                              kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if on_cpu and world_size > 1 else [])
+    if accelerator.num_processes != world_size:
+        fail("num_processes", f"WORLD_SIZE says {world_size} processes but accelerate runs {accelerator.num_processes}")
+    zero_stage = 0
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # Clip at --max-grad-norm whatever the config file says; ZeRO-3 gathers full weights to save a loadable model.
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds_config["gradient_clipping"] = args.max_grad_norm
+        zero_stage = ds_config["zero_optimization"]["stage"]
+        if zero_stage == 3:
+            ds_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -224,10 +260,16 @@ if __name__ == "__main__":
             setattr(config, key, 0.0)
     model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, config=config,
                                                  trust_remote_code=args.trust_remote_code)
+    if args.use_peft:
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=args.lora_r, lora_alpha=args.lora_alpha,
+                                                 lora_dropout=args.lora_dropout, target_modules=args.lora_target_modules))
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, eps=1e-5, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, eps=1e-5,
+                                  weight_decay=args.weight_decay)
     num_update_steps = math.ceil(len(train_loader) / args.gradient_accumulation_steps) * args.num_train_epochs
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=int(args.warmup_ratio * num_update_steps),
                               num_training_steps=num_update_steps)
@@ -277,9 +319,10 @@ if __name__ == "__main__":
         if args.track and accelerator.is_main_process:
             wandb.log({"eval/loss": eval_loss}, step=step)
 
-    # Sample completions (greedy) on held-out prompts, next to the dataset's reference.
+    # Sample completions (greedy) on held-out prompts, next to the dataset's reference. Every process generates
+    # (under ZeRO-3 each forward is collective, and synced_gpus keeps them stepping together); the main one prints.
     unwrapped = accelerator.unwrap_model(model)
-    if accelerator.is_main_process and args.num_sample_completions > 0:
+    if args.num_sample_completions > 0:
         from rich.console import Console
         from rich.table import Table
 
@@ -288,25 +331,38 @@ if __name__ == "__main__":
         unwrapped.eval()
         with torch.no_grad():
             out = unwrapped.generate(**enc.to(accelerator.device), max_new_tokens=args.sample_max_new_tokens,
-                                     do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+                                     do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                                     synced_gpus=zero_stage == 3)
         responses = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        table = Table(title="sample completions", show_lines=True)
-        for column in ("query", "model response", "reference"):
-            table.add_column(column)
-        for p, r, ref in zip(prompts, responses, eval_data["completion"][: args.num_sample_completions]):
-            table.add_row(p[-300:], r, ref)
-        Console().print(table)
-        if args.track:
-            wandb.log({"samples": wandb.Table(columns=["query", "model response", "reference"],
-                                              data=[[p, r, c] for p, r, c in zip(prompts, responses, eval_data["completion"])])})
+        if accelerator.is_main_process:
+            table = Table(title="sample completions", show_lines=True)
+            for column in ("query", "model response", "reference"):
+                table.add_column(column)
+            for p, r, ref in zip(prompts, responses, eval_data["completion"][: args.num_sample_completions]):
+                table.add_row(p[-300:], r, ref)
+            Console().print(table)
+            if args.track:
+                wandb.log({"samples": wandb.Table(columns=["query", "model response", "reference"],
+                                                  data=[[p, r, c] for p, r, c in zip(prompts, responses, eval_data["completion"])])})
 
     # Save atomically: a crash mid-save never leaves a half-written output_dir.
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         def write(path):
-            unwrapped.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
+            unwrapped.save_pretrained(path, state_dict=state_dict, safe_serialization=True)  # with LoRA: the adapter
             tokenizer.save_pretrained(path)
+            if args.merge_adapter_on_save:
+                # A fresh copy of the base on this process only: transformers must not load it with ZeRO-3's zero.Init
+                # (a collective), so its DeepSpeed config is unset meanwhile.
+                from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+                unset_hf_deepspeed_config()
+                base = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+                if accelerator.distributed_type == DistributedType.DEEPSPEED:
+                    set_hf_deepspeed_config(accelerator.state.deepspeed_plugin.dschf)
+                PeftModel.from_pretrained(base, path).merge_and_unload().save_pretrained(os.path.join(path, "merged"))
+                tokenizer.save_pretrained(os.path.join(path, "merged"))
             with open(os.path.join(path, "metrics.jsonl"), "w") as f:
                 f.writelines(json.dumps(row) + "\n" for row in metrics_log)
             with open(os.path.join(path, "args.json"), "w") as f:
@@ -318,4 +374,5 @@ if __name__ == "__main__":
             unwrapped.push_to_hub(args.hub_model_id or os.path.basename(args.output_dir.rstrip("/")))
             tokenizer.push_to_hub(args.hub_model_id or os.path.basename(args.output_dir.rstrip("/")))
     accelerator.wait_for_everyone()
+    del model, optimizer  # before the process group goes: avoids gloo's abort at exit
     accelerator.end_training()
