@@ -1,0 +1,686 @@
+"""Speed and peak memory of ppo_rlhf.py against TRL 1.12.0's PPOTrainer, same machine, same invocation, alternating.
+
+    python benchmark/speed_compare.py --shape tiny                 # the embedded task, batch 16x4, 53 tokens
+    python benchmark/speed_compare.py --shape tldr                 # real TL;DR prompts, Pythia tokenizer, batch 8
+    python benchmark/speed_compare.py --shape tldr --scaling       # ours only: s/update vs response length, batch
+    python benchmark/speed_compare.py --shape tldr --trl-gc-freeze # also TRL with gc.freeze() (not as shipped)
+
+Both implementations run as subprocesses with the same models, tokenizer, prompts, batch sizes, response length, PPO
+epochs, mini-batches, stop token (EOS), temperature, learning rate, missing-EOS penalty, seed and threads
+(OMP_NUM_THREADS / MKL_NUM_THREADS for both, plus TRL's torch.set_num_threads). Ours is `python ppo_rlhf.py`, TRL is
+`<--trl-python> benchmark/trl_ppo_runner.py` (a separate venv: benchmark/requirements-trl.txt). Each repeat runs both,
+alternating the order (ABBA) so a drifting machine load hits both alike.
+
+Per implementation it reports episodes/s and the time per update split into generation / rollout forwards / training /
+other, from the per-update timers of each (ours: metrics.jsonl `time/*`; TRL: the runner's `per_update`), excluding
+the first update as warm-up; and the peak resident memory of the whole process, measured the same way for both
+(`/usr/bin/time -v`, or a fresh wrapper process reading getrusage(RUSAGE_CHILDREN) if `time` is missing). Numbers are
+medians over the repeats; ratios are ours/TRL per repeat (adjacent runs), then the median.
+
+The `tldr` shape needs ../shared/data (the real Reddit prompts and the GPT-NeoX-20B tokenizer): it builds, once, a
+tokenizer with `[PAD]` added (id 50277), a tiny-width GPT-NeoX policy (hidden 128, 4 layers, vocabulary 50304) and
+reward model, randomly initialised, and the prompts of at most 512 tokens, cached in --build-dir (models/ is ignored
+by git). Random-init models rarely emit EOS, so both implementations generate all response tokens.
+
+Results: a markdown table printed and written with a JSON of every run to --results-dir (speed_<shape>.md/.json,
+scaling_tldr.md/.json).
+"""
+
+import hashlib
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import List, Literal, Optional
+
+import tyro
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
+TLDR_PROMPTS = os.path.join(SHARED_DATA, "tldr", "tldr_valid_subset_prompt_completion.jsonl")
+NEOX_TOKENIZER = os.path.join(SHARED_DATA, "tokenizers", "gpt-neox-20b_tokenizer.json")
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+               "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+PHASES = ("generation", "rollout_forwards", "training", "other")
+
+# Settings that differ between the two shapes (the rest are Args defaults shared by both).
+SHAPES = {
+    "tiny": dict(num_updates=6, per_device_train_batch_size=16, gradient_accumulation_steps=4,
+                 local_rollout_forward_batch_size=64, learning_rate=3e-5),
+    "tldr": dict(num_updates=4, per_device_train_batch_size=8, gradient_accumulation_steps=1,
+                 local_rollout_forward_batch_size=8, learning_rate=3e-6),
+}
+# The tiny-width GPT-NeoX of the tldr shape (the vocabulary is the tokenizer's, rounded up to a multiple of 128).
+TLDR_MODEL = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
+                  max_position_embeddings=2048, rotary_pct=0.25, use_parallel_residual=True, hidden_dropout=0.0,
+                  attention_dropout=0.0, tie_word_embeddings=False, initializer_range=0.02)
+
+
+@dataclass
+class Args:
+    shape: Literal["tiny", "tldr"] = "tiny"
+    """tiny: the embedded task; tldr: real TL;DR prompts (<= --max-prompt-tokens) and the Pythia tokenizer"""
+    repeats: int = 3
+    """alternating runs of each implementation; the table shows medians"""
+    num_updates: Optional[int] = None
+    """PPO updates per run, the first being warm-up (default: tiny 6, tldr 4)"""
+    per_device_train_batch_size: Optional[int] = None
+    """micro-batch size (default: tiny 16, tldr 8)"""
+    gradient_accumulation_steps: Optional[int] = None
+    """micro-batches per update (default: tiny 4, tldr 1)"""
+    local_rollout_forward_batch_size: Optional[int] = None
+    """generation / rollout forward chunk (default: tiny 64, tldr 8)"""
+    response_length: int = 53
+    """new tokens per response"""
+    num_ppo_epochs: int = 4
+    """passes over the batch per update"""
+    num_mini_batches: int = 1
+    """optimizer steps per PPO epoch"""
+    learning_rate: Optional[float] = None
+    """learning rate of both (default: tiny 3e-5, tldr 3e-6)"""
+    temperature: float = 0.7
+    """sampling temperature"""
+    missing_eos_penalty: Optional[float] = 1.0
+    """subtracted from the score of responses without EOS (both); None for off"""
+    seed: int = 42
+    """seed of both"""
+    num_threads: int = 1
+    """OMP_NUM_THREADS / MKL_NUM_THREADS of both, and TRL's torch.set_num_threads"""
+    bf16: bool = False
+    """bf16 in both (ours: autocast; TRL: its bf16 flag); off: both fp32"""
+    ours_extra_args: str = ""
+    """extra arguments for ppo_rlhf.py only (e.g. to try an optimisation flag); shown in the results"""
+    ours_script: str = "ppo_rlhf.py"
+    """the script measured as ours; it is copied into --work-dir at the start and the copy runs, so edits made
+    during the benchmark never mix two versions"""
+    trl_python: Optional[str] = None
+    """python of the TRL venv (default: .venv-trl/bin/python in the repository if present, else /work/trl-venv/bin/python)"""
+    skip_trl: bool = False
+    """run ours only"""
+    trl_gc_freeze: bool = False
+    """also run TRL with the runner's --gc-freeze (skips the startup heap in TRL's two gc.collect() per update)"""
+    max_prompt_tokens: int = 512
+    """tldr shape: drop prompts longer than this many tokens"""
+    max_prompts: Optional[int] = None
+    """use only the first N prompts (quick checks)"""
+    build_dir: str = "models/bench_tldr"
+    """where the tldr shape's tokenizer, models and prompts are built and cached"""
+    work_dir: str = "models/bench_runs"
+    """where the runs write their outputs and logs"""
+    results_dir: str = "benchmark/results"
+    """where the markdown and JSON results go"""
+    name: Optional[str] = None
+    """file stem of the results (default: speed_<shape>, or scaling_<shape> with --scaling)"""
+    ours_snapshot: tyro.conf.Suppress[Optional[str]] = None
+    """filled in at runtime: the copy of --ours-script that runs"""
+    scaling: bool = False
+    """ours only: time per update for each --scaling-response-lengths (at the shape's batch) and each
+    --scaling-batch-sizes (at --response-length)"""
+    scaling_response_lengths: List[int] = field(default_factory=lambda: [16, 32, 53])
+    """response lengths of the scaling table"""
+    scaling_batch_sizes: List[int] = field(default_factory=lambda: [4, 8, 16])
+    """batch sizes (episodes per update, one micro-batch) of the scaling table"""
+    keep_runs: bool = False
+    """keep each run's output folder (default: delete it once parsed; logs are kept)"""
+    timeout: int = 7200
+    """seconds before a run is killed"""
+
+
+def fail(message: str) -> None:
+    sys.exit(f"error: {message}")
+
+
+def resolve(args: Args) -> Args:
+    """Fill the shape's defaults and validate."""
+    for key, value in SHAPES[args.shape].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.num_updates < 2:
+        fail(f"--num-updates {args.num_updates}: need at least 2 (the first update is warm-up and not counted)")
+    for name in ("repeats", "per_device_train_batch_size", "gradient_accumulation_steps", "response_length",
+                 "local_rollout_forward_batch_size", "num_ppo_epochs", "num_mini_batches", "num_threads"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.scaling and args.shape != "tldr":
+        fail("--scaling measures the tldr shape; pass --shape tldr")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Machine and environment
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def git_state() -> dict:
+    def git(*a):
+        try:
+            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    with open(os.path.join(ROOT, "ppo_rlhf.py"), "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    return {"commit": git("rev-parse", "HEAD"), "ppo_rlhf_py_uncommitted_changes": bool(git("status", "--porcelain", "ppo_rlhf.py")),
+            "ppo_rlhf_py_sha256": digest}
+
+
+def machine_info() -> dict:
+    import torch
+    import transformers
+
+    return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "nproc": len(os.sched_getaffinity(0)),
+            "cpu_count": os.cpu_count(), "cpu_model": cpu_model(), "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "load_average_at_start": os.getloadavg(), **git_state()}
+
+
+def default_trl_python() -> str:
+    local = os.path.join(ROOT, ".venv-trl", "bin", "python")
+    return local if os.path.exists(local) else "/work/trl-venv/bin/python"
+
+
+def trl_available(python: Optional[str]) -> tuple:
+    """(True, version) if `python` exists and can import trl, else (False, why)."""
+    if not python or not os.path.exists(python):
+        return False, f"no TRL python at {python!r} (make a venv with benchmark/requirements-trl.txt, pass --trl-python)"
+    try:
+        proc = subprocess.run([python, "-c", "import importlib.util, sys\nif importlib.util.find_spec('trl') is None: "
+                               "sys.exit(3)\nfrom importlib.metadata import version; print(version('trl'))"],
+                              capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError) as e:
+        return False, f"{python} does not run: {e}"
+    if proc.returncode != 0:
+        return False, f"trl is not installed in {python}"
+    return True, proc.stdout.strip()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Task data and models
+
+
+def tiny_task(args: Args) -> dict:
+    paths = {"sft": os.path.join(ROOT, "embedded", "sft_model"), "reward": os.path.join(ROOT, "embedded", "reward_model"),
+             "tokenizer": os.path.join(ROOT, "embedded", "sft_model"), "prompts": os.path.join(ROOT, "embedded", "prompts")}
+    info = {"prompts": "embedded/prompts train split"}
+    if args.max_prompts:
+        from datasets import DatasetDict, load_from_disk
+
+        data = load_from_disk(paths["prompts"])
+        subset = os.path.join(args.work_dir, f"tiny_prompts_{args.max_prompts}")
+        DatasetDict(train=data["train"].select(range(min(args.max_prompts, len(data["train"])))),
+                    validation=data["validation"].select(range(16))).save_to_disk(subset)
+        paths["prompts"] = subset
+        info["prompts"] += f", first {args.max_prompts}"
+    return {**paths, "info": info}
+
+
+def build_tldr(args: Args) -> dict:
+    """The tldr shape's tokenizer, random-init models and filtered prompts, built once and cached in --build-dir."""
+    if not (os.path.isfile(TLDR_PROMPTS) and os.path.isfile(NEOX_TOKENIZER)):
+        return None
+    import torch
+    from datasets import Dataset, DatasetDict
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, GPTNeoXForSequenceClassification, PreTrainedTokenizerFast
+
+    build = args.build_dir
+    tok_dir, sft_dir, rm_dir = (os.path.join(build, n) for n in ("tokenizer", "sft_model", "reward_model"))
+    spec = {"model": TLDR_MODEL, "tokenizer_bytes": os.path.getsize(NEOX_TOKENIZER), "init_seed": 0, "version": 1}
+    spec_path = os.path.join(build, "build_info.json")
+    cached = False
+    if os.path.isfile(spec_path):
+        with open(spec_path) as f:
+            cached = json.load(f).get("spec") == spec
+    if not cached:
+        shutil.rmtree(build, ignore_errors=True)
+        os.makedirs(build)
+        tokenizer = PreTrainedTokenizerFast(tokenizer_file=NEOX_TOKENIZER, eos_token="<|endoftext|>",
+                                            bos_token="<|endoftext|>", unk_token="<|endoftext|>", padding_side="left")
+        tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+        if tokenizer.pad_token_id != 50277 or tokenizer.eos_token_id != 0:
+            fail(f"unexpected token ids: pad {tokenizer.pad_token_id} (expected 50277), eos {tokenizer.eos_token_id} (0)")
+        vocab = math.ceil(len(tokenizer) / 128) * 128
+        torch.manual_seed(spec["init_seed"])
+        config = GPTNeoXConfig(vocab_size=vocab, bos_token_id=0, eos_token_id=0, pad_token_id=tokenizer.pad_token_id,
+                               **TLDR_MODEL)
+        policy = GPTNeoXForCausalLM(config)
+        rm_config = config.to_dict()
+        for key in ("id2label", "label2id"):
+            rm_config.pop(key, None)
+        rm_config.update(num_labels=1, architectures=["GPTNeoXForSequenceClassification"])
+        reward = GPTNeoXForSequenceClassification(GPTNeoXConfig.from_dict(rm_config))
+        for model, path in ((policy, sft_dir), (reward, rm_dir)):
+            model.save_pretrained(path)
+            tokenizer.save_pretrained(path)
+        tokenizer.save_pretrained(tok_dir)
+        with open(spec_path, "w") as f:
+            json.dump({"spec": spec, "vocab_size": vocab, "policy_params": sum(p.numel() for p in policy.parameters()),
+                       "reward_params": sum(p.numel() for p in reward.parameters())}, f, indent=2)
+    built = json.load(open(spec_path))
+
+    # Prompts of at most max_prompt_tokens tokens (the recipe's 512), in file order.
+    prompts_dir = os.path.join(build, f"prompts_max{args.max_prompt_tokens}_n{args.max_prompts or 'all'}")
+    stats_path = os.path.join(prompts_dir, "prompt_stats.json")
+    if not os.path.isfile(stats_path):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        with open(TLDR_PROMPTS) as f:
+            prompts = [json.loads(line)["prompt"] for line in f if line.strip()]
+        lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+        kept = [(p, n) for p, n in zip(prompts, lengths) if n <= args.max_prompt_tokens][: args.max_prompts or None]
+        shutil.rmtree(prompts_dir, ignore_errors=True)
+        DatasetDict(train=Dataset.from_dict({"prompt": [p for p, _ in kept]}),
+                    validation=Dataset.from_dict({"prompt": [p for p, _ in kept[:16]]})).save_to_disk(prompts_dir)
+        kept_lengths = sorted(n for _, n in kept)
+        with open(stats_path, "w") as f:
+            json.dump({"prompts_in_file": len(prompts), "prompts_kept": len(kept), "max_prompt_tokens": args.max_prompt_tokens,
+                       "median_tokens": statistics.median(kept_lengths), "mean_tokens": statistics.fmean(kept_lengths),
+                       "max_tokens": kept_lengths[-1]}, f, indent=2)
+    return {"sft": sft_dir, "reward": rm_dir, "tokenizer": tok_dir, "prompts": prompts_dir,
+            "info": {"prompts": "../shared/data/tldr (real Reddit TL;DR validation prompts)", **json.load(open(stats_path)),
+                     "vocab_size": built["vocab_size"], "policy_params": built["policy_params"],
+                     "reward_params": built["reward_params"], "model": TLDR_MODEL}}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Running and parsing
+
+
+def snapshot_script(script: str, work_dir: str) -> tuple:
+    """Copy the script under test to work_dir/snapshot/ (same file name) and return (copy, sha256)."""
+    source = script if os.path.isabs(script) else os.path.join(ROOT, script)
+    if not os.path.isfile(source):
+        fail(f"--ours-script {script!r} does not exist")
+    copy = os.path.join(os.path.abspath(work_dir), "snapshot", os.path.basename(source))
+    os.makedirs(os.path.dirname(copy), exist_ok=True)
+    shutil.copyfile(source, copy)
+    with open(copy, "rb") as f:
+        return copy, hashlib.sha256(f.read()).hexdigest()
+
+
+def ours_command(args: Args, task: dict, out_dir: str, **overrides) -> List[str]:
+    s = {**asdict(args), **overrides}
+    batch = s["per_device_train_batch_size"] * s["gradient_accumulation_steps"]
+    cmd = [sys.executable, s["ours_snapshot"], "--output-dir", out_dir, "--overwrite-output-dir",
+           "--seed", str(s["seed"]), "--sft-model-path", task["sft"], "--reward-model-path", task["reward"],
+           "--model-name-or-path", task["tokenizer"], "--dataset-name", task["prompts"],
+           "--dataset-train-split", "train", "--dataset-test-split", "validation",
+           "--total-episodes", str(s["num_updates"] * batch),
+           "--per-device-train-batch-size", str(s["per_device_train_batch_size"]),
+           "--gradient-accumulation-steps", str(s["gradient_accumulation_steps"]),
+           "--local-rollout-forward-batch-size", str(s["local_rollout_forward_batch_size"]),
+           "--num-ppo-epochs", str(s["num_ppo_epochs"]), "--num-mini-batches", str(s["num_mini_batches"]),
+           "--response-length", str(s["response_length"]), "--stop-token", "eos", "--temperature", str(s["temperature"]),
+           "--learning-rate", str(s["learning_rate"]), "--missing-eos-penalty", str(s["missing_eos_penalty"]),
+           "--eval-strategy", "no", "--num-sample-generations", "0", "--save-steps", "0",
+           "--bf16" if s["bf16"] else "--no-bf16"]
+    return cmd + shlex.split(s["ours_extra_args"])
+
+
+def trl_command(args: Args, task: dict, out_dir: str, gc_freeze: bool) -> List[str]:
+    batch = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    cmd = [args.trl_python, os.path.join(ROOT, "benchmark", "trl_ppo_runner.py"), "--sft-model-path", task["sft"],
+           "--reward-model-path", task["reward"], "--tokenizer-path", task["tokenizer"], "--dataset-path", task["prompts"],
+           "--dataset-split", "train", "--output-dir", out_dir, "--results-json", os.path.join(out_dir, "trl_results.json"),
+           "--total-episodes", str(args.num_updates * batch),
+           "--per-device-train-batch-size", str(args.per_device_train_batch_size),
+           "--gradient-accumulation-steps", str(args.gradient_accumulation_steps),
+           "--local-rollout-forward-batch-size", str(args.local_rollout_forward_batch_size),
+           "--num-ppo-epochs", str(args.num_ppo_epochs), "--num-mini-batches", str(args.num_mini_batches),
+           "--response-length", str(args.response_length), "--stop-token", "eos", "--temperature", str(args.temperature),
+           "--learning-rate", str(args.learning_rate), "--seed", str(args.seed), "--num-threads", str(args.num_threads),
+           "--quiet"]
+    if args.missing_eos_penalty is not None:
+        cmd += ["--missing-eos-penalty", str(args.missing_eos_penalty)]
+    if args.bf16:
+        cmd.append("--bf16")
+    if gc_freeze:
+        cmd.append("--gc-freeze")
+    return cmd
+
+
+# Used when /usr/bin/time is missing: a fresh process whose only child is the run, so the children's ru_maxrss is
+# the run's own peak (ru_maxrss of children is the maximum over all waited-for descendants).
+RUSAGE_WRAPPER = ("import resource, subprocess, sys, json\n"
+                  "rc = subprocess.call(sys.argv[2:])\n"
+                  "ru = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+                  "json.dump({'rc': rc, 'max_rss_kib': ru.ru_maxrss, 'cpu_s': ru.ru_utime + ru.ru_stime}, "
+                  "open(sys.argv[1], 'w'))\nsys.exit(rc)\n")
+
+
+def run_measured(cmd: List[str], env: dict, log_path: str, timeout: int) -> dict:
+    """Run cmd, its output to log_path; return wall seconds, the peak resident memory of the whole process, and its
+    CPU seconds (user + system; CPU seconds / wall seconds below the thread count means the run waited for a core)."""
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    rss_file = log_path + ".rss"
+    if os.path.exists(rss_file):
+        os.remove(rss_file)
+    gnu_time = shutil.which("time", path="/usr/bin:/bin")
+    wrapped = [gnu_time, "-v", "-o", rss_file, *cmd] if gnu_time else [sys.executable, "-c", RUSAGE_WRAPPER, rss_file, *cmd]
+    load = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        log.write("$ " + shlex.join(cmd) + "\n")
+        log.flush()
+        try:
+            rc = subprocess.run(wrapped, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    wall = time.perf_counter() - t0
+    max_rss_kib = cpu_s = None
+    if os.path.exists(rss_file):
+        with open(rss_file) as f:
+            text = f.read()
+        if gnu_time:
+            fields = dict(line.strip().rsplit(": ", 1) for line in text.splitlines() if ": " in line)
+            max_rss_kib = int(fields["Maximum resident set size (kbytes)"])
+            cpu_s = float(fields["User time (seconds)"]) + float(fields["System time (seconds)"])
+        else:
+            measured = json.loads(text)
+            max_rss_kib, cpu_s = measured["max_rss_kib"], measured["cpu_s"]
+    return {"returncode": rc, "wall_s": wall, "peak_rss_mib": max_rss_kib / 1024 if max_rss_kib else None,
+            "cpu_s": cpu_s, "cpu_share": cpu_s / wall if cpu_s is not None else None,
+            "rss_method": "/usr/bin/time -v" if gnu_time else "getrusage(RUSAGE_CHILDREN) in a fresh wrapper",
+            "load_average_1min_before": load, "log": log_path}
+
+
+def ours_updates(out_dir: str) -> List[dict]:
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    updates = []
+    for row in rows:
+        if "time/update" not in row:
+            continue
+        u = {"update": row["update"], "update_s": row["time/update"], "generation_s": row["time/generation"],
+             "rollout_forwards_s": row["time/rollout_forward"], "training_s": row["time/training"],
+             "response_length": row.get("objective/response_length")}
+        u["other_s"] = u["update_s"] - u["generation_s"] - u["rollout_forwards_s"] - u["training_s"]
+        updates.append(u)
+    return updates
+
+
+def trl_updates(out_dir: str) -> tuple:
+    with open(os.path.join(out_dir, "trl_results.json")) as f:
+        results = json.load(f)
+    updates = [{"update": u["update"], "update_s": u["update_s"], "generation_s": u["generation_s"],
+                "rollout_forwards_s": u["rollout_forwards_s"], "training_s": u["training_s"], "other_s": u["other_s"],
+                "gc_collect_s": u.get("other_gc_collect_s")} for u in results["per_update"]]
+    return updates, {"versions": results.get("versions"), "self_reported_peak_rss_mib": results.get("peak_rss_mib"),
+                     "derived": results.get("derived")}
+
+
+def summarize_updates(updates: List[dict], batch_size: int) -> dict:
+    """Episodes/s and mean seconds per update and phase, excluding the first update (warm-up)."""
+    timed = updates[1:]
+    if not timed:
+        return None
+    total = sum(u["update_s"] for u in timed)
+    out = {"updates_counted": len(timed), "episodes_per_s": batch_size * len(timed) / total,
+           "update_s": total / len(timed)}
+    for phase in PHASES:
+        out[f"{phase}_s"] = sum(u[f"{phase}_s"] for u in timed) / len(timed)
+    if all(u.get("gc_collect_s") is not None for u in timed):
+        out["gc_collect_s"] = sum(u["gc_collect_s"] for u in timed) / len(timed)
+    return out
+
+
+def run_one(impl: str, args: Args, task: dict, env: dict, tag: str, **overrides) -> dict:
+    """One measured run of `ours`, `trl` or `trl_gc_freeze`; returns its record (raises on failure)."""
+    out_dir = os.path.join(args.work_dir, tag)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.makedirs(out_dir)
+    if impl == "ours":
+        cmd = ours_command(args, task, out_dir, **overrides)
+    else:
+        cmd = trl_command(args, task, out_dir, gc_freeze=impl == "trl_gc_freeze")
+    print(f"[speed_compare] {tag}: running {impl} ...", flush=True)
+    rec = {"impl": impl, "tag": tag, "command": shlex.join(cmd),
+           **run_measured(cmd, env, os.path.join(args.work_dir, "logs", tag + ".log"), args.timeout)}
+    if rec["returncode"] != 0:
+        with open(rec["log"]) as f:
+            tail = f.read()[-3000:]
+        raise RuntimeError(f"{impl} run {tag} failed ({rec['returncode']}); log {rec['log']}:\n{tail}")
+    s = {**asdict(args), **overrides}
+    batch = s["per_device_train_batch_size"] * s["gradient_accumulation_steps"]
+    if impl == "ours":
+        rec["per_update"] = ours_updates(out_dir)
+    else:
+        rec["per_update"], rec["trl"] = trl_updates(out_dir)
+    rec["summary"] = summarize_updates(rec["per_update"], batch)
+    if not args.keep_runs:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    s = rec["summary"]
+    print(f"[speed_compare] {tag}: {s['episodes_per_s']:.2f} episodes/s, {s['update_s']:.3f} s/update (gen "
+          f"{s['generation_s']:.3f}, rollout fwd {s['rollout_forwards_s']:.3f}, train {s['training_s']:.3f}, other "
+          f"{s['other_s']:.3f}), peak RSS {rec['peak_rss_mib']:.0f} MiB, wall {rec['wall_s']:.0f} s", flush=True)
+    return rec
+
+
+def subprocess_env(args: Args) -> dict:
+    threads = str(args.num_threads)
+    return {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+            "WANDB_DIR": os.path.abspath(args.work_dir)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tables
+
+LABELS = {"ours": "ours (ppo_rlhf.py)", "trl": "TRL 1.12.0 PPOTrainer", "trl_gc_freeze": "TRL 1.12.0 + gc.freeze()"}
+METRICS = ["episodes_per_s", "update_s", "generation_s", "rollout_forwards_s", "training_s", "other_s", "peak_rss_mib",
+           "episodes_per_cpu_s"]
+HEADERS = ["episodes/s", "s/update", "generation", "rollout forwards", "training", "other", "peak RSS (MiB)",
+           "episodes per CPU-second (est.)"]
+
+
+def run_value(rec: dict, metric: str) -> Optional[float]:
+    if metric == "peak_rss_mib":
+        return rec["peak_rss_mib"]
+    if metric == "episodes_per_cpu_s":  # an estimate: episodes/s over the share of a core the whole process got
+        share = rec.get("cpu_share")
+        return rec["summary"]["episodes_per_s"] / share if share else None
+    return rec["summary"][metric]
+
+
+def aggregate(runs: List[dict], impls: List[str]) -> dict:
+    """Medians over repeats per implementation, and medians of the per-repeat ratios ours / each other one."""
+    agg = {"medians": {}, "ratios_vs_ours": {}}
+    for impl in impls:
+        recs = [r for r in runs if r["impl"] == impl]
+        agg["medians"][impl] = {m: (statistics.median(run_value(r, m) for r in recs)
+                                    if all(run_value(r, m) is not None for r in recs) else None) for m in METRICS}
+        agg["medians"][impl]["repeats"] = len(recs)
+        if "gc_collect_s" in recs[0]["summary"]:
+            agg["medians"][impl]["gc_collect_s"] = statistics.median(r["summary"]["gc_collect_s"] for r in recs)
+    ours = [r for r in runs if r["impl"] == "ours"]
+    for impl in impls:
+        if impl == "ours":
+            continue
+        others = [r for r in runs if r["impl"] == impl]
+        pairs = list(zip(ours, others))  # repeat i of ours with repeat i of the other (adjacent in time)
+        agg["ratios_vs_ours"][impl] = {m: {"median": statistics.median(run_value(a, m) / run_value(b, m) for a, b in pairs),
+                                           "per_repeat": [run_value(a, m) / run_value(b, m) for a, b in pairs]}
+                                       for m in METRICS if all(run_value(a, m) is not None and run_value(b, m)
+                                                               for a, b in pairs)}
+    return agg
+
+
+def fmt(value: float, metric: str) -> str:
+    if value is None:
+        return "n/a"
+    if metric == "peak_rss_mib":
+        return f"{value:.0f}"
+    if metric in ("episodes_per_s", "episodes_per_cpu_s"):
+        return f"{value:.2f}"
+    return f"{value:.3f}"
+
+
+def speed_markdown(results: dict) -> str:
+    a, m, agg = results["settings"], results["machine"], results["aggregate"]
+    lines = [f"### Speed, {a['shape']} shape ({m['date']})", "",
+             f"Machine: {m['nproc']} CPUs ({m['cpu_model']}), {a['num_threads']} thread(s) per run, torch {m['torch']}, "
+             f"transformers {m['transformers']}, TRL {results.get('trl_version') or 'not run'}; commit "
+             f"{(m['commit'] or '?')[:10]}{' + uncommitted ppo_rlhf.py changes' if m['ppo_rlhf_py_uncommitted_changes'] else ''}; "
+             f"load average at start {m['load_average_at_start'][0]:.1f}.", "",
+             f"Settings (both): batch {a['per_device_train_batch_size']}x{a['gradient_accumulation_steps']} "
+             f"(= {a['per_device_train_batch_size'] * a['gradient_accumulation_steps']} episodes/update), rollout chunk "
+             f"{a['local_rollout_forward_batch_size']}, response length {a['response_length']}, {a['num_ppo_epochs']} PPO "
+             f"epochs, {a['num_mini_batches']} mini-batch(es), stop token EOS, temperature {a['temperature']}, lr "
+             f"{a['learning_rate']}, missing_eos_penalty {a['missing_eos_penalty']}, seed {a['seed']}, "
+             f"{'bf16' if a['bf16'] else 'fp32'}; {a['num_updates']} updates per run, the first excluded as warm-up; "
+             f"{a['repeats']} alternating repeats, medians."
+             + (f" Ours with extra args `{a['ours_extra_args']}`." if a["ours_extra_args"] else ""), "",
+             "Task: " + ", ".join(f"{k} {v}" for k, v in results["task"].items() if k != "model") + ".", "",
+             "| implementation | " + " | ".join(HEADERS) + " |", "|---" * (len(HEADERS) + 1) + "|"]
+    for impl, med in agg["medians"].items():
+        lines.append(f"| {LABELS[impl]} | " + " | ".join(fmt(med[k], k) for k in METRICS) + " |")
+    for impl, ratios in agg["ratios_vs_ours"].items():
+        lines.append(f"| **ours / {LABELS[impl]}** | " + " | ".join(
+            f"**{ratios[k]['median']:.3g}x**" if k in ratios else "n/a" for k in METRICS) + " |")
+    lines += ["", "Time columns are seconds per update (generation / rollout forwards / training / other = the rest of "
+              "the update: GAE, masks, stats, logging; TRL's includes its two gc.collect() per update"
+              + (", median {:.3f} s".format(agg["medians"]["trl"]["gc_collect_s"]) if "trl" in agg["medians"]
+                 and "gc_collect_s" in agg["medians"]["trl"] else "") + "). Peak RSS is the whole process, by "
+              f"{results['runs'][0]['rss_method']}. Ratios are ours/TRL per repeat (adjacent runs), median over repeats: "
+              "above 1 is faster for episodes/s, below 1 is less for time and memory. Episodes per CPU-second is an "
+              "estimate for a shared machine: episodes/s divided by the process's CPU seconds per wall second (setup "
+              "included), i.e. what the run would do with its cores to itself; the measured columns are the others."]
+    if "trl" in agg["ratios_vs_ours"]:
+        r = agg["ratios_vs_ours"]["trl"]
+        speed, mem = r["episodes_per_s"]["median"], r["peak_rss_mib"]["median"]
+        cpu = r.get("episodes_per_cpu_s")
+        cpu_note = f", {cpu['median']:.2f}x per CPU-second" if cpu else ""
+        if a["shape"] == "tldr":
+            lines += ["", f"Issue 8 targets at this shape: episodes/s >= 5x TRL: **{'met' if speed >= 5 else 'not met'}** "
+                      f"({speed:.2f}x{cpu_note}); peak memory <= 1/3 of TRL: **{'met' if mem <= 1 / 3 else 'not met'}** "
+                      f"({mem:.2f}x)."]
+        else:
+            lines += ["", f"Issue 8 target at this shape: episodes/s >= 2x TRL: **{'met' if speed >= 2 else 'not met'}** "
+                      f"({speed:.2f}x{cpu_note})."]
+    lines += ["", "Per run, in the order run (CPU share = the process's CPU seconds / its wall seconds, setup included: "
+              f"below {a['num_threads']} means it waited for a core on the shared machine):", "",
+              "| run | episodes/s | s/update | peak RSS (MiB) | CPU share | load avg before |", "|---|---|---|---|---|---|"]
+    for rec in results["runs"]:
+        share = rec.get("cpu_share")
+        lines.append(f"| {rec['tag']} | {rec['summary']['episodes_per_s']:.2f} | {rec['summary']['update_s']:.3f} | "
+                     f"{rec['peak_rss_mib']:.0f} | {'n/a' if share is None else f'{share:.2f}'} | "
+                     f"{rec['load_average_1min_before']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def scaling_markdown(results: dict) -> str:
+    a, m = results["settings"], results["machine"]
+    lines = [f"### Scaling of ours, tldr shape ({m['date']})", "",
+             f"Machine: {m['nproc']} CPUs ({m['cpu_model']}), {a['num_threads']} thread(s), torch {m['torch']}; load "
+             f"average at start {m['load_average_at_start'][0]:.1f}. Ours only: {a['num_ppo_epochs']} PPO epochs, one "
+             f"micro-batch per update, {'bf16' if a['bf16'] else 'fp32'}, {a['num_updates']} updates per run (the first "
+             f"excluded), {a['repeats']} repeat(s) of every configuration in alternating order, medians.", "",
+             "| batch | response length | s/update | generation | rollout forwards | training | other | s per episode | "
+             "ms per response token | peak RSS (MiB) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in results["table"]:
+        tokens = row["batch_size"] * row["response_length"]
+        lines.append(f"| {row['batch_size']} | {row['response_length']} | {row['update_s']:.3f} | {row['generation_s']:.3f} | "
+                     f"{row['rollout_forwards_s']:.3f} | {row['training_s']:.3f} | {row['other_s']:.3f} | "
+                     f"{row['update_s'] / row['batch_size']:.3f} | {1000 * row['update_s'] / tokens:.1f} | "
+                     f"{row['peak_rss_mib']:.0f} |")
+    lines += ["", "Linear in batch size shows as a flat `s per episode` column over the batch rows; linear in response "
+              "length as s/update growing by a constant per extra token (every forward also pays for the prompt, up to "
+              "512 tokens, a fixed cost per episode, so `ms per response token` falls as responses get longer)."]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(args: Args, stem: str, results: dict, markdown: str) -> None:
+    os.makedirs(args.results_dir, exist_ok=True)
+    with open(os.path.join(args.results_dir, stem + ".json"), "w") as f:
+        json.dump(results, f, indent=2, default=str)
+    with open(os.path.join(args.results_dir, stem + ".md"), "w") as f:
+        f.write(markdown)
+    print(markdown)
+    print(f"[speed_compare] wrote {os.path.join(args.results_dir, stem)}.md and .json")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(args: Args) -> Optional[dict]:
+    args = resolve(args)
+    os.makedirs(args.work_dir, exist_ok=True)
+    if args.shape == "tiny":
+        task = tiny_task(args)
+    else:
+        task = build_tldr(args)
+        if task is None:
+            print(f"[speed_compare] SKIPPED: the tldr shape needs {TLDR_PROMPTS} and {NEOX_TOKENIZER} (../shared/data "
+                  "next to the repository); it is absent here.")
+            return None
+    env = subprocess_env(args)
+    machine = machine_info()
+    args.ours_snapshot, machine["ours_script_sha256"] = snapshot_script(args.ours_script, args.work_dir)
+    settings = asdict(args)
+
+    if args.scaling:
+        configs = [(args.per_device_train_batch_size, r) for r in args.scaling_response_lengths]
+        configs += [(b, args.response_length) for b in args.scaling_batch_sizes if (b, args.response_length) not in configs]
+        runs = []
+        for repeat in range(args.repeats):
+            for batch, length in configs if repeat % 2 == 0 else configs[::-1]:
+                rec = run_one("ours", args, task, env, f"scaling_b{batch}_r{length}_r{repeat}",
+                              per_device_train_batch_size=batch, gradient_accumulation_steps=1,
+                              local_rollout_forward_batch_size=batch, response_length=length)
+                rec.update(batch_size=batch, response_length=length, repeat=repeat)
+                runs.append(rec)
+        table = []
+        for batch, length in configs:
+            recs = [r for r in runs if (r["batch_size"], r["response_length"]) == (batch, length)]
+            row = {"batch_size": batch, "response_length": length, "repeats": len(recs),
+                   "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in recs)}
+            row.update({k: statistics.median(r["summary"][k] for r in recs)
+                        for k in ("update_s", "generation_s", "rollout_forwards_s", "training_s", "other_s")})
+            table.append(row)
+        results = {"kind": "scaling", "machine": {**machine, "load_average_at_end": os.getloadavg()},
+                   "settings": settings, "task": task["info"], "table": table, "runs": runs}
+        write_results(args, args.name or f"scaling_{args.shape}", results, scaling_markdown(results))
+        return results
+
+    impls = ["ours"]
+    trl_version = None
+    if not args.skip_trl:
+        args.trl_python = args.trl_python or default_trl_python()
+        ok, trl_version = trl_available(args.trl_python)
+        if ok:
+            impls += ["trl"] + (["trl_gc_freeze"] if args.trl_gc_freeze else [])
+        else:
+            print(f"[speed_compare] TRL SKIPPED: {trl_version}; measuring ours only.")
+            trl_version = None
+    runs = []
+    for repeat in range(args.repeats):
+        order = impls if repeat % 2 == 0 else impls[::-1]  # ABBA: a drifting load falls on both alike
+        for impl in order:
+            rec = run_one(impl, args, task, env, f"{args.shape}_{impl}_r{repeat}")
+            rec["repeat"] = repeat
+            runs.append(rec)
+    results = {"kind": "speed", "machine": {**machine, "load_average_at_end": os.getloadavg()}, "settings": settings,
+               "task": task["info"], "trl_version": trl_version, "implementations": impls,
+               "aggregate": aggregate(runs, impls), "runs": runs}
+    write_results(args, args.name or f"speed_{args.shape}", results, speed_markdown(results))
+    return results
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
