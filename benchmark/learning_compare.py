@@ -223,6 +223,9 @@ def main(args: Args) -> dict:
     for name in ("sft_model_path", "reward_model_path", "dataset_name"):
         if not os.path.exists(getattr(args, name)):
             fail(f"--{name.replace('_', '-')} {getattr(args, name)!r} does not exist")
+    # The runs start in the repository root: hand them absolute paths.
+    for name in ("sft_model_path", "reward_model_path", "dataset_name", "work_dir"):
+        setattr(args, name, os.path.abspath(getattr(args, name)))
     os.makedirs(args.work_dir, exist_ok=True)
     impls = ["ours"]
     trl_version = None

@@ -150,6 +150,8 @@ def resolve(args: Args) -> Args:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.scaling and args.shape != "tldr":
         fail("--scaling measures the tldr shape; pass --shape tldr")
+    # The runs start in the repository root: hand them absolute paths.
+    args.work_dir, args.build_dir = os.path.abspath(args.work_dir), os.path.abspath(args.build_dir)
     return args
 
 
@@ -469,7 +471,8 @@ def run_one(impl: str, args: Args, task: dict, env: dict, tag: str, **overrides)
     s = rec["summary"]
     print(f"[speed_compare] {tag}: {s['episodes_per_s']:.2f} episodes/s, {s['update_s']:.3f} s/update (gen "
           f"{s['generation_s']:.3f}, rollout fwd {s['rollout_forwards_s']:.3f}, train {s['training_s']:.3f}, other "
-          f"{s['other_s']:.3f}), peak RSS {rec['peak_rss_mib']:.0f} MiB, wall {rec['wall_s']:.0f} s", flush=True)
+          f"{s['other_s']:.3f}), peak RSS {rec['peak_rss_mib']:.0f} MiB, wall {rec['wall_s']:.0f} s, CPU share "
+          f"{rec['cpu_share'] or float('nan'):.2f}", flush=True)
     return rec
 
 
@@ -584,20 +587,39 @@ def speed_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def scaling_table(runs: List[dict]) -> List[dict]:
+    """One row per (batch, response length): the fastest of its repeats (other jobs on a shared machine only ever
+    add time), with the median over repeats and the CPU share of the fastest run for reference."""
+    table = []
+    for key in dict.fromkeys((r["batch_size"], r["response_length"]) for r in runs):
+        recs = [r for r in runs if (r["batch_size"], r["response_length"]) == key]
+        best = min(recs, key=lambda r: r["summary"]["update_s"])
+        row = {"batch_size": key[0], "response_length": key[1], "repeats": len(recs), "fastest": best["tag"],
+               "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in recs), "cpu_share": best.get("cpu_share"),
+               "median_update_s": statistics.median(r["summary"]["update_s"] for r in recs)}
+        row.update({k: best["summary"][k] for k in ("update_s", "generation_s", "rollout_forwards_s", "training_s", "other_s")})
+        table.append(row)
+    return table
+
+
 def scaling_markdown(results: dict) -> str:
     a, m = results["settings"], results["machine"]
     lines = [f"### Scaling of ours, tldr shape ({m['date']})", "",
              f"Machine: {m['nproc']} CPUs ({m['cpu_model']}), {a['num_threads']} thread(s), torch {m['torch']}; load "
              f"average at start {m['load_average_at_start'][0]:.1f}. Ours only: {a['num_ppo_epochs']} PPO epochs, one "
              f"micro-batch per update, {'bf16' if a['bf16'] else 'fp32'}, {a['num_updates']} updates per run (the first "
-             f"excluded), {a['repeats']} repeat(s) of every configuration in alternating order, medians.", "",
+             f"excluded), {a['repeats']} repeat(s) of every configuration in alternating order; each row is the "
+             "fastest repeat (other jobs on the shared machine only add time; its CPU share says whether it had a core "
+             "to itself), with the median over repeats beside it.", "",
              "| batch | response length | s/update | generation | rollout forwards | training | other | s per episode | "
-             "ms per response token | peak RSS (MiB) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "ms per response token | CPU share | median s/update | peak RSS (MiB) |", "|---" * 12 + "|"]
     for row in results["table"]:
         tokens = row["batch_size"] * row["response_length"]
+        share = row.get("cpu_share")
         lines.append(f"| {row['batch_size']} | {row['response_length']} | {row['update_s']:.3f} | {row['generation_s']:.3f} | "
                      f"{row['rollout_forwards_s']:.3f} | {row['training_s']:.3f} | {row['other_s']:.3f} | "
                      f"{row['update_s'] / row['batch_size']:.3f} | {1000 * row['update_s'] / tokens:.1f} | "
+                     f"{'n/a' if share is None else f'{share:.2f}'} | {row['median_update_s']:.3f} | "
                      f"{row['peak_rss_mib']:.0f} |")
     lines += ["", "Linear in batch size shows as a flat `s per episode` column over the batch rows; linear in response "
               "length as s/update growing by a constant per extra token (every forward also pays for the prompt, up to "
@@ -645,14 +667,7 @@ def main(args: Args) -> Optional[dict]:
                               local_rollout_forward_batch_size=batch, response_length=length)
                 rec.update(batch_size=batch, response_length=length, repeat=repeat)
                 runs.append(rec)
-        table = []
-        for batch, length in configs:
-            recs = [r for r in runs if (r["batch_size"], r["response_length"]) == (batch, length)]
-            row = {"batch_size": batch, "response_length": length, "repeats": len(recs),
-                   "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in recs)}
-            row.update({k: statistics.median(r["summary"][k] for r in recs)
-                        for k in ("update_s", "generation_s", "rollout_forwards_s", "training_s", "other_s")})
-            table.append(row)
+        table = scaling_table(runs)
         results = {"kind": "scaling", "machine": {**machine, "load_average_at_end": os.getloadavg()},
                    "settings": settings, "task": task["info"], "table": table, "runs": runs}
         write_results(args, args.name or f"scaling_{args.shape}", results, scaling_markdown(results))

@@ -192,7 +192,8 @@ def test_speed_compare_tldr_shape_and_scaling(tmp_path):
     assert [(r["batch_size"], r["response_length"]) for r in scaling["table"]] == [(2, 2), (2, 4), (1, 4)]
     assert [r["tag"] for r in scaling["runs"]] == ["scaling_b2_r2_r0", "scaling_b2_r4_r0", "scaling_b1_r4_r0"]
     assert all(r["impl"] == "ours" and r["summary"]["update_s"] > 0 for r in scaling["runs"])
-    assert all(row["update_s"] > 0 and row["repeats"] == 1 for row in scaling["table"])
+    assert all(row["update_s"] > 0 and row["repeats"] == 1 and 0 < row["cpu_share"] for row in scaling["table"])
+    assert all(row["median_update_s"] == row["update_s"] for row in scaling["table"])  # one repeat: its own median
     assert "ms per response token" in open(tmp_path / "results" / "scaling_tldr.md").read()
 
 
