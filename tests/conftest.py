@@ -32,3 +32,28 @@ def wandb_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb_cache"))
     return tmp_path
+
+
+class ReachedTraining(Exception):
+    """Raised in place of building the Accelerator: the script got past its input checks."""
+
+
+def refuse_accelerator(*args, **kwargs):
+    raise ReachedTraining("validation passed: the script went on to build the Accelerator")
+
+
+def run_in_process(script, argv, tmp_path, monkeypatch):
+    """Run the script's __main__ here, sharing this process's imports (a subprocess costs ~5 s of imports per
+    case); the Accelerator, built right after validation, is replaced by a tripwire."""
+    import runpy
+
+    import accelerate
+    import datasets
+
+    monkeypatch.setattr(accelerate, "Accelerator", refuse_accelerator)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    monkeypatch.chdir(ROOT)
+    with pytest.raises((SystemExit, ReachedTraining)) as info:
+        runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+    return info.value

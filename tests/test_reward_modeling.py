@@ -8,14 +8,13 @@ import json
 import math
 import os
 import re
-import runpy
 import shutil
 import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, run_script
+from conftest import ROOT, ReachedTraining, run_in_process, run_script
 
 import reward_modeling as rm  # noqa: E402
 
@@ -224,14 +223,6 @@ def test_reward_modeling_tiny_run_saves_a_normalised_model(tmp_path, tokenizer):
 # bad input: stop before training, name the argument, write nothing
 
 
-class ReachedTraining(Exception):
-    pass
-
-
-def refuse_accelerator(*args, **kwargs):
-    raise ReachedTraining("validation passed: the script went on to build the Accelerator")
-
-
 PROMPT = "SUBREDDIT: r/x\n\nTITLE: t\n\nPOST: p\n\nTL;DR:"
 
 
@@ -306,21 +297,6 @@ BAD_INPUTS = {
                                 "positive"),
     "non-empty output dir": (lambda t: {}, "--output-dir", "--overwrite-output-dir"),
 }
-
-
-def run_in_process(script, argv, tmp_path, monkeypatch):
-    """Run the script's __main__ here, sharing this process's imports (a subprocess costs ~5 s of imports per
-    case); the Accelerator, built right after validation, is replaced by a tripwire."""
-    import accelerate
-    import datasets
-
-    monkeypatch.setattr(accelerate, "Accelerator", refuse_accelerator)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
-    monkeypatch.setattr(sys, "argv", [script, *argv])
-    monkeypatch.chdir(ROOT)
-    with pytest.raises((SystemExit, ReachedTraining)) as info:
-        runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
-    return info.value
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))

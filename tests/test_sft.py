@@ -6,7 +6,6 @@ import json
 import math
 import os
 import re
-import runpy
 import shutil
 import sys
 
@@ -14,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, run_script
+from conftest import ROOT, ReachedTraining, run_in_process, run_script
 
 import sft  # noqa: E402
 
@@ -214,14 +213,6 @@ def test_sft_tiny_run_saves_a_loadable_model_and_finite_eval_loss(tmp_path, exam
 # bad input: stop before training, name the argument, write nothing
 
 
-class ReachedTraining(Exception):
-    pass
-
-
-def refuse_accelerator(*args, **kwargs):
-    raise ReachedTraining("validation passed: the script went on to build the Accelerator")
-
-
 def write_jsonl(path, rows):
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -277,21 +268,6 @@ BAD_INPUTS = {
     "non-positive learning rate": (lambda t: {"--learning-rate": "0"}, "--learning-rate", "positive"),
     "non-empty output dir": (lambda t: {}, "--output-dir", "--overwrite-output-dir"),
 }
-
-
-def run_in_process(script, argv, tmp_path, monkeypatch):
-    """Run the script's __main__ here, sharing this process's imports (a subprocess costs ~5 s of imports per
-    case); the Accelerator, built right after validation, is replaced by a tripwire."""
-    import accelerate
-    import datasets
-
-    monkeypatch.setattr(accelerate, "Accelerator", refuse_accelerator)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
-    monkeypatch.setattr(sys, "argv", [script, *argv])
-    monkeypatch.chdir(ROOT)
-    with pytest.raises((SystemExit, ReachedTraining)) as info:
-        runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
-    return info.value
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
