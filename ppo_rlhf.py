@@ -110,6 +110,12 @@ class Args:
     """bf16 autocast for every forward (about 2x matmul speed on CPUs with avx512_bf16 and on GPUs)"""
     gradient_checkpointing: bool = False
     """recompute policy and value activations in the backward pass to save memory"""
+    length_grouping: bool = True
+    """run each forward on groups of rows of similar length, each trimmed of its padding on both sides, instead of
+    one padded batch (same result; False: the plain padded batch, for checking)"""
+    chunked_logprobs: bool = True
+    """compute response log-probs and entropy from the LM head in chunks of positions, never the whole
+    [batch, response, vocab] logits (same result; False: the plain head -> log_softmax -> gather, for checking)"""
 
     # generation
     response_length: int = 53
@@ -273,6 +279,74 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits, -1) - (probs * logits).sum(-1)
 
 
+def sequence_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return torch.gather(logits.log_softmax(-1), 2, tokens[..., None]).squeeze(-1)
+
+
+class ChunkedLogprobs(torch.autograd.Function):
+    """log p(token) and entropy at each response position, straight from the hidden states and the LM head's weight,
+    a chunk of positions at a time: the [batch, response, vocab] logits, their log-softmax and their gradient never
+    exist whole (a 50k-vocabulary position costs 0.2 MB per copy), and the backward recomputes each chunk's logits
+    instead of keeping them. Same values and gradients as head -> log_softmax -> gather (tests/test_ppo_helpers.py)."""
+
+    @staticmethod
+    def chunks(n: int, vocab: int):
+        step = max(1, 2 ** 22 // vocab)  # positions per chunk: 16 MB of fp32 logits
+        return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+    @staticmethod
+    def forward(ctx, hidden, weight, tokens, dtype):
+        flat, tokens = hidden.reshape(-1, hidden.shape[-1]), tokens.reshape(-1)
+        logprobs, entropy, lse = (torch.empty(len(tokens), device=hidden.device) for _ in range(3))
+        w = weight.to(dtype)
+        for c in ChunkedLogprobs.chunks(len(tokens), weight.shape[0]):
+            logits = (flat[c].to(dtype) @ w.T).float()
+            lse[c] = logits.logsumexp(-1)
+            logprobs[c] = logits.gather(1, tokens[c, None]).squeeze(1) - lse[c]
+            entropy[c] = lse[c] - ((logits - lse[c, None]).exp_() * logits).sum(-1)
+        ctx.save_for_backward(hidden, weight, tokens, lse)
+        ctx.dtype = dtype
+        logprobs, entropy = logprobs.view(hidden.shape[:-1]), entropy.view(hidden.shape[:-1])
+        ctx.mark_non_differentiable(entropy)  # a statistic only
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, _):
+        hidden, weight, tokens, lse = ctx.saved_tensors
+        flat, grad = hidden.reshape(-1, hidden.shape[-1]), grad_logprobs.reshape(-1)
+        w = weight.to(ctx.dtype)
+        grad_hidden = torch.empty_like(flat) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, device=weight.device) if ctx.needs_input_grad[1] else None
+        for c in ChunkedLogprobs.chunks(len(tokens), weight.shape[0]):
+            h = flat[c].to(ctx.dtype)
+            # d logp / d logits = onehot(token) - softmax(logits)
+            g = ((h @ w.T).float() - lse[c, None]).exp_().mul_(-grad[c, None])
+            g.scatter_add_(1, tokens[c, None], grad[c, None])
+            g = g.to(ctx.dtype)
+            if grad_hidden is not None:
+                grad_hidden[c] = g @ w
+            if grad_weight is not None:
+                grad_weight += (g.T @ h).float()
+        return (grad_hidden.view(hidden.shape) if grad_hidden is not None else None,
+                grad_weight.to(weight.dtype) if grad_weight is not None else None, None, None)
+
+
+def response_logprobs(head: nn.Module, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float,
+                      chunked: bool = True) -> tuple:
+    """(log-probs of tokens, entropy) under logits = head(hidden) / temperature; the entropy is a statistic, without
+    gradient. chunked: ChunkedLogprobs, when the head is a plain bias-free linear layer (dividing its input by the
+    temperature then divides the logits); else the plain computation."""
+    if chunked and type(head) is nn.Linear and head.bias is None:
+        device_type = hidden.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+        with torch.autocast(device_type, enabled=False):
+            return ChunkedLogprobs.apply(hidden / (temperature + 1e-7), head.weight, tokens, dtype)
+    logits = head(hidden).float() / (temperature + 1e-7)
+    with torch.no_grad():
+        entropy = entropy_from_logits(logits)
+    return sequence_logprobs(logits, tokens), entropy
+
+
 def response_hidden(backbone: nn.Module, query_responses: torch.Tensor, attention_mask: torch.Tensor,
                     context_length: int) -> torch.Tensor:
     """Final hidden states at the positions that predict the response tokens (context_length-1 ... -2).
@@ -285,6 +359,60 @@ def response_hidden(backbone: nn.Module, query_responses: torch.Tensor, attentio
     return out.last_hidden_state[:, context_length - 1: -1]
 
 
+GROUP_OVERHEAD = 32
+"""The cost of one more forward call, in token positions, for length_groups. Measured on this project's CPU with
+1 thread: ~45 positions for the embedded 0.5M-parameter model, ~20 for a hidden-128 x 4-layer one; larger models
+(and GPUs) pay relatively less per call, and splitting then pays off sooner."""
+
+
+def length_groups(lengths: list, overhead: Optional[int] = GROUP_OVERHEAD) -> list:
+    """Rows (indices) split into groups of similar length, longest first, to be forwarded one group at a time, each
+    trimmed to its own longest row: the split minimises sum over groups of (rows x longest row + overhead), the token
+    positions of the padded forwards plus a fixed cost per call. overhead None: one group, the plain padded batch."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    if overhead is None:
+        return [order]
+    best, cut = [0.0] + [math.inf] * len(order), [0] * (len(order) + 1)  # best[j]: cost of the first j rows
+    for j in range(1, len(order) + 1):
+        for i in range(j):  # last group = order[i:j], whose longest row is order[i]
+            cost = best[i] + overhead + (j - i) * lengths[order[i]]
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], len(order)
+    while j:
+        groups.append(order[cut[j]: j])
+        j = cut[j]
+    return groups[::-1]
+
+
+def grouped_response_hidden(backbone: nn.Module, query_responses: torch.Tensor, attention_mask: torch.Tensor,
+                            context_length: int, needed: torch.Tensor, overhead: Optional[int]) -> torch.Tensor:
+    """response_hidden for the first needed[i] response positions of row i, [batch, max(needed), hidden], computed
+    over length_groups: each group's columns end at its longest need (causal attention: later columns cannot change
+    earlier positions) and start at its first real token. Positions past a row's need are not meaningful (zeros or
+    computed); the caller masks them."""
+    start = first_true_indices(attention_mask.bool())
+    lengths = (context_length + needed - start).tolist()
+    width, parts, order = int(needed.max()), [], []
+    for rows in length_groups(lengths, overhead):
+        index = torch.tensor(rows, device=query_responses.device)
+        end = context_length + int(needed[index].max())
+        hidden = response_hidden(backbone, query_responses[index, :end], attention_mask[index, :end], context_length)
+        parts.append(F.pad(hidden, (0, 0, 0, width - hidden.shape[1])))
+        order += rows
+    return torch.cat(parts)[torch.argsort(torch.tensor(order, device=query_responses.device))]
+
+
+def policy_logprobs(policy: nn.Module, query_responses: torch.Tensor, attention_mask: torch.Tensor, context_length: int,
+                    temperature: float, needed: torch.Tensor, overhead: Optional[int], chunked: bool) -> tuple:
+    """(log-probs, entropy) of the response tokens, [batch, max(needed)]. The LM head runs on response positions
+    only: a 512-token prompt costs no vocabulary-sized logits."""
+    backbone, head = backbone_and_head(policy)
+    hidden = grouped_response_hidden(backbone, query_responses, attention_mask, context_length, needed, overhead)
+    tokens = query_responses[:, context_length: context_length + hidden.shape[1]]
+    return response_logprobs(head, hidden, tokens, temperature, chunked)
+
+
 def backbone_and_head(causal_lm: nn.Module) -> tuple:
     """The transformer body and the LM head of a causal LM. For a PEFT model, `.base_model` is the LoRA wrapper, not
     the body: unwrap it first (the LoRA layers sit inside the body, so they still apply)."""
@@ -294,23 +422,30 @@ def backbone_and_head(causal_lm: nn.Module) -> tuple:
 
 class PolicyAndValue(nn.Module):
     """The two trained models behind one forward, so that accelerate/DeepSpeed wrap (and DDP syncs) them together.
-    The LM head runs on response positions only: a 512-token prompt costs no vocabulary-sized logits."""
+    Returns log-probs, entropy and values of the first needed[i] response positions of each row (default: all)."""
 
-    def __init__(self, policy: nn.Module, value_model: nn.Module):
+    def __init__(self, policy: nn.Module, value_model: nn.Module, overhead: Optional[int] = GROUP_OVERHEAD,
+                 chunked: bool = True):
         super().__init__()
-        self.policy, self.value_model = policy, value_model
+        self.policy, self.value_model, self.overhead, self.chunked = policy, value_model, overhead, chunked
 
-    def forward(self, query_responses, attention_mask, context_length: int, temperature: float):
-        backbone, head = backbone_and_head(self.policy)
-        hidden = response_hidden(backbone, query_responses, attention_mask, context_length)
-        logits = head(hidden).float() / (temperature + 1e-7)
-        value_hidden = response_hidden(self.value_model.base_model, query_responses, attention_mask, context_length)
-        values = self.value_model.score(value_hidden).squeeze(-1).float()
-        return logits, values
+    def forward(self, query_responses, attention_mask, context_length: int, temperature: float, needed=None):
+        if needed is None:
+            needed = torch.full((len(query_responses),), query_responses.shape[1] - context_length, device=query_responses.device)
+        logprobs, entropy = policy_logprobs(self.policy, query_responses, attention_mask, context_length, temperature,
+                                            needed, self.overhead, self.chunked)
+        value_hidden = grouped_response_hidden(self.value_model.base_model, query_responses, attention_mask,
+                                               context_length, needed, self.overhead)
+        return logprobs, entropy, self.value_model.score(value_hidden).squeeze(-1).float()
 
 
-def sequence_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    return torch.gather(logits.log_softmax(-1), 2, tokens[..., None]).squeeze(-1)
+def sample_tokens(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token per row of probs, [batch, 1], by inverse CDF: a uniform draw per row located in the cumulative sum.
+    The same distribution as torch.multinomial, which on CPU draws an exponential variate per vocabulary entry
+    (30% of generation time at a 50k vocabulary); tokens of probability 0 are never drawn (right=True)."""
+    cdf = probs.cumsum(-1)
+    u = torch.rand(len(probs), 1, generator=generator, device=probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp(max=probs.shape[-1] - 1)
 
 
 @torch.no_grad()
@@ -328,7 +463,7 @@ def generate(policy: nn.Module, queries: torch.Tensor, query_mask: torch.Tensor,
     tokens, done = [], torch.zeros(len(queries), dtype=torch.bool, device=queries.device)
     for step in range(response_length):
         probs = (head(out.last_hidden_state[:, -1]).float() / (temperature + 1e-7)).softmax(-1)
-        token = torch.multinomial(probs, 1, generator=generator)
+        token = sample_tokens(probs, generator)
         tokens.append(token)
         if stop_token_id is not None:
             done |= token[:, 0] == stop_token_id
@@ -346,13 +481,22 @@ def generate(policy: nn.Module, queries: torch.Tensor, query_mask: torch.Tensor,
 
 
 @torch.no_grad()
-def get_score(reward_model: nn.Module, query_responses: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Reward-model score read at the last attended token (left-padded query, right-padded response)."""
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    hidden = reward_model.base_model(input_ids=query_responses, attention_mask=attention_mask,
-                                     position_ids=position_ids, use_cache=False).last_hidden_state
-    last = (torch.arange(attention_mask.shape[1], device=attention_mask.device) * attention_mask).argmax(1)
-    return reward_model.score(hidden[torch.arange(len(hidden), device=hidden.device), last]).squeeze(-1).float()
+def get_score(reward_model: nn.Module, query_responses: torch.Tensor, attention_mask: torch.Tensor,
+              overhead: Optional[int] = None) -> torch.Tensor:
+    """Reward-model score read at the last attended token (left-padded query, right-padded response), computed over
+    length_groups, each group trimmed to its first real token and its last attended one."""
+    columns = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    start, end = first_true_indices(attention_mask.bool()), (columns * attention_mask).argmax(1) + 1
+    scores = torch.empty(len(query_responses), device=query_responses.device)
+    for rows in length_groups((end - start).tolist(), overhead):
+        index = torch.tensor(rows, device=query_responses.device)
+        a, b = int(start[index].min()), int(end[index].max())
+        mask = attention_mask[index, a:b]
+        position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+        hidden = reward_model.base_model(input_ids=query_responses[index, a:b], attention_mask=mask,
+                                         position_ids=position_ids, use_cache=False).last_hidden_state
+        scores[index] = reward_model.score(hidden[torch.arange(len(rows), device=hidden.device), end[index] - 1 - a]).squeeze(-1).float()
+    return scores
 
 
 def left_pad(sequences: list, pad_token_id: int) -> tuple:
@@ -629,7 +773,7 @@ if __name__ == "__main__":
     if args.gradient_checkpointing:
         for m in (policy, value_model):
             m.gradient_checkpointing_enable()
-    model = PolicyAndValue(policy, value_model)
+    model = PolicyAndValue(policy, value_model, GROUP_OVERHEAD if args.length_grouping else None, args.chunked_logprobs)
 
     def num_params(m, trainable=False):  # ZeRO-3 may already hold only a shard of each parameter: count full sizes
         return sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters() if p.requires_grad or not trainable) if m else 0
@@ -638,8 +782,10 @@ if __name__ == "__main__":
                  f"{args.ref_adapter_name!r})" if args.ref_adapter_name else "0 (the policy with its adapter disabled)")
     accelerator.print(f"parameters: policy {num_params(policy)} ({num_params(policy, True)} trained), value model "
                       f"{num_params(value_model)}, reward model {num_params(reward_model)}, reference {reference}")
+    # fused: one kernel for all parameters (on CPU torch's default loops over them, ~5% of a TL;DR-shape update);
+    # DeepSpeed keeps its own optimizer path.
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, eps=1e-5,
-                                  weight_decay=0.0)
+                                  weight_decay=0.0, fused=not is_deepspeed)
     # Stepped by hand once per PPO update (accelerate's wrapper would step it once per process, DeepSpeed once per
     # optimizer step), so it is not prepared.
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=int(args.warmup_ratio * num_total_batches),
@@ -655,6 +801,7 @@ if __name__ == "__main__":
         zero_stage = ds_config["zero_optimization"]["stage"]
         if zero_stage == 3:
             ds_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+            model.chunked = False  # ZeRO-3 holds a shard of the LM head weight: only the head's own forward gathers it
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
 
@@ -696,11 +843,10 @@ if __name__ == "__main__":
                 yield unwrapped.policy
 
     @torch.no_grad()
-    def reference_logits(query_responses, attention_mask, context_length: int, temperature: float) -> torch.Tensor:
+    def reference_logprobs(query_responses, attention_mask, context_length: int, temperature: float, needed) -> torch.Tensor:
         with reference_policy() as ref:
-            backbone, head = backbone_and_head(ref)
-            hidden = response_hidden(backbone, query_responses, attention_mask, context_length)
-            return head(hidden).float() / (temperature + 1e-7)
+            return policy_logprobs(ref, query_responses, attention_mask, context_length, temperature, needed,
+                                   unwrapped.overhead, unwrapped.chunked)[0]
 
     @contextlib.contextmanager
     def generation_weights():
@@ -737,7 +883,7 @@ if __name__ == "__main__":
         response_mask = torch.arange(responses.shape[1], device=device)[None, :] <= sequence_lengths[:, None]
         with autocast():
             scores = get_score(reward_model, torch.cat([queries, postprocessed], 1),
-                               torch.cat([query_mask, response_mask.long()], 1))
+                               torch.cat([query_mask, response_mask.long()], 1), unwrapped.overhead)
         return postprocessed, sequence_lengths, scores
 
     @torch.no_grad()
@@ -763,11 +909,12 @@ if __name__ == "__main__":
             query_responses = torch.cat([queries, responses], 1)
             attention_mask = torch.cat([query_mask, torch.ones_like(responses)], 1)
             context_length = queries.shape[1]
+            needed = (sequence_lengths + 1).clamp(max=responses.shape[1])  # up to the stop token
             with autocast():
-                logits, _ = unwrapped(query_responses, attention_mask, context_length, 1.0)
-                ref_logits = reference_logits(query_responses, attention_mask, context_length, 1.0)
-            valid = torch.arange(responses.shape[1], device=device)[None, :] <= sequence_lengths[:, None]
-            kl = ((sequence_logprobs(logits, responses) - sequence_logprobs(ref_logits, responses)) * valid).sum(1)
+                logprobs = unwrapped(query_responses, attention_mask, context_length, 1.0, needed)[0]
+                ref_logprobs = reference_logprobs(query_responses, attention_mask, context_length, 1.0, needed)
+            valid = torch.arange(logprobs.shape[1], device=device)[None, :] <= sequence_lengths[:, None]
+            kl = ((logprobs - ref_logprobs) * valid).sum(1)
             has_stop = (responses == eos_check_id).any(1)
             totals += torch.stack([(scores * w).sum(), (kl * w).sum(), (has_stop.float() * w).sum(),
                                    (valid.float().sum(1) * w).sum(), w.sum()])
@@ -904,17 +1051,17 @@ if __name__ == "__main__":
                 timer["generation"] += time.time() - t0
                 t0 = time.time()
                 responses.append(r)
-                qr, am = torch.cat([q, r], 1), torch.cat([qm, torch.ones_like(r)], 1)
-                # The old log-probs come from the same forward the training uses (not from generation scores),
-                # so the first PPO mini-batch has ratio exactly 1; the values come from that same call.
-                with autocast():
-                    logits, v = unwrapped(qr, am, context_length, args.temperature)
-                    ref_logits = reference_logits(qr, am, context_length, args.temperature)
-                logprobs.append(sequence_logprobs(logits, r))
-                ref_logprobs.append(sequence_logprobs(ref_logits, r))
-                values.append(v)
                 pp, sl, s = rollout_scores(q, qm, r)
                 postprocessed.append(pp), sequence_lengths.append(sl), scores.append(s)
+                # The old log-probs come from the same forward the training uses (not from generation scores),
+                # so the first PPO mini-batch has ratio 1; the values come from that same call. Only the positions
+                # up to the stop token (+1 for the value that receives the score) are computed: the rest are masked.
+                qr, am = torch.cat([q, r], 1), torch.cat([qm, torch.ones_like(r)], 1)
+                needed = (sl + 2).clamp(max=r.shape[1])
+                with autocast():
+                    lp, _, v = unwrapped(qr, am, context_length, args.temperature, needed)
+                    ref_logprobs.append(reference_logprobs(qr, am, context_length, args.temperature, needed))
+                logprobs.append(lp), values.append(v)
                 timer["rollout_forward"] += time.time() - t0
             # Chunks stop generating at different steps: right-pad them to the longest before stacking.
             width = max(r.shape[1] for r in responses)
@@ -974,25 +1121,30 @@ if __name__ == "__main__":
                 n_vf = (~padding_mask_p1[mini]).sum().clamp(min=1) / micro_per_mini
                 for mc_start in range(0, local_mini_batch_size, args.per_device_train_batch_size):
                     micro = mini[mc_start: mc_start + args.per_device_train_batch_size]
-                    valid_pg, valid_vf = ~padding_mask[micro], ~padding_mask_p1[micro]
+                    # Response columns past every row's stop token + 1 are masked everywhere: not computed at all.
+                    needed = (sequence_lengths[micro] + 2).clamp(max=width)
+                    n = int(needed.max())
+                    valid_pg, valid_vf = ~padding_mask[micro, :n], ~padding_mask_p1[micro, :n]
+                    old_logprobs, old_values = logprobs[micro, :n], values[micro, :n]
+                    mb_advantages, mb_returns = advantages[micro, :n], returns[micro, :n]
                     # Gradients are all-reduced (DDP) or reduce-scattered (ZeRO) on the mini-batch's last micro-batch;
                     # the DeepSpeed engine takes its optimizer step inside that backward.
                     with accelerator.accumulate(model):
                         with autocast():
-                            logits, vpred = model(query_responses[micro], attention_mask[micro], context_length,
-                                                  args.temperature)
-                        new_logprobs = sequence_logprobs(logits, responses[micro]).masked_fill(~valid_pg, INVALID_LOGPROB)
+                            new_logprobs, entropy, vpred = model(query_responses[micro, :context_length + n],
+                                                                 attention_mask[micro, :context_length + n],
+                                                                 context_length, args.temperature, needed)
+                        new_logprobs = new_logprobs.masked_fill(~valid_pg, INVALID_LOGPROB)
                         vpred = vpred.masked_fill(~valid_vf, 0.0)
-                        vpred_clipped = values[micro] + (vpred - values[micro]).clamp(-args.cliprange_value,
-                                                                                      args.cliprange_value)
-                        vf_unclipped = (vpred - returns[micro]) ** 2
-                        vf_losses = torch.max(vf_unclipped, (vpred_clipped - returns[micro]) ** 2)
+                        vpred_clipped = old_values + (vpred - old_values).clamp(-args.cliprange_value, args.cliprange_value)
+                        vf_unclipped = (vpred - mb_returns) ** 2
+                        vf_losses = torch.max(vf_unclipped, (vpred_clipped - mb_returns) ** 2)
                         vf_loss = 0.5 * (vf_losses * valid_vf).sum() / n_vf
-                        logratio = new_logprobs - logprobs[micro]
+                        logratio = new_logprobs - old_logprobs
                         ratio = torch.exp(logratio)
-                        pg_unclipped = -advantages[micro] * ratio
-                        pg_losses = torch.max(pg_unclipped, -advantages[micro] * ratio.clamp(1 - args.cliprange,
-                                                                                             1 + args.cliprange))
+                        pg_unclipped = -mb_advantages * ratio
+                        pg_losses = torch.max(pg_unclipped, -mb_advantages * ratio.clamp(1 - args.cliprange,
+                                                                                         1 + args.cliprange))
                         pg_loss = (pg_losses * valid_pg).sum() / n_pg
                         loss = pg_loss + args.vf_coef * vf_loss
                         accelerator.backward(loss)
@@ -1002,7 +1154,7 @@ if __name__ == "__main__":
                             (0.5 * logratio ** 2 * vp).sum(), ((pg_losses > pg_unclipped).double() * vp).sum(),
                             (pg_losses * vp).sum(), (0.5 * vf_losses * vv).sum(),
                             ((vf_losses > vf_unclipped).double() * vv).sum(),
-                            (entropy_from_logits(logits) * vp).sum(), (ratio * vp).sum(), (ratio ** 2 * vp).sum(),
+                            (entropy * vp).sum(), (ratio * vp).sum(), (ratio ** 2 * vp).sum(),
                             vp.sum(), vv.sum()])
                 if not torch.isfinite(loss):
                     sys.exit(f"error: non-finite loss at update {update}, PPO epoch {ppo_epoch}; the run stops here "

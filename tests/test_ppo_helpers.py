@@ -308,8 +308,12 @@ def test_response_hidden_is_invariant_to_left_padding(tiny_lm):
                 torch.testing.assert_close(out[i], plain, atol=1e-5, rtol=1e-5)
 
 
-def test_policy_and_value_match_the_full_hf_forwards(tiny_lm, tiny_value):
-    model = ppo_rlhf.PolicyAndValue(tiny_lm, tiny_value).eval()
+PLAIN, OPTIMISED, ONE_ROW_PER_FORWARD = (None, False), (ppo_rlhf.GROUP_OVERHEAD, True), (0, True)
+
+
+@pytest.mark.parametrize("overhead,chunked", [PLAIN, OPTIMISED, ONE_ROW_PER_FORWARD])
+def test_policy_and_value_match_the_full_hf_forwards(tiny_lm, tiny_value, overhead, chunked):
+    model = ppo_rlhf.PolicyAndValue(tiny_lm, tiny_value, overhead, chunked).eval()
     g = torch.Generator().manual_seed(2)
     queries = random_sequences(3, 2, 40, g, [5, 3, 4])
     response_length = 4
@@ -319,17 +323,139 @@ def test_policy_and_value_match_the_full_hf_forwards(tiny_lm, tiny_value):
     seqs, mask = torch.cat([q_ids, responses], 1), torch.cat([q_mask, torch.ones_like(responses)], 1)
     temperature = 0.7
     with torch.no_grad():
-        logits, values = model(seqs, mask, context_length, temperature)
-        assert logits.shape == (3, response_length, 40) and values.shape == (3, response_length)
-        for i, q in enumerate(queries):
-            alone = torch.tensor([q + responses[i].tolist()])
-            full = tiny_lm(input_ids=alone).logits[0]  # the plain HF CausalLM forward over the whole sequence
-            torch.testing.assert_close(logits[i], full[len(q) - 1: -1] / temperature, atol=1e-4, rtol=1e-5)
-            # the value at response position t is the sequence classifier's score of the prefix ending there
-            for t in range(response_length):
-                prefix = alone[:, : len(q) + t]
-                expected = tiny_value(input_ids=prefix).logits[0, 0]
-                assert values[i, t].item() == pytest.approx(expected.item(), abs=1e-5)
+        for needed in (None, torch.tensor([3, 2, 1])):
+            logprobs, entropy, values = model(seqs, mask, context_length, temperature, needed)
+            width = response_length if needed is None else 3
+            assert logprobs.shape == entropy.shape == values.shape == (3, width)
+            for i, q in enumerate(queries):
+                alone = torch.tensor([q + responses[i].tolist()])
+                # the plain HF CausalLM forward over the whole sequence
+                full = (tiny_lm(input_ids=alone).logits[0] / temperature).log_softmax(-1)[len(q) - 1: -1]
+                n = response_length if needed is None else int(needed[i])
+                torch.testing.assert_close(logprobs[i, :n], full[torch.arange(n), responses[i, :n]], atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(entropy[i, :n], -(full.exp() * full).sum(-1)[:n], atol=1e-5, rtol=1e-5)
+                # the value at response position t is the sequence classifier's score of the prefix ending there
+                for t in range(n):
+                    expected = tiny_value(input_ids=alone[:, : len(q) + t]).logits[0, 0]
+                    assert values[i, t].item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+def ppo_like_loss(logprobs, values, needed):
+    """A loss that weighs every computed position differently, masked past each row's need as the script does."""
+    valid = torch.arange(logprobs.shape[1])[None, :] < needed[:, None]
+    weights = torch.linspace(-1, 2, logprobs.numel()).view(logprobs.shape)
+    return (logprobs.exp() * weights * valid).sum() + ((values - weights) ** 2 * valid).sum()
+
+
+@pytest.mark.parametrize("optimised", [OPTIMISED, ONE_ROW_PER_FORWARD])
+def test_optimised_forward_gives_the_plain_gradients(optimised):
+    """Length groups, right-trimming and the chunked LM head change neither the loss nor any parameter's gradient."""
+    from transformers import GPTNeoXForCausalLM, GPTNeoXForSequenceClassification
+
+    g = torch.Generator().manual_seed(9)
+    queries = random_sequences(5, 2, 40, g, [9, 2, 5, 7, 3])
+    responses = torch.randint(2, 40, (5, 6), generator=g)
+    q_ids, q_mask = ppo_rlhf.left_pad(queries, pad_token_id=1)
+    seqs, mask = torch.cat([q_ids, responses], 1), torch.cat([q_mask, torch.ones_like(responses)], 1)
+    needed = torch.tensor([6, 2, 4, 1, 3])
+    results = []
+    for overhead, chunked in (PLAIN, optimised):
+        torch.manual_seed(4)
+        model = ppo_rlhf.PolicyAndValue(GPTNeoXForCausalLM(tiny_config()),
+                                        GPTNeoXForSequenceClassification(tiny_config(num_labels=1)), overhead, chunked)
+        if overhead is None:  # the plain reference: the whole padded batch, every response position
+            logprobs, _, values = model(seqs, mask, q_ids.shape[1], 0.7)
+            logprobs, values = logprobs[:, : int(needed.max())], values[:, : int(needed.max())]
+        else:
+            logprobs, _, values = model(seqs, mask, q_ids.shape[1], 0.7, needed)
+        loss = ppo_like_loss(logprobs, values, needed)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
+    assert results[0][1].keys() == results[1][1].keys()
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("vocab,dtype", [(40, torch.float32), (2 ** 20, torch.float32), (300, torch.bfloat16)])
+def test_chunked_logprobs_match_log_softmax_gather_with_gradients(vocab, dtype):
+    """Values, entropy and the gradients of hidden states and head weight equal the plain computation; the 2^20
+    vocabulary makes 4-position chunks, so the 11 positions span three chunks; bf16 runs under autocast as the
+    script's --bf16 does."""
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(2, 11 if vocab > 1000 else 7, 8, generator=g)
+    head = torch.nn.Linear(8, vocab, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(vocab, 8, generator=g))
+    tokens = torch.randint(0, vocab, hidden.shape[:2], generator=g)
+    weights = torch.randn(hidden.shape[:2], generator=g)
+    out = {}
+    for chunked in (False, True):
+        h = hidden.clone().requires_grad_(True)
+        head.weight.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            logprobs, entropy = ppo_rlhf.response_logprobs(head, h, tokens, 0.7, chunked)
+        (logprobs * weights).sum().backward()
+        assert not entropy.requires_grad
+        out[chunked] = logprobs.detach(), entropy, h.grad, head.weight.grad.clone()
+    # fp32 sums over 2^20 terms in a different order differ by ~1e-4 relative; bf16 matmuls by ~1e-2
+    tol = dict(atol=1e-4, rtol=1e-4) if vocab < 1000 else dict(atol=3e-3, rtol=1e-3)
+    tol = tol if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    for a, b in zip(out[False], out[True]):
+        torch.testing.assert_close(b, a, **tol)
+    assert (out[True][1] >= -1e-6).all()
+
+
+def test_chunked_logprobs_fall_back_to_the_plain_head_when_it_has_a_bias():
+    g = torch.Generator().manual_seed(6)
+    head = torch.nn.Linear(8, 30, bias=True)
+    hidden, tokens = torch.randn(2, 3, 8, generator=g), torch.randint(0, 30, (2, 3), generator=g)
+    logprobs, _ = ppo_rlhf.response_logprobs(head, hidden, tokens, 0.5, chunked=True)
+    expected = (head(hidden) / 0.5).log_softmax(-1).gather(2, tokens[..., None]).squeeze(-1)
+    torch.testing.assert_close(logprobs, expected)
+
+
+def partitions(items):
+    if not items:
+        yield []
+        return
+    for rest in partitions(items[1:]):
+        for i in range(len(rest)):
+            yield rest[:i] + [[items[0]] + rest[i]] + rest[i + 1:]
+        yield [[items[0]]] + rest
+
+
+def group_cost(groups, lengths, overhead):
+    return sum(overhead + len(g) * max(lengths[i] for i in g) for g in groups)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_length_groups_is_the_cheapest_split(seed):
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, 60) for _ in range(rng.randint(1, 7))]
+    overhead = rng.choice([0, 5, 32, 200])
+    groups = ppo_rlhf.length_groups(lengths, overhead)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    best = min(group_cost(p, lengths, overhead) for p in partitions(list(range(len(lengths)))))
+    assert group_cost(groups, lengths, overhead) == best
+    assert ppo_rlhf.length_groups(lengths, None) == [sorted(range(len(lengths)), key=lambda i: -lengths[i])]
+
+
+@pytest.mark.parametrize("overhead", [None, 0, 4])
+def test_grouped_response_hidden_equals_the_padded_batch(tiny_lm, overhead):
+    backbone = tiny_lm.base_model
+    g = torch.Generator().manual_seed(8)
+    queries = random_sequences(4, 2, 40, g, [8, 2, 5, 3])
+    responses = torch.randint(2, 40, (4, 5), generator=g)
+    q_ids, q_mask = ppo_rlhf.left_pad(queries, pad_token_id=1)
+    seqs, mask = torch.cat([q_ids, responses], 1), torch.cat([q_mask, torch.ones_like(responses)], 1)
+    needed = torch.tensor([2, 5, 1, 3])
+    with torch.no_grad():
+        padded = ppo_rlhf.response_hidden(backbone, seqs, mask, q_ids.shape[1])
+        grouped = ppo_rlhf.grouped_response_hidden(backbone, seqs, mask, q_ids.shape[1], needed, overhead)
+    assert grouped.shape == (4, 5, 32)
+    for i, n in enumerate(needed.tolist()):
+        torch.testing.assert_close(grouped[i, :n], padded[i, :n], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.filterwarnings("ignore:`(is_)?gradient_checkpointing.*deprecated:FutureWarning")
@@ -358,8 +484,8 @@ def test_gradient_checkpointing_is_really_enabled_through_policy_and_value():
         model = ppo_rlhf.PolicyAndValue(policy, value).train()
         count = [0]
         policy.base_model.layers[0].attention.register_forward_hook(lambda *a: count.__setitem__(0, count[0] + 1))
-        logits, values = model(seqs, mask, 4, 0.7)
-        (logits.logsumexp(-1).sum() + values.sum()).backward()
+        logprobs, _, values = model(seqs, mask, 4, 0.7)
+        (logprobs.sum() + values.sum()).backward()
         calls[checkpointing] = count[0]
         grads[checkpointing] = [p.grad.clone() for p in model.parameters()]
     assert calls[False] == 1
@@ -405,6 +531,24 @@ def test_generate_stops_when_every_row_has_the_stop_token(sft, eval_prompts):
     full = ppo_rlhf.generate(model, queries, mask, response_length, 0.7, None, torch.Generator().manual_seed(0))
     assert full.shape == (len(eval_prompts), response_length)
     assert torch.equal(full[:, : out.shape[1]], out)  # the same draws up to the stop
+
+
+def test_sample_tokens_draws_from_the_distribution_like_multinomial():
+    """Inverse-CDF sampling: the frequencies of 40,000 draws match the probabilities (as torch.multinomial's do),
+    a probability-0 token is never drawn, and the draws are a function of the generator's seed."""
+    probs = torch.tensor([[0.5, 0.0, 0.2, 0.3, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0], [0.1, 0.1, 0.1, 0.1, 0.6]])
+    g = torch.Generator().manual_seed(0)
+    draws = torch.cat([ppo_rlhf.sample_tokens(probs, g) for _ in range(40000)], 1)
+    assert draws.shape == (3, 40000)
+    freq = torch.stack([torch.bincount(row, minlength=5) for row in draws]).double() / 40000
+    # 4.5 standard errors of a binomial frequency at p = 0.5: a real difference would show, noise would not
+    assert (freq - probs.double()).abs().max() < 4.5 * (0.25 / 40000) ** 0.5
+    assert (freq[probs == 0] == 0).all()
+    reference = torch.cat([torch.multinomial(probs, 1, generator=g) for _ in range(40000)], 1)
+    ref_freq = torch.stack([torch.bincount(row, minlength=5) for row in reference]).double() / 40000
+    assert (freq - ref_freq).abs().max() < 6.5 * (0.25 / 40000) ** 0.5
+    a = ppo_rlhf.sample_tokens(probs, torch.Generator().manual_seed(3))
+    assert torch.equal(a, ppo_rlhf.sample_tokens(probs, torch.Generator().manual_seed(3)))
 
 
 def test_generate_is_determined_by_the_generator_seed(tiny_lm):
@@ -458,10 +602,12 @@ def test_get_score_matches_hf_sequence_classification_and_ignores_padding(tiny_v
             width = max(len(r) for r in responses) + extra_right
             r_ids = torch.tensor([r + [1] * (width - len(r)) for r in responses])
             r_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in responses])
-            scores = ppo_rlhf.get_score(tiny_value, torch.cat([q_ids, r_ids], 1), torch.cat([q_mask, r_mask], 1))
-            assert scores.shape == (3,)
-            for s, e in zip(scores.tolist(), expected):
-                assert s == pytest.approx(e, abs=1e-5), (extra_left, extra_right)
+            for overhead in (None, 0, 3):  # one padded batch, one row per forward, groups
+                scores = ppo_rlhf.get_score(tiny_value, torch.cat([q_ids, r_ids], 1), torch.cat([q_mask, r_mask], 1),
+                                            overhead)
+                assert scores.shape == (3,)
+                for s, e in zip(scores.tolist(), expected):
+                    assert s == pytest.approx(e, abs=1e-5), (extra_left, extra_right, overhead)
         # right-padded, unpadded-left sequences: the HF classifier itself (pooling at the last non-pad token) agrees
         width = max(len(q) + len(r) for q, r in zip(queries, responses))
         seqs = torch.tensor([q + r + [1] * (width - len(q) - len(r)) for q, r in zip(queries, responses)])
@@ -503,3 +649,22 @@ def test_latest_checkpoint_ignores_tmp_folders_and_sorts_numerically(tmp_path):
         (folder / f"checkpoint-{n}").mkdir()
     (folder / "checkpoint-12.tmp").mkdir()
     assert ppo_rlhf.latest_checkpoint(str(tmp_path)) == str(folder / "checkpoint-10")
+
+
+def test_fused_adamw_the_script_uses_matches_the_plain_loop():
+    """ppo_rlhf.py builds AdamW with fused=True (outside DeepSpeed): same parameters as the plain per-tensor loop."""
+    assert "weight_decay=0.0, fused=not is_deepspeed)" in open(os.path.join(ROOT, "ppo_rlhf.py")).read()
+    g = torch.Generator().manual_seed(11)
+    start = [torch.randn(50, 8, generator=g), torch.randn(8, generator=g)]
+    grads = [[torch.randn_like(p) for p in start] for _ in range(3)]
+    finals = []
+    for fused in (False, True):
+        params = [p.clone().requires_grad_(True) for p in start]
+        opt = torch.optim.AdamW(params, lr=1e-2, eps=1e-5, weight_decay=0.0, fused=fused, foreach=False if not fused else None)
+        for step in grads:
+            for p, gr in zip(params, step):
+                p.grad = gr.clone()
+            opt.step()
+        finals.append([p.detach() for p in params])
+    for a, b in zip(*finals):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)

@@ -173,6 +173,7 @@ def plan(runner):
         "micro8": lambda: runner.run("micro8", [*TINY, *SAVE, "--per-device-train-batch-size", "8",
                                                 "--gradient-accumulation-steps", "1"]),
         "checkpointing": lambda: runner.run("checkpointing", [*TINY, *SAVE, "--gradient-checkpointing"]),
+        "plain": lambda: runner.run("plain", [*TINY, *SAVE, "--no-length-grouping", "--no-chunked-logprobs"]),
         "nan": lambda: runner.run("nan", [*TINY, *SAVE, "--reward-model-path", nan_reward_model(runner.root),
                                           "--value-model-path", os.path.join(EMBEDDED, "reward_model")]),
     }
@@ -486,6 +487,14 @@ def test_gradient_checkpointing_gives_the_same_metrics(runs):
     """Every logged row (training and evaluation) with --gradient-checkpointing matches the run without it; that
     checkpointing really recomputes activations is checked in test_ppo_helpers.py."""
     assert_same_metrics(runs["base"]().check().rows, runs["checkpointing"]().check().rows, tol=1e-4)
+
+
+@pytest.mark.slow
+@needs("base", "plain")
+def test_speed_optimisations_give_the_plain_computations_metrics(runs):
+    """Length groups and the chunked LM head (on by default) against one padded forward and the full-vocabulary
+    log-softmax: every logged row, training and evaluation, matches over the whole run."""
+    assert_same_metrics(runs["base"]().check().rows, runs["plain"]().check().rows, tol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------------------------

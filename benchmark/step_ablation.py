@@ -1,0 +1,147 @@
+"""What each speed optimisation of ppo_rlhf.py buys: one PPO training micro-batch and one generation, timed with each
+optimisation switched off and on, in one process, alternating, on the same inputs.
+
+    python benchmark/step_ablation.py --shape tldr     # real TL;DR prompts, 50k vocabulary (needs ../shared/data)
+    python benchmark/step_ablation.py --shape tiny     # the embedded task
+
+Training micro-batch = the PolicyAndValue forward of a batch of prompts + 53-token responses, a PPO-like loss on the
+log-probs and values, backward, gradient clipping and an AdamW step, as in the script's PPO epochs. Variants, each
+adding one step to the previous one:
+  plain               one padded forward, full-vocabulary logits -> log_softmax -> gather, AdamW looping over tensors
+  + length groups     rows forwarded in groups of similar length, each trimmed of its padding (--length-grouping)
+  + chunked logprobs  the LM head + log-softmax + entropy in chunks of positions, logits never whole (--chunked-logprobs)
+  + fused AdamW       one AdamW kernel for all parameters (the script's default outside DeepSpeed)
+  + bf16 autocast     --bf16 (a different precision: compared with TRL's bf16 in speed_compare.py --bf16)
+Generation: torch.multinomial vs the script's inverse-CDF sample_tokens, same KV-cached sampler otherwise.
+
+Times are process CPU seconds (one thread), the median over --repeats rounds that run every variant once in turn, so
+that other load on the machine costs all variants alike. The tldr shape reuses the models that
+benchmark/speed_compare.py builds (models/bench_tldr); it builds them first if missing.
+"""
+
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import tyro
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import ppo_rlhf  # noqa: E402
+
+
+@dataclass
+class Args:
+    shape: Literal["tiny", "tldr"] = "tldr"
+    """tiny: the embedded models and prompts; tldr: real TL;DR prompts and the 50k-vocabulary models"""
+    batch_size: int = 8
+    """rows of the training micro-batch and of the generation batch"""
+    response_length: int = 53
+    """response tokens"""
+    repeats: int = 5
+    """rounds; each times every variant once"""
+    build_dir: str = "models/bench_tldr"
+    """where speed_compare.py caches the tldr shape's models and prompts"""
+
+
+def load(args: Args):
+    from datasets import load_from_disk
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    if args.shape == "tldr":
+        folder = os.path.join(ROOT, args.build_dir)
+        if not os.path.isdir(os.path.join(folder, "sft_model")):
+            import subprocess
+
+            subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "speed_compare.py"), "--shape", "tldr",
+                            "--skip-trl", "--repeats", "1", "--num-updates", "2", "--results-dir", "/tmp",
+                            "--name", "step_ablation_build"], check=True, cwd=ROOT)
+        prompts = [p for p in os.listdir(folder) if p.startswith("prompts_")][0]
+        paths = (os.path.join(folder, "tokenizer"), os.path.join(folder, "sft_model"), os.path.join(folder, "reward_model"),
+                 os.path.join(folder, prompts))
+    else:
+        e = os.path.join(ROOT, "embedded")
+        paths = (os.path.join(e, "sft_model"), os.path.join(e, "sft_model"), os.path.join(e, "reward_model"),
+                 os.path.join(e, "prompts"))
+    tokenizer = AutoTokenizer.from_pretrained(paths[0])
+    data = load_from_disk(paths[3])["train"]
+    prompts = [tokenizer(p)["input_ids"] for p in data["prompt"][: args.batch_size]]
+    return tokenizer, prompts, (lambda: AutoModelForCausalLM.from_pretrained(paths[1])), \
+        (lambda: AutoModelForSequenceClassification.from_pretrained(paths[2]))
+
+
+def main(args: Args) -> None:
+    torch.set_num_threads(1)
+    tokenizer, prompts, load_policy, load_value = load(args)
+    queries, query_mask = ppo_rlhf.left_pad(prompts, tokenizer.pad_token_id)
+    g = torch.Generator().manual_seed(0)
+    responses = torch.randint(2, len(tokenizer), (len(prompts), args.response_length), generator=g)
+    query_responses = torch.cat([queries, responses], 1)
+    attention_mask = torch.cat([query_mask, torch.ones_like(responses)], 1)
+    context_length = queries.shape[1]
+    weights = torch.linspace(-1, 1, responses.numel()).view(responses.shape)
+
+    variants = {  # name: (group overhead, chunked, fused AdamW, bf16)
+        "plain": (None, False, False, False),
+        "+ length groups": (ppo_rlhf.GROUP_OVERHEAD, False, False, False),
+        "+ chunked logprobs": (ppo_rlhf.GROUP_OVERHEAD, True, False, False),
+        "+ fused AdamW": (ppo_rlhf.GROUP_OVERHEAD, True, True, False),
+        "+ bf16 autocast": (ppo_rlhf.GROUP_OVERHEAD, True, True, True),
+    }
+    setups = {}
+    for name, (overhead, chunked, fused, bf16) in variants.items():
+        torch.manual_seed(0)
+        model = ppo_rlhf.PolicyAndValue(load_policy(), load_value(), overhead, chunked).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, eps=1e-5, weight_decay=0.0, fused=fused,
+                                      foreach=None if fused else False)
+        setups[name] = (model, optimizer, bf16)
+
+    def train_step(name: str) -> float:
+        model, optimizer, bf16 = setups[name]
+        start = time.process_time()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logprobs, _, values = model(query_responses, attention_mask, context_length, 0.7)
+        ((logprobs.exp() * weights).sum() + ((values - weights) ** 2).sum()).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        return time.process_time() - start
+
+    policy = load_policy().eval()
+    sample = ppo_rlhf.sample_tokens
+
+    def generate(multinomial: bool) -> float:
+        ppo_rlhf.sample_tokens = (lambda probs, gen: torch.multinomial(probs, 1, generator=gen)) if multinomial else sample
+        start = time.process_time()
+        ppo_rlhf.generate(policy, queries, query_mask, args.response_length, 0.7, None, torch.Generator().manual_seed(1))
+        ppo_rlhf.sample_tokens = sample
+        return time.process_time() - start
+
+    for name in variants:  # warm-up
+        train_step(name)
+    generate(True), generate(False)
+    times = {name: [] for name in [*variants, "generation: torch.multinomial", "generation: inverse-CDF sample_tokens"]}
+    for _ in range(args.repeats):
+        for name in variants:
+            times[name].append(train_step(name))
+        times["generation: torch.multinomial"].append(generate(True))
+        times["generation: inverse-CDF sample_tokens"].append(generate(False))
+
+    print(f"shape {args.shape}: {len(prompts)} prompts (query width {context_length}, mean "
+          f"{query_mask.sum(1).float().mean():.0f} tokens), {args.response_length}-token responses, vocabulary "
+          f"{len(tokenizer)}, 1 thread, median CPU seconds over {args.repeats} rounds\n")
+    print("| step | s | vs plain / multinomial |\n|---|---|---|")
+    base = statistics.median(times["plain"])
+    for name, values in times.items():
+        if name.startswith("generation"):
+            base = statistics.median(times["generation: torch.multinomial"])
+        median = statistics.median(values)
+        print(f"| {name} | {median:.3f} | {base / median:.2f}x |")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
