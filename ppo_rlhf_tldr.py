@@ -303,7 +303,7 @@ class ChunkedLogprobs(torch.autograd.Function):
 
     @staticmethod
     def chunks(n: int, vocab: int):
-        step = max(1, 2 ** 22 // vocab)  # positions per chunk: 16 MB of fp32 logits
+        step = max(1, 2 ** 21 // vocab)  # positions per chunk: 8 MB of fp32 logits
         return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
     @staticmethod
@@ -315,7 +315,7 @@ class ChunkedLogprobs(torch.autograd.Function):
             logits = (flat[c].to(dtype) @ w.T).float()
             lse[c] = logits.logsumexp(-1)
             logprobs[c] = logits.gather(1, tokens[c, None]).squeeze(1) - lse[c]
-            entropy[c] = lse[c] - ((logits - lse[c, None]).exp_() * logits).sum(-1)
+            entropy[c] = lse[c] - (logits - lse[c, None]).exp_().mul_(logits).sum(-1)
         ctx.save_for_backward(hidden, weight, tokens, lse)
         ctx.dtype = dtype
         logprobs, entropy = logprobs.view(hidden.shape[:-1]), entropy.view(hidden.shape[:-1])
@@ -332,12 +332,14 @@ class ChunkedLogprobs(torch.autograd.Function):
         for c in ChunkedLogprobs.chunks(len(tokens), weight.shape[0]):
             h = flat[c].to(ctx.dtype)
             # d logp / d logits = onehot(token) - softmax(logits)
-            g = ((h @ w.T).float() - lse[c, None]).exp_().mul_(-grad[c, None])
+            g = (h @ w.T).float().sub_(lse[c, None]).exp_().mul_(-grad[c, None])
             g.scatter_add_(1, tokens[c, None], grad[c, None])
             g = g.to(ctx.dtype)
             if grad_hidden is not None:
                 grad_hidden[c] = g @ w
-            if grad_weight is not None:
+            if grad_weight is not None and g.dtype == torch.float32:
+                grad_weight.addmm_(g.T, h)  # in place: no [vocab, hidden] temporary per chunk
+            elif grad_weight is not None:
                 grad_weight += (g.T @ h).float()
         return (grad_hidden.view(hidden.shape) if grad_hidden is not None else None,
                 grad_weight.to(weight.dtype) if grad_weight is not None else None, None, None)
