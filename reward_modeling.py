@@ -44,6 +44,12 @@ class Args:
     """where the reward model and tokenizer are saved (written atomically at the end)"""
     overwrite_output_dir: bool = False
     """replace an existing non-empty output_dir"""
+    save_steps: int = 0
+    """write a resumable checkpoint every this many optimizer steps (0: never)"""
+    save_total_limit: Optional[int] = 2
+    """keep only the newest this many checkpoints (None: keep all)"""
+    resume_from_checkpoint: Optional[str] = None
+    """a checkpoint folder, or `latest` for the newest one in output_dir/checkpoints; the run continues exactly"""
     push_to_hub: bool = False
     """upload the saved model and tokenizer to the Hugging Face hub"""
     hub_model_id: Optional[str] = None
@@ -157,13 +163,41 @@ def shift_scores(model, delta: float) -> None:
 
 
 def atomic_save(output_dir: str, write) -> None:
-    """`write(tmp_dir)` fills a temporary folder, which then replaces output_dir in one rename."""
+    """`write(tmp_dir)` fills a temporary folder, which then replaces output_dir in one rename. The run's
+    checkpoints (output_dir/checkpoints) are moved over, not lost."""
     tmp = output_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     write(tmp)
     if os.path.exists(output_dir):
+        if os.path.isdir(os.path.join(output_dir, "checkpoints")):
+            os.replace(os.path.join(output_dir, "checkpoints"), os.path.join(tmp, "checkpoints"))
         shutil.rmtree(output_dir)
     os.replace(tmp, output_dir)
+
+
+def latest_checkpoint(output_dir: str) -> Optional[str]:
+    """The newest complete checkpoint (incomplete ones are still named *.tmp and never match)."""
+    folder = os.path.join(output_dir, "checkpoints")
+    names = [n for n in os.listdir(folder) if n.startswith("checkpoint-") and n[11:].isdigit()] \
+        if os.path.isdir(folder) else []
+    return os.path.join(folder, max(names, key=lambda n: int(n[11:]))) if names else None
+
+
+def rng_state() -> dict:
+    """Every random state of this process, as tensors and ints so that torch.load(weights_only=True) reads it."""
+    version, mt, gauss = random.getstate()
+    np_state = np.random.get_state()
+    return {"python": [version, torch.tensor(mt, dtype=torch.int64), gauss],
+            "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "numpy_rest": [np_state[0], np_state[2], np_state[3], np_state[4]], "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt.tolist()), gauss))
+    name, pos, has_gauss, cached = state["numpy_rest"]
+    np.random.set_state((name, state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
 
 
 if __name__ == "__main__":
@@ -172,8 +206,37 @@ if __name__ == "__main__":
     # Validate everything cheap before loading a model.
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
 
-    if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.overwrite_output_dir:
-        fail("output_dir", f"{args.output_dir!r} exists and is not empty; pass --overwrite-output-dir or another path")
+    resume_dir = args.resume_from_checkpoint
+    if resume_dir == "latest":
+        resume_dir = latest_checkpoint(args.output_dir)
+        if resume_dir is None:
+            fail("resume_from_checkpoint", f"no checkpoint in {os.path.join(args.output_dir, 'checkpoints')!r}; "
+                                           "start without --resume-from-checkpoint")
+    elif resume_dir is not None and not os.path.isfile(os.path.join(resume_dir, "state.pt")):
+        problem = "is not a checkpoint folder (no state.pt)" if os.path.isdir(resume_dir) else "does not exist"
+        fail("resume_from_checkpoint", f"{resume_dir!r} {problem}; pass one of "
+                                       f"{os.path.join(args.output_dir, 'checkpoints', 'checkpoint-*')} or `latest`")
+    if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not (args.overwrite_output_dir or resume_dir):
+        fail("output_dir", f"{args.output_dir!r} exists and is not empty; pass --overwrite-output-dir, "
+                           "--resume-from-checkpoint latest, or another path")
+    if args.save_steps < 0:
+        fail("save_steps", f"must be >= 0 (0: no checkpoints), got {args.save_steps}")
+    if args.save_total_limit is not None and args.save_total_limit < 1:
+        fail("save_total_limit", f"must be >= 1 (or None: keep every checkpoint), got {args.save_total_limit}")
+    # state.pt is small (the optimizer has its own file), so reading it here costs nothing.
+    resume_state = torch.load(os.path.join(resume_dir, "state.pt"), weights_only=True) if resume_dir else None
+    if resume_state is not None:
+        # Resuming continues the checkpoint's run: only where and how often things are written, tracking and memory
+        # savers may differ; anything else would silently train a different model.
+        may_change = {"exp_name", "track", "wandb_project_name", "wandb_entity", "output_dir", "overwrite_output_dir",
+                      "push_to_hub", "hub_model_id", "trust_remote_code", "save_steps", "save_total_limit",
+                      "resume_from_checkpoint", "logging_steps", "gradient_checkpointing"}
+        saved, now = json.loads(resume_state["args"]), json.loads(json.dumps(asdict(args)))  # as saved: lists, not tuples
+        changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {v!r})" for k, v in now.items()
+                   if k not in may_change and saved.get(k) != v]
+        if changed:
+            fail("resume_from_checkpoint", f"{resume_dir!r} was written by a run with {', '.join(changed)}; resume "
+                                           "with the same values, or start a new run")
     for name in ("learning_rate", "per_device_train_batch_size", "num_train_epochs", "gradient_accumulation_steps",
                  "max_length"):
         if getattr(args, name) <= 0:
@@ -232,14 +295,23 @@ if __name__ == "__main__":
                               kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if on_cpu and world_size > 1 else [])
     if accelerator.num_processes != world_size:
         fail("num_processes", f"WORLD_SIZE says {world_size} processes but accelerate runs {accelerator.num_processes}")
-    zero_stage = 0
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+    is_deepspeed, zero_stage = accelerator.distributed_type == DistributedType.DEEPSPEED, 0
+    if is_deepspeed:
         # Clip at --max-grad-norm whatever the config file says; ZeRO-3 gathers full weights to save a loadable model.
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
         ds_config["gradient_clipping"] = args.max_grad_norm
         zero_stage = ds_config["zero_optimization"]["stage"]
         if zero_stage == 3:
             ds_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    if resume_state is not None:
+        # Each process's data position and RNG state, and DeepSpeed's optimizer shards, belong to one launch layout.
+        if resume_state["world_size"] != world_size:
+            fail("resume_from_checkpoint", f"the checkpoint was written by {resume_state['world_size']} processes; "
+                                           f"resume it with the same number, not {world_size}")
+        if resume_state["zero_stage"] != (zero_stage if is_deepspeed else None):
+            fail("resume_from_checkpoint", f"the checkpoint was written with DeepSpeed ZeRO stage "
+                                           f"{resume_state['zero_stage']}, this launch has "
+                                           f"{zero_stage if is_deepspeed else None} (None: no DeepSpeed); resume it the same way")
 
     def gathered(params: list):
         """Under ZeRO-3 the models are loaded as shards: gather these parameters to change them (on the main process,
@@ -285,8 +357,9 @@ if __name__ == "__main__":
         input_ids, attention_mask = pad_batch([b["chosen"] for b in batch] + [b["rejected"] for b in batch], pad)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "gold": torch.tensor([b["gold"] for b in batch])}
 
+    shuffle_generator = torch.Generator().manual_seed(args.seed)  # its state at each epoch's start goes in checkpoints
     train_loader = torch.utils.data.DataLoader(train_rows, batch_size=args.per_device_train_batch_size, shuffle=True,
-                                               collate_fn=collate, generator=torch.Generator().manual_seed(args.seed))
+                                               collate_fn=collate, generator=shuffle_generator)
     eval_loader = torch.utils.data.DataLoader(eval_rows, batch_size=args.per_device_train_batch_size, collate_fn=collate)
 
     # Model: the SFT backbone with a fresh one-output head, N(0, 1/sqrt(d_model + 1)) as in the N+ recipe.
@@ -295,10 +368,13 @@ if __name__ == "__main__":
             setattr(config, key, 0.0)
     config.num_labels, config.id2label, config.label2id = 1, {0: "LABEL_0"}, {"LABEL_0": 0}
     config.pad_token_id = pad
-    model = AutoModelForSequenceClassification.from_pretrained(args.model_name_or_path, config=config,
+    # A resumed run takes the trained weights, head included, from the checkpoint.
+    model = AutoModelForSequenceClassification.from_pretrained(os.path.join(resume_dir, "model") if resume_dir else
+                                                               args.model_name_or_path, config=config,
                                                                trust_remote_code=args.trust_remote_code)
-    with gathered([model.score.weight]):
-        torch.nn.init.normal_(model.score.weight, std=1 / math.sqrt(config.hidden_size + 1))
+    if not resume_dir:
+        with gathered([model.score.weight]):
+            torch.nn.init.normal_(model.score.weight, std=1 / math.sqrt(config.hidden_size + 1))
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, eps=1e-5)
@@ -330,11 +406,65 @@ if __name__ == "__main__":
             out["eval/gold_accuracy"] = (stats[3] / stats[4]).item()
         return out
 
+    # TRY NOT TO MODIFY: checkpoints (--save-steps) and resuming (--resume-from-checkpoint)
+    def save_checkpoint(epoch: int, batches_done: int, shuffle_state: torch.Tensor) -> None:
+        """The weights (safetensors), optimizer, scheduler, data position, metrics so far, args and every process's
+        RNG states, written to checkpoint-N.tmp and renamed into place: a kill at any moment leaves the earlier
+        checkpoints intact and never a half-written one under a final name. Under DeepSpeed the optimizer state is
+        partitioned: every process writes its own part with the engine's save_checkpoint."""
+        folder = os.path.join(args.output_dir, "checkpoints", f"checkpoint-{step}")
+        tmp = folder + ".tmp"
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        accelerator.wait_for_everyone()
+        state_dict = accelerator.get_state_dict(model)  # on every process: ZeRO-3 gathers the shards
+        torch.save(rng_state(), os.path.join(tmp, f"rng_rank{accelerator.process_index}.pt"))
+        if is_deepspeed:
+            model.save_checkpoint(tmp, tag="deepspeed", save_latest=False)
+        if accelerator.is_main_process:
+            unwrapped.save_pretrained(os.path.join(tmp, "model"), state_dict=state_dict)
+            if not is_deepspeed:
+                torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+            torch.save({"scheduler": scheduler.state_dict(), "step": step, "epoch": epoch, "batches_done": batches_done,
+                        "shuffle": shuffle_state, "metrics": json.dumps(metrics_log), "args": json.dumps(asdict(args)),
+                        "world_size": world_size, "zero_stage": zero_stage if is_deepspeed else None},
+                       os.path.join(tmp, "state.pt"))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(tmp, folder)
+            done = sorted((n for n in os.listdir(os.path.dirname(folder)) if n[11:].isdigit()), key=lambda n: int(n[11:]))
+            for old in done[: -args.save_total_limit] if args.save_total_limit else []:
+                shutil.rmtree(os.path.join(args.output_dir, "checkpoints", old))
+        accelerator.wait_for_everyone()
+
+    metrics_log, step, first_epoch, skip_batches, start = [], 0, 0, 0, time.time()
+    if resume_dir:
+        # The weights came with the model above; the optimizer, schedule, data position, metrics and RNG come here.
+        if is_deepspeed:
+            model.load_checkpoint(resume_dir, tag="deepspeed", load_optimizer_states=True, load_lr_scheduler_states=False)
+        else:
+            optimizer.load_state_dict(torch.load(os.path.join(resume_dir, "optimizer.pt"), weights_only=True))
+        scheduler.load_state_dict(resume_state["scheduler"])
+        step, first_epoch, skip_batches = resume_state["step"], resume_state["epoch"], resume_state["batches_done"]
+        shuffle_generator.set_state(resume_state["shuffle"])
+        metrics_log = json.loads(resume_state["metrics"])
+        set_rng_state(torch.load(os.path.join(resume_dir, f"rng_rank{accelerator.process_index}.pt"), weights_only=True))
+        accelerator.print(f"resumed from {resume_dir}: continuing after optimizer step {step} (epoch {first_epoch}, "
+                          f"{skip_batches} batches in)")
+    elif accelerator.is_main_process:
+        # A fresh run: the checkpoints of a run that --overwrite-output-dir replaces must not mix with its own.
+        shutil.rmtree(os.path.join(args.output_dir, "checkpoints"), ignore_errors=True)
+
     # ALGO LOGIC: the training loop
-    metrics_log, step, start = [], 0, time.time()
     model.train()
-    for epoch in range(args.num_train_epochs):
-        for batch in train_loader:
+    for epoch in range(first_epoch, args.num_train_epochs):
+        # The epoch's shuffle is drawn from this generator state: checkpoints keep it, so a resumed run draws the same
+        # shuffle and skips the batches already trained on.
+        shuffle_state = shuffle_generator.get_state()
+        batches = accelerator.skip_first_batches(train_loader, skip_batches) if skip_batches else train_loader
+        for batch_index, batch in enumerate(batches, start=skip_batches):
             with accelerator.accumulate(model):
                 chosen, rejected = get_reward(model, batch["input_ids"], batch["attention_mask"]).chunk(2)
                 loss, accuracy = pairwise_loss_and_accuracy(chosen, rejected)
@@ -357,6 +487,9 @@ if __name__ == "__main__":
                                       f"accuracy {row['train/accuracy']:.3f}")
                     if args.track and accelerator.is_main_process:
                         wandb.log(row, step=step)
+                if args.save_steps and step % args.save_steps == 0:
+                    save_checkpoint(epoch, batch_index + 1, shuffle_state)
+        skip_batches = 0
         row = {**evaluate(), "epoch": epoch, "step": step}
         metrics_log.append(row)
         accelerator.print(f"epoch {epoch}: {row} ({time.time() - start:.0f}s)")

@@ -57,3 +57,39 @@ def run_in_process(script, argv, tmp_path, monkeypatch):
     with pytest.raises((SystemExit, ReachedTraining)) as info:
         runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
     return info.value
+
+
+def kill_after_a_checkpoint_then_resume(script, args, out, num_steps, log_dir, env=None, timeout=600):
+    """The exact-resume check of sft.py and reward_modeling.py: run `python <script> <args> --output-dir out
+    --save-steps 1`, SIGKILL it a random moment (0-50 ms) after checkpoint-k appears, k random in 1..num_steps-1,
+    then rerun it with --resume-from-checkpoint latest. RESUME_TEST_SEED=<seed> replays a failure's k and delay.
+    Returns (a description of where it was killed, the killed run's return code, the resumed run)."""
+    import random
+    import signal
+    import time
+
+    seed = int(os.environ.get("RESUME_TEST_SEED", random.randrange(1 << 30)))
+    rng = random.Random(seed)
+    k, delay = rng.randint(1, num_steps - 1), rng.uniform(0.0, 0.05)
+    full_args = [*args, "--output-dir", str(out), "--save-steps", "1"]
+    full_env = {**os.environ, **OFFLINE_ENV, **(env or {})}
+    with open(os.path.join(log_dir, "killed.out"), "w") as f_out, open(os.path.join(log_dir, "killed.err"), "w") as f_err:
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *full_args], cwd=ROOT, env=full_env,
+                                stdout=f_out, stderr=f_err)
+    try:
+        target, deadline = os.path.join(out, "checkpoints", f"checkpoint-{k}"), time.time() + timeout
+        while not os.path.isdir(target) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
+        time.sleep(delay)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    at_kill = sorted(os.listdir(os.path.join(out, "checkpoints"))) if os.path.isdir(os.path.join(out, "checkpoints")) else []
+    where = (f"killed {delay * 1000:.0f} ms after checkpoint-{k} appeared (RESUME_TEST_SEED={seed}); "
+             f"checkpoints then: {at_kill}")
+    resumed = run_script(script, *full_args, "--resume-from-checkpoint", "latest", env=env, timeout=timeout, check=False)
+    return where, proc.returncode, resumed

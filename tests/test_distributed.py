@@ -1,10 +1,12 @@
 """Two-process runs of the scripts, launched as a user launches them (`accelerate launch --config_file
 benchmark/accelerate_configs/...`, or torchrun), on gloo: DDP, DeepSpeed ZeRO-2 and ZeRO-3 (every parameter sharded),
-ZeRO-3 generation on sharded weights, exact resume under ZeRO-3 and DDP, and LoRA (frozen base, trained adapter, no
-reference copy, the SFT adapter as the reference). The launch commands are the ones docs/scale_out.md documents.
+ZeRO-3 generation on sharded weights, exact resume under ZeRO-3 and DDP (of sft.py and reward_modeling.py too), and
+LoRA (frozen base, trained adapter, no reference copy, the SFT adapter as the reference). The launch commands are the
+ones docs/scale_out.md documents.
 
 The runs are shared between tests: a module fixture starts them all in a pool of two worker threads (each run is two
-single-threaded processes) and each test waits for the runs it reads. About 5 minutes on two shared CPU cores."""
+single-threaded processes) and each test waits for the runs it reads; the resume runs of sft.py and reward_modeling.py
+have their own fixture. About 6 minutes on two shared CPU cores."""
 
 import json
 import math
@@ -381,3 +383,54 @@ def test_reward_modeling_zero3_matches_ddp(runs):
     b = AutoModelForSequenceClassification.from_pretrained(zero3.out).state_dict()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-4), k
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checkpoints of sft.py and reward_modeling.py with two processes
+
+
+@pytest.fixture(scope="module")
+def resume_runs(tmp_path_factory):
+    """sft.py under DDP and reward_modeling.py under ZeRO-3 (4 optimizer steps of 2 processes x 8 x 2 micro-batches),
+    run through with a checkpoint every step; then each again in a fresh output folder that holds only checkpoint-1
+    and checkpoint-2 (mid-epoch), with --resume-from-checkpoint latest. Its own runs, so `-k` can select it alone."""
+    root = str(tmp_path_factory.mktemp("distributed_resume"))
+    small_datasets(root)
+    runner = Runner(root)
+    common = ["--per-device-train-batch-size", "8", "--gradient-accumulation-steps", "2", "--logging-steps", "1",
+              "--save-steps", "1", "--save-total-limit", "None"]
+    sft_args = ["--dataset-name", os.path.join(root, "sft_data"), "--model-name-or-path", os.path.join(EMBEDDED, "base_model"),
+                "--num-train-epochs", "1", "--num-sample-completions", "0", *common]
+    rm_args = ["--dataset-name", os.path.join(root, "pref_data"), "--model-name-or-path", os.path.join(EMBEDDED, "sft_model"),
+               "--normalize-dataset-name", os.path.join(EMBEDDED, "sft_data"), "--normalize-num-examples", "33", *common]
+
+    def run_and_resume(name, launcher, script, args):
+        first = runner.run(name, launcher, script, args).check()
+        resumed_out = os.path.join(root, name + "_resumed")
+        for step in (1, 2):
+            checkpoint = os.path.join("checkpoints", f"checkpoint-{step}")
+            shutil.copytree(os.path.join(first.out, checkpoint), os.path.join(resumed_out, checkpoint))
+        return first, runner.run(name + "_resumed", launcher, script, [*args, "--resume-from-checkpoint", "latest"])
+
+    jobs = {"sft_ddp": runner.executor.submit(run_and_resume, "sft_ddp", DDP, "sft.py", sft_args),
+            "rm_zero3": runner.executor.submit(run_and_resume, "rm_zero3", ZERO3, "reward_modeling.py", rm_args)}
+    yield jobs
+    runner.close()
+
+
+@pytest.mark.parametrize("name", ["sft_ddp", "rm_zero3"])
+def test_sft_and_reward_modeling_resume_mid_epoch_with_two_processes_bitwise(resume_runs, name):
+    first, resumed = resume_runs[name].result()
+    resumed.check()
+    assert "continuing after optimizer step 2 (epoch 0, 4 batches in)" in resumed.stdout
+    checkpoint = os.path.join(first.out, "checkpoints", "checkpoint-2")
+    assert {"model", "state.pt", "rng_rank0.pt", "rng_rank1.pt"} <= set(os.listdir(checkpoint))
+    if name == "rm_zero3":  # each process's optimizer shard, written by the DeepSpeed engine
+        names = set(os.listdir(os.path.join(checkpoint, "deepspeed")))
+        assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= names
+    else:
+        assert "optimizer.pt" in os.listdir(checkpoint)
+    with open(os.path.join(first.out, "model.safetensors"), "rb") as a, open(os.path.join(resumed.out, "model.safetensors"), "rb") as b:
+        assert a.read() == b.read()
+    assert resumed.rows == first.rows
+    assert [r["step"] for r in resumed.rows if "train/loss" in r] == [1, 2, 3, 4]

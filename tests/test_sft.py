@@ -7,13 +7,15 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, ReachedTraining, run_in_process, run_script
+from conftest import ROOT, ReachedTraining, kill_after_a_checkpoint_then_resume, run_in_process, run_script
 
 import sft  # noqa: E402
 
@@ -209,6 +211,37 @@ def test_sft_tiny_run_saves_a_loadable_model_and_finite_eval_loss(tmp_path, exam
     assert trained_loss < base_loss - 0.5
 
 
+def test_sigkill_after_a_checkpoint_then_resume_latest_is_bitwise_identical(tmp_path, examples):
+    from datasets import DatasetDict, load_from_disk
+
+    full = load_from_disk(os.path.join(EMBEDDED, "sft_data"))
+    DatasetDict(train=full["train"].select(range(72)), validation=examples.select(range(16))).save_to_disk(str(tmp_path / "data"))
+    # 72 examples in batches of 8, two batches per optimizer step: 5 steps per epoch (the last on one batch), 10 in all,
+    # so the random checkpoint may fall mid-epoch or at an epoch's end, before its evaluation.
+    args = ["--dataset-name", str(tmp_path / "data"), "--model-name-or-path", os.path.join(EMBEDDED, "base_model"),
+            "--num-train-epochs", "2", "--per-device-train-batch-size", "8", "--gradient-accumulation-steps", "2",
+            "--logging-steps", "1", "--num-sample-completions", "1", "--sample-max-new-tokens", "8"]
+    env = {**ONE_THREAD, "HF_DATASETS_CACHE": str(tmp_path / "cache")}
+    base, resumed_dir = tmp_path / "base", tmp_path / "resumed"
+    with ThreadPoolExecutor(1) as pool:  # the uninterrupted run, alongside
+        job = pool.submit(run_script, "sft.py", *args, "--output-dir", str(base), "--save-steps", "1", env=env)
+        where, killed_returncode, resumed = kill_after_a_checkpoint_then_resume("sft.py", args, resumed_dir, 10,
+                                                                                str(tmp_path), env=env)
+        job.result()
+    assert killed_returncode == -signal.SIGKILL, where
+    assert resumed.returncode == 0, (where, resumed.stderr[-3000:])
+    assert "resumed from" in resumed.stdout, (where, resumed.stdout[-2000:])
+    assert (resumed_dir / "model.safetensors").read_bytes() == (base / "model.safetensors").read_bytes(), where
+    # every step logged exactly once, with the uninterrupted run's values
+    rows = (resumed_dir / "metrics.jsonl").read_text().splitlines()
+    assert rows == (base / "metrics.jsonl").read_text().splitlines(), where
+    assert [json.loads(r)["step"] for r in rows if "train/loss" in r] == list(range(1, 11)), where
+    for out in (base, resumed_dir):  # --save-total-limit 2 (the default), no temporary left behind
+        assert sorted(os.listdir(out / "checkpoints")) == ["checkpoint-10", "checkpoint-9"], where
+        assert set(os.listdir(out / "checkpoints" / "checkpoint-10")) == {"model", "optimizer.pt", "rng_rank0.pt", "state.pt"}
+        assert not os.path.exists(str(out) + ".tmp")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # bad input: stop before training, name the argument, write nothing
 
@@ -249,6 +282,23 @@ def empty_dataset(tmp_path):
     return {"--dataset-name": str(tmp_path / "empty")}
 
 
+def checkpoint_of(tmp_path, **changes) -> dict:
+    """A checkpoint folder whose state.pt says it was written by a run with the good arguments, changed by `changes`
+    (the validation reads only its args and launch layout)."""
+    good = {k[2:].replace("-", "_"): v for k, v in good_args(tmp_path).items()}
+    path = tmp_path / "checkpoints_elsewhere" / "checkpoint-3"
+    path.mkdir(parents=True)
+    torch.save({"args": json.dumps(dataclasses.asdict(sft.Args(**{**good, **changes}))), "world_size": 1,
+                "zero_stage": None}, path / "state.pt")
+    return {"--resume-from-checkpoint": str(path)}
+
+
+def not_a_checkpoint(tmp_path) -> dict:
+    (tmp_path / "some_folder").mkdir()
+    (tmp_path / "some_folder" / "model.safetensors").write_bytes(b"")
+    return {"--resume-from-checkpoint": str(tmp_path / "some_folder")}
+
+
 BAD_INPUTS = {
     # case: (changes to the good arguments, the argument the message must name, a word the message must contain)
     "missing completion column": (no_completion_column, "--dataset-name", "completion"),
@@ -267,6 +317,16 @@ BAD_INPUTS = {
                              "--tokenizer-name-or-path", "<|endoftext|>"),
     "non-positive learning rate": (lambda t: {"--learning-rate": "0"}, "--learning-rate", "positive"),
     "non-empty output dir": (lambda t: {}, "--output-dir", "--overwrite-output-dir"),
+    "negative save steps": (lambda t: {"--save-steps": "-1"}, "--save-steps", ">= 0"),
+    "save total limit 0": (lambda t: {"--save-total-limit": "0"}, "--save-total-limit", ">= 1"),
+    "resume from a missing path": (lambda t: {"--resume-from-checkpoint": str(t / "nope")}, "--resume-from-checkpoint",
+                                   "does not exist"),
+    "resume from a non-checkpoint": (not_a_checkpoint, "--resume-from-checkpoint", "not a checkpoint"),
+    "resume latest without checkpoints": (lambda t: {"--resume-from-checkpoint": "latest"}, "--resume-from-checkpoint",
+                                          "no checkpoint"),
+    "resume with another seed": (lambda t: checkpoint_of(t, seed=2), "--resume-from-checkpoint", "--seed 2 (now 1)"),
+    "resume with another batch size": (lambda t: checkpoint_of(t, per_device_train_batch_size=16, learning_rate=1e-3),
+                                       "--resume-from-checkpoint", "--per-device-train-batch-size 16 (now 32)"),
 }
 
 
@@ -294,6 +354,13 @@ def test_bad_input_stops_before_training_naming_the_argument(case, tmp_path, mon
 def test_good_input_passes_validation(tmp_path, monkeypatch):
     """The control for the table above: with nothing broken, the same harness reaches training."""
     args = good_args(tmp_path)
+    assert isinstance(run_in_process("sft.py", [x for kv in args.items() for x in kv], tmp_path, monkeypatch),
+                      ReachedTraining)
+
+
+def test_resume_with_the_same_arguments_passes_validation(tmp_path, monkeypatch):
+    """The control for the resume cases: only the arguments that change the run count as a mismatch."""
+    args = {**good_args(tmp_path), **checkpoint_of(tmp_path, save_steps=5, logging_steps=3, output_dir="elsewhere")}
     assert isinstance(run_in_process("sft.py", [x for kv in args.items() for x in kv], tmp_path, monkeypatch),
                       ReachedTraining)
 
