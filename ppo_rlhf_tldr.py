@@ -848,7 +848,10 @@ if __name__ == "__main__":
         zero_stage = ds_config["zero_optimization"]["stage"]
         if zero_stage == 3:
             ds_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
-            model.chunked = False  # ZeRO-3 holds a shard of the LM head weight: only the head's own forward gathers it
+            # ZeRO-3 holds a shard of each weight, gathered by a collective around each module call: every process
+            # must make the same calls (one forward per batch, not a group count of its own), and the LM head's
+            # weight is only whole inside the head's own forward.
+            model.overhead, model.chunked = None, False
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
 

@@ -348,11 +348,14 @@ if __name__ == "__main__":
         model.config.use_cache = False
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, eps=1e-5,
                                   weight_decay=args.weight_decay)
-    num_update_steps = math.ceil(len(train_loader) / args.gradient_accumulation_steps) * args.num_train_epochs
+    # The schedule counts this process's optimizer steps (accelerate gives each process ceil(batches / processes)
+    # batches) and is stepped by hand once per optimizer step, so it is not prepared: accelerate's wrapper would step
+    # it once per process instead, which overshoots the schedule when the batches do not split evenly.
+    batches_per_process = math.ceil(len(train_loader) / accelerator.num_processes)
+    num_update_steps = math.ceil(batches_per_process / args.gradient_accumulation_steps) * args.num_train_epochs
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=int(args.warmup_ratio * num_update_steps),
                               num_training_steps=num_update_steps)
-    model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, eval_loader, scheduler)
+    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
 
     @torch.no_grad()
     def evaluate() -> float:
@@ -434,7 +437,8 @@ if __name__ == "__main__":
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
-                scheduler.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
                 optimizer.zero_grad()
             if accelerator.sync_gradients:
                 step += 1

@@ -46,6 +46,8 @@ class Args:
     """rounds; each times every variant once"""
     build_dir: str = "models/bench_tldr"
     """where speed_compare.py caches the tldr shape's models and prompts"""
+    results_dir: str = os.path.join(ROOT, "benchmark", "results")
+    """where step_ablation_<shape>.md is written"""
 
 
 def load(args: Args):
@@ -131,16 +133,20 @@ def main(args: Args) -> None:
         times["generation: torch.multinomial"].append(generate(True))
         times["generation: inverse-CDF sample_tokens"].append(generate(False))
 
-    print(f"shape {args.shape}: {len(prompts)} prompts (query width {context_length}, mean "
-          f"{query_mask.sum(1).float().mean():.0f} tokens), {args.response_length}-token responses, vocabulary "
-          f"{len(tokenizer)}, 1 thread, median CPU seconds over {args.repeats} rounds\n")
-    print("| step | s | vs plain / multinomial |\n|---|---|---|")
+    lines = [f"shape {args.shape}: {len(prompts)} prompts (query width {context_length}, mean "
+             f"{query_mask.sum(1).float().mean():.0f} tokens), {args.response_length}-token responses, vocabulary "
+             f"{len(tokenizer)}, 1 thread, median CPU seconds over {args.repeats} rounds "
+             f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", "",
+             "| step | s | vs plain / multinomial |", "|---|---|---|"]
     base = statistics.median(times["plain"])
     for name, values in times.items():
         if name.startswith("generation"):
             base = statistics.median(times["generation: torch.multinomial"])
         median = statistics.median(values)
-        print(f"| {name} | {median:.3f} | {base / median:.2f}x |")
+        lines.append(f"| {name} | {median:.3f} | {base / median:.2f}x |")
+    print("\n".join(lines))
+    with open(os.path.join(args.results_dir, f"step_ablation_{args.shape}.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

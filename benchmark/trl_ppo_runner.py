@@ -382,6 +382,8 @@ def main(argv=None) -> int:
         whiten_rewards=args.whiten_rewards,
         seed=args.seed,
         bf16=args.bf16,
+        # transformers refuses bf16 without a GPU unless use_cpu is set; on a machine without CUDA it changes nothing else
+        use_cpu=not torch.cuda.is_available(),
         num_sample_generations=0,
         eval_strategy="no",
         save_strategy="no",

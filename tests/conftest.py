@@ -93,3 +93,33 @@ def kill_after_a_checkpoint_then_resume(script, args, out, num_steps, log_dir, e
              f"checkpoints then: {at_kill}")
     resumed = run_script(script, *full_args, "--resume-from-checkpoint", "latest", env=env, timeout=timeout, check=False)
     return where, proc.returncode, resumed
+
+
+def assert_exact_resume(script, args, tmp_path, num_steps=10) -> list:
+    """sft.py / reward_modeling.py: the uninterrupted run (alongside) and a run SIGKILLed after a random checkpoint
+    then resumed (kill_after_a_checkpoint_then_resume) end with bitwise-identical weights and metrics.jsonl, every
+    step logged once, the newest two checkpoints kept and no temporary left. Returns the metrics lines."""
+    import json
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+
+    env = {"OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "cache")}
+    base, resumed_dir = tmp_path / "base", tmp_path / "resumed"
+    with ThreadPoolExecutor(1) as pool:  # the uninterrupted run, alongside
+        job = pool.submit(run_script, script, *args, "--output-dir", str(base), "--save-steps", "1", env=env)
+        where, killed_returncode, resumed = kill_after_a_checkpoint_then_resume(script, args, resumed_dir, num_steps,
+                                                                                str(tmp_path), env=env)
+        job.result()
+    assert killed_returncode == -signal.SIGKILL, where
+    assert resumed.returncode == 0, (where, resumed.stderr[-3000:])
+    assert "resumed from" in resumed.stdout, (where, resumed.stdout[-2000:])
+    assert (resumed_dir / "model.safetensors").read_bytes() == (base / "model.safetensors").read_bytes(), where
+    rows = (resumed_dir / "metrics.jsonl").read_text().splitlines()
+    assert rows == (base / "metrics.jsonl").read_text().splitlines(), where
+    assert [json.loads(r)["step"] for r in rows if "train/loss" in r] == list(range(1, num_steps + 1)), where
+    last, before = f"checkpoint-{num_steps}", f"checkpoint-{num_steps - 1}"
+    for out in (base, resumed_dir):  # --save-total-limit 2 (the default)
+        assert sorted(os.listdir(out / "checkpoints")) == [last, before], where
+        assert set(os.listdir(out / "checkpoints" / last)) == {"model", "optimizer.pt", "rng_rank0.pt", "state.pt"}
+        assert not os.path.exists(str(out) + ".tmp")
+    return rows

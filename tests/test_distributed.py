@@ -434,3 +434,7 @@ def test_sft_and_reward_modeling_resume_mid_epoch_with_two_processes_bitwise(res
         assert a.read() == b.read()
     assert resumed.rows == first.rows
     assert [r["step"] for r in resumed.rows if "train/loss" in r] == [1, 2, 3, 4]
+    # the schedule (cosine, no warm-up) decays over exactly this process's optimizer steps: it ends at 0 on the last
+    # one, never before (accelerate's scheduler wrapper stepped it once per process: it overshot on uneven splits)
+    lrs = [r["lr"] for r in first.rows if "train/loss" in r]
+    assert lrs == sorted(lrs, reverse=True) and lrs[-2] > 0 and lrs[-1] == pytest.approx(0, abs=1e-12), lrs

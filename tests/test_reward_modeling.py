@@ -9,14 +9,11 @@ import math
 import os
 import re
 import shutil
-import signal
-import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
-from conftest import ROOT, ReachedTraining, kill_after_a_checkpoint_then_resume, run_in_process, run_script
+from conftest import ROOT, ReachedTraining, assert_exact_resume, run_in_process, run_script
 
 import reward_modeling as rm  # noqa: E402
 
@@ -232,26 +229,8 @@ def test_sigkill_after_a_checkpoint_then_resume_latest_is_bitwise_identical(tmp_
             "--normalize-dataset-name", os.path.join(EMBEDDED, "sft_data"), "--normalize-num-examples", "16",
             "--num-train-epochs", "2", "--per-device-train-batch-size", "8", "--gradient-accumulation-steps", "2",
             "--logging-steps", "1"]
-    env = {**ONE_THREAD, "HF_DATASETS_CACHE": str(tmp_path / "cache")}
-    base, resumed_dir = tmp_path / "base", tmp_path / "resumed"
-    with ThreadPoolExecutor(1) as pool:  # the uninterrupted run, alongside
-        job = pool.submit(run_script, "reward_modeling.py", *args, "--output-dir", str(base), "--save-steps", "1", env=env)
-        where, killed_returncode, resumed = kill_after_a_checkpoint_then_resume("reward_modeling.py", args, resumed_dir, 10,
-                                                                                str(tmp_path), env=env)
-        job.result()
-    assert killed_returncode == -signal.SIGKILL, where
-    assert resumed.returncode == 0, (where, resumed.stderr[-3000:])
-    assert "resumed from" in resumed.stdout, (where, resumed.stdout[-2000:])
-    assert (resumed_dir / "model.safetensors").read_bytes() == (base / "model.safetensors").read_bytes(), where
-    # every step logged exactly once, with the uninterrupted run's values (and the same normalising shift)
-    rows = (resumed_dir / "metrics.jsonl").read_text().splitlines()
-    assert rows == (base / "metrics.jsonl").read_text().splitlines(), where
-    assert [json.loads(r)["step"] for r in rows if "train/loss" in r] == list(range(1, 11)), where
-    assert sum("normalization/reference_mean_before" in r for r in rows) == 1
-    for out in (base, resumed_dir):  # --save-total-limit 2 (the default), no temporary left behind
-        assert sorted(os.listdir(out / "checkpoints")) == ["checkpoint-10", "checkpoint-9"], where
-        assert set(os.listdir(out / "checkpoints" / "checkpoint-10")) == {"model", "optimizer.pt", "rng_rank0.pt", "state.pt"}
-        assert not os.path.exists(str(out) + ".tmp")
+    rows = assert_exact_resume("reward_modeling.py", args, tmp_path)
+    assert sum("normalization/reference_mean_before" in r for r in rows) == 1  # the shift, computed once
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -7,15 +7,11 @@ import math
 import os
 import re
 import shutil
-import signal
-import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from conftest import ROOT, ReachedTraining, kill_after_a_checkpoint_then_resume, run_in_process, run_script
+from conftest import ROOT, ReachedTraining, assert_exact_resume, run_in_process, run_script
 
 import sft  # noqa: E402
 
@@ -221,25 +217,7 @@ def test_sigkill_after_a_checkpoint_then_resume_latest_is_bitwise_identical(tmp_
     args = ["--dataset-name", str(tmp_path / "data"), "--model-name-or-path", os.path.join(EMBEDDED, "base_model"),
             "--num-train-epochs", "2", "--per-device-train-batch-size", "8", "--gradient-accumulation-steps", "2",
             "--logging-steps", "1", "--num-sample-completions", "1", "--sample-max-new-tokens", "8"]
-    env = {**ONE_THREAD, "HF_DATASETS_CACHE": str(tmp_path / "cache")}
-    base, resumed_dir = tmp_path / "base", tmp_path / "resumed"
-    with ThreadPoolExecutor(1) as pool:  # the uninterrupted run, alongside
-        job = pool.submit(run_script, "sft.py", *args, "--output-dir", str(base), "--save-steps", "1", env=env)
-        where, killed_returncode, resumed = kill_after_a_checkpoint_then_resume("sft.py", args, resumed_dir, 10,
-                                                                                str(tmp_path), env=env)
-        job.result()
-    assert killed_returncode == -signal.SIGKILL, where
-    assert resumed.returncode == 0, (where, resumed.stderr[-3000:])
-    assert "resumed from" in resumed.stdout, (where, resumed.stdout[-2000:])
-    assert (resumed_dir / "model.safetensors").read_bytes() == (base / "model.safetensors").read_bytes(), where
-    # every step logged exactly once, with the uninterrupted run's values
-    rows = (resumed_dir / "metrics.jsonl").read_text().splitlines()
-    assert rows == (base / "metrics.jsonl").read_text().splitlines(), where
-    assert [json.loads(r)["step"] for r in rows if "train/loss" in r] == list(range(1, 11)), where
-    for out in (base, resumed_dir):  # --save-total-limit 2 (the default), no temporary left behind
-        assert sorted(os.listdir(out / "checkpoints")) == ["checkpoint-10", "checkpoint-9"], where
-        assert set(os.listdir(out / "checkpoints" / "checkpoint-10")) == {"model", "optimizer.pt", "rng_rank0.pt", "state.pt"}
-        assert not os.path.exists(str(out) + ".tmp")
+    assert_exact_resume("sft.py", args, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
