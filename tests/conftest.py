@@ -123,3 +123,25 @@ def assert_exact_resume(script, args, tmp_path, num_steps=10) -> list:
         assert set(os.listdir(out / "checkpoints" / last)) == {"model", "optimizer.pt", "rng_rank0.pt", "state.pt"}
         assert not os.path.exists(str(out) + ".tmp")
     return rows
+
+
+def fake_checkpoint(tmp_path, args_cls, good_args: dict, **changes) -> dict:
+    """A checkpoint folder whose state.pt says it was written by a run of `args_cls` with the good arguments (as
+    command-line flags), changed by `changes`: what resume validation reads (args and launch layout), nothing else."""
+    import dataclasses
+    import json
+
+    import torch
+
+    good = {k[2:].replace("-", "_"): v for k, v in good_args.items()}
+    path = tmp_path / "checkpoints_elsewhere" / "checkpoint-3"
+    path.mkdir(parents=True)
+    torch.save({"args": json.dumps(dataclasses.asdict(args_cls(**{**good, **changes}))), "world_size": 1,
+                "zero_stage": None}, path / "state.pt")
+    return {"--resume-from-checkpoint": str(path)}
+
+
+def not_a_checkpoint(tmp_path) -> dict:
+    (tmp_path / "some_folder").mkdir()
+    (tmp_path / "some_folder" / "model.safetensors").write_bytes(b"")
+    return {"--resume-from-checkpoint": str(tmp_path / "some_folder")}

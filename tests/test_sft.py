@@ -11,7 +11,8 @@ import shutil
 import pytest
 import torch
 
-from conftest import ROOT, ReachedTraining, assert_exact_resume, run_in_process, run_script
+from conftest import (ROOT, ReachedTraining, assert_exact_resume, fake_checkpoint, not_a_checkpoint, run_in_process,
+                      run_script)
 
 import sft  # noqa: E402
 
@@ -261,20 +262,7 @@ def empty_dataset(tmp_path):
 
 
 def checkpoint_of(tmp_path, **changes) -> dict:
-    """A checkpoint folder whose state.pt says it was written by a run with the good arguments, changed by `changes`
-    (the validation reads only its args and launch layout)."""
-    good = {k[2:].replace("-", "_"): v for k, v in good_args(tmp_path).items()}
-    path = tmp_path / "checkpoints_elsewhere" / "checkpoint-3"
-    path.mkdir(parents=True)
-    torch.save({"args": json.dumps(dataclasses.asdict(sft.Args(**{**good, **changes}))), "world_size": 1,
-                "zero_stage": None}, path / "state.pt")
-    return {"--resume-from-checkpoint": str(path)}
-
-
-def not_a_checkpoint(tmp_path) -> dict:
-    (tmp_path / "some_folder").mkdir()
-    (tmp_path / "some_folder" / "model.safetensors").write_bytes(b"")
-    return {"--resume-from-checkpoint": str(tmp_path / "some_folder")}
+    return fake_checkpoint(tmp_path, sft.Args, good_args(tmp_path), **changes)
 
 
 BAD_INPUTS = {
