@@ -916,7 +916,9 @@ if __name__ == "__main__":
             context_length = queries.shape[1]
             needed = (sequence_lengths + 1).clamp(max=responses.shape[1])  # up to the stop token
             with autocast():
-                logprobs = unwrapped(query_responses, attention_mask, context_length, 1.0, needed)[0]
+                # the policy alone: the value model's forward would be thrown away
+                logprobs = policy_logprobs(unwrapped.policy, query_responses, attention_mask, context_length, 1.0,
+                                           needed, unwrapped.overhead, unwrapped.chunked)[0]
                 ref_logprobs = reference_logprobs(query_responses, attention_mask, context_length, 1.0, needed)
             valid = torch.arange(logprobs.shape[1], device=device)[None, :] <= sequence_lengths[:, None]
             kl = ((logprobs - ref_logprobs) * valid).sum(1)

@@ -15,8 +15,8 @@ adding one step to the previous one:
 Generation: torch.multinomial vs the script's inverse-CDF sample_tokens, same KV-cached sampler otherwise.
 
 Times are process CPU seconds (one thread), the median over --repeats rounds that run every variant once in turn, so
-that other load on the machine costs all variants alike. The tldr shape reuses the models that
-benchmark/speed_compare.py builds (models/bench_tldr); it builds them first if missing.
+that other load on the machine costs all variants alike. The models and prompts are speed_compare.py's (the tldr shape's
+are built once and cached in models/bench_tldr).
 """
 
 import os
@@ -30,7 +30,7 @@ import torch
 import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmark")]
 import ppo_rlhf  # noqa: E402
 
 
@@ -51,29 +51,20 @@ class Args:
 
 
 def load(args: Args):
+    """The shape's tokenizer, prompts and model loaders, from speed_compare.py's task builders (the same files)."""
+    import speed_compare
     from datasets import load_from_disk
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    if args.shape == "tldr":
-        folder = os.path.join(ROOT, args.build_dir)
-        if not os.path.isdir(os.path.join(folder, "sft_model")):
-            import subprocess
-
-            subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "speed_compare.py"), "--shape", "tldr",
-                            "--skip-trl", "--repeats", "1", "--num-updates", "2", "--results-dir", "/tmp",
-                            "--name", "step_ablation_build"], check=True, cwd=ROOT)
-        prompts = [p for p in os.listdir(folder) if p.startswith("prompts_")][0]
-        paths = (os.path.join(folder, "tokenizer"), os.path.join(folder, "sft_model"), os.path.join(folder, "reward_model"),
-                 os.path.join(folder, prompts))
-    else:
-        e = os.path.join(ROOT, "embedded")
-        paths = (os.path.join(e, "sft_model"), os.path.join(e, "sft_model"), os.path.join(e, "reward_model"),
-                 os.path.join(e, "prompts"))
-    tokenizer = AutoTokenizer.from_pretrained(paths[0])
-    data = load_from_disk(paths[3])["train"]
+    bench = speed_compare.resolve(speed_compare.Args(shape=args.shape, build_dir=os.path.join(ROOT, args.build_dir)))
+    task = speed_compare.build_tldr(bench) if args.shape == "tldr" else speed_compare.tiny_task(bench)
+    if task is None:
+        sys.exit("error: --shape tldr needs ../shared/data (the TL;DR prompts and the GPT-NeoX tokenizer)")
+    tokenizer = AutoTokenizer.from_pretrained(task["tokenizer"])
+    data = load_from_disk(task["prompts"])["train"]
     prompts = [tokenizer(p)["input_ids"] for p in data["prompt"][: args.batch_size]]
-    return tokenizer, prompts, (lambda: AutoModelForCausalLM.from_pretrained(paths[1])), \
-        (lambda: AutoModelForSequenceClassification.from_pretrained(paths[2]))
+    return tokenizer, prompts, (lambda: AutoModelForCausalLM.from_pretrained(task["sft"])), \
+        (lambda: AutoModelForSequenceClassification.from_pretrained(task["reward"]))
 
 
 def main(args: Args) -> None:

@@ -145,3 +145,18 @@ def not_a_checkpoint(tmp_path) -> dict:
     (tmp_path / "some_folder").mkdir()
     (tmp_path / "some_folder" / "model.safetensors").write_bytes(b"")
     return {"--resume-from-checkpoint": str(tmp_path / "some_folder")}
+
+
+def resume_bad_inputs(checkpoint_of) -> dict:
+    """The bad-input cases of --save-steps / --save-total-limit / --resume-from-checkpoint that sft.py and
+    reward_modeling.py share: case -> (changes to the good arguments, the argument named, a word of the message)."""
+    return {
+        "negative save steps": (lambda t: {"--save-steps": "-1"}, "--save-steps", ">= 0"),
+        "save total limit 0": (lambda t: {"--save-total-limit": "0"}, "--save-total-limit", ">= 1"),
+        "resume from a missing path": (lambda t: {"--resume-from-checkpoint": str(t / "nope")},
+                                       "--resume-from-checkpoint", "does not exist"),
+        "resume from a non-checkpoint": (not_a_checkpoint, "--resume-from-checkpoint", "not a checkpoint"),
+        "resume latest without checkpoints": (lambda t: {"--resume-from-checkpoint": "latest"},
+                                              "--resume-from-checkpoint", "no checkpoint"),
+        "resume with another seed": (lambda t: checkpoint_of(t, seed=2), "--resume-from-checkpoint", "--seed 2 (now 1)"),
+    }

@@ -13,7 +13,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import (ROOT, ReachedTraining, assert_exact_resume, fake_checkpoint, not_a_checkpoint, run_in_process,
+from conftest import (ROOT, ReachedTraining, assert_exact_resume, fake_checkpoint, resume_bad_inputs, run_in_process,
                       run_script)
 
 import reward_modeling as rm  # noqa: E402
@@ -315,14 +315,7 @@ BAD_INPUTS = {
     "non-positive batch size": (lambda t: {"--per-device-train-batch-size": "0"}, "--per-device-train-batch-size",
                                 "positive"),
     "non-empty output dir": (lambda t: {}, "--output-dir", "--overwrite-output-dir"),
-    "negative save steps": (lambda t: {"--save-steps": "-1"}, "--save-steps", ">= 0"),
-    "save total limit 0": (lambda t: {"--save-total-limit": "0"}, "--save-total-limit", ">= 1"),
-    "resume from a missing path": (lambda t: {"--resume-from-checkpoint": str(t / "nope")}, "--resume-from-checkpoint",
-                                   "does not exist"),
-    "resume from a non-checkpoint": (not_a_checkpoint, "--resume-from-checkpoint", "not a checkpoint"),
-    "resume latest without checkpoints": (lambda t: {"--resume-from-checkpoint": "latest"}, "--resume-from-checkpoint",
-                                          "no checkpoint"),
-    "resume with another seed": (lambda t: checkpoint_of(t, seed=2), "--resume-from-checkpoint", "--seed 2 (now 1)"),
+    **resume_bad_inputs(checkpoint_of),
     "resume with another model": (lambda t: checkpoint_of(t, model_name_or_path=os.path.join(EMBEDDED, "base_model")),
                                   "--resume-from-checkpoint", "base_model"),
 }

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import (ROOT, ReachedTraining, assert_exact_resume, fake_checkpoint, not_a_checkpoint, run_in_process,
+from conftest import (ROOT, ReachedTraining, assert_exact_resume, fake_checkpoint, resume_bad_inputs, run_in_process,
                       run_script)
 
 import sft  # noqa: E402
@@ -283,14 +283,7 @@ BAD_INPUTS = {
                              "--tokenizer-name-or-path", "<|endoftext|>"),
     "non-positive learning rate": (lambda t: {"--learning-rate": "0"}, "--learning-rate", "positive"),
     "non-empty output dir": (lambda t: {}, "--output-dir", "--overwrite-output-dir"),
-    "negative save steps": (lambda t: {"--save-steps": "-1"}, "--save-steps", ">= 0"),
-    "save total limit 0": (lambda t: {"--save-total-limit": "0"}, "--save-total-limit", ">= 1"),
-    "resume from a missing path": (lambda t: {"--resume-from-checkpoint": str(t / "nope")}, "--resume-from-checkpoint",
-                                   "does not exist"),
-    "resume from a non-checkpoint": (not_a_checkpoint, "--resume-from-checkpoint", "not a checkpoint"),
-    "resume latest without checkpoints": (lambda t: {"--resume-from-checkpoint": "latest"}, "--resume-from-checkpoint",
-                                          "no checkpoint"),
-    "resume with another seed": (lambda t: checkpoint_of(t, seed=2), "--resume-from-checkpoint", "--seed 2 (now 1)"),
+    **resume_bad_inputs(checkpoint_of),
     "resume with another batch size": (lambda t: checkpoint_of(t, per_device_train_batch_size=16, learning_rate=1e-3),
                                        "--resume-from-checkpoint", "--per-device-train-batch-size 16 (now 32)"),
 }
