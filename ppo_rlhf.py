@@ -301,9 +301,14 @@ class ChunkedLogprobs(torch.autograd.Function):
         w = weight.to(dtype)
         for c in ChunkedLogprobs.chunks(len(tokens), weight.shape[0]):
             logits = (flat[c].to(dtype) @ w.T).float()
-            lse[c] = logits.logsumexp(-1)
-            logprobs[c] = logits.gather(1, tokens[c, None]).squeeze(1) - lse[c]
-            entropy[c] = lse[c] - (logits - lse[c, None]).exp_().mul_(logits).sum(-1)
+            top = logits.amax(-1, keepdim=True)
+            shifted = logits.sub_(top)  # in place; one exp pass gives the normaliser, log-probs and entropy
+            exp = shifted.exp()
+            total = exp.sum(-1)
+            log_total = total.log()
+            lse[c] = top.squeeze(1) + log_total
+            logprobs[c] = shifted.gather(1, tokens[c, None]).squeeze(1) - log_total
+            entropy[c] = log_total - exp.mul_(shifted).sum(-1) / total
         ctx.save_for_backward(hidden, weight, tokens, lse)
         ctx.dtype = dtype
         logprobs, entropy = logprobs.view(hidden.shape[:-1]), entropy.view(hidden.shape[:-1])
