@@ -4,9 +4,11 @@ optimisation switched off and on, in one process, alternating, on the same input
     python benchmark/step_ablation.py --shape tldr     # real TL;DR prompts, 50k vocabulary (needs ../shared/data)
     python benchmark/step_ablation.py --shape tiny     # the embedded task
 
-Training micro-batch = the PolicyAndValue forward of a batch of prompts + 53-token responses, a PPO-like loss on the
-log-probs and values, backward, gradient clipping and an AdamW step, as in the script's PPO epochs. Variants, each
-adding one step to the previous one:
+Training micro-batch = the PolicyAndValue forward of a batch of prompts + responses sampled from the policy (stopped at
+EOS, computed up to each row's stop token + 1 as in the script), a PPO-like loss on the log-probs and values, backward,
+gradient clipping and an AdamW step, as in the script's PPO epochs. The table also gives the token positions the
+backbones compute: the padded batch (plain; TRL pads further, to the longest generated response) vs the length groups.
+Variants, each adding one step to the previous one:
   plain               one padded forward, full-vocabulary logits -> log_softmax -> gather, AdamW looping over tensors
   + length groups     rows forwarded in groups of similar length, each trimmed of its padding (--length-grouping)
   + chunked logprobs  the LM head + log-softmax + entropy in chunks of positions, logits never whole (--chunked-logprobs)
@@ -71,12 +73,23 @@ def main(args: Args) -> None:
     torch.set_num_threads(1)
     tokenizer, prompts, load_policy, load_value = load(args)
     queries, query_mask = ppo_rlhf.left_pad(prompts, tokenizer.pad_token_id)
-    g = torch.Generator().manual_seed(0)
-    responses = torch.randint(2, len(tokenizer), (len(prompts), args.response_length), generator=g)
-    query_responses = torch.cat([queries, responses], 1)
-    attention_mask = torch.cat([query_mask, torch.ones_like(responses)], 1)
+    # Responses sampled from the policy, stopped at EOS as in the rollout (the tldr shape's random-init policy never
+    # samples EOS: 53 tokens); the training step computes what the script's does: up to each row's stop token + 1.
+    policy = load_policy().eval()
+    responses = ppo_rlhf.generate(policy, queries, query_mask, args.response_length, 0.7, tokenizer.eos_token_id,
+                                  torch.Generator().manual_seed(0))
+    _, sequence_lengths = ppo_rlhf.truncate_after_stop(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    needed = (sequence_lengths + 2).clamp(max=responses.shape[1])
     context_length = queries.shape[1]
-    weights = torch.linspace(-1, 1, responses.numel()).view(responses.shape)
+    query_responses = torch.cat([queries, responses], 1)[:, :context_length + int(needed.max())]
+    attention_mask = torch.cat([query_mask, torch.ones_like(responses)], 1)[:, :context_length + int(needed.max())]
+    weights = torch.linspace(-1, 1, needed.numel() * int(needed.max())).view(len(needed), -1)
+    # Token positions the backbones compute per forward: the padded batch (trimmed of shared left padding, as the
+    # plain path and TRL do) vs the length groups. Training time is about proportional to it.
+    lengths = (context_length + needed - ppo_rlhf.first_true_indices(query_mask.bool())).tolist()
+    positions = {"padded": len(lengths) * max(lengths),
+                 "grouped": sum(len(rows) * max(lengths[i] for i in rows) for rows in ppo_rlhf.length_groups(lengths)),
+                 "real": sum(lengths)}
 
     variants = {  # name: (group overhead, chunked, fused AdamW, bf16)
         "plain": (None, False, False, False),
@@ -97,14 +110,13 @@ def main(args: Args) -> None:
         model, optimizer, bf16 = setups[name]
         start = time.process_time()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logprobs, _, values = model(query_responses, attention_mask, context_length, 0.7)
+            logprobs, _, values = model(query_responses, attention_mask, context_length, 0.7, needed)
         ((logprobs.exp() * weights).sum() + ((values - weights) ** 2).sum()).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad()
         return time.process_time() - start
 
-    policy = load_policy().eval()
     sample = ppo_rlhf.sample_tokens
 
     def generate(multinomial: bool) -> float:
@@ -128,6 +140,9 @@ def main(args: Args) -> None:
              f"{query_mask.sum(1).float().mean():.0f} tokens), {args.response_length}-token responses, vocabulary "
              f"{len(tokenizer)}, 1 thread, median CPU seconds over {args.repeats} rounds "
              f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", "",
+             f"Token positions per forward of the micro-batch: {positions['padded']} padded, {positions['grouped']} in "
+             f"length groups, {positions['real']} real (responses of {float(sequence_lengths.float().mean()) + 1:.1f} "
+             f"tokens on average, computed up to each row's stop token + 1).", "",
              "| step | s | vs plain / multinomial |", "|---|---|---|"]
     base = statistics.median(times["plain"])
     for name, values in times.items():

@@ -1,14 +1,15 @@
-"""Tests of benchmark/speed_compare.py and benchmark/learning_compare.py.
+"""Tests of benchmark/speed_compare.py, benchmark/learning_compare.py and benchmark/step_ablation.py.
 
 Fast tests check the bookkeeping on synthetic runs (warm-up exclusion, medians, paired ratios, the table, the
 targets line) and the peak-memory measurement itself (a child that holds a known amount of memory, through
 /usr/bin/time and through the getrusage fallback). Slow tests run the scripts as a user would with tiny settings:
 ours alone when the TRL interpreter is missing, ours and TRL when it is there (skipped cleanly otherwise), the tldr
-shape (skipped when ../shared is absent), the scaling table, and the learning comparison."""
+shape (skipped when ../shared is absent), the scaling table, the learning comparison and the step ablation."""
 
 import json
 import math
 import os
+import re
 import sys
 
 import pytest
@@ -223,3 +224,19 @@ def test_learning_compare_tiny_budget(tmp_path):
         assert "ours_vs_trl" in seed
     table = open(tmp_path / "results" / "learning_embedded.md").read()
     assert "| SFT policy (start) |" in table and "| ours (ppo_rlhf.py) |" in table
+
+
+@pytest.mark.slow
+def test_step_ablation_tiny(tmp_path):
+    """benchmark/step_ablation.py times every variant and counts the positions each kind of forward computes."""
+    proc = run_script("benchmark/step_ablation.py", "--shape", "tiny", "--batch-size", "6", "--response-length", "12",
+                      "--repeats", "1", "--results-dir", str(tmp_path), env=ONE_THREAD)
+    table = open(tmp_path / "step_ablation_tiny.md").read()
+    assert table.strip() in proc.stdout
+    padded, grouped, real = (int(x) for x in re.search(
+        r"(\d+) padded, (\d+) in length groups, (\d+) real", table).groups())
+    assert real <= grouped <= padded
+    rows = dict(re.findall(r"^\| ([^|]+?) \| (\d+\.\d+) \|", table, flags=re.M))
+    assert set(rows) == {"plain", "+ length groups", "+ chunked logprobs", "+ fused AdamW", "+ bf16 autocast",
+                         "generation: torch.multinomial", "generation: inverse-CDF sample_tokens"}
+    assert all(float(s) > 0 for s in rows.values())
