@@ -114,8 +114,12 @@ class Args:
     """run each forward on groups of rows of similar length, each trimmed of its padding on both sides, instead of
     one padded batch (same result; False: the plain padded batch, for checking)"""
     chunked_logprobs: bool = True
-    """compute response log-probs and entropy from the LM head in chunks of positions, never the whole
+    """compute response log-probs and entropy from the LM head in tiles of positions x vocabulary, never the whole
     [batch, response, vocab] logits (same result; False: the plain head -> log_softmax -> gather, for checking)"""
+    split_backward: bool = True
+    """one process without DeepSpeed: run the policy loss's backward before the value model's forward, so the two
+    models' activations are never held at once (same gradients; DDP and DeepSpeed allow one backward per forward
+    of the wrapped model, so there both run together; False: together everywhere, for checking)"""
 
     # generation
     response_length: int = 53
@@ -470,11 +474,17 @@ class PolicyAndValue(nn.Module):
     def forward(self, query_responses, attention_mask, context_length: int, temperature: float, needed=None):
         if needed is None:
             needed = torch.full((len(query_responses),), query_responses.shape[1] - context_length, device=query_responses.device)
-        logprobs, entropy = policy_logprobs(self.policy, query_responses, attention_mask, context_length, temperature,
-                                            needed, self.overhead, self.chunked)
-        value_hidden = grouped_response_hidden(self.value_model.base_model, query_responses, attention_mask,
-                                               context_length, needed, self.overhead)
-        return logprobs, entropy, self.value_model.score(value_hidden).squeeze(-1).float()
+        return (*self.policy_forward(query_responses, attention_mask, context_length, temperature, needed),
+                self.value_forward(query_responses, attention_mask, context_length, needed))
+
+    def policy_forward(self, query_responses, attention_mask, context_length: int, temperature: float, needed) -> tuple:
+        return policy_logprobs(self.policy, query_responses, attention_mask, context_length, temperature, needed,
+                               self.overhead, self.chunked)
+
+    def value_forward(self, query_responses, attention_mask, context_length: int, needed) -> torch.Tensor:
+        hidden = grouped_response_hidden(self.value_model.base_model, query_responses, attention_mask, context_length,
+                                         needed, self.overhead)
+        return self.value_model.score(hidden).squeeze(-1).float()
 
 
 def sample_tokens(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -845,6 +855,7 @@ if __name__ == "__main__":
             model.overhead, model.chunked = None, False
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
+    split_backward = args.split_backward and accelerator.num_processes == 1 and not is_deepspeed
 
     def prepare_frozen(frozen: nn.Module) -> nn.Module:
         """The reference and reward models are never trained: a copy on every process, or, under DeepSpeed, an
@@ -1173,24 +1184,31 @@ if __name__ == "__main__":
                     # Gradients are all-reduced (DDP) or reduce-scattered (ZeRO) on the mini-batch's last micro-batch;
                     # the DeepSpeed engine takes its optimizer step inside that backward.
                     with accelerator.accumulate(model):
+                        batch = (query_responses[micro, :context_length + n], attention_mask[micro, :context_length + n],
+                                 context_length)
                         with autocast():
-                            new_logprobs, entropy, vpred = model(query_responses[micro, :context_length + n],
-                                                                 attention_mask[micro, :context_length + n],
-                                                                 context_length, args.temperature, needed)
+                            if split_backward:
+                                new_logprobs, entropy = unwrapped.policy_forward(*batch, args.temperature, needed)
+                            else:
+                                new_logprobs, entropy, vpred = model(*batch, args.temperature, needed)
                         new_logprobs = new_logprobs.masked_fill(~valid_pg, INVALID_LOGPROB)
-                        vpred = vpred.masked_fill(~valid_vf, 0.0)
-                        vpred_clipped = old_values + (vpred - old_values).clamp(-args.cliprange_value, args.cliprange_value)
-                        vf_unclipped = (vpred - mb_returns) ** 2
-                        vf_losses = torch.max(vf_unclipped, (vpred_clipped - mb_returns) ** 2)
-                        vf_loss = 0.5 * (vf_losses * valid_vf).sum() / n_vf
                         logratio = new_logprobs - old_logprobs
                         ratio = torch.exp(logratio)
                         pg_unclipped = -mb_advantages * ratio
                         pg_losses = torch.max(pg_unclipped, -mb_advantages * ratio.clamp(1 - args.cliprange,
                                                                                          1 + args.cliprange))
                         pg_loss = (pg_losses * valid_pg).sum() / n_pg
+                        if split_backward:  # the policy's activations are freed before the value model's exist
+                            accelerator.backward(pg_loss)
+                            with autocast():
+                                vpred = unwrapped.value_forward(*batch, needed)
+                        vpred = vpred.masked_fill(~valid_vf, 0.0)
+                        vpred_clipped = old_values + (vpred - old_values).clamp(-args.cliprange_value, args.cliprange_value)
+                        vf_unclipped = (vpred - mb_returns) ** 2
+                        vf_losses = torch.max(vf_unclipped, (vpred_clipped - mb_returns) ** 2)
+                        vf_loss = 0.5 * (vf_losses * valid_vf).sum() / n_vf
                         loss = pg_loss + args.vf_coef * vf_loss
-                        accelerator.backward(loss)
+                        accelerator.backward(args.vf_coef * vf_loss if split_backward else loss)
                     with torch.no_grad():
                         vp, vv = valid_pg.double(), valid_vf.double()
                         stat_sums += torch.stack([

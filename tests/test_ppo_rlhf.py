@@ -173,7 +173,9 @@ def plan(runner):
         "micro8": lambda: runner.run("micro8", [*TINY, *SAVE, "--per-device-train-batch-size", "8",
                                                 "--gradient-accumulation-steps", "1"]),
         "checkpointing": lambda: runner.run("checkpointing", [*TINY, *SAVE, "--gradient-checkpointing"]),
-        "plain": lambda: runner.run("plain", [*TINY, *SAVE, "--no-length-grouping", "--no-chunked-logprobs"]),
+        "plain": lambda: runner.run("plain", [*TINY, *SAVE, "--no-length-grouping", "--no-chunked-logprobs",
+                                              "--no-split-backward"]),
+        "joint": lambda: runner.run("joint", [*TINY, *SAVE, "--no-split-backward"]),
         "nan": lambda: runner.run("nan", [*TINY, *SAVE, "--reward-model-path", nan_reward_model(runner.root),
                                           "--value-model-path", os.path.join(EMBEDDED, "reward_model")]),
     }
@@ -492,9 +494,18 @@ def test_gradient_checkpointing_gives_the_same_metrics(runs):
 @pytest.mark.slow
 @needs("base", "plain")
 def test_speed_optimisations_give_the_plain_computations_metrics(runs):
-    """Length groups and the chunked LM head (on by default) against one padded forward and the full-vocabulary
-    log-softmax: every logged row, training and evaluation, matches over the whole run."""
+    """Length groups, the tiled LM head and the split backward (on by default) against one padded forward, the
+    full-vocabulary log-softmax and one backward for both models: every logged row, training and evaluation, matches
+    over the whole run."""
     assert_same_metrics(runs["base"]().check().rows, runs["plain"]().check().rows, tol=1e-4)
+
+
+@pytest.mark.slow
+@needs("base", "joint")
+def test_split_backward_gives_exactly_the_joint_backwards_training(runs):
+    """The policy and value models share no parameter: backward passes one after the other give each its gradient
+    bit for bit, so the two runs log identical numbers."""
+    assert_same_metrics(runs["base"]().check().rows, runs["joint"]().check().rows, tol=0.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
