@@ -327,9 +327,11 @@ class ChunkedLogprobs(torch.autograd.Function):
                 logits = (h @ w[v].T).float()
                 rows, cols = ChunkedLogprobs.in_slice(block_tokens, v)
                 target[rows] = logits[rows, cols]
-                new_top = logits.amax(1) if k == 0 else torch.maximum(top, logits.amax(1))
+                new_top = logits.amax(1)
                 if k == 0:
                     top, total, spread = new_top, torch.zeros_like(new_top), torch.zeros_like(new_top)
+                else:
+                    new_top = torch.maximum(top, new_top)
                 rescale = (top - new_top).exp()  # re-express the sums so far relative to the new maximum
                 spread = rescale * (spread + total * (top - new_top))
                 total = rescale * total
@@ -966,8 +968,7 @@ if __name__ == "__main__":
             needed = (sequence_lengths + 1).clamp(max=responses.shape[1])  # up to the stop token
             with autocast():
                 # the policy alone: the value model's forward would be thrown away
-                logprobs = policy_logprobs(unwrapped.policy, query_responses, attention_mask, context_length, 1.0,
-                                           needed, unwrapped.overhead, unwrapped.chunked)[0]
+                logprobs = unwrapped.policy_forward(query_responses, attention_mask, context_length, 1.0, needed)[0]
                 ref_logprobs = reference_logprobs(query_responses, attention_mask, context_length, 1.0, needed)
             valid = torch.arange(logprobs.shape[1], device=device)[None, :] <= sequence_lengths[:, None]
             kl = ((logprobs - ref_logprobs) * valid).sum(1)
