@@ -5,7 +5,9 @@
         --learning-rate 3e-5 --num-train-epochs 1 --output-dir models/sft_tldr
 
 The loss is the next-token cross-entropy on completion tokens only (prompt and padding positions are masked),
-and the completion ends with EOS so that the policy learns to stop.
+and the completion ends with EOS so that the policy learns to stop. Conversational data (TRL's `messages`, or
+`prompt`/`completion` as lists of messages) goes through the tokenizer's chat template, with the loss on the
+assistant turns only.
 """
 
 import json
@@ -60,11 +62,12 @@ class Args:
     tokenizer_name_or_path: Optional[str] = None
     """the tokenizer (default: model_name_or_path); it needs a pad token distinct from EOS"""
     dataset_name: str = "embedded/sft_data"
-    """hub id, a save_to_disk folder, or a json/jsonl/parquet file with `prompt` and `completion` columns"""
+    """hub id, a save_to_disk folder, or a json/jsonl/parquet/csv/tsv file: `prompt`/`completion` strings, or TRL's
+    conversational `prompt`/`completion` or `messages` (lists of {role, content}; need a chat template)"""
     dataset_train_split: str = "train"
     """the split to train on"""
     dataset_test_split: str = "validation"
-    """the held-out split for the eval loss and sample completions"""
+    """the held-out split for the eval loss and samples (if there is none: every 10th train row, see the log)"""
     max_length: int = 256
     """examples whose prompt + completion is longer (in tokens) are dropped and counted"""
 
@@ -117,17 +120,141 @@ def fail(argument: str, message: str) -> None:
     sys.exit(f"error: --{argument.replace('_', '-')}: {message}")
 
 
-def load_any_dataset(name: str, split: str):
-    """A hub id, a `save_to_disk` folder (DatasetDict or Dataset), or a json/jsonl/parquet file."""
+HOLD_OUT_EVERY = 10  # with no test split, the last training row and every 10th row before it are held out
+
+
+def load_any_dataset(name: str) -> dict:
+    """Every split of a hub id (or a folder of data files), a `save_to_disk` folder (DatasetDict or Dataset), or a
+    json/jsonl/parquet/csv/tsv file, as {split: Dataset}; a file or a single saved Dataset has no splits: {None: data}."""
     from datasets import Dataset, load_dataset, load_from_disk
 
     if os.path.isdir(name) and any(os.path.exists(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json")):
         data = load_from_disk(name)
-        return data if isinstance(data, Dataset) else data[split]
+        return {None: data} if isinstance(data, Dataset) else dict(data)
     if os.path.isfile(name):
-        kind = "parquet" if name.endswith(".parquet") else "json"
-        return load_dataset(kind, data_files=name, split="train")
-    return load_dataset(name, split=split)
+        extension = name.lower().rsplit(".", 1)[-1]
+        kind = {"parquet": "parquet", "csv": "csv", "tsv": "csv"}.get(extension, "json")
+        options = {"delimiter": "\t"} if extension == "tsv" else {}
+        return {None: load_dataset(kind, data_files=name, split="train", **options)}
+    return dict(load_dataset(name))
+
+
+def pick_splits(splits: dict, name: str, train_split: str, test_split: str) -> tuple:
+    """The train split and the test split (None if there is none) of load_any_dataset's splits."""
+    if None in splits:
+        return splits[None], None
+    if train_split not in splits:
+        fail("dataset_train_split", f"{name!r} has no split {train_split!r}; it has {sorted(splits)}")
+    return splits[train_split], splits.get(test_split)
+
+
+def hold_out(train, name: str, train_split: str, test_split: str) -> tuple:
+    """The one rule of every script when there is no test split (always so for a file or a single saved Dataset): the
+    last row and every 10th row before it (10%, rounded up; the same whatever the seed) are held out for evaluation.
+    Returns the rest, the held-out rows and the line that says so in the log."""
+    held = list(range(len(train) - 1, -1, -HOLD_OUT_EVERY))[::-1]
+    note = f"held out {len(held)} of {len(train)} rows of {train_split!r} for evaluation (no {test_split!r} split)"
+    if len(held) >= len(train):
+        fail("dataset_test_split", f"{name!r} has no split {test_split!r}, so it {note[:note.index(' (')]}, which "
+                                   "leaves none to train on; add rows, or name an existing split")
+    kept = sorted(set(range(len(train))) - set(held))
+    return train.select(kept), train.select(held), note
+
+
+def column_kind(data, column: str, where: str, allow_empty: bool = False) -> tuple:
+    """Check every row of a text column before any model loads. Each must be a string (`text`) or a list of
+    {"role", "content"} messages with string contents (`conversation`, TRL's conversational format), one kind per
+    column. Returns the kind and the empty rows (blank text, no message, or a blank last message), which are an
+    error unless allow_empty."""
+    first, empty = {}, []
+    for i, value in enumerate(data[column]):
+        if isinstance(value, str):
+            kind, blank = "text", not value.strip()
+        elif isinstance(value, list) and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                             and isinstance(m.get("content"), str) for m in value):
+            kind, blank = "conversation", not value or not value[-1]["content"].strip()
+        else:
+            fail("dataset_name", f"row {i} of {where}: `{column}` is {repr(value)[:80]}; it must be a string or a list "
+                                 "of {'role': ..., 'content': ...} messages with string contents; fix or drop that row")
+        first.setdefault(kind, i)
+        if blank:
+            empty.append(i)
+    if len(first) > 1:
+        fail("dataset_name", f"{where}: `{column}` mixes strings (row {first['text']}) and conversations (row "
+                             f"{first['conversation']}); use one format per column")
+    if empty and not allow_empty:
+        fail("dataset_name", f"row {empty[0]} of {where}: `{column}` is empty ({len(empty)} such rows of {len(data)}); "
+                             "fill or drop those rows")
+    return next(iter(first), "text"), empty
+
+
+def render_chat(tokenizer, messages: list, add_generation_prompt: bool) -> list:
+    """Token ids of messages through the tokenizer's chat template (which writes any BOS itself)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def tokenize_conversation(tokenizer, messages: list, first_trained: int) -> dict:
+    """A conversation through the chat template; labels keep the assistant turns from message `first_trained` on.
+    A turn's tokens are the difference between the rendering up to it with the assistant cue
+    (add_generation_prompt=True) and the rendering with it, cut after the first EOS; the sequence ends with the last
+    trained turn and with EOS (appended if the template writes none), so the model learns to stop. A template that
+    tokenises a prefix differently inside the whole conversation is an error: the masks would be shifted."""
+    ids = render_chat(tokenizer, messages, add_generation_prompt=False)
+    labels, end, eos = [-100] * len(ids), None, tokenizer.eos_token_id
+    for i in range(first_trained, len(messages)):
+        if messages[i]["role"] != "assistant":
+            continue
+        before = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
+        upto = render_chat(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if upto[: len(before)] != before or ids[: len(upto)] != upto:
+            raise ValueError(f"the chat template renders message {i} so that the tokens before it change when it is "
+                             "added; the assistant tokens cannot be told apart")
+        turn = upto[len(before):]
+        end = len(before) + (turn.index(eos) + 1 if eos in turn else len(turn))
+        labels[len(before): end] = ids[len(before): end]
+    if end is None:
+        raise ValueError(f"no assistant message from message {first_trained} on, so nothing to learn or score")
+    ids, labels = ids[:end], labels[:end]
+    if ids[-1] != eos:
+        ids, labels = ids + [eos], labels + [eos]
+    return {"input_ids": ids, "labels": labels}
+
+
+def sft_format(data, where: str) -> str:
+    """Which of TRL's SFT formats a split is, every row checked: `text` (`prompt`/`completion` strings),
+    `conversation` (`prompt`/`completion` lists of messages) or `messages` (whole conversations)."""
+    if {"prompt", "completion"} <= set(data.column_names):
+        kind = column_kind(data, "prompt", where)[0]
+        if column_kind(data, "completion", where)[0] != kind:
+            fail("dataset_name", f"{where}: `prompt` and `completion` must both be strings or both conversations")
+        return kind
+    if "messages" in data.column_names:
+        if column_kind(data, "messages", where)[0] != "conversation":
+            fail("dataset_name", f"{where}: `messages` must hold lists of {{'role', 'content'}} messages, not strings")
+        return "messages"
+    fail("dataset_name", f"{where} has columns {data.column_names}; SFT needs `prompt` and `completion` (strings or "
+                         "lists of messages) or `messages` (conversations)")
+
+
+def tokenize_row(tokenizer, row: dict, kind: str) -> dict:
+    """One example of any sft_format: input ids and labels with everything but the completion masked."""
+    if kind == "text":
+        return tokenize_example(tokenizer, row["prompt"], row["completion"])
+    if kind == "messages":
+        return tokenize_conversation(tokenizer, row["messages"], 0)
+    return tokenize_conversation(tokenizer, row["prompt"] + row["completion"], len(row["prompt"]))
+
+
+def prompt_and_reference(tokenizer, row: dict, kind: str) -> tuple:
+    """For the sample table: the prompt as text (a conversation up to its last assistant turn, with the assistant
+    cue) and the reference answer."""
+    if kind == "text":
+        return row["prompt"], row["completion"]
+    messages = row["messages"] if kind == "messages" else row["prompt"] + row["completion"]
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return (tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True),
+            messages[last]["content"])
 
 
 def tokenize_example(tokenizer, prompt: str, completion: str) -> dict:
@@ -244,26 +371,32 @@ if __name__ == "__main__":
         if not os.path.exists(path) and (looks_local or os.environ.get("HF_HUB_OFFLINE") == "1"):
             fail(arg, f"{path!r} does not exist; build the embedded task with `python tiny_tldr.py` or pass a path/hub id")
     try:
-        train_data = load_any_dataset(args.dataset_name, args.dataset_train_split)
-        eval_data = load_any_dataset(args.dataset_name, args.dataset_test_split)
+        splits = load_any_dataset(args.dataset_name)
     except Exception as e:  # the datasets library has many failure types; all mean the same thing to the user
-        fail("dataset_name", f"could not load {args.dataset_name!r} splits {args.dataset_train_split!r}/"
-                             f"{args.dataset_test_split!r} (is it empty, or missing that split?): {e}")
-    if os.path.isfile(args.dataset_name) and len(train_data) > 1:  # one file has no splits: hold out its last 10%
-        cut = len(train_data) - max(1, len(train_data) // 10)
-        train_data, eval_data = train_data.select(range(cut)), train_data.select(range(cut, len(train_data)))
-    for split_name, data in (("dataset_train_split", train_data), ("dataset_test_split", eval_data)):
-        missing = {"prompt", "completion"} - set(data.column_names)
-        if missing:
-            fail("dataset_name", f"split {getattr(args, split_name)!r} lacks columns {sorted(missing)} "
-                                 f"(has {data.column_names}); SFT needs `prompt` and `completion` strings")
-        if len(data) == 0:
-            fail(split_name, f"split {getattr(args, split_name)!r} of {args.dataset_name!r} is empty")
+        fail("dataset_name", f"could not load {args.dataset_name!r} (is it empty, or not a dataset?): {e}")
+    train_data, eval_data = pick_splits(splits, args.dataset_name, args.dataset_train_split, args.dataset_test_split)
+    kinds = set()
+    for split, data in ((args.dataset_train_split, train_data), (args.dataset_test_split, eval_data)):
+        where = repr(args.dataset_name) if None in splits else f"split {split!r} of {args.dataset_name!r}"
+        if data is not None and len(data) == 0:
+            fail("dataset_name", f"{where} is empty")
+        kinds |= {sft_format(data, where)} if data is not None else set()
+    if len(kinds) > 1:
+        fail("dataset_name", f"the train and test splits of {args.dataset_name!r} have different formats {sorted(kinds)}")
+    kind = kinds.pop()
+    split_note = f"evaluating on split {args.dataset_test_split!r}"
+    if eval_data is None:
+        train_data, eval_data, split_note = hold_out(train_data, args.dataset_name, args.dataset_train_split,
+                                                     args.dataset_test_split)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=args.trust_remote_code)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         fail("tokenizer_name_or_path", f"{tokenizer_path!r} has pad token {tokenizer.pad_token!r} (EOS is "
                                        f"{tokenizer.eos_token!r}); add a distinct one, e.g. "
                                        "tokenizer.add_special_tokens({'pad_token': '[PAD]'}), and save it")
+    if kind != "text" and not tokenizer.chat_template:
+        fail("tokenizer_name_or_path", f"{tokenizer_path!r} has no chat template, which conversational data needs; "
+                                       "use an instruct model's tokenizer, set tokenizer.chat_template and save it, "
+                                       "or give `prompt`/`completion` as strings")
 
     # TRY NOT TO MODIFY: seeding, processes, tracking
     from accelerate import Accelerator
@@ -309,14 +442,20 @@ if __name__ == "__main__":
 
     # Data: tokenise, drop (and count) over-long examples.
     def tokenize_split(data):
-        rows = [tokenize_example(tokenizer, p, c) for p, c in zip(data["prompt"], data["completion"])]
+        try:
+            rows = [tokenize_row(tokenizer, row, kind) for row in data]
+        except ValueError as e:  # a chat template whose turns cannot be told apart
+            fail("tokenizer_name_or_path", f"{e}; use a template that renders each turn after the previous ones")
         kept = [r for r in rows if len(r["input_ids"]) <= args.max_length]
         return kept, len(rows) - len(kept)
 
     train_rows, dropped_train = tokenize_split(train_data)
     eval_rows, dropped_eval = tokenize_split(eval_data)
-    accelerator.print(f"{len(train_rows)} train / {len(eval_rows)} eval examples; dropped as longer than "
-                      f"--max-length {args.max_length}: {dropped_train} train, {dropped_eval} eval")
+    accelerator.print(f"{split_note}; {len(train_rows)} train / {len(eval_rows)} eval examples ({kind} format); "
+                      f"dropped as longer than --max-length {args.max_length}: {dropped_train} train, {dropped_eval} eval")
+    if kind == "text" and tokenizer.chat_template:
+        accelerator.print("note: the tokenizer has a chat template, but the data is plain text: it is used as it is, "
+                          "without the template (give lists of {role, content} messages to have it applied)")
     if not train_rows:
         fail("max_length", f"every training example is longer than {args.max_length} tokens")
     pad = tokenizer.pad_token_id
@@ -465,7 +604,9 @@ if __name__ == "__main__":
         from rich.console import Console
         from rich.table import Table
 
-        prompts = eval_data["prompt"][: args.num_sample_completions]
+        samples = [prompt_and_reference(tokenizer, row, kind) for row in eval_data.select(
+            range(min(args.num_sample_completions, len(eval_data))))]
+        prompts, references = [p for p, _ in samples], [r for _, r in samples]
         enc = tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False)
         unwrapped.eval()
         with torch.no_grad():
@@ -477,12 +618,12 @@ if __name__ == "__main__":
             table = Table(title="sample completions", show_lines=True)
             for column in ("query", "model response", "reference"):
                 table.add_column(column)
-            for p, r, ref in zip(prompts, responses, eval_data["completion"][: args.num_sample_completions]):
+            for p, r, ref in zip(prompts, responses, references):
                 table.add_row(p[-300:], r, ref)
             Console().print(table)
             if args.track:
                 wandb.log({"samples": wandb.Table(columns=["query", "model response", "reference"],
-                                                  data=[[p, r, c] for p, r, c in zip(prompts, responses, eval_data["completion"])])})
+                                                  data=[[p, r, c] for p, r, c in zip(prompts, responses, references)])})
 
     # Save atomically: a crash mid-save never leaves a half-written output_dir.
     accelerator.wait_for_everyone()
