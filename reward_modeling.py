@@ -7,7 +7,8 @@
 A scalar head on the SFT model scores `prompt + completion + EOS` at its last non-pad token, trained with the
 pairwise loss -log sigmoid(r_chosen - r_rejected). After training the scores are shifted so that the dataset's
 reference completions score 0 on average (the N+ normalisation), and the shift is stored in the weights, so a
-plain `AutoModelForSequenceClassification.from_pretrained` gives normalised scores.
+plain `AutoModelForSequenceClassification.from_pretrained` gives normalised scores. Conversational pairs go through
+the tokenizer's chat template and are scored at the EOS that ends the last assistant turn.
 """
 
 import contextlib
@@ -63,17 +64,19 @@ class Args:
     tokenizer_name_or_path: Optional[str] = None
     """the tokenizer (default: model_name_or_path); it needs a pad token distinct from EOS"""
     dataset_name: str = "embedded/preference_data"
-    """hub id, a save_to_disk folder, or a json/jsonl/parquet file with `prompt`, `chosen`, `rejected` columns"""
+    """hub id, a save_to_disk folder, or a json/jsonl/parquet/csv/tsv file with `chosen`, `rejected` and optionally
+    `prompt` (TRL's implicit prompt without it): strings, or lists of {role, content} (need a chat template)"""
     dataset_train_split: str = "train"
     """the split to train on"""
     dataset_test_split: str = "test"
-    """the held-out split for accuracy (and accuracy against gold labels if it has `gold_chosen_is_better`)"""
+    """the held-out split for accuracy (and against gold labels if it has `gold_chosen_is_better`); if there is
+    none, every 10th train row is held out (see the log)"""
     max_length: int = 256
     """pairs whose prompt + completion is longer (in tokens) are dropped and counted"""
     normalize_reward: bool = True
     """shift the scores so that the reference completions score 0 on average (N+ normalisation)"""
     normalize_dataset_name: str = "embedded/sft_data"
-    """dataset with `prompt`/`completion` reference pairs used for the normalisation"""
+    """dataset with `prompt`/`completion` reference pairs used for the normalisation (same format as the pairs)"""
     normalize_split: str = "validation"
     """its split"""
     normalize_num_examples: int = 256
@@ -107,17 +110,131 @@ def fail(argument: str, message: str) -> None:
     sys.exit(f"error: --{argument.replace('_', '-')}: {message}")
 
 
-def load_any_dataset(name: str, split: str):
-    """A hub id, a `save_to_disk` folder (DatasetDict or Dataset), or a json/jsonl/parquet file."""
+HOLD_OUT_EVERY = 10  # with no test split, the last training row and every 10th row before it are held out
+
+
+def load_any_dataset(name: str) -> dict:
+    """Every split of a hub id (or a folder of data files), a `save_to_disk` folder (DatasetDict or Dataset), or a
+    json/jsonl/parquet/csv/tsv file, as {split: Dataset}; a file or a single saved Dataset has no splits: {None: data}."""
     from datasets import Dataset, load_dataset, load_from_disk
 
     if os.path.isdir(name) and any(os.path.exists(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json")):
         data = load_from_disk(name)
-        return data if isinstance(data, Dataset) else data[split]
+        return {None: data} if isinstance(data, Dataset) else dict(data)
     if os.path.isfile(name):
-        kind = "parquet" if name.endswith(".parquet") else "json"
-        return load_dataset(kind, data_files=name, split="train")
-    return load_dataset(name, split=split)
+        extension = name.lower().rsplit(".", 1)[-1]
+        kind = {"parquet": "parquet", "csv": "csv", "tsv": "csv"}.get(extension, "json")
+        options = {"delimiter": "\t"} if extension == "tsv" else {}
+        return {None: load_dataset(kind, data_files=name, split="train", **options)}
+    return dict(load_dataset(name))
+
+
+def pick_splits(splits: dict, name: str, train_split: str, test_split: str) -> tuple:
+    """The train split and the test split (None if there is none) of load_any_dataset's splits."""
+    if None in splits:
+        return splits[None], None
+    if train_split not in splits:
+        fail("dataset_train_split", f"{name!r} has no split {train_split!r}; it has {sorted(splits)}")
+    return splits[train_split], splits.get(test_split)
+
+
+def hold_out(train, name: str, train_split: str, test_split: str) -> tuple:
+    """The one rule of every script when there is no test split (always so for a file or a single saved Dataset): the
+    last row and every 10th row before it (10%, rounded up; the same whatever the seed) are held out for evaluation.
+    Returns the rest, the held-out rows and the line that says so in the log."""
+    held = list(range(len(train) - 1, -1, -HOLD_OUT_EVERY))[::-1]
+    note = f"held out {len(held)} of {len(train)} rows of {train_split!r} for evaluation (no {test_split!r} split)"
+    if len(held) >= len(train):
+        fail("dataset_test_split", f"{name!r} has no split {test_split!r}, so it {note[:note.index(' (')]}, which "
+                                   "leaves none to train on; add rows, or name an existing split")
+    kept = sorted(set(range(len(train))) - set(held))
+    return train.select(kept), train.select(held), note
+
+
+def column_kind(data, column: str, where: str, allow_empty: bool = False, argument: str = "dataset_name") -> tuple:
+    """Check every row of a text column before any model loads. Each must be a string (`text`) or a list of
+    {"role", "content"} messages with string contents (`conversation`, TRL's conversational format), one kind per
+    column. Returns the kind and the empty rows (blank text, no message, or a blank last message), which are an
+    error unless allow_empty. Errors name `argument`."""
+    first, empty = {}, []
+    for i, value in enumerate(data[column]):
+        if isinstance(value, str):
+            kind, blank = "text", not value.strip()
+        elif isinstance(value, list) and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                             and isinstance(m.get("content"), str) for m in value):
+            kind, blank = "conversation", not value or not value[-1]["content"].strip()
+        else:
+            fail(argument, f"row {i} of {where}: `{column}` is {repr(value)[:80]}; it must be a string or a list "
+                                 "of {'role': ..., 'content': ...} messages with string contents; fix or drop that row")
+        first.setdefault(kind, i)
+        if blank:
+            empty.append(i)
+    if len(first) > 1:
+        fail(argument, f"{where}: `{column}` mixes strings (row {first['text']}) and conversations (row "
+                             f"{first['conversation']}); use one format per column")
+    if empty and not allow_empty:
+        fail(argument, f"row {empty[0]} of {where}: `{column}` is empty ({len(empty)} such rows of {len(data)}); "
+                             "fill or drop those rows")
+    return next(iter(first), "text"), empty
+
+
+def render_chat(tokenizer, messages: list, add_generation_prompt: bool) -> list:
+    """Token ids of messages through the tokenizer's chat template (which writes any BOS itself)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def tokenize_conversation(tokenizer, messages: list, first_trained: int) -> dict:
+    """A conversation through the chat template; labels keep the assistant turns from message `first_trained` on.
+    A turn's tokens are the difference between the rendering up to it with the assistant cue
+    (add_generation_prompt=True) and the rendering with it, cut after the first EOS; the sequence ends with the last
+    trained turn and with EOS (appended if the template writes none), so the model learns to stop. A template that
+    tokenises a prefix differently inside the whole conversation is an error: the masks would be shifted."""
+    ids = render_chat(tokenizer, messages, add_generation_prompt=False)
+    labels, end, eos = [-100] * len(ids), None, tokenizer.eos_token_id
+    for i in range(first_trained, len(messages)):
+        if messages[i]["role"] != "assistant":
+            continue
+        before = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
+        upto = render_chat(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if upto[: len(before)] != before or ids[: len(upto)] != upto:
+            raise ValueError(f"the chat template renders message {i} so that the tokens before it change when it is "
+                             "added; the assistant tokens cannot be told apart")
+        turn = upto[len(before):]
+        end = len(before) + (turn.index(eos) + 1 if eos in turn else len(turn))
+        labels[len(before): end] = ids[len(before): end]
+    if end is None:
+        raise ValueError(f"no assistant message from message {first_trained} on, so nothing to learn or score")
+    ids, labels = ids[:end], labels[:end]
+    if ids[-1] != eos:
+        ids, labels = ids + [eos], labels + [eos]
+    return {"input_ids": ids, "labels": labels}
+
+
+def preference_format(data, where: str) -> tuple:
+    """Which of TRL's preference formats a split is, every row checked: `text` or `conversation`, with an explicit
+    `prompt` column or the prompt inside `chosen`/`rejected` (implicit). Also returns the rows that teach nothing
+    (a blank side, or chosen == rejected: loss log 2 whatever the model), to be dropped."""
+    if not {"chosen", "rejected"} <= set(data.column_names):
+        fail("dataset_name", f"{where} lacks columns {sorted({'chosen', 'rejected'} - set(data.column_names))} (has "
+                             f"{data.column_names}); it needs `chosen`, `rejected` and optionally `prompt`")
+    kind, blank_chosen = column_kind(data, "chosen", where, allow_empty=True)
+    if column_kind(data, "rejected", where, allow_empty=True)[0] != kind or (
+            "prompt" in data.column_names and column_kind(data, "prompt", where)[0] != kind):
+        fail("dataset_name", f"{where}: `prompt`, `chosen` and `rejected` must all be strings or all conversations")
+    blank_rejected = column_kind(data, "rejected", where, allow_empty=True)[1]
+    same = [i for i, (c, r) in enumerate(zip(data["chosen"], data["rejected"])) if c == r]
+    return kind, "prompt" in data.column_names, sorted(set(blank_chosen) | set(blank_rejected) | set(same))
+
+
+def encode_completion(tokenizer, prompt, completion) -> list:
+    """The token ids the reward model scores at their last token: prompt + completion + EOS (no prompt: the
+    completion holds it, TRL's implicit prompt). Conversations go through the chat template and end after the
+    last assistant turn, with EOS, as a PPO response does (tokenize_conversation)."""
+    if isinstance(completion, str):
+        return tokenizer((prompt or "") + completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    messages = (prompt or []) + completion
+    return tokenize_conversation(tokenizer, messages, len(prompt) if prompt else len(messages) - 1)["input_ids"]
 
 
 def pad_batch(sequences: list, pad_token_id: int, side: str = "right") -> tuple:
@@ -247,29 +364,51 @@ if __name__ == "__main__":
         looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1
         if not os.path.exists(path) and (looks_local or os.environ.get("HF_HUB_OFFLINE") == "1"):
             fail(arg, f"{path!r} does not exist; train it with `python sft.py` or pass a path/hub id")
-    splits = {}
-    for arg, name, split, columns in (
-            ("dataset_train_split", args.dataset_name, args.dataset_train_split, {"prompt", "chosen", "rejected"}),
-            ("dataset_test_split", args.dataset_name, args.dataset_test_split, {"prompt", "chosen", "rejected"}),
-            ("normalize_split", args.normalize_dataset_name, args.normalize_split, {"prompt", "completion"})):
-        if arg == "normalize_split" and not args.normalize_reward:
+    try:
+        splits = load_any_dataset(args.dataset_name)
+    except Exception as e:  # the datasets library has many failure types; all mean the same thing to the user
+        fail("dataset_name", f"could not load {args.dataset_name!r} (is it empty, or not a dataset?): {e}")
+    data_splits = dict(zip(("train", "test"), pick_splits(splits, args.dataset_name, args.dataset_train_split,
+                                                         args.dataset_test_split)))
+    formats, split_notes = set(), []
+    for role, split in (("train", args.dataset_train_split), ("test", args.dataset_test_split)):
+        data = data_splits[role]
+        where = repr(args.dataset_name) if None in splits else f"split {split!r} of {args.dataset_name!r}"
+        if data is None:
             continue
-        dataset_arg = "normalize_dataset_name" if arg == "normalize_split" else "dataset_name"
+        if len(data) == 0:
+            fail("dataset_name", f"{where} is empty")
+        kind, has_prompt, useless = preference_format(data, where)
+        formats.add((kind, has_prompt))
+        if len(useless) * 2 > len(data):
+            fail("dataset_name", f"{len(useless)} of {len(data)} pairs of {where} have an empty side or chosen == "
+                                 f"rejected (e.g. row {useless[0]}); most of the data teaches nothing: fix it")
+        if useless:
+            split_notes.append(f"dropped {len(useless)} of {len(data)} pairs of {where} with an empty side or chosen "
+                               f"== rejected (e.g. row {useless[0]})")
+            data_splits[role] = data.select(sorted(set(range(len(data))) - set(useless)))
+    if len(formats) > 1:
+        fail("dataset_name", f"the train and test splits of {args.dataset_name!r} have different formats")
+    kind, has_prompt = formats.pop()
+    split_notes.append(f"evaluating on split {args.dataset_test_split!r}")
+    if data_splits["test"] is None:
+        data_splits["train"], data_splits["test"], split_notes[-1] = hold_out(
+            data_splits["train"], args.dataset_name, args.dataset_train_split, args.dataset_test_split)
+    if args.normalize_reward:
         try:
-            splits[arg] = load_any_dataset(name, split)
+            normalize_splits = load_any_dataset(args.normalize_dataset_name)
+            refs = normalize_splits[None] if None in normalize_splits else normalize_splits[args.normalize_split]
         except Exception as e:
-            fail(dataset_arg, f"could not load split {split!r} of {name!r} (is it empty, or missing that split?): {e}")
-        missing = columns - set(splits[arg].column_names)
-        if missing:
-            fail(dataset_arg, f"split {split!r} of {name!r} lacks columns {sorted(missing)} (has "
-                              f"{splits[arg].column_names}); it needs {sorted(columns)}")
-        if len(splits[arg]) == 0:
-            fail(arg, f"split {split!r} of {name!r} is empty")
-    if os.path.isfile(args.dataset_name) and len(splits["dataset_train_split"]) > 1:
-        # One file has no splits: hold out its last 10% as the test pairs.
-        data = splits["dataset_train_split"]
-        cut = len(data) - max(1, len(data) // 10)
-        splits["dataset_train_split"], splits["dataset_test_split"] = data.select(range(cut)), data.select(range(cut, len(data)))
+            fail("normalize_dataset_name", f"could not load split {args.normalize_split!r} of "
+                                           f"{args.normalize_dataset_name!r} (is it empty, or missing that split?): {e}")
+        where = f"split {args.normalize_split!r} of {args.normalize_dataset_name!r}"
+        if {"prompt", "completion"} - set(refs.column_names):
+            fail("normalize_dataset_name", f"{where} has columns {refs.column_names}; it needs `prompt` and `completion`")
+        if len(refs) == 0:
+            fail("normalize_split", f"{where} is empty")
+        refs = refs.select(range(min(args.normalize_num_examples, len(refs))))
+        if {column_kind(refs, c, where, argument="normalize_dataset_name")[0] for c in ("prompt", "completion")} != {kind}:
+            fail("normalize_dataset_name", f"{where} must be in the format of --dataset-name ({kind}), in both columns")
     config = AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
     if getattr(config, "num_labels", 1) != 1 and any("ForSequenceClassification" in a for a in config.architectures or []):
         fail("model_name_or_path", f"{args.model_name_or_path!r} is a classifier with {config.num_labels} labels; "
@@ -279,6 +418,10 @@ if __name__ == "__main__":
         fail("tokenizer_name_or_path", f"{tokenizer_path!r} has pad token {tokenizer.pad_token!r} (EOS is "
                                        f"{tokenizer.eos_token!r}); add a distinct one, e.g. "
                                        "tokenizer.add_special_tokens({'pad_token': '[PAD]'}), and save it")
+    if kind != "text" and not tokenizer.chat_template:
+        fail("tokenizer_name_or_path", f"{tokenizer_path!r} has no chat template, which conversational data needs; "
+                                       "use an instruct model's tokenizer, set tokenizer.chat_template and save it, "
+                                       "or give `prompt`/`chosen`/`rejected` as strings")
 
     # TRY NOT TO MODIFY: seeding, processes, tracking
     from accelerate import Accelerator
@@ -332,22 +475,32 @@ if __name__ == "__main__":
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=run_name)
 
     # Data: prompt + completion + EOS, so that the score is read at EOS, as in PPO where responses end with it.
-    def encode(prompt: str, completion: str) -> list:
-        return tokenizer(prompt + completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    def encode(prompt, completion) -> list:
+        try:
+            return encode_completion(tokenizer, prompt, completion)
+        except ValueError as e:  # a chat template whose turns cannot be told apart, or no assistant turn
+            fail("tokenizer_name_or_path", f"{e}; use a template that renders each turn after the previous ones, and "
+                                           "end each conversation with an assistant message")
 
     def tokenize_pairs(data):
         has_gold = "gold_chosen_is_better" in data.column_names
         rows = []
         for i, row in enumerate(data):
-            c, r = encode(row["prompt"], row["chosen"]), encode(row["prompt"], row["rejected"])
+            c, r = encode(row.get("prompt"), row["chosen"]), encode(row.get("prompt"), row["rejected"])
             if max(len(c), len(r)) <= args.max_length:
                 rows.append({"chosen": c, "rejected": r, "gold": int(row["gold_chosen_is_better"]) if has_gold else -1})
         return rows, len(data) - len(rows)
 
-    train_rows, dropped_train = tokenize_pairs(splits["dataset_train_split"])
-    eval_rows, dropped_eval = tokenize_pairs(splits["dataset_test_split"])
-    accelerator.print(f"{len(train_rows)} train / {len(eval_rows)} eval pairs; dropped as longer than --max-length "
+    train_rows, dropped_train = tokenize_pairs(data_splits["train"])
+    eval_rows, dropped_eval = tokenize_pairs(data_splits["test"])
+    reference_ids = [encode(p, c) for p, c in zip(refs["prompt"], refs["completion"])] if args.normalize_reward else []
+    accelerator.print("; ".join(split_notes))
+    accelerator.print(f"{len(train_rows)} train / {len(eval_rows)} eval pairs ({kind} format, "
+                      f"{'explicit' if has_prompt else 'implicit'} prompt); dropped as longer than --max-length "
                       f"{args.max_length}: {dropped_train} train, {dropped_eval} eval")
+    if kind == "text" and tokenizer.chat_template:
+        accelerator.print("note: the tokenizer has a chat template, but the data is plain text: it is used as it is, "
+                          "without the template (give lists of {role, content} messages to have it applied)")
     if not train_rows:
         fail("max_length", f"every training pair is longer than {args.max_length} tokens")
     pad = tokenizer.pad_token_id
@@ -502,8 +655,7 @@ if __name__ == "__main__":
 
     # N+ normalisation: score the reference completions and shift so that their mean is 0.
     if args.normalize_reward:
-        refs = splits["normalize_split"].select(range(min(args.normalize_num_examples, len(splits["normalize_split"]))))
-        sequences = [s for s in (encode(p, c) for p, c in zip(refs["prompt"], refs["completion"])) if len(s) <= args.max_length]
+        sequences = [s for s in reference_ids if len(s) <= args.max_length]
         # An equal share per process, the short one padded with weight-0 repeats: under ZeRO-3 forwards are collective.
         share = math.ceil(len(sequences) / accelerator.num_processes)
         mine = sequences[accelerator.process_index * share: (accelerator.process_index + 1) * share]

@@ -161,11 +161,11 @@ def hold_out(train, name: str, train_split: str, test_split: str) -> tuple:
     return train.select(kept), train.select(held), note
 
 
-def column_kind(data, column: str, where: str, allow_empty: bool = False) -> tuple:
+def column_kind(data, column: str, where: str, allow_empty: bool = False, argument: str = "dataset_name") -> tuple:
     """Check every row of a text column before any model loads. Each must be a string (`text`) or a list of
     {"role", "content"} messages with string contents (`conversation`, TRL's conversational format), one kind per
     column. Returns the kind and the empty rows (blank text, no message, or a blank last message), which are an
-    error unless allow_empty."""
+    error unless allow_empty. Errors name `argument`."""
     first, empty = {}, []
     for i, value in enumerate(data[column]):
         if isinstance(value, str):
@@ -174,16 +174,16 @@ def column_kind(data, column: str, where: str, allow_empty: bool = False) -> tup
                                              and isinstance(m.get("content"), str) for m in value):
             kind, blank = "conversation", not value or not value[-1]["content"].strip()
         else:
-            fail("dataset_name", f"row {i} of {where}: `{column}` is {repr(value)[:80]}; it must be a string or a list "
+            fail(argument, f"row {i} of {where}: `{column}` is {repr(value)[:80]}; it must be a string or a list "
                                  "of {'role': ..., 'content': ...} messages with string contents; fix or drop that row")
         first.setdefault(kind, i)
         if blank:
             empty.append(i)
     if len(first) > 1:
-        fail("dataset_name", f"{where}: `{column}` mixes strings (row {first['text']}) and conversations (row "
+        fail(argument, f"{where}: `{column}` mixes strings (row {first['text']}) and conversations (row "
                              f"{first['conversation']}); use one format per column")
     if empty and not allow_empty:
-        fail("dataset_name", f"row {empty[0]} of {where}: `{column}` is empty ({len(empty)} such rows of {len(data)}); "
+        fail(argument, f"row {empty[0]} of {where}: `{column}` is empty ({len(empty)} such rows of {len(data)}); "
                              "fill or drop those rows")
     return next(iter(first), "text"), empty
 
@@ -192,7 +192,6 @@ def render_chat(tokenizer, messages: list, add_generation_prompt: bool) -> list:
     """Token ids of messages through the tokenizer's chat template (which writes any BOS itself)."""
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
-
 
 def tokenize_conversation(tokenizer, messages: list, first_trained: int) -> dict:
     """A conversation through the chat template; labels keep the assistant turns from message `first_trained` on.
