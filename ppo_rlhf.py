@@ -65,11 +65,12 @@ class Args:
 
     # data
     dataset_name: str = "embedded/prompts"
-    """hub id, a save_to_disk folder, or a json/jsonl/parquet file with a `prompt` string column"""
+    """hub id, a save_to_disk folder, or a json/jsonl/parquet/csv/tsv file with a `prompt` column: strings, or lists
+    of {role, content} messages (TRL's conversational format, rendered with the tokenizer's chat template)"""
     dataset_train_split: str = "train"
     """the split of prompts to train on"""
     dataset_test_split: str = "validation"
-    """the split for evaluation and sample tables (if missing, the last 100 train rows are held out)"""
+    """the split for evaluation and sample tables (if there is none: every 10th train row, see the log)"""
     dataset_num_proc: Optional[int] = None
     """processes for tokenising the dataset"""
 
@@ -200,17 +201,86 @@ def fail(argument: str, message: str) -> None:
     sys.exit(f"error: --{argument.replace('_', '-')}: {message}")
 
 
-def load_any_dataset(name: str, split: str):
-    """A hub id, a `save_to_disk` folder (DatasetDict or Dataset), or a json/jsonl/parquet file."""
+HOLD_OUT_EVERY = 10  # with no test split, the last training row and every 10th row before it are held out
+
+
+def load_any_dataset(name: str) -> dict:
+    """Every split of a hub id (or a folder of data files), a `save_to_disk` folder (DatasetDict or Dataset), or a
+    json/jsonl/parquet/csv/tsv file, as {split: Dataset}; a file or a single saved Dataset has no splits: {None: data}."""
     from datasets import Dataset, load_dataset, load_from_disk
 
     if os.path.isdir(name) and any(os.path.exists(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json")):
         data = load_from_disk(name)
-        return data if isinstance(data, Dataset) else data[split]
+        return {None: data} if isinstance(data, Dataset) else dict(data)
     if os.path.isfile(name):
-        kind = "parquet" if name.endswith(".parquet") else "json"
-        return load_dataset(kind, data_files=name, split="train")
-    return load_dataset(name, split=split)
+        extension = name.lower().rsplit(".", 1)[-1]
+        kind = {"parquet": "parquet", "csv": "csv", "tsv": "csv"}.get(extension, "json")
+        options = {"delimiter": "\t"} if extension == "tsv" else {}
+        return {None: load_dataset(kind, data_files=name, split="train", **options)}
+    return dict(load_dataset(name))
+
+
+def pick_splits(splits: dict, name: str, train_split: str, test_split: str) -> tuple:
+    """The train split and the test split (None if there is none) of load_any_dataset's splits."""
+    if None in splits:
+        return splits[None], None
+    if train_split not in splits:
+        fail("dataset_train_split", f"{name!r} has no split {train_split!r}; it has {sorted(splits)}")
+    return splits[train_split], splits.get(test_split)
+
+
+def hold_out(train, name: str, train_split: str, test_split: str) -> tuple:
+    """The one rule of every script when there is no test split (always so for a file or a single saved Dataset): the
+    last row and every 10th row before it (10%, rounded up; the same whatever the seed) are held out for evaluation.
+    Returns the rest, the held-out rows and the line that says so in the log."""
+    held = list(range(len(train) - 1, -1, -HOLD_OUT_EVERY))[::-1]
+    note = f"held out {len(held)} of {len(train)} rows of {train_split!r} for evaluation (no {test_split!r} split)"
+    if len(held) >= len(train):
+        fail("dataset_test_split", f"{name!r} has no split {test_split!r}, so it {note[:note.index(' (')]}, which "
+                                   "leaves none to train on; add rows, or name an existing split")
+    kept = sorted(set(range(len(train))) - set(held))
+    return train.select(kept), train.select(held), note
+
+
+def column_kind(data, column: str, where: str, allow_empty: bool = False, argument: str = "dataset_name") -> tuple:
+    """Check every row of a text column before any model loads. Each must be a string (`text`) or a list of
+    {"role", "content"} messages with string contents (`conversation`, TRL's conversational format), one kind per
+    column. Returns the kind and the empty rows (blank text, no message, or a blank last message), which are an
+    error unless allow_empty. Errors name `argument`."""
+    first, empty = {}, []
+    for i, value in enumerate(data[column]):
+        if isinstance(value, str):
+            kind, blank = "text", not value.strip()
+        elif isinstance(value, list) and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                             and isinstance(m.get("content"), str) for m in value):
+            kind, blank = "conversation", not value or not value[-1]["content"].strip()
+        else:
+            fail(argument, f"row {i} of {where}: `{column}` is {repr(value)[:80]}; it must be a string or a list "
+                                 "of {'role': ..., 'content': ...} messages with string contents; fix or drop that row")
+        first.setdefault(kind, i)
+        if blank:
+            empty.append(i)
+    if len(first) > 1:
+        fail(argument, f"{where}: `{column}` mixes strings (row {first['text']}) and conversations (row "
+                             f"{first['conversation']}); use one format per column")
+    if empty and not allow_empty:
+        fail(argument, f"row {empty[0]} of {where}: `{column}` is empty ({len(empty)} such rows of {len(data)}); "
+                             "fill or drop those rows")
+    return next(iter(first), "text"), empty
+
+
+def render_chat(tokenizer, messages: list, add_generation_prompt: bool) -> list:
+    """Token ids of messages through the tokenizer's chat template (which writes any BOS itself)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def prompt_token_ids(tokenizer, prompts: list) -> list:
+    """Token ids of a column of prompts: strings as they are, without special tokens (as TRL's PPO did), and
+    conversations through the chat template with the assistant cue (add_generation_prompt=True)."""
+    if all(isinstance(p, str) for p in prompts):
+        return tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    return [render_chat(tokenizer, p, add_generation_prompt=True) for p in prompts]
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -677,20 +747,28 @@ if __name__ == "__main__":
     if args.ref_adapter_name and args.ref_adapter_name == model_adapter_name:
         fail("ref_adapter_name", f"is the trained adapter's name {model_adapter_name!r}; pick another")
     try:
-        train_data = load_any_dataset(args.dataset_name, args.dataset_train_split)
+        splits = load_any_dataset(args.dataset_name)
     except Exception as e:  # the datasets library has many failure types; all mean the same thing to the user
-        fail("dataset_name", f"could not load split {args.dataset_train_split!r} of {args.dataset_name!r}: {e}")
-    try:
-        eval_data = load_any_dataset(args.dataset_name, args.dataset_test_split)
-    except Exception:  # no test split: hold out the last 100 rows, as TRL's example did
-        eval_data = train_data.select(range(max(len(train_data) - 100, 0), len(train_data)))
-        train_data = train_data.select(range(max(len(train_data) - 100, 0)))
+        fail("dataset_name", f"could not load {args.dataset_name!r} (is it empty, or not a dataset?): {e}")
+    train_data, eval_data = pick_splits(splits, args.dataset_name, args.dataset_train_split, args.dataset_test_split)
+    prompt_kinds = set()
     for data, split in ((train_data, args.dataset_train_split), (eval_data, args.dataset_test_split)):
+        where = repr(args.dataset_name) if None in splits else f"split {split!r} of {args.dataset_name!r}"
+        if data is None:
+            continue
         if "prompt" not in data.column_names:
-            fail("dataset_name", f"split {split!r} of {args.dataset_name!r} has no `prompt` column (it has "
-                                 f"{data.column_names}); rename the prompt column to `prompt`")
+            fail("dataset_name", f"{where} has no `prompt` column (it has {data.column_names}); rename the prompt "
+                                 "column to `prompt`")
         if len(data) == 0:
-            fail("dataset_name", f"split {split!r} of {args.dataset_name!r} is empty")
+            fail("dataset_name", f"{where} is empty")
+        prompt_kinds.add(column_kind(data, "prompt", where)[0])
+    if len(prompt_kinds) > 1:
+        fail("dataset_name", f"the train and test prompts of {args.dataset_name!r} mix strings and conversations")
+    prompt_kind = prompt_kinds.pop()
+    split_note = f"evaluating on split {args.dataset_test_split!r}"
+    if eval_data is None:
+        train_data, eval_data, split_note = hold_out(train_data, args.dataset_name, args.dataset_train_split,
+                                                     args.dataset_test_split)
     if len(train_data) < local_batch_size:
         fail("dataset_train_split", f"{len(train_data)} prompts cannot fill one per-process batch of {local_batch_size}")
 
@@ -702,6 +780,10 @@ if __name__ == "__main__":
         fail("model_name_or_path", f"the tokenizer's pad token is {tokenizer.pad_token!r} and EOS is "
                                    f"{tokenizer.eos_token!r}: pad must exist and differ from EOS or every mask is "
                                    "wrong; add one with tokenizer.add_special_tokens({'pad_token': '[PAD]'})")
+    if prompt_kind == "conversation" and not tokenizer.chat_template:
+        fail("model_name_or_path", f"the tokenizer of {args.model_name_or_path!r} has no chat template, which "
+                                   "conversational prompts need; use an instruct model's tokenizer, set "
+                                   "tokenizer.chat_template and save it, or give the prompts as strings")
     value_model_path = args.value_model_path or args.reward_model_path
     for arg, path in (("reward_model_path", args.reward_model_path), ("value_model_path", value_model_path)):
         # A trained classifier must have one label; a plain LM (TRL's get-started uses Pythia itself) gets a new
@@ -748,9 +830,13 @@ if __name__ == "__main__":
         wandb.define_metric("train/episode")
         wandb.define_metric("train/*", step_metric="train/episode")
         wandb.define_metric("eval/*", step_metric="train/episode")
-    # Data: tokenised once, without a chat template; left padding happens per batch.
+    # Data: tokenised once (conversations through the chat template); left padding happens per batch.
+    accelerator.print(split_note)
+    if prompt_kind == "text" and tokenizer.chat_template:
+        accelerator.print("note: the tokenizer has a chat template, but the prompts are plain text: they are used as "
+                          "they are, as TRL's PPO did (give lists of {role, content} messages to have it applied)")
     def tokenize(batch):
-        return {"input_ids": tokenizer(batch["prompt"], add_special_tokens=False)["input_ids"]}
+        return {"input_ids": prompt_token_ids(tokenizer, batch["prompt"])}
 
     train_ids = train_data.map(tokenize, batched=True, num_proc=args.dataset_num_proc, keep_in_memory=True)["input_ids"]
     eval_data = eval_data.select(range(min(args.num_eval_prompts or len(eval_data), len(eval_data))))

@@ -11,7 +11,7 @@
         --eval-strategy steps --eval-steps 100
 
 What differs from ppo_rlhf.py (`diff ppo_rlhf.py ppo_rlhf_tldr.py`): the data is trl-lib/tldr's `prompt`/`completion`
-format; prompts longer than --max-prompt-length are dropped (and counted) and none may end with EOS; and a final
+format (plain-text prompts: the judges read TL;DR text, so conversational prompts are refused); prompts longer than --max-prompt-length are dropped (and counted) and none may end with EOS; and a final
 evaluation on the whole --dataset-final-eval-split saves every generation (query, response, reference, score) to
 output_dir/eval_generations/, along with the same for the initial (SFT) policy, so a judge can compare them later.
 """
@@ -70,13 +70,15 @@ class Args:
 
     # data
     dataset_name: str = "embedded/prompts"
-    """trl-lib/tldr or a local copy (save_to_disk folder, json/jsonl/parquet) with `prompt` and `completion` columns"""
+    """trl-lib/tldr or a local copy (save_to_disk folder, json/jsonl/parquet/csv/tsv) with `prompt` and `completion`
+    string columns (conversational prompts: use ppo_rlhf.py)"""
     dataset_train_split: str = "train"
     """the split of prompts to train on"""
     dataset_test_split: str = "validation"
-    """the split for evaluation and sample tables (if missing, the last 100 train rows are held out)"""
+    """the split for evaluation and sample tables (if there is none: every 10th train row, see the log)"""
     dataset_final_eval_split: Optional[str] = "test"
-    """the split of the final evaluation whose generations are saved for a judge (None: skip it)"""
+    """the split of the final evaluation whose generations are saved for a judge (None: skip it; missing: the
+    evaluation rows)"""
     max_prompt_length: int = 512
     """prompts longer than this many tokens are dropped (and counted in the log)"""
     eval_initial_policy: bool = True
@@ -212,17 +214,86 @@ def fail(argument: str, message: str) -> None:
     sys.exit(f"error: --{argument.replace('_', '-')}: {message}")
 
 
-def load_any_dataset(name: str, split: str):
-    """A hub id, a `save_to_disk` folder (DatasetDict or Dataset), or a json/jsonl/parquet file."""
+HOLD_OUT_EVERY = 10  # with no test split, the last training row and every 10th row before it are held out
+
+
+def load_any_dataset(name: str) -> dict:
+    """Every split of a hub id (or a folder of data files), a `save_to_disk` folder (DatasetDict or Dataset), or a
+    json/jsonl/parquet/csv/tsv file, as {split: Dataset}; a file or a single saved Dataset has no splits: {None: data}."""
     from datasets import Dataset, load_dataset, load_from_disk
 
     if os.path.isdir(name) and any(os.path.exists(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json")):
         data = load_from_disk(name)
-        return data if isinstance(data, Dataset) else data[split]
+        return {None: data} if isinstance(data, Dataset) else dict(data)
     if os.path.isfile(name):
-        kind = "parquet" if name.endswith(".parquet") else "json"
-        return load_dataset(kind, data_files=name, split="train")
-    return load_dataset(name, split=split)
+        extension = name.lower().rsplit(".", 1)[-1]
+        kind = {"parquet": "parquet", "csv": "csv", "tsv": "csv"}.get(extension, "json")
+        options = {"delimiter": "\t"} if extension == "tsv" else {}
+        return {None: load_dataset(kind, data_files=name, split="train", **options)}
+    return dict(load_dataset(name))
+
+
+def pick_splits(splits: dict, name: str, train_split: str, test_split: str) -> tuple:
+    """The train split and the test split (None if there is none) of load_any_dataset's splits."""
+    if None in splits:
+        return splits[None], None
+    if train_split not in splits:
+        fail("dataset_train_split", f"{name!r} has no split {train_split!r}; it has {sorted(splits)}")
+    return splits[train_split], splits.get(test_split)
+
+
+def hold_out(train, name: str, train_split: str, test_split: str) -> tuple:
+    """The one rule of every script when there is no test split (always so for a file or a single saved Dataset): the
+    last row and every 10th row before it (10%, rounded up; the same whatever the seed) are held out for evaluation.
+    Returns the rest, the held-out rows and the line that says so in the log."""
+    held = list(range(len(train) - 1, -1, -HOLD_OUT_EVERY))[::-1]
+    note = f"held out {len(held)} of {len(train)} rows of {train_split!r} for evaluation (no {test_split!r} split)"
+    if len(held) >= len(train):
+        fail("dataset_test_split", f"{name!r} has no split {test_split!r}, so it {note[:note.index(' (')]}, which "
+                                   "leaves none to train on; add rows, or name an existing split")
+    kept = sorted(set(range(len(train))) - set(held))
+    return train.select(kept), train.select(held), note
+
+
+def column_kind(data, column: str, where: str, allow_empty: bool = False, argument: str = "dataset_name") -> tuple:
+    """Check every row of a text column before any model loads. Each must be a string (`text`) or a list of
+    {"role", "content"} messages with string contents (`conversation`, TRL's conversational format), one kind per
+    column. Returns the kind and the empty rows (blank text, no message, or a blank last message), which are an
+    error unless allow_empty. Errors name `argument`."""
+    first, empty = {}, []
+    for i, value in enumerate(data[column]):
+        if isinstance(value, str):
+            kind, blank = "text", not value.strip()
+        elif isinstance(value, list) and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                             and isinstance(m.get("content"), str) for m in value):
+            kind, blank = "conversation", not value or not value[-1]["content"].strip()
+        else:
+            fail(argument, f"row {i} of {where}: `{column}` is {repr(value)[:80]}; it must be a string or a list "
+                                 "of {'role': ..., 'content': ...} messages with string contents; fix or drop that row")
+        first.setdefault(kind, i)
+        if blank:
+            empty.append(i)
+    if len(first) > 1:
+        fail(argument, f"{where}: `{column}` mixes strings (row {first['text']}) and conversations (row "
+                             f"{first['conversation']}); use one format per column")
+    if empty and not allow_empty:
+        fail(argument, f"row {empty[0]} of {where}: `{column}` is empty ({len(empty)} such rows of {len(data)}); "
+                             "fill or drop those rows")
+    return next(iter(first), "text"), empty
+
+
+def render_chat(tokenizer, messages: list, add_generation_prompt: bool) -> list:
+    """Token ids of messages through the tokenizer's chat template (which writes any BOS itself)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def prompt_token_ids(tokenizer, prompts: list) -> list:
+    """Token ids of a column of prompts: strings as they are, without special tokens (as TRL's PPO did), and
+    conversations through the chat template with the assistant cue (add_generation_prompt=True)."""
+    if all(isinstance(p, str) for p in prompts):
+        return tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    return [render_chat(tokenizer, p, add_generation_prompt=True) for p in prompts]
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -689,37 +760,40 @@ if __name__ == "__main__":
     if args.ref_adapter_name and args.ref_adapter_name == model_adapter_name:
         fail("ref_adapter_name", f"is the trained adapter's name {model_adapter_name!r}; pick another")
     try:
-        train_data = load_any_dataset(args.dataset_name, args.dataset_train_split)
+        splits = load_any_dataset(args.dataset_name)
     except Exception as e:  # the datasets library has many failure types; all mean the same thing to the user
-        fail("dataset_name", f"could not load split {args.dataset_train_split!r} of {args.dataset_name!r}: {e}")
-    try:
-        eval_data = load_any_dataset(args.dataset_name, args.dataset_test_split)
-    except Exception:  # no test split: hold out the last 100 rows, as TRL's example did
-        eval_data = train_data.select(range(max(len(train_data) - 100, 0), len(train_data)))
-        train_data = train_data.select(range(max(len(train_data) - 100, 0)))
-    final_data = None
-    if args.dataset_final_eval_split is not None:
-        try:
-            final_data = load_any_dataset(args.dataset_name, args.dataset_final_eval_split)
-        except Exception as e:
-            fail("dataset_final_eval_split", f"could not load split {args.dataset_final_eval_split!r} of "
-                                             f"{args.dataset_name!r}: {e}; pass another split or None")
+        fail("dataset_name", f"could not load {args.dataset_name!r} (is it empty, or not a dataset?): {e}")
+    train_data, eval_data = pick_splits(splits, args.dataset_name, args.dataset_train_split, args.dataset_test_split)
+    final_data = splits.get(args.dataset_final_eval_split) if args.dataset_final_eval_split is not None else None
     for data, split in ((train_data, args.dataset_train_split), (eval_data, args.dataset_test_split),
                         (final_data, args.dataset_final_eval_split)):
+        where = repr(args.dataset_name) if None in splits else f"split {split!r} of {args.dataset_name!r}"
         if data is None:
             continue
         missing = {"prompt", "completion"} - set(data.column_names)
         if missing:
-            fail("dataset_name", f"split {split!r} of {args.dataset_name!r} lacks columns {sorted(missing)} (it has "
-                                 f"{data.column_names}); the TL;DR format is `prompt` + reference `completion`")
+            fail("dataset_name", f"{where} lacks columns {sorted(missing)} (it has {data.column_names}); the TL;DR "
+                                 "format is `prompt` + reference `completion`")
         if len(data) == 0:
-            fail("dataset_name", f"split {split!r} of {args.dataset_name!r} is empty")
+            fail("dataset_name", f"{where} is empty")
+        # Conversational prompts are refused here: the saved generations are for judges that read TL;DR text.
+        if column_kind(data, "prompt", where)[0] == "conversation":
+            fail("dataset_name", f"{where} has conversational prompts; this TL;DR variant takes TL;DR text prompts: "
+                                 "use ppo_rlhf.py for conversations")
         # The TL;DR prompt format: "SUBREDDIT: r/...\n\nTITLE: ...\n\nPOST: ...\n\nTL;DR:" (no trailing space).
         bad = [p for p in data["prompt"] if not (p.startswith("SUBREDDIT: r/") and p.endswith("\n\nTL;DR:"))]
         if bad:
             fail("dataset_name", f"{len(bad)} of {len(data)} prompts in split {split!r} are not in the TL;DR format "
                                  f"'SUBREDDIT: r/...\\n\\nTITLE: ...\\n\\nPOST: ...\\n\\nTL;DR:', e.g. {bad[0][-80:]!r}; "
                                  "use ppo_rlhf.py for other prompt formats")
+    prompt_kind = "text"  # conversations were refused above
+    split_note = f"evaluating on split {args.dataset_test_split!r}"
+    if eval_data is None:
+        train_data, eval_data, split_note = hold_out(train_data, args.dataset_name, args.dataset_train_split,
+                                                     args.dataset_test_split)
+    if args.dataset_final_eval_split is not None and final_data is None:  # the same rule: the held-out rows
+        final_data = eval_data
+        split_note += f"; the final evaluation uses them too (no {args.dataset_final_eval_split!r} split)"
     if len(train_data) < local_batch_size:
         fail("dataset_train_split", f"{len(train_data)} prompts cannot fill one per-process batch of {local_batch_size}")
 
@@ -731,6 +805,10 @@ if __name__ == "__main__":
         fail("model_name_or_path", f"the tokenizer's pad token is {tokenizer.pad_token!r} and EOS is "
                                    f"{tokenizer.eos_token!r}: pad must exist and differ from EOS or every mask is "
                                    "wrong; add one with tokenizer.add_special_tokens({'pad_token': '[PAD]'})")
+    if prompt_kind == "conversation" and not tokenizer.chat_template:
+        fail("model_name_or_path", f"the tokenizer of {args.model_name_or_path!r} has no chat template, which "
+                                   "conversational prompts need; use an instruct model's tokenizer, set "
+                                   "tokenizer.chat_template and save it, or give the prompts as strings")
     value_model_path = args.value_model_path or args.reward_model_path
     for arg, path in (("reward_model_path", args.reward_model_path), ("value_model_path", value_model_path)):
         # A trained classifier must have one label; a plain LM (TRL's get-started uses Pythia itself) gets a new
@@ -777,9 +855,13 @@ if __name__ == "__main__":
         wandb.define_metric("train/episode")
         wandb.define_metric("train/*", step_metric="train/episode")
         wandb.define_metric("eval/*", step_metric="train/episode")
-    # Data: tokenised once, without a chat template; left padding happens per batch.
+    # Data: tokenised once (conversations through the chat template); left padding happens per batch.
+    accelerator.print(split_note)
+    if prompt_kind == "text" and tokenizer.chat_template:
+        accelerator.print("note: the tokenizer has a chat template, but the prompts are plain text: they are used as "
+                          "they are, as TRL's PPO did (give lists of {role, content} messages to have it applied)")
     def tokenize(batch):
-        return {"input_ids": tokenizer(batch["prompt"], add_special_tokens=False)["input_ids"]}
+        return {"input_ids": prompt_token_ids(tokenizer, batch["prompt"])}
 
     def tokenize_and_filter(data, split: str) -> tuple:
         """Token ids and reference completions of the prompts that fit in max_prompt_length, counted in the log."""
