@@ -1,0 +1,406 @@
+"""The datasets users bring, in all four scripts (issue 14): TRL's standard and conversational formats, json/jsonl/
+parquet/csv/tsv files, one hold-out rule, and bad rows stopped before any model loads with a one-line error that
+names the dataset, the column, the row and the fix.
+
+The chat template is a tiny Jinja one set on the embedded tokenizer (which has none), saved with a copy of a model."""
+
+import json
+import os
+import shutil
+
+import pytest
+
+from conftest import ROOT, ReachedTraining, run_in_process, run_script
+
+import ppo_rlhf  # noqa: E402
+import ppo_rlhf_tldr  # noqa: E402
+import reward_modeling  # noqa: E402
+import sft  # noqa: E402
+
+EMBEDDED = os.path.join(ROOT, "embedded")
+SCRIPTS = {"sft.py": sft, "reward_modeling.py": reward_modeling, "ppo_rlhf.py": ppo_rlhf,
+           "ppo_rlhf_tldr.py": ppo_rlhf_tldr}
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+# Each assistant turn ends with EOS and a newline: the newline is the template's, after EOS, and never trained on.
+TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% if m['role'] == 'assistant' %}"
+            "{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+PROMPT = "SUBREDDIT: r/x\n\nTITLE: t\n\nPOST: p\n\nTL;DR:"
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(os.path.join(EMBEDDED, "tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(os.path.join(EMBEDDED, "tokenizer"))
+    tok.chat_template = TEMPLATE
+    return tok
+
+
+def chat_model(tmp_path, model="sft_model", template=TEMPLATE) -> str:
+    """A copy of an embedded model whose tokenizer has a chat template."""
+    from transformers import AutoTokenizer
+
+    path = str(tmp_path / f"{model}_chat")
+    shutil.copytree(os.path.join(EMBEDDED, model), path)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.chat_template = template
+    tok.save_pretrained(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# files and the hold-out rule
+
+
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_csv_and_tsv_files_are_read_as_such(script, tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    rows = [{"prompt": "a, b", "completion": " c."}, {"prompt": "d \"e\"", "completion": " f."}]
+    (tmp_path / "d.csv").write_text('prompt,completion\n"a, b", c.\n"d ""e""", f.\n')
+    (tmp_path / "d.tsv").write_text('prompt\tcompletion\na, b\t c.\nd "e"\t f.\n')
+    for name in ("d.csv", "d.tsv"):
+        splits = SCRIPTS[script].load_any_dataset(str(tmp_path / name))
+        assert list(splits) == [None] and splits[None].to_list() == rows, name
+
+
+def four_input_kinds(tmp_path, rows):
+    """The same rows as a jsonl file, a saved Dataset, a saved DatasetDict without the test split, and a folder of
+    data files (what load_dataset reads for a hub id) without the test split."""
+    from datasets import Dataset, DatasetDict
+
+    os.makedirs(tmp_path / "hub_like")
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved_dataset"))
+    DatasetDict(train=Dataset.from_list(rows)).save_to_disk(str(tmp_path / "saved_dict"))
+    return {"file": write_jsonl(tmp_path / "d.jsonl", rows), "saved Dataset": str(tmp_path / "saved_dataset"),
+            "DatasetDict": str(tmp_path / "saved_dict"), "hub": write_jsonl(tmp_path / "hub_like" / "train.jsonl", rows)
+            and str(tmp_path / "hub_like")}
+
+
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_one_hold_out_rule_for_every_script_and_input_kind(script, tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    module = SCRIPTS[script]
+    rows = [{"prompt": f"p{i}", "completion": f" c{i}."} for i in range(23)]
+    for kind, name in four_input_kinds(tmp_path, rows).items():
+        train, test = module.pick_splits(module.load_any_dataset(name), name, "train", "validation")
+        assert test is None, kind
+        train, test, note = module.hold_out(train, name, "train", "validation")
+        # the last row and every 10th before it: 3 of 23, whatever the seed
+        assert [r["prompt"] for r in test] == ["p2", "p12", "p22"], kind
+        assert [r["prompt"] for r in train] == [f"p{i}" for i in range(23) if i not in (2, 12, 22)], kind
+        assert note == "held out 3 of 23 rows of 'train' for evaluation (no 'validation' split)", kind
+    # an existing test split is used as it is
+    from datasets import Dataset, DatasetDict
+
+    DatasetDict(train=Dataset.from_list(rows), validation=Dataset.from_list(rows[:2])).save_to_disk(str(tmp_path / "dd"))
+    train, test = module.pick_splits(module.load_any_dataset(str(tmp_path / "dd")), "dd", "train", "validation")
+    assert len(train) == 23 and test.to_list() == rows[:2]
+
+
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_hold_out_that_takes_every_row_says_so(script):
+    from datasets import Dataset
+
+    module = SCRIPTS[script]
+    with pytest.raises(SystemExit) as info:
+        module.hold_out(Dataset.from_list([{"prompt": "p"}]), "one.jsonl", "train", "validation")
+    assert info.value.code == ("error: --dataset-test-split: 'one.jsonl' has no split 'validation', so it held out 1 of "
+                               "1 rows of 'train' for evaluation, which leaves none to train on; add rows, or name an "
+                               "existing split")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tokenisation of every format: the masks cover exactly the completion / assistant tokens
+
+
+def labelled_spans(labels):
+    """The [start, end) runs of positions whose label is not -100."""
+    spans, start = [], None
+    for i, label in enumerate(labels + [-100]):
+        if label != -100 and start is None:
+            start = i
+        if label == -100 and start is not None:
+            spans.append((start, i))
+            start = None
+    return spans
+
+
+def test_tokenize_conversation_labels_exactly_every_assistant_turn(chat_tokenizer):
+    tok = chat_tokenizer
+    messages = [user("Hi there."), assistant(" Hello you."), user("And then?"), assistant(" We ate cake.")]
+    for module in (sft, reward_modeling):
+        row = module.tokenize_conversation(tok, messages, 0)
+        ids, labels = row["input_ids"], row["labels"]
+        assert [labels[i] for i in range(len(ids)) if labels[i] != -100] == [ids[i] for i in range(len(ids)) if labels[i] != -100]
+        spans = labelled_spans(labels)
+        assert [tok.decode(ids[a:b]) for a, b in spans] == [" Hello you.<|endoftext|>", " We ate cake.<|endoftext|>"]
+        # the rest is the template's: everything before each turn, the newline after its EOS; the sequence ends at EOS
+        assert tok.decode(ids[: spans[0][0]]) == "<|user|>Hi there.\n<|assistant|>"
+        assert tok.decode(ids[spans[0][1]: spans[1][0]]) == "\n<|user|>And then?\n<|assistant|>"
+        assert spans[-1][1] == len(ids) and ids[-1] == tok.eos_token_id
+        # from message 2 on: only the last turn is trained
+        later = module.tokenize_conversation(tok, messages, 2)
+        assert later["input_ids"] == ids and labelled_spans(later["labels"]) == spans[1:]
+
+
+def test_tokenize_conversation_appends_eos_when_the_template_writes_none(tokenizer):
+    tok = tokenizer.__class__.from_pretrained(os.path.join(EMBEDDED, "tokenizer"))
+    tok.chat_template = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}" \
+                        "{% if add_generation_prompt %}[assistant]{% endif %}"
+    row = sft.tokenize_conversation(tok, [user("Hi."), assistant(" Yes.")], 0)
+    (start, end), = labelled_spans(row["labels"])
+    assert tok.decode(row["input_ids"][start:end]) == " Yes.<|endoftext|>" and end == len(row["input_ids"])
+
+
+def test_a_template_whose_prefix_tokenises_differently_is_an_error(tokenizer):
+    tok = tokenizer.__class__.from_pretrained(os.path.join(EMBEDDED, "tokenizer"))
+    # the assistant cue of add_generation_prompt is not what the template writes before an assistant message
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}" \
+                        "{% if add_generation_prompt %}<bot>{% endif %}"
+    for module in (sft, reward_modeling):
+        with pytest.raises(ValueError, match="tokens before it change"):
+            module.tokenize_conversation(tok, [user("Hi."), assistant(" Yes.")], 0)
+
+
+def test_sft_every_format_masks_all_but_the_completion(tokenizer, chat_tokenizer):
+    text = sft.tokenize_row(tokenizer, {"prompt": PROMPT, "completion": " We ate."}, "text")
+    (start, end), = labelled_spans(text["labels"])
+    assert text["input_ids"][:start] == tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(text["input_ids"][start:end]) == " We ate.<|endoftext|>"
+    prompt, completion = [user("Sum up: we ate.")], [assistant(" We ate.")]
+    conversational = sft.tokenize_row(chat_tokenizer, {"prompt": prompt, "completion": completion}, "conversation")
+    messages = sft.tokenize_row(chat_tokenizer, {"messages": prompt + completion}, "messages")
+    assert conversational == messages  # the same conversation in TRL's two conversational formats
+    (start, end), = labelled_spans(messages["labels"])
+    assert messages["input_ids"][:start] == sft.render_chat(chat_tokenizer, prompt, add_generation_prompt=True)
+    assert chat_tokenizer.decode(messages["input_ids"][start:end]) == " We ate.<|endoftext|>"
+    assert end == len(messages["input_ids"])
+
+
+def test_reward_model_scores_every_format_at_the_eos_after_the_completion(tokenizer, chat_tokenizer):
+    encode, eos = reward_modeling.encode_completion, tokenizer.eos_token_id
+    explicit = encode(tokenizer, PROMPT, " We ate.")
+    assert explicit == tokenizer(PROMPT + " We ate.", add_special_tokens=False)["input_ids"] + [eos]
+    assert encode(tokenizer, None, PROMPT + " We ate.") == explicit  # implicit prompt: the same sequence
+    prompt, chosen = [user("Sum up: we ate.")], [assistant(" We ate.")]
+    conversation = encode(chat_tokenizer, prompt, chosen)
+    assert encode(chat_tokenizer, None, prompt + chosen) == conversation
+    cue = sft.render_chat(chat_tokenizer, prompt, add_generation_prompt=True)
+    # the scored sequence is the prompt with the assistant cue, the assistant's tokens, and EOS: the score is read there
+    assert conversation[: len(cue)] == cue
+    assert chat_tokenizer.decode(conversation[len(cue):]) == " We ate.<|endoftext|>" and conversation[-1] == eos
+
+
+def test_ppo_prompts_plain_as_they_are_and_conversations_with_the_assistant_cue(tokenizer, chat_tokenizer):
+    for module in (ppo_rlhf, ppo_rlhf_tldr):
+        assert module.prompt_token_ids(chat_tokenizer, [PROMPT]) == [tokenizer(PROMPT, add_special_tokens=False)["input_ids"]]
+        ids, = module.prompt_token_ids(chat_tokenizer, [[user("Sum up: we ate.")]])
+        assert chat_tokenizer.decode(ids) == "<|user|>Sum up: we ate.\n<|assistant|>"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# every format passes validation; every bad row stops the script before any model loads, naming row and column
+
+
+def ppo_args(tmp_path, data, model=None):
+    return ["--dataset-name", data, "--output-dir", str(tmp_path / "out"), "--total-episodes", "8",
+            "--per-device-train-batch-size", "4", "--gradient-accumulation-steps", "2",
+            *(["--model-name-or-path", model] if model else [])]
+
+
+def sft_args(tmp_path, data, model=None):
+    return ["--dataset-name", data, "--output-dir", str(tmp_path / "out"),
+            *(["--model-name-or-path", model] if model else [])]
+
+
+def rm_args(tmp_path, data, model=None, normalize=None):
+    return ["--dataset-name", data, "--output-dir", str(tmp_path / "out"),
+            *(["--model-name-or-path", model] if model else []),
+            *(["--normalize-dataset-name", normalize] if normalize else ["--no-normalize-reward"])]
+
+
+def ppo_rows(n=20, prompt=lambda i: PROMPT.replace(" p", f" p{i}")):
+    return [{"prompt": prompt(i), "completion": f" c{i}."} for i in range(n)]
+
+
+def sft_conversation_rows(kind, n=20):
+    if kind == "messages":
+        return [{"messages": [user(f"Say {i}."), assistant(f" It is {i}.")]} for i in range(n)]
+    return [{"prompt": [user(f"Say {i}.")], "completion": [assistant(f" It is {i}.")]} for i in range(n)]
+
+
+def rm_rows(kind, explicit, n=20):
+    rows = []
+    for i in range(n):
+        prompt = PROMPT.replace(" p", f" p{i}") if kind == "text" else [user(f"Say {i}.")]
+        chosen, rejected = (f" yes {i}.", f" no {i}.") if kind == "text" else ([assistant(f" yes {i}.")], [assistant(f" no {i}.")])
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected} if explicit else
+                    {"chosen": prompt + chosen, "rejected": prompt + rejected})
+    return rows
+
+
+GOOD_FORMATS = {
+    # case: (script, rows, uses a chat template)
+    "ppo plain prompts": ("ppo_rlhf.py", ppo_rows(), False),
+    "ppo conversational prompts": ("ppo_rlhf.py", [{"prompt": [user(f"Say {i}.")]} for i in range(20)], True),
+    "ppo tldr plain prompts": ("ppo_rlhf_tldr.py", ppo_rows(), False),
+    "sft prompt/completion": ("sft.py", ppo_rows(), False),
+    "sft messages": ("sft.py", sft_conversation_rows("messages"), True),
+    "sft conversational prompt/completion": ("sft.py", sft_conversation_rows("conversation"), True),
+    "rm explicit plain": ("reward_modeling.py", rm_rows("text", True), False),
+    "rm implicit plain": ("reward_modeling.py", rm_rows("text", False), False),
+    "rm explicit conversational": ("reward_modeling.py", rm_rows("conversation", True), True),
+    "rm implicit conversational": ("reward_modeling.py", rm_rows("conversation", False), True),
+}
+ARGS = {"ppo_rlhf.py": ppo_args, "ppo_rlhf_tldr.py": ppo_args, "sft.py": sft_args, "reward_modeling.py": rm_args}
+
+
+@pytest.mark.parametrize("case", list(GOOD_FORMATS))
+def test_every_format_passes_validation(case, tmp_path, monkeypatch):
+    script, rows, chat = GOOD_FORMATS[case]
+    model = chat_model(tmp_path) if chat else None
+    argv = ARGS[script](tmp_path, write_jsonl(tmp_path / "d.jsonl", rows), model)
+    assert isinstance(run_in_process(script, argv, tmp_path, monkeypatch), ReachedTraining)
+
+
+def with_row(rows, index, **changes):
+    rows = [dict(r) for r in rows]
+    rows[index].update(changes)
+    return rows
+
+
+BAD_ROWS = {
+    # case: (script, rows, the argument named, words the message must hold)
+    "ppo None prompt": ("ppo_rlhf.py", with_row(ppo_rows(), 3, prompt=None), "--dataset-name",
+                        ["row 3 of", "`prompt` is None", "fix or drop that row"]),
+    "ppo number prompt": ("ppo_rlhf.py", with_row(ppo_rows(), 5, prompt=7), "--dataset-name", ["row 5 of", "`prompt` is 7"]),
+    "ppo empty prompt": ("ppo_rlhf.py", with_row(ppo_rows(), 4, prompt=""), "--dataset-name",
+                         ["row 4 of", "`prompt` is empty (1 such rows of 20)"]),
+    "ppo all prompts empty": ("ppo_rlhf.py", ppo_rows(prompt=lambda i: ""), "--dataset-name",
+                              ["row 0 of", "empty (20 such rows of 20)"]),
+    "ppo message without content": ("ppo_rlhf.py", [{"prompt": [{"role": "user"}]} for _ in range(20)], "--dataset-name",
+                                    ["row 0 of", "`prompt` is [{'role': 'user'", "string contents"]),
+    "ppo mixed prompts": ("ppo_rlhf.py", [{"prompt": [user("hi")]}] * 10 + [{"prompt": "hi"}] * 10, "--dataset-name",
+                          ["mixes strings (row 10) and conversations (row 0)"]),
+    "ppo conversations without a chat template": ("ppo_rlhf.py", [{"prompt": [user(f"Say {i}.")]} for i in range(20)],
+                                                  "--model-name-or-path", ["no chat template"]),
+    "tldr None prompt": ("ppo_rlhf_tldr.py", with_row(ppo_rows(), 3, prompt=None), "--dataset-name",
+                         ["row 3 of", "`prompt` is None"]),
+    "tldr conversational prompts": ("ppo_rlhf_tldr.py", [{"prompt": [user(f"Say {i}.")], "completion": " c."}
+                                                         for i in range(20)], "--dataset-name",
+                                    ["conversational prompts", "use ppo_rlhf.py"]),
+    "sft None completion": ("sft.py", with_row(ppo_rows(), 6, completion=None), "--dataset-name",
+                            ["row 6 of", "`completion` is None"]),
+    "sft empty completion": ("sft.py", with_row(ppo_rows(), 2, completion=" "), "--dataset-name",
+                             ["row 2 of", "`completion` is empty"]),
+    "sft messages as strings": ("sft.py", [{"messages": "hi"}] * 20, "--dataset-name", ["`messages` must hold lists"]),
+    "sft messages without a chat template": ("sft.py", sft_conversation_rows("messages"), "--tokenizer-name-or-path",
+                                             ["no chat template"]),
+    "sft no known columns": ("sft.py", [{"text": "hi"}] * 20, "--dataset-name", ["`prompt` and `completion`", "`messages`"]),
+    "rm None chosen": ("reward_modeling.py", with_row(rm_rows("text", True), 1, chosen=None), "--dataset-name",
+                       ["row 1 of", "`chosen` is None"]),
+    "rm chosen equals rejected in most pairs": (
+        "reward_modeling.py", [dict(r, rejected=r["chosen"]) if i < 11 else r for i, r in enumerate(rm_rows("text", True))],
+        "--dataset-name", ["11 of 20 pairs", "chosen == rejected", "(e.g. row 0)"]),
+    "rm empty pairs in most rows": (
+        "reward_modeling.py", [dict(r, chosen="") if i % 2 else dict(r, rejected=" ") if i % 4 == 0 else r
+                               for i, r in enumerate(rm_rows("text", True))], "--dataset-name",
+        ["15 of 20 pairs", "an empty side"]),
+    "rm conversations without a chat template": ("reward_modeling.py", rm_rows("conversation", False),
+                                                 "--tokenizer-name-or-path", ["no chat template"]),
+    "rm prompt as text, pairs as conversations": (
+        "reward_modeling.py", [dict(r, prompt="hi") for r in rm_rows("conversation", True)], "--dataset-name",
+        ["must all be strings or all conversations"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ROWS))
+def test_bad_rows_stop_before_any_model_loads_with_one_line(case, tmp_path, monkeypatch):
+    script, rows, argument, words = BAD_ROWS[case]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    error = run_in_process(script, ARGS[script](tmp_path, data), tmp_path, monkeypatch)
+    assert isinstance(error, SystemExit), f"{case}: the script went on to training"
+    message = error.code
+    assert isinstance(message, str) and message.startswith(f"error: {argument}: ") and "\n" not in message, message
+    for word in words:
+        assert word in message, (word, message)
+    if argument == "--dataset-name" and "row" in words[0]:
+        assert repr(data) in message  # names the dataset
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_few_useless_pairs_are_dropped_with_a_count(tmp_path, monkeypatch):
+    """Fewer than half: dropped, not refused (the count is printed once the run starts: see the end-to-end run)."""
+    rows = [dict(r, rejected=r["chosen"]) if i in (3, 8) else r for i, r in enumerate(rm_rows("text", True))]
+    rows[5]["rejected"] = ""
+    argv = rm_args(tmp_path, write_jsonl(tmp_path / "d.jsonl", rows))
+    assert isinstance(run_in_process("reward_modeling.py", argv, tmp_path, monkeypatch), ReachedTraining)
+    data = reward_modeling.load_any_dataset(str(tmp_path / "d.jsonl"))[None]
+    assert reward_modeling.preference_format(data, "d")[2] == [3, 5, 8]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# end to end: a conversational run of each script, as a user would (a few seconds each)
+
+
+def test_sft_trains_on_messages_and_shows_rendered_samples(tmp_path):
+    model = chat_model(tmp_path, "base_model")
+    data = write_jsonl(tmp_path / "d.jsonl", sft_conversation_rows("messages", 40))
+    proc = run_script("sft.py", "--model-name-or-path", model, "--dataset-name", data, "--output-dir",
+                      str(tmp_path / "out"), "--num-train-epochs", "1", "--num-sample-completions", "2",
+                      "--sample-max-new-tokens", "4", env=ONE_THREAD)
+    assert "36 train / 4 eval examples (messages format)" in proc.stdout, proc.stdout[-2000:]
+    assert "<|user|>Say 9." in proc.stdout and "<|assistant|>" in proc.stdout  # sample queries, through the template
+    assert "note: the tokenizer has a chat template" not in proc.stdout
+
+
+def test_reward_modeling_on_implicit_conversations_drops_useless_pairs(tmp_path):
+    model = chat_model(tmp_path)
+    rows = rm_rows("conversation", False, 40)
+    rows[7]["rejected"] = rows[7]["chosen"]
+    normalize = write_jsonl(tmp_path / "n.jsonl", sft_conversation_rows("conversation", 8))
+    proc = run_script("reward_modeling.py", *rm_args(tmp_path, write_jsonl(tmp_path / "d.jsonl", rows), model, normalize),
+                      "--per-device-train-batch-size", "8", env=ONE_THREAD)
+    assert "dropped 1 of 40 pairs" in proc.stdout and "(e.g. row 7)" in proc.stdout, proc.stdout[-2000:]
+    assert "held out 4 of 39 rows of 'train'" in proc.stdout
+    assert "35 train / 4 eval pairs (conversation format, implicit prompt)" in proc.stdout
+    assert os.path.exists(tmp_path / "out" / "model.safetensors")
+
+
+@pytest.mark.parametrize("kind", ["conversational", "plain"])
+def test_ppo_with_a_chat_template_tokenizer(kind, tmp_path):
+    """Conversational prompts go through the template; plain ones are used as they are, and the log says so once."""
+    model = chat_model(tmp_path)
+    rows = [{"prompt": [user(f"Say {i}.")]} if kind == "conversational" else {"prompt": f"Say {i}."} for i in range(20)]
+    proc = run_script("ppo_rlhf.py", *ppo_args(tmp_path, write_jsonl(tmp_path / "d.jsonl", rows), model),
+                      "--num-sample-generations", "0", "--response-length", "4", "--local-rollout-forward-batch-size",
+                      "8", env=ONE_THREAD)
+    assert "held out 2 of 20 rows of 'train' for evaluation (no 'validation' split)" in proc.stdout, proc.stdout[-2000:]
+    assert "18 train / 2 eval prompts" in proc.stdout
+    assert proc.stdout.count("note: the tokenizer has a chat template") == (kind == "plain")
+    assert os.path.exists(tmp_path / "out" / "model.safetensors")
