@@ -9,6 +9,16 @@ evaluation), a `metrics.jsonl` file, or the `--results-json` of benchmark/trl_pp
 is the list of TRL's logged dicts, same metric names). Runs are grouped by label; the seeds of a label are
 interpolated onto a common episode grid and drawn as their mean line with a min-max (or +-std) band.
 
+`metrics.jsonl` interleaves training and evaluation rows; they are told apart by their keys. Training rows carry the
+17 metrics (`objective/kl`, ...) with `episode` and `update`; evaluation rows (every --eval-steps updates) carry only
+`eval/*` (`eval/score`, `eval/kl`, `eval/eos_rate`, `eval/response_length`) with `episode` and `update`;
+ppo_rlhf_tldr.py adds one `initial_eval/*` and one `final_eval/*` row. Here each panel takes the rows that have its
+metric. To read one yourself:
+
+    import pandas as pd
+    rows = pd.read_json("models/ppo_tiny/metrics.jsonl", lines=True)
+    train, evals = rows[rows["objective/kl"].notna()], rows[rows["eval/score"].notna()]
+
 Writes a PNG grid (one panel per metric, x axis `episode`) and a markdown table of the final values (per label:
 mean +- std over seeds of each seed's last logged value; std with ddof=0, as openrlbenchmark's tables), printed and
 saved next to the PNG with the `.md` suffix. Metrics a run does not log are skipped.

@@ -210,8 +210,9 @@ def test_get_started_command(runs):
                        ("num_mini_batches", 1), ("per_device_train_batch_size", 64), ("gradient_accumulation_steps", 1),
                        ("total_episodes", 128), ("missing_eos_penalty", 1.0), ("output_dir", "models/minimal/ppo")):
         assert args[key] == value, (key, args[key])
-    # no test split in the stand-in: the last 100 rows are held out, as TRL's example did
-    assert "200 train / 100 eval prompts; 2 updates of 64 episodes" in run.stdout, run.stdout[-2000:]
+    # no test split in the stand-in: the rule of every script holds out every 10th row (TRL's example held out 100)
+    assert "held out 30 of 300 rows of 'descriptiveness' for evaluation (no 'validation' split)" in run.stdout
+    assert "270 train / 30 eval prompts; 2 updates of 64 episodes" in run.stdout, run.stdout[-2000:]
     rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
     train = [r for r in rows if "objective/kl" in r]
     assert [(r["update"], r["episode"], r["optimizer_steps"]) for r in train] == [(1, 64, 1), (2, 128, 2)]

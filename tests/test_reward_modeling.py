@@ -186,12 +186,14 @@ def test_reward_modeling_tiny_run_saves_a_normalised_model(tmp_path, tokenizer):
                       os.path.join(EMBEDDED, "sft_data"), "--normalize-num-examples", "32",
                       "--per-device-train-batch-size", "16", "--logging-steps", "2", "--output-dir", str(out),
                       env={**ONE_THREAD, "HF_DATASETS_CACHE": str(tmp_path / "cache")}, timeout=600)
-    assert "58 train / 6 eval pairs" in proc.stdout  # one jsonl file has no splits: its last 10% are held out
+    # one jsonl file has no splits: the last row and every 10th before it are held out
+    assert "held out 7 of 64 rows of 'train' for evaluation (no 'test' split)" in proc.stdout
+    assert "57 train / 7 eval pairs" in proc.stdout
     assert {"config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "args.json"} <= set(os.listdir(out))
     assert not os.path.exists(str(out) + ".tmp")
     with open(out / "metrics.jsonl") as f:
         metrics = [json.loads(line) for line in f]
-    assert [m["step"] for m in metrics if "train/loss" in m] == [2, 4]  # 58 pairs / 16 per step = 4 steps
+    assert [m["step"] for m in metrics if "train/loss" in m] == [2, 4]  # 57 pairs / 16 per step = 4 steps
     (eval_row,) = [m for m in metrics if "eval/loss" in m]
     assert math.isfinite(eval_row["eval/loss"]) and 0 <= eval_row["eval/accuracy"] <= 1
     assert 0 <= eval_row["eval/gold_accuracy"] <= 1  # the jsonl kept the gold column
@@ -211,7 +213,7 @@ def test_reward_modeling_tiny_run_saves_a_normalised_model(tmp_path, tokenizer):
     from datasets import load_dataset
 
     pairs = load_dataset("json", data_files=str(tmp_path / "pref.jsonl"), split="train",
-                         cache_dir=str(tmp_path / "cache")).select(range(58, 64))  # the held-out pairs
+                         cache_dir=str(tmp_path / "cache")).select(range(3, 64, 10))  # the held-out pairs
     chosen = hf_scores(model, [encode(saved_tok, r["prompt"], r["chosen"]) for r in pairs], saved_tok.pad_token_id)
     rejected = hf_scores(model, [encode(saved_tok, r["prompt"], r["rejected"]) for r in pairs], saved_tok.pad_token_id)
     loss, accuracy = rm.pairwise_loss_and_accuracy(chosen, rejected)
@@ -302,7 +304,7 @@ BAD_INPUTS = {
     "empty jsonl file": (lambda t: {"--dataset-name": write_jsonl(t / "e.jsonl", [])}, "--dataset-name", "could not load"),
     # datasets 5 cannot load back an empty save_to_disk folder (0 shards): the load error names --dataset-name.
     "empty dataset": (empty_dataset, "--dataset-name", "could not load"),
-    "missing split": (lambda t: {"--dataset-test-split": "nope"}, "--dataset-name", "nope"),
+    "missing train split": (lambda t: {"--dataset-train-split": "nope"}, "--dataset-train-split", "nope"),
     "model path missing": (lambda t: {"--model-name-or-path": str(t / "no_such_model")}, "--model-name-or-path",
                            "does not exist"),
     "tokenizer path missing": (lambda t: {"--tokenizer-name-or-path": str(t / "no_such_tok")},

@@ -134,11 +134,11 @@ def test_load_any_dataset_file_and_folders(tmp_path, monkeypatch):
     rows = [{"prompt": "SUBREDDIT: r/x\n\nTITLE: t\n\nPOST: p\n\nTL;DR:", "completion": f" c{i}."} for i in range(3)]
     with open(tmp_path / "d.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    assert sft.load_any_dataset(str(tmp_path / "d.jsonl"), "validation").to_list() == rows  # one file: every split
+    assert {k: v.to_list() for k, v in sft.load_any_dataset(str(tmp_path / "d.jsonl")).items()} == {None: rows}  # no splits
     DatasetDict(train=Dataset.from_list(rows), validation=Dataset.from_list(rows[:1])).save_to_disk(str(tmp_path / "dd"))
-    assert sft.load_any_dataset(str(tmp_path / "dd"), "validation").to_list() == rows[:1]
+    assert sft.load_any_dataset(str(tmp_path / "dd"))["validation"].to_list() == rows[:1]
     Dataset.from_list(rows[1:]).save_to_disk(str(tmp_path / "ds"))
-    assert sft.load_any_dataset(str(tmp_path / "ds"), "train").to_list() == rows[1:]
+    assert sft.load_any_dataset(str(tmp_path / "ds"))[None].to_list() == rows[1:]
 
 
 def test_atomic_save_replaces_the_folder_and_leaves_no_temporary(tmp_path):
@@ -272,7 +272,7 @@ BAD_INPUTS = {
     # datasets 5 cannot load back an empty save_to_disk folder (0 shards), so the script's "is empty" check is not
     # reached; the load error names --dataset-name, which is the argument to change.
     "empty dataset": (empty_dataset, "--dataset-name", "could not load"),
-    "missing split": (lambda t: {"--dataset-test-split": "nope"}, "--dataset-name", "nope"),
+    "missing train split": (lambda t: {"--dataset-train-split": "nope"}, "--dataset-train-split", "nope"),
     "model path missing": (lambda t: {"--model-name-or-path": str(t / "no_such_model")}, "--model-name-or-path",
                            "does not exist"),
     "tokenizer path missing": (lambda t: {"--tokenizer-name-or-path": str(t / "no_such_tok")},
