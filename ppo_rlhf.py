@@ -206,7 +206,8 @@ HOLD_OUT_EVERY = 10  # with no test split, the last training row and every 10th 
 
 def load_any_dataset(name: str) -> dict:
     """Every split of a hub id (or a folder of data files), a `save_to_disk` folder (DatasetDict or Dataset), or a
-    json/jsonl/parquet/csv/tsv file, as {split: Dataset}; a file or a single saved Dataset has no splits: {None: data}."""
+    json/jsonl/parquet/csv/tsv file, as {split: Dataset}; a file or a single saved Dataset has no splits:
+    {None: data}."""
     from datasets import Dataset, load_dataset, load_from_disk
 
     if os.path.isdir(name) and any(os.path.exists(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json")):
@@ -255,8 +256,8 @@ def column_kind(data, column: str, where: str, allow_empty: bool = False, argume
                                              and isinstance(m.get("content"), str) for m in value):
             kind, blank = "conversation", not value or not value[-1]["content"].strip()
         else:
-            fail(argument, f"row {i} of {where}: `{column}` is {repr(value)[:80]}; it must be a string or a list "
-                                 "of {'role': ..., 'content': ...} messages with string contents; fix or drop that row")
+            fail(argument, f"row {i} of {where}: `{column}` is {repr(value)[:80]}; it must be a string or a list of "
+                           "{'role': ..., 'content': ...} messages with string contents; fix or drop that row")
         first.setdefault(kind, i)
         if blank:
             empty.append(i)
@@ -770,7 +771,8 @@ if __name__ == "__main__":
         train_data, eval_data, split_note = hold_out(train_data, args.dataset_name, args.dataset_train_split,
                                                      args.dataset_test_split)
     if len(train_data) < local_batch_size:
-        fail("dataset_train_split", f"{len(train_data)} prompts cannot fill one per-process batch of {local_batch_size}")
+        fail("dataset_train_split", f"{len(train_data)} prompts cannot fill one per-process batch of {local_batch_size} "
+                                    f"({split_note})")
 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
 

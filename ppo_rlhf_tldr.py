@@ -11,7 +11,8 @@
         --eval-strategy steps --eval-steps 100
 
 What differs from ppo_rlhf.py (`diff ppo_rlhf.py ppo_rlhf_tldr.py`): the data is trl-lib/tldr's `prompt`/`completion`
-format (plain-text prompts: the judges read TL;DR text, so conversational prompts are refused); prompts longer than --max-prompt-length are dropped (and counted) and none may end with EOS; and a final
+format (plain-text prompts: the judges read TL;DR text, so conversational prompts are refused); prompts longer than
+--max-prompt-length are dropped (and counted) and none may end with EOS; and a final
 evaluation on the whole --dataset-final-eval-split saves every generation (query, response, reference, score) to
 output_dir/eval_generations/, along with the same for the initial (SFT) policy, so a judge can compare them later.
 """
@@ -219,7 +220,8 @@ HOLD_OUT_EVERY = 10  # with no test split, the last training row and every 10th 
 
 def load_any_dataset(name: str) -> dict:
     """Every split of a hub id (or a folder of data files), a `save_to_disk` folder (DatasetDict or Dataset), or a
-    json/jsonl/parquet/csv/tsv file, as {split: Dataset}; a file or a single saved Dataset has no splits: {None: data}."""
+    json/jsonl/parquet/csv/tsv file, as {split: Dataset}; a file or a single saved Dataset has no splits:
+    {None: data}."""
     from datasets import Dataset, load_dataset, load_from_disk
 
     if os.path.isdir(name) and any(os.path.exists(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json")):
@@ -268,8 +270,8 @@ def column_kind(data, column: str, where: str, allow_empty: bool = False, argume
                                              and isinstance(m.get("content"), str) for m in value):
             kind, blank = "conversation", not value or not value[-1]["content"].strip()
         else:
-            fail(argument, f"row {i} of {where}: `{column}` is {repr(value)[:80]}; it must be a string or a list "
-                                 "of {'role': ..., 'content': ...} messages with string contents; fix or drop that row")
+            fail(argument, f"row {i} of {where}: `{column}` is {repr(value)[:80]}; it must be a string or a list of "
+                           "{'role': ..., 'content': ...} messages with string contents; fix or drop that row")
         first.setdefault(kind, i)
         if blank:
             empty.append(i)
@@ -795,7 +797,8 @@ if __name__ == "__main__":
         final_data = eval_data
         split_note += f"; the final evaluation uses them too (no {args.dataset_final_eval_split!r} split)"
     if len(train_data) < local_batch_size:
-        fail("dataset_train_split", f"{len(train_data)} prompts cannot fill one per-process batch of {local_batch_size}")
+        fail("dataset_train_split", f"{len(train_data)} prompts cannot fill one per-process batch of {local_batch_size} "
+                                    f"({split_note})")
 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
 

@@ -115,7 +115,8 @@ HOLD_OUT_EVERY = 10  # with no test split, the last training row and every 10th 
 
 def load_any_dataset(name: str) -> dict:
     """Every split of a hub id (or a folder of data files), a `save_to_disk` folder (DatasetDict or Dataset), or a
-    json/jsonl/parquet/csv/tsv file, as {split: Dataset}; a file or a single saved Dataset has no splits: {None: data}."""
+    json/jsonl/parquet/csv/tsv file, as {split: Dataset}; a file or a single saved Dataset has no splits:
+    {None: data}."""
     from datasets import Dataset, load_dataset, load_from_disk
 
     if os.path.isdir(name) and any(os.path.exists(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json")):
@@ -164,8 +165,8 @@ def column_kind(data, column: str, where: str, allow_empty: bool = False, argume
                                              and isinstance(m.get("content"), str) for m in value):
             kind, blank = "conversation", not value or not value[-1]["content"].strip()
         else:
-            fail(argument, f"row {i} of {where}: `{column}` is {repr(value)[:80]}; it must be a string or a list "
-                                 "of {'role': ..., 'content': ...} messages with string contents; fix or drop that row")
+            fail(argument, f"row {i} of {where}: `{column}` is {repr(value)[:80]}; it must be a string or a list of "
+                           "{'role': ..., 'content': ...} messages with string contents; fix or drop that row")
         first.setdefault(kind, i)
         if blank:
             empty.append(i)
@@ -400,15 +401,20 @@ if __name__ == "__main__":
             refs = normalize_splits[None] if None in normalize_splits else normalize_splits[args.normalize_split]
         except Exception as e:
             fail("normalize_dataset_name", f"could not load split {args.normalize_split!r} of "
-                                           f"{args.normalize_dataset_name!r} (is it empty, or missing that split?): {e}")
+                                           f"{args.normalize_dataset_name!r} (is it empty, or missing that split?): "
+                                           f"{e}")
         where = f"split {args.normalize_split!r} of {args.normalize_dataset_name!r}"
         if {"prompt", "completion"} - set(refs.column_names):
-            fail("normalize_dataset_name", f"{where} has columns {refs.column_names}; it needs `prompt` and `completion`")
+            fail("normalize_dataset_name", f"{where} has columns {refs.column_names}; it needs `prompt` and "
+                                           "`completion`")
         if len(refs) == 0:
             fail("normalize_split", f"{where} is empty")
         refs = refs.select(range(min(args.normalize_num_examples, len(refs))))
-        if {column_kind(refs, c, where, argument="normalize_dataset_name")[0] for c in ("prompt", "completion")} != {kind}:
-            fail("normalize_dataset_name", f"{where} must be in the format of --dataset-name ({kind}), in both columns")
+        ref_kinds = {column_kind(refs, column, where, argument="normalize_dataset_name")[0]
+                     for column in ("prompt", "completion")}
+        if ref_kinds != {kind}:
+            fail("normalize_dataset_name", f"{where} must be in the format of --dataset-name ({kind}), in both "
+                                           "columns")
     config = AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
     if getattr(config, "num_labels", 1) != 1 and any("ForSequenceClassification" in a for a in config.architectures or []):
         fail("model_name_or_path", f"{args.model_name_or_path!r} is a classifier with {config.num_labels} labels; "

@@ -125,7 +125,8 @@ HOLD_OUT_EVERY = 10  # with no test split, the last training row and every 10th 
 
 def load_any_dataset(name: str) -> dict:
     """Every split of a hub id (or a folder of data files), a `save_to_disk` folder (DatasetDict or Dataset), or a
-    json/jsonl/parquet/csv/tsv file, as {split: Dataset}; a file or a single saved Dataset has no splits: {None: data}."""
+    json/jsonl/parquet/csv/tsv file, as {split: Dataset}; a file or a single saved Dataset has no splits:
+    {None: data}."""
     from datasets import Dataset, load_dataset, load_from_disk
 
     if os.path.isdir(name) and any(os.path.exists(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json")):
@@ -174,8 +175,8 @@ def column_kind(data, column: str, where: str, allow_empty: bool = False, argume
                                              and isinstance(m.get("content"), str) for m in value):
             kind, blank = "conversation", not value or not value[-1]["content"].strip()
         else:
-            fail(argument, f"row {i} of {where}: `{column}` is {repr(value)[:80]}; it must be a string or a list "
-                                 "of {'role': ..., 'content': ...} messages with string contents; fix or drop that row")
+            fail(argument, f"row {i} of {where}: `{column}` is {repr(value)[:80]}; it must be a string or a list of "
+                           "{'role': ..., 'content': ...} messages with string contents; fix or drop that row")
         first.setdefault(kind, i)
         if blank:
             empty.append(i)
@@ -381,7 +382,8 @@ if __name__ == "__main__":
             fail("dataset_name", f"{where} is empty")
         kinds |= {sft_format(data, where)} if data is not None else set()
     if len(kinds) > 1:
-        fail("dataset_name", f"the train and test splits of {args.dataset_name!r} have different formats {sorted(kinds)}")
+        fail("dataset_name", f"the train and test splits of {args.dataset_name!r} have different formats "
+                             f"{sorted(kinds)}")
     kind = kinds.pop()
     split_note = f"evaluating on split {args.dataset_test_split!r}"
     if eval_data is None:
@@ -451,7 +453,8 @@ if __name__ == "__main__":
     train_rows, dropped_train = tokenize_split(train_data)
     eval_rows, dropped_eval = tokenize_split(eval_data)
     accelerator.print(f"{split_note}; {len(train_rows)} train / {len(eval_rows)} eval examples ({kind} format); "
-                      f"dropped as longer than --max-length {args.max_length}: {dropped_train} train, {dropped_eval} eval")
+                      f"dropped as longer than --max-length {args.max_length}: {dropped_train} train, "
+                      f"{dropped_eval} eval")
     if kind == "text" and tokenizer.chat_template:
         accelerator.print("note: the tokenizer has a chat template, but the data is plain text: it is used as it is, "
                           "without the template (give lists of {role, content} messages to have it applied)")
@@ -622,7 +625,7 @@ if __name__ == "__main__":
             Console().print(table)
             if args.track:
                 wandb.log({"samples": wandb.Table(columns=["query", "model response", "reference"],
-                                                  data=[[p, r, c] for p, r, c in zip(prompts, responses, references)])})
+                                                  data=[list(x) for x in zip(prompts, responses, references)])})
 
     # Save atomically: a crash mid-save never leaves a half-written output_dir.
     accelerator.wait_for_everyone()

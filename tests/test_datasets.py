@@ -95,8 +95,8 @@ def four_input_kinds(tmp_path, rows):
     Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved_dataset"))
     DatasetDict(train=Dataset.from_list(rows)).save_to_disk(str(tmp_path / "saved_dict"))
     return {"file": write_jsonl(tmp_path / "d.jsonl", rows), "saved Dataset": str(tmp_path / "saved_dataset"),
-            "DatasetDict": str(tmp_path / "saved_dict"), "hub": write_jsonl(tmp_path / "hub_like" / "train.jsonl", rows)
-            and str(tmp_path / "hub_like")}
+            "DatasetDict": str(tmp_path / "saved_dict"),
+            "hub": write_jsonl(tmp_path / "hub_like" / "train.jsonl", rows) and str(tmp_path / "hub_like")}
 
 
 @pytest.mark.parametrize("script", list(SCRIPTS))
@@ -117,7 +117,8 @@ def test_one_hold_out_rule_for_every_script_and_input_kind(script, tmp_path, mon
     # an existing test split is used as it is
     from datasets import Dataset, DatasetDict
 
-    DatasetDict(train=Dataset.from_list(rows), validation=Dataset.from_list(rows[:2])).save_to_disk(str(tmp_path / "dd"))
+    both = DatasetDict(train=Dataset.from_list(rows), validation=Dataset.from_list(rows[:2]))
+    both.save_to_disk(str(tmp_path / "dd"))
     train, test = module.pick_splits(module.load_any_dataset(str(tmp_path / "dd")), "dd", "train", "validation")
     assert len(train) == 23 and test.to_list() == rows[:2]
 
@@ -156,7 +157,7 @@ def test_tokenize_conversation_labels_exactly_every_assistant_turn(chat_tokenize
     for module in (sft, reward_modeling):
         row = module.tokenize_conversation(tok, messages, 0)
         ids, labels = row["input_ids"], row["labels"]
-        assert [labels[i] for i in range(len(ids)) if labels[i] != -100] == [ids[i] for i in range(len(ids)) if labels[i] != -100]
+        assert all(label in (-100, token) for label, token in zip(labels, ids)) and len(labels) == len(ids)
         spans = labelled_spans(labels)
         assert [tok.decode(ids[a:b]) for a, b in spans] == [" Hello you.<|endoftext|>", " We ate cake.<|endoftext|>"]
         # the rest is the template's: everything before each turn, the newline after its EOS; the sequence ends at EOS
@@ -211,7 +212,7 @@ def test_reward_model_scores_every_format_at_the_eos_after_the_completion(tokeni
     conversation = encode(chat_tokenizer, prompt, chosen)
     assert encode(chat_tokenizer, None, prompt + chosen) == conversation
     cue = sft.render_chat(chat_tokenizer, prompt, add_generation_prompt=True)
-    # the scored sequence is the prompt with the assistant cue, the assistant's tokens, and EOS: the score is read there
+    # the scored sequence: the prompt with the assistant cue, the assistant's tokens, and EOS (where the score is read)
     assert conversation[: len(cue)] == cue
     assert chat_tokenizer.decode(conversation[len(cue):]) == " We ate.<|endoftext|>" and conversation[-1] == eos
 
@@ -351,6 +352,17 @@ def test_bad_rows_stop_before_any_model_loads_with_one_line(case, tmp_path, monk
         assert word in message, (word, message)
     if argument == "--dataset-name" and "row" in words[0]:
         assert repr(data) in message  # names the dataset
+    assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("script", ["ppo_rlhf.py", "ppo_rlhf_tldr.py"])
+def test_too_few_prompts_after_the_hold_out_says_what_was_held_out(script, tmp_path, monkeypatch):
+    data = write_jsonl(tmp_path / "d.jsonl", ppo_rows(8))
+    error = run_in_process(script, ppo_args(tmp_path, data), tmp_path, monkeypatch)
+    assert error.code.startswith("error: --dataset-train-split: 7 prompts cannot fill one per-process batch of 8 "
+                                 "(held out 1 of 8 rows of 'train' for evaluation (no 'validation' split)")
+    if script == "ppo_rlhf_tldr.py":
+        assert error.code.endswith("; the final evaluation uses them too (no 'test' split))")
     assert not os.path.exists(tmp_path / "out")
 
 
