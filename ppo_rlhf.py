@@ -263,10 +263,10 @@ def column_kind(data, column: str, where: str, allow_empty: bool = False, argume
             empty.append(i)
     if len(first) > 1:
         fail(argument, f"{where}: `{column}` mixes strings (row {first['text']}) and conversations (row "
-                             f"{first['conversation']}); use one format per column")
+                       f"{first['conversation']}); use one format per column")
     if empty and not allow_empty:
         fail(argument, f"row {empty[0]} of {where}: `{column}` is empty ({len(empty)} such rows of {len(data)}); "
-                             "fill or drop those rows")
+                       "fill or drop those rows")
     return next(iter(first), "text"), empty
 
 
@@ -837,6 +837,7 @@ if __name__ == "__main__":
     if prompt_kind == "text" and tokenizer.chat_template:
         accelerator.print("note: the tokenizer has a chat template, but the prompts are plain text: they are used as "
                           "they are, as TRL's PPO did (give lists of {role, content} messages to have it applied)")
+
     def tokenize(batch):
         return {"input_ids": prompt_token_ids(tokenizer, batch["prompt"])}
 

@@ -172,10 +172,10 @@ def column_kind(data, column: str, where: str, allow_empty: bool = False, argume
             empty.append(i)
     if len(first) > 1:
         fail(argument, f"{where}: `{column}` mixes strings (row {first['text']}) and conversations (row "
-                             f"{first['conversation']}); use one format per column")
+                       f"{first['conversation']}); use one format per column")
     if empty and not allow_empty:
         fail(argument, f"row {empty[0]} of {where}: `{column}` is empty ({len(empty)} such rows of {len(data)}); "
-                             "fill or drop those rows")
+                       "fill or drop those rows")
     return next(iter(first), "text"), empty
 
 
@@ -183,6 +183,15 @@ def render_chat(tokenizer, messages: list, add_generation_prompt: bool) -> list:
     """Token ids of messages through the tokenizer's chat template (which writes any BOS itself)."""
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def require_assistant(data, column: str, where: str, last: bool = False) -> None:
+    """Every conversation of a column needs an assistant message (`last`: at its end) to learn from or to score."""
+    for i, messages in enumerate(data[column]):
+        roles = [m["role"] for m in messages]
+        if messages and ((roles[-1] != "assistant") if last else ("assistant" not in roles)):
+            fail("dataset_name", f"row {i} of {where}: `{column}` has no assistant message{' at its end' if last else ''}"
+                                 f" (roles {roles}); add the assistant's answer or drop that row")
 
 
 def tokenize_conversation(tokenizer, messages: list, first_trained: int) -> dict:
@@ -224,6 +233,9 @@ def preference_format(data, where: str) -> tuple:
             "prompt" in data.column_names and column_kind(data, "prompt", where)[0] != kind):
         fail("dataset_name", f"{where}: `prompt`, `chosen` and `rejected` must all be strings or all conversations")
     blank_rejected = column_kind(data, "rejected", where, allow_empty=True)[1]
+    if kind == "conversation":
+        for column in ("chosen", "rejected"):  # implicit prompt: the conversation ends with the scored answer
+            require_assistant(data, column, where, last="prompt" not in data.column_names)
     same = [i for i, (c, r) in enumerate(zip(data["chosen"], data["rejected"])) if c == r]
     return kind, "prompt" in data.column_names, sorted(set(blank_chosen) | set(blank_rejected) | set(same))
 
@@ -484,9 +496,9 @@ if __name__ == "__main__":
     def encode(prompt, completion) -> list:
         try:
             return encode_completion(tokenizer, prompt, completion)
-        except ValueError as e:  # a chat template whose turns cannot be told apart, or no assistant turn
-            fail("tokenizer_name_or_path", f"{e}; use a template that renders each turn after the previous ones, and "
-                                           "end each conversation with an assistant message")
+        except ValueError as e:  # a chat template whose turns cannot be told apart
+            fail("tokenizer_name_or_path", f"{e} (in {completion!r:.80}); use a template that renders each turn after "
+                                           "the previous ones unchanged")
 
     def tokenize_pairs(data):
         has_gold = "gold_chosen_is_better" in data.column_names

@@ -182,10 +182,10 @@ def column_kind(data, column: str, where: str, allow_empty: bool = False, argume
             empty.append(i)
     if len(first) > 1:
         fail(argument, f"{where}: `{column}` mixes strings (row {first['text']}) and conversations (row "
-                             f"{first['conversation']}); use one format per column")
+                       f"{first['conversation']}); use one format per column")
     if empty and not allow_empty:
         fail(argument, f"row {empty[0]} of {where}: `{column}` is empty ({len(empty)} such rows of {len(data)}); "
-                             "fill or drop those rows")
+                       "fill or drop those rows")
     return next(iter(first), "text"), empty
 
 
@@ -193,6 +193,15 @@ def render_chat(tokenizer, messages: list, add_generation_prompt: bool) -> list:
     """Token ids of messages through the tokenizer's chat template (which writes any BOS itself)."""
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+def require_assistant(data, column: str, where: str, last: bool = False) -> None:
+    """Every conversation of a column needs an assistant message (`last`: at its end) to learn from or to score."""
+    for i, messages in enumerate(data[column]):
+        roles = [m["role"] for m in messages]
+        if messages and ((roles[-1] != "assistant") if last else ("assistant" not in roles)):
+            fail("dataset_name", f"row {i} of {where}: `{column}` has no assistant message{' at its end' if last else ''}"
+                                 f" (roles {roles}); add the assistant's answer or drop that row")
+
 
 def tokenize_conversation(tokenizer, messages: list, first_trained: int) -> dict:
     """A conversation through the chat template; labels keep the assistant turns from message `first_trained` on.
@@ -228,10 +237,13 @@ def sft_format(data, where: str) -> str:
         kind = column_kind(data, "prompt", where)[0]
         if column_kind(data, "completion", where)[0] != kind:
             fail("dataset_name", f"{where}: `prompt` and `completion` must both be strings or both conversations")
+        if kind == "conversation":
+            require_assistant(data, "completion", where)
         return kind
     if "messages" in data.column_names:
         if column_kind(data, "messages", where)[0] != "conversation":
             fail("dataset_name", f"{where}: `messages` must hold lists of {{'role', 'content'}} messages, not strings")
+        require_assistant(data, "messages", where)
         return "messages"
     fail("dataset_name", f"{where} has columns {data.column_names}; SFT needs `prompt` and `completion` (strings or "
                          "lists of messages) or `messages` (conversations)")
@@ -377,10 +389,12 @@ if __name__ == "__main__":
     train_data, eval_data = pick_splits(splits, args.dataset_name, args.dataset_train_split, args.dataset_test_split)
     kinds = set()
     for split, data in ((args.dataset_train_split, train_data), (args.dataset_test_split, eval_data)):
+        if data is None:
+            continue
         where = repr(args.dataset_name) if None in splits else f"split {split!r} of {args.dataset_name!r}"
-        if data is not None and len(data) == 0:
+        if len(data) == 0:
             fail("dataset_name", f"{where} is empty")
-        kinds |= {sft_format(data, where)} if data is not None else set()
+        kinds.add(sft_format(data, where))
     if len(kinds) > 1:
         fail("dataset_name", f"the train and test splits of {args.dataset_name!r} have different formats "
                              f"{sorted(kinds)}")
@@ -443,10 +457,13 @@ if __name__ == "__main__":
 
     # Data: tokenise, drop (and count) over-long examples.
     def tokenize_split(data):
-        try:
-            rows = [tokenize_row(tokenizer, row, kind) for row in data]
-        except ValueError as e:  # a chat template whose turns cannot be told apart
-            fail("tokenizer_name_or_path", f"{e}; use a template that renders each turn after the previous ones")
+        rows = []
+        for i, row in enumerate(data):
+            try:
+                rows.append(tokenize_row(tokenizer, row, kind))
+            except ValueError as e:  # a chat template whose turns cannot be told apart
+                fail("tokenizer_name_or_path", f"row {i}: {e}; use a template that renders each turn after the "
+                                               "previous ones unchanged")
         kept = [r for r in rows if len(r["input_ids"]) <= args.max_length]
         return kept, len(rows) - len(kept)
 

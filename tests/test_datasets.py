@@ -188,6 +188,16 @@ def test_a_template_whose_prefix_tokenises_differently_is_an_error(tokenizer):
             module.tokenize_conversation(tok, [user("Hi."), assistant(" Yes.")], 0)
 
 
+def test_such_a_template_stops_the_script_with_one_line_and_writes_nothing(tmp_path):
+    model = chat_model(tmp_path, "base_model", template="{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
+                                                        "{% endfor %}{% if add_generation_prompt %}<bot>{% endif %}")
+    data = write_jsonl(tmp_path / "d.jsonl", sft_conversation_rows("messages"))
+    proc = run_script("sft.py", *sft_args(tmp_path, data, model), check=False, env=ONE_THREAD)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --tokenizer-name-or-path: row 0: the chat template")
+    assert not os.path.exists(tmp_path / "out")
+
+
 def test_sft_every_format_masks_all_but_the_completion(tokenizer, chat_tokenizer):
     text = sft.tokenize_row(tokenizer, {"prompt": PROMPT, "completion": " We ate."}, "text")
     (start, end), = labelled_spans(text["labels"])
@@ -322,6 +332,12 @@ BAD_ROWS = {
     "sft messages as strings": ("sft.py", [{"messages": "hi"}] * 20, "--dataset-name", ["`messages` must hold lists"]),
     "sft messages without a chat template": ("sft.py", sft_conversation_rows("messages"), "--tokenizer-name-or-path",
                                              ["no chat template"]),
+    "sft messages without an assistant turn": ("sft.py", with_row(sft_conversation_rows("messages"), 4,
+                                                                 messages=[user("hi"), user("anyone?")]),
+                                               "--dataset-name", ["row 4 of", "no assistant message", "'user', 'user'"]),
+    "sft conversational completion from the user": (
+        "sft.py", with_row(sft_conversation_rows("conversation"), 0, completion=[user("hi")]), "--dataset-name",
+        ["row 0 of", "`completion` has no assistant message"]),
     "sft no known columns": ("sft.py", [{"text": "hi"}] * 20, "--dataset-name", ["`prompt` and `completion`", "`messages`"]),
     "rm None chosen": ("reward_modeling.py", with_row(rm_rows("text", True), 1, chosen=None), "--dataset-name",
                        ["row 1 of", "`chosen` is None"]),
@@ -332,6 +348,10 @@ BAD_ROWS = {
         "reward_modeling.py", [dict(r, chosen="") if i % 2 else dict(r, rejected=" ") if i % 4 == 0 else r
                                for i, r in enumerate(rm_rows("text", True))], "--dataset-name",
         ["15 of 20 pairs", "an empty side"]),
+    "rm implicit conversation ending with the user": (
+        "reward_modeling.py", with_row(rm_rows("conversation", False), 2,
+                                       rejected=[user("Say 2."), assistant(" no."), user("really?")]),
+        "--dataset-name", ["row 2 of", "`rejected` has no assistant message at its end"]),
     "rm conversations without a chat template": ("reward_modeling.py", rm_rows("conversation", False),
                                                  "--tokenizer-name-or-path", ["no chat template"]),
     "rm prompt as text, pairs as conversations": (
