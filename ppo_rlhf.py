@@ -771,8 +771,8 @@ if __name__ == "__main__":
         train_data, eval_data, split_note = hold_out(train_data, args.dataset_name, args.dataset_train_split,
                                                      args.dataset_test_split)
     if len(train_data) < local_batch_size:
-        fail("dataset_train_split", f"{len(train_data)} prompts cannot fill one per-process batch of {local_batch_size} "
-                                    f"({split_note})")
+        fail("dataset_train_split", f"{len(train_data)} prompts cannot fill one per-process batch of "
+                                    f"{local_batch_size} ({split_note})")
 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
 

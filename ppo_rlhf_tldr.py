@@ -797,8 +797,8 @@ if __name__ == "__main__":
         final_data = eval_data
         split_note += f"; the final evaluation uses them too (no {args.dataset_final_eval_split!r} split)"
     if len(train_data) < local_batch_size:
-        fail("dataset_train_split", f"{len(train_data)} prompts cannot fill one per-process batch of {local_batch_size} "
-                                    f"({split_note})")
+        fail("dataset_train_split", f"{len(train_data)} prompts cannot fill one per-process batch of "
+                                    f"{local_batch_size} ({split_note})")
 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
 

@@ -185,13 +185,13 @@ def render_chat(tokenizer, messages: list, add_generation_prompt: bool) -> list:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def require_assistant(data, column: str, where: str, last: bool = False) -> None:
+def require_assistant(data, column: str, where: str, last: bool = False, argument: str = "dataset_name") -> None:
     """Every conversation of a column needs an assistant message (`last`: at its end) to learn from or to score."""
     for i, messages in enumerate(data[column]):
         roles = [m["role"] for m in messages]
         if messages and ((roles[-1] != "assistant") if last else ("assistant" not in roles)):
-            fail("dataset_name", f"row {i} of {where}: `{column}` has no assistant message{' at its end' if last else ''}"
-                                 f" (roles {roles}); add the assistant's answer or drop that row")
+            fail(argument, f"row {i} of {where}: `{column}` has no assistant message{' at its end' if last else ''} "
+                           f"(roles {roles}); add the assistant's answer or drop that row")
 
 
 def tokenize_conversation(tokenizer, messages: list, first_trained: int) -> dict:
@@ -427,6 +427,8 @@ if __name__ == "__main__":
         if ref_kinds != {kind}:
             fail("normalize_dataset_name", f"{where} must be in the format of --dataset-name ({kind}), in both "
                                            "columns")
+        if kind == "conversation":
+            require_assistant(refs, "completion", where, argument="normalize_dataset_name")
     config = AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
     if getattr(config, "num_labels", 1) != 1 and any("ForSequenceClassification" in a for a in config.architectures or []):
         fail("model_name_or_path", f"{args.model_name_or_path!r} is a classifier with {config.num_labels} labels; "

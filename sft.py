@@ -194,13 +194,13 @@ def render_chat(tokenizer, messages: list, add_generation_prompt: bool) -> list:
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-def require_assistant(data, column: str, where: str, last: bool = False) -> None:
+def require_assistant(data, column: str, where: str, last: bool = False, argument: str = "dataset_name") -> None:
     """Every conversation of a column needs an assistant message (`last`: at its end) to learn from or to score."""
     for i, messages in enumerate(data[column]):
         roles = [m["role"] for m in messages]
         if messages and ((roles[-1] != "assistant") if last else ("assistant" not in roles)):
-            fail("dataset_name", f"row {i} of {where}: `{column}` has no assistant message{' at its end' if last else ''}"
-                                 f" (roles {roles}); add the assistant's answer or drop that row")
+            fail(argument, f"row {i} of {where}: `{column}` has no assistant message{' at its end' if last else ''} "
+                           f"(roles {roles}); add the assistant's answer or drop that row")
 
 
 def tokenize_conversation(tokenizer, messages: list, first_trained: int) -> dict:

@@ -386,6 +386,17 @@ def test_too_few_prompts_after_the_hold_out_says_what_was_held_out(script, tmp_p
     assert not os.path.exists(tmp_path / "out")
 
 
+def test_normalisation_data_in_the_wrong_format_or_without_an_answer_is_refused(tmp_path, monkeypatch):
+    model = chat_model(tmp_path)
+    data = write_jsonl(tmp_path / "d.jsonl", rm_rows("conversation", True))
+    for rows, words in (([{"prompt": "Say 1.", "completion": " It is 1."}], "must be in the format of --dataset-name"),
+                        ([{"prompt": [user("Say 1.")], "completion": [user("?")]}], "has no assistant message")):
+        argv = rm_args(tmp_path, data, model, write_jsonl(tmp_path / "n.jsonl", rows))
+        error = run_in_process("reward_modeling.py", argv, tmp_path, monkeypatch)
+        assert isinstance(error, SystemExit) and error.code.startswith("error: --normalize-dataset-name: "), error
+        assert words in error.code
+
+
 def test_a_few_useless_pairs_are_dropped_with_a_count(tmp_path, monkeypatch):
     """Fewer than half: dropped, not refused (the count is printed once the run starts: see the end-to-end run)."""
     rows = [dict(r, rejected=r["chosen"]) if i in (3, 8) else r for i, r in enumerate(rm_rows("text", True))]
