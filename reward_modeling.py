@@ -229,10 +229,9 @@ def preference_format(data, where: str) -> tuple:
         fail("dataset_name", f"{where} lacks columns {sorted({'chosen', 'rejected'} - set(data.column_names))} (has "
                              f"{data.column_names}); it needs `chosen`, `rejected` and optionally `prompt`")
     kind, blank_chosen = column_kind(data, "chosen", where, allow_empty=True)
-    if column_kind(data, "rejected", where, allow_empty=True)[0] != kind or (
-            "prompt" in data.column_names and column_kind(data, "prompt", where)[0] != kind):
+    rejected_kind, blank_rejected = column_kind(data, "rejected", where, allow_empty=True)
+    if rejected_kind != kind or ("prompt" in data.column_names and column_kind(data, "prompt", where)[0] != kind):
         fail("dataset_name", f"{where}: `prompt`, `chosen` and `rejected` must all be strings or all conversations")
-    blank_rejected = column_kind(data, "rejected", where, allow_empty=True)[1]
     if kind == "conversation":
         for column in ("chosen", "rejected"):  # implicit prompt: the conversation ends with the scored answer
             require_assistant(data, column, where, last="prompt" not in data.column_names)
