@@ -338,6 +338,8 @@ BAD_ROWS = {
     "sft conversational completion from the user": (
         "sft.py", with_row(sft_conversation_rows("conversation"), 0, completion=[user("hi")]), "--dataset-name",
         ["row 0 of", "`completion` has no assistant message"]),
+    "sft one row, no test split": ("sft.py", ppo_rows(1), "--dataset-test-split",
+                                   ["held out 1 of 1 rows of 'train' for evaluation, which leaves none to train on"]),
     "sft no known columns": ("sft.py", [{"text": "hi"}] * 20, "--dataset-name", ["`prompt` and `completion`", "`messages`"]),
     "rm None chosen": ("reward_modeling.py", with_row(rm_rows("text", True), 1, chosen=None), "--dataset-name",
                        ["row 1 of", "`chosen` is None"]),
