@@ -108,7 +108,7 @@ class Args:
     """gradient clipping norm of each optimizer step"""
     bf16: bool = False
     """bf16 autocast for every forward (about 2x matmul speed on GPUs and, at widths of 128 and more, on CPUs with
-    avx512_bf16; on a CPU oneDNN keeps kernels per batch shape, so memory grows with the shapes seen)"""
+    avx512_bf16; see --pad-to-multiple-of)"""
     gradient_checkpointing: bool = False
     """recompute policy and value activations in the backward pass to save memory"""
     length_grouping: bool = True
