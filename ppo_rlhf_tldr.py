@@ -122,12 +122,16 @@ class Args:
     """gradient clipping norm of each optimizer step"""
     bf16: bool = False
     """bf16 autocast for every forward (about 2x matmul speed on GPUs and, at widths of 128 and more, on CPUs with
-    avx512_bf16; on a CPU oneDNN keeps kernels per batch shape, so memory grows with the shapes seen)"""
+    avx512_bf16; see --pad-to-multiple-of)"""
     gradient_checkpointing: bool = False
     """recompute policy and value activations in the backward pass to save memory"""
     length_grouping: bool = True
     """run each forward on groups of rows of similar length, each trimmed of its padding on both sides, instead of
     one padded batch (same result; False: the plain padded batch, for checking)"""
+    pad_to_multiple_of: Optional[int] = None
+    """pad each forward's width (the prompts, each length group) to a multiple of this, so that few batch shapes
+    occur (default: 64 under --bf16 on a CPU, where oneDNN keeps kernels per shape and memory grows with the shapes
+    seen; else 1; same result)"""
     chunked_logprobs: bool = True
     """compute response log-probs and entropy from the LM head in tiles of positions x vocabulary, never the whole
     [batch, response, vocab] logits (same result; False: the plain head -> log_softmax -> gather, for checking)"""
@@ -478,12 +482,18 @@ def response_logprobs(head: nn.Module, hidden: torch.Tensor, tokens: torch.Tenso
     return sequence_logprobs(logits, tokens), entropy
 
 
+def round_up(width: int, multiple: int) -> int:
+    return -(-width // multiple) * multiple
+
+
 def response_hidden(backbone: nn.Module, query_responses: torch.Tensor, attention_mask: torch.Tensor,
-                    context_length: int) -> torch.Tensor:
+                    context_length: int, multiple: int = 1) -> torch.Tensor:
     """Final hidden states at the positions that predict the response tokens (context_length-1 ... -2).
-    Left-padding columns shared by the whole batch are trimmed first; position ids count real tokens only, so
-    trimming and padding do not change the result."""
+    Left-padding columns shared by the whole batch are trimmed first, keeping a width that is a multiple of
+    `multiple` where the padding allows; position ids count real tokens only, so trimming and padding do not change
+    the result."""
     keep = int(first_true_indices(attention_mask.any(0, keepdim=True).bool())[0].clamp(max=context_length - 1))
+    keep = max(0, query_responses.shape[1] - round_up(query_responses.shape[1] - keep, multiple))
     query_responses, attention_mask, context_length = query_responses[:, keep:], attention_mask[:, keep:], context_length - keep
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
     out = backbone(input_ids=query_responses, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
@@ -517,7 +527,8 @@ def length_groups(lengths: list, overhead: Optional[int] = GROUP_OVERHEAD) -> li
 
 
 def grouped_response_hidden(backbone: nn.Module, query_responses: torch.Tensor, attention_mask: torch.Tensor,
-                            context_length: int, needed: torch.Tensor, overhead: Optional[int]) -> torch.Tensor:
+                            context_length: int, needed: torch.Tensor, overhead: Optional[int],
+                            multiple: int = 1) -> torch.Tensor:
     """response_hidden for the first needed[i] response positions of row i, [batch, max(needed), hidden], computed
     over length_groups: each group's columns end at its longest need (causal attention: later columns cannot change
     earlier positions) and start at its first real token. Positions past a row's need are not meaningful (zeros or
@@ -528,18 +539,21 @@ def grouped_response_hidden(backbone: nn.Module, query_responses: torch.Tensor, 
     for rows in length_groups(lengths, overhead):
         index = torch.tensor(rows, device=query_responses.device)
         end = context_length + int(needed[index].max())
-        hidden = response_hidden(backbone, query_responses[index, :end], attention_mask[index, :end], context_length)
+        hidden = response_hidden(backbone, query_responses[index, :end], attention_mask[index, :end], context_length,
+                                 multiple)
         parts.append(F.pad(hidden, (0, 0, 0, width - hidden.shape[1])))
         order += rows
     return torch.cat(parts)[torch.argsort(torch.tensor(order, device=query_responses.device))]
 
 
 def policy_logprobs(policy: nn.Module, query_responses: torch.Tensor, attention_mask: torch.Tensor, context_length: int,
-                    temperature: float, needed: torch.Tensor, overhead: Optional[int], chunked: bool) -> tuple:
+                    temperature: float, needed: torch.Tensor, overhead: Optional[int], chunked: bool,
+                    multiple: int = 1) -> tuple:
     """(log-probs, entropy) of the response tokens, [batch, max(needed)]. The LM head runs on response positions
     only: a 512-token prompt costs no vocabulary-sized logits."""
     backbone, head = backbone_and_head(policy)
-    hidden = grouped_response_hidden(backbone, query_responses, attention_mask, context_length, needed, overhead)
+    hidden = grouped_response_hidden(backbone, query_responses, attention_mask, context_length, needed, overhead,
+                                     multiple)
     tokens = query_responses[:, context_length: context_length + hidden.shape[1]]
     return response_logprobs(head, hidden, tokens, temperature, chunked)
 
@@ -556,9 +570,10 @@ class PolicyAndValue(nn.Module):
     Returns log-probs, entropy and values of the first needed[i] response positions of each row (default: all)."""
 
     def __init__(self, policy: nn.Module, value_model: nn.Module, overhead: Optional[int] = GROUP_OVERHEAD,
-                 chunked: bool = True):
+                 chunked: bool = True, multiple: int = 1):
         super().__init__()
         self.policy, self.value_model, self.overhead, self.chunked = policy, value_model, overhead, chunked
+        self.multiple = multiple
 
     def forward(self, query_responses, attention_mask, context_length: int, temperature: float, needed=None):
         if needed is None:
@@ -568,11 +583,11 @@ class PolicyAndValue(nn.Module):
 
     def policy_forward(self, query_responses, attention_mask, context_length: int, temperature: float, needed) -> tuple:
         return policy_logprobs(self.policy, query_responses, attention_mask, context_length, temperature, needed,
-                               self.overhead, self.chunked)
+                               self.overhead, self.chunked, self.multiple)
 
     def value_forward(self, query_responses, attention_mask, context_length: int, needed) -> torch.Tensor:
         hidden = grouped_response_hidden(self.value_model.base_model, query_responses, attention_mask, context_length,
-                                         needed, self.overhead)
+                                         needed, self.overhead, self.multiple)
         return self.value_model.score(hidden).squeeze(-1).float()
 
 
@@ -619,15 +634,17 @@ def generate(policy: nn.Module, queries: torch.Tensor, query_mask: torch.Tensor,
 
 @torch.no_grad()
 def get_score(reward_model: nn.Module, query_responses: torch.Tensor, attention_mask: torch.Tensor,
-              overhead: Optional[int] = None) -> torch.Tensor:
+              overhead: Optional[int] = None, multiple: int = 1) -> torch.Tensor:
     """Reward-model score read at the last attended token (left-padded query, right-padded response), computed over
-    length_groups, each group trimmed to its first real token and its last attended one."""
+    length_groups, each group trimmed to its first real token (less, to a width that is a multiple of `multiple`)
+    and its last attended one."""
     columns = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     start, end = first_true_indices(attention_mask.bool()), (columns * attention_mask).argmax(1) + 1
     scores = torch.empty(len(query_responses), device=query_responses.device)
     for rows in length_groups((end - start).tolist(), overhead):
         index = torch.tensor(rows, device=query_responses.device)
         a, b = int(start[index].min()), int(end[index].max())
+        a = max(0, b - round_up(b - a, multiple))
         mask = attention_mask[index, a:b]
         position_ids = (mask.cumsum(1) - 1).clamp(min=0)
         hidden = reward_model.base_model(input_ids=query_responses[index, a:b], attention_mask=mask,
@@ -636,9 +653,9 @@ def get_score(reward_model: nn.Module, query_responses: torch.Tensor, attention_
     return scores
 
 
-def left_pad(sequences: list, pad_token_id: int) -> tuple:
-    """Left-pad token-id lists into (input_ids, attention_mask)."""
-    width = max(len(s) for s in sequences)
+def left_pad(sequences: list, pad_token_id: int, multiple: int = 1) -> tuple:
+    """Left-pad token-id lists into (input_ids, attention_mask), to a width that is a multiple of `multiple`."""
+    width = round_up(max(len(s) for s in sequences), multiple)
     input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
     for i, s in enumerate(sequences):
         input_ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
@@ -724,6 +741,8 @@ if __name__ == "__main__":
                  "local_rollout_forward_batch_size", "response_length", "logging_steps", "eval_steps"):
         if getattr(args, name) <= 0:
             fail(name, f"must be a positive integer, got {getattr(args, name)}")
+    if args.pad_to_multiple_of is not None and args.pad_to_multiple_of < 1:
+        fail("pad_to_multiple_of", f"must be a positive integer, got {args.pad_to_multiple_of}")
     for name in ("temperature", "learning_rate", "eval_temperature"):
         if not getattr(args, name) > 0:
             fail(name, f"must be positive, got {getattr(args, name)}")
@@ -956,7 +975,10 @@ if __name__ == "__main__":
     if args.gradient_checkpointing:
         for m in (policy, value_model):
             m.gradient_checkpointing_enable()
-    model = PolicyAndValue(policy, value_model, GROUP_OVERHEAD if args.length_grouping else None, args.chunked_logprobs)
+    # oneDNN (bf16 on a CPU) keeps kernels per matmul shape: rounded widths keep the number of shapes, and memory, bounded.
+    pad_multiple = args.pad_to_multiple_of or (64 if args.bf16 and not torch.cuda.is_available() else 1)
+    model = PolicyAndValue(policy, value_model, GROUP_OVERHEAD if args.length_grouping else None, args.chunked_logprobs,
+                           pad_multiple)
 
     def num_params(m, trainable=False):  # ZeRO-3 may already hold only a shard of each parameter: count full sizes
         return sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters() if p.requires_grad or not trainable) if m else 0
@@ -1033,7 +1055,7 @@ if __name__ == "__main__":
     def reference_logprobs(query_responses, attention_mask, context_length: int, temperature: float, needed) -> torch.Tensor:
         with reference_policy() as ref:
             return policy_logprobs(ref, query_responses, attention_mask, context_length, temperature, needed,
-                                   unwrapped.overhead, unwrapped.chunked)[0]
+                                   unwrapped.overhead, unwrapped.chunked, unwrapped.multiple)[0]
 
     @contextlib.contextmanager
     def generation_weights():
@@ -1070,7 +1092,8 @@ if __name__ == "__main__":
         response_mask = torch.arange(responses.shape[1], device=device)[None, :] <= sequence_lengths[:, None]
         with autocast():
             scores = get_score(reward_model, torch.cat([queries, postprocessed], 1),
-                               torch.cat([query_mask, response_mask.long()], 1), unwrapped.overhead)
+                               torch.cat([query_mask, response_mask.long()], 1), unwrapped.overhead,
+                               unwrapped.multiple)
         return postprocessed, sequence_lengths, scores
 
     @torch.no_grad()
@@ -1086,7 +1109,8 @@ if __name__ == "__main__":
         mine = mine + mine[:1] * (len(weight) - len(mine))
         rows, totals = [], torch.zeros(5, device=device)  # score, kl, has-stop, length, count
         for i in range(0, len(mine), args.local_rollout_forward_batch_size):
-            queries, query_mask = (t.to(device) for t in left_pad(mine[i: i + args.local_rollout_forward_batch_size], pad_id))
+            queries, query_mask = (t.to(device) for t in left_pad(mine[i: i + args.local_rollout_forward_batch_size], pad_id,
+                                                                           pad_multiple))
             w = weight[i: i + args.local_rollout_forward_batch_size]
             with autocast(), generation_weights():
                 responses = generate(unwrapped.policy, queries, query_mask, args.response_length,
@@ -1243,7 +1267,7 @@ if __name__ == "__main__":
         update_start = time.time()
 
         # ALGO LOGIC: rollout. Steps 1-5 of the recipe, in chunks of local_rollout_forward_batch_size.
-        queries, query_mask = (t.to(device) for t in left_pad(prompts, pad_id))
+        queries, query_mask = (t.to(device) for t in left_pad(prompts, pad_id, pad_multiple))
         context_length = queries.shape[1]
         responses, logprobs, ref_logprobs, values, scores, sequence_lengths, postprocessed = [], [], [], [], [], [], []
         model.eval()

@@ -4,6 +4,8 @@
     python benchmark/speed_compare.py --shape tldr                 # real TL;DR prompts, Pythia tokenizer, batch 8
     python benchmark/speed_compare.py --shape tldr --scaling       # ours only: s/update vs response length, batch
     python benchmark/speed_compare.py --shape tldr --trl-gc-freeze # also TRL with gc.freeze() (not as shipped)
+    python benchmark/speed_compare.py --shape pythia160m --bf16    # a Pythia-160M-shaped model, real prompts, batch 8
+    python benchmark/speed_compare.py --shape qwen05b --qwen-layers 6  # Qwen2.5-0.5B's width and 152k vocabulary
 
 Both implementations run as subprocesses with the same models, tokenizer, prompts, batch sizes, response length, PPO
 epochs, mini-batches, stop token (EOS), temperature, learning rate, missing-EOS penalty, seed and threads
@@ -50,23 +52,40 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABL
                "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 PHASES = ("generation", "rollout_forwards", "training", "other")
 
-# Settings that differ between the two shapes (the rest are Args defaults shared by both).
+# Settings that differ between the shapes (the rest are Args defaults shared by all).
 SHAPES = {
     "tiny": dict(num_updates=6, per_device_train_batch_size=16, gradient_accumulation_steps=4,
                  local_rollout_forward_batch_size=64, learning_rate=3e-5),
     "tldr": dict(num_updates=4, per_device_train_batch_size=8, gradient_accumulation_steps=1,
                  local_rollout_forward_batch_size=8, learning_rate=3e-6),
+    "pythia160m": dict(num_updates=3, per_device_train_batch_size=8, gradient_accumulation_steps=1,
+                       local_rollout_forward_batch_size=8, learning_rate=3e-6),
+    "qwen05b": dict(num_updates=3, per_device_train_batch_size=8, gradient_accumulation_steps=1,
+                    local_rollout_forward_batch_size=8, learning_rate=3e-6),
 }
 # The tiny-width GPT-NeoX of the tldr shape (the vocabulary is the tokenizer's, rounded up to a multiple of 128).
 TLDR_MODEL = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
                   max_position_embeddings=2048, rotary_pct=0.25, use_parallel_residual=True, hidden_dropout=0.0,
                   attention_dropout=0.0, tie_word_embeddings=False, initializer_range=0.02)
+# Realistic widths (random init; the real TL;DR prompts and the GPT-NeoX-20B tokenizer in every shape):
+# Pythia-160M's layout exactly, and Qwen2.5-0.5B's width, heads, MLP and 151,936-entry tied vocabulary (the tokenizer
+# only uses its first 50,278 ids, which changes no cost), with --qwen-layers of its 24 layers.
+PYTHIA160M_MODEL = dict(TLDR_MODEL, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                        intermediate_size=3072)
+QWEN05B_MODEL = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                     intermediate_size=4864, max_position_embeddings=32768, rope_theta=1000000.0,
+                     tie_word_embeddings=True, rms_norm_eps=1e-6, attention_dropout=0.0, initializer_range=0.02,
+                     vocab_size=151936)
+REAL_SHAPES = ("tldr", "pythia160m", "qwen05b")
 
 
 @dataclass
 class Args:
-    shape: Literal["tiny", "tldr"] = "tiny"
-    """tiny: the embedded task; tldr: real TL;DR prompts (<= --max-prompt-tokens) and the Pythia tokenizer"""
+    shape: Literal["tiny", "tldr", "pythia160m", "qwen05b"] = "tiny"
+    """tiny: the embedded task; tldr: real TL;DR prompts (<= --max-prompt-tokens), the Pythia tokenizer and a
+    hidden-128 x 4-layer model; pythia160m / qwen05b: the same prompts with a Pythia-160M- / Qwen2.5-0.5B-shaped model"""
+    qwen_layers: int = 24
+    """qwen05b shape: layers of the Qwen2.5-0.5B-shaped model (24 in the real one; fewer to fit a CPU's time)"""
     repeats: int = 3
     """alternating runs of each implementation; the table shows medians"""
     num_updates: Optional[int] = None
@@ -110,8 +129,8 @@ class Args:
     """tldr shape: drop prompts longer than this many tokens"""
     max_prompts: Optional[int] = None
     """use only the first N prompts (quick checks)"""
-    build_dir: str = "models/bench_tldr"
-    """where the tldr shape's tokenizer, models and prompts are built and cached"""
+    build_dir: Optional[str] = None
+    """where the shape's tokenizer, models and prompts are built and cached (default: models/bench_<shape>)"""
     work_dir: str = "models/bench_runs"
     """where the runs write their outputs and logs"""
     results_dir: str = "benchmark/results"
@@ -151,6 +170,9 @@ def resolve(args: Args) -> Args:
     if args.scaling and args.shape != "tldr":
         fail("--scaling measures the tldr shape; pass --shape tldr")
     # The runs start in the repository root: hand them absolute paths.
+    if args.qwen_layers < 1:
+        fail(f"--qwen-layers must be >= 1, got {args.qwen_layers}")
+    args.build_dir = args.build_dir or os.path.join("models", f"bench_{args.shape}")
     args.work_dir, args.build_dir = os.path.abspath(args.work_dir), os.path.abspath(args.build_dir)
     return args
 
@@ -233,17 +255,27 @@ def tiny_task(args: Args) -> dict:
     return {**paths, "info": info}
 
 
+def model_spec(args: Args) -> tuple:
+    """(architecture, config fields) of the shape's random-init policy and reward model."""
+    if args.shape == "qwen05b":
+        return "qwen2", dict(QWEN05B_MODEL, num_hidden_layers=args.qwen_layers)
+    return "gpt_neox", PYTHIA160M_MODEL if args.shape == "pythia160m" else TLDR_MODEL
+
+
 def build_tldr(args: Args) -> dict:
-    """The tldr shape's tokenizer, random-init models and filtered prompts, built once and cached in --build-dir."""
+    """A real-prompt shape's tokenizer, random-init models and filtered prompts, built once and cached in
+    --build-dir (the tldr, pythia160m and qwen05b shapes differ in the model only)."""
     if not (os.path.isfile(TLDR_PROMPTS) and os.path.isfile(NEOX_TOKENIZER)):
         return None
     import torch
     from datasets import Dataset, DatasetDict
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, GPTNeoXForSequenceClassification, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, CONFIG_MAPPING, PreTrainedTokenizerFast
 
     build = args.build_dir
     tok_dir, sft_dir, rm_dir = (os.path.join(build, n) for n in ("tokenizer", "sft_model", "reward_model"))
-    spec = {"model": TLDR_MODEL, "tokenizer_bytes": os.path.getsize(NEOX_TOKENIZER), "init_seed": 0, "version": 1}
+    arch, fields = model_spec(args)
+    spec = {"arch": arch, "model": fields, "tokenizer_bytes": os.path.getsize(NEOX_TOKENIZER), "init_seed": 0,
+            "version": 2}
     spec_path = os.path.join(build, "build_info.json")
     cached = False
     if os.path.isfile(spec_path):
@@ -257,16 +289,17 @@ def build_tldr(args: Args) -> dict:
         tokenizer.add_special_tokens({"pad_token": "[PAD]"})
         if tokenizer.pad_token_id != 50277 or tokenizer.eos_token_id != 0:
             fail(f"unexpected token ids: pad {tokenizer.pad_token_id} (expected 50277), eos {tokenizer.eos_token_id} (0)")
-        vocab = math.ceil(len(tokenizer) / 128) * 128
+        vocab = fields.get("vocab_size") or math.ceil(len(tokenizer) / 128) * 128
         torch.manual_seed(spec["init_seed"])
-        config = GPTNeoXConfig(vocab_size=vocab, bos_token_id=0, eos_token_id=0, pad_token_id=tokenizer.pad_token_id,
-                               **TLDR_MODEL)
-        policy = GPTNeoXForCausalLM(config)
+        ids = dict(bos_token_id=0, eos_token_id=0, pad_token_id=tokenizer.pad_token_id)
+        config = CONFIG_MAPPING[arch](**{**fields, "vocab_size": vocab}, **ids)
+        policy = AutoModelForCausalLM.from_config(config)
         rm_config = config.to_dict()
         for key in ("id2label", "label2id"):
             rm_config.pop(key, None)
-        rm_config.update(num_labels=1, architectures=["GPTNeoXForSequenceClassification"])
-        reward = GPTNeoXForSequenceClassification(GPTNeoXConfig.from_dict(rm_config))
+        rm_config.update(num_labels=1)
+        reward = AutoModelForSequenceClassification.from_config(CONFIG_MAPPING[arch](**{
+            k: v for k, v in rm_config.items() if k not in ("model_type", "transformers_version", "architectures")}))
         for model, path in ((policy, sft_dir), (reward, rm_dir)):
             model.save_pretrained(path)
             tokenizer.save_pretrained(path)
@@ -274,12 +307,14 @@ def build_tldr(args: Args) -> dict:
         with open(spec_path, "w") as f:
             json.dump({"spec": spec, "vocab_size": vocab, "policy_params": sum(p.numel() for p in policy.parameters()),
                        "reward_params": sum(p.numel() for p in reward.parameters())}, f, indent=2)
+        del policy, reward
     built = json.load(open(spec_path))
 
     # Prompts of at most max_prompt_tokens tokens (the recipe's 512), in file order.
     prompts_dir = os.path.join(build, f"prompts_max{args.max_prompt_tokens}_n{args.max_prompts or 'all'}")
+    lengths_path = os.path.join(prompts_dir, "prompt_lengths.json")
     stats_path = os.path.join(prompts_dir, "prompt_stats.json")
-    if not os.path.isfile(stats_path):
+    if not (os.path.isfile(stats_path) and os.path.isfile(lengths_path)):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)
@@ -291,6 +326,8 @@ def build_tldr(args: Args) -> dict:
         DatasetDict(train=Dataset.from_dict({"prompt": [p for p, _ in kept]}),
                     validation=Dataset.from_dict({"prompt": [p for p, _ in kept[:16]]})).save_to_disk(prompts_dir)
         kept_lengths = sorted(n for _, n in kept)
+        with open(lengths_path, "w") as f:
+            json.dump([n for _, n in kept], f)
         with open(stats_path, "w") as f:
             json.dump({"prompts_in_file": len(prompts), "prompts_kept": len(kept), "max_prompt_tokens": args.max_prompt_tokens,
                        "median_tokens": statistics.median(kept_lengths), "mean_tokens": statistics.fmean(kept_lengths),
@@ -298,7 +335,93 @@ def build_tldr(args: Args) -> dict:
     return {"sft": sft_dir, "reward": rm_dir, "tokenizer": tok_dir, "prompts": prompts_dir,
             "info": {"prompts": "../shared/data/tldr (real Reddit TL;DR validation prompts)", **json.load(open(stats_path)),
                      "vocab_size": built["vocab_size"], "policy_params": built["policy_params"],
-                     "reward_params": built["reward_params"], "model": TLDR_MODEL}}
+                     "reward_params": built["reward_params"], "arch": arch, "model": fields},
+            "prompt_lengths": json.load(open(lengths_path)) if os.path.isfile(lengths_path) else None}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The equal-work ceiling: how much faster ours can be than TRL at equal speed per FLOP
+
+
+def forward_flops(dims: dict, rows_by_width: List[tuple], head_positions: int) -> float:
+    """Forward FLOPs of a causal LM over padded batches: rows_by_width = [(rows, width), ...] (every position of a
+    padded batch is computed, and with an explicit mask the attention is the full width x width), plus the LM head
+    on head_positions positions. Matmuls count 2 FLOPs per multiply-add."""
+    h, layers = dims["hidden_size"], dims["num_hidden_layers"]
+    per_position = 2 * dims["matmul_params"]  # the layers' weight matmuls, per position
+    positions = sum(r * w for r, w in rows_by_width)
+    attention = sum(r * w * w for r, w in rows_by_width) * layers * 4 * dims["attention_width"]
+    return positions * per_position + attention + head_positions * 2 * h * dims["vocab_size"]
+
+
+def update_flops(dims: dict, prompt_lengths: List[int], response_length: int, epochs: int, groups) -> dict:
+    """FLOPs of one PPO update on one micro-batch of prompts, for TRL 1.12's PPOTrainer and for ours, by phase.
+    Random-init models never stop early, so every response is response_length tokens (ours computes up to stop + 1,
+    here all of them). Backward = 2x forward. groups(lengths) -> list of row-index lists is ours' length grouping.
+
+    TRL (trl/experimental/ppo/ppo_trainer.py): rollout log-probs come from generation's scores; then the reference
+    (body + LM head), the value model and the reward model each run on the padded batch (prompts left-padded to the
+    longest, responses full); training runs policy (body + LM head on every position) and value on the padded batch.
+    Ours: the rollout runs policy + value, reference and reward, each in length groups trimmed of padding, the LM head
+    on response positions only; training the same, per epoch. Generation is the same work in both: the prompt
+    prefill on the padded batch, then one position per row per token with a KV cache."""
+    b, r = len(prompt_lengths), response_length
+    p_max = max(prompt_lengths)
+    padded = [(b, p_max + r)]
+    grouped = []
+    for rows in groups([p + r for p in prompt_lengths]):
+        grouped.append((len(rows), max(prompt_lengths[i] for i in rows) + r))
+    h, layers = dims["hidden_size"], dims["num_hidden_layers"]
+    decode = sum(b * (2 * dims["matmul_params"] + layers * 4 * dims["attention_width"] * (p_max + t)) for t in range(r))
+    generation = forward_flops(dims, [(b, p_max)], b) + decode + b * r * 2 * h * dims["vocab_size"]
+    body_trl, body_ours = forward_flops(dims, padded, 0), forward_flops(dims, grouped, 0)
+    head_trl, head_ours = forward_flops(dims, [], b * (p_max + r)), forward_flops(dims, [], b * r)
+    trl = {"generation": generation, "rollout_forwards": 3 * body_trl + head_trl,
+           "training": epochs * 3 * (2 * body_trl + head_trl)}
+    ours = {"generation": generation, "rollout_forwards": 4 * body_ours + 2 * head_ours,
+            "training": epochs * 3 * (2 * body_ours + head_ours)}
+    return {"trl": trl, "ours": ours}
+
+
+def model_dims(config: dict) -> dict:
+    """What update_flops needs from a config: width, depth, vocabulary, the weight-matmul parameters of the layers
+    (embeddings and LM head excluded) and the attention's query width."""
+    h, layers, inter = config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"]
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or h // heads
+    kv = config.get("num_key_value_heads") or heads
+    attn = h * heads * head_dim + 2 * h * kv * head_dim + heads * head_dim * h  # q, k, v, o
+    mlp = (3 if config.get("model_type") in ("qwen2", "llama", "mistral") else 2) * h * inter  # gated MLPs: 3
+    return {"hidden_size": h, "num_hidden_layers": layers, "vocab_size": config["vocab_size"],
+            "matmul_params": layers * (attn + mlp), "attention_width": heads * head_dim}
+
+
+def equal_work_ceiling(dims: dict, prompt_lengths: List[int], batch_size: int, response_length: int, epochs: int,
+                       samples: int = 2000, seed: int = 0) -> dict:
+    """Expected FLOPs per update of TRL and ours over random batches of the prompts, and their ratio: the speed-up
+    ours would show if both ran at the same FLOP/s (the equal-work ceiling of the measured ratio)."""
+    import random
+
+    sys.path.insert(0, ROOT)
+    import ppo_rlhf
+
+    def groups(lengths):
+        return ppo_rlhf.length_groups(lengths, ppo_rlhf.GROUP_OVERHEAD)
+
+    rng = random.Random(seed)
+    totals = {impl: {} for impl in ("trl", "ours")}
+    for _ in range(samples):
+        flops = update_flops(dims, rng.sample(prompt_lengths, batch_size), response_length, epochs, groups)
+        for impl, phases in flops.items():
+            for phase, value in phases.items():
+                totals[impl][phase] = totals[impl].get(phase, 0.0) + value / samples
+    trl_total, ours_total = sum(totals["trl"].values()), sum(totals["ours"].values())
+    head = 2 * dims["hidden_size"] * dims["vocab_size"]
+    return {"trl_tflop": {k: v / 1e12 for k, v in totals["trl"].items()},
+            "ours_tflop": {k: v / 1e12 for k, v in totals["ours"].items()},
+            "trl_total_tflop": trl_total / 1e12, "ours_total_tflop": ours_total / 1e12,
+            "ceiling": trl_total / ours_total,
+            "head_share_per_position": head / (head + 2 * dims["matmul_params"])}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -569,7 +692,23 @@ def speed_markdown(results: dict) -> str:
         speed, mem = r["episodes_per_s"]["median"], r["peak_rss_mib"]["median"]
         cpu = r.get("episodes_per_cpu_s")
         cpu_note = f", {cpu['median']:.2f}x per CPU-second" if cpu else ""
-        if a["shape"] == "tldr":
+        ceiling = results.get("ceiling")
+        if ceiling:
+            t, o = ceiling["trl_tflop"], ceiling["ours_tflop"]
+            lines += ["", f"Equal-work ceiling (FLOPs of one update, expected over random batches of these prompts; "
+                      f"benchmark/speed_compare.py `update_flops`): TRL {ceiling['trl_total_tflop']:.2f} TFLOP "
+                      f"(generation {t['generation']:.2f}, rollout forwards {t['rollout_forwards']:.2f}, training "
+                      f"{t['training']:.2f}), ours {ceiling['ours_total_tflop']:.2f} (generation {o['generation']:.2f}, "
+                      f"rollout forwards {o['rollout_forwards']:.2f}, training {o['training']:.2f}): ceiling "
+                      f"**{ceiling['ceiling']:.2f}x**; measured/ceiling **{speed / ceiling['ceiling']:.0%}**. The LM "
+                      f"head is {ceiling['head_share_per_position']:.0%} of the FLOPs of a position."]
+        if a["shape"] == "pythia160m":
+            lines += ["", f"Issue 16 targets at this shape: episodes/s >= 1.5x TRL: **{'met' if speed >= 1.5 else 'not met'}** "
+                      f"({speed:.2f}x); >= 90% of the ceiling: **{'met' if ceiling and speed >= 0.9 * ceiling['ceiling'] else 'not met'}**;"
+                      f" peak memory <= 0.75x TRL: **{'met' if mem <= 0.75 else 'not met'}** ({mem:.2f}x)."]
+        elif a["shape"] == "qwen05b":
+            lines += ["", f"Issue 16 at this shape (reported, no target): {speed:.2f}x episodes/s, {mem:.2f}x memory."]
+        elif a["shape"] == "tldr":
             lines += ["", f"Issue 8 targets at this shape: episodes/s >= 5x TRL: **{'met' if speed >= 5 else 'not met'}** "
                       f"({speed:.2f}x{cpu_note}); peak memory <= 1/3 of TRL: **{'met' if mem <= 1 / 3 else 'not met'}** "
                       f"({mem:.2f}x)."]
@@ -648,7 +787,7 @@ def main(args: Args) -> Optional[dict]:
     else:
         task = build_tldr(args)
         if task is None:
-            print(f"[speed_compare] SKIPPED: the tldr shape needs {TLDR_PROMPTS} and {NEOX_TOKENIZER} (../shared/data "
+            print(f"[speed_compare] SKIPPED: the {args.shape} shape needs {TLDR_PROMPTS} and {NEOX_TOKENIZER} (../shared/data "
                   "next to the repository); it is absent here.")
             return None
     env = subprocess_env(args)
@@ -673,6 +812,15 @@ def main(args: Args) -> Optional[dict]:
         write_results(args, args.name or f"scaling_{args.shape}", results, scaling_markdown(results))
         return results
 
+    ceiling = None
+    if task.get("prompt_lengths"):
+        with open(os.path.join(task["sft"], "config.json")) as f:
+            config = json.load(f)
+        ceiling = equal_work_ceiling(model_dims(config), task["prompt_lengths"],
+                                     args.per_device_train_batch_size * args.gradient_accumulation_steps,
+                                     args.response_length, args.num_ppo_epochs)
+        print(f"[speed_compare] equal-work ceiling {ceiling['ceiling']:.2f}x (TRL {ceiling['trl_total_tflop']:.2f} vs "
+              f"ours {ceiling['ours_total_tflop']:.2f} TFLOP per update)", flush=True)
     impls = ["ours"]
     trl_version = None
     if not args.skip_trl:
@@ -691,7 +839,7 @@ def main(args: Args) -> Optional[dict]:
             rec["repeat"] = repeat
             runs.append(rec)
     results = {"kind": "speed", "machine": {**machine, "load_average_at_end": os.getloadavg()}, "settings": settings,
-               "task": task["info"], "trl_version": trl_version, "implementations": impls,
+               "task": task["info"], "trl_version": trl_version, "implementations": impls, "ceiling": ceiling,
                "aggregate": aggregate(runs, impls), "runs": runs}
     write_results(args, args.name or f"speed_{args.shape}", results, speed_markdown(results))
     return results

@@ -240,3 +240,54 @@ def test_step_ablation_tiny(tmp_path):
     assert set(rows) == {"plain", "+ length groups", "+ chunked logprobs", "+ fused AdamW", "+ bf16 autocast",
                          "generation: torch.multinomial", "generation: inverse-CDF sample_tokens"}
     assert all(float(s) > 0 for s in rows.values())
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "qwen2"])
+def test_forward_flops_count_what_torch_counts(arch):
+    """The equal-work ceiling's FLOP model (weight matmuls per position, LM head per head position) against torch's
+    own FLOP counter on a real forward of a small model of each realistic shape's architecture. The counter does not
+    count SDPA's attention on this CPU, so the comparison leaves the attention term out."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+    fields = (dict(speed_compare.PYTHIA160M_MODEL, hidden_size=96, num_attention_heads=4, intermediate_size=200,
+                   num_hidden_layers=2) if arch == "gpt_neox" else
+              dict(speed_compare.QWEN05B_MODEL, hidden_size=112, intermediate_size=300, num_hidden_layers=2))
+    config = CONFIG_MAPPING[arch](**{**fields, "vocab_size": 1000})
+    model = AutoModelForCausalLM.from_config(config).eval()
+    dims = dict(speed_compare.model_dims(config.to_dict()), attention_width=0)
+    tokens = torch.randint(0, 1000, (3, 40))
+    mask = torch.ones_like(tokens)
+    mask[0, :10] = 0  # padding is computed all the same
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        hidden = model.base_model(input_ids=tokens, attention_mask=mask).last_hidden_state
+    assert counter.get_total_flops() == speed_compare.forward_flops(dims, [(3, 40)], 0)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.get_output_embeddings()(hidden[:, -7:])
+    assert counter.get_total_flops() == speed_compare.forward_flops(dims, [], 3 * 7)
+
+
+def test_update_flops_and_ceiling():
+    """TRL pays for padding and the LM head at prompt positions; ours for one more rollout forward (the policy's, for
+    exact ratio-1 log-probs). Equal prompts and a one-column vocabulary leave ours only that extra forward; padding
+    and a large vocabulary raise the ceiling."""
+    dims = {"hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 1, "matmul_params": 10_000, "attention_width": 64}
+
+    def one_group(lengths):
+        return [list(range(len(lengths)))]
+
+    same = speed_compare.update_flops(dims, [100] * 8, 20, 4, one_group)
+    assert same["trl"]["training"] == pytest.approx(same["ours"]["training"], rel=1e-3)
+    assert same["trl"]["generation"] == same["ours"]["generation"]
+    assert same["ours"]["rollout_forwards"] == pytest.approx(4 / 3 * same["trl"]["rollout_forwards"], rel=1e-3)
+    lengths = [40, 60, 80, 100, 300, 320, 340, 500]
+    groups = lambda ls: [[0, 1, 2, 3], [4, 5, 6], [7]]  # noqa: E731
+    mixed = speed_compare.update_flops(dims, lengths, 20, 4, groups)
+    assert mixed["ours"]["training"] < 0.6 * mixed["trl"]["training"]  # 8 x 520 padded vs 4x120 + 3x360 + 520
+    big_vocab = speed_compare.update_flops(dict(dims, vocab_size=50_000), lengths, 20, 4, groups)
+    ratio = lambda f: sum(f["trl"].values()) / sum(f["ours"].values())  # noqa: E731
+    assert ratio(big_vocab) > ratio(mixed) > ratio(same)
+    ceiling = speed_compare.equal_work_ceiling(dict(dims, vocab_size=50_000), lengths * 10, 8, 20, 4, samples=20)
+    assert ceiling["ceiling"] == pytest.approx(ceiling["trl_total_tflop"] / ceiling["ours_total_tflop"])
+    assert ceiling["ceiling"] > 1 and 0 < ceiling["head_share_per_position"] < 1

@@ -466,6 +466,43 @@ def test_grouped_response_hidden_equals_the_padded_batch(tiny_lm, overhead):
         torch.testing.assert_close(grouped[i, :n], padded[i, :n], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("multiple", [4, 16])
+def test_pad_to_multiple_of_rounds_every_forward_width_and_changes_nothing(tiny_lm, tiny_value, multiple):
+    """--pad-to-multiple-of: the prompts, each length group of the policy and value forwards and each reward-model
+    group are as wide as a multiple (where the left padding allows), with the values of multiple 1."""
+    g = torch.Generator().manual_seed(9)
+    queries = random_sequences(5, 2, 40, g, [9, 2, 5, 3, 14])
+    responses = torch.randint(2, 40, (5, 6), generator=g)
+    needed = torch.tensor([2, 6, 1, 3, 4])
+    widths = []
+    hook = tiny_lm.base_model.register_forward_pre_hook(lambda m, a, kw: widths.append(kw["input_ids"].shape[1]),
+                                                        with_kwargs=True)
+    hook_value = tiny_value.base_model.register_forward_pre_hook(
+        lambda m, a, kw: widths.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    results = {}
+    for m in (1, multiple):
+        q_ids, q_mask = ppo_rlhf.left_pad(queries, pad_token_id=1, multiple=m)
+        assert q_ids.shape[1] % m == 0 and q_ids.shape[1] - 14 < m
+        seqs, mask = torch.cat([q_ids, responses], 1), torch.cat([q_mask, torch.ones_like(responses)], 1)
+        model = ppo_rlhf.PolicyAndValue(tiny_lm, tiny_value, overhead=0, chunked=True, multiple=m).eval()
+        widths.clear()
+        with torch.no_grad():
+            logprobs, _, values = model(seqs, mask, q_ids.shape[1], 0.7, needed)
+            scores = ppo_rlhf.get_score(tiny_value, seqs, mask, overhead=0, multiple=m)
+        assert len(widths) > 3  # several groups, so several widths
+        # Rounding takes left padding only: a group holding the longest prompt ends at its own need.
+        assert all(w % m == 0 or w - q_ids.shape[1] in needed.tolist() + [responses.shape[1]] for w in widths)
+        if m > 1:
+            assert sum(w % m == 0 for w in widths) >= len(widths) // 2, widths
+        results[m] = (logprobs, values, scores)
+    hook.remove()
+    hook_value.remove()
+    for i, n in enumerate(needed.tolist()):
+        torch.testing.assert_close(results[multiple][0][i, :n], results[1][0][i, :n], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(results[multiple][1][i, :n], results[1][1][i, :n], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(results[multiple][2], results[1][2], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.filterwarnings("ignore:`(is_)?gradient_checkpointing.*deprecated:FutureWarning")
 def test_gradient_checkpointing_is_really_enabled_through_policy_and_value():
     """The script calls gradient_checkpointing_enable() on the policy and value model, whose backbones
@@ -610,12 +647,12 @@ def test_get_score_matches_hf_sequence_classification_and_ignores_padding(tiny_v
             width = max(len(r) for r in responses) + extra_right
             r_ids = torch.tensor([r + [1] * (width - len(r)) for r in responses])
             r_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in responses])
-            for overhead in (None, 0, 3):  # one padded batch, one row per forward, groups
+            for overhead, multiple in ((None, 1), (0, 1), (3, 1), (3, 4), (None, 8)):  # padded, per row, groups
                 scores = ppo_rlhf.get_score(tiny_value, torch.cat([q_ids, r_ids], 1), torch.cat([q_mask, r_mask], 1),
-                                            overhead)
+                                            overhead, multiple)
                 assert scores.shape == (3,)
                 for s, e in zip(scores.tolist(), expected):
-                    assert s == pytest.approx(e, abs=1e-5), (extra_left, extra_right, overhead)
+                    assert s == pytest.approx(e, abs=1e-5), (extra_left, extra_right, overhead, multiple)
         # right-padded, unpadded-left sequences: the HF classifier itself (pooling at the last non-pad token) agrees
         width = max(len(q) + len(r) for q, r in zip(queries, responses))
         seqs = torch.tensor([q + r + [1] * (width - len(q) - len(r)) for q, r in zip(queries, responses)])
