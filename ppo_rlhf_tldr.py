@@ -326,7 +326,17 @@ class ChunkedLogprobs(torch.autograd.Function):
         return rows, tokens[rows] - v.start
 
     @staticmethod
-    def forward(ctx, hidden, weight, tokens, dtype):
+    def capped(logits, softcap, post):
+        """The model's logit softcapping and the temperature on a tile: post * softcap * tanh(logits / softcap), and
+        the tanh (for the derivative). Without softcap, scale and temperature are linear and the caller folds them
+        into the hidden states instead."""
+        if softcap is None:
+            return logits, None
+        t = torch.tanh(logits / softcap)
+        return t * (softcap * post), t
+
+    @staticmethod
+    def forward(ctx, hidden, weight, tokens, dtype, softcap=None, post=1.0):
         flat, tokens = hidden.reshape(-1, hidden.shape[-1]), tokens.reshape(-1)
         logprobs, entropy, lse = (torch.empty(len(tokens), device=hidden.device) for _ in range(3))
         w = weight.to(dtype)
@@ -336,7 +346,7 @@ class ChunkedLogprobs(torch.autograd.Function):
             # spread = sum exp(logit - top) * (logit - top)
             target = torch.empty(len(block_tokens), device=hidden.device)
             for k, v in enumerate(slices):
-                logits = (h @ w[v].T).float()
+                logits, _ = ChunkedLogprobs.capped((h @ w[v].T).float(), softcap, post)
                 rows, cols = ChunkedLogprobs.in_slice(block_tokens, v)
                 target[rows] = logits[rows, cols]
                 new_top = logits.amax(1)
@@ -356,7 +366,7 @@ class ChunkedLogprobs(torch.autograd.Function):
             logprobs[block] = target - lse[block]
             entropy[block] = total.log() - spread / total
         ctx.save_for_backward(hidden, weight, tokens, lse)
-        ctx.dtype = dtype
+        ctx.dtype, ctx.softcap, ctx.post = dtype, softcap, post
         logprobs, entropy = logprobs.view(hidden.shape[:-1]), entropy.view(hidden.shape[:-1])
         ctx.mark_non_differentiable(entropy)  # a statistic only
         return logprobs, entropy
@@ -372,10 +382,13 @@ class ChunkedLogprobs(torch.autograd.Function):
             h, block_grad = flat[block].to(ctx.dtype), grad[block]
             block_grad_hidden = torch.zeros(h.shape, device=h.device)
             for v in slices:
-                # d logp / d logits = onehot(token) - softmax(logits)
-                g = (h @ w[v].T).float().sub_(lse[block, None]).exp_().mul_(-block_grad[:, None])
+                # d logp / d logits = onehot(token) - softmax(logits); through the softcap, times post * (1 - tanh^2)
+                logits, t = ChunkedLogprobs.capped((h @ w[v].T).float(), ctx.softcap, ctx.post)
+                g = logits.sub_(lse[block, None]).exp_().mul_(-block_grad[:, None])
                 rows, cols = ChunkedLogprobs.in_slice(tokens[block], v)
                 g[rows, cols] += block_grad[rows]
+                if t is not None:
+                    g.mul_(t.square_().neg_().add_(1.0).mul_(ctx.post))
                 g = g.to(ctx.dtype)
                 if grad_hidden is not None:
                     block_grad_hidden += (g @ w[v]).float()
@@ -386,20 +399,49 @@ class ChunkedLogprobs(torch.autograd.Function):
             if grad_hidden is not None:
                 grad_hidden[block] = block_grad_hidden
         return (grad_hidden.view(hidden.shape) if grad_hidden is not None else None,
-                grad_weight.to(weight.dtype) if grad_weight is not None else None, None, None)
+                grad_weight.to(weight.dtype) if grad_weight is not None else None, None, None, None, None)
+
+
+def logit_transform(config) -> tuple:
+    """(scale, softcap): what the causal LM's own forward does to head(hidden) before it returns the logits,
+    logits = softcap * tanh(scale * x / softcap) (scale * x without softcap). Gemma-2/3 cap the logits with tanh,
+    Granite divides them by logits_scaling, Cohere multiplies them by logit_scale; skipping this would sample, score
+    and KL-penalise another distribution than the model's."""
+    text = config.get_text_config()
+    model_type = getattr(text, "model_type", None) or ""
+    scale = 1.0
+    if model_type.startswith("granite"):
+        scale = 1.0 / text.logits_scaling
+    elif model_type.startswith("cohere"):
+        scale = text.logit_scale
+    return scale, getattr(text, "final_logit_softcapping", None)
+
+
+UNSUPPORTED_LOGIT_TRANSFORMS = ("falcon_h1", "hyperclovax", "inkling", "minicpm3", "recurrent_gemma")
+"""Model types whose forward changes the logits in a way logit_transform does not reproduce (checked in transformers
+5.23's modelling code); the scripts refuse them before loading weights rather than train on another distribution."""
+
+
+def transform_logits(logits: torch.Tensor, scale: float, softcap: Optional[float]) -> torch.Tensor:
+    """The model's own logits from head(hidden) (see logit_transform)."""
+    logits = logits * scale if scale != 1.0 else logits
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
 
 
 def response_logprobs(head: nn.Module, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float,
-                      chunked: bool = True) -> tuple:
-    """(log-probs of tokens, entropy) under logits = head(hidden) / temperature; the entropy is a statistic, without
-    gradient. chunked: ChunkedLogprobs, when the head is a plain bias-free linear layer (dividing its input by the
-    temperature then divides the logits); else the plain computation."""
+                      chunked: bool = True, scale: float = 1.0, softcap: Optional[float] = None) -> tuple:
+    """(log-probs of tokens, entropy) under logits = transform_logits(head(hidden), scale, softcap) / temperature; the
+    entropy is a statistic, without gradient. chunked: ChunkedLogprobs, when the head is a plain bias-free linear layer
+    (scaling its input scales the logits; a softcap is applied to each tile); else the plain computation."""
     if chunked and type(head) is nn.Linear and head.bias is None:
         device_type = hidden.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
         with torch.autocast(device_type, enabled=False):
-            return ChunkedLogprobs.apply(hidden / (temperature + 1e-7), head.weight, tokens, dtype)
-    logits = head(hidden).float() / (temperature + 1e-7)
+            scaled = hidden * scale if scale != 1.0 else hidden
+            if softcap is None:
+                return ChunkedLogprobs.apply(scaled / (temperature + 1e-7), head.weight, tokens, dtype)
+            return ChunkedLogprobs.apply(scaled, head.weight, tokens, dtype, softcap, 1.0 / (temperature + 1e-7))
+    logits = transform_logits(head(hidden).float(), scale, softcap) / (temperature + 1e-7)
     with torch.no_grad():
         entropy = entropy_from_logits(logits)
     return sequence_logprobs(logits, tokens), entropy
@@ -468,7 +510,7 @@ def policy_logprobs(policy: nn.Module, query_responses: torch.Tensor, attention_
     backbone, head = backbone_and_head(policy)
     hidden = grouped_response_hidden(backbone, query_responses, attention_mask, context_length, needed, overhead)
     tokens = query_responses[:, context_length: context_length + hidden.shape[1]]
-    return response_logprobs(head, hidden, tokens, temperature, chunked)
+    return response_logprobs(head, hidden, tokens, temperature, chunked, *logit_transform(policy.config))
 
 
 def backbone_and_head(causal_lm: nn.Module) -> tuple:
@@ -520,13 +562,15 @@ def generate(policy: nn.Module, queries: torch.Tensor, query_mask: torch.Tensor,
     position only, and stop as soon as every row has produced the stop token. With sync_processes (sharded ZeRO-3
     weights: each forward is collective), stop only when every row of every process has."""
     backbone, head = backbone_and_head(policy)
+    scale, softcap = logit_transform(policy.config)
     attention_mask = query_mask.long()
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
     out = backbone(input_ids=queries, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
     next_position = position_ids[:, -1:] + 1
     tokens, done = [], torch.zeros(len(queries), dtype=torch.bool, device=queries.device)
     for step in range(response_length):
-        probs = (head(out.last_hidden_state[:, -1]).float() / (temperature + 1e-7)).softmax(-1)
+        logits = transform_logits(head(out.last_hidden_state[:, -1]).float(), scale, softcap)
+        probs = (logits / (temperature + 1e-7)).softmax(-1)
         token = sample_tokens(probs, generator)
         tokens.append(token)
         if stop_token_id is not None:
@@ -604,10 +648,30 @@ def set_rng_state(state: dict, sampling_generator: torch.Generator) -> None:
     sampling_generator.set_state(state["sampling"])
 
 
+def is_dropout_setting(name: str, value) -> bool:
+    """A dropout probability among a config's or a module's attributes (attention_dropout, hidden_dropout, resid_pdrop,
+    classifier_dropout, OPT's layerdrop, ...)."""
+    return "drop" in name and isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def disable_dropout_in_config(config) -> None:
+    """Zero every dropout setting of a config and of its sub-configs (text_config, ...), before the model is built."""
+    for name, value in list(vars(config).items()):
+        if is_dropout_setting(name, value):
+            setattr(config, name, 0.0)
+        elif hasattr(value, "to_dict") and hasattr(value, "get_text_config"):
+            disable_dropout_in_config(value)
+
+
 def disable_dropout(model: nn.Module) -> None:
+    """nn.Dropout modules, and the float rates that transformers 5's attention modules keep as attributes and use in
+    train mode only (attention_dropout): any dropout makes the training log-probs differ from the rollout's."""
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if is_dropout_setting(name, value):
+                setattr(module, name, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -836,6 +900,12 @@ if __name__ == "__main__":
     # Models: policy and reference from the SFT model; value model and reward model from the reward model.
     def load(cls, path, **kwargs):
         config = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+        disable_dropout_in_config(config)
+        model_type = getattr(config.get_text_config(), "model_type", None)
+        if cls is AutoModelForCausalLM and model_type in UNSUPPORTED_LOGIT_TRANSFORMS:
+            fail("sft_model_path", f"{path!r} is a {model_type} model, whose forward transforms its logits in a way "
+                                   "this script does not reproduce: it would train on another distribution than the "
+                                   "model's; use another architecture")
         if cls is AutoModelForSequenceClassification:
             config.num_labels, config.id2label, config.label2id = 1, {0: "LABEL_0"}, {"LABEL_0": 0}
             config.pad_token_id = tokenizer.pad_token_id
