@@ -545,6 +545,22 @@ class PolicyAndValue(nn.Module):
         return self.value_model.score(hidden).squeeze(-1).float()
 
 
+def forward_in_chunks(forward, query_responses: torch.Tensor, attention_mask: torch.Tensor, context_length: int,
+                      sequence_lengths: torch.Tensor, chunk_size: int) -> list:
+    """forward(query_responses, attention_mask, context_length, needed) -> [rows, max(needed)] tensors, run on chunks of
+    chunk_size rows of the whole padded rollout batch; the outputs right-padded with 0 to the response width and
+    stacked. needed = each row's stop token + 2 (the value at sequence_length + 1 receives the score), capped at the
+    width, so a row's numbers do not depend on the chunk it was generated in. Positions past the need: the caller
+    masks them."""
+    width = query_responses.shape[1] - context_length
+    outputs = []
+    for i in range(0, len(query_responses), chunk_size):
+        needed = (sequence_lengths[i: i + chunk_size] + 2).clamp(max=width)
+        chunk = forward(query_responses[i: i + chunk_size], attention_mask[i: i + chunk_size], context_length, needed)
+        outputs.append([F.pad(out, (0, width - out.shape[1])) for out in chunk])
+    return [torch.cat(parts) for parts in zip(*outputs)]
+
+
 def sample_tokens(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """One token per row of probs, [batch, 1], by inverse CDF: a uniform draw per row located in the cumulative sum.
     The same distribution as torch.multinomial, which on CPU draws an exponential variate per vocabulary entry
@@ -1058,6 +1074,14 @@ if __name__ == "__main__":
         return postprocessed, sequence_lengths, scores
 
     @torch.no_grad()
+    def rollout_forward(query_responses, attention_mask, context_length: int, needed) -> tuple:
+        """Old log-probs, reference log-probs and values of the first needed[i] response positions."""
+        with autocast():
+            logprobs, _, values = unwrapped(query_responses, attention_mask, context_length, args.temperature, needed)
+            ref_logprobs = reference_logprobs(query_responses, attention_mask, context_length, args.temperature, needed)
+        return logprobs, ref_logprobs, values
+
+    @torch.no_grad()
     def evaluate(prompt_ids: list) -> tuple:
         """Near-greedy responses to the given prompts: mean score, KL to the reference (sum over the response of
         logp - logp_ref at temperature 1), stop-token rate and length, gathered over processes."""
@@ -1229,7 +1253,7 @@ if __name__ == "__main__":
         # ALGO LOGIC: rollout. Steps 1-5 of the recipe, in chunks of local_rollout_forward_batch_size.
         queries, query_mask = (t.to(device) for t in left_pad(prompts, pad_id))
         context_length = queries.shape[1]
-        responses, logprobs, ref_logprobs, values, scores, sequence_lengths, postprocessed = [], [], [], [], [], [], []
+        responses, scores, sequence_lengths, postprocessed = [], [], [], []
         model.eval()
         with torch.no_grad():
             for i in range(0, local_batch_size, args.local_rollout_forward_batch_size):
@@ -1243,15 +1267,6 @@ if __name__ == "__main__":
                 responses.append(r)
                 pp, sl, s = rollout_scores(q, qm, r)
                 postprocessed.append(pp), sequence_lengths.append(sl), scores.append(s)
-                # The old log-probs come from the same forward the training uses (not from generation scores),
-                # so the first PPO mini-batch has ratio 1; the values come from that same call. Only the positions
-                # up to the stop token (+1 for the value that receives the score) are computed: the rest are masked.
-                qr, am = torch.cat([q, r], 1), torch.cat([qm, torch.ones_like(r)], 1)
-                needed = (sl + 2).clamp(max=r.shape[1])
-                with autocast():
-                    lp, _, v = unwrapped(qr, am, context_length, args.temperature, needed)
-                    ref_logprobs.append(reference_logprobs(qr, am, context_length, args.temperature, needed))
-                logprobs.append(lp), values.append(v)
                 timer["rollout_forward"] += time.time() - t0
             # Chunks stop generating at different steps: right-pad them to the longest before stacking.
             width = max(r.shape[1] for r in responses)
@@ -1260,10 +1275,17 @@ if __name__ == "__main__":
                 return torch.cat([F.pad(c, (0, width - c.shape[1]), value=fill) for c in chunks])
 
             responses, postprocessed = stack(responses, pad_id), stack(postprocessed, pad_id)
-            logprobs, ref_logprobs, values = stack(logprobs, INVALID_LOGPROB), stack(ref_logprobs, INVALID_LOGPROB), stack(values, 0.0)
             scores, sequence_lengths = torch.cat(scores), torch.cat(sequence_lengths)
             query_responses = torch.cat([queries, responses], 1)
             attention_mask = torch.cat([query_mask, torch.ones_like(responses)], 1)
+            # The old log-probs come from the same forward the training uses (not from generation scores), so the
+            # first PPO mini-batch has ratio 1; the values come from that same call. They run on the padded batch:
+            # a row that stopped in its chunk's last column still gets its value at sequence_length + 1.
+            t0 = time.time()
+            logprobs, ref_logprobs, values = forward_in_chunks(rollout_forward, query_responses, attention_mask,
+                                                               context_length, sequence_lengths,
+                                                               args.local_rollout_forward_batch_size)
+            timer["rollout_forward"] += time.time() - t0
 
             # Step 6, the EOS trick: responses that never produced the stop token lose missing_eos_penalty.
             contains_stop = (postprocessed == eos_check_id).any(1)
