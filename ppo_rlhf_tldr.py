@@ -1322,6 +1322,7 @@ if __name__ == "__main__":
         # Sums over valid tokens (weights) of: approxkl, pg clipfrac, pg loss, vf loss, vf clipfrac, entropy,
         # ratio, ratio^2; and the token counts for the policy and the value terms.
         stat_sums = torch.zeros(10, device=device, dtype=torch.float64)
+        micro_ratio_means = []  # for val/ratio_var, TRL's: the variance of the per-micro-batch mean ratios
         for ppo_epoch in range(args.num_ppo_epochs):
             permutation = torch.from_numpy(np.random.permutation(local_batch_size)).to(device)
             for mb_start in range(0, local_batch_size, local_mini_batch_size):
@@ -1375,6 +1376,7 @@ if __name__ == "__main__":
                             ((vf_losses > vf_unclipped).double() * vv).sum(),
                             (entropy * vp).sum(), (ratio * vp).sum(), (ratio ** 2 * vp).sum(),
                             vp.sum(), vv.sum()])
+                        micro_ratio_means.append((ratio * vp).sum() / vp.sum().clamp(min=1))
                 if not torch.isfinite(loss):
                     sys.exit(f"error: non-finite loss at update {update}, PPO epoch {ppo_epoch}; the run stops here "
                              "(lower --learning-rate)")
@@ -1399,6 +1401,8 @@ if __name__ == "__main__":
                 (scores + non_score_reward.sum(1)).mean(), scores.mean(), (sequence_lengths + 1).float().mean()]).double()
             objective = accelerator.reduce(per_process, "mean")
             num_eos = accelerator.reduce(contains_stop.sum().double(), "sum")
+            micro_ratio_means = accelerator.gather(torch.stack(micro_ratio_means))
+            ratio_var = micro_ratio_means.var() if len(micro_ratio_means) > 1 else torch.zeros((), device=device)
         if update % args.logging_steps == 0 or update == num_total_batches:
             row = {"eps": int((global_episode - start_episode) / (time.time() - start_time)), "objective/kl": objective[0].item(),
                    "objective/entropy": objective[1].item(), "objective/non_score_reward": objective[2].item(),
@@ -1406,7 +1410,8 @@ if __name__ == "__main__":
                    "policy/approxkl_avg": (s[0] / n_pg).item(), "policy/clipfrac_avg": (s[1] / n_pg).item(),
                    "loss/policy_avg": (s[2] / n_pg).item(), "loss/value_avg": (s[3] / n_vf).item(),
                    "val/clipfrac_avg": (s[4] / n_vf).item(), "policy/entropy_avg": (s[5] / n_pg).item(),
-                   "val/ratio": ratio_mean.item(), "val/ratio_var": (s[7] / n_pg - ratio_mean ** 2).item(),
+                   "val/ratio": ratio_mean.item(), "val/ratio_var": ratio_var.item(),
+                   "val/ratio_token_var": (s[7] / n_pg - ratio_mean ** 2).item(),
                    "val/num_eos_tokens": num_eos.item(), "lr": scheduler.get_last_lr()[0], "episode": global_episode,
                    "update": update, "optimizer_steps": optimizer_steps, "objective/response_length": objective[5].item(),
                    **{f"time/{k}": v for k, v in timer.items()}, "time/update": time.time() - update_start}

@@ -435,6 +435,15 @@ def test_metrics_file_has_every_reference_metric_finite_and_counts_episodes(runs
         assert all(math.isfinite(v) for k, v in r.items() if k.startswith("eval/"))
 
 
+@needs("base")
+def test_ratio_var_is_trls_variance_of_the_micro_batch_mean_ratios(runs):
+    """val/ratio_var is TRL's: the variance of the mean ratios of the 4 epochs x 2 micro-batches (never negative, and
+    exactly 0 nowhere: later epochs move away from 1); the per-token variance, hundreds of times larger, is logged as
+    val/ratio_token_var."""
+    for r in runs["base"]().check().train_rows:
+        assert 0 < r["val/ratio_var"] < r["val/ratio_token_var"], (r["update"], r["val/ratio_var"], r["val/ratio_token_var"])
+
+
 @pytest.mark.slow
 @needs("base", "minibatch2")
 def test_entropy_statistics_are_non_negative(runs):
