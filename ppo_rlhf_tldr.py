@@ -819,6 +819,15 @@ if __name__ == "__main__":
         is_classifier = any("ForSequenceClassification" in a for a in config.architectures or [])
         if is_classifier and config.num_labels != 1:
             fail(arg, f"{path!r} has {config.num_labels} labels; a reward/value model outputs one scalar (num_labels=1)")
+    policy_path = args.sft_model_path  # for an adapter folder: its base model
+    if sft_is_adapter:
+        with open(os.path.join(args.sft_model_path, "adapter_config.json")) as f:
+            policy_path = json.load(f)["base_model_name_or_path"]
+    model_type = AutoConfig.from_pretrained(policy_path, trust_remote_code=args.trust_remote_code).get_text_config().model_type
+    if model_type in UNSUPPORTED_LOGIT_TRANSFORMS:
+        fail("sft_model_path", f"{policy_path!r} is a {model_type} model, whose forward transforms its logits in a way "
+                               "this script does not reproduce (it would train on another distribution than the "
+                               "model's); use another architecture")
     if args.stop_token == "eos":
         stop_token_id = tokenizer.eos_token_id
     # The EOS trick checks the configured stop token (TRL checked EOS even with a custom stop_token_id).
@@ -917,11 +926,6 @@ if __name__ == "__main__":
     def load(cls, path, **kwargs):
         config = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
         disable_dropout_in_config(config)
-        model_type = getattr(config.get_text_config(), "model_type", None)
-        if cls is AutoModelForCausalLM and model_type in UNSUPPORTED_LOGIT_TRANSFORMS:
-            fail("sft_model_path", f"{path!r} is a {model_type} model, whose forward transforms its logits in a way "
-                                   "this script does not reproduce: it would train on another distribution than the "
-                                   "model's; use another architecture")
         if cls is AutoModelForSequenceClassification:
             config.num_labels, config.id2label, config.label2id = 1, {0: "LABEL_0"}, {"LABEL_0": 0}
             config.pad_token_id = tokenizer.pad_token_id
