@@ -393,21 +393,26 @@ class ChunkedLogprobs(torch.autograd.Function):
 def logit_transform(config) -> tuple:
     """(scale, softcap): what the causal LM's own forward does to head(hidden) before it returns the logits,
     logits = softcap * tanh(scale * x / softcap) (scale * x without softcap). Gemma-2/3 cap the logits with tanh,
-    Granite divides them by logits_scaling, Cohere multiplies them by logit_scale; skipping this would sample, score
-    and KL-penalise another distribution than the model's."""
+    Granite divides them by logits_scaling, Cohere multiplies them by logit_scale (MiniCPM3, HyperCLOVA X and Falcon-H1
+    scale them too); skipping this would sample, score and KL-penalise another distribution than the model's."""
     text = config.get_text_config()
     model_type = getattr(text, "model_type", None) or ""
     scale = 1.0
-    if model_type.startswith("granite"):
+    if model_type.startswith("granite") or model_type == "minicpm3":  # MiniCPM3 divides the hidden states instead
         scale = 1.0 / text.logits_scaling
     elif model_type.startswith("cohere"):
         scale = text.logit_scale
+    elif model_type == "hyperclovax":
+        scale = text.logits_scaling
+    elif model_type == "falcon_h1":
+        scale = text.lm_head_multiplier
     return scale, getattr(text, "final_logit_softcapping", None)
 
 
-UNSUPPORTED_LOGIT_TRANSFORMS = ("falcon_h1", "hyperclovax", "inkling", "minicpm3", "recurrent_gemma")
-"""Model types whose forward changes the logits in a way logit_transform does not reproduce (checked in transformers
-5.23's modelling code); the scripts refuse them before loading weights rather than train on another distribution."""
+UNSUPPORTED_LOGIT_TRANSFORMS = ("inkling", "recurrent_gemma")
+"""Model types whose forward changes the logits in a way logit_transform does not reproduce (from transformers 5.23's
+modelling code: Inkling divides by logits_mup_width_multiplier, RecurrentGemma caps with logits_soft_cap; neither is
+tested here); the scripts refuse them before loading weights rather than train on another distribution."""
 
 
 def transform_logits(logits: torch.Tensor, scale: float, softcap: Optional[float]) -> torch.Tensor:

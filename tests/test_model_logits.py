@@ -1,6 +1,6 @@
-"""The log-probs the PPO scripts use are the model's own: for every architecture of tiny_archs.MATRIX plus Granite and
-Cohere (whose forwards transform the logits: Gemma's softcapping, Granite's logits_scaling, Cohere's logit_scale), and a
-config with attention dropout set, the training/rollout path (plain, length-grouped, chunked LM head) and the sampling
+"""The log-probs the PPO scripts use are the model's own: for every architecture of tiny_archs.MATRIX plus Granite,
+Cohere, MiniCPM3, HyperCLOVA X and Falcon-H1 (whose forwards transform the logits: Gemma's softcapping, Granite's
+logits_scaling, Cohere's logit_scale, ...), and a config with attention dropout set, the training/rollout path (plain, length-grouped, chunked LM head) and the sampling
 distribution of generation equal log_softmax(model(...).logits / T) of the model's own forward, row by row without
 padding. In process, on tiny random models built from configs."""
 
@@ -13,7 +13,15 @@ from tiny_archs import ARCHITECTURES, MATRIX, tiny_config
 import ppo_rlhf  # noqa: E402
 
 VOCAB, PAD, EOS, T = 97, 1, 0, 0.7
-CASES = MATRIX + ["granite", "cohere", "llama_dropout"]
+# Three more architectures whose forward scales the logits, built here (tiny_archs holds the matrix of every test).
+_SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+              max_position_embeddings=256)
+MORE = {"minicpm3": dict(dim_model_base=16, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                         v_head_dim=16),  # hidden states divided by hidden_size / dim_model_base = 4
+        "hyperclovax": dict(logits_scaling=0.25),
+        "falcon_h1": dict(lm_head_multiplier=0.25, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=16,
+                          mamba_n_groups=1, head_dim=16)}
+CASES = MATRIX + ["granite", "cohere", "llama_dropout", *MORE]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -28,9 +36,15 @@ def build(case: str, seed: int = 0):
     """The tiny model as the PPO scripts load it: dropout settings of the config zeroed, then the modules'."""
     from transformers import AutoModelForCausalLM
 
+    from transformers import AutoConfig
+
     arch = "llama" if case == "llama_dropout" else case
     extra = dict(attention_dropout=0.3) if case == "llama_dropout" else {}
-    config = tiny_config(arch, VOCAB, bos_token_id=EOS, eos_token_id=EOS, pad_token_id=PAD, **extra)
+    if case in MORE:
+        config = AutoConfig.for_model(case, vocab_size=VOCAB, bos_token_id=EOS, eos_token_id=EOS, pad_token_id=PAD,
+                                      **_SMALL, **MORE[case])
+    else:
+        config = tiny_config(arch, VOCAB, bos_token_id=EOS, eos_token_id=EOS, pad_token_id=PAD, **extra)
     ppo_rlhf.disable_dropout_in_config(config)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
@@ -64,6 +78,7 @@ def test_the_cases_have_the_transforms_they_are_meant_to_test():
     scales = {case: ppo_rlhf.logit_transform(tiny_config(case, VOCAB)) for case in ("gemma2", "gemma3", "granite", "cohere")}
     assert scales == {"gemma2": (1.0, 30.0), "gemma3": (1.0, 30.0), "granite": (0.25, None), "cohere": (0.25, None)}
     assert ppo_rlhf.logit_transform(tiny_config("llama", VOCAB)) == (1.0, None)
+    assert all(ppo_rlhf.logit_transform(build(case).config) == (0.25, None) for case in MORE)
     assert set(MATRIX) | {"granite", "cohere"} == set(ARCHITECTURES)
 
 
@@ -179,16 +194,17 @@ def test_chunked_logprobs_with_softcap_and_scale_match_autograd(dtype, small_til
 
 
 def test_models_with_an_unsupported_logit_transform_are_refused_before_loading(tmp_path):
-    """A Falcon-H1 folder (its forward multiplies the logits by lm_head_multiplier) is refused with one line naming
-    --sft-model-path, before any weights are read (the folder has none)."""
+    """A RecurrentGemma folder (its forward softcaps the logits with logits_soft_cap, and its recurrent state is not
+    what these scripts cache) is refused with one line naming --sft-model-path, before any weights are read (the
+    folder has none)."""
     from transformers import AutoConfig
 
     from conftest import run_script
 
-    AutoConfig.for_model("falcon_h1").save_pretrained(tmp_path / "falcon")
-    proc = run_script("ppo_rlhf.py", "--sft-model-path", str(tmp_path / "falcon"), "--output-dir",
+    AutoConfig.for_model("recurrent_gemma").save_pretrained(tmp_path / "recurrent_gemma")
+    proc = run_script("ppo_rlhf.py", "--sft-model-path", str(tmp_path / "recurrent_gemma"), "--output-dir",
                       str(tmp_path / "out"), check=False)
     assert proc.returncode != 0
-    assert "error: --sft-model-path:" in proc.stderr and "falcon_h1" in proc.stderr, proc.stderr[-2000:]
+    assert "error: --sft-model-path:" in proc.stderr and "recurrent_gemma" in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()  # stopped with the input checks: nothing written
