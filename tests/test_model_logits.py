@@ -151,6 +151,22 @@ def test_attention_dropout_of_the_config_is_off_in_train_mode():
         assert not torch.allclose(model.train()(input_ids=ids).logits, eval_logits)  # dropout is really on
         ppo_rlhf.disable_dropout(model)
         assert torch.equal(model.train()(input_ids=ids).logits, eval_logits)
+    # The policy and the value model (GPT-NeoX: nn.Dropout for hidden states, a float for attention, a classifier
+    # dropout) through the scripts' PolicyAndValue: train mode (PPO epochs) equals eval mode (rollout).
+    from transformers import AutoModelForSequenceClassification
+
+    rates = dict(attention_dropout=0.3, hidden_dropout=0.3, classifier_dropout=0.3)
+    torch.manual_seed(0)
+    policy = AutoModelForCausalLM.from_config(tiny_config("gpt_neox", VOCAB, **rates))
+    value = AutoModelForSequenceClassification.from_config(tiny_config("gpt_neox", VOCAB, num_labels=1, **rates))
+    model = ppo_rlhf.PolicyAndValue(policy, value)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        eval_out = model.eval()(ids, mask, 4, T)
+        assert not torch.allclose(model.train()(ids, mask, 4, T)[2], eval_out[2])  # dropout is really on
+        ppo_rlhf.disable_dropout(policy), ppo_rlhf.disable_dropout(value)
+        for a, b in zip(model.train()(ids, mask, 4, T), eval_out):
+            assert torch.equal(a, b)
     for name in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "classifier_dropout",
                  "layerdrop", "dropout"):
         config = tiny_config("gpt_neox", VOCAB, **{name: 0.2})
