@@ -828,7 +828,8 @@ if __name__ == "__main__":
     if sft_is_adapter:
         with open(os.path.join(args.sft_model_path, "adapter_config.json")) as f:
             policy_path = json.load(f)["base_model_name_or_path"]
-    model_type = AutoConfig.from_pretrained(policy_path, trust_remote_code=args.trust_remote_code).get_text_config().model_type
+    policy_config = AutoConfig.from_pretrained(policy_path, trust_remote_code=args.trust_remote_code)
+    model_type = policy_config.get_text_config().model_type
     if model_type in UNSUPPORTED_LOGIT_TRANSFORMS:
         fail("sft_model_path", f"{policy_path!r} is a {model_type} model, whose forward transforms its logits in a way "
                                "this script does not reproduce (it would train on another distribution than the "

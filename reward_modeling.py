@@ -397,9 +397,9 @@ if __name__ == "__main__":
             rewards = get_reward(unwrapped, batch["input_ids"], batch["attention_mask"])
             chosen, rejected = rewards.chunk(2)
             has_gold = batch["gold"] >= 0
+            gold_correct = ((chosen > rejected) == (batch["gold"] == 1)).float() * has_gold
             per_pair = torch.stack([-F.logsigmoid(chosen - rejected), (chosen > rejected).float(),
-                                    torch.ones_like(chosen), ((chosen > rejected) == (batch["gold"] == 1)).float() * has_gold,
-                                    has_gold.float()], 1)
+                                    torch.ones_like(chosen), gold_correct, has_gold.float()], 1)
             # gathered per pair: gather_for_metrics drops the duplicates accelerate pads the last batch with
             stats += accelerator.gather_for_metrics(per_pair).sum(0)
         model.train()

@@ -458,7 +458,7 @@ if __name__ == "__main__":
                     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                     token_sum = completion_loss(logits, batch["labels"], reduction="sum")
                     if not torch.isfinite(token_sum):
-                        sys.exit(f"error: non-finite loss {token_sum.item()} at optimizer step {step}; lower --learning-rate")
+                        sys.exit(f"error: non-finite loss at optimizer step {step}; lower --learning-rate")
                     accelerator.backward(token_sum * loss_scale)
                     if accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)

@@ -1,8 +1,9 @@
 """The log-probs the PPO scripts use are the model's own: for every architecture of tiny_archs.MATRIX plus Granite,
 Cohere, MiniCPM3, HyperCLOVA X and Falcon-H1 (whose forwards transform the logits: Gemma's softcapping, Granite's
-logits_scaling, Cohere's logit_scale, ...), and a config with attention dropout set, the training/rollout path (plain, length-grouped, chunked LM head) and the sampling
-distribution of generation equal log_softmax(model(...).logits / T) of the model's own forward, row by row without
-padding. In process, on tiny random models built from configs."""
+logits_scaling, Cohere's logit_scale, ...), and a config with attention dropout set, the training/rollout path (plain,
+length-grouped, chunked LM head; train and eval mode) and the sampling distribution of generation equal
+log_softmax(model(...).logits / T) of the model's own forward, row by row without padding. In process, on tiny random
+models built from configs."""
 
 import pytest
 import torch
@@ -203,24 +204,8 @@ def test_chunked_logprobs_with_softcap_and_scale_match_autograd(dtype, small_til
             out[chunked] = logprobs.detach(), entropy, h.grad, head.weight.grad.clone()
         logits = ppo_rlhf.transform_logits(head(hidden), scale, softcap) / 0.7
         expected = logits.log_softmax(-1).gather(2, tokens[..., None]).squeeze(-1)
-        tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-1, rtol=3e-2)  # bf16 matmuls, gradients of ~10
+        # bf16 matmuls: gradients of about 10 differ by up to ~0.06
+        tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-1, rtol=3e-2)
         torch.testing.assert_close(out[False][0], expected, **tol)
         for a, b in zip(out[False], out[True]):
             torch.testing.assert_close(b, a, **tol)
-
-
-def test_models_with_an_unsupported_logit_transform_are_refused_before_loading(tmp_path):
-    """A RecurrentGemma folder (its forward softcaps the logits with logits_soft_cap, and its recurrent state is not
-    what these scripts cache) is refused with one line naming --sft-model-path, before any weights are read (the
-    folder has none)."""
-    from transformers import AutoConfig
-
-    from conftest import run_script
-
-    AutoConfig.for_model("recurrent_gemma").save_pretrained(tmp_path / "recurrent_gemma")
-    proc = run_script("ppo_rlhf.py", "--sft-model-path", str(tmp_path / "recurrent_gemma"), "--output-dir",
-                      str(tmp_path / "out"), check=False)
-    assert proc.returncode != 0
-    assert "error: --sft-model-path:" in proc.stderr and "recurrent_gemma" in proc.stderr, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "out").exists()  # stopped with the input checks: nothing written

@@ -254,6 +254,13 @@ def reward_model_with_two_labels(tmp_path):
     return path
 
 
+def unsupported_logits_model(tmp_path):
+    from transformers import AutoConfig
+
+    AutoConfig.for_model("recurrent_gemma").save_pretrained(tmp_path / "recurrent_gemma")
+    return str(tmp_path / "recurrent_gemma")
+
+
 def empty_dataset(tmp_path):
     from datasets import Dataset, DatasetDict
 
@@ -290,6 +297,9 @@ BAD_INPUTS = {
     "reward model with 2 labels": (lambda t: ["--reward-model-path", reward_model_with_two_labels(t)],
                                    "--reward-model-path"),
     "missing sft model": (lambda t: ["--sft-model-path", str(t / "no_such_sft_model")], "--sft-model-path"),
+    # its forward caps the logits in a way the script does not reproduce; a config without weights, refused unread
+    "sft model with an unsupported logit transform": (lambda t: ["--sft-model-path", unsupported_logits_model(t)],
+                                                      "--sft-model-path"),
     "non-empty output dir": (lambda t: [], "--output-dir"),
     "resume from a non-checkpoint": (lambda t: ["--resume-from-checkpoint", not_a_checkpoint(t)],
                                      "--resume-from-checkpoint"),
