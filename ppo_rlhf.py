@@ -1358,7 +1358,7 @@ if __name__ == "__main__":
                    "loss/policy_avg": (s[2] / n_pg).item(), "loss/value_avg": (s[3] / n_vf).item(),
                    "val/clipfrac_avg": (s[4] / n_vf).item(), "policy/entropy_avg": (s[5] / n_pg).item(),
                    "val/ratio": ratio_mean.item(), "val/ratio_var": ratio_var.item(),
-                   "val/ratio_token_var": (s[7] / n_pg - ratio_mean ** 2).item(),
+                   "val/ratio_token_var": (s[7] / n_pg - ratio_mean ** 2).clamp(min=0).item(),  # rounding: not < 0
                    "val/num_eos_tokens": num_eos.item(), "lr": scheduler.get_last_lr()[0], "episode": global_episode,
                    "update": update, "optimizer_steps": optimizer_steps, "objective/response_length": objective[5].item(),
                    **{f"time/{k}": v for k, v in timer.items()}, "time/update": time.time() - update_start}
