@@ -403,7 +403,17 @@ class ChunkedLogprobs(torch.autograd.Function):
         return rows, tokens[rows] - v.start
 
     @staticmethod
-    def forward(ctx, hidden, weight, tokens, dtype):
+    def capped(logits, softcap, post):
+        """The model's logit softcapping and the temperature on a tile: post * softcap * tanh(logits / softcap), and
+        the tanh (for the derivative). Without softcap, scale and temperature are linear and the caller folds them
+        into the hidden states instead."""
+        if softcap is None:
+            return logits, None
+        t = torch.tanh(logits / softcap)
+        return t * (softcap * post), t
+
+    @staticmethod
+    def forward(ctx, hidden, weight, tokens, dtype, softcap=None, post=1.0):
         flat, tokens = hidden.reshape(-1, hidden.shape[-1]), tokens.reshape(-1)
         logprobs, entropy, lse = (torch.empty(len(tokens), device=hidden.device) for _ in range(3))
         w = weight.to(dtype)
@@ -413,7 +423,7 @@ class ChunkedLogprobs(torch.autograd.Function):
             # spread = sum exp(logit - top) * (logit - top)
             target = torch.empty(len(block_tokens), device=hidden.device)
             for k, v in enumerate(slices):
-                logits = (h @ w[v].T).float()
+                logits, _ = ChunkedLogprobs.capped((h @ w[v].T).float(), softcap, post)
                 rows, cols = ChunkedLogprobs.in_slice(block_tokens, v)
                 target[rows] = logits[rows, cols]
                 new_top = logits.amax(1)
@@ -433,7 +443,7 @@ class ChunkedLogprobs(torch.autograd.Function):
             logprobs[block] = target - lse[block]
             entropy[block] = total.log() - spread / total
         ctx.save_for_backward(hidden, weight, tokens, lse)
-        ctx.dtype = dtype
+        ctx.dtype, ctx.softcap, ctx.post = dtype, softcap, post
         logprobs, entropy = logprobs.view(hidden.shape[:-1]), entropy.view(hidden.shape[:-1])
         ctx.mark_non_differentiable(entropy)  # a statistic only
         return logprobs, entropy
@@ -449,10 +459,13 @@ class ChunkedLogprobs(torch.autograd.Function):
             h, block_grad = flat[block].to(ctx.dtype), grad[block]
             block_grad_hidden = torch.zeros(h.shape, device=h.device)
             for v in slices:
-                # d logp / d logits = onehot(token) - softmax(logits)
-                g = (h @ w[v].T).float().sub_(lse[block, None]).exp_().mul_(-block_grad[:, None])
+                # d logp / d logits = onehot(token) - softmax(logits); through the softcap, times post * (1 - tanh^2)
+                logits, t = ChunkedLogprobs.capped((h @ w[v].T).float(), ctx.softcap, ctx.post)
+                g = logits.sub_(lse[block, None]).exp_().mul_(-block_grad[:, None])
                 rows, cols = ChunkedLogprobs.in_slice(tokens[block], v)
                 g[rows, cols] += block_grad[rows]
+                if t is not None:
+                    g.mul_(t.square_().neg_().add_(1.0).mul_(ctx.post))
                 g = g.to(ctx.dtype)
                 if grad_hidden is not None:
                     block_grad_hidden += (g @ w[v]).float()
@@ -463,20 +476,54 @@ class ChunkedLogprobs(torch.autograd.Function):
             if grad_hidden is not None:
                 grad_hidden[block] = block_grad_hidden
         return (grad_hidden.view(hidden.shape) if grad_hidden is not None else None,
-                grad_weight.to(weight.dtype) if grad_weight is not None else None, None, None)
+                grad_weight.to(weight.dtype) if grad_weight is not None else None, None, None, None, None)
+
+
+def logit_transform(config) -> tuple:
+    """(scale, softcap): what the causal LM's own forward does to head(hidden) before it returns the logits,
+    logits = softcap * tanh(scale * x / softcap) (scale * x without softcap). Gemma-2/3 cap the logits with tanh,
+    Granite divides them by logits_scaling, Cohere multiplies them by logit_scale (MiniCPM3, HyperCLOVA X and Falcon-H1
+    scale them too); skipping this would sample, score and KL-penalise another distribution than the model's."""
+    text = config.get_text_config()
+    model_type = getattr(text, "model_type", None) or ""
+    scale = 1.0
+    if model_type.startswith("granite") or model_type == "minicpm3":  # MiniCPM3 divides the hidden states instead
+        scale = 1.0 / text.logits_scaling
+    elif model_type.startswith("cohere"):
+        scale = text.logit_scale
+    elif model_type == "hyperclovax":
+        scale = text.logits_scaling
+    elif model_type == "falcon_h1":
+        scale = text.lm_head_multiplier
+    return scale, getattr(text, "final_logit_softcapping", None)
+
+
+UNSUPPORTED_LOGIT_TRANSFORMS = ("inkling", "recurrent_gemma")
+"""Model types whose forward changes the logits in a way logit_transform does not reproduce (from transformers 5.23's
+modelling code: Inkling divides by logits_mup_width_multiplier, RecurrentGemma caps with logits_soft_cap; neither is
+tested here); the scripts refuse them before loading weights rather than train on another distribution."""
+
+
+def transform_logits(logits: torch.Tensor, scale: float, softcap: Optional[float]) -> torch.Tensor:
+    """The model's own logits from head(hidden) (see logit_transform)."""
+    logits = logits * scale if scale != 1.0 else logits
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
 
 
 def response_logprobs(head: nn.Module, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float,
-                      chunked: bool = True) -> tuple:
-    """(log-probs of tokens, entropy) under logits = head(hidden) / temperature; the entropy is a statistic, without
-    gradient. chunked: ChunkedLogprobs, when the head is a plain bias-free linear layer (dividing its input by the
-    temperature then divides the logits); else the plain computation."""
+                      chunked: bool = True, scale: float = 1.0, softcap: Optional[float] = None) -> tuple:
+    """(log-probs of tokens, entropy) under logits = transform_logits(head(hidden), scale, softcap) / temperature; the
+    entropy is a statistic, without gradient. chunked: ChunkedLogprobs, when the head is a plain bias-free linear layer
+    (scaling its input scales the logits; a softcap is applied to each tile); else the plain computation."""
     if chunked and type(head) is nn.Linear and head.bias is None:
         device_type = hidden.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
         with torch.autocast(device_type, enabled=False):
-            return ChunkedLogprobs.apply(hidden / (temperature + 1e-7), head.weight, tokens, dtype)
-    logits = head(hidden).float() / (temperature + 1e-7)
+            scaled = hidden * scale if scale != 1.0 else hidden
+            if softcap is None:
+                return ChunkedLogprobs.apply(scaled / (temperature + 1e-7), head.weight, tokens, dtype)
+            return ChunkedLogprobs.apply(scaled, head.weight, tokens, dtype, softcap, 1.0 / (temperature + 1e-7))
+    logits = transform_logits(head(hidden).float(), scale, softcap) / (temperature + 1e-7)
     with torch.no_grad():
         entropy = entropy_from_logits(logits)
     return sequence_logprobs(logits, tokens), entropy
@@ -555,7 +602,7 @@ def policy_logprobs(policy: nn.Module, query_responses: torch.Tensor, attention_
     hidden = grouped_response_hidden(backbone, query_responses, attention_mask, context_length, needed, overhead,
                                      multiple)
     tokens = query_responses[:, context_length: context_length + hidden.shape[1]]
-    return response_logprobs(head, hidden, tokens, temperature, chunked)
+    return response_logprobs(head, hidden, tokens, temperature, chunked, *logit_transform(policy.config))
 
 
 def backbone_and_head(causal_lm: nn.Module) -> tuple:
@@ -591,6 +638,22 @@ class PolicyAndValue(nn.Module):
         return self.value_model.score(hidden).squeeze(-1).float()
 
 
+def forward_in_chunks(forward, query_responses: torch.Tensor, attention_mask: torch.Tensor, context_length: int,
+                      sequence_lengths: torch.Tensor, chunk_size: int) -> list:
+    """forward(query_responses, attention_mask, context_length, needed) -> [rows, max(needed)] tensors, run on chunks of
+    chunk_size rows of the whole padded rollout batch; the outputs right-padded with 0 to the response width and
+    stacked. needed = each row's stop token + 2 (the value at sequence_length + 1 receives the score), capped at the
+    width, so a row's numbers do not depend on the chunk it was generated in. Positions past the need: the caller
+    masks them."""
+    width = query_responses.shape[1] - context_length
+    outputs = []
+    for i in range(0, len(query_responses), chunk_size):
+        needed = (sequence_lengths[i: i + chunk_size] + 2).clamp(max=width)
+        chunk = forward(query_responses[i: i + chunk_size], attention_mask[i: i + chunk_size], context_length, needed)
+        outputs.append([F.pad(out, (0, width - out.shape[1])) for out in chunk])
+    return [torch.cat(parts) for parts in zip(*outputs)]
+
+
 def sample_tokens(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """One token per row of probs, [batch, 1], by inverse CDF: a uniform draw per row located in the cumulative sum.
     The same distribution as torch.multinomial, which on CPU draws an exponential variate per vocabulary entry
@@ -608,13 +671,15 @@ def generate(policy: nn.Module, queries: torch.Tensor, query_mask: torch.Tensor,
     position only, and stop as soon as every row has produced the stop token. With sync_processes (sharded ZeRO-3
     weights: each forward is collective), stop only when every row of every process has."""
     backbone, head = backbone_and_head(policy)
+    scale, softcap = logit_transform(policy.config)
     attention_mask = query_mask.long()
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
     out = backbone(input_ids=queries, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
     next_position = position_ids[:, -1:] + 1
     tokens, done = [], torch.zeros(len(queries), dtype=torch.bool, device=queries.device)
     for step in range(response_length):
-        probs = (head(out.last_hidden_state[:, -1]).float() / (temperature + 1e-7)).softmax(-1)
+        logits = transform_logits(head(out.last_hidden_state[:, -1]).float(), scale, softcap)
+        probs = (logits / (temperature + 1e-7)).softmax(-1)
         token = sample_tokens(probs, generator)
         tokens.append(token)
         if stop_token_id is not None:
@@ -694,10 +759,30 @@ def set_rng_state(state: dict, sampling_generator: torch.Generator) -> None:
     sampling_generator.set_state(state["sampling"])
 
 
+def is_dropout_setting(name: str, value) -> bool:
+    """A dropout probability among a config's or a module's attributes (attention_dropout, hidden_dropout, resid_pdrop,
+    classifier_dropout, OPT's layerdrop, ...)."""
+    return "drop" in name and isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def disable_dropout_in_config(config) -> None:
+    """Zero every dropout setting of a config and of its sub-configs (text_config, ...), before the model is built."""
+    for name, value in list(vars(config).items()):
+        if is_dropout_setting(name, value):
+            setattr(config, name, 0.0)
+        elif hasattr(value, "to_dict") and hasattr(value, "get_text_config"):
+            disable_dropout_in_config(value)
+
+
 def disable_dropout(model: nn.Module) -> None:
+    """nn.Dropout modules, and the float rates that transformers 5's attention modules keep as attributes and use in
+    train mode only (attention_dropout): any dropout makes the training log-probs differ from the rollout's."""
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if is_dropout_setting(name, value):
+                setattr(module, name, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -839,6 +924,16 @@ if __name__ == "__main__":
         is_classifier = any("ForSequenceClassification" in a for a in config.architectures or [])
         if is_classifier and config.num_labels != 1:
             fail(arg, f"{path!r} has {config.num_labels} labels; a reward/value model outputs one scalar (num_labels=1)")
+    policy_path = args.sft_model_path  # for an adapter folder: its base model
+    if sft_is_adapter:
+        with open(os.path.join(args.sft_model_path, "adapter_config.json")) as f:
+            policy_path = json.load(f)["base_model_name_or_path"]
+    policy_config = AutoConfig.from_pretrained(policy_path, trust_remote_code=args.trust_remote_code)
+    model_type = policy_config.get_text_config().model_type
+    if model_type in UNSUPPORTED_LOGIT_TRANSFORMS:
+        fail("sft_model_path", f"{policy_path!r} is a {model_type} model, whose forward transforms its logits in a way "
+                               "this script does not reproduce (it would train on another distribution than the "
+                               "model's); use another architecture")
     if args.stop_token == "eos":
         stop_token_id = tokenizer.eos_token_id
     # The EOS trick checks the configured stop token (TRL checked EOS even with a custom stop_token_id).
@@ -941,6 +1036,7 @@ if __name__ == "__main__":
     # Models: policy and reference from the SFT model; value model and reward model from the reward model.
     def load(cls, path, **kwargs):
         config = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+        disable_dropout_in_config(config)
         if cls is AutoModelForSequenceClassification:
             config.num_labels, config.id2label, config.label2id = 1, {0: "LABEL_0"}, {"LABEL_0": 0}
             config.pad_token_id = tokenizer.pad_token_id
@@ -1095,6 +1191,14 @@ if __name__ == "__main__":
                                torch.cat([query_mask, response_mask.long()], 1), unwrapped.overhead,
                                unwrapped.multiple)
         return postprocessed, sequence_lengths, scores
+
+    @torch.no_grad()
+    def rollout_forward(query_responses, attention_mask, context_length: int, needed) -> tuple:
+        """Old log-probs, reference log-probs and values of the first needed[i] response positions."""
+        with autocast():
+            logprobs, _, values = unwrapped(query_responses, attention_mask, context_length, args.temperature, needed)
+            ref_logprobs = reference_logprobs(query_responses, attention_mask, context_length, args.temperature, needed)
+        return logprobs, ref_logprobs, values
 
     @torch.no_grad()
     def evaluate(prompt_ids: list) -> tuple:
@@ -1269,7 +1373,7 @@ if __name__ == "__main__":
         # ALGO LOGIC: rollout. Steps 1-5 of the recipe, in chunks of local_rollout_forward_batch_size.
         queries, query_mask = (t.to(device) for t in left_pad(prompts, pad_id, pad_multiple))
         context_length = queries.shape[1]
-        responses, logprobs, ref_logprobs, values, scores, sequence_lengths, postprocessed = [], [], [], [], [], [], []
+        responses, scores, sequence_lengths, postprocessed = [], [], [], []
         model.eval()
         with torch.no_grad():
             for i in range(0, local_batch_size, args.local_rollout_forward_batch_size):
@@ -1283,15 +1387,6 @@ if __name__ == "__main__":
                 responses.append(r)
                 pp, sl, s = rollout_scores(q, qm, r)
                 postprocessed.append(pp), sequence_lengths.append(sl), scores.append(s)
-                # The old log-probs come from the same forward the training uses (not from generation scores),
-                # so the first PPO mini-batch has ratio 1; the values come from that same call. Only the positions
-                # up to the stop token (+1 for the value that receives the score) are computed: the rest are masked.
-                qr, am = torch.cat([q, r], 1), torch.cat([qm, torch.ones_like(r)], 1)
-                needed = (sl + 2).clamp(max=r.shape[1])
-                with autocast():
-                    lp, _, v = unwrapped(qr, am, context_length, args.temperature, needed)
-                    ref_logprobs.append(reference_logprobs(qr, am, context_length, args.temperature, needed))
-                logprobs.append(lp), values.append(v)
                 timer["rollout_forward"] += time.time() - t0
             # Chunks stop generating at different steps: right-pad them to the longest before stacking.
             width = max(r.shape[1] for r in responses)
@@ -1300,10 +1395,17 @@ if __name__ == "__main__":
                 return torch.cat([F.pad(c, (0, width - c.shape[1]), value=fill) for c in chunks])
 
             responses, postprocessed = stack(responses, pad_id), stack(postprocessed, pad_id)
-            logprobs, ref_logprobs, values = stack(logprobs, INVALID_LOGPROB), stack(ref_logprobs, INVALID_LOGPROB), stack(values, 0.0)
             scores, sequence_lengths = torch.cat(scores), torch.cat(sequence_lengths)
             query_responses = torch.cat([queries, responses], 1)
             attention_mask = torch.cat([query_mask, torch.ones_like(responses)], 1)
+            # The old log-probs come from the same forward the training uses (not from generation scores), so the
+            # first PPO mini-batch has ratio 1; the values come from that same call. They run on the padded batch:
+            # a row that stopped in its chunk's last column still gets its value at sequence_length + 1.
+            t0 = time.time()
+            logprobs, ref_logprobs, values = forward_in_chunks(rollout_forward, query_responses, attention_mask,
+                                                               context_length, sequence_lengths,
+                                                               args.local_rollout_forward_batch_size)
+            timer["rollout_forward"] += time.time() - t0
 
             # Step 6, the EOS trick: responses that never produced the stop token lose missing_eos_penalty.
             contains_stop = (postprocessed == eos_check_id).any(1)
@@ -1340,6 +1442,7 @@ if __name__ == "__main__":
         # Sums over valid tokens (weights) of: approxkl, pg clipfrac, pg loss, vf loss, vf clipfrac, entropy,
         # ratio, ratio^2; and the token counts for the policy and the value terms.
         stat_sums = torch.zeros(10, device=device, dtype=torch.float64)
+        micro_ratio_means = []  # for val/ratio_var, TRL's: the variance of the per-micro-batch mean ratios
         for ppo_epoch in range(args.num_ppo_epochs):
             permutation = torch.from_numpy(np.random.permutation(local_batch_size)).to(device)
             for mb_start in range(0, local_batch_size, local_mini_batch_size):
@@ -1393,6 +1496,7 @@ if __name__ == "__main__":
                             ((vf_losses > vf_unclipped).double() * vv).sum(),
                             (entropy * vp).sum(), (ratio * vp).sum(), (ratio ** 2 * vp).sum(),
                             vp.sum(), vv.sum()])
+                        micro_ratio_means.append((ratio * vp).sum() / vp.sum().clamp(min=1))
                 if not torch.isfinite(loss):
                     sys.exit(f"error: non-finite loss at update {update}, PPO epoch {ppo_epoch}; the run stops here "
                              "(lower --learning-rate)")
@@ -1417,6 +1521,8 @@ if __name__ == "__main__":
                 (scores + non_score_reward.sum(1)).mean(), scores.mean(), (sequence_lengths + 1).float().mean()]).double()
             objective = accelerator.reduce(per_process, "mean")
             num_eos = accelerator.reduce(contains_stop.sum().double(), "sum")
+            micro_ratio_means = accelerator.gather(torch.stack(micro_ratio_means))
+            ratio_var = micro_ratio_means.var() if len(micro_ratio_means) > 1 else torch.zeros((), device=device)
         if update % args.logging_steps == 0 or update == num_total_batches:
             row = {"eps": int((global_episode - start_episode) / (time.time() - start_time)), "objective/kl": objective[0].item(),
                    "objective/entropy": objective[1].item(), "objective/non_score_reward": objective[2].item(),
@@ -1424,7 +1530,8 @@ if __name__ == "__main__":
                    "policy/approxkl_avg": (s[0] / n_pg).item(), "policy/clipfrac_avg": (s[1] / n_pg).item(),
                    "loss/policy_avg": (s[2] / n_pg).item(), "loss/value_avg": (s[3] / n_vf).item(),
                    "val/clipfrac_avg": (s[4] / n_vf).item(), "policy/entropy_avg": (s[5] / n_pg).item(),
-                   "val/ratio": ratio_mean.item(), "val/ratio_var": (s[7] / n_pg - ratio_mean ** 2).item(),
+                   "val/ratio": ratio_mean.item(), "val/ratio_var": ratio_var.item(),
+                   "val/ratio_token_var": (s[7] / n_pg - ratio_mean ** 2).clamp(min=0).item(),  # rounding: not < 0
                    "val/num_eos_tokens": num_eos.item(), "lr": scheduler.get_last_lr()[0], "episode": global_episode,
                    "update": update, "optimizer_steps": optimizer_steps, "objective/response_length": objective[5].item(),
                    **{f"time/{k}": v for k, v in timer.items()}, "time/update": time.time() - update_start}

@@ -568,13 +568,12 @@ if __name__ == "__main__":
         for batch in eval_loader:
             rewards = get_reward(unwrapped, batch["input_ids"], batch["attention_mask"])
             chosen, rejected = rewards.chunk(2)
-            stats[0] += -F.logsigmoid(chosen - rejected).sum()
-            stats[1] += (chosen > rejected).sum()
-            stats[2] += len(chosen)
             has_gold = batch["gold"] >= 0
-            stats[3] += ((chosen > rejected) == (batch["gold"] == 1))[has_gold].sum()
-            stats[4] += has_gold.sum()
-        stats = accelerator.reduce(stats, "sum")
+            gold_correct = ((chosen > rejected) == (batch["gold"] == 1)).float() * has_gold
+            per_pair = torch.stack([-F.logsigmoid(chosen - rejected), (chosen > rejected).float(),
+                                    torch.ones_like(chosen), gold_correct, has_gold.float()], 1)
+            # gathered per pair: gather_for_metrics drops the duplicates accelerate pads the last batch with
+            stats += accelerator.gather_for_metrics(per_pair).sum(0)
         model.train()
         out = {"eval/loss": (stats[0] / stats[2]).item(), "eval/accuracy": (stats[1] / stats[2]).item()}
         if stats[4] > 0:

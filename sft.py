@@ -294,6 +294,18 @@ def completion_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str =
                            reduction=reduction)
 
 
+def step_groups(batches, size: int):
+    """The batches in groups of `size`, one group per optimizer step; the last group of an epoch may be shorter."""
+    group = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
 def atomic_save(output_dir: str, write) -> None:
     """`write(tmp_dir)` fills a temporary folder, which then replaces output_dir in one rename. The run's
     checkpoints (output_dir/checkpoints) are moved over, not lost."""
@@ -415,7 +427,7 @@ if __name__ == "__main__":
 
     # TRY NOT TO MODIFY: seeding, processes, tracking
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType, InitProcessGroupKwargs
+    from accelerate.utils import DistributedType, GradientAccumulationPlugin, InitProcessGroupKwargs
 
     # On a CPU-only host the processes talk over gloo: cpu=True joins the process group that torchrun (or `accelerate
     # launch --multi_gpu`) set up, where a plain Accelerator() would run independent copies; accelerate ignores
@@ -423,8 +435,10 @@ if __name__ == "__main__":
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     on_cpu = not torch.cuda.is_available()
     deepspeed_launch = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    accelerator = Accelerator(cpu=on_cpu and not deepspeed_launch, gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              mixed_precision="bf16" if args.bf16 else "no",
+    # The training loop ends each optimizer step itself (step_groups), including the shorter last one of an epoch.
+    accelerator = Accelerator(cpu=on_cpu and not deepspeed_launch, mixed_precision="bf16" if args.bf16 else "no",
+                              gradient_accumulation_plugin=GradientAccumulationPlugin(
+                                  num_steps=args.gradient_accumulation_steps, sync_with_dataloader=False),
                               kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if on_cpu and world_size > 1 else [])
     if accelerator.num_processes != world_size:
         fail("num_processes", f"WORLD_SIZE says {world_size} processes but accelerate runs {accelerator.num_processes}")
@@ -517,15 +531,18 @@ if __name__ == "__main__":
 
     @torch.no_grad()
     def evaluate() -> float:
-        """Mean completion-token loss over the held-out split (summed over tokens, gathered over processes)."""
+        """Mean completion-token loss over the held-out split (summed over tokens, gathered over processes). Per-example
+        sums, so that gather_for_metrics drops the duplicates accelerate pads the last batch with: each example
+        counts once."""
         model.eval()
         total, count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
         for batch in eval_loader:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            total += completion_loss(logits, batch["labels"], reduction="sum")
-            count += (batch["labels"][:, 1:] != -100).sum()
+            per_token = completion_loss(logits, batch["labels"], reduction="none").view(len(logits), -1)
+            sums, counts = accelerator.gather_for_metrics((per_token.sum(1), (batch["labels"][:, 1:] != -100).sum(1)))
+            total, count = total + sums.sum(), count + counts.sum()
         model.train()
-        return (accelerator.reduce(total, "sum") / accelerator.reduce(count, "sum")).item()
+        return (total / count).item()
 
     # TRY NOT TO MODIFY: checkpoints (--save-steps) and resuming (--resume-from-checkpoint)
     def save_checkpoint(epoch: int, batches_done: int, shuffle_state: torch.Tensor) -> None:
@@ -585,23 +602,33 @@ if __name__ == "__main__":
         # shuffle and skips the batches already trained on.
         shuffle_state = shuffle_generator.get_state()
         batches = accelerator.skip_first_batches(train_loader, skip_batches) if skip_batches else train_loader
-        for batch_index, batch in enumerate(batches, start=skip_batches):
-            with accelerator.accumulate(model):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                loss = completion_loss(logits, batch["labels"])
-                if not torch.isfinite(loss):
-                    sys.exit(f"error: non-finite loss {loss.item()} at optimizer step {step}; lower --learning-rate")
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    scheduler.step()
-                optimizer.zero_grad()
+        for group in step_groups(enumerate(batches, start=skip_batches), args.gradient_accumulation_steps):
+            # The loss of an optimizer step is the token sum of its micro-batches over the completion tokens of the
+            # whole step, all processes together (not a mean of per-micro-batch means): how the data is split into
+            # micro-batches and processes does not change it. accelerate (or DeepSpeed) divides each backward by
+            # gradient_accumulation_steps and DDP averages over processes; loss_scale undoes both.
+            step_tokens = accelerator.reduce(sum((b["labels"][:, 1:] != -100).sum() for _, b in group), "sum")
+            loss_scale = args.gradient_accumulation_steps * accelerator.num_processes / step_tokens.clamp(min=1)
+            accelerator.step = args.gradient_accumulation_steps - len(group)  # gradients sync on the group's last
+            step_loss = torch.zeros((), device=accelerator.device)
+            for batch_index, batch in group:
+                with accelerator.accumulate(model):
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    token_sum = completion_loss(logits, batch["labels"], reduction="sum")
+                    if not torch.isfinite(token_sum):
+                        sys.exit(f"error: non-finite loss at optimizer step {step}; lower --learning-rate")
+                    accelerator.backward(token_sum * loss_scale)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    if accelerator.sync_gradients:
+                        scheduler.step()
+                    optimizer.zero_grad()
+                step_loss += token_sum.detach()
             if accelerator.sync_gradients:
                 step += 1
                 if step % args.logging_steps == 0:
-                    row = {"train/loss": accelerator.reduce(loss.detach(), "mean").item(),
+                    row = {"train/loss": (accelerator.reduce(step_loss, "sum") / step_tokens).item(),
                            "lr": scheduler.get_last_lr()[0], "epoch": epoch, "step": step}
                     metrics_log.append(row)
                     accelerator.print(f"step {step}/{num_update_steps} loss {row['train/loss']:.4f} lr {row['lr']:.2e}")

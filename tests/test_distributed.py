@@ -142,7 +142,8 @@ def small_datasets(root):
     from datasets import DatasetDict, load_from_disk
 
     sft = load_from_disk(os.path.join(EMBEDDED, "sft_data"))
-    DatasetDict(train=sft["train"].select(range(128)), validation=sft["validation"].select(range(16))).save_to_disk(
+    # 17 and 30 held-out examples: with 16 per process per batch, accelerate pads the last batch with duplicates
+    DatasetDict(train=sft["train"].select(range(128)), validation=sft["validation"].select(range(17))).save_to_disk(
         os.path.join(root, "sft_data"))
     pref = load_from_disk(os.path.join(EMBEDDED, "preference_data"))
     DatasetDict(train=pref["train"].select(range(128)), test=pref["test"].select(range(30))).save_to_disk(
@@ -342,7 +343,7 @@ def test_sft_two_processes_with_lora_saves_an_adapter_and_a_merged_model(runs):
     from transformers import AutoModelForCausalLM
 
     run = get(runs, "sft_ddp_lora")
-    assert "128 train / 16 eval examples" in run.stdout
+    assert "128 train / 17 eval examples" in run.stdout
     with open(os.path.join(run.out, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     # 128 examples, 16 per process per step, 2 processes: 4 optimizer steps.
@@ -366,6 +367,49 @@ def test_reward_modeling_two_processes_saves_a_normalised_model(runs, name):
     model, info = AutoModelForSequenceClassification.from_pretrained(run.out, output_loading_info=True)
     assert not any(info.values()), info
     assert model.score.weight.shape == (1, 96)
+
+
+def test_held_out_metrics_of_two_processes_count_each_example_once(runs):
+    """17 SFT and 30 preference held-out examples in batches of 16 per process: accelerate pads the second process's
+    batch with duplicates of the first examples. The logged eval metrics equal the same metrics of the saved model
+    computed in this one process, example by example."""
+    import torch.nn.functional as F
+    from datasets import load_from_disk
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    import reward_modeling
+    import sft
+
+    rows = lambda run: [json.loads(line) for line in open(os.path.join(run.out, "metrics.jsonl"))]  # noqa: E731
+    run = get(runs, "sft_ddp_lora")
+    (logged,) = [r["eval/loss"] for r in rows(run) if "eval/loss" in r]
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(run.out, "merged")).eval()
+    tokenizer = AutoTokenizer.from_pretrained(run.out)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in load_from_disk(os.path.join(runs["root"], "sft_data"))["validation"]:
+            batch = sft.collate([sft.tokenize_example(tokenizer, row["prompt"], row["completion"])], tokenizer.pad_token_id)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            total += sft.completion_loss(logits, batch["labels"], reduction="sum").item()
+            count += int((batch["labels"][:, 1:] != -100).sum())
+    assert logged == pytest.approx(total / count, rel=1e-4)
+
+    run = get(runs, "rm_ddp")
+    assert "30 eval pairs" in run.stdout
+    (logged,) = [r for r in rows(run) if "eval/loss" in r]
+    model = AutoModelForSequenceClassification.from_pretrained(run.out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(run.out)
+    losses, correct = [], []
+    with torch.no_grad():
+        for row in load_from_disk(os.path.join(runs["root"], "pref_data"))["test"]:
+            ids = [tokenizer(row["prompt"] + row[k], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                   for k in ("chosen", "rejected")]
+            chosen, rejected = (reward_modeling.get_reward(model, torch.tensor([x]), torch.ones(1, len(x), dtype=torch.long))
+                                for x in ids)
+            losses.append(-F.logsigmoid(chosen - rejected).item())
+            correct.append((chosen > rejected).item())
+    assert logged["eval/loss"] == pytest.approx(sum(losses) / 30, rel=1e-4)
+    assert logged["eval/accuracy"] == pytest.approx(sum(correct) / 30, abs=1e-6)
 
 
 def test_reward_modeling_zero3_matches_ddp(runs):

@@ -255,6 +255,13 @@ def reward_model_with_two_labels(tmp_path):
     return path
 
 
+def unsupported_logits_model(tmp_path):
+    from transformers import AutoConfig
+
+    AutoConfig.for_model("recurrent_gemma").save_pretrained(tmp_path / "recurrent_gemma")
+    return str(tmp_path / "recurrent_gemma")
+
+
 def empty_dataset(tmp_path):
     from datasets import Dataset, DatasetDict
 
@@ -291,6 +298,9 @@ BAD_INPUTS = {
     "reward model with 2 labels": (lambda t: ["--reward-model-path", reward_model_with_two_labels(t)],
                                    "--reward-model-path"),
     "missing sft model": (lambda t: ["--sft-model-path", str(t / "no_such_sft_model")], "--sft-model-path"),
+    # its forward caps the logits in a way the script does not reproduce; a config without weights, refused unread
+    "sft model with an unsupported logit transform": (lambda t: ["--sft-model-path", unsupported_logits_model(t)],
+                                                      "--sft-model-path"),
     "non-empty output dir": (lambda t: [], "--output-dir"),
     "resume from a non-checkpoint": (lambda t: ["--resume-from-checkpoint", not_a_checkpoint(t)],
                                      "--resume-from-checkpoint"),
@@ -434,6 +444,15 @@ def test_metrics_file_has_every_reference_metric_finite_and_counts_episodes(runs
     for r in evals:
         assert {"eval/score", "eval/kl", "eval/eos_rate", "eval/response_length"} <= set(r)
         assert all(math.isfinite(v) for k, v in r.items() if k.startswith("eval/"))
+
+
+@needs("base")
+def test_ratio_var_is_trls_variance_of_the_micro_batch_mean_ratios(runs):
+    """val/ratio_var is TRL's: the variance of the mean ratios of the 4 epochs x 2 micro-batches (never negative, and
+    exactly 0 nowhere: later epochs move away from 1); the per-token variance, hundreds of times larger, is logged as
+    val/ratio_token_var."""
+    for r in runs["base"]().check().train_rows:
+        assert 0 < r["val/ratio_var"] < r["val/ratio_token_var"], (r["update"], r["val/ratio_var"], r["val/ratio_token_var"])
 
 
 @pytest.mark.slow

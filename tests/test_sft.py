@@ -333,3 +333,38 @@ def test_bad_input_from_the_command_line_exits_nonzero(tmp_path):
     assert "error: --dataset-name:" in proc.stderr and "completion" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+def test_one_batch_and_the_same_data_as_two_micro_batches_give_the_same_loss_and_weights(tmp_path):
+    """The loss of an optimizer step is its token sum over the step's completion tokens: one batch of 4 and the same 4
+    examples as 2 micro-batches of 2 log the same loss and take the same step (a mean of the two micro-batches' means
+    weighs their tokens differently, e.g. 2.3418 against 2.3150)."""
+    from datasets import DatasetDict, load_from_disk
+    from safetensors.torch import load_file
+
+    full = load_from_disk(os.path.join(EMBEDDED, "sft_data"))
+    # examples of different lengths, so that the two micro-batches hold different numbers of completion tokens
+    train = full["train"].select(range(40))
+    lengths = [len(c) for c in train["completion"]]
+    order = sorted(range(40), key=lambda i: lengths[i])
+    DatasetDict(train=train.select([order[0], order[1], order[-2], order[-1]]),
+                validation=full["validation"].select(range(4))).save_to_disk(str(tmp_path / "data"))
+    outs = {}
+    for name, micro, steps in (("one_batch", "4", "1"), ("two_micro_batches", "2", "2")):
+        outs[name] = tmp_path / name
+        run_script("sft.py", "--dataset-name", str(tmp_path / "data"), "--model-name-or-path",
+                   os.path.join(EMBEDDED, "base_model"), "--num-train-epochs", "1", "--per-device-train-batch-size",
+                   micro, "--gradient-accumulation-steps", steps, "--num-sample-completions", "0", "--lr-scheduler-type",
+                   "constant", "--learning-rate", "1e-3", "--logging-steps", "1", "--output-dir", str(outs[name]),
+                   env={**ONE_THREAD, "HF_DATASETS_CACHE": str(tmp_path / "cache")}, timeout=600)
+    rows = {}
+    for name, out in outs.items():
+        with open(out / "metrics.jsonl") as f:
+            rows[name] = [json.loads(line) for line in f if "train/loss" in line]
+    assert [r["step"] for r in rows["one_batch"]] == [r["step"] for r in rows["two_micro_batches"]] == [1]
+    assert rows["two_micro_batches"][0]["train/loss"] == pytest.approx(rows["one_batch"][0]["train/loss"], rel=1e-5)
+    a, b = (load_file(str(out / "model.safetensors")) for out in outs.values())
+    base = load_file(os.path.join(EMBEDDED, "base_model", "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-5, msg=k)
+    assert any(not torch.equal(a[k], base[k]) for k in a)  # the step was taken
