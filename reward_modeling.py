@@ -238,9 +238,16 @@ if __name__ == "__main__":
             fail("resume_from_checkpoint", f"{resume_dir!r} was written by a run with {', '.join(changed)}; resume "
                                            "with the same values, or start a new run")
     for name in ("learning_rate", "per_device_train_batch_size", "num_train_epochs", "gradient_accumulation_steps",
-                 "max_length"):
-        if getattr(args, name) <= 0:
+                 "max_length", "max_grad_norm"):
+        if not getattr(args, name) > 0:  # `not >` also catches nan
             fail(name, f"must be positive, got {getattr(args, name)}")
+    if not 0 <= args.seed < 2 ** 32:
+        fail("seed", f"must be in [0, 2**32 - 1] (numpy's seed range), got {args.seed}")
+    if not 0 <= args.warmup_ratio <= 1:
+        fail("warmup_ratio", f"is a fraction of the optimizer steps, so in [0, 1]; got {args.warmup_ratio}")
+    if args.normalize_reward and args.normalize_num_examples <= 0:
+        fail("normalize_num_examples", f"must be positive to normalise (the mean of no scores is nan), got "
+                                       f"{args.normalize_num_examples}; or pass --no-normalize-reward")
     tokenizer_path = args.tokenizer_name_or_path or args.model_name_or_path
     for arg, path in (("model_name_or_path", args.model_name_or_path), ("tokenizer_name_or_path", tokenizer_path)):
         # A hub id is `name` or `org/name`; anything else that does not exist is a missing local folder.

@@ -145,7 +145,7 @@ def test_atomic_save_replaces_the_folder_and_leaves_no_temporary(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
-    sft.atomic_save(str(out) + "/", lambda path: (os.makedirs(path), open(os.path.join(path, "new.txt"), "w").close()))
+    sft.publish_output(str(out) + "/", lambda path: open(os.path.join(path, "new.txt"), "w").close())
     assert sorted(os.listdir(out)) == ["new.txt"] and sorted(os.listdir(tmp_path)) == ["out"]
 
 
