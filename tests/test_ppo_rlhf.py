@@ -550,10 +550,12 @@ def test_saved_policy_and_value_model_load_and_were_trained(runs):
 def test_save_total_limit_keeps_the_newest_checkpoints_and_no_tmp(runs):
     run = runs["base"]().check()
     folder = os.path.join(run.out, "checkpoints")
-    assert sorted(os.listdir(folder)) == [f"checkpoint-{NUM_UPDATES - 1}", f"checkpoint-{NUM_UPDATES}"]
+    assert sorted(os.listdir(folder)) == [f"checkpoint-{NUM_UPDATES - 1}", f"checkpoint-{NUM_UPDATES}", "latest"]
+    with open(os.path.join(folder, "latest")) as f:
+        assert f.read() == f"checkpoint-{NUM_UPDATES}"
     assert not glob.glob(os.path.join(run.out, "**", "*.tmp"), recursive=True)
     files = files_under(os.path.join(folder, f"checkpoint-{NUM_UPDATES}"))
-    for name in ("state.pt", "rng_rank0.pt", "policy/model.safetensors", "value_model/model.safetensors"):
+    for name in ("state.pt", "rng_rank0.pt", "policy/model.safetensors", "value_model/model.safetensors", "manifest.json"):
         assert name in files, files
 
 
@@ -577,7 +579,7 @@ def test_sigkill_then_resume_latest_is_bitwise_identical_to_an_uninterrupted_run
     assert [r["update"] for r in resumed.eval_rows] == [2, 4], where
     assert comparable(resumed.rows) == comparable(base.rows), where
     assert sorted(os.listdir(os.path.join(resumed.out, "checkpoints"))) == [f"checkpoint-{NUM_UPDATES - 1}",
-                                                                            f"checkpoint-{NUM_UPDATES}"]
+                                                                            f"checkpoint-{NUM_UPDATES}", "latest"]
     assert not glob.glob(os.path.join(resumed.out, "**", "*.tmp"), recursive=True), where
 
 
