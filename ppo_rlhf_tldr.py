@@ -813,6 +813,21 @@ def load_resume_state(resume_dir: str) -> dict:
                                        "checkpoint")
 
 
+def explain_remote_code_errors() -> None:
+    """transformers refuses a model or tokenizer whose code lives in its repository unless it is trusted, with a
+    traceback: print that refusal as one line naming the flag instead."""
+    default = sys.excepthook
+
+    def hook(kind, error, traceback):
+        if issubclass(kind, ValueError) and "trust_remote_code=True" in str(error):
+            print(f"error: --trust-remote-code: {str(error).splitlines()[0].strip()} Pass --trust-remote-code if you "
+                  "trust that code.", file=sys.stderr)
+        else:
+            default(kind, error, traceback)
+
+    sys.excepthook = hook
+
+
 def changed_arguments(saved_args: str, args, may_change: set) -> list:
     """The arguments of a resumed run that differ from those its checkpoint was written with (`--name saved (now
     current)`), but for those in may_change."""
@@ -825,6 +840,7 @@ def changed_arguments(saved_args: str, args, may_change: set) -> list:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    explain_remote_code_errors()
 
     # Batch arithmetic, derived once (the N+ recipe). WORLD_SIZE is set by every launcher before the script runs.
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

@@ -383,8 +383,24 @@ def load_resume_state(resume_dir: str) -> dict:
                                        "checkpoint")
 
 
+def explain_remote_code_errors() -> None:
+    """transformers refuses a model or tokenizer whose code lives in its repository unless it is trusted, with a
+    traceback: print that refusal as one line naming the flag instead."""
+    default = sys.excepthook
+
+    def hook(kind, error, traceback):
+        if issubclass(kind, ValueError) and "trust_remote_code=True" in str(error):
+            print(f"error: --trust-remote-code: {str(error).splitlines()[0].strip()} Pass --trust-remote-code if you "
+                  "trust that code.", file=sys.stderr)
+        else:
+            default(kind, error, traceback)
+
+    sys.excepthook = hook
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    explain_remote_code_errors()
 
     # Validate everything cheap before loading a model: a typo should cost a second, not a model load.
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_scheduler
