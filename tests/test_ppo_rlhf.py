@@ -294,7 +294,38 @@ BAD_INPUTS = {
     "resume from a non-checkpoint": (lambda t: ["--resume-from-checkpoint", not_a_checkpoint(t)],
                                      "--resume-from-checkpoint"),
     "resume latest without checkpoints": (lambda t: ["--resume-from-checkpoint", "latest"], "--resume-from-checkpoint"),
+    # numbers out of range (issue 15, item 7)
+    "negative kl coef": (lambda t: ["--kl-coef", "-0.1"], "--kl-coef"),
+    "negative cliprange": (lambda t: ["--cliprange", "-0.2"], "--cliprange"),
+    "negative cliprange value": (lambda t: ["--cliprange-value", "-0.2"], "--cliprange-value"),
+    "gamma above 1": (lambda t: ["--gamma", "1.5"], "--gamma"),
+    "negative lam": (lambda t: ["--lam", "-0.1"], "--lam"),
+    "warmup ratio above 1": (lambda t: ["--warmup-ratio", "2"], "--warmup-ratio"),
+    "negative seed": (lambda t: ["--seed", "-1"], "--seed"),
+    # resuming another run (issue 15, items 2 and 10)
+    "resume with another learning rate": (lambda t: ["--resume-from-checkpoint", ppo_checkpoint(t, learning_rate=1e-3)],
+                                          "--resume-from-checkpoint"),
+    "resume from an sft.py checkpoint": (lambda t: ["--resume-from-checkpoint", ppo_checkpoint(t, script="sft.py")],
+                                         "--resume-from-checkpoint"),
 }
+
+
+def ppo_checkpoint(tmp_path, script="ppo_rlhf.py", **changes):
+    """A checkpoint folder whose state.pt says `script` wrote it in a run with TINY's arguments changed by `changes`:
+    what resume validation reads, nothing else."""
+    import dataclasses
+
+    import torch
+    import tyro
+
+    import ppo_rlhf
+
+    args = dataclasses.replace(tyro.cli(ppo_rlhf.Args, args=[*TINY, "--output-dir", str(tmp_path / "out")]), **changes)
+    path = tmp_path / "elsewhere" / "checkpoint-2"
+    path.mkdir(parents=True)
+    torch.save({"args": json.dumps(dataclasses.asdict(args)), "world_size": 1, "zero_stage": None, "update": 2,
+                "script": script}, path / "state.pt")
+    return str(path)
 
 
 def flat(text):
@@ -365,6 +396,19 @@ def test_bad_input_exits_nonzero_naming_the_argument_and_writes_nothing(case, tm
 def test_good_input_passes_validation(tmp_path, monkeypatch, capsys):
     """The control for the table above: the same arguments without the defect reach training."""
     status, stderr = run_in_process([*TINY, "--output-dir", str(tmp_path / "out")], tmp_path, monkeypatch, capsys)
+    assert status is None, stderr
+
+
+def test_resume_names_each_changed_training_setting_and_allows_output_and_logging_flags(tmp_path, monkeypatch, capsys):
+    """Issue 15, item 2: a resumed PPO run with another learning rate or KL coefficient was accepted (and the new
+    learning rate silently ignored)."""
+    checkpoint = ppo_checkpoint(tmp_path, learning_rate=1e-3, kl_coef=0.2)
+    status, stderr = run_in_process([*TINY, "--output-dir", str(tmp_path / "out"), "--resume-from-checkpoint",
+                                     checkpoint], tmp_path, monkeypatch, capsys)
+    assert status == 1 and "--learning-rate 0.001 (now 3e-05)" in stderr and "--kl-coef 0.2 (now 0.05)" in stderr, stderr
+    allowed = ppo_checkpoint(tmp_path / "b", logging_steps=3, save_steps=2, output_dir="elsewhere", track=True)
+    status, stderr = run_in_process([*TINY, "--output-dir", str(tmp_path / "out2"), "--resume-from-checkpoint",
+                                     allowed], tmp_path, monkeypatch, capsys)
     assert status is None, stderr
 
 
