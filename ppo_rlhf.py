@@ -635,8 +635,9 @@ def lock_output_dir(output_dir: str) -> None:
         fail("output_dir", f"cannot write {output_dir!r} ({e.strerror}); pass a folder you can write")
 
     def release():
-        os.remove(path + ".lock")
-        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.remove(path + ".lock")
+            os.close(fd)
         for folder in created:
             with contextlib.suppress(OSError):
                 os.rmdir(folder)  # only if empty
@@ -674,7 +675,12 @@ def publish_output(output_dir: str, write) -> None:
     path = os.path.abspath(output_dir)
     finish_interrupted_save(output_dir)
     os.makedirs(path + ".partial")
-    write(path + ".partial")
+    try:
+        write(path + ".partial")
+    except Exception as e:  # e.g. a full disk: torch and safetensors report it as their own error types
+        shutil.rmtree(path + ".partial", ignore_errors=True)
+        sys.exit(f"error: could not write the final output ({type(e).__name__}: {e}); {output_dir!r} holds what it "
+                 "held before, with this run's checkpoints")
     if os.environ.get("RLHF_TEST_SLOW_SAVE"):  # tests only: widens the windows between the renames for kill tests
         time.sleep(float(os.environ["RLHF_TEST_SLOW_SAVE"]))
     os.replace(path + ".partial", path + ".new")
@@ -1312,14 +1318,14 @@ if __name__ == "__main__":
                             "optimizer_steps": optimizer_steps, "world_size": world_size,
                             "zero_stage": zero_stage if is_deepspeed else None, "args": json.dumps(asdict(args)),
                             "script": os.path.basename(__file__)}, os.path.join(tmp, "state.pt"))
-        except OSError as e:
-            error = e
+        except Exception as e:  # torch and safetensors report a full disk as their own error types
+            error = f"{type(e).__name__}: {e}"
         failed = accelerator.reduce(torch.tensor(float(error is not None), device=device), "sum").item()
         if accelerator.is_main_process and not failed:
             try:
                 seal_checkpoint(tmp, folder, args.save_total_limit)
             except OSError as e:
-                error, failed = e, 1
+                error, failed = f"{type(e).__name__}: {e}", 1
         if failed:
             if accelerator.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
