@@ -161,6 +161,37 @@ def kill_and_resume(runner):
     return {"seed": seed, "k": k, "delay": delay, "killed": killed, "checkpoints_at_kill": at_kill, "resumed": resumed}
 
 
+def sigterm_and_resume(runner):
+    """Start the `base` run without periodic checkpoints, SIGTERM it once update 1 is logged (what a cluster sends
+    before pre-empting a job), then resume it with --resume-from-checkpoint latest."""
+    out = os.path.join(runner.root, "sigterm")
+    args = [*TINY, "--save-steps", "0", "--output-dir", out]
+    proc = runner.popen(args, "sigterm")
+    metrics, deadline = os.path.join(out, "metrics.jsonl"), time.time() + 600
+    while proc.poll() is None and time.time() < deadline:
+        if os.path.exists(metrics) and '"update": 1' in open(metrics).read():
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    stopped = runner.wait(proc, args, out, "sigterm")
+    at_stop = sorted(os.listdir(os.path.join(out, "checkpoints"))) if os.path.isdir(os.path.join(out, "checkpoints")) else []
+    resumed = runner.wait(runner.popen([*args, "--resume-from-checkpoint", "latest"], "sigterm_resumed"), args, out,
+                          "sigterm_resumed")
+    return {"stopped": stopped, "checkpoints_at_stop": at_stop, "resumed": resumed}
+
+
+def overwrite_an_earlier_run(runner):
+    """An earlier run's output (checkpoints 3 and 4, a LoRA adapter), then a 2-update run with --overwrite-output-dir."""
+    out = os.path.join(runner.root, "overwrite")
+    for n in (3, 4):
+        os.makedirs(os.path.join(out, "checkpoints", f"checkpoint-{n}", "policy"))
+        with open(os.path.join(out, "checkpoints", f"checkpoint-{n}", "state.pt"), "w") as f:
+            f.write("an earlier run's checkpoint")
+    with open(os.path.join(out, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", "base_model_name_or_path": "elsewhere", "r": 8}, f)
+    return runner.run("overwrite", [*TINY, *SAVE, "--total-episodes", "16", "--overwrite-output-dir"])
+
+
 def plan(runner):
     """Every run a test may ask for, by name; the order is the start order (the long end-to-end run first)."""
     return {
@@ -176,6 +207,8 @@ def plan(runner):
         "plain": lambda: runner.run("plain", [*TINY, *SAVE, "--no-length-grouping", "--no-chunked-logprobs",
                                               "--no-split-backward"]),
         "joint": lambda: runner.run("joint", [*TINY, *SAVE, "--no-split-backward"]),
+        "sigterm": lambda: sigterm_and_resume(runner),
+        "overwrite": lambda: overwrite_an_earlier_run(runner),
         "nan": lambda: runner.run("nan", [*TINY, *SAVE, "--reward-model-path", nan_reward_model(runner.root),
                                           "--value-model-path", os.path.join(EMBEDDED, "reward_model")]),
     }
@@ -625,6 +658,56 @@ def test_sigkill_then_resume_latest_is_bitwise_identical_to_an_uninterrupted_run
     assert sorted(os.listdir(os.path.join(resumed.out, "checkpoints"))) == [f"checkpoint-{NUM_UPDATES - 1}",
                                                                             f"checkpoint-{NUM_UPDATES}", "latest"]
     assert not glob.glob(os.path.join(resumed.out, "**", "*.tmp"), recursive=True), where
+
+
+@pytest.mark.slow
+@needs("base", "sigterm")
+def test_sigterm_writes_a_checkpoint_and_the_resumed_run_is_bitwise_identical(runs):
+    """Issue 15, item 8: SIGTERM killed the run with only the last periodic checkpoint (here: none)."""
+    base, result = runs["base"]().check(), runs["sigterm"]()
+    stopped, resumed = result["stopped"], result["resumed"]
+    assert stopped.returncode == 128 + signal.SIGTERM, (stopped.returncode, stopped.stderr[-2000:])
+    assert "Traceback" not in stopped.stderr, stopped.stderr[-3000:]
+    last = stopped.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"stopped by SIGTERM after update (\d), with checkpoint-\1: continue with "
+                        r"--resume-from-checkpoint latest", last), last
+    assert result["checkpoints_at_stop"] == [f"checkpoint-{last.split()[5][:-1]}", "latest"], result
+    resumed.check()
+    for name in ("model.safetensors", os.path.join("value_model", "model.safetensors")):
+        with open(os.path.join(base.out, name), "rb") as f_base, open(os.path.join(resumed.out, name), "rb") as f_res:
+            assert f_base.read() == f_res.read(), name
+    assert comparable(resumed.rows) == comparable(base.rows)
+
+
+@pytest.mark.slow
+@needs("overwrite")
+def test_overwrite_output_dir_starts_the_checkpoints_afresh_and_drops_the_old_output(runs):
+    """Issue 15, item 1: the earlier run's checkpoints were kept, the new run's pruned as soon as written, and
+    `latest` resumed the earlier run; its LoRA adapter shadowed the new full model."""
+    run = runs["overwrite"]().check()
+    folder = os.path.join(run.out, "checkpoints")
+    assert sorted(os.listdir(folder)) == ["checkpoint-1", "checkpoint-2", "latest"], os.listdir(folder)
+    with open(os.path.join(folder, "latest")) as f:
+        assert f.read() == "checkpoint-2"
+    assert not os.path.exists(os.path.join(run.out, "adapter_config.json"))
+    assert [r["update"] for r in run.train_rows] == [1, 2]
+
+
+@pytest.mark.slow
+@needs("base")
+def test_resume_latest_skips_a_truncated_checkpoint_and_still_ends_bitwise_identical(runs, tmp_path):
+    """Issue 15, item 3: a truncated newest checkpoint gave a traceback; now `latest` resumes the one before."""
+    base = runs["base"]().check()
+    out = tmp_path / "copy"
+    shutil.copytree(base.out, out)
+    with open(out / "checkpoints" / f"checkpoint-{NUM_UPDATES}" / "policy" / "model.safetensors", "r+b") as f:
+        f.truncate(4096)
+    proc = run_script("ppo_rlhf.py", *TINY, *SAVE, "--output-dir", str(out), "--resume-from-checkpoint", "latest",
+                      env={**ONE_THREAD, "HF_DATASETS_CACHE": str(tmp_path / "hf_cache")}, timeout=600)
+    assert f"checkpoint-{NUM_UPDATES} is damaged: policy/model.safetensors has 4096 bytes" in proc.stderr, proc.stderr[-2000:]
+    assert f"resumed from {out / 'checkpoints' / f'checkpoint-{NUM_UPDATES - 1}'}" in proc.stdout
+    for name in ("model.safetensors", os.path.join("value_model", "model.safetensors")):
+        assert (out / name).read_bytes() == open(os.path.join(base.out, name), "rb").read(), name
 
 
 # ---------------------------------------------------------------------------------------------------------------
