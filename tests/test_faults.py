@@ -421,3 +421,20 @@ def test_a_remote_code_model_without_the_flag_is_a_one_line_error(tmp_path, smal
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("error: --trust-remote-code: The repository")
     assert sorted(os.listdir(tmp_path)) == ["custom"]  # no output folder, no lock
+
+
+def test_a_full_disk_during_the_final_save_keeps_the_previous_output(tmp_path):
+    """Item 10: the final save failing half-way (a full disk) must leave the previous output whole, with a message."""
+    out = tmp_path / "out"
+    (out / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    (out / "model.safetensors").write_bytes(b"previous")
+
+    def write(path):
+        (tmp_path / "out.partial" / "model.safetensors").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(SystemExit) as info:
+        sft.publish_output(str(out), write)
+    assert str(info.value.code).startswith("error: could not write the final output (OSError: [Errno 28] No space")
+    assert files_under(out) == {"model.safetensors": b"previous"} and sorted(os.listdir(tmp_path)) == ["out"]
+    assert os.listdir(out / "checkpoints") == ["checkpoint-2"]
