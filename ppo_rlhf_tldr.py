@@ -619,11 +619,10 @@ def lock_output_dir(output_dir: str) -> None:
     path = os.path.abspath(output_dir)
     if os.path.exists(path) and not os.path.isdir(path):
         fail("output_dir", f"{output_dir!r} is a file, not a folder; pass a folder path")
-    created = []  # the folders made here, deepest first, removed at exit if the run left them empty
-    for folder in (path, os.path.dirname(path)):
-        while not os.path.exists(folder):
-            created.append(folder)
-            folder = os.path.dirname(folder)
+    created, folder = [], path  # the folders this run makes, deepest first: removed at exit if it left them empty
+    while not os.path.exists(folder):
+        created.append(folder)
+        folder = os.path.dirname(folder)
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         while True:
@@ -649,10 +648,10 @@ def lock_output_dir(output_dir: str) -> None:
     def release():
         with contextlib.suppress(OSError):
             os.remove(path + ".lock")
-            os.close(fd)
-        for folder in created:
+        os.close(fd)
+        for made in created:
             with contextlib.suppress(OSError):
-                os.rmdir(folder)  # only if empty
+                os.rmdir(made)  # only if empty
 
     atexit.register(release)
 
@@ -693,8 +692,6 @@ def publish_output(output_dir: str, write) -> None:
         shutil.rmtree(path + ".partial", ignore_errors=True)
         sys.exit(f"error: could not write the final output ({type(e).__name__}: {e}); {output_dir!r} holds what it "
                  "held before, with this run's checkpoints")
-    if os.environ.get("RLHF_TEST_SLOW_SAVE"):  # tests only: widens the windows between the renames for kill tests
-        time.sleep(float(os.environ["RLHF_TEST_SLOW_SAVE"]))
     os.replace(path + ".partial", path + ".new")
     finish_interrupted_save(output_dir)
 
