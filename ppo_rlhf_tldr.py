@@ -874,7 +874,7 @@ if __name__ == "__main__":
         changed = changed_arguments(resume_state.get("args", "{}"), args, {
             "exp_name", "track", "wandb_project_name", "wandb_entity", "output_dir", "overwrite_output_dir",
             "push_to_hub", "hub_model_id", "trust_remote_code", "logging_steps", "save_steps", "save_total_limit",
-            "resume_from_checkpoint", "gradient_checkpointing", "dataset_num_proc"})
+            "resume_from_checkpoint", "gradient_checkpointing", "dataset_num_proc", "merge_adapter_on_save"})
         if changed:
             fail("resume_from_checkpoint", f"{resume_dir!r} was written by a run with {', '.join(changed)}; resume "
                                            "with the same values, or start a new run")
