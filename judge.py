@@ -66,6 +66,8 @@ class JudgeError(RuntimeError):
 
 
 def load_completions(path: str, columns: tuple[str, ...] = ("query", "response")) -> list[dict]:
+    if not os.path.exists(path):
+        raise JudgeError(f"{path} does not exist; pass a jsonl file or a save_to_disk folder of completions")
     if os.path.isdir(path):
         import datasets  # imported here: it is slow to import and jsonl files do not need it
 
@@ -82,10 +84,17 @@ def load_completions(path: str, columns: tuple[str, ...] = ("query", "response")
                         rows.append(json.loads(line))
                     except json.JSONDecodeError as e:
                         raise JudgeError(f"{path} line {i} is not valid JSON: {e}") from None
+    if not rows:
+        raise JudgeError(f"{path} holds no completions: a win rate over none is undefined")
     for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise JudgeError(f"{path} row {i} is {row!r:.60}, not an object with columns {list(columns)}")
         missing = [c for c in columns if c not in row]
         if missing:
             raise JudgeError(f"{path} row {i} lacks column(s) {missing}; it has {sorted(row)}")
+        not_text = [c for c in columns if not isinstance(row[c], str)]
+        if not_text:
+            raise JudgeError(f"{path} row {i}: {not_text[0]} is {row[not_text[0]]!r:.60}, not a string")
     return rows
 
 
@@ -329,6 +338,8 @@ def print_summary(result: dict, name_a: str, name_b: str) -> None:
 
 
 def main(args: Args) -> dict:
+    if args.max_examples is not None and args.max_examples < 1:
+        raise JudgeError(f"--max-examples must be >= 1 (or None: every prompt), got {args.max_examples}")
     against_reference = args.b == "reference"
     rows_a = load_completions(args.a, ("query", "response") + (("reference",) if against_reference else ()))
     rows_b = reference_rows(rows_a) if against_reference else load_completions(args.b)

@@ -10,11 +10,16 @@ and the completion ends with EOS so that the policy learns to stop. Conversation
 assistant turns only.
 """
 
+import atexit
+import contextlib
+import fcntl
 import json
 import math
 import os
 import random
 import shutil
+import signal
+import socket
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -306,27 +311,6 @@ def step_groups(batches, size: int):
         yield group
 
 
-def atomic_save(output_dir: str, write) -> None:
-    """`write(tmp_dir)` fills a temporary folder, which then replaces output_dir in one rename. The run's
-    checkpoints (output_dir/checkpoints) are moved over, not lost."""
-    tmp = output_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    if os.path.exists(output_dir):
-        if os.path.isdir(os.path.join(output_dir, "checkpoints")):
-            os.replace(os.path.join(output_dir, "checkpoints"), os.path.join(tmp, "checkpoints"))
-        shutil.rmtree(output_dir)
-    os.replace(tmp, output_dir)
-
-
-def latest_checkpoint(output_dir: str) -> Optional[str]:
-    """The newest complete checkpoint (incomplete ones are still named *.tmp and never match)."""
-    folder = os.path.join(output_dir, "checkpoints")
-    names = [n for n in os.listdir(folder) if n.startswith("checkpoint-") and n[11:].isdigit()] \
-        if os.path.isdir(folder) else []
-    return os.path.join(folder, max(names, key=lambda n: int(n[11:]))) if names else None
-
-
 def rng_state() -> dict:
     """Every random state of this process, as tensors and ints so that torch.load(weights_only=True) reads it."""
     version, mt, gauss = random.getstate()
@@ -344,22 +328,243 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The output folder and its checkpoints: one run at a time, each written whole or not at all (docs/faults.md)
+
+
+def lock_output_dir(output_dir: str) -> None:
+    """Hold `<output_dir>.lock` for the whole run, so that a second run into the same folder stops instead of
+    mixing its files with this one's. The kernel drops the lock when its process dies, however it dies: a lock
+    left by a killed run is taken over. Creating it is also the check that the folder can be written, done before
+    any model loads. At exit the lock goes, and so do the folders this run created and left empty."""
+    path = os.path.abspath(output_dir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        fail("output_dir", f"{output_dir!r} is a file, not a folder; pass a folder path")
+    created, folder = [], path  # the folders this run makes, deepest first: removed at exit if it left them empty
+    while not os.path.exists(folder):
+        created.append(folder)
+        folder = os.path.dirname(folder)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        while True:
+            fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                fail("output_dir", f"{output_dir!r} is in use by another run (process {owner}); wait for it to end or "
+                                   "pick another --output-dir")
+            if os.path.exists(path + ".lock") and os.stat(path + ".lock").st_ino == os.fstat(fd).st_ino:
+                break  # else the previous holder removed the file while we waited for it: lock the new one
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} on {socket.gethostname()}".encode())
+        if os.path.isdir(path):  # the folder itself must take new files too (checkpoints, metrics)
+            os.close(os.open(os.path.join(path, ".write_test"), os.O_WRONLY | os.O_CREAT, 0o644))
+            os.remove(os.path.join(path, ".write_test"))
+    except OSError as e:
+        fail("output_dir", f"cannot write {output_dir!r} ({e.strerror}); pass a folder you can write")
+
+    def release():
+        with contextlib.suppress(OSError):
+            os.remove(path + ".lock")
+        os.close(fd)
+        for made in created:
+            with contextlib.suppress(OSError):
+                os.rmdir(made)  # only if empty
+
+    atexit.register(release)
+
+
+def finish_interrupted_save(output_dir: str) -> Optional[str]:
+    """Complete or undo a final save that was killed (see publish_output): an unfinished `.partial` is deleted, a
+    finished `.new` replaces the output. Returns what was done, if anything."""
+    path = os.path.abspath(output_dir)
+    partial, new, old = path + ".partial", path + ".new", path + ".old"
+    done = None
+    if os.path.isdir(partial):
+        shutil.rmtree(partial)
+        done = f"removed {partial}, the unfinished final save of a killed run ({output_dir!r} is as before it)"
+    if os.path.isdir(new):
+        if os.path.isdir(os.path.join(path, "checkpoints")):
+            os.replace(os.path.join(path, "checkpoints"), os.path.join(new, "checkpoints"))
+        if os.path.isdir(path):
+            shutil.rmtree(old, ignore_errors=True)  # the rest of a swap that had finished
+            os.replace(path, old)
+        os.replace(new, path)
+        done = f"completed the final save of a killed run into {output_dir!r}"
+    shutil.rmtree(old, ignore_errors=True)
+    return done
+
+
+def publish_output(output_dir: str, write) -> None:
+    """The final save, all or nothing: `write(folder)` fills `<output_dir>.partial`, which is renamed `.new` once
+    complete; the run's checkpoints move into it, then the old output becomes `.old`, `.new` becomes output_dir and
+    `.old` is deleted. Nothing of the old output but its checkpoints is kept, so no earlier file can change what
+    from_pretrained(output_dir) loads. A kill at any moment leaves the old output or the new one (between the two
+    renames: `.old` and `.new`, which the next start of any script into output_dir turns into the new one)."""
+    path = os.path.abspath(output_dir)
+    finish_interrupted_save(output_dir)
+    os.makedirs(path + ".partial")
+    try:
+        write(path + ".partial")
+    except Exception as e:  # e.g. a full disk: torch and safetensors report it as their own error types
+        shutil.rmtree(path + ".partial", ignore_errors=True)
+        sys.exit(f"error: could not write the final output ({type(e).__name__}: {e}); {output_dir!r} holds what it "
+                 "held before, with this run's checkpoints")
+    os.replace(path + ".partial", path + ".new")
+    finish_interrupted_save(output_dir)
+
+
+def seal_checkpoint(tmp: str, folder: str, keep: Optional[int]) -> None:
+    """Make a fully written `checkpoint-N.tmp` resumable: a manifest of its files' sizes, written last, is what
+    resuming verifies; the folder is renamed into place; then `checkpoints/latest` names it (written aside and
+    renamed, so it always names a complete checkpoint), and the checkpoints beyond --save-total-limit go: the
+    oldest by number among those before this one, and any numbered after it (left by a run it was resumed from
+    before them, so older than this one)."""
+    sizes = {os.path.relpath(os.path.join(d, f), tmp): os.path.getsize(os.path.join(d, f))
+             for d, _, files in os.walk(tmp) for f in files}
+    with open(os.path.join(tmp, "manifest.json"), "w") as f:
+        json.dump(sizes, f, indent=0, sort_keys=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    parent, name = os.path.split(folder)
+    with open(os.path.join(parent, "latest.tmp"), "w") as f:
+        f.write(name)
+    os.replace(os.path.join(parent, "latest.tmp"), os.path.join(parent, "latest"))
+    number = int(name[len("checkpoint-"):])
+    others = [int(n[11:]) for n in os.listdir(parent) if n.startswith("checkpoint-") and n[11:].isdigit()]
+    before = sorted(n for n in others if n < number)
+    remove = [n for n in others if n > number] + (before[: max(len(before) - keep + 1, 0)] if keep else [])
+    for n in remove:
+        shutil.rmtree(os.path.join(parent, f"checkpoint-{n}"))
+
+
+def checkpoint_problem(folder: str) -> Optional[str]:
+    """Why a checkpoint cannot be resumed (a file missing or of another size than its manifest says), or None."""
+    if not os.path.isfile(os.path.join(folder, "state.pt")):
+        return "is not a checkpoint folder (no state.pt)" if os.path.isdir(folder) else "does not exist"
+    try:
+        with open(os.path.join(folder, "manifest.json")) as f:
+            sizes = json.load(f)
+    except FileNotFoundError:
+        return None  # written before checkpoints had manifests: nothing to verify against
+    except (OSError, ValueError) as e:
+        return f"is damaged: its manifest.json is unreadable ({e})"
+    for name, size in sizes.items():
+        file = os.path.join(folder, name)
+        if not os.path.isfile(file):
+            return f"is damaged: {name} is missing"
+        if os.path.getsize(file) != size:
+            return f"is damaged: {name} has {os.path.getsize(file)} bytes, {size} when written"
+    return None
+
+
+def latest_checkpoint(output_dir: str) -> tuple:
+    """The checkpoint that `--resume-from-checkpoint latest` continues: the one `checkpoints/latest` names, or if it
+    is damaged the newest intact one. Returns (its path or None, a note on each damaged one skipped)."""
+    folder = os.path.join(output_dir, "checkpoints")
+    names = sorted((n for n in os.listdir(folder) if n.startswith("checkpoint-") and n[11:].isdigit()),
+                   key=lambda n: -int(n[11:])) if os.path.isdir(folder) else []
+    if os.path.isfile(os.path.join(folder, "latest")):
+        with open(os.path.join(folder, "latest")) as f:
+            pointed = f.read().strip()
+        names = [pointed] + [n for n in names if n != pointed]
+    skipped = []
+    for name in names:
+        problem = checkpoint_problem(os.path.join(folder, name))
+        if problem is None:
+            return os.path.join(folder, name), skipped
+        skipped.append(f"{name} {problem}")
+    return None, skipped
+
+
+STOP = {"signal": None}  # set by the handler below; the training loop reads it once per update
+
+
+def stop_on_signals() -> None:
+    """SIGINT (Ctrl-C) and SIGTERM (what clusters send before pre-empting a job) ask the run to stop after the
+    current update, with a checkpoint; a second signal stops it at once."""
+    def handler(signum, frame):
+        if STOP["signal"] is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        STOP["signal"] = signum
+        print(f"{signal.Signals(signum).name} received: stopping after the current update with a checkpoint "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, handler)
+
+
+def stop_requested(accelerator) -> Optional[int]:
+    """The signal that asked the run to stop, agreed by every process (one may get it before the others)."""
+    asked = STOP["signal"] is not None
+    if accelerator.num_processes > 1:
+        asked = accelerator.reduce(torch.tensor(float(asked), device=accelerator.device), "sum").item() > 0
+    return (STOP["signal"] or signal.SIGTERM) if asked else None
+
+
+def resolve_resume(resume: Optional[str], output_dir: str) -> Optional[str]:
+    """--resume-from-checkpoint as a checkpoint folder: `latest` skips damaged checkpoints, saying so; a damaged
+    checkpoint passed by path is an error."""
+    if resume is None:
+        return None
+    where = os.path.join(output_dir, "checkpoints")
+    if resume == "latest":
+        found, skipped = latest_checkpoint(output_dir)
+        if found is None:
+            fail("resume_from_checkpoint", f"no {'intact ' if skipped else ''}checkpoint in {where!r}"
+                                           f"{' (' + '; '.join(skipped) + ')' if skipped else ''}; start without "
+                                           "--resume-from-checkpoint")
+        for note in skipped:
+            print(f"warning: {note}: resuming from {os.path.basename(found)}, the newest intact checkpoint",
+                  file=sys.stderr)
+        return found
+    problem = checkpoint_problem(resume)
+    if problem:
+        fail("resume_from_checkpoint", f"{resume!r} {problem}; pass another of {where}/checkpoint-* or `latest`")
+    return resume
+
+
+def load_resume_state(resume_dir: str) -> dict:
+    """The checkpoint's state.pt (counters, args, launch layout), or a clear error if it cannot be read."""
+    try:
+        return torch.load(os.path.join(resume_dir, "state.pt"), weights_only=True)
+    except Exception as e:  # truncated or overwritten: torch raises several types
+        fail("resume_from_checkpoint", f"{os.path.join(resume_dir, 'state.pt')!r} cannot be read ({e}); pass another "
+                                       "checkpoint")
+
+
+def explain_remote_code_errors() -> None:
+    """transformers refuses a model or tokenizer whose code lives in its repository unless it is trusted, with a
+    traceback: print that refusal as one line naming the flag instead."""
+    default = sys.excepthook
+
+    def hook(kind, error, traceback):
+        if issubclass(kind, ValueError) and "trust_remote_code=True" in str(error):
+            print(f"error: --trust-remote-code: {str(error).splitlines()[0].strip()} Pass --trust-remote-code if you "
+                  "trust that code.", file=sys.stderr)
+        else:
+            default(kind, error, traceback)
+
+    sys.excepthook = hook
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    explain_remote_code_errors()
 
     # Validate everything cheap before loading a model: a typo should cost a second, not a model load.
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
-    resume_dir = args.resume_from_checkpoint
-    if resume_dir == "latest":
-        resume_dir = latest_checkpoint(args.output_dir)
-        if resume_dir is None:
-            fail("resume_from_checkpoint", f"no checkpoint in {os.path.join(args.output_dir, 'checkpoints')!r}; "
-                                           "start without --resume-from-checkpoint")
-    elif resume_dir is not None and not os.path.isfile(os.path.join(resume_dir, "state.pt")):
-        problem = "is not a checkpoint folder (no state.pt)" if os.path.isdir(resume_dir) else "does not exist"
-        fail("resume_from_checkpoint", f"{resume_dir!r} {problem}; pass one of "
-                                       f"{os.path.join(args.output_dir, 'checkpoints', 'checkpoint-*')} or `latest`")
+    if int(os.environ.get("RANK", "0")) == 0:  # the main process holds the output folder for the run
+        lock_output_dir(args.output_dir)
+        repaired = finish_interrupted_save(args.output_dir)
+        if repaired:
+            print(repaired)
+    resume_dir = resolve_resume(args.resume_from_checkpoint, args.output_dir)
     if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not (args.overwrite_output_dir or resume_dir):
         fail("output_dir", f"{args.output_dir!r} exists and is not empty; pass --overwrite-output-dir, "
                            "--resume-from-checkpoint latest, or another path")
@@ -368,7 +573,10 @@ if __name__ == "__main__":
     if args.save_total_limit is not None and args.save_total_limit < 1:
         fail("save_total_limit", f"must be >= 1 (or None: keep every checkpoint), got {args.save_total_limit}")
     # state.pt is small (the optimizer has its own file), so reading it here costs nothing.
-    resume_state = torch.load(os.path.join(resume_dir, "state.pt"), weights_only=True) if resume_dir else None
+    resume_state = load_resume_state(resume_dir) if resume_dir else None
+    if resume_state is not None and resume_state.get("script", os.path.basename(__file__)) != os.path.basename(__file__):
+        fail("resume_from_checkpoint", f"{resume_dir!r} was written by {resume_state['script']}; pass a checkpoint of "
+                                       f"{os.path.basename(__file__)}")
     if resume_state is not None:
         # Resuming continues the checkpoint's run: only where and how often things are written, tracking and memory
         # savers may differ; anything else would silently train a different model.
@@ -385,9 +593,15 @@ if __name__ == "__main__":
     if args.merge_adapter_on_save and not args.use_peft:
         fail("merge_adapter_on_save", "merges a LoRA adapter into the model; add --use-peft")
     for name in ("learning_rate", "per_device_train_batch_size", "num_train_epochs", "gradient_accumulation_steps",
-                 "max_length"):
-        if getattr(args, name) <= 0:
+                 "max_length", "max_grad_norm"):
+        if not getattr(args, name) > 0:  # `not >` also catches nan
             fail(name, f"must be positive, got {getattr(args, name)}")
+    if not 0 <= args.seed < 2 ** 32:
+        fail("seed", f"must be in [0, 2**32 - 1] (numpy's seed range), got {args.seed}")
+    if not 0 <= args.warmup_ratio <= 1:
+        fail("warmup_ratio", f"is a fraction of the optimizer steps, so in [0, 1]; got {args.warmup_ratio}")
+    if not args.weight_decay >= 0:
+        fail("weight_decay", f"must be >= 0, got {args.weight_decay}")
     tokenizer_path = args.tokenizer_name_or_path or args.model_name_or_path
     for arg, path in (("model_name_or_path", args.model_name_or_path), ("tokenizer_name_or_path", tokenizer_path)):
         # A hub id is `name` or `org/name`; anything else that does not exist is a missing local folder.
@@ -424,6 +638,8 @@ if __name__ == "__main__":
         fail("tokenizer_name_or_path", f"{tokenizer_path!r} has no chat template, which conversational data needs; "
                                        "use an instruct model's tokenizer, set tokenizer.chat_template and save it, "
                                        "or give `prompt`/`completion` as strings")
+
+    stop_on_signals()  # from here on, Ctrl-C or SIGTERM stops after the current step with a checkpoint
 
     # TRY NOT TO MODIFY: seeding, processes, tracking
     from accelerate import Accelerator
@@ -557,24 +773,33 @@ if __name__ == "__main__":
             os.makedirs(tmp)
         accelerator.wait_for_everyone()
         state_dict = accelerator.get_state_dict(model)  # on every process: ZeRO-3 gathers the shards
-        torch.save(rng_state(), os.path.join(tmp, f"rng_rank{accelerator.process_index}.pt"))
         if is_deepspeed:
             model.save_checkpoint(tmp, tag="deepspeed", save_latest=False)
-        if accelerator.is_main_process:
-            accelerator.unwrap_model(model).save_pretrained(os.path.join(tmp, "model"), state_dict=state_dict)
-            if not is_deepspeed:
-                torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-            torch.save({"scheduler": scheduler.state_dict(), "step": step, "epoch": epoch, "batches_done": batches_done,
-                        "shuffle": shuffle_state, "metrics": json.dumps(metrics_log), "args": json.dumps(asdict(args)),
-                        "world_size": world_size, "zero_stage": zero_stage if is_deepspeed else None},
-                       os.path.join(tmp, "state.pt"))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            shutil.rmtree(folder, ignore_errors=True)
-            os.replace(tmp, folder)
-            done = sorted((n for n in os.listdir(os.path.dirname(folder)) if n[11:].isdigit()), key=lambda n: int(n[11:]))
-            for old in done[: -args.save_total_limit] if args.save_total_limit else []:
-                shutil.rmtree(os.path.join(args.output_dir, "checkpoints", old))
+        error = None
+        try:  # a full disk (or a quota) must cost this checkpoint only, with a message, not the earlier ones
+            torch.save(rng_state(), os.path.join(tmp, f"rng_rank{accelerator.process_index}.pt"))
+            if accelerator.is_main_process:
+                accelerator.unwrap_model(model).save_pretrained(os.path.join(tmp, "model"), state_dict=state_dict)
+                if not is_deepspeed:
+                    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+                torch.save({"scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,
+                            "batches_done": batches_done, "shuffle": shuffle_state, "metrics": json.dumps(metrics_log),
+                            "args": json.dumps(asdict(args)), "world_size": world_size,
+                            "zero_stage": zero_stage if is_deepspeed else None, "script": os.path.basename(__file__)},
+                           os.path.join(tmp, "state.pt"))
+        except Exception as e:  # torch and safetensors report a full disk as their own error types
+            error = f"{type(e).__name__}: {e}"
+        failed = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "sum").item()
+        if accelerator.is_main_process and not failed:
+            try:
+                seal_checkpoint(tmp, folder, args.save_total_limit)
+            except OSError as e:
+                error, failed = f"{type(e).__name__}: {e}", 1
+        if failed:
+            if accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            sys.exit(f"error: could not write checkpoint-{step} ({error or 'on another process'}); the run stops "
+                     "here, its earlier checkpoints are intact: make room and resume with --resume-from-checkpoint latest")
         accelerator.wait_for_everyone()
 
     metrics_log, step, first_epoch, skip_batches, start = [], 0, 0, 0, time.time()
@@ -616,10 +841,15 @@ if __name__ == "__main__":
                     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                     token_sum = completion_loss(logits, batch["labels"], reduction="sum")
                     if not torch.isfinite(token_sum):
-                        sys.exit(f"error: non-finite loss at optimizer step {step}; lower --learning-rate")
+                        sys.exit(f"error: non-finite loss at optimizer step {step + 1}; lower --learning-rate")
                     accelerator.backward(token_sum * loss_scale)
                     if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                        # A finite loss can still give inf/nan gradients; the step would write them into the weights,
+                        # and into every later checkpoint.
+                        if grad_norm is not None and not math.isfinite(float(grad_norm)):
+                            sys.exit(f"error: non-finite gradient norm at optimizer step {step + 1}; the run stops "
+                                     "before that step, so the last checkpoint is intact (lower --learning-rate)")
                     optimizer.step()
                     if accelerator.sync_gradients:
                         scheduler.step()
@@ -634,8 +864,13 @@ if __name__ == "__main__":
                     accelerator.print(f"step {step}/{num_update_steps} loss {row['train/loss']:.4f} lr {row['lr']:.2e}")
                     if args.track and accelerator.is_main_process:
                         wandb.log(row, step=step)
-                if args.save_steps and step % args.save_steps == 0:
+                stop = stop_requested(accelerator)
+                if (args.save_steps and step % args.save_steps == 0) or stop:
                     save_checkpoint(epoch, batch_index + 1, shuffle_state)
+                if stop:
+                    accelerator.print(f"stopped by {signal.Signals(stop).name} after optimizer step {step}, with "
+                                      f"checkpoint-{step}: continue with --resume-from-checkpoint latest", file=sys.stderr)
+                    sys.exit(128 + stop)
         skip_batches = 0
         eval_loss = evaluate()
         metrics_log.append({"eval/loss": eval_loss, "epoch": epoch, "step": step})
@@ -671,9 +906,14 @@ if __name__ == "__main__":
                 wandb.log({"samples": wandb.Table(columns=["query", "model response", "reference"],
                                                   data=[list(x) for x in zip(prompts, responses, references)])})
 
-    # Save atomically: a crash mid-save never leaves a half-written output_dir.
+    # Save atomically (publish_output): a kill mid-save leaves the previous output or this one, never a mix.
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)
+    nonfinite = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()] \
+        if accelerator.is_main_process else []
+    if accelerator.reduce(torch.tensor(float(len(nonfinite)), device=accelerator.device), "sum").item():
+        sys.exit(f"error: the trained weights are not finite ({', '.join(nonfinite[:3])}...); nothing was saved "
+                 "(lower --learning-rate)")
     if accelerator.is_main_process:
         def write(path):
             unwrapped.save_pretrained(path, state_dict=state_dict, safe_serialization=True)  # with LoRA: the adapter
@@ -694,7 +934,7 @@ if __name__ == "__main__":
             with open(os.path.join(path, "args.json"), "w") as f:
                 json.dump(asdict(args), f, indent=2)
 
-        atomic_save(args.output_dir, write)
+        publish_output(args.output_dir, write)
         accelerator.print(f"saved to {args.output_dir} after {time.time() - start:.0f}s")
         if args.push_to_hub:
             unwrapped.push_to_hub(args.hub_model_id or os.path.basename(args.output_dir.rstrip("/")))

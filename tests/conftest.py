@@ -119,9 +119,12 @@ def assert_exact_resume(script, args, tmp_path, num_steps=10) -> list:
     assert [json.loads(r)["step"] for r in rows if "train/loss" in r] == list(range(1, num_steps + 1)), where
     last, before = f"checkpoint-{num_steps}", f"checkpoint-{num_steps - 1}"
     for out in (base, resumed_dir):  # --save-total-limit 2 (the default)
-        assert sorted(os.listdir(out / "checkpoints")) == [last, before], where
-        assert set(os.listdir(out / "checkpoints" / last)) == {"model", "optimizer.pt", "rng_rank0.pt", "state.pt"}
-        assert not os.path.exists(str(out) + ".tmp")
+        assert sorted(os.listdir(out / "checkpoints")) == [last, before, "latest"], where
+        assert (out / "checkpoints" / "latest").read_text() == last  # the pointer names the newest checkpoint
+        assert set(os.listdir(out / "checkpoints" / last)) == {"model", "optimizer.pt", "rng_rank0.pt", "state.pt",
+                                                                "manifest.json"}
+        for leftover in (".tmp", ".partial", ".new", ".old", ".lock"):  # no temporary, the lock released at exit
+            assert not os.path.exists(str(out) + leftover), leftover
     return rows
 
 

@@ -460,3 +460,27 @@ def test_cli_gold(tmp_path):
     for key in ("n", "wins", "losses", "ties", "invalid", "mean_score_a", "mean_score_b"):
         assert summary[key] == expected[key], key
     assert summary["n"] == 3 and summary["ties"] >= 1  # identical first answers tie
+
+
+@pytest.mark.parametrize("case", ["missing file", "empty file", "null response", "row not an object",
+                                  "negative max examples"])
+def test_cli_user_errors_are_one_line_messages(case, tmp_path):
+    """Issue 15, item 9: each of these gave a traceback or a `nan` win rate."""
+    good = write_jsonl(tmp_path / "good.jsonl", [{"query": query(i), "response": "x"} for i in range(3)])
+    a, extra, word = good, [], None
+    if case == "missing file":
+        a, word = str(tmp_path / "nope.jsonl"), "does not exist"
+    elif case == "empty file":
+        a, word = write_jsonl(tmp_path / "empty.jsonl", []), "no completions"
+    elif case == "null response":
+        a, word = write_jsonl(tmp_path / "null.jsonl", [{"query": query(0), "response": None}]), "not a string"
+    elif case == "row not an object":
+        (tmp_path / "list.jsonl").write_text("[1, 2]\n")
+        a, word = str(tmp_path / "list.jsonl"), "not an object"
+    else:
+        extra, word = ["--max-examples", "-1"], "--max-examples must be >= 1"
+    cmd = [sys.executable, str(REPO / "judge.py"), "--a", a, "--b", good, "--judge", "gold", *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout[-1000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert word in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]

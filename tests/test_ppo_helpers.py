@@ -684,16 +684,24 @@ def test_rng_state_round_trips_through_torch_save_weights_only(tmp_path):
 
 
 def test_latest_checkpoint_ignores_tmp_folders_and_sorts_numerically(tmp_path):
-    assert ppo_rlhf.latest_checkpoint(str(tmp_path)) is None
+    assert ppo_rlhf.latest_checkpoint(str(tmp_path)) == (None, [])
     folder = tmp_path / "checkpoints"
     folder.mkdir()
-    assert ppo_rlhf.latest_checkpoint(str(tmp_path)) is None
+    assert ppo_rlhf.latest_checkpoint(str(tmp_path)) == (None, [])
     (folder / "checkpoint-11.tmp").mkdir()
-    assert ppo_rlhf.latest_checkpoint(str(tmp_path)) is None
+    (folder / "checkpoint-11.tmp" / "state.pt").write_bytes(b"")
+    assert ppo_rlhf.latest_checkpoint(str(tmp_path)) == (None, [])
     for n in (2, 9, 10):
         (folder / f"checkpoint-{n}").mkdir()
+        (folder / f"checkpoint-{n}" / "state.pt").write_bytes(b"")
     (folder / "checkpoint-12.tmp").mkdir()
-    assert ppo_rlhf.latest_checkpoint(str(tmp_path)) == str(folder / "checkpoint-10")
+    assert ppo_rlhf.latest_checkpoint(str(tmp_path)) == (str(folder / "checkpoint-10"), [])
+    # the pointer, written once a checkpoint is complete, wins over the numbers (issue 15: a new run's checkpoint-2
+    # is newer than an earlier run's checkpoint-10); if what it names is gone, the highest intact number is used
+    (folder / "latest").write_text("checkpoint-2")
+    assert ppo_rlhf.latest_checkpoint(str(tmp_path)) == (str(folder / "checkpoint-2"), [])
+    (folder / "latest").write_text("checkpoint-3")
+    assert ppo_rlhf.latest_checkpoint(str(tmp_path)) == (str(folder / "checkpoint-10"), ["checkpoint-3 does not exist"])
 
 
 def test_fused_adamw_the_script_uses_matches_the_plain_loop():

@@ -161,6 +161,37 @@ def kill_and_resume(runner):
     return {"seed": seed, "k": k, "delay": delay, "killed": killed, "checkpoints_at_kill": at_kill, "resumed": resumed}
 
 
+def sigterm_and_resume(runner):
+    """Start the `base` run without periodic checkpoints, SIGTERM it once update 1 is logged (what a cluster sends
+    before pre-empting a job), then resume it with --resume-from-checkpoint latest."""
+    out = os.path.join(runner.root, "sigterm")
+    args = [*TINY, "--save-steps", "0", "--output-dir", out]
+    proc = runner.popen(args, "sigterm")
+    metrics, deadline = os.path.join(out, "metrics.jsonl"), time.time() + 600
+    while proc.poll() is None and time.time() < deadline:
+        if os.path.exists(metrics) and '"update": 1' in open(metrics).read():
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    stopped = runner.wait(proc, args, out, "sigterm")
+    at_stop = sorted(os.listdir(os.path.join(out, "checkpoints"))) if os.path.isdir(os.path.join(out, "checkpoints")) else []
+    resumed = runner.wait(runner.popen([*args, "--resume-from-checkpoint", "latest"], "sigterm_resumed"), args, out,
+                          "sigterm_resumed")
+    return {"stopped": stopped, "checkpoints_at_stop": at_stop, "resumed": resumed}
+
+
+def overwrite_an_earlier_run(runner):
+    """An earlier run's output (checkpoints 3 and 4, a LoRA adapter), then a 2-update run with --overwrite-output-dir."""
+    out = os.path.join(runner.root, "overwrite")
+    for n in (3, 4):
+        os.makedirs(os.path.join(out, "checkpoints", f"checkpoint-{n}", "policy"))
+        with open(os.path.join(out, "checkpoints", f"checkpoint-{n}", "state.pt"), "w") as f:
+            f.write("an earlier run's checkpoint")
+    with open(os.path.join(out, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", "base_model_name_or_path": "elsewhere", "r": 8}, f)
+    return runner.run("overwrite", [*TINY, *SAVE, "--total-episodes", "16", "--overwrite-output-dir"])
+
+
 def plan(runner):
     """Every run a test may ask for, by name; the order is the start order (the long end-to-end run first)."""
     return {
@@ -177,6 +208,8 @@ def plan(runner):
                                               "--no-split-backward"]),
         "joint": lambda: runner.run("joint", [*TINY, *SAVE, "--no-split-backward"]),
         "multiple": lambda: runner.run("multiple", [*TINY, *SAVE, "--pad-to-multiple-of", "32"]),
+        "sigterm": lambda: sigterm_and_resume(runner),
+        "overwrite": lambda: overwrite_an_earlier_run(runner),
         "nan": lambda: runner.run("nan", [*TINY, *SAVE, "--reward-model-path", nan_reward_model(runner.root),
                                           "--value-model-path", os.path.join(EMBEDDED, "reward_model")]),
     }
@@ -305,7 +338,38 @@ BAD_INPUTS = {
     "resume from a non-checkpoint": (lambda t: ["--resume-from-checkpoint", not_a_checkpoint(t)],
                                      "--resume-from-checkpoint"),
     "resume latest without checkpoints": (lambda t: ["--resume-from-checkpoint", "latest"], "--resume-from-checkpoint"),
+    # numbers out of range (issue 15, item 7)
+    "negative kl coef": (lambda t: ["--kl-coef", "-0.1"], "--kl-coef"),
+    "negative cliprange": (lambda t: ["--cliprange", "-0.2"], "--cliprange"),
+    "negative cliprange value": (lambda t: ["--cliprange-value", "-0.2"], "--cliprange-value"),
+    "gamma above 1": (lambda t: ["--gamma", "1.5"], "--gamma"),
+    "negative lam": (lambda t: ["--lam", "-0.1"], "--lam"),
+    "warmup ratio above 1": (lambda t: ["--warmup-ratio", "2"], "--warmup-ratio"),
+    "negative seed": (lambda t: ["--seed", "-1"], "--seed"),
+    # resuming another run (issue 15, items 2 and 10)
+    "resume with another learning rate": (lambda t: ["--resume-from-checkpoint", ppo_checkpoint(t, learning_rate=1e-3)],
+                                          "--resume-from-checkpoint"),
+    "resume from an sft.py checkpoint": (lambda t: ["--resume-from-checkpoint", ppo_checkpoint(t, script="sft.py")],
+                                         "--resume-from-checkpoint"),
 }
+
+
+def ppo_checkpoint(tmp_path, script="ppo_rlhf.py", **changes):
+    """A checkpoint folder whose state.pt says `script` wrote it in a run with TINY's arguments changed by `changes`:
+    what resume validation reads, nothing else."""
+    import dataclasses
+
+    import torch
+    import tyro
+
+    import ppo_rlhf
+
+    args = dataclasses.replace(tyro.cli(ppo_rlhf.Args, args=[*TINY, "--output-dir", str(tmp_path / "out")]), **changes)
+    path = tmp_path / "elsewhere" / "checkpoint-2"
+    path.mkdir(parents=True)
+    torch.save({"args": json.dumps(dataclasses.asdict(args)), "world_size": 1, "zero_stage": None, "update": 2,
+                "script": script}, path / "state.pt")
+    return str(path)
 
 
 def flat(text):
@@ -376,6 +440,19 @@ def test_bad_input_exits_nonzero_naming_the_argument_and_writes_nothing(case, tm
 def test_good_input_passes_validation(tmp_path, monkeypatch, capsys):
     """The control for the table above: the same arguments without the defect reach training."""
     status, stderr = run_in_process([*TINY, "--output-dir", str(tmp_path / "out")], tmp_path, monkeypatch, capsys)
+    assert status is None, stderr
+
+
+def test_resume_names_each_changed_training_setting_and_allows_output_and_logging_flags(tmp_path, monkeypatch, capsys):
+    """Issue 15, item 2: a resumed PPO run with another learning rate or KL coefficient was accepted (and the new
+    learning rate silently ignored)."""
+    checkpoint = ppo_checkpoint(tmp_path, learning_rate=1e-3, kl_coef=0.2)
+    status, stderr = run_in_process([*TINY, "--output-dir", str(tmp_path / "out"), "--resume-from-checkpoint",
+                                     checkpoint], tmp_path, monkeypatch, capsys)
+    assert status == 1 and "--learning-rate 0.001 (now 3e-05)" in stderr and "--kl-coef 0.2 (now 0.05)" in stderr, stderr
+    allowed = ppo_checkpoint(tmp_path / "b", logging_steps=3, save_steps=2, output_dir="elsewhere", track=True)
+    status, stderr = run_in_process([*TINY, "--output-dir", str(tmp_path / "out2"), "--resume-from-checkpoint",
+                                     allowed], tmp_path, monkeypatch, capsys)
     assert status is None, stderr
 
 
@@ -577,10 +654,12 @@ def test_saved_policy_and_value_model_load_and_were_trained(runs):
 def test_save_total_limit_keeps_the_newest_checkpoints_and_no_tmp(runs):
     run = runs["base"]().check()
     folder = os.path.join(run.out, "checkpoints")
-    assert sorted(os.listdir(folder)) == [f"checkpoint-{NUM_UPDATES - 1}", f"checkpoint-{NUM_UPDATES}"]
+    assert sorted(os.listdir(folder)) == [f"checkpoint-{NUM_UPDATES - 1}", f"checkpoint-{NUM_UPDATES}", "latest"]
+    with open(os.path.join(folder, "latest")) as f:
+        assert f.read() == f"checkpoint-{NUM_UPDATES}"
     assert not glob.glob(os.path.join(run.out, "**", "*.tmp"), recursive=True)
     files = files_under(os.path.join(folder, f"checkpoint-{NUM_UPDATES}"))
-    for name in ("state.pt", "rng_rank0.pt", "policy/model.safetensors", "value_model/model.safetensors"):
+    for name in ("state.pt", "rng_rank0.pt", "policy/model.safetensors", "value_model/model.safetensors", "manifest.json"):
         assert name in files, files
 
 
@@ -604,8 +683,58 @@ def test_sigkill_then_resume_latest_is_bitwise_identical_to_an_uninterrupted_run
     assert [r["update"] for r in resumed.eval_rows] == [2, 4], where
     assert comparable(resumed.rows) == comparable(base.rows), where
     assert sorted(os.listdir(os.path.join(resumed.out, "checkpoints"))) == [f"checkpoint-{NUM_UPDATES - 1}",
-                                                                            f"checkpoint-{NUM_UPDATES}"]
+                                                                            f"checkpoint-{NUM_UPDATES}", "latest"]
     assert not glob.glob(os.path.join(resumed.out, "**", "*.tmp"), recursive=True), where
+
+
+@pytest.mark.slow
+@needs("base", "sigterm")
+def test_sigterm_writes_a_checkpoint_and_the_resumed_run_is_bitwise_identical(runs):
+    """Issue 15, item 8: SIGTERM killed the run with only the last periodic checkpoint (here: none)."""
+    base, result = runs["base"]().check(), runs["sigterm"]()
+    stopped, resumed = result["stopped"], result["resumed"]
+    assert stopped.returncode == 128 + signal.SIGTERM, (stopped.returncode, stopped.stderr[-2000:])
+    assert "Traceback" not in stopped.stderr, stopped.stderr[-3000:]
+    last = stopped.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"stopped by SIGTERM after update (\d), with checkpoint-\1: continue with "
+                        r"--resume-from-checkpoint latest", last), last
+    assert result["checkpoints_at_stop"] == [f"checkpoint-{last.split()[5][:-1]}", "latest"], result
+    resumed.check()
+    for name in ("model.safetensors", os.path.join("value_model", "model.safetensors")):
+        with open(os.path.join(base.out, name), "rb") as f_base, open(os.path.join(resumed.out, name), "rb") as f_res:
+            assert f_base.read() == f_res.read(), name
+    assert comparable(resumed.rows) == comparable(base.rows)
+
+
+@pytest.mark.slow
+@needs("overwrite")
+def test_overwrite_output_dir_starts_the_checkpoints_afresh_and_drops_the_old_output(runs):
+    """Issue 15, item 1: the earlier run's checkpoints were kept, the new run's pruned as soon as written, and
+    `latest` resumed the earlier run; its LoRA adapter shadowed the new full model."""
+    run = runs["overwrite"]().check()
+    folder = os.path.join(run.out, "checkpoints")
+    assert sorted(os.listdir(folder)) == ["checkpoint-1", "checkpoint-2", "latest"], os.listdir(folder)
+    with open(os.path.join(folder, "latest")) as f:
+        assert f.read() == "checkpoint-2"
+    assert not os.path.exists(os.path.join(run.out, "adapter_config.json"))
+    assert [r["update"] for r in run.train_rows] == [1, 2]
+
+
+@pytest.mark.slow
+@needs("base")
+def test_resume_latest_skips_a_truncated_checkpoint_and_still_ends_bitwise_identical(runs, tmp_path):
+    """Issue 15, item 3: a truncated newest checkpoint gave a traceback; now `latest` resumes the one before."""
+    base = runs["base"]().check()
+    out = tmp_path / "copy"
+    shutil.copytree(base.out, out)
+    with open(out / "checkpoints" / f"checkpoint-{NUM_UPDATES}" / "policy" / "model.safetensors", "r+b") as f:
+        f.truncate(4096)
+    proc = run_script("ppo_rlhf.py", *TINY, *SAVE, "--output-dir", str(out), "--resume-from-checkpoint", "latest",
+                      env={**ONE_THREAD, "HF_DATASETS_CACHE": str(tmp_path / "hf_cache")}, timeout=600)
+    assert f"checkpoint-{NUM_UPDATES} is damaged: policy/model.safetensors has 4096 bytes" in proc.stderr, proc.stderr[-2000:]
+    assert f"resumed from {out / 'checkpoints' / f'checkpoint-{NUM_UPDATES - 1}'}" in proc.stdout
+    for name in ("model.safetensors", os.path.join("value_model", "model.safetensors")):
+        assert (out / name).read_bytes() == open(os.path.join(base.out, name), "rb").read(), name
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -318,6 +318,10 @@ BAD_INPUTS = {
                                 "positive"),
     "non-empty output dir": (lambda t: {}, "--output-dir", "--overwrite-output-dir"),
     **resume_bad_inputs(checkpoint_of),
+    # numbers out of range (issue 15, items 4 and 7)
+    "negative seed": (lambda t: {"--seed": "-1"}, "--seed", "[0, 2**32 - 1]"),
+    "warmup ratio above 1": (lambda t: {"--warmup-ratio": "1.5"}, "--warmup-ratio", "[0, 1]"),
+    "normalize num examples 0": (lambda t: {"--normalize-num-examples": "0"}, "--normalize-num-examples", "positive"),
     "resume with another model": (lambda t: checkpoint_of(t, model_name_or_path=os.path.join(EMBEDDED, "base_model")),
                                   "--resume-from-checkpoint", "base_model"),
 }

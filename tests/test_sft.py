@@ -145,7 +145,7 @@ def test_atomic_save_replaces_the_folder_and_leaves_no_temporary(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
-    sft.atomic_save(str(out) + "/", lambda path: (os.makedirs(path), open(os.path.join(path, "new.txt"), "w").close()))
+    sft.publish_output(str(out) + "/", lambda path: open(os.path.join(path, "new.txt"), "w").close())
     assert sorted(os.listdir(out)) == ["new.txt"] and sorted(os.listdir(tmp_path)) == ["out"]
 
 
@@ -284,6 +284,9 @@ BAD_INPUTS = {
     "non-positive learning rate": (lambda t: {"--learning-rate": "0"}, "--learning-rate", "positive"),
     "non-empty output dir": (lambda t: {}, "--output-dir", "--overwrite-output-dir"),
     **resume_bad_inputs(checkpoint_of),
+    # numbers out of range (issue 15, items 4 and 7)
+    "negative seed": (lambda t: {"--seed": "-1"}, "--seed", "[0, 2**32 - 1]"),
+    "warmup ratio above 1": (lambda t: {"--warmup-ratio": "1.5"}, "--warmup-ratio", "[0, 1]"),
     "resume with another batch size": (lambda t: checkpoint_of(t, per_device_train_batch_size=16, learning_rate=1e-3),
                                        "--resume-from-checkpoint", "--per-device-train-batch-size 16 (now 32)"),
 }
