@@ -155,6 +155,29 @@ def completion_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str =
                            reduction=reduction)
 
 
+def add_pad_token(tokenizer) -> Optional[str]:
+    """A tokenizer without a pad token (Pythia, Llama, Mistral) or whose pad is EOS (GPT-2 setups, Qwen2 base) gets a
+    dedicated `[PAD]` special token, as TRL's example did: padding with EOS would make every real EOS look like padding
+    in the masks. Returns the line to log when one was added, else None."""
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return None
+    before = tokenizer.pad_token
+    tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    return (f"the tokenizer's pad token was {before!r} (EOS {tokenizer.eos_token!r}): added a dedicated pad token "
+            f"{tokenizer.pad_token!r} (id {tokenizer.pad_token_id}), saved with the output")
+
+
+def context_length(config) -> Optional[int]:
+    """The longest sequence the model covers: its position table (absolute positions index past it) or its rotary
+    training length (beyond it rotary models extrapolate); None when the config states neither."""
+    config = config.get_text_config()
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def atomic_save(output_dir: str, write) -> None:
     """`write(tmp_dir)` fills a temporary folder, which then replaces output_dir in one rename. The run's
     checkpoints (output_dir/checkpoints) are moved over, not lost."""
@@ -260,10 +283,20 @@ if __name__ == "__main__":
         if len(data) == 0:
             fail(split_name, f"split {getattr(args, split_name)!r} of {args.dataset_name!r} is empty")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=args.trust_remote_code)
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        fail("tokenizer_name_or_path", f"{tokenizer_path!r} has pad token {tokenizer.pad_token!r} (EOS is "
-                                       f"{tokenizer.eos_token!r}); add a distinct one, e.g. "
-                                       "tokenizer.add_special_tokens({'pad_token': '[PAD]'}), and save it")
+    added_pad = add_pad_token(tokenizer)  # logged below, once
+    # A new [PAD] past the embedding rows (Llama-3, Mistral: no spare rows) resizes them: the saved model and tokenizer
+    # then agree, and the PPO scripts take both as they are. A LoRA adapter would not save the new row.
+    model_config = AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+    embedding_rows = model_config.get_text_config().vocab_size
+    if len(tokenizer) > embedding_rows and args.use_peft:
+        fail("use_peft", f"the tokenizer has {len(tokenizer)} tokens (pad {tokenizer.pad_token!r} is id "
+                         f"{tokenizer.pad_token_id}) but {args.model_name_or_path!r} has {embedding_rows} embedding rows, "
+                         "and a LoRA adapter does not save new rows; train without --use-peft once, or give the "
+                         "tokenizer a pad token inside its vocabulary (tokenizer.pad_token = <an unused token>)")
+    context = context_length(model_config)
+    if context is not None and args.max_length > context:
+        fail("max_length", f"{args.max_length} is longer than the model's context of {context} tokens "
+                           "(max_position_embeddings); lower it")
 
     # TRY NOT TO MODIFY: seeding, processes, tracking
     from accelerate import Accelerator
@@ -298,6 +331,8 @@ if __name__ == "__main__":
                                            f"{resume_state['zero_stage']}, this launch has "
                                            f"{zero_stage if is_deepspeed else None} (None: no DeepSpeed); resume it the same way")
 
+    if added_pad:
+        accelerator.print(added_pad)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -331,10 +366,16 @@ if __name__ == "__main__":
     for key in ("hidden_dropout", "attention_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
         if hasattr(config, key):
             setattr(config, key, 0.0)
+    resize = len(tokenizer) > embedding_rows  # for the new [PAD]: rows for every token id, the new ones mean-initialised
+    if resize and resume_dir:
+        config.get_text_config().vocab_size = len(tokenizer)  # the checkpoint holds the resized embeddings
     # A resumed run takes the trained weights (with LoRA: the trained adapter) from the checkpoint.
     trained_path = os.path.join(resume_dir, "model") if resume_dir else None
     model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path if args.use_peft or not resume_dir else trained_path,
                                                  config=config, trust_remote_code=args.trust_remote_code)
+    if resize and not resume_dir:
+        model.resize_token_embeddings(len(tokenizer))
+        accelerator.print(f"resized the embeddings from {embedding_rows} to {len(tokenizer)} rows for the tokenizer")
     if args.use_peft:
         from peft import LoraConfig, PeftModel, get_peft_model
 
