@@ -104,6 +104,8 @@ def embedded_tokenizer():
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", MATRIX)
 def test_every_architecture_runs_the_pipeline(arch, small_data, embedded_tokenizer, tmp_path, monkeypatch, capsys):
+    from transformers import AutoTokenizer
+
     base = save_tiny_causal_lm(arch, tmp_path / "base", tokenizer=embedded_tokenizer)
     run = pipeline(base, small_data, str(tmp_path / "out"), tmp_path, monkeypatch, capsys)
     updates = [r for r in run["rows"] if "val/ratio" in r]
@@ -111,7 +113,10 @@ def test_every_architecture_runs_the_pipeline(arch, small_data, embedded_tokeniz
     assert abs(updates[0]["val/ratio"] - 1.0) < 1e-5, updates[0]  # fp32, first mini-batch: the rollout's own policy
     # The normalisation: the references score 0 on average, as a stock from_pretrained (+ config.reward_shift) reads
     # them; the shift sits in a norm bias exactly where the architecture has one before the head.
-    scores, shift = stock_scores(run["rm"], reference_sequences(embedded_tokenizer, small_data["sft"]))
+    # (The tokenizer as saved with the model: in transformers 5 a model folder's model_type picks the tokenizer class,
+    # and Qwen2's tokenises the same tokenizer.json differently from the embedded one.)
+    saved_tokenizer = AutoTokenizer.from_pretrained(run["rm"])
+    scores, shift = stock_scores(run["rm"], reference_sequences(saved_tokenizer, small_data["sft"]))
     assert abs((scores + shift).mean().item()) < 1e-4, (scores, shift)
     in_bias = arch in ("gpt_neox", "gpt2", "opt")
     assert (shift == 0.0) == in_bias, shift
