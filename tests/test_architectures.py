@@ -128,3 +128,96 @@ def test_attention_dropout_in_the_config_still_runs(small_data, embedded_tokeniz
     base = save_tiny_causal_lm("llama", tmp_path / "base", tokenizer=embedded_tokenizer, attention_dropout=0.3)
     run = pipeline(base, small_data, str(tmp_path / "out"), tmp_path, monkeypatch, capsys)
     assert [r["update"] for r in run["rows"] if "val/ratio" in r] == [1, 2]
+
+
+def neox_tokenizer():
+    """The real GPT-NeoX-20B tokenizer as Pythia ships it: EOS/BOS/UNK <|endoftext|>, no pad token."""
+    from transformers import PreTrainedTokenizerFast
+
+    if not os.path.isfile(NEOX_TOKENIZER):
+        pytest.skip(f"{NEOX_TOKENIZER} is absent")
+    return PreTrainedTokenizerFast(tokenizer_file=NEOX_TOKENIZER, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>")
+
+
+@pytest.mark.slow
+def test_get_started_command_with_a_pythia_shaped_model_and_its_real_tokenizer(tmp_path, monkeypatch, capsys):
+    """The seed's get-started command, verbatim but for the hub ids (a local Pythia-shaped folder: GPT-NeoX with
+    Pythia's 50,304 embedding rows and the real tokenizer, which has no pad token) and fewer episodes."""
+    from test_commands import GET_STARTED, descriptiveness_standin
+    from transformers import AutoTokenizer
+
+    tokenizer = neox_tokenizer()
+    pythia = save_tiny_causal_lm("gpt_neox", tmp_path / "pythia-1b-deduped", vocab_size=50304, tokenizer=tokenizer,
+                                 max_position_embeddings=2048)
+    assert AutoTokenizer.from_pretrained(pythia).pad_token is None  # the case is what it claims
+    standin = descriptiveness_standin(str(tmp_path / "descriptiveness-sentiment-trl-style"))
+    argv = [standin if a == "<standin>" else pythia if os.path.isabs(a) and "embedded" in a else a for a in GET_STARTED]
+    assert argv.count(pythia) == 3  # --model_name_or_path, --sft_model_path, --reward_model_path
+    argv[argv.index("--total_episodes") + 1] = "64"  # one update of the command's 64 rollouts
+    monkeypatch.chdir(tmp_path)
+    log = run_inline("ppo_rlhf.py", argv, tmp_path, monkeypatch, capsys)
+    assert "added a dedicated pad token '[PAD]' (id 50277)" in log, log[-2000:]
+    for folder in ("models/minimal/ppo", "models/minimal/ppo/value_model"):
+        saved = AutoTokenizer.from_pretrained(str(tmp_path / folder))
+        assert saved.pad_token == "[PAD]" and saved.pad_token_id == 50277 != saved.eos_token_id, folder
+    with open(tmp_path / "models/minimal/ppo/metrics.jsonl") as f:
+        assert [json.loads(line)["update"] for line in f if "val/ratio" in line] == [1]
+
+
+@pytest.mark.slow
+def test_a_full_vocabulary_is_resized_once_by_sft_and_refused_by_ppo(small_data, tmp_path, monkeypatch, capsys):
+    """A Llama-3-style model whose embedding has no spare row for the new [PAD]: sft.py resizes it (and saves the
+    tokenizer with it), reward_modeling.py and ppo_rlhf.py then take both as they are; ppo_rlhf.py on the raw model
+    refuses before loading any weights, naming the fix."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer = neox_tokenizer()
+    base = save_tiny_causal_lm("llama", tmp_path / "base", vocab_size=len(tokenizer), tokenizer=tokenizer)
+    error = run_in_process("ppo_rlhf.py", ["--model-name-or-path", base, "--sft-model-path", base, "--reward-model-path",
+                                           base, "--dataset-name", small_data["prompts"], "--output-dir",
+                                           str(tmp_path / "refused"), "--per-device-train-batch-size", "4",
+                                           "--gradient-accumulation-steps", "1", "--total-episodes", "4"],
+                           tmp_path, monkeypatch)
+    assert isinstance(error, SystemExit) and str(error.code).startswith("error: --sft-model-path:"), error
+    assert "50277 embedding rows, fewer than the 50278 tokens" in error.code and "sft.py" in error.code
+    assert not os.path.exists(tmp_path / "refused")
+    monkeypatch.undo()
+    run = pipeline(base, small_data, str(tmp_path / "out"), tmp_path, monkeypatch, capsys)
+    assert "resized the embeddings from 50277 to 50278 rows" in run["logs"]["sft"]
+    assert "resized" not in run["logs"]["rm"] and "added a dedicated" not in run["logs"]["ppo"]
+    for folder in (run["sft"], run["rm"], run["ppo"]):
+        assert AutoConfig.from_pretrained(folder).vocab_size == 50278
+        assert AutoTokenizer.from_pretrained(folder).pad_token_id == 50277
+    assert abs([r for r in run["rows"] if "val/ratio" in r][0]["val/ratio"] - 1.0) < 1e-5
+
+
+@pytest.mark.parametrize("script", ["ppo_rlhf.py", "ppo_rlhf_tldr.py"])
+def test_prompts_past_the_context_are_dropped_and_counted(script, small_data, embedded_tokenizer, tmp_path, monkeypatch,
+                                                           capsys):
+    """GPT-2 has an absolute position table: prompt + response past it would index out of the table. With a
+    100-position table and 8-token responses, prompts longer than 92 tokens are dropped, and counted in the log."""
+    from datasets import load_from_disk
+    from transformers import AutoTokenizer
+
+    base = save_tiny_causal_lm("gpt2", tmp_path / "base", tokenizer=embedded_tokenizer, n_positions=100)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    data = load_from_disk(small_data["prompts"])
+    lengths = {s: [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in data[s]["prompt"]] for s in data}
+    too_long = {s: sum(n > 92 for n in lengths[s]) for s in data}
+    assert 0 < too_long["train"] <= 12, lengths  # the filter bites, and leaves a batch of 4
+    argv = ["--model-name-or-path", base, "--sft-model-path", base, "--reward-model-path", base,
+            "--dataset-name", small_data["prompts"], "--output-dir", str(tmp_path / "out"), "--total-episodes", "4",
+            "--per-device-train-batch-size", "4", "--gradient-accumulation-steps", "1", "--num-ppo-epochs", "1",
+            "--local-rollout-forward-batch-size", "4", "--response-length", "8", "--num-sample-generations", "0",
+            "--eval-strategy", "no"]
+    if script == "ppo_rlhf_tldr.py":
+        argv += ["--dataset-final-eval-split", "None"]
+    log = run_inline(script, argv, tmp_path, monkeypatch, capsys)
+    if script == "ppo_rlhf.py":
+        assert (f"dropped {too_long['train']} of 16 train and {too_long['validation']} of 4 eval prompts longer than 92 "
+                "tokens") in log, log[-2000:]
+    else:
+        for split in ("train", "validation"):
+            assert (f"split {split!r}: dropped {too_long[split]} of {len(lengths[split])} prompts longer than 92 tokens "
+                    "(the models' context of 100") in log, log[-2000:]
