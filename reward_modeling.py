@@ -6,8 +6,9 @@
 
 A scalar head on the SFT model scores `prompt + completion + EOS` at its last non-pad token, trained with the
 pairwise loss -log sigmoid(r_chosen - r_rejected). After training the scores are shifted so that the dataset's
-reference completions score 0 on average (the N+ normalisation), and the shift is stored in the weights, so a
-plain `AutoModelForSequenceClassification.from_pretrained` gives normalised scores.
+reference completions score 0 on average (the N+ normalisation). The shift is stored in the weights where a final norm
+with a bias feeds the head (GPT-NeoX, GPT-2, OPT), so a plain `AutoModelForSequenceClassification.from_pretrained`
+gives normalised scores; otherwise (RMSNorm models) as `reward_shift` in the config, which the PPO scripts add.
 """
 
 import contextlib
