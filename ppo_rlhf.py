@@ -75,7 +75,7 @@ class Args:
 
     # models
     model_name_or_path: str = "embedded/sft_model"
-    """the tokenizer (as in TRL's example); it needs a pad token distinct from EOS"""
+    """the tokenizer (as in TRL's example); without a pad token distinct from EOS, a dedicated [PAD] is added"""
     sft_model_path: str = "embedded/sft_model"
     """the SFT policy: the starting point of the policy and the frozen reference"""
     reward_model_path: str = "embedded/reward_model"

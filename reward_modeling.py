@@ -62,7 +62,7 @@ class Args:
     model_name_or_path: str = "embedded/sft_model"
     """the SFT model the reward model starts from: a hub id or a local folder"""
     tokenizer_name_or_path: Optional[str] = None
-    """the tokenizer (default: model_name_or_path); it needs a pad token distinct from EOS"""
+    """the tokenizer (default: model_name_or_path); without a pad token distinct from EOS, a dedicated [PAD] is added"""
     dataset_name: str = "embedded/preference_data"
     """hub id, a save_to_disk folder, or a json/jsonl/parquet file with `prompt`, `chosen`, `rejected` columns"""
     dataset_train_split: str = "train"

@@ -58,7 +58,7 @@ class Args:
     model_name_or_path: str = "embedded/base_model"
     """the base model: a hub id or a local folder"""
     tokenizer_name_or_path: Optional[str] = None
-    """the tokenizer (default: model_name_or_path); it needs a pad token distinct from EOS"""
+    """the tokenizer (default: model_name_or_path); without a pad token distinct from EOS, a dedicated [PAD] is added"""
     dataset_name: str = "embedded/sft_data"
     """hub id, a save_to_disk folder, or a json/jsonl/parquet file with `prompt` and `completion` columns"""
     dataset_train_split: str = "train"
