@@ -154,7 +154,10 @@ def final_norm(model):
             norm = model.base_model.get_submodule(name)
         except AttributeError:  # absent, or None (OPT with post-layer norms has no final one)
             continue
-        if getattr(norm, "bias", None) is not None:
+        # Its output must be what the head reads: same width (OPT may project after it; ZeRO-3 shards keep ds_shape).
+        width = [tuple(getattr(p, "ds_shape", p.shape))[-1] for p in (norm.bias, model.score.weight)] \
+            if getattr(norm, "bias", None) is not None else None
+        if width and width[0] == width[1]:
             return norm
     return None
 

@@ -221,3 +221,20 @@ def test_prompts_past_the_context_are_dropped_and_counted(script, small_data, em
         for split in ("train", "validation"):
             assert (f"split {split!r}: dropped {too_long[split]} of {len(lengths[split])} prompts longer than 92 tokens "
                     "(the models' context of 100") in log, log[-2000:]
+
+
+def test_normalisation_falls_back_to_the_config_when_a_layer_follows_the_final_norm(small_data, embedded_tokenizer,
+                                                                                    tmp_path, monkeypatch, capsys):
+    """OPT with word_embed_proj_dim < hidden_size projects after its final norm: a shift of the norm's bias would not
+    move every score by the same amount, which the script checks and then stores the shift in the config instead."""
+    from transformers import AutoTokenizer
+
+    base = save_tiny_causal_lm("opt", tmp_path / "base", tokenizer=embedded_tokenizer, word_embed_proj_dim=32)
+    out = str(tmp_path / "rm")
+    log = run_inline("reward_modeling.py", ["--model-name-or-path", base, "--dataset-name", small_data["pref"],
+                                            "--output-dir", out, "--normalize-dataset-name", small_data["sft"],
+                                            "--normalize-num-examples", "8", "--per-device-train-batch-size", "16"],
+                     tmp_path, monkeypatch, capsys)
+    assert "config.reward_shift" in log, log[-2000:]
+    scores, shift = stock_scores(out, reference_sequences(AutoTokenizer.from_pretrained(out), small_data["sft"]))
+    assert shift != 0.0 and abs((scores + shift).mean().item()) < 1e-4, (scores, shift)
