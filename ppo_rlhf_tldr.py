@@ -93,7 +93,7 @@ class Args:
 
     # models
     model_name_or_path: str = "embedded/sft_model"
-    """the tokenizer (as in TRL's example); it needs a pad token distinct from EOS"""
+    """the tokenizer (as in TRL's example); without a pad token distinct from EOS, a dedicated [PAD] is added"""
     sft_model_path: str = "embedded/sft_model"
     """the SFT policy: the starting point of the policy and the frozen reference"""
     reward_model_path: str = "embedded/reward_model"
@@ -771,6 +771,63 @@ def disable_dropout_in_config(config) -> None:
             disable_dropout_in_config(value)
 
 
+def add_pad_token(tokenizer) -> Optional[str]:
+    """A tokenizer without a pad token (Pythia, Llama, Mistral) or whose pad is EOS (GPT-2 setups, Qwen2 base) gets a
+    dedicated `[PAD]` special token, as TRL's example did: padding with EOS would make every real EOS look like padding
+    in the masks. Returns the line to log when one was added, else None."""
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return None
+    before = tokenizer.pad_token
+    tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    return (f"the tokenizer's pad token was {before!r} (EOS {tokenizer.eos_token!r}): added a dedicated pad token "
+            f"{tokenizer.pad_token!r} (id {tokenizer.pad_token_id}), saved with the output")
+
+
+def context_length(config) -> Optional[int]:
+    """The longest sequence the model covers: its position table (absolute positions index past it) or its rotary
+    training length (beyond it rotary models extrapolate); None when the config states neither."""
+    config = config.get_text_config()
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def vocabulary_mismatch(tokenizer, embedding_rows: int, model_tokenizer=None) -> Optional[str]:
+    """Why a model with `embedding_rows` input rows (and `model_tokenizer`, the tokenizer saved with it, if any) cannot
+    read the policy tokenizer's ids, or None. Fewer rows crash mid-run on an id past them; another tokenizer of the same
+    size scores other words. The pad tokens are left out: a pad is only ever read where the attention mask is 0."""
+    if len(tokenizer) > embedding_rows:
+        return (f"has {embedding_rows} embedding rows, fewer than the {len(tokenizer)} tokens of the policy's tokenizer "
+                f"(pad {tokenizer.pad_token!r} is id {tokenizer.pad_token_id})")
+    if model_tokenizer is None:
+        return None
+    ours, theirs = tokenizer.get_vocab(), model_tokenizer.get_vocab()
+    pads = {tokenizer.pad_token, model_tokenizer.pad_token}
+    differ = sorted(t for t in ours.keys() | theirs.keys() if t not in pads and ours.get(t) != theirs.get(t))
+    if differ:
+        examples = ", ".join(f"{t!r}: {ours.get(t)} vs {theirs.get(t)}" for t in differ[:3])
+        return f"was saved with another tokenizer: {len(differ)} tokens have other ids (policy vs its own: {examples})"
+    if model_tokenizer.eos_token_id is not None and model_tokenizer.eos_token_id != tokenizer.eos_token_id:
+        return (f"was saved with EOS {model_tokenizer.eos_token!r} (id {model_tokenizer.eos_token_id}), the policy's "
+                f"tokenizer has {tokenizer.eos_token!r} (id {tokenizer.eos_token_id})")
+    return None
+
+
+def saved_tokenizer(path: str, trust_remote_code: bool):
+    """The tokenizer saved with a model (a local folder or a hub id), or None if it has none."""
+    from transformers import AutoTokenizer
+
+    files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in files):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return None
+
+
 def disable_dropout(model: nn.Module) -> None:
     """nn.Dropout modules, and the float rates that transformers 5's attention modules keep as attributes and use in
     train mode only (attention_dropout): any dropout makes the training log-probs differ from the rollout's."""
@@ -1158,30 +1215,44 @@ if __name__ == "__main__":
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, padding_side="left",
                                               trust_remote_code=args.trust_remote_code)
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        fail("model_name_or_path", f"the tokenizer's pad token is {tokenizer.pad_token!r} and EOS is "
-                                   f"{tokenizer.eos_token!r}: pad must exist and differ from EOS or every mask is "
-                                   "wrong; add one with tokenizer.add_special_tokens({'pad_token': '[PAD]'})")
+    added_pad = add_pad_token(tokenizer)  # logged below, once
     if prompt_kind == "conversation" and not tokenizer.chat_template:
         fail("model_name_or_path", f"the tokenizer of {args.model_name_or_path!r} has no chat template, which "
                                    "conversational prompts need; use an instruct model's tokenizer, set "
                                    "tokenizer.chat_template and save it, or give the prompts as strings")
     value_model_path = args.value_model_path or args.reward_model_path
-    for arg, path in (("reward_model_path", args.reward_model_path), ("value_model_path", value_model_path)):
-        # A trained classifier must have one label; a plain LM (TRL's get-started uses Pythia itself) gets a new
-        # one-output head, as TRL did.
-        config = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
-        is_classifier = any("ForSequenceClassification" in a for a in config.architectures or [])
-        if is_classifier and config.num_labels != 1:
-            fail(arg, f"{path!r} has {config.num_labels} labels; a reward/value model outputs one scalar (num_labels=1)")
-    policy_path = args.sft_model_path  # for an adapter folder: its base model
+    sft_config_path = args.sft_model_path
     if sft_is_adapter:
         with open(os.path.join(args.sft_model_path, "adapter_config.json")) as f:
-            policy_path = json.load(f)["base_model_name_or_path"]
-    policy_config = AutoConfig.from_pretrained(policy_path, trust_remote_code=args.trust_remote_code)
-    model_type = policy_config.get_text_config().model_type
+            sft_config_path = json.load(f)["base_model_name_or_path"]
+    # From the configs and saved tokenizers only, before any weights load: every model reads the policy tokenizer's
+    # ids, and prompt + response fits every model's context.
+    contexts, reward_shift = [], 0.0
+    for arg, path, config_path in (("sft_model_path", args.sft_model_path, sft_config_path),
+                                   ("reward_model_path", args.reward_model_path, args.reward_model_path),
+                                   ("value_model_path", value_model_path, value_model_path)):
+        config = AutoConfig.from_pretrained(config_path, trust_remote_code=args.trust_remote_code)
+        # A trained classifier must have one label; a plain LM (TRL's get-started uses Pythia itself) gets a new
+        # one-output head, as TRL did.
+        is_classifier = any("ForSequenceClassification" in a for a in config.architectures or [])
+        if arg != "sft_model_path" and is_classifier and config.num_labels != 1:
+            fail(arg, f"{path!r} has {config.num_labels} labels; a reward/value model outputs one scalar (num_labels=1)")
+        model_tokenizer = saved_tokenizer(path, args.trust_remote_code) if path != args.model_name_or_path else None
+        problem = vocabulary_mismatch(tokenizer, config.get_text_config().vocab_size, model_tokenizer)
+        if problem:
+            fail(arg, f"{path!r} {problem}; every model must be trained with the tokenizer of --model-name-or-path "
+                      "(sft.py and reward_modeling.py save it, adding [PAD] and resizing the embeddings if needed)")
+        contexts.append(context_length(config))
+        if arg == "reward_model_path":  # reward_modeling.py's normalisation, for architectures without a norm bias
+            reward_shift = float(getattr(config, "reward_shift", 0.0))
+    context = min((c for c in contexts if c), default=None)
+    if context is not None and args.response_length >= context:
+        fail("response_length", f"{args.response_length} tokens leave no room for a prompt in the models' context of "
+                                f"{context} tokens (max_position_embeddings); lower it")
+    sft_config = AutoConfig.from_pretrained(sft_config_path, trust_remote_code=args.trust_remote_code)
+    model_type = sft_config.get_text_config().model_type
     if model_type in UNSUPPORTED_LOGIT_TRANSFORMS:
-        fail("sft_model_path", f"{policy_path!r} is a {model_type} model, whose forward transforms its logits in a way "
+        fail("sft_model_path", f"{sft_config_path!r} is a {model_type} model, whose forward transforms its logits in a way "
                                "this script does not reproduce (it would train on another distribution than the "
                                "model's); use another architecture")
     if args.stop_token == "eos":
@@ -1210,6 +1281,8 @@ if __name__ == "__main__":
     if accelerator.num_processes != world_size:
         fail("num_processes", f"WORLD_SIZE says {world_size} processes but accelerate runs {accelerator.num_processes}")
     device = accelerator.device
+    if added_pad:
+        accelerator.print(added_pad)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -1239,11 +1312,15 @@ if __name__ == "__main__":
         if any(len(x) and x[-1] == tokenizer.eos_token_id for x in ids):
             fail("dataset_name", f"some prompts of split {split!r} end with the EOS token; the policy would see a "
                                  "finished text. Strip EOS from the prompts")
-        keep = [i for i, x in enumerate(ids) if 0 < len(x) <= args.max_prompt_length]
-        accelerator.print(f"split {split!r}: dropped {len(ids) - len(keep)} of {len(ids)} prompts longer than "
-                          f"--max-prompt-length {args.max_prompt_length}")
+        # Prompt + response must also fit the models' context (absolute positions would index past their table,
+        # rotary ones extrapolate).
+        limit = min(args.max_prompt_length, context - args.response_length) if context else args.max_prompt_length
+        keep = [i for i, x in enumerate(ids) if 0 < len(x) <= limit]
+        reason = (f"--max-prompt-length {limit}" if limit == args.max_prompt_length else f"{limit} tokens (the models' "
+                  f"context of {context} minus --response-length {args.response_length})")
+        accelerator.print(f"split {split!r}: dropped {len(ids) - len(keep)} of {len(ids)} prompts longer than {reason}")
         if not keep:
-            fail("max_prompt_length", f"every prompt of split {split!r} is longer than {args.max_prompt_length} tokens")
+            fail("max_prompt_length", f"every prompt of split {split!r} is longer than {limit} tokens")
         return [ids[i] for i in keep], [data[i]["completion"] for i in keep]
 
     train_ids, _ = tokenize_and_filter(train_data, args.dataset_train_split)
@@ -1444,6 +1521,7 @@ if __name__ == "__main__":
             scores = get_score(reward_model, torch.cat([queries, postprocessed], 1),
                                torch.cat([query_mask, response_mask.long()], 1), unwrapped.overhead,
                                unwrapped.multiple)
+        scores = scores + reward_shift  # 0 unless the reward model's config carries its normalisation
         return postprocessed, sequence_lengths, scores
 
     @torch.no_grad()

@@ -6,9 +6,11 @@
 
 A scalar head on the SFT model scores `prompt + completion + EOS` at its last non-pad token, trained with the
 pairwise loss -log sigmoid(r_chosen - r_rejected). After training the scores are shifted so that the dataset's
-reference completions score 0 on average (the N+ normalisation), and the shift is stored in the weights, so a
-plain `AutoModelForSequenceClassification.from_pretrained` gives normalised scores. Conversational pairs go through
-the tokenizer's chat template and are scored at the EOS that ends the last assistant turn.
+reference completions score 0 on average (the N+ normalisation). The shift is stored in the weights where a final norm
+with a bias feeds the head (GPT-NeoX, GPT-2, OPT), so a plain `AutoModelForSequenceClassification.from_pretrained`
+gives normalised scores; otherwise (RMSNorm models) as `reward_shift` in the config, which the PPO scripts add.
+Conversational pairs go through the tokenizer's chat template and are scored at the EOS that ends the last assistant
+turn.
 """
 
 import atexit
@@ -66,7 +68,7 @@ class Args:
     model_name_or_path: str = "embedded/sft_model"
     """the SFT model the reward model starts from: a hub id or a local folder"""
     tokenizer_name_or_path: Optional[str] = None
-    """the tokenizer (default: model_name_or_path); it needs a pad token distinct from EOS"""
+    """the tokenizer (default: model_name_or_path); without a pad token distinct from EOS, a dedicated [PAD] is added"""
     dataset_name: str = "embedded/preference_data"
     """hub id, a save_to_disk folder, or a json/jsonl/parquet/csv/tsv file with `chosen`, `rejected` and optionally
     `prompt` (TRL's implicit prompt without it): strings, or lists of {role, content} (need a chat template)"""
@@ -279,8 +281,19 @@ def pairwise_loss_and_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> 
 
 
 def final_norm(model):
-    """The norm whose output feeds the score head (GPT-NeoX: final_layer_norm; Llama-style: norm), or None."""
-    return getattr(model.base_model, "final_layer_norm", None) or getattr(model.base_model, "norm", None)
+    """The final norm of the backbone, if it has a bias (GPT-NeoX: final_layer_norm, GPT-2: ln_f, OPT:
+    decoder.final_layer_norm), else None (RMSNorm models: Llama, Qwen2, Mistral, Gemma, Phi-3)."""
+    for name in ("final_layer_norm", "ln_f", "decoder.final_layer_norm", "norm"):
+        try:
+            norm = model.base_model.get_submodule(name)
+        except AttributeError:  # absent, or None (OPT with post-layer norms has no final one)
+            continue
+        # Its output must be what the head reads: same width (OPT may project after it; ZeRO-3 shards keep ds_shape).
+        width = [tuple(getattr(p, "ds_shape", p.shape))[-1] for p in (norm.bias, model.score.weight)] \
+            if getattr(norm, "bias", None) is not None else None
+        if width and width[0] == width[1]:
+            return norm
+    return None
 
 
 def shift_scores(model, delta: float) -> None:
@@ -293,6 +306,29 @@ def shift_scores(model, delta: float) -> None:
         raise ValueError("reward normalisation needs a final norm with a bias before the score head; "
                          "pass --no-normalize-reward for this architecture")
     norm.bias.data += (delta * w / w.dot(w)).to(norm.bias.dtype)
+
+
+def add_pad_token(tokenizer) -> Optional[str]:
+    """A tokenizer without a pad token (Pythia, Llama, Mistral) or whose pad is EOS (GPT-2 setups, Qwen2 base) gets a
+    dedicated `[PAD]` special token, as TRL's example did: padding with EOS would make every real EOS look like padding
+    in the masks. Returns the line to log when one was added, else None."""
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return None
+    before = tokenizer.pad_token
+    tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    return (f"the tokenizer's pad token was {before!r} (EOS {tokenizer.eos_token!r}): added a dedicated pad token "
+            f"{tokenizer.pad_token!r} (id {tokenizer.pad_token_id}), saved with the output")
+
+
+def context_length(config) -> Optional[int]:
+    """The longest sequence the model covers: its position table (absolute positions index past it) or its rotary
+    training length (beyond it rotary models extrapolate); None when the config states neither."""
+    config = config.get_text_config()
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def rng_state() -> dict:
@@ -647,10 +683,14 @@ if __name__ == "__main__":
         fail("model_name_or_path", f"{args.model_name_or_path!r} is a classifier with {config.num_labels} labels; "
                                    "a reward model has one (start from the SFT model instead)")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=args.trust_remote_code)
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        fail("tokenizer_name_or_path", f"{tokenizer_path!r} has pad token {tokenizer.pad_token!r} (EOS is "
-                                       f"{tokenizer.eos_token!r}); add a distinct one, e.g. "
-                                       "tokenizer.add_special_tokens({'pad_token': '[PAD]'}), and save it")
+    added_pad = add_pad_token(tokenizer)  # logged below, once
+    # A new [PAD] past the embedding rows (Llama-3, Mistral: no spare rows) resizes them after loading: the saved
+    # model and tokenizer then agree, and the PPO scripts take both as they are.
+    embedding_rows = config.get_text_config().vocab_size
+    context = context_length(config)
+    if context is not None and args.max_length > context:
+        fail("max_length", f"{args.max_length} is longer than the model's context of {context} tokens "
+                           "(max_position_embeddings); lower it")
     if kind != "text" and not tokenizer.chat_template:
         fail("tokenizer_name_or_path", f"{tokenizer_path!r} has no chat template, which conversational data needs; "
                                        "use an instruct model's tokenizer, set tokenizer.chat_template and save it, "
@@ -700,6 +740,8 @@ if __name__ == "__main__":
 
         return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
+    if added_pad:
+        accelerator.print(added_pad)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -756,10 +798,16 @@ if __name__ == "__main__":
             setattr(config, key, 0.0)
     config.num_labels, config.id2label, config.label2id = 1, {0: "LABEL_0"}, {"LABEL_0": 0}
     config.pad_token_id = pad
+    resize = len(tokenizer) > embedding_rows  # for the new [PAD]: rows for every token id, the new ones mean-initialised
+    if resize and resume_dir:
+        config.get_text_config().vocab_size = len(tokenizer)  # the checkpoint holds the resized embeddings
     # A resumed run takes the trained weights, head included, from the checkpoint.
     model = AutoModelForSequenceClassification.from_pretrained(os.path.join(resume_dir, "model") if resume_dir else
                                                                args.model_name_or_path, config=config,
                                                                trust_remote_code=args.trust_remote_code)
+    if resize and not resume_dir:
+        model.resize_token_embeddings(len(tokenizer))
+        accelerator.print(f"resized the embeddings from {embedding_rows} to {len(tokenizer)} rows for the tokenizer")
     if not resume_dir:
         with gathered([model.score.weight]):
             torch.nn.init.normal_(model.score.weight, std=1 / math.sqrt(config.hidden_size + 1))
@@ -924,11 +972,25 @@ if __name__ == "__main__":
                 total += torch.stack([(rewards * w).sum(), w.sum()])
             total = accelerator.reduce(total, "sum")
             mean_before = (total[0] / total[1]).item()
-            norm = final_norm(unwrapped)
-            with gathered([unwrapped.score.weight] + (list(norm.parameters()) if norm is not None else [])):
-                shift_scores(unwrapped, -mean_before)
+            # Where a final norm with a bias feeds the head, the shift goes into that bias, so a stock from_pretrained
+            # gives normalised scores; checked on a few references, since a layer between the norm and the head (OPT's
+            # project_out) would break it. Otherwise (RMSNorm models) it is stored as config.reward_shift, which the
+            # PPO scripts add to every score.
+            probe = [t.to(accelerator.device) for t in pad_batch(sequences[:4], pad)]
+            before, norm = get_reward(unwrapped, *probe), final_norm(unwrapped)
+            if norm is not None:
+                with gathered([unwrapped.score.weight] + list(norm.parameters())):
+                    shift_scores(unwrapped, -mean_before)
+                moved = get_reward(unwrapped, *probe) - before
+                if not torch.allclose(moved, torch.full_like(moved, -mean_before), atol=1e-2 * max(1.0, abs(mean_before))):
+                    with gathered([unwrapped.score.weight] + list(norm.parameters())):
+                        shift_scores(unwrapped, mean_before)  # undone
+                    norm = None
+            if norm is None:
+                unwrapped.config.reward_shift = -mean_before
+            where = "the final norm's bias" if norm is not None else "config.reward_shift (applied by the PPO scripts)"
         accelerator.print(f"reward normalisation: reference completions scored {mean_before:.4f} on average; "
-                          "shifted to 0")
+                          f"shifted to 0 in {where}")
         metrics_log.append({"normalization/reference_mean_before": mean_before, "step": step})
 
     # Save atomically (publish_output: the previous output or this one, never a mix); the config keeps num_labels=1 and the pad id, so the HF forward reads the same token.

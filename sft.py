@@ -65,7 +65,7 @@ class Args:
     model_name_or_path: str = "embedded/base_model"
     """the base model: a hub id or a local folder"""
     tokenizer_name_or_path: Optional[str] = None
-    """the tokenizer (default: model_name_or_path); it needs a pad token distinct from EOS"""
+    """the tokenizer (default: model_name_or_path); without a pad token distinct from EOS, a dedicated [PAD] is added"""
     dataset_name: str = "embedded/sft_data"
     """hub id, a save_to_disk folder, or a json/jsonl/parquet/csv/tsv file: `prompt`/`completion` strings, or TRL's
     conversational `prompt`/`completion` or `messages` (lists of {role, content}; need a chat template)"""
@@ -309,6 +309,29 @@ def step_groups(batches, size: int):
             group = []
     if group:
         yield group
+
+
+def add_pad_token(tokenizer) -> Optional[str]:
+    """A tokenizer without a pad token (Pythia, Llama, Mistral) or whose pad is EOS (GPT-2 setups, Qwen2 base) gets a
+    dedicated `[PAD]` special token, as TRL's example did: padding with EOS would make every real EOS look like padding
+    in the masks. Returns the line to log when one was added, else None."""
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return None
+    before = tokenizer.pad_token
+    tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    return (f"the tokenizer's pad token was {before!r} (EOS {tokenizer.eos_token!r}): added a dedicated pad token "
+            f"{tokenizer.pad_token!r} (id {tokenizer.pad_token_id}), saved with the output")
+
+
+def context_length(config) -> Optional[int]:
+    """The longest sequence the model covers: its position table (absolute positions index past it) or its rotary
+    training length (beyond it rotary models extrapolate); None when the config states neither."""
+    config = config.get_text_config()
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def rng_state() -> dict:
@@ -630,10 +653,20 @@ if __name__ == "__main__":
         train_data, eval_data, split_note = hold_out(train_data, args.dataset_name, args.dataset_train_split,
                                                      args.dataset_test_split)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=args.trust_remote_code)
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        fail("tokenizer_name_or_path", f"{tokenizer_path!r} has pad token {tokenizer.pad_token!r} (EOS is "
-                                       f"{tokenizer.eos_token!r}); add a distinct one, e.g. "
-                                       "tokenizer.add_special_tokens({'pad_token': '[PAD]'}), and save it")
+    added_pad = add_pad_token(tokenizer)  # logged below, once
+    # A new [PAD] past the embedding rows (Llama-3, Mistral: no spare rows) resizes them: the saved model and tokenizer
+    # then agree, and the PPO scripts take both as they are. A LoRA adapter would not save the new row.
+    model_config = AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+    embedding_rows = model_config.get_text_config().vocab_size
+    if len(tokenizer) > embedding_rows and args.use_peft:
+        fail("use_peft", f"the tokenizer has {len(tokenizer)} tokens (pad {tokenizer.pad_token!r} is id "
+                         f"{tokenizer.pad_token_id}) but {args.model_name_or_path!r} has {embedding_rows} embedding rows, "
+                         "and a LoRA adapter does not save new rows; train without --use-peft once, or give the "
+                         "tokenizer a pad token inside its vocabulary (tokenizer.pad_token = <an unused token>)")
+    context = context_length(model_config)
+    if context is not None and args.max_length > context:
+        fail("max_length", f"{args.max_length} is longer than the model's context of {context} tokens "
+                           "(max_position_embeddings); lower it")
     if kind != "text" and not tokenizer.chat_template:
         fail("tokenizer_name_or_path", f"{tokenizer_path!r} has no chat template, which conversational data needs; "
                                        "use an instruct model's tokenizer, set tokenizer.chat_template and save it, "
@@ -676,6 +709,8 @@ if __name__ == "__main__":
                                            f"{resume_state['zero_stage']}, this launch has "
                                            f"{zero_stage if is_deepspeed else None} (None: no DeepSpeed); resume it the same way")
 
+    if added_pad:
+        accelerator.print(added_pad)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -719,10 +754,16 @@ if __name__ == "__main__":
     for key in ("hidden_dropout", "attention_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
         if hasattr(config, key):
             setattr(config, key, 0.0)
+    resize = len(tokenizer) > embedding_rows  # for the new [PAD]: rows for every token id, the new ones mean-initialised
+    if resize and resume_dir:
+        config.get_text_config().vocab_size = len(tokenizer)  # the checkpoint holds the resized embeddings
     # A resumed run takes the trained weights (with LoRA: the trained adapter) from the checkpoint.
     trained_path = os.path.join(resume_dir, "model") if resume_dir else None
     model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path if args.use_peft or not resume_dir else trained_path,
                                                  config=config, trust_remote_code=args.trust_remote_code)
+    if resize and not resume_dir:
+        model.resize_token_embeddings(len(tokenizer))
+        accelerator.print(f"resized the embeddings from {embedding_rows} to {len(tokenizer)} rows for the tokenizer")
     if args.use_peft:
         from peft import LoraConfig, PeftModel, get_peft_model
 

@@ -274,6 +274,40 @@ def copy_model_with_pad(tmp_path, pad):
     return path
 
 
+def reward_model_with_rows(tmp_path, rows):
+    """A copy of embedded/reward_model whose config says `rows` embedding rows (validation reads configs only)."""
+    path = str(tmp_path / f"reward_model_{rows}_rows")
+    shutil.copytree(os.path.join(EMBEDDED, "reward_model"), path)
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    config["vocab_size"] = rows
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    return path
+
+
+def reward_model_with_other_tokenizer(tmp_path):
+    """A copy of embedded/reward_model saved with another tokenizer of the same size, the same EOS and pad ids: a
+    word-level vocabulary, so that every other id means another word."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path = str(tmp_path / "reward_model_other_tokenizer")
+    shutil.copytree(os.path.join(EMBEDDED, "reward_model"), path)
+    ours = AutoTokenizer.from_pretrained(path)
+    vocab = {ours.eos_token: ours.eos_token_id, ours.pad_token: ours.pad_token_id}
+    vocab.update({f"word{i}": i for i in range(len(ours)) if i not in vocab.values()})
+    other = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token=ours.eos_token)),
+                                    eos_token=ours.eos_token, pad_token=ours.pad_token)
+    for name in os.listdir(path):
+        if name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            os.remove(os.path.join(path, name))
+    other.save_pretrained(path)
+    assert len(AutoTokenizer.from_pretrained(path)) == len(ours)  # the same size: only the ids' meaning differs
+    return path
+
+
 def reward_model_with_two_labels(tmp_path):
     path = str(tmp_path / "reward_model_2_labels")
     shutil.copytree(os.path.join(EMBEDDED, "reward_model"), path)
@@ -326,8 +360,13 @@ BAD_INPUTS = {
         "--dataset-name"),
     "empty dataset": (lambda t: ["--dataset-name", empty_dataset(t)], "--dataset-name"),
     "empty jsonl file": (lambda t: ["--dataset-name", write_jsonl(t / "empty.jsonl", [])], "--dataset-name"),
-    "tokenizer without pad": (lambda t: ["--model-name-or-path", copy_model_with_pad(t, None)], "--model-name-or-path"),
-    "tokenizer pad is eos": (lambda t: ["--model-name-or-path", copy_model_with_pad(t, "eos")], "--model-name-or-path"),
+    "reward model with fewer embedding rows": (lambda t: ["--reward-model-path", reward_model_with_rows(t, 500)],
+                                               "--reward-model-path"),
+    "reward model saved with another tokenizer": (lambda t: ["--reward-model-path", reward_model_with_other_tokenizer(t)],
+                                                  "--reward-model-path"),
+    "value model with fewer embedding rows": (lambda t: ["--value-model-path", reward_model_with_rows(t, 500)],
+                                              "--value-model-path"),
+    "response longer than the context": (lambda t: ["--response-length", "256"], "--response-length"),
     "reward model with 2 labels": (lambda t: ["--reward-model-path", reward_model_with_two_labels(t)],
                                    "--reward-model-path"),
     "missing sft model": (lambda t: ["--sft-model-path", str(t / "no_such_sft_model")], "--sft-model-path"),
@@ -435,6 +474,15 @@ def test_bad_input_exits_nonzero_naming_the_argument_and_writes_nothing(case, tm
     if case != "unknown kl estimator":  # tyro's own message is a box, ours one line
         assert f"error: {argument}:" in stderr, stderr
     check_nothing_written(case, out)
+
+
+@pytest.mark.parametrize("pad", [None, "eos"])
+def test_tokenizer_without_a_distinct_pad_passes_validation(pad, tmp_path, monkeypatch, capsys):
+    """No pad token, or pad == EOS: a dedicated [PAD] is added (here the embedded vocabulary has one, so its id fits;
+    the real Pythia tokenizer is run end to end in tests/test_architectures.py)."""
+    argv = [*TINY, "--model-name-or-path", copy_model_with_pad(tmp_path, pad), "--output-dir", str(tmp_path / "out")]
+    status, stderr = run_in_process(argv, tmp_path, monkeypatch, capsys)
+    assert status is None, stderr
 
 
 def test_good_input_passes_validation(tmp_path, monkeypatch, capsys):

@@ -11,27 +11,11 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 export WANDB_TAGS="$(git rev-parse --short HEAD),benchmark"
 
-# Two artefacts TRL's example creates in code and ppo_rlhf.py expects on disk (it refuses to guess either):
-# - the tokenizer: Pythia's has no pad token; add a dedicated [PAD] (id 50277, inside Pythia's 50304-row
-#   embedding, so nothing is resized). Padding with EOS instead would corrupt every mask.
-# - the reward model: EleutherAI/pythia-1b-deduped's config says nothing about labels (transformers then assumes 2);
-#   save it once as a one-label sequence classifier, the freshly initialised head TRL's example gets with num_labels=1.
-TOKENIZER=${TOKENIZER:-models/tokenizers/pythia-1b-deduped-pad}
-REWARD_MODEL=${REWARD_MODEL:-models/minimal/pythia-1b-deduped-score}
-python - "$TOKENIZER" "$REWARD_MODEL" <<'PY'
-import os
-import sys
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
-tokenizer_dir, reward_dir = sys.argv[1:]
-if not os.path.exists(os.path.join(tokenizer_dir, "tokenizer_config.json")):
-    tokenizer = AutoTokenizer.from_pretrained("EleutherAI/pythia-1b-deduped")
-    if tokenizer.pad_token is None:
-        tokenizer.add_special_tokens({"pad_token": "[PAD]"})
-    tokenizer.save_pretrained(tokenizer_dir)
-if not os.path.exists(os.path.join(reward_dir, "config.json")):
-    AutoModelForSequenceClassification.from_pretrained("EleutherAI/pythia-1b-deduped", num_labels=1).save_pretrained(reward_dir)
-PY
-
+# Nothing to prepare: Pythia's tokenizer has no pad token, and ppo_rlhf.py adds a dedicated [PAD] (id 50277, inside
+# Pythia's 50304-row embedding, so nothing is resized), as TRL's example did; the plain causal LM given as reward model
+# gets a fresh one-output score head, as TRL's example's num_labels=1 did.
+# Precision: --bf16, as TRL's PPOConfig defaults to; not --gradient_checkpointing, a no-op in TRL's PPOTrainer (so it
+# did not shape the published runs), and unneeded for Pythia-1B on 80 GB.
 accelerate launch --config_file benchmark/accelerate_configs/multi_gpu.yaml \
     ppo_rlhf.py \
     --dataset_name trl-internal-testing/descriptiveness-sentiment-trl-style \
@@ -43,8 +27,9 @@ accelerate launch --config_file benchmark/accelerate_configs/multi_gpu.yaml \
     --per_device_train_batch_size 64 \
     --gradient_accumulation_steps 1 \
     --total_episodes 10000 \
-    --model_name_or_path "$TOKENIZER" \
+    --model_name_or_path EleutherAI/pythia-1b-deduped \
     --sft_model_path EleutherAI/pythia-1b-deduped \
-    --reward_model_path "$REWARD_MODEL" \
+    --reward_model_path EleutherAI/pythia-1b-deduped \
     --missing_eos_penalty 1.0 \
+    --bf16 \
     --track

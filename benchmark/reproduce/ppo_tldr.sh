@@ -14,21 +14,11 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 export WANDB_TAGS="$(git rev-parse --short HEAD),benchmark"
 
-# Pythia's tokenizer has no pad token, and the scripts refuse to pad with EOS (pad == EOS corrupts every mask).
-# Save it once with a dedicated [PAD] (id 50277, inside Pythia's 50304-row embedding, so nothing is resized),
-# which is what TRL's example scripts do in code.
-TOKENIZER=${TOKENIZER:-models/tokenizers/pythia-1b-deduped-pad}
-if [ ! -f "$TOKENIZER/tokenizer_config.json" ]; then
-    python - "$TOKENIZER" <<'PY'
-import sys
-from transformers import AutoTokenizer
-tokenizer = AutoTokenizer.from_pretrained("EleutherAI/pythia-1b-deduped")
-if tokenizer.pad_token is None:
-    tokenizer.add_special_tokens({"pad_token": "[PAD]"})
-tokenizer.save_pretrained(sys.argv[1])
-PY
-fi
-
+# Pythia's tokenizer has no pad token: ppo_rlhf_tldr.py adds a dedicated [PAD] (id 50277, inside Pythia's 50304-row
+# embedding, so nothing is resized), as TRL's example did, and saves it with the policy.
+# Precision: --bf16, as TRL's published runs (its PPOConfig defaults to bf16, and TRL's deepspeed_zero2.yaml set
+# mixed_precision bf16). Not --gradient_checkpointing: TRL's flag was a no-op in its PPOTrainer, so the published runs
+# did not recompute activations; it would change memory and time only, not the numbers, and Pythia-1B fits in 80 GB.
 for SEED in 1 2 3 4; do
     accelerate launch --config_file benchmark/accelerate_configs/deepspeed_zero2.yaml \
         ppo_rlhf_tldr.py \
@@ -39,7 +29,7 @@ for SEED in 1 2 3 4; do
         --per_device_train_batch_size 16 \
         --gradient_accumulation_steps 4 \
         --total_episodes 1000000 \
-        --model_name_or_path "$TOKENIZER" \
+        --model_name_or_path EleutherAI/pythia-1b-deduped \
         --sft_model_path cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr \
         --reward_model_path cleanrl/EleutherAI_pythia-1b-deduped__reward__tldr \
         --local_rollout_forward_batch_size 16 \
@@ -47,6 +37,7 @@ for SEED in 1 2 3 4; do
         --stop_token eos \
         --eval_strategy steps \
         --eval_steps 100 \
+        --bf16 \
         --seed $SEED \
         --track
 done

@@ -11,25 +11,11 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 export WANDB_TAGS="$(git rev-parse --short HEAD),benchmark"
 
-# Pythia's tokenizer has no pad token, and the scripts refuse to pad with EOS (pad == EOS corrupts every mask).
-# Save it once with a dedicated [PAD] (id 50277, inside Pythia's 50304-row embedding, so nothing is resized),
-# which is what TRL's example scripts do in code.
-TOKENIZER=${TOKENIZER:-models/tokenizers/pythia-1b-deduped-pad}
-if [ ! -f "$TOKENIZER/tokenizer_config.json" ]; then
-    python - "$TOKENIZER" <<'PY'
-import sys
-from transformers import AutoTokenizer
-tokenizer = AutoTokenizer.from_pretrained("EleutherAI/pythia-1b-deduped")
-if tokenizer.pad_token is None:
-    tokenizer.add_special_tokens({"pad_token": "[PAD]"})
-tokenizer.save_pretrained(sys.argv[1])
-PY
-fi
-
+# Pythia's tokenizer has no pad token: sft.py adds a dedicated [PAD] (id 50277, inside Pythia's 50304-row embedding,
+# so nothing is resized), as TRL's example did, and saves it with the model for rm_tldr.sh and ppo_tldr.sh.
 accelerate launch --config_file benchmark/accelerate_configs/multi_gpu.yaml \
     sft.py \
     --model_name_or_path EleutherAI/pythia-1b-deduped \
-    --tokenizer_name_or_path "$TOKENIZER" \
     --dataset_name trl-lib/tldr \
     --dataset_train_split train \
     --dataset_test_split validation \
