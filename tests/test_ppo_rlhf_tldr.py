@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -287,9 +288,14 @@ def test_prompt_whose_last_token_is_eos_is_rejected_by_the_token_check(tmp_path)
     passes the format check but ends with the EOS token."""
     tok = tokenizer()
     tok.eos_token = ":"
-    tok.save_pretrained(tmp_path / "colon_eos_tokenizer")
+    models = {}
+    for name in ("sft_model", "reward_model"):  # the models must carry the same tokenizer (the vocabulary check)
+        shutil.copytree(os.path.join(ROOT, "embedded", name), tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+        models[name] = str(tmp_path / name)
     proc, out = run_tldr(tmp_path, save_tldr(tmp_path / "data", good_splits()),
-                         "--model-name-or-path", str(tmp_path / "colon_eos_tokenizer"))
+                         "--model-name-or-path", models["sft_model"], "--sft-model-path", models["sft_model"],
+                         "--reward-model-path", models["reward_model"])
     assert_clean_error(proc, "--dataset-name", "end with the EOS token", "'train'")
     assert not out.exists() or not files_under(out)
 
