@@ -44,18 +44,31 @@ def refuse_accelerator(*args, **kwargs):
 
 def run_in_process(script, argv, tmp_path, monkeypatch):
     """Run the script's __main__ here, sharing this process's imports (a subprocess costs ~5 s of imports per
-    case); the Accelerator, built right after validation, is replaced by a tripwire."""
+    case); the Accelerator, built right after validation, is replaced by a tripwire. What the script registers to
+    run at exit (releasing its output-folder lock) runs when it stops, and its signal handlers are undone, as if its
+    process had ended."""
+    import atexit
     import runpy
+    import signal
 
     import accelerate
     import datasets
 
+    at_exit = []
     monkeypatch.setattr(accelerate, "Accelerator", refuse_accelerator)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
     monkeypatch.setattr(sys, "argv", [script, *argv])
+    monkeypatch.setattr(atexit, "register", lambda fn, *a, **kw: at_exit.append((fn, a, kw)))
     monkeypatch.chdir(ROOT)
-    with pytest.raises((SystemExit, ReachedTraining)) as info:
-        runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises((SystemExit, ReachedTraining)) as info:
+            runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+    finally:
+        for fn, a, kw in reversed(at_exit):
+            fn(*a, **kw)
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
     return info.value
 
 
