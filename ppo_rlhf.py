@@ -592,7 +592,13 @@ def policy_logprobs(policy: nn.Module, query_responses: torch.Tensor, attention_
     hidden = grouped_response_hidden(backbone, query_responses, attention_mask, context_length, needed, overhead,
                                      multiple)
     tokens = query_responses[:, context_length: context_length + hidden.shape[1]]
-    return response_logprobs(head, hidden, tokens, temperature, chunked, *logit_transform(policy.config))
+    return response_logprobs(head, hidden, tokens, temperature, chunked, *logit_transform(model_config(policy)))
+
+
+def model_config(model: nn.Module):
+    """The transformers config of a model, also inside a DeepSpeed inference engine (whose own `.config` is
+    DeepSpeed's)."""
+    return getattr(model, "module", model).config
 
 
 def backbone_and_head(causal_lm: nn.Module) -> tuple:
@@ -661,7 +667,7 @@ def generate(policy: nn.Module, queries: torch.Tensor, query_mask: torch.Tensor,
     position only, and stop as soon as every row has produced the stop token. With sync_processes (sharded ZeRO-3
     weights: each forward is collective), stop only when every row of every process has."""
     backbone, head = backbone_and_head(policy)
-    scale, softcap = logit_transform(policy.config)
+    scale, softcap = logit_transform(model_config(policy))
     attention_mask = query_mask.long()
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
     out = backbone(input_ids=queries, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
