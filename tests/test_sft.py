@@ -163,7 +163,7 @@ def test_help_lists_every_argument_with_its_docstring():
     for field in dataclasses.fields(sft.Args):
         assert f"--{field.name.replace('_', '-')} " in text or f"--{field.name.replace('_', '-')}," in text, field.name
     for doc in ("the base model: a hub id or a local folder", "peak learning rate", "passes over the training split",
-                "it needs a pad token distinct from EOS"):
+                "a dedicated [PAD] is added"):
         assert doc in text
 
 
