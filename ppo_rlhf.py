@@ -104,8 +104,16 @@ class Args:
     """schedule over the PPO updates, stepped once per update"""
     warmup_ratio: float = 0.0
     """fraction of the updates spent warming the learning rate up"""
-    max_grad_norm: float = 1.0
-    """gradient clipping norm of each optimizer step"""
+    max_grad_norm: Optional[float] = 1.0
+    """gradient clipping norm of each optimizer step; None: no clipping (the norm is still logged)"""
+    adam_epsilon: float = 1e-5
+    """AdamW's epsilon"""
+    adam_beta1: float = 0.9
+    """AdamW's beta1"""
+    adam_beta2: float = 0.999
+    """AdamW's beta2"""
+    weight_decay: float = 0.0
+    """AdamW's decoupled weight decay"""
     bf16: bool = False
     """bf16 autocast for every forward (about 2x matmul speed on GPUs and, at widths of 128 and more, on CPUs with
     avx512_bf16; on a CPU oneDNN keeps kernels per batch shape, so memory grows with the shapes seen)"""
@@ -642,6 +650,14 @@ if __name__ == "__main__":
     for name in ("temperature", "learning_rate", "eval_temperature"):
         if not getattr(args, name) > 0:
             fail(name, f"must be positive, got {getattr(args, name)}")
+    for name in ("adam_epsilon", "max_grad_norm"):
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
+            fail(name, f"must be positive, got {getattr(args, name)}" + (" (None: no clipping)" if name == "max_grad_norm" else ""))
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(args, name) < 1:
+            fail(name, f"must be in [0, 1), got {getattr(args, name)}")
+    if not args.weight_decay >= 0:
+        fail("weight_decay", f"must be >= 0, got {args.weight_decay}")
     if local_batch_size % args.num_mini_batches != 0:
         fail("num_mini_batches", f"the per-process batch of {local_batch_size} rollouts (per_device_train_batch_size "
                                  f"{args.per_device_train_batch_size} x gradient_accumulation_steps "
@@ -836,8 +852,9 @@ if __name__ == "__main__":
                       f"{num_params(value_model)}, reward model {num_params(reward_model)}, reference {reference}")
     # fused: one kernel for all parameters (on CPU torch's default loops over them, ~5% of a TL;DR-shape update);
     # DeepSpeed keeps its own optimizer path.
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, eps=1e-5,
-                                  weight_decay=0.0, fused=not is_deepspeed)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, eps=args.adam_epsilon,
+                                  betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.weight_decay,
+                                  fused=not is_deepspeed)
     # Stepped by hand once per PPO update (accelerate's wrapper would step it once per process, DeepSpeed once per
     # optimizer step), so it is not prepared.
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=int(args.warmup_ratio * num_total_batches),
@@ -848,7 +865,7 @@ if __name__ == "__main__":
         # clipping at --max-grad-norm, and (ZeRO-3) full weights gathered for saving loadable models.
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
         ds_config.update(train_micro_batch_size_per_gpu=args.per_device_train_batch_size,
-                         gradient_accumulation_steps=micro_per_mini, gradient_clipping=args.max_grad_norm,
+                         gradient_accumulation_steps=micro_per_mini, gradient_clipping=args.max_grad_norm or 0.0,
                          train_batch_size=args.per_device_train_batch_size * micro_per_mini * world_size)
         zero_stage = ds_config["zero_optimization"]["stage"]
         if zero_stage == 3:
@@ -1223,7 +1240,8 @@ if __name__ == "__main__":
                 if not torch.isfinite(loss):
                     sys.exit(f"error: non-finite loss at update {update}, PPO epoch {ppo_epoch}; the run stops here "
                              "(lower --learning-rate)")
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)  # DeepSpeed: its norm
+                grad_norm = accelerator.clip_grad_norm_(  # DeepSpeed: its norm; an infinite max only measures
+                    model.parameters(), math.inf if args.max_grad_norm is None else args.max_grad_norm)
                 if not math.isfinite(float(grad_norm)):
                     sys.exit(f"error: non-finite gradient norm at update {update}, PPO epoch {ppo_epoch}; the run "
                              "stops here, so the last checkpoint is intact (lower --learning-rate)")
