@@ -220,6 +220,90 @@ def fail(argument: str, message: str) -> None:
     sys.exit(f"error: --{argument.replace('_', '-')}: {message}")
 
 
+def bool_flags_as_switches(argv: list, args_cls) -> list:
+    """TRL's command-line habit (HfArgumentParser): `--bf16 True`, `--gradient_checkpointing False`, `--bf16=true`
+    become tyro's `--bf16` / `--no-gradient-checkpointing` for the boolean fields of args_cls; other tokens pass as is."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(args_cls)
+    switches = {f.name for f in dataclasses.fields(args_cls) if hints[f.name] is bool}
+    words = {"true": True, "yes": True, "t": True, "y": True, "1": True,
+             "false": False, "no": False, "f": False, "n": False, "0": False}
+    out, i = [], 0
+    while i < len(argv):
+        flag, eq, value = argv[i].partition("=")
+        name = flag[2:].replace("-", "_") if flag.startswith("--") else None
+        if name in switches and not eq and i + 1 < len(argv) and argv[i + 1].lower() in words:
+            eq, value, i = "=", argv[i + 1], i + 1  # a boolean switch takes no value, so this word is its value
+        if name in switches and eq and value.lower() in words:
+            out.append(("--" if words[value.lower()] else "--no-") + name.replace("_", "-"))
+        else:
+            out.append(argv[i])
+        i += 1
+    return out
+
+
+def progress_bar(total: int, unit: str, main_process: bool, initial: int = 0):
+    """A bar with the rate and the time left, on the main process when stderr is a terminal; None otherwise, so piped
+    logs keep their one line per update instead of carriage-return redraws."""
+    if not (main_process and sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+
+    # The width once, at the start (COLUMNS, else the terminal's, else 80): a terminal reporting 0 columns would
+    # otherwise get an empty bar.
+    return tqdm(total=total, initial=initial, unit=unit, file=sys.stderr, ncols=max(shutil.get_terminal_size().columns, 60))
+
+
+def model_card(title: str, base_model: str, datasets: list, tags: list, body: str) -> str:
+    """README.md of a saved model: the Hub's YAML metadata (what it indexes and filters by), then the text. Only
+    hub ids go into the metadata (the Hub cannot resolve a local folder); the body names local ones."""
+    import yaml
+
+    def hub_id(name):
+        return name if name and not os.path.exists(name) and name.count("/") <= 1 and not name.startswith((".", "~")) else None
+
+    meta = {"library_name": "transformers", "tags": tags}
+    if hub_id(base_model):
+        meta["base_model"] = base_model
+    if [d for d in datasets if hub_id(d)]:
+        meta["datasets"] = [d for d in datasets if hub_id(d)]
+    return f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n\n# {title}\n\n{body}"
+
+
+def check_push_to_hub(repo_id: str) -> None:
+    """--push-to-hub fails here, before any model loads, rather than after the training: offline mode, the repo id,
+    the token and whether the Hub accepts it."""
+    from huggingface_hub import HfApi, get_token
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE"):
+        fail("push_to_hub", "HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it or drop --push-to-hub")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        fail("hub_model_id", f"{repo_id!r} is not a valid Hub repository id ({e}); pass --hub-model-id name or org/name")
+    if get_token() is None:
+        fail("push_to_hub", "no Hugging Face token; run `hf auth login` or set HF_TOKEN, or drop --push-to-hub")
+    try:
+        HfApi().whoami()
+    except Exception as e:  # unreachable Hub or a rejected token: both are found out now, not after training
+        fail("push_to_hub", f"the Hub did not answer or refused the token ({type(e).__name__}: {e}); fix that or "
+                            "drop --push-to-hub")
+
+
+def push_folder_to_hub(folder: str, repo_id: str) -> str:
+    """Upload the saved output folder as written (models, subfolders, card, metrics.jsonl, args.json), without the
+    resumable checkpoints; returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, exist_ok=True)
+    return api.upload_folder(folder_path=folder, repo_id=repo_id, ignore_patterns=["checkpoints/**", ".*"],
+                             commit_message=f"upload {os.path.basename(os.path.abspath(folder))}")
+
+
 def load_any_dataset(name: str, split: str):
     """A hub id, a `save_to_disk` folder (DatasetDict or Dataset), or a json/jsonl/parquet file."""
     from datasets import Dataset, load_dataset, load_from_disk
@@ -621,7 +705,7 @@ def disable_dropout(model: nn.Module) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
+    args = tyro.cli(Args, args=bool_flags_as_switches(sys.argv[1:], Args))
 
     # Batch arithmetic, derived once (the N+ recipe). WORLD_SIZE is set by every launcher before the script runs.
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -653,6 +737,8 @@ if __name__ == "__main__":
     if args.stop_token is not None and args.stop_token_id is not None:
         fail("stop_token_id", f"both --stop-token {args.stop_token} and --stop-token-id {args.stop_token_id} are set; "
                               "pass --stop-token None to stop on the id, or drop --stop-token-id")
+    if args.push_to_hub:
+        check_push_to_hub(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)))
     if args.missing_eos_penalty is not None and args.missing_eos_penalty < 0:
         fail("missing_eos_penalty", f"is {args.missing_eos_penalty}; it is subtracted from the score, so it must be >= 0")
     for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "num_mini_batches", "num_ppo_epochs",
@@ -1167,6 +1253,8 @@ if __name__ == "__main__":
     if final_ids and args.eval_initial_policy and resume_state is None:
         log({**save_generations("initial"), "episode": 0, "update": 0})
     start_time, start_episode = time.time(), global_episode
+    bar = progress_bar(num_total_batches * batch_size, "episode", accelerator.is_main_process, initial=global_episode)
+    say = bar.write if bar is not None else accelerator.print  # printed lines stay above the bar
     for update in range(first_update, num_total_batches + 1):
         prompts = prompts_for_update(update)
         global_episode += batch_size
@@ -1337,20 +1425,24 @@ if __name__ == "__main__":
                    "update": update, "optimizer_steps": optimizer_steps, "objective/response_length": objective[5].item(),
                    **{f"time/{k}": v for k, v in timer.items()}, "time/update": time.time() - update_start}
             log(row)
-            accelerator.print(f"update {update}/{num_total_batches} episode {global_episode} "
+            say(f"update {update}/{num_total_batches} episode {global_episode} "
                               f"scores {row['objective/scores']:.3f} kl {row['objective/kl']:.3f} "
                               f"ratio {row['val/ratio']:.4f} eps {row['eps']}")
         scheduler.step()
+        if bar is not None:
+            bar.update(batch_size)
 
         if args.eval_strategy == "steps" and (update % args.eval_steps == 0 or update == num_total_batches):
             metrics, _ = evaluate(eval_ids)
             log({**metrics, "episode": global_episode, "update": update})
-            accelerator.print(f"eval after update {update}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+            say(f"eval after update {update}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
         if sample_every and (update % sample_every == 0 or update == num_total_batches):
             _, rows = evaluate(eval_ids[: 8 * accelerator.num_processes])
             print_samples(rows, update)
         if args.save_steps and update % args.save_steps == 0:
             save_checkpoint(update)
+    if bar is not None:
+        bar.close()
 
     if final_ids:
         final_metrics = save_generations("final")
@@ -1374,12 +1466,13 @@ if __name__ == "__main__":
             last = [json.loads(line) for line in f]
         final = {k: v for row in last for k, v in row.items()}
         with open(os.path.join(tmp, "policy", "README.md"), "w") as f:
-            f.write(f"# {os.path.basename(os.path.abspath(args.output_dir))}\n\nA PPO-RLHF policy trained with "
+            f.write(model_card(os.path.basename(os.path.abspath(args.output_dir)), args.sft_model_path,
+                               [args.dataset_name], ["ppo", "rlhf", "summarization"], f"A PPO-RLHF policy trained with "
                     f"`ppo_rlhf_tldr.py` from `{args.sft_model_path}` against `{args.reward_model_path}`.\n\n"
                     f"## Command\n\n```\npython {' '.join(sys.argv)}\n```\n\n## Arguments\n\n```json\n"
                     f"{json.dumps(asdict(args), indent=2)}\n```\n\n## Final metrics\n\n| metric | value |\n|---|---|\n"
                     + "".join(f"| {k} | {v:.4g} |\n" for k, v in final.items() if isinstance(v, (int, float)))
-                    + "\nThe value model is in `value_model/`; every logged row is in `metrics.jsonl`.\n")
+                    + "\nThe value model is in `value_model/`; every logged row is in `metrics.jsonl`.\n"))
         shutil.rmtree(os.path.join(args.output_dir, "value_model"), ignore_errors=True)
         os.replace(os.path.join(tmp, "value_model"), os.path.join(args.output_dir, "value_model"))
         for name in os.listdir(os.path.join(tmp, "policy")):
@@ -1391,9 +1484,8 @@ if __name__ == "__main__":
             json.dump(asdict(args), f, indent=2)
         accelerator.print(f"saved policy and value model to {args.output_dir} ({time.time() - start_time:.0f}s)")
         if args.push_to_hub:
-            repo = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
-            unwrapped.policy.push_to_hub(repo)
-            tokenizer.push_to_hub(repo)
+            url = push_folder_to_hub(args.output_dir, args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)))
+            accelerator.print(f"uploaded {args.output_dir} to {url}")
     accelerator.wait_for_everyone()
     del model, optimizer, ref_policy, reward_model  # before the process group goes: avoids gloo's abort at exit
     accelerator.end_training()
