@@ -239,9 +239,11 @@ def progress_bar(total: int, unit: str, main_process: bool, initial: int = 0):
         return None
     from tqdm import tqdm
 
-    # The width once, at the start (COLUMNS, else the terminal's, else 80): a terminal reporting 0 columns would
-    # otherwise get an empty bar.
-    return tqdm(total=total, initial=initial, unit=unit, file=sys.stderr, ncols=max(shutil.get_terminal_size().columns, 60))
+    # The size once, at the start (COLUMNS/LINES, else the terminal's, else 80x24): tqdm draws nothing on a terminal
+    # that reports 0 rows or columns (a fresh pseudo-terminal, some CI runners).
+    size = shutil.get_terminal_size()
+    return tqdm(total=total, initial=initial, unit=unit, file=sys.stderr, ncols=max(size.columns, 60),
+                nrows=max(size.lines, 2))
 
 
 def model_card(title: str, base_model: str, datasets: list, tags: list, body: str) -> str:
