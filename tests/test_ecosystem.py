@@ -51,7 +51,8 @@ def tiny_args(script: str, data: dict, out: str) -> list:
         return ["--dataset-name", data["pref"], "--model-name-or-path", os.path.join(EMBEDDED, "sft_model"),
                 "--normalize-dataset-name", data["sft"], "--normalize-num-examples", "8",
                 "--per-device-train-batch-size", "16", "--logging-steps", "1", "--output-dir", out]
-    return [*PPO_TINY, "--output-dir", out]
+    extra = ["--dataset-final-eval-split", "None"] if script == "ppo_rlhf_tldr.py" else []  # its final test-split eval
+    return [*PPO_TINY, *extra, "--output-dir", out]
 
 
 # ---------------------------------------------------------------------------------------------------------------
