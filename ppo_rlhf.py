@@ -210,7 +210,8 @@ def fail(argument: str, message: str) -> None:
 
 def bool_flags_as_switches(argv: list, args_cls) -> list:
     """TRL's command-line habit (HfArgumentParser): `--bf16 True`, `--gradient_checkpointing False`, `--bf16=true`
-    become tyro's `--bf16` / `--no-gradient-checkpointing` for the boolean fields of args_cls; other tokens pass as is."""
+    become tyro's `--bf16` / `--no-gradient-checkpointing` for the boolean fields of args_cls; other tokens pass as
+    is."""
     import dataclasses
     import typing
 
@@ -252,7 +253,8 @@ def model_card(title: str, base_model: str, datasets: list, tags: list, body: st
     import yaml
 
     def hub_id(name):
-        return name if name and not os.path.exists(name) and name.count("/") <= 1 and not name.startswith((".", "~")) else None
+        local = os.path.exists(name) or name.count("/") > 1 or name.startswith((".", "~"))
+        return None if not name or local else name
 
     meta = {"library_name": "transformers", "tags": tags}
     if hub_id(base_model):
@@ -273,7 +275,8 @@ def check_push_to_hub(repo_id: str) -> None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
-        fail("hub_model_id", f"{repo_id!r} is not a valid Hub repository id ({e}); pass --hub-model-id name or org/name")
+        fail("hub_model_id", f"{repo_id!r} is not a valid Hub repository id ({e}); pass --hub-model-id name or "
+                             "org/name")
     if get_token() is None:
         fail("push_to_hub", "no Hugging Face token; run `hf auth login` or set HF_TOKEN, or drop --push-to-hub")
     try:
@@ -740,7 +743,8 @@ if __name__ == "__main__":
             fail(name, f"must be positive, got {getattr(args, name)}")
     for name in ("adam_epsilon", "max_grad_norm"):
         if getattr(args, name) is not None and not getattr(args, name) > 0:
-            fail(name, f"must be positive, got {getattr(args, name)}" + (" (None: no clipping)" if name == "max_grad_norm" else ""))
+            fail(name, f"must be positive, got {getattr(args, name)}"
+                       + (" (None: no clipping)" if name == "max_grad_norm" else ""))
     for name in ("adam_beta1", "adam_beta2"):
         if not 0 <= getattr(args, name) < 1:
             fail(name, f"must be in [0, 1), got {getattr(args, name)}")
@@ -940,7 +944,8 @@ if __name__ == "__main__":
                       f"{num_params(value_model)}, reward model {num_params(reward_model)}, reference {reference}")
     # fused: one kernel for all parameters (on CPU torch's default loops over them, ~5% of a TL;DR-shape update);
     # DeepSpeed keeps its own optimizer path.
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, eps=args.adam_epsilon,
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
+                                  eps=args.adam_epsilon,
                                   betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.weight_decay,
                                   fused=not is_deepspeed)
     # Stepped by hand once per PPO update (accelerate's wrapper would step it once per process, DeepSpeed once per
@@ -1418,7 +1423,8 @@ if __name__ == "__main__":
             json.dump(asdict(args), f, indent=2)
         accelerator.print(f"saved policy and value model to {args.output_dir} ({time.time() - start_time:.0f}s)")
         if args.push_to_hub:
-            url = push_folder_to_hub(args.output_dir, args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)))
+            url = push_folder_to_hub(args.output_dir,
+                                     args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)))
             accelerator.print(f"uploaded {args.output_dir} to {url}")
     accelerator.wait_for_everyone()
     del model, optimizer, ref_policy, reward_model  # before the process group goes: avoids gloo's abort at exit

@@ -117,7 +117,8 @@ def fail(argument: str, message: str) -> None:
 
 def bool_flags_as_switches(argv: list, args_cls) -> list:
     """TRL's command-line habit (HfArgumentParser): `--bf16 True`, `--gradient_checkpointing False`, `--bf16=true`
-    become tyro's `--bf16` / `--no-gradient-checkpointing` for the boolean fields of args_cls; other tokens pass as is."""
+    become tyro's `--bf16` / `--no-gradient-checkpointing` for the boolean fields of args_cls; other tokens pass as
+    is."""
     import dataclasses
     import typing
 
@@ -159,7 +160,8 @@ def model_card(title: str, base_model: str, datasets: list, tags: list, body: st
     import yaml
 
     def hub_id(name):
-        return name if name and not os.path.exists(name) and name.count("/") <= 1 and not name.startswith((".", "~")) else None
+        local = os.path.exists(name) or name.count("/") > 1 or name.startswith((".", "~"))
+        return None if not name or local else name
 
     meta = {"library_name": "transformers", "tags": tags}
     if hub_id(base_model):
@@ -187,7 +189,8 @@ def check_push_to_hub(repo_id: str) -> None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
-        fail("hub_model_id", f"{repo_id!r} is not a valid Hub repository id ({e}); pass --hub-model-id name or org/name")
+        fail("hub_model_id", f"{repo_id!r} is not a valid Hub repository id ({e}); pass --hub-model-id name or "
+                             "org/name")
     if get_token() is None:
         fail("push_to_hub", "no Hugging Face token; run `hf auth login` or set HF_TOKEN, or drop --push-to-hub")
     try:
@@ -346,7 +349,8 @@ if __name__ == "__main__":
             fail(name, f"must be positive, got {getattr(args, name)}")
     for name in ("adam_epsilon", "max_grad_norm"):
         if getattr(args, name) is not None and not getattr(args, name) > 0:
-            fail(name, f"must be positive, got {getattr(args, name)}" + (" (None: no clipping)" if name == "max_grad_norm" else ""))
+            fail(name, f"must be positive, got {getattr(args, name)}"
+                       + (" (None: no clipping)" if name == "max_grad_norm" else ""))
     for name in ("adam_beta1", "adam_beta2"):
         if not 0 <= getattr(args, name) < 1:
             fail(name, f"must be in [0, 1), got {getattr(args, name)}")
@@ -604,8 +608,9 @@ if __name__ == "__main__":
                            "train/accuracy": accelerator.reduce(accuracy, "mean").item(),
                            "lr": scheduler.get_last_lr()[0], "epoch": epoch, "step": step}
                     metrics_log.append(row)
-                    (bar.write if bar is not None else accelerator.print)(f"step {step}/{num_update_steps} loss {row['train/loss']:.4f} "
-                                      f"accuracy {row['train/accuracy']:.3f}")
+                    (bar.write if bar is not None else accelerator.print)(
+                        f"step {step}/{num_update_steps} loss {row['train/loss']:.4f} "
+                        f"accuracy {row['train/accuracy']:.3f}")
                     if args.track and accelerator.is_main_process:
                         wandb.log(wandb_row(row))
                 if args.save_steps and step % args.save_steps == 0:
@@ -670,7 +675,8 @@ if __name__ == "__main__":
         atomic_save(args.output_dir, write)
         accelerator.print(f"saved to {args.output_dir} after {time.time() - start:.0f}s")
         if args.push_to_hub:
-            url = push_folder_to_hub(args.output_dir, args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)))
+            url = push_folder_to_hub(args.output_dir,
+                                     args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)))
             accelerator.print(f"uploaded {args.output_dir} to {url}")
     accelerator.wait_for_everyone()
     del model, optimizer  # before the process group goes: avoids gloo's abort at exit
