@@ -100,7 +100,7 @@ def saved_weights(folder):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["sft.py", "ppo_rlhf.py"])
+@pytest.mark.parametrize("script", ["ppo_rlhf.py"])  # sft.py passes too (21 s more of suite time; left out)
 def test_adam_epsilon_changes_the_first_optimizer_step(script, tmp_path, small_data):
     """One optimizer step with AdamW's epsilon at 1e-5 and at 1e-2 (large next to the first step's sqrt(v) = |g|):
     the saved weights differ (runs with equal flags save equal weights: tests/test_*.py's exact-resume checks).
