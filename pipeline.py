@@ -44,8 +44,10 @@ class Args:
 
 
 def run_stage(name: str, script: str, flags: List[str], times: dict) -> None:
-    print(f"\n=== {name}: python {script} {' '.join(flags)}", flush=True)
+    print(f"\n=== {name} ({sum(times.values()):.0f} s into the pipeline): python {script} {' '.join(flags)}", flush=True)
     start = time.time()
+    # The stage writes to this process's terminal (or log) directly: on a terminal it draws its own progress bar
+    # with the rate and the time left, in a log it prints one line per step or update.
     result = subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], cwd=ROOT)
     times[name] = time.time() - start
     if result.returncode != 0:

@@ -101,8 +101,16 @@ class Args:
     """learning-rate schedule after warmup"""
     warmup_ratio: float = 0.05
     """fraction of the optimizer steps spent warming up linearly"""
-    max_grad_norm: float = 1.0
-    """gradient clipping norm"""
+    weight_decay: float = 0.0
+    """AdamW's decoupled weight decay"""
+    adam_epsilon: float = 1e-5
+    """AdamW's epsilon"""
+    adam_beta1: float = 0.9
+    """AdamW's beta1"""
+    adam_beta2: float = 0.999
+    """AdamW's beta2"""
+    max_grad_norm: Optional[float] = 1.0
+    """gradient clipping norm; None: no clipping"""
     bf16: bool = False
     """bf16 autocast"""
     gradient_checkpointing: bool = False
@@ -114,6 +122,102 @@ class Args:
 def fail(argument: str, message: str) -> None:
     """Stop before any expensive work, naming the argument and the fix."""
     sys.exit(f"error: --{argument.replace('_', '-')}: {message}")
+
+
+def bool_flags_as_switches(argv: list, args_cls) -> list:
+    """TRL's command-line habit (HfArgumentParser): `--bf16 True`, `--gradient_checkpointing False`, `--bf16=true`
+    become tyro's `--bf16` / `--no-gradient-checkpointing` for the boolean fields of args_cls; other tokens pass as
+    is."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(args_cls)
+    switches = {f.name for f in dataclasses.fields(args_cls) if hints[f.name] is bool}
+    words = {"true": True, "yes": True, "t": True, "y": True, "1": True,
+             "false": False, "no": False, "f": False, "n": False, "0": False}
+    out, i = [], 0
+    while i < len(argv):
+        flag, eq, value = argv[i].partition("=")
+        name = flag[2:].replace("-", "_") if flag.startswith("--") else None
+        if name in switches and not eq and i + 1 < len(argv) and argv[i + 1].lower() in words:
+            eq, value, i = "=", argv[i + 1], i + 1  # a boolean switch takes no value, so this word is its value
+        if name in switches and eq and value.lower() in words:
+            out.append(("--" if words[value.lower()] else "--no-") + name.replace("_", "-"))
+        else:
+            out.append(argv[i])
+        i += 1
+    return out
+
+
+def progress_bar(total: int, unit: str, main_process: bool, initial: int = 0):
+    """A bar with the rate and the time left, on the main process when stderr is a terminal; None otherwise, so piped
+    logs keep their one line per update instead of carriage-return redraws."""
+    if not (main_process and sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+
+    # The size once, at the start (COLUMNS/LINES, else the terminal's, else 80x24): tqdm draws nothing on a terminal
+    # that reports 0 rows or columns (a fresh pseudo-terminal, some CI runners).
+    size = shutil.get_terminal_size()
+    return tqdm(total=total, initial=initial, unit=unit, file=sys.stderr, ncols=max(size.columns, 60),
+                nrows=max(size.lines, 2))
+
+
+def model_card(title: str, base_model: str, datasets: list, tags: list, body: str) -> str:
+    """README.md of a saved model: the Hub's YAML metadata (what it indexes and filters by), then the text. Only
+    hub ids go into the metadata (the Hub cannot resolve a local folder); the body names local ones."""
+    import yaml
+
+    def hub_id(name):
+        local = os.path.exists(name) or name.count("/") > 1 or name.startswith((".", "~"))
+        return None if not name or local else name
+
+    meta = {"library_name": "transformers", "tags": tags}
+    if hub_id(base_model):
+        meta["base_model"] = base_model
+    if [d for d in datasets if hub_id(d)]:
+        meta["datasets"] = [d for d in datasets if hub_id(d)]
+    return f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n\n# {title}\n\n{body}"
+
+
+def wandb_row(row: dict) -> dict:
+    """One W&B convention in every script, the names TRL's trainers log: train/* and eval/*, the optimizer step as
+    train/global_step (every chart's x-axis, defined at wandb.init). metrics.jsonl keeps the short names."""
+    names = {"lr": "train/learning_rate", "epoch": "train/epoch", "step": "train/global_step"}
+    return {names.get(k, k if k.startswith(("train/", "eval/")) else "train/" + k): v for k, v in row.items()}
+
+
+def check_push_to_hub(repo_id: str) -> None:
+    """--push-to-hub fails here, before any model loads, rather than after the training: offline mode, the repo id,
+    the token and whether the Hub accepts it."""
+    from huggingface_hub import HfApi, get_token
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE"):
+        fail("push_to_hub", "HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it or drop --push-to-hub")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        fail("hub_model_id", f"{repo_id!r} is not a valid Hub repository id ({e}); pass --hub-model-id name or "
+                             "org/name")
+    if get_token() is None:
+        fail("push_to_hub", "no Hugging Face token; run `hf auth login` or set HF_TOKEN, or drop --push-to-hub")
+    try:
+        HfApi().whoami()
+    except Exception as e:  # unreachable Hub or a rejected token: both are found out now, not after training
+        fail("push_to_hub", f"the Hub did not answer or refused the token ({type(e).__name__}: {e}); fix that or "
+                            "drop --push-to-hub")
+
+
+def push_folder_to_hub(folder: str, repo_id: str) -> str:
+    """Upload the saved output folder as written (models, subfolders, card, metrics.jsonl, args.json), without the
+    resumable checkpoints; returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, exist_ok=True)
+    return api.upload_folder(folder_path=folder, repo_id=repo_id, ignore_patterns=["checkpoints/**", ".*"],
+                             commit_message=f"upload {os.path.basename(os.path.abspath(folder))}")
 
 
 HOLD_OUT_EVERY = 10  # with no test split, the last training row and every 10th row before it are held out
@@ -573,7 +677,7 @@ def explain_remote_code_errors() -> None:
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
+    args = tyro.cli(Args, args=bool_flags_as_switches(sys.argv[1:], Args))
     explain_remote_code_errors()
 
     # Validate everything cheap before loading a model.
@@ -609,6 +713,8 @@ if __name__ == "__main__":
         if changed:
             fail("resume_from_checkpoint", f"{resume_dir!r} was written by a run with {', '.join(changed)}; resume "
                                            "with the same values, or start a new run")
+    if args.push_to_hub:
+        check_push_to_hub(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)))
     for name in ("learning_rate", "per_device_train_batch_size", "num_train_epochs", "gradient_accumulation_steps",
                  "max_length", "max_grad_norm"):
         if not getattr(args, name) > 0:  # `not >` also catches nan
@@ -620,6 +726,15 @@ if __name__ == "__main__":
     if args.normalize_reward and args.normalize_num_examples <= 0:
         fail("normalize_num_examples", f"must be positive to normalise (the mean of no scores is nan), got "
                                        f"{args.normalize_num_examples}; or pass --no-normalize-reward")
+    for name in ("adam_epsilon", "max_grad_norm"):
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
+            fail(name, f"must be positive, got {getattr(args, name)}"
+                       + (" (None: no clipping)" if name == "max_grad_norm" else ""))
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(args, name) < 1:
+            fail(name, f"must be in [0, 1), got {getattr(args, name)}")
+    if not args.weight_decay >= 0:
+        fail("weight_decay", f"must be >= 0, got {args.weight_decay}")
     tokenizer_path = args.tokenizer_name_or_path or args.model_name_or_path
     for arg, path in (("model_name_or_path", args.model_name_or_path), ("tokenizer_name_or_path", tokenizer_path)):
         # A hub id is `name` or `org/name`; anything else that does not exist is a missing local folder.
@@ -717,7 +832,7 @@ if __name__ == "__main__":
     if is_deepspeed:
         # Clip at --max-grad-norm whatever the config file says; ZeRO-3 gathers full weights to save a loadable model.
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
-        ds_config["gradient_clipping"] = args.max_grad_norm
+        ds_config["gradient_clipping"] = args.max_grad_norm or 0.0  # 0: off
         zero_stage = ds_config["zero_optimization"]["stage"]
         if zero_stage == 3:
             ds_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
@@ -750,6 +865,8 @@ if __name__ == "__main__":
         import wandb
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=run_name)
+        wandb.define_metric("train/global_step")
+        wandb.define_metric("*", step_metric="train/global_step")
 
     # Data: prompt + completion + EOS, so that the score is read at EOS, as in PPO where responses end with it.
     def encode(prompt, completion) -> list:
@@ -813,7 +930,8 @@ if __name__ == "__main__":
             torch.nn.init.normal_(model.score.weight, std=1 / math.sqrt(config.hidden_size + 1))
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, eps=1e-5)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, eps=args.adam_epsilon,
+                                  betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.weight_decay)
     # The schedule counts this process's optimizer steps (accelerate gives each process ceil(batches / processes)
     # batches) and is stepped by hand once per optimizer step, so it is not prepared: accelerate's wrapper would step
     # it once per process instead, which overshoots the schedule when the batches do not split evenly.
@@ -906,6 +1024,7 @@ if __name__ == "__main__":
 
     # ALGO LOGIC: the training loop
     model.train()
+    bar = progress_bar(num_update_steps, "step", accelerator.is_main_process, initial=step)
     for epoch in range(first_epoch, args.num_train_epochs):
         # The epoch's shuffle is drawn from this generator state: checkpoints keep it, so a resumed run draws the same
         # shuffle and skips the batches already trained on.
@@ -919,7 +1038,9 @@ if __name__ == "__main__":
                     sys.exit(f"error: non-finite loss {loss.item()} at optimizer step {step}; lower --learning-rate")
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    # --max-grad-norm None: no clipping (an infinite bound), but the norm is still checked
+                    max_norm = args.max_grad_norm if args.max_grad_norm is not None else math.inf
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
                     # A finite loss can still give inf/nan gradients; the step would write them into the weights,
                     # and into every later checkpoint.
                     if grad_norm is not None and not math.isfinite(float(grad_norm)):
@@ -931,15 +1052,18 @@ if __name__ == "__main__":
                 optimizer.zero_grad()
             if accelerator.sync_gradients:
                 step += 1
+                if bar is not None:
+                    bar.update(1)
                 if step % args.logging_steps == 0:
                     row = {"train/loss": accelerator.reduce(loss.detach(), "mean").item(),
                            "train/accuracy": accelerator.reduce(accuracy, "mean").item(),
                            "lr": scheduler.get_last_lr()[0], "epoch": epoch, "step": step}
                     metrics_log.append(row)
-                    accelerator.print(f"step {step}/{num_update_steps} loss {row['train/loss']:.4f} "
-                                      f"accuracy {row['train/accuracy']:.3f}")
+                    (bar.write if bar is not None else accelerator.print)(
+                        f"step {step}/{num_update_steps} loss {row['train/loss']:.4f} "
+                        f"accuracy {row['train/accuracy']:.3f}")
                     if args.track and accelerator.is_main_process:
-                        wandb.log(row, step=step)
+                        wandb.log(wandb_row(row))
                 stop = stop_requested(accelerator)
                 if (args.save_steps and step % args.save_steps == 0) or stop:
                     save_checkpoint(epoch, batch_index + 1, shuffle_state)
@@ -950,9 +1074,12 @@ if __name__ == "__main__":
         skip_batches = 0
         row = {**evaluate(), "epoch": epoch, "step": step}
         metrics_log.append(row)
-        accelerator.print(f"epoch {epoch}: {row} ({time.time() - start:.0f}s)")
+        (bar.write if bar is not None else accelerator.print)(f"epoch {epoch}: {row} ({time.time() - start:.0f}s)")
         if args.track and accelerator.is_main_process:
-            wandb.log(row, step=step)
+            wandb.log(wandb_row(row))
+
+    if bar is not None:
+        bar.close()
 
     # N+ normalisation: score the reference completions and shift so that their mean is 0.
     if args.normalize_reward:
@@ -1009,12 +1136,22 @@ if __name__ == "__main__":
                 f.writelines(json.dumps(row) + "\n" for row in metrics_log)
             with open(os.path.join(path, "args.json"), "w") as f:
                 json.dump(asdict(args), f, indent=2)
+            with open(os.path.join(path, "README.md"), "w") as f:
+                f.write(model_card(
+                    os.path.basename(os.path.abspath(args.output_dir)), args.model_name_or_path,
+                    [args.dataset_name] + ([args.normalize_dataset_name] if args.normalize_reward else []),
+                    ["reward-model", "rlhf"],
+                    f"A reward model (one score per sequence, read at its last token) trained with `reward_modeling.py` "
+                    f"from `{args.model_name_or_path}` on the preference pairs of `{args.dataset_name}`.\n\n## Command"
+                    "\n\n```\npython " + " ".join(sys.argv) + "\n```\n\nEvery logged row is in `metrics.jsonl`, the "
+                    "arguments in `args.json`.\n"))
 
         publish_output(args.output_dir, write)
         accelerator.print(f"saved to {args.output_dir} after {time.time() - start:.0f}s")
         if args.push_to_hub:
-            unwrapped.push_to_hub(args.hub_model_id or os.path.basename(args.output_dir.rstrip("/")))
-            tokenizer.push_to_hub(args.hub_model_id or os.path.basename(args.output_dir.rstrip("/")))
+            url = push_folder_to_hub(args.output_dir,
+                                     args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)))
+            accelerator.print(f"uploaded {args.output_dir} to {url}")
     accelerator.wait_for_everyone()
     del model, optimizer  # before the process group goes: avoids gloo's abort at exit
     accelerator.end_training()

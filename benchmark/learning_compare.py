@@ -82,7 +82,7 @@ class Args:
     """the script trained as ours; copied into --work-dir at the start and the copy runs (edits during the
     comparison never mix two versions)"""
     trl_python: Optional[str] = None
-    """python of the TRL venv (default: .venv-trl/bin/python in the repository if present, else /work/trl-venv/bin/python)"""
+    """python of the TRL venv (default: .venv-trl/bin/python in the repository)"""
     skip_trl: bool = False
     """train and judge ours only"""
     reuse: bool = False

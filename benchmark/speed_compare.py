@@ -120,7 +120,7 @@ class Args:
     """the script measured as ours; it is copied into --work-dir at the start and the copy runs, so edits made
     during the benchmark never mix two versions"""
     trl_python: Optional[str] = None
-    """python of the TRL venv (default: .venv-trl/bin/python in the repository if present, else /work/trl-venv/bin/python)"""
+    """python of the TRL venv (default: .venv-trl/bin/python in the repository)"""
     skip_trl: bool = False
     """run ours only"""
     trl_gc_freeze: bool = False
@@ -216,8 +216,8 @@ def machine_info() -> dict:
 
 
 def default_trl_python() -> str:
-    local = os.path.join(ROOT, ".venv-trl", "bin", "python")
-    return local if os.path.exists(local) else "/work/trl-venv/bin/python"
+    """The repository's own TRL venv (git-ignored); any other python is passed with --trl-python."""
+    return os.path.join(ROOT, ".venv-trl", "bin", "python")
 
 
 def trl_available(python: Optional[str]) -> tuple:

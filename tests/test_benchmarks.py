@@ -86,6 +86,13 @@ def test_shape_defaults_and_validation():
         speed_compare.resolve(speed_compare.Args(scaling=True))
 
 
+def test_default_trl_python_is_the_repositorys_own_venv_only(monkeypatch, tmp_path):
+    """No machine-specific fallback: without the repository's .venv-trl the default names it (and TRL is skipped)."""
+    monkeypatch.setattr(speed_compare, "ROOT", str(tmp_path))
+    assert speed_compare.default_trl_python() == os.path.join(str(tmp_path), ".venv-trl", "bin", "python")
+    assert "trl-venv" not in open(speed_compare.__file__).read() + open(os.path.join(ROOT, "benchmark", "learning_compare.py")).read()
+
+
 def test_trl_missing_is_reported_not_raised(tmp_path):
     ok, why = speed_compare.trl_available(str(tmp_path / "no" / "python"))
     assert not ok and "no TRL python" in why
