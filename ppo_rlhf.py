@@ -1156,6 +1156,8 @@ def changed_arguments(saved_args: str, args, may_change: set) -> list:
     """The arguments of a resumed run that differ from those its checkpoint was written with (`--name saved (now
     current)`), but for those in may_change."""
     saved, now = json.loads(saved_args), json.loads(json.dumps(asdict(args)))  # as saved: lists, not tuples
+    # A flag newer than the checkpoint was not there to set: that run had today's default.
+    saved = {**json.loads(json.dumps(asdict(type(args)()))), **saved}
     return [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {v!r})" for k, v in now.items()
             if k not in may_change and saved.get(k) != v]
 

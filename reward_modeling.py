@@ -708,6 +708,7 @@ if __name__ == "__main__":
                       "push_to_hub", "hub_model_id", "trust_remote_code", "save_steps", "save_total_limit",
                       "resume_from_checkpoint", "logging_steps", "gradient_checkpointing"}
         saved, now = json.loads(resume_state["args"]), json.loads(json.dumps(asdict(args)))  # as saved: lists, not tuples
+        saved = {**json.loads(json.dumps(asdict(Args()))), **saved}  # a flag newer than the checkpoint: its default
         changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {v!r})" for k, v in now.items()
                    if k not in may_change and saved.get(k) != v]
         if changed:
@@ -716,7 +717,7 @@ if __name__ == "__main__":
     if args.push_to_hub:
         check_push_to_hub(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)))
     for name in ("learning_rate", "per_device_train_batch_size", "num_train_epochs", "gradient_accumulation_steps",
-                 "max_length", "max_grad_norm"):
+                 "max_length"):
         if not getattr(args, name) > 0:  # `not >` also catches nan
             fail(name, f"must be positive, got {getattr(args, name)}")
     if not 0 <= args.seed < 2 ** 32:

@@ -710,6 +710,7 @@ if __name__ == "__main__":
                       "resume_from_checkpoint", "logging_steps", "gradient_checkpointing", "num_sample_completions",
                       "sample_max_new_tokens", "merge_adapter_on_save"}
         saved, now = json.loads(resume_state["args"]), json.loads(json.dumps(asdict(args)))  # as saved: lists, not tuples
+        saved = {**json.loads(json.dumps(asdict(Args()))), **saved}  # a flag newer than the checkpoint: its default
         changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {v!r})" for k, v in now.items()
                    if k not in may_change and saved.get(k) != v]
         if changed:
@@ -720,7 +721,7 @@ if __name__ == "__main__":
     if args.merge_adapter_on_save and not args.use_peft:
         fail("merge_adapter_on_save", "merges a LoRA adapter into the model; add --use-peft")
     for name in ("learning_rate", "per_device_train_batch_size", "num_train_epochs", "gradient_accumulation_steps",
-                 "max_length", "max_grad_norm"):
+                 "max_length"):
         if not getattr(args, name) > 0:  # `not >` also catches nan
             fail(name, f"must be positive, got {getattr(args, name)}")
     if not 0 <= args.seed < 2 ** 32:

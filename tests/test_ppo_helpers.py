@@ -1,6 +1,8 @@
 """Unit tests of the helpers of ppo_rlhf.py: each one is compared with a plain, obviously-correct computation (Python
 loops, the full Hugging Face forward, Hugging Face generate) on random tensors or tiny random models."""
 
+import dataclasses
+import json
 import os
 import random
 
@@ -706,7 +708,7 @@ def test_latest_checkpoint_ignores_tmp_folders_and_sorts_numerically(tmp_path):
 
 def test_fused_adamw_the_script_uses_matches_the_plain_loop():
     """ppo_rlhf.py builds AdamW with fused=True (outside DeepSpeed): same parameters as the plain per-tensor loop."""
-    assert "weight_decay=0.0, fused=not is_deepspeed)" in open(os.path.join(ROOT, "ppo_rlhf.py")).read()
+    assert "weight_decay=args.weight_decay,\n                                  fused=not is_deepspeed)" in open(os.path.join(ROOT, "ppo_rlhf.py")).read()
     g = torch.Generator().manual_seed(11)
     start = [torch.randn(50, 8, generator=g), torch.randn(8, generator=g)]
     grads = [[torch.randn_like(p) for p in start] for _ in range(3)]
@@ -721,3 +723,14 @@ def test_fused_adamw_the_script_uses_matches_the_plain_loop():
         finals.append([p.detach() for p in params])
     for a, b in zip(*finals):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+
+
+def test_resume_treats_a_flag_newer_than_the_checkpoint_as_its_default():
+    """A checkpoint written before a flag existed ran with that flag's default: resuming it with the default is no
+    change, with another value it is."""
+    args = ppo_rlhf.Args()
+    saved = json.loads(json.dumps(dataclasses.asdict(args)))
+    del saved["adam_epsilon"]
+    assert ppo_rlhf.changed_arguments(json.dumps(saved), args, set()) == []
+    other = dataclasses.replace(args, adam_epsilon=1e-8)
+    assert ppo_rlhf.changed_arguments(json.dumps(saved), other, set()) == ["--adam-epsilon 1e-05 (now 1e-08)"]
