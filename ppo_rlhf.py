@@ -1333,13 +1333,14 @@ if __name__ == "__main__":
             fail(arg, f"{path!r} {problem}; every model must be trained with the tokenizer of --model-name-or-path "
                       "(sft.py and reward_modeling.py save it, adding [PAD] and resizing the embeddings if needed)")
         contexts.append(context_length(config))
+        if arg == "sft_model_path":
+            sft_config = config
         if arg == "reward_model_path":  # reward_modeling.py's normalisation, for architectures without a norm bias
             reward_shift = float(getattr(config, "reward_shift", 0.0))
     context = min((c for c in contexts if c), default=None)
     if context is not None and args.response_length >= context:
         fail("response_length", f"{args.response_length} tokens leave no room for a prompt in the models' context of "
                                 f"{context} tokens (max_position_embeddings); lower it")
-    sft_config = AutoConfig.from_pretrained(sft_config_path, trust_remote_code=args.trust_remote_code)
     model_type = sft_config.get_text_config().model_type
     if model_type in UNSUPPORTED_LOGIT_TRANSFORMS:
         fail("sft_model_path", f"{sft_config_path!r} is a {model_type} model, whose forward transforms its logits in a way "

@@ -26,6 +26,18 @@ def run_script(script: str, *args: str, cwd: str = ROOT, timeout: int = 600, env
     return proc
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The CPUs are shared with other jobs; one thread is several times faster than two contended ones. Test files
+    that compute in this process use it for all their tests (pytestmark)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def wandb_dir(tmp_path, monkeypatch):
     """Keep W&B offline files inside the test's temporary folder."""

@@ -25,12 +25,7 @@ MORE = {"minicpm3": dict(dim_model_base=16, q_lora_rank=32, kv_lora_rank=16, qk_
 CASES = MATRIX + ["granite", "cohere", "llama_dropout", *MORE]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def build(case: str, seed: int = 0):

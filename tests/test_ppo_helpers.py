@@ -17,13 +17,7 @@ import ppo_rlhf  # noqa: E402
 EMBEDDED = os.path.join(ROOT, "embedded")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The CPUs are shared with other jobs; one thread is several times faster than two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def random_mask(shape, generator, p=0.7):

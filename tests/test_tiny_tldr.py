@@ -18,13 +18,7 @@ EMBEDDED = os.path.join(ROOT, "embedded")
 PROMPT_RE = re.compile(r"SUBREDDIT: r/(\w+)\n\nTITLE: (\S[^\n]*\S)\n\nPOST: (\S[^\n]*\S)\n\nTL;DR:")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The CPUs are shared with other jobs; one thread is several times faster than two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def check_prompt(prompt: str) -> re.Match:
