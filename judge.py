@@ -103,7 +103,9 @@ def reference_rows(rows: list[dict]) -> list[dict]:
     return [{"query": r["query"], "response": r["reference"]} for r in rows]
 
 
-def match_rows(rows_a: list[dict], rows_b: list[dict], max_examples: Optional[int] = None) -> list[tuple[str, str, str]]:
+def match_rows(
+    rows_a: list[dict], rows_b: list[dict], max_examples: Optional[int] = None
+) -> list[tuple[str, str, str]]:
     """(query, response A, response B) in A's order; a query repeated k times pairs its k-th copies."""
     count_a, count_b = Counter(r["query"] for r in rows_a), Counter(r["query"] for r in rows_b)
     if count_a != count_b:
@@ -192,7 +194,9 @@ def parse_preference(answer: str) -> Optional[str]:
     final = re.findall(r"preferred\s*:?\s*(?:summary\s*)?\(?([AB])\)?(?=\s*(?:$|[.,;:(\-]))", text, re.I | re.M)
     if final:
         return final[-1].upper()
-    phrases = r"summary\s+([AB])\s+is\s+(?:the\s+)?(?:better|preferred|superior)|(?:prefer|choose|pick)\s+summary\s+([AB])\b"
+    phrases = (
+        r"summary\s+([AB])\s+is\s+(?:the\s+)?(?:better|preferred|superior)|(?:prefer|choose|pick)\s+summary\s+([AB])\b"
+    )
     named = {a.upper() or b.upper() for a, b in re.findall(phrases, text, re.I)}
     if len(named) == 1:
         return named.pop()
@@ -213,7 +217,9 @@ def retry_after_seconds(value: Optional[str], cap: float) -> Optional[float]:
             return None
 
 
-def chat_completion(url, model, prompt, api_key, timeout, max_tokens, max_retries, base_delay, max_delay, calls) -> str:
+def chat_completion(
+    url, model, prompt, api_key, timeout, max_tokens, max_retries, base_delay, max_delay, calls
+) -> str:
     messages = [{"role": "user", "content": prompt}]
     body = json.dumps({"model": model, "messages": messages, "temperature": 0, "max_tokens": max_tokens}).encode()
     headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {api_key}"} if api_key else {})
@@ -334,7 +340,9 @@ def print_summary(result: dict, name_a: str, name_b: str) -> None:
     console = Console()
     console.print(table)
     if n := result.get("failed_requests"):
-        console.print(f"[yellow]{n} requests failed after retries (counted invalid); rerun with --cache-path to retry them")
+        console.print(
+            f"[yellow]{n} requests failed after retries (counted invalid); rerun with --cache-path to retry them"
+        )
 
 
 def main(args: Args) -> dict:

@@ -44,7 +44,9 @@ class Args:
 
 
 def run_stage(name: str, script: str, flags: List[str], times: dict) -> None:
-    print(f"\n=== {name} ({sum(times.values()):.0f} s into the pipeline): python {script} {' '.join(flags)}", flush=True)
+    print(
+        f"\n=== {name} ({sum(times.values()):.0f} s into the pipeline): python {script} {' '.join(flags)}", flush=True
+    )
     start = time.time()
     # The stage writes to this process's terminal (or log) directly: on a terminal it draws its own progress bar
     # with the rate and the time left, in a log it prints one line per step or update.
@@ -72,31 +74,97 @@ def main(args: Args) -> dict:
     if args.use_shipped_models:
         task, sft_dir, rm_dir = (os.path.join(ROOT, "embedded", n) for n in ("", "sft_model", "reward_model"))
     else:
-        run_stage("task", "tiny_tldr.py", ["--output-dir", task, "--seed", str(args.seed), *shlex.split(args.task_args)], times)
-        run_stage("sft", "sft.py", ["--model-name-or-path", f"{task}/base_model", "--dataset-name", f"{task}/sft_data",
-                                    "--output-dir", sft_dir, "--overwrite-output-dir", "--seed", str(args.seed),
-                                    *shlex.split(args.sft_args)], times)
-        run_stage("reward model", "reward_modeling.py",
-                  ["--model-name-or-path", sft_dir, "--dataset-name", f"{task}/preference_data",
-                   "--normalize-dataset-name", f"{task}/sft_data", "--output-dir", rm_dir, "--overwrite-output-dir",
-                   "--seed", str(args.seed), *shlex.split(args.rm_args)], times)
-        rm_accuracy = last_row_with(os.path.join(rm_dir, "metrics.jsonl"), "eval/gold_accuracy").get("eval/gold_accuracy")
-    run_stage("ppo", "ppo_rlhf_tldr.py",
-              ["--dataset-name", os.path.join(task, "prompts"), "--model-name-or-path", sft_dir, "--sft-model-path",
-               sft_dir, "--reward-model-path", rm_dir, "--output-dir", ppo_dir, "--overwrite-output-dir",
-               "--seed", str(args.seed), *shlex.split(args.ppo_args)], times)
+        run_stage(
+            "task",
+            "tiny_tldr.py",
+            ["--output-dir", task, "--seed", str(args.seed), *shlex.split(args.task_args)],
+            times,
+        )
+        run_stage(
+            "sft",
+            "sft.py",
+            [
+                "--model-name-or-path",
+                f"{task}/base_model",
+                "--dataset-name",
+                f"{task}/sft_data",
+                "--output-dir",
+                sft_dir,
+                "--overwrite-output-dir",
+                "--seed",
+                str(args.seed),
+                *shlex.split(args.sft_args),
+            ],
+            times,
+        )
+        run_stage(
+            "reward model",
+            "reward_modeling.py",
+            [
+                "--model-name-or-path",
+                sft_dir,
+                "--dataset-name",
+                f"{task}/preference_data",
+                "--normalize-dataset-name",
+                f"{task}/sft_data",
+                "--output-dir",
+                rm_dir,
+                "--overwrite-output-dir",
+                "--seed",
+                str(args.seed),
+                *shlex.split(args.rm_args),
+            ],
+            times,
+        )
+        rm_accuracy = last_row_with(os.path.join(rm_dir, "metrics.jsonl"), "eval/gold_accuracy").get(
+            "eval/gold_accuracy"
+        )
+    run_stage(
+        "ppo",
+        "ppo_rlhf_tldr.py",
+        [
+            "--dataset-name",
+            os.path.join(task, "prompts"),
+            "--model-name-or-path",
+            sft_dir,
+            "--sft-model-path",
+            sft_dir,
+            "--reward-model-path",
+            rm_dir,
+            "--output-dir",
+            ppo_dir,
+            "--overwrite-output-dir",
+            "--seed",
+            str(args.seed),
+            *shlex.split(args.ppo_args),
+        ],
+        times,
+    )
 
     start = time.time()
     generations = os.path.join(ppo_dir, "eval_generations")
-    result = judge_gold(load_completions(os.path.join(generations, "final.jsonl")),
-                        load_completions(os.path.join(generations, "initial.jsonl")), gold_score)
+    result = judge_gold(
+        load_completions(os.path.join(generations, "final.jsonl")),
+        load_completions(os.path.join(generations, "initial.jsonl")),
+        gold_score,
+    )
     times["judge"] = time.time() - start
     final = last_row_with(os.path.join(ppo_dir, "metrics.jsonl"), "final_eval/kl")
-    summary = {"sft_gold_score": result["mean_score_b"], "ppo_gold_score": result["mean_score_a"],
-               "ppo_win_rate_vs_sft": result["win_rate"], "ci_low": result["ci_low"], "ci_high": result["ci_high"],
-               "wins": result["wins"], "ties": result["ties"], "losses": result["losses"], "n": result["n"],
-               "rm_gold_accuracy": rm_accuracy, "ppo_kl_to_sft": final.get("final_eval/kl"),
-               "ppo_rm_score": final.get("final_eval/score"), "times_s": times}
+    summary = {
+        "sft_gold_score": result["mean_score_b"],
+        "ppo_gold_score": result["mean_score_a"],
+        "ppo_win_rate_vs_sft": result["win_rate"],
+        "ci_low": result["ci_low"],
+        "ci_high": result["ci_high"],
+        "wins": result["wins"],
+        "ties": result["ties"],
+        "losses": result["losses"],
+        "n": result["n"],
+        "rm_gold_accuracy": rm_accuracy,
+        "ppo_kl_to_sft": final.get("final_eval/kl"),
+        "ppo_rm_score": final.get("final_eval/score"),
+        "times_s": times,
+    }
     with open(os.path.join(work, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
 
@@ -108,8 +176,10 @@ def main(args: Args) -> dict:
     table.add_column("value", justify="right")
     table.add_row("SFT gold score", f"{summary['sft_gold_score']:.3f}")
     table.add_row("PPO gold score", f"{summary['ppo_gold_score']:.3f}")
-    table.add_row("PPO win rate vs SFT (ties half)", f"{summary['ppo_win_rate_vs_sft']:.1%} "
-                  f"[{summary['ci_low']:.1%}, {summary['ci_high']:.1%}]")
+    table.add_row(
+        "PPO win rate vs SFT (ties half)",
+        f"{summary['ppo_win_rate_vs_sft']:.1%} [{summary['ci_low']:.1%}, {summary['ci_high']:.1%}]",
+    )
     table.add_row("wins / ties / losses", f"{result['wins']} / {result['ties']} / {result['losses']}")
     table.add_row("RM accuracy vs gold labels", "shipped model" if rm_accuracy is None else f"{rm_accuracy:.1%}")
     table.add_row("PPO KL to SFT (near-greedy, summed)", f"{summary['ppo_kl_to_sft']:.3f}")

@@ -152,7 +152,6 @@ class Args:
     models' activations are never held at once (same gradients; DDP and DeepSpeed allow one backward per forward
     of the wrapped model, so there both run together; False: together everywhere, for checking)"""
 
-
     # generation
     response_length: int = 53
     """maximum new tokens per response"""
@@ -240,8 +239,18 @@ def bool_flags_as_switches(argv: list, args_cls) -> list:
 
     hints = typing.get_type_hints(args_cls)
     switches = {f.name for f in dataclasses.fields(args_cls) if hints[f.name] is bool}
-    words = {"true": True, "yes": True, "t": True, "y": True, "1": True,
-             "false": False, "no": False, "f": False, "n": False, "0": False}
+    words = {
+        "true": True,
+        "yes": True,
+        "t": True,
+        "y": True,
+        "1": True,
+        "false": False,
+        "no": False,
+        "f": False,
+        "n": False,
+        "0": False,
+    }
     out, i = [], 0
     while i < len(argv):
         flag, eq, value = argv[i].partition("=")
@@ -266,8 +275,9 @@ def progress_bar(total: int, unit: str, main_process: bool, initial: int = 0):
     # The size once, at the start (COLUMNS/LINES, else the terminal's, else 80x24): tqdm draws nothing on a terminal
     # that reports 0 rows or columns (a fresh pseudo-terminal, some CI runners).
     size = shutil.get_terminal_size()
-    return tqdm(total=total, initial=initial, unit=unit, file=sys.stderr, ncols=max(size.columns, 60),
-                nrows=max(size.lines, 2))
+    return tqdm(
+        total=total, initial=initial, unit=unit, file=sys.stderr, ncols=max(size.columns, 60), nrows=max(size.lines, 2)
+    )
 
 
 def model_card(title: str, base_model: str, datasets: list, tags: list, body: str) -> str:
@@ -298,15 +308,18 @@ def check_push_to_hub(repo_id: str) -> None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
-        fail("hub_model_id", f"{repo_id!r} is not a valid Hub repository id ({e}); pass --hub-model-id name or "
-                             "org/name")
+        fail(
+            "hub_model_id", f"{repo_id!r} is not a valid Hub repository id ({e}); pass --hub-model-id name or org/name"
+        )
     if get_token() is None:
         fail("push_to_hub", "no Hugging Face token; run `hf auth login` or set HF_TOKEN, or drop --push-to-hub")
     try:
         HfApi().whoami()
     except Exception as e:  # unreachable Hub or a rejected token: both are found out now, not after training
-        fail("push_to_hub", f"the Hub did not answer or refused the token ({type(e).__name__}: {e}); fix that or "
-                            "drop --push-to-hub")
+        fail(
+            "push_to_hub",
+            f"the Hub did not answer or refused the token ({type(e).__name__}: {e}); fix that or drop --push-to-hub",
+        )
 
 
 def push_folder_to_hub(folder: str, repo_id: str) -> str:
@@ -316,8 +329,12 @@ def push_folder_to_hub(folder: str, repo_id: str) -> str:
 
     api = HfApi()
     api.create_repo(repo_id, exist_ok=True)
-    return api.upload_folder(folder_path=folder, repo_id=repo_id, ignore_patterns=["checkpoints/**", ".*"],
-                             commit_message=f"upload {os.path.basename(os.path.abspath(folder))}")
+    return api.upload_folder(
+        folder_path=folder,
+        repo_id=repo_id,
+        ignore_patterns=["checkpoints/**", ".*"],
+        commit_message=f"upload {os.path.basename(os.path.abspath(folder))}",
+    )
 
 
 HOLD_OUT_EVERY = 10  # with no test split, the last training row and every 10th row before it are held out
@@ -356,8 +373,11 @@ def hold_out(train, name: str, train_split: str, test_split: str) -> tuple:
     held = list(range(len(train) - 1, -1, -HOLD_OUT_EVERY))[::-1]
     note = f"held out {len(held)} of {len(train)} rows of {train_split!r} for evaluation (no {test_split!r} split)"
     if len(held) >= len(train):
-        fail("dataset_test_split", f"{name!r} has no split {test_split!r}, so it {note[:note.index(' (')]}, which "
-                                   "leaves none to train on; add rows, or name an existing split")
+        fail(
+            "dataset_test_split",
+            f"{name!r} has no split {test_split!r}, so it {note[: note.index(' (')]}, which "
+            "leaves none to train on; add rows, or name an existing split",
+        )
     kept = sorted(set(range(len(train))) - set(held))
     return train.select(kept), train.select(held), note
 
@@ -371,21 +391,31 @@ def column_kind(data, column: str, where: str, allow_empty: bool = False, argume
     for i, value in enumerate(data[column]):
         if isinstance(value, str):
             kind, blank = "text", not value.strip()
-        elif isinstance(value, list) and all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                             and isinstance(m.get("content"), str) for m in value):
+        elif isinstance(value, list) and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+        ):
             kind, blank = "conversation", not value or not value[-1]["content"].strip()
         else:
-            fail(argument, f"row {i} of {where}: `{column}` is {repr(value)[:80]}; it must be a string or a list of "
-                           "{'role': ..., 'content': ...} messages with string contents; fix or drop that row")
+            fail(
+                argument,
+                f"row {i} of {where}: `{column}` is {repr(value)[:80]}; it must be a string or a list of "
+                "{'role': ..., 'content': ...} messages with string contents; fix or drop that row",
+            )
         first.setdefault(kind, i)
         if blank:
             empty.append(i)
     if len(first) > 1:
-        fail(argument, f"{where}: `{column}` mixes strings (row {first['text']}) and conversations (row "
-                       f"{first['conversation']}); use one format per column")
+        fail(
+            argument,
+            f"{where}: `{column}` mixes strings (row {first['text']}) and conversations (row "
+            f"{first['conversation']}); use one format per column",
+        )
     if empty and not allow_empty:
-        fail(argument, f"row {empty[0]} of {where}: `{column}` is empty ({len(empty)} such rows of {len(data)}); "
-                       "fill or drop those rows")
+        fail(
+            argument,
+            f"row {empty[0]} of {where}: `{column}` is empty ({len(empty)} such rows of {len(data)}); "
+            "fill or drop those rows",
+        )
     return next(iter(first), "text"), empty
 
 
@@ -488,14 +518,16 @@ class ChunkedLogprobs(torch.autograd.Function):
     combines the slices with a running maximum (online log-sum-exp). Same values and gradients as head -> log_softmax
     -> gather (tests/test_ppo_helpers.py)."""
 
-    BLOCK_ROWS, TILE_VALUES = 1024, 2 ** 21  # positions per block; logits per tile (8 MB in fp32)
+    BLOCK_ROWS, TILE_VALUES = 1024, 2**21  # positions per block; logits per tile (8 MB in fp32)
 
     @staticmethod
     def tiles(n: int, vocab: int):
         rows = min(n, ChunkedLogprobs.BLOCK_ROWS)
         width = max(1, ChunkedLogprobs.TILE_VALUES // rows)
-        return [(slice(i, min(i + rows, n)), [slice(j, min(j + width, vocab)) for j in range(0, vocab, width)])
-                for i in range(0, n, rows)]
+        return [
+            (slice(i, min(i + rows, n)), [slice(j, min(j + width, vocab)) for j in range(0, vocab, width)])
+            for i in range(0, n, rows)
+        ]
 
     @staticmethod
     def in_slice(tokens, v):
@@ -576,8 +608,14 @@ class ChunkedLogprobs(torch.autograd.Function):
                     grad_weight[v] += (g.T @ h).float()
             if grad_hidden is not None:
                 grad_hidden[block] = block_grad_hidden
-        return (grad_hidden.view(hidden.shape) if grad_hidden is not None else None,
-                grad_weight.to(weight.dtype) if grad_weight is not None else None, None, None, None, None)
+        return (
+            grad_hidden.view(hidden.shape) if grad_hidden is not None else None,
+            grad_weight.to(weight.dtype) if grad_weight is not None else None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def logit_transform(config) -> tuple:
@@ -611,8 +649,15 @@ def transform_logits(logits: torch.Tensor, scale: float, softcap: Optional[float
     return logits if softcap is None else softcap * torch.tanh(logits / softcap)
 
 
-def response_logprobs(head: nn.Module, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float,
-                      chunked: bool = True, scale: float = 1.0, softcap: Optional[float] = None) -> tuple:
+def response_logprobs(
+    head: nn.Module,
+    hidden: torch.Tensor,
+    tokens: torch.Tensor,
+    temperature: float,
+    chunked: bool = True,
+    scale: float = 1.0,
+    softcap: Optional[float] = None,
+) -> tuple:
     """(log-probs of tokens, entropy) under logits = transform_logits(head(hidden), scale, softcap) / temperature; the
     entropy is a statistic, without gradient. chunked: ChunkedLogprobs, when the head is a plain bias-free linear layer
     (scaling its input scales the logits; a softcap is applied to each tile); else the plain computation."""
@@ -634,18 +679,29 @@ def round_up(width: int, multiple: int) -> int:
     return -(-width // multiple) * multiple
 
 
-def response_hidden(backbone: nn.Module, query_responses: torch.Tensor, attention_mask: torch.Tensor,
-                    context_length: int, multiple: int = 1) -> torch.Tensor:
+def response_hidden(
+    backbone: nn.Module,
+    query_responses: torch.Tensor,
+    attention_mask: torch.Tensor,
+    context_length: int,
+    multiple: int = 1,
+) -> torch.Tensor:
     """Final hidden states at the positions that predict the response tokens (context_length-1 ... -2).
     Left-padding columns shared by the whole batch are trimmed first, keeping a width that is a multiple of
     `multiple` where the padding allows; position ids count real tokens only, so trimming and padding do not change
     the result."""
     keep = int(first_true_indices(attention_mask.any(0, keepdim=True).bool())[0].clamp(max=context_length - 1))
     keep = max(0, query_responses.shape[1] - round_up(query_responses.shape[1] - keep, multiple))
-    query_responses, attention_mask, context_length = query_responses[:, keep:], attention_mask[:, keep:], context_length - keep
+    query_responses, attention_mask, context_length = (
+        query_responses[:, keep:],
+        attention_mask[:, keep:],
+        context_length - keep,
+    )
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    out = backbone(input_ids=query_responses, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    return out.last_hidden_state[:, context_length - 1: -1]
+    out = backbone(
+        input_ids=query_responses, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    )
+    return out.last_hidden_state[:, context_length - 1 : -1]
 
 
 GROUP_OVERHEAD = 32
@@ -669,14 +725,20 @@ def length_groups(lengths: list, overhead: Optional[int] = GROUP_OVERHEAD) -> li
                 best[j], cut[j] = cost, i
     groups, j = [], len(order)
     while j:
-        groups.append(order[cut[j]: j])
+        groups.append(order[cut[j] : j])
         j = cut[j]
     return groups[::-1]
 
 
-def grouped_response_hidden(backbone: nn.Module, query_responses: torch.Tensor, attention_mask: torch.Tensor,
-                            context_length: int, needed: torch.Tensor, overhead: Optional[int],
-                            multiple: int = 1) -> torch.Tensor:
+def grouped_response_hidden(
+    backbone: nn.Module,
+    query_responses: torch.Tensor,
+    attention_mask: torch.Tensor,
+    context_length: int,
+    needed: torch.Tensor,
+    overhead: Optional[int],
+    multiple: int = 1,
+) -> torch.Tensor:
     """response_hidden for the first needed[i] response positions of row i, [batch, max(needed), hidden], computed
     over length_groups: each group's columns end at its longest need (causal attention: later columns cannot change
     earlier positions) and start at its first real token. Positions past a row's need are not meaningful (zeros or
@@ -687,22 +749,32 @@ def grouped_response_hidden(backbone: nn.Module, query_responses: torch.Tensor, 
     for rows in length_groups(lengths, overhead):
         index = torch.tensor(rows, device=query_responses.device)
         end = context_length + int(needed[index].max())
-        hidden = response_hidden(backbone, query_responses[index, :end], attention_mask[index, :end], context_length,
-                                 multiple)
+        hidden = response_hidden(
+            backbone, query_responses[index, :end], attention_mask[index, :end], context_length, multiple
+        )
         parts.append(F.pad(hidden, (0, 0, 0, width - hidden.shape[1])))
         order += rows
     return torch.cat(parts)[torch.argsort(torch.tensor(order, device=query_responses.device))]
 
 
-def policy_logprobs(policy: nn.Module, query_responses: torch.Tensor, attention_mask: torch.Tensor, context_length: int,
-                    temperature: float, needed: torch.Tensor, overhead: Optional[int], chunked: bool,
-                    multiple: int = 1) -> tuple:
+def policy_logprobs(
+    policy: nn.Module,
+    query_responses: torch.Tensor,
+    attention_mask: torch.Tensor,
+    context_length: int,
+    temperature: float,
+    needed: torch.Tensor,
+    overhead: Optional[int],
+    chunked: bool,
+    multiple: int = 1,
+) -> tuple:
     """(log-probs, entropy) of the response tokens, [batch, max(needed)]. The LM head runs on response positions
     only: a 512-token prompt costs no vocabulary-sized logits."""
     backbone, head = backbone_and_head(policy)
-    hidden = grouped_response_hidden(backbone, query_responses, attention_mask, context_length, needed, overhead,
-                                     multiple)
-    tokens = query_responses[:, context_length: context_length + hidden.shape[1]]
+    hidden = grouped_response_hidden(
+        backbone, query_responses, attention_mask, context_length, needed, overhead, multiple
+    )
+    tokens = query_responses[:, context_length : context_length + hidden.shape[1]]
     return response_logprobs(head, hidden, tokens, temperature, chunked, *logit_transform(model_config(policy)))
 
 
@@ -723,30 +795,64 @@ class PolicyAndValue(nn.Module):
     """The two trained models behind one forward, so that accelerate/DeepSpeed wrap (and DDP syncs) them together.
     Returns log-probs, entropy and values of the first needed[i] response positions of each row (default: all)."""
 
-    def __init__(self, policy: nn.Module, value_model: nn.Module, overhead: Optional[int] = GROUP_OVERHEAD,
-                 chunked: bool = True, multiple: int = 1):
+    def __init__(
+        self,
+        policy: nn.Module,
+        value_model: nn.Module,
+        overhead: Optional[int] = GROUP_OVERHEAD,
+        chunked: bool = True,
+        multiple: int = 1,
+    ):
         super().__init__()
         self.policy, self.value_model, self.overhead, self.chunked = policy, value_model, overhead, chunked
         self.multiple = multiple
 
     def forward(self, query_responses, attention_mask, context_length: int, temperature: float, needed=None):
         if needed is None:
-            needed = torch.full((len(query_responses),), query_responses.shape[1] - context_length, device=query_responses.device)
-        return (*self.policy_forward(query_responses, attention_mask, context_length, temperature, needed),
-                self.value_forward(query_responses, attention_mask, context_length, needed))
+            needed = torch.full(
+                (len(query_responses),), query_responses.shape[1] - context_length, device=query_responses.device
+            )
+        return (
+            *self.policy_forward(query_responses, attention_mask, context_length, temperature, needed),
+            self.value_forward(query_responses, attention_mask, context_length, needed),
+        )
 
-    def policy_forward(self, query_responses, attention_mask, context_length: int, temperature: float, needed) -> tuple:
-        return policy_logprobs(self.policy, query_responses, attention_mask, context_length, temperature, needed,
-                               self.overhead, self.chunked, self.multiple)
+    def policy_forward(
+        self, query_responses, attention_mask, context_length: int, temperature: float, needed
+    ) -> tuple:
+        return policy_logprobs(
+            self.policy,
+            query_responses,
+            attention_mask,
+            context_length,
+            temperature,
+            needed,
+            self.overhead,
+            self.chunked,
+            self.multiple,
+        )
 
     def value_forward(self, query_responses, attention_mask, context_length: int, needed) -> torch.Tensor:
-        hidden = grouped_response_hidden(self.value_model.base_model, query_responses, attention_mask, context_length,
-                                         needed, self.overhead, self.multiple)
+        hidden = grouped_response_hidden(
+            self.value_model.base_model,
+            query_responses,
+            attention_mask,
+            context_length,
+            needed,
+            self.overhead,
+            self.multiple,
+        )
         return self.value_model.score(hidden).squeeze(-1).float()
 
 
-def forward_in_chunks(forward, query_responses: torch.Tensor, attention_mask: torch.Tensor, context_length: int,
-                      sequence_lengths: torch.Tensor, chunk_size: int) -> list:
+def forward_in_chunks(
+    forward,
+    query_responses: torch.Tensor,
+    attention_mask: torch.Tensor,
+    context_length: int,
+    sequence_lengths: torch.Tensor,
+    chunk_size: int,
+) -> list:
     """forward(query_responses, attention_mask, context_length, needed) -> [rows, max(needed)] tensors, run on chunks of
     chunk_size rows of the whole padded rollout batch; the outputs right-padded with 0 to the response width and
     stacked. needed = each row's stop token + 2 (the value at sequence_length + 1 receives the score), capped at the
@@ -755,8 +861,10 @@ def forward_in_chunks(forward, query_responses: torch.Tensor, attention_mask: to
     width = query_responses.shape[1] - context_length
     outputs = []
     for i in range(0, len(query_responses), chunk_size):
-        needed = (sequence_lengths[i: i + chunk_size] + 2).clamp(max=width)
-        chunk = forward(query_responses[i: i + chunk_size], attention_mask[i: i + chunk_size], context_length, needed)
+        needed = (sequence_lengths[i : i + chunk_size] + 2).clamp(max=width)
+        chunk = forward(
+            query_responses[i : i + chunk_size], attention_mask[i : i + chunk_size], context_length, needed
+        )
         outputs.append([F.pad(out, (0, width - out.shape[1])) for out in chunk])
     return [torch.cat(parts) for parts in zip(*outputs)]
 
@@ -771,9 +879,16 @@ def sample_tokens(probs: torch.Tensor, generator: torch.Generator) -> torch.Tens
 
 
 @torch.no_grad()
-def generate(policy: nn.Module, queries: torch.Tensor, query_mask: torch.Tensor, response_length: int,
-             temperature: float, stop_token_id: Optional[int], generator: torch.Generator,
-             sync_processes: bool = False) -> torch.Tensor:
+def generate(
+    policy: nn.Module,
+    queries: torch.Tensor,
+    query_mask: torch.Tensor,
+    response_length: int,
+    temperature: float,
+    stop_token_id: Optional[int],
+    generator: torch.Generator,
+    sync_processes: bool = False,
+) -> torch.Tensor:
     """Sample up to response_length tokens (top_k 0, top_p 1) with a KV cache, computing the LM head on the last
     position only, and stop as soon as every row has produced the stop token. With sync_processes (sharded ZeRO-3
     weights: each forward is collective), stop only when every row of every process has."""
@@ -798,15 +913,25 @@ def generate(policy: nn.Module, queries: torch.Tensor, query_mask: torch.Tensor,
                 break
         if step + 1 < response_length:
             attention_mask = torch.cat([attention_mask, torch.ones_like(token)], dim=1)
-            out = backbone(input_ids=token, attention_mask=attention_mask, position_ids=next_position,
-                           past_key_values=out.past_key_values, use_cache=True)
+            out = backbone(
+                input_ids=token,
+                attention_mask=attention_mask,
+                position_ids=next_position,
+                past_key_values=out.past_key_values,
+                use_cache=True,
+            )
             next_position = next_position + 1
     return torch.cat(tokens, dim=1)
 
 
 @torch.no_grad()
-def get_score(reward_model: nn.Module, query_responses: torch.Tensor, attention_mask: torch.Tensor,
-              overhead: Optional[int] = None, multiple: int = 1) -> torch.Tensor:
+def get_score(
+    reward_model: nn.Module,
+    query_responses: torch.Tensor,
+    attention_mask: torch.Tensor,
+    overhead: Optional[int] = None,
+    multiple: int = 1,
+) -> torch.Tensor:
     """Reward-model score read at the last attended token (left-padded query, right-padded response), computed over
     length_groups, each group trimmed to its first real token (less, to a width that is a multiple of `multiple`)
     and its last attended one."""
@@ -819,9 +944,14 @@ def get_score(reward_model: nn.Module, query_responses: torch.Tensor, attention_
         a = max(0, b - round_up(b - a, multiple))
         mask = attention_mask[index, a:b]
         position_ids = (mask.cumsum(1) - 1).clamp(min=0)
-        hidden = reward_model.base_model(input_ids=query_responses[index, a:b], attention_mask=mask,
-                                         position_ids=position_ids, use_cache=False).last_hidden_state
-        scores[index] = reward_model.score(hidden[torch.arange(len(rows), device=hidden.device), end[index] - 1 - a]).squeeze(-1).float()
+        hidden = reward_model.base_model(
+            input_ids=query_responses[index, a:b], attention_mask=mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+        scores[index] = (
+            reward_model.score(hidden[torch.arange(len(rows), device=hidden.device), end[index] - 1 - a])
+            .squeeze(-1)
+            .float()
+        )
     return scores
 
 
@@ -830,7 +960,7 @@ def left_pad(sequences: list, pad_token_id: int, multiple: int = 1) -> tuple:
     width = round_up(max(len(s) for s in sequences), multiple)
     input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
     for i, s in enumerate(sequences):
-        input_ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        input_ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
     attention_mask = torch.arange(width)[None, :] >= torch.tensor([width - len(s) for s in sequences])[:, None]
     return input_ids, attention_mask.long()
 
@@ -845,9 +975,13 @@ def rng_state(sampling_generator: torch.Generator) -> dict:
     """Every random state of this process, as tensors and ints so that torch.load(weights_only=True) reads it."""
     version, mt, gauss = random.getstate()
     np_state = np.random.get_state()
-    return {"python": [version, torch.tensor(mt, dtype=torch.int64), gauss], "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
-            "numpy_rest": [np_state[0], np_state[2], np_state[3], np_state[4]], "torch": torch.get_rng_state(),
-            "sampling": sampling_generator.get_state()}
+    return {
+        "python": [version, torch.tensor(mt, dtype=torch.int64), gauss],
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_rest": [np_state[0], np_state[2], np_state[3], np_state[4]],
+        "torch": torch.get_rng_state(),
+        "sampling": sampling_generator.get_state(),
+    }
 
 
 def set_rng_state(state: dict, sampling_generator: torch.Generator) -> None:
@@ -882,8 +1016,10 @@ def add_pad_token(tokenizer) -> Optional[str]:
         return None
     before = tokenizer.pad_token
     tokenizer.add_special_tokens({"pad_token": "[PAD]"})
-    return (f"the tokenizer's pad token was {before!r} (EOS {tokenizer.eos_token!r}): added a dedicated pad token "
-            f"{tokenizer.pad_token!r} (id {tokenizer.pad_token_id}), saved with the output")
+    return (
+        f"the tokenizer's pad token was {before!r} (EOS {tokenizer.eos_token!r}): added a dedicated pad token "
+        f"{tokenizer.pad_token!r} (id {tokenizer.pad_token_id}), saved with the output"
+    )
 
 
 def context_length(config) -> Optional[int]:
@@ -902,8 +1038,10 @@ def vocabulary_mismatch(tokenizer, embedding_rows: int, model_tokenizer=None) ->
     read the policy tokenizer's ids, or None. Fewer rows crash mid-run on an id past them; another tokenizer of the same
     size scores other words. The pad tokens are left out: a pad is only ever read where the attention mask is 0."""
     if len(tokenizer) > embedding_rows:
-        return (f"has {embedding_rows} embedding rows, fewer than the {len(tokenizer)} tokens of the policy's tokenizer "
-                f"(pad {tokenizer.pad_token!r} is id {tokenizer.pad_token_id})")
+        return (
+            f"has {embedding_rows} embedding rows, fewer than the {len(tokenizer)} tokens of the policy's tokenizer "
+            f"(pad {tokenizer.pad_token!r} is id {tokenizer.pad_token_id})"
+        )
     if model_tokenizer is None:
         return None
     ours, theirs = tokenizer.get_vocab(), model_tokenizer.get_vocab()
@@ -913,8 +1051,10 @@ def vocabulary_mismatch(tokenizer, embedding_rows: int, model_tokenizer=None) ->
         examples = ", ".join(f"{t!r}: {ours.get(t)} vs {theirs.get(t)}" for t in differ[:3])
         return f"was saved with another tokenizer: {len(differ)} tokens have other ids (policy vs its own: {examples})"
     if model_tokenizer.eos_token_id is not None and model_tokenizer.eos_token_id != tokenizer.eos_token_id:
-        return (f"was saved with EOS {model_tokenizer.eos_token!r} (id {model_tokenizer.eos_token_id}), the policy's "
-                f"tokenizer has {tokenizer.eos_token!r} (id {tokenizer.eos_token_id})")
+        return (
+            f"was saved with EOS {model_tokenizer.eos_token!r} (id {model_tokenizer.eos_token_id}), the policy's "
+            f"tokenizer has {tokenizer.eos_token!r} (id {tokenizer.eos_token_id})"
+        )
     return None
 
 
@@ -967,8 +1107,11 @@ def lock_output_dir(output_dir: str) -> None:
             except BlockingIOError:
                 owner = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
-                fail("output_dir", f"{output_dir!r} is in use by another run (process {owner}); wait for it to end or "
-                                   "pick another --output-dir")
+                fail(
+                    "output_dir",
+                    f"{output_dir!r} is in use by another run (process {owner}); wait for it to end or "
+                    "pick another --output-dir",
+                )
             if os.path.exists(path + ".lock") and os.stat(path + ".lock").st_ino == os.fstat(fd).st_ino:
                 break  # else the previous holder removed the file while we waited for it: lock the new one
             os.close(fd)
@@ -1025,8 +1168,10 @@ def publish_output(output_dir: str, write) -> None:
         write(path + ".partial")
     except Exception as e:  # e.g. a full disk: torch and safetensors report it as their own error types
         shutil.rmtree(path + ".partial", ignore_errors=True)
-        sys.exit(f"error: could not write the final output ({type(e).__name__}: {e}); {output_dir!r} holds what it "
-                 "held before, with this run's checkpoints")
+        sys.exit(
+            f"error: could not write the final output ({type(e).__name__}: {e}); {output_dir!r} holds what it "
+            "held before, with this run's checkpoints"
+        )
     os.replace(path + ".partial", path + ".new")
     finish_interrupted_save(output_dir)
 
@@ -1037,8 +1182,11 @@ def seal_checkpoint(tmp: str, folder: str, keep: Optional[int]) -> None:
     renamed, so it always names a complete checkpoint), and the checkpoints beyond --save-total-limit go: the
     oldest by number among those before this one, and any numbered after it (left by a run it was resumed from
     before them, so older than this one)."""
-    sizes = {os.path.relpath(os.path.join(d, f), tmp): os.path.getsize(os.path.join(d, f))
-             for d, _, files in os.walk(tmp) for f in files}
+    sizes = {
+        os.path.relpath(os.path.join(d, f), tmp): os.path.getsize(os.path.join(d, f))
+        for d, _, files in os.walk(tmp)
+        for f in files
+    }
     with open(os.path.join(tmp, "manifest.json"), "w") as f:
         json.dump(sizes, f, indent=0, sort_keys=True)
     shutil.rmtree(folder, ignore_errors=True)
@@ -1047,7 +1195,7 @@ def seal_checkpoint(tmp: str, folder: str, keep: Optional[int]) -> None:
     with open(os.path.join(parent, "latest.tmp"), "w") as f:
         f.write(name)
     os.replace(os.path.join(parent, "latest.tmp"), os.path.join(parent, "latest"))
-    number = int(name[len("checkpoint-"):])
+    number = int(name[len("checkpoint-") :])
     others = [int(n[11:]) for n in os.listdir(parent) if n.startswith("checkpoint-") and n[11:].isdigit()]
     before = sorted(n for n in others if n < number)
     remove = [n for n in others if n > number] + (before[: max(len(before) - keep + 1, 0)] if keep else [])
@@ -1079,8 +1227,14 @@ def latest_checkpoint(output_dir: str) -> tuple:
     """The checkpoint that `--resume-from-checkpoint latest` continues: the one `checkpoints/latest` names, or if it
     is damaged the newest intact one. Returns (its path or None, a note on each damaged one skipped)."""
     folder = os.path.join(output_dir, "checkpoints")
-    names = sorted((n for n in os.listdir(folder) if n.startswith("checkpoint-") and n[11:].isdigit()),
-                   key=lambda n: -int(n[11:])) if os.path.isdir(folder) else []
+    names = (
+        sorted(
+            (n for n in os.listdir(folder) if n.startswith("checkpoint-") and n[11:].isdigit()),
+            key=lambda n: -int(n[11:]),
+        )
+        if os.path.isdir(folder)
+        else []
+    )
     if os.path.isfile(os.path.join(folder, "latest")):
         with open(os.path.join(folder, "latest")) as f:
             pointed = f.read().strip()
@@ -1100,13 +1254,18 @@ STOP = {"signal": None}  # set by the handler below; the training loop reads it 
 def stop_on_signals() -> None:
     """SIGINT (Ctrl-C) and SIGTERM (what clusters send before pre-empting a job) ask the run to stop after the
     current update, with a checkpoint; a second signal stops it at once."""
+
     def handler(signum, frame):
         if STOP["signal"] is not None:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
         STOP["signal"] = signum
-        print(f"{signal.Signals(signum).name} received: stopping after the current update with a checkpoint "
-              "(send it again to stop at once)", file=sys.stderr, flush=True)
+        print(
+            f"{signal.Signals(signum).name} received: stopping after the current update with a checkpoint "
+            "(send it again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, handler)
@@ -1129,12 +1288,17 @@ def resolve_resume(resume: Optional[str], output_dir: str) -> Optional[str]:
     if resume == "latest":
         found, skipped = latest_checkpoint(output_dir)
         if found is None:
-            fail("resume_from_checkpoint", f"no {'intact ' if skipped else ''}checkpoint in {where!r}"
-                                           f"{' (' + '; '.join(skipped) + ')' if skipped else ''}; start without "
-                                           "--resume-from-checkpoint")
+            fail(
+                "resume_from_checkpoint",
+                f"no {'intact ' if skipped else ''}checkpoint in {where!r}"
+                f"{' (' + '; '.join(skipped) + ')' if skipped else ''}; start without "
+                "--resume-from-checkpoint",
+            )
         for note in skipped:
-            print(f"warning: {note}: resuming from {os.path.basename(found)}, the newest intact checkpoint",
-                  file=sys.stderr)
+            print(
+                f"warning: {note}: resuming from {os.path.basename(found)}, the newest intact checkpoint",
+                file=sys.stderr,
+            )
         return found
     problem = checkpoint_problem(resume)
     if problem:
@@ -1147,8 +1311,10 @@ def load_resume_state(resume_dir: str) -> dict:
     try:
         return torch.load(os.path.join(resume_dir, "state.pt"), weights_only=True)
     except Exception as e:  # truncated or overwritten: torch raises several types
-        fail("resume_from_checkpoint", f"{os.path.join(resume_dir, 'state.pt')!r} cannot be read ({e}); pass another "
-                                       "checkpoint")
+        fail(
+            "resume_from_checkpoint",
+            f"{os.path.join(resume_dir, 'state.pt')!r} cannot be read ({e}); pass another checkpoint",
+        )
 
 
 def explain_remote_code_errors() -> None:
@@ -1158,8 +1324,11 @@ def explain_remote_code_errors() -> None:
 
     def hook(kind, error, traceback):
         if issubclass(kind, ValueError) and "trust_remote_code=True" in str(error):
-            print(f"error: --trust-remote-code: {str(error).splitlines()[0].strip()} Pass --trust-remote-code if you "
-                  "trust that code.", file=sys.stderr)
+            print(
+                f"error: --trust-remote-code: {str(error).splitlines()[0].strip()} Pass --trust-remote-code if you "
+                "trust that code.",
+                file=sys.stderr,
+            )
         else:
             default(kind, error, traceback)
 
@@ -1172,8 +1341,11 @@ def changed_arguments(saved_args: str, args, may_change: set) -> list:
     saved, now = json.loads(saved_args), json.loads(json.dumps(asdict(args)))  # as saved: lists, not tuples
     # A flag newer than the checkpoint was not there to set: that run had today's default.
     saved = {**json.loads(json.dumps(asdict(type(args)()))), **saved}
-    return [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {v!r})" for k, v in now.items()
-            if k not in may_change and saved.get(k) != v]
+    return [
+        f"--{k.replace('_', '-')} {saved.get(k)!r} (now {v!r})"
+        for k, v in now.items()
+        if k not in may_change and saved.get(k) != v
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1201,35 +1373,85 @@ if __name__ == "__main__":
             print(repaired)
     resume_dir = resolve_resume(args.resume_from_checkpoint, args.output_dir)
     resume_state = load_resume_state(resume_dir) if resume_dir else None
-    if resume_state is not None and resume_state.get("script", os.path.basename(__file__)) != os.path.basename(__file__):
-        fail("resume_from_checkpoint", f"{resume_dir!r} was written by {resume_state['script']}; pass a checkpoint of "
-                                       f"{os.path.basename(__file__)}")
+    if resume_state is not None and resume_state.get("script", os.path.basename(__file__)) != os.path.basename(
+        __file__
+    ):
+        fail(
+            "resume_from_checkpoint",
+            f"{resume_dir!r} was written by {resume_state['script']}; pass a checkpoint of "
+            f"{os.path.basename(__file__)}",
+        )
     if resume_state is not None:
         # Resuming continues the checkpoint's run: only where and how often things are written, tracking and memory
         # savers may differ; anything else would silently train another model (evaluation settings too: evaluation
         # draws from the sampling generator).
-        changed = changed_arguments(resume_state.get("args", "{}"), args, {
-            "exp_name", "track", "wandb_project_name", "wandb_entity", "output_dir", "overwrite_output_dir",
-            "push_to_hub", "hub_model_id", "trust_remote_code", "logging_steps", "save_steps", "save_total_limit",
-            "resume_from_checkpoint", "gradient_checkpointing", "dataset_num_proc", "merge_adapter_on_save"})
+        changed = changed_arguments(
+            resume_state.get("args", "{}"),
+            args,
+            {
+                "exp_name",
+                "track",
+                "wandb_project_name",
+                "wandb_entity",
+                "output_dir",
+                "overwrite_output_dir",
+                "push_to_hub",
+                "hub_model_id",
+                "trust_remote_code",
+                "logging_steps",
+                "save_steps",
+                "save_total_limit",
+                "resume_from_checkpoint",
+                "gradient_checkpointing",
+                "dataset_num_proc",
+                "merge_adapter_on_save",
+            },
+        )
         if changed:
-            fail("resume_from_checkpoint", f"{resume_dir!r} was written by a run with {', '.join(changed)}; resume "
-                                           "with the same values, or start a new run")
-    if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not (args.overwrite_output_dir or resume_dir):
-        fail("output_dir", f"{args.output_dir!r} exists and is not empty; pass --overwrite-output-dir, "
-                           "--resume-from-checkpoint latest, or another path")
+            fail(
+                "resume_from_checkpoint",
+                f"{resume_dir!r} was written by a run with {', '.join(changed)}; resume "
+                "with the same values, or start a new run",
+            )
+    if (
+        os.path.isdir(args.output_dir)
+        and os.listdir(args.output_dir)
+        and not (args.overwrite_output_dir or resume_dir)
+    ):
+        fail(
+            "output_dir",
+            f"{args.output_dir!r} exists and is not empty; pass --overwrite-output-dir, "
+            "--resume-from-checkpoint latest, or another path",
+        )
     if args.save_steps < 0 or (args.save_total_limit is not None and args.save_total_limit < 1):
-        fail("save_steps", f"--save-steps {args.save_steps} must be >= 0 and --save-total-limit "
-                           f"{args.save_total_limit} >= 1 (or None)")
+        fail(
+            "save_steps",
+            f"--save-steps {args.save_steps} must be >= 0 and --save-total-limit "
+            f"{args.save_total_limit} >= 1 (or None)",
+        )
     if args.stop_token is not None and args.stop_token_id is not None:
-        fail("stop_token_id", f"both --stop-token {args.stop_token} and --stop-token-id {args.stop_token_id} are set; "
-                              "pass --stop-token None to stop on the id, or drop --stop-token-id")
+        fail(
+            "stop_token_id",
+            f"both --stop-token {args.stop_token} and --stop-token-id {args.stop_token_id} are set; "
+            "pass --stop-token None to stop on the id, or drop --stop-token-id",
+        )
     if args.push_to_hub:
         check_push_to_hub(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)))
     if args.missing_eos_penalty is not None and args.missing_eos_penalty < 0:
-        fail("missing_eos_penalty", f"is {args.missing_eos_penalty}; it is subtracted from the score, so it must be >= 0")
-    for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "num_mini_batches", "num_ppo_epochs",
-                 "local_rollout_forward_batch_size", "response_length", "logging_steps", "eval_steps"):
+        fail(
+            "missing_eos_penalty",
+            f"is {args.missing_eos_penalty}; it is subtracted from the score, so it must be >= 0",
+        )
+    for name in (
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "num_mini_batches",
+        "num_ppo_epochs",
+        "local_rollout_forward_batch_size",
+        "response_length",
+        "logging_steps",
+        "eval_steps",
+    ):
         if getattr(args, name) <= 0:
             fail(name, f"must be a positive integer, got {getattr(args, name)}")
     if args.pad_to_multiple_of is not None and args.pad_to_multiple_of < 1:
@@ -1243,29 +1465,41 @@ if __name__ == "__main__":
     for name in ("gamma", "lam", "warmup_ratio"):
         if not 0 <= getattr(args, name) <= 1:
             fail(name, f"must be in [0, 1], got {getattr(args, name)}")
-    if not 0 <= args.seed < 2 ** 32:
+    if not 0 <= args.seed < 2**32:
         fail("seed", f"must be in [0, 2**32 - 1] (numpy's seed range), got {args.seed}")
     for name in ("adam_epsilon", "max_grad_norm"):
         if getattr(args, name) is not None and not getattr(args, name) > 0:
-            fail(name, f"must be positive, got {getattr(args, name)}"
-                       + (" (None: no clipping)" if name == "max_grad_norm" else ""))
+            fail(
+                name,
+                f"must be positive, got {getattr(args, name)}"
+                + (" (None: no clipping)" if name == "max_grad_norm" else ""),
+            )
     for name in ("adam_beta1", "adam_beta2"):
         if not 0 <= getattr(args, name) < 1:
             fail(name, f"must be in [0, 1), got {getattr(args, name)}")
     if not args.weight_decay >= 0:
         fail("weight_decay", f"must be >= 0, got {args.weight_decay}")
     if local_batch_size % args.num_mini_batches != 0:
-        fail("num_mini_batches", f"the per-process batch of {local_batch_size} rollouts (per_device_train_batch_size "
-                                 f"{args.per_device_train_batch_size} x gradient_accumulation_steps "
-                                 f"{args.gradient_accumulation_steps}) does not split into {args.num_mini_batches} "
-                                 "mini-batches")
+        fail(
+            "num_mini_batches",
+            f"the per-process batch of {local_batch_size} rollouts (per_device_train_batch_size "
+            f"{args.per_device_train_batch_size} x gradient_accumulation_steps "
+            f"{args.gradient_accumulation_steps}) does not split into {args.num_mini_batches} "
+            "mini-batches",
+        )
     if local_mini_batch_size % args.per_device_train_batch_size != 0:
-        fail("num_mini_batches", f"a mini-batch of {local_mini_batch_size} rollouts does not split into micro-batches "
-                                 f"of {args.per_device_train_batch_size}; make gradient_accumulation_steps "
-                                 f"({args.gradient_accumulation_steps}) a multiple of num_mini_batches")
+        fail(
+            "num_mini_batches",
+            f"a mini-batch of {local_mini_batch_size} rollouts does not split into micro-batches "
+            f"of {args.per_device_train_batch_size}; make gradient_accumulation_steps "
+            f"({args.gradient_accumulation_steps}) a multiple of num_mini_batches",
+        )
     if args.total_episodes < batch_size:
-        fail("total_episodes", f"{args.total_episodes} is less than one update's batch of {batch_size} episodes "
-                               f"({local_batch_size} per process x {world_size} processes)")
+        fail(
+            "total_episodes",
+            f"{args.total_episodes} is less than one update's batch of {batch_size} episodes "
+            f"({local_batch_size} per process x {world_size} processes)",
+        )
     if args.whiten_rewards and local_mini_batch_size < 8:
         fail("whiten_rewards", f"needs at least 8 rollouts per mini-batch per process, got {local_mini_batch_size}")
     for arg in ("model_name_or_path", "sft_model_path", "reward_model_path", "value_model_path"):
@@ -1273,19 +1507,33 @@ if __name__ == "__main__":
         # A hub id is `name` or `org/name`; anything else that does not exist is a missing local folder.
         looks_local = path is not None and (path.startswith((".", "/", "~")) or path.count("/") > 1)
         if path is not None and not os.path.exists(path) and (looks_local or os.environ.get("HF_HUB_OFFLINE") == "1"):
-            fail(arg, f"{path!r} does not exist; pass a local folder or a hub id (the embedded task's models are "
-                      "made by `python tiny_tldr.py --with-models`)")
+            fail(
+                arg,
+                f"{path!r} does not exist; pass a local folder or a hub id (the embedded task's models are "
+                "made by `python tiny_tldr.py --with-models`)",
+            )
     sft_is_adapter = os.path.isfile(os.path.join(args.sft_model_path, "adapter_config.json"))
     model_adapter_name = args.model_adapter_name or "default"
-    if not args.use_peft and (args.model_adapter_name or args.ref_adapter_name or args.merge_adapter_on_save or sft_is_adapter):
-        fail("use_peft", "--model-adapter-name, --ref-adapter-name, --merge-adapter-on-save and an adapter folder as "
-                         "--sft-model-path are LoRA settings; add --use-peft")
+    if not args.use_peft and (
+        args.model_adapter_name or args.ref_adapter_name or args.merge_adapter_on_save or sft_is_adapter
+    ):
+        fail(
+            "use_peft",
+            "--model-adapter-name, --ref-adapter-name, --merge-adapter-on-save and an adapter folder as "
+            "--sft-model-path are LoRA settings; add --use-peft",
+        )
     if sft_is_adapter and not args.ref_adapter_name:
-        fail("ref_adapter_name", f"{args.sft_model_path!r} is a LoRA adapter: the reference must be that adapter, not "
-                                 "the base model; pass --ref-adapter-name reference (any name but the trained one's)")
+        fail(
+            "ref_adapter_name",
+            f"{args.sft_model_path!r} is a LoRA adapter: the reference must be that adapter, not "
+            "the base model; pass --ref-adapter-name reference (any name but the trained one's)",
+        )
     if args.ref_adapter_name and not sft_is_adapter:
-        fail("ref_adapter_name", f"{args.sft_model_path!r} is not a LoRA adapter folder (no adapter_config.json): the "
-                                 "reference is the policy with its adapter disabled; drop --ref-adapter-name")
+        fail(
+            "ref_adapter_name",
+            f"{args.sft_model_path!r} is not a LoRA adapter folder (no adapter_config.json): the "
+            "reference is the policy with its adapter disabled; drop --ref-adapter-name",
+        )
     if args.ref_adapter_name and args.ref_adapter_name == model_adapter_name:
         fail("ref_adapter_name", f"is the trained adapter's name {model_adapter_name!r}; pick another")
     try:
@@ -1294,48 +1542,73 @@ if __name__ == "__main__":
         fail("dataset_name", f"could not load {args.dataset_name!r} (is it empty, or not a dataset?): {e}")
     train_data, eval_data = pick_splits(splits, args.dataset_name, args.dataset_train_split, args.dataset_test_split)
     final_data = splits.get(args.dataset_final_eval_split) if args.dataset_final_eval_split is not None else None
-    for data, split in ((train_data, args.dataset_train_split), (eval_data, args.dataset_test_split),
-                        (final_data, args.dataset_final_eval_split)):
+    for data, split in (
+        (train_data, args.dataset_train_split),
+        (eval_data, args.dataset_test_split),
+        (final_data, args.dataset_final_eval_split),
+    ):
         where = repr(args.dataset_name) if None in splits else f"split {split!r} of {args.dataset_name!r}"
         if data is None:
             continue
         missing = {"prompt", "completion"} - set(data.column_names)
         if missing:
-            fail("dataset_name", f"{where} lacks columns {sorted(missing)} (it has {data.column_names}); the TL;DR "
-                                 "format is `prompt` + reference `completion`")
+            fail(
+                "dataset_name",
+                f"{where} lacks columns {sorted(missing)} (it has {data.column_names}); the TL;DR "
+                "format is `prompt` + reference `completion`",
+            )
         if len(data) == 0:
             fail("dataset_name", f"{where} is empty")
         # Conversational prompts are refused here: the saved generations are for judges that read TL;DR text.
         if column_kind(data, "prompt", where)[0] == "conversation":
-            fail("dataset_name", f"{where} has conversational prompts; this TL;DR variant takes TL;DR text prompts: "
-                                 "use ppo_rlhf.py for conversations")
+            fail(
+                "dataset_name",
+                f"{where} has conversational prompts; this TL;DR variant takes TL;DR text prompts: "
+                "use ppo_rlhf.py for conversations",
+            )
         # The TL;DR prompt format: "SUBREDDIT: r/...\n\nTITLE: ...\n\nPOST: ...\n\nTL;DR:" (no trailing space).
         bad = [p for p in data["prompt"] if not (p.startswith("SUBREDDIT: r/") and p.endswith("\n\nTL;DR:"))]
         if bad:
-            fail("dataset_name", f"{len(bad)} of {len(data)} prompts in split {split!r} are not in the TL;DR format "
-                                 f"'SUBREDDIT: r/...\\n\\nTITLE: ...\\n\\nPOST: ...\\n\\nTL;DR:', e.g. {bad[0][-80:]!r}; "
-                                 "use ppo_rlhf.py for other prompt formats")
+            fail(
+                "dataset_name",
+                f"{len(bad)} of {len(data)} prompts in split {split!r} are not in the TL;DR format "
+                f"'SUBREDDIT: r/...\\n\\nTITLE: ...\\n\\nPOST: ...\\n\\nTL;DR:', e.g. {bad[0][-80:]!r}; "
+                "use ppo_rlhf.py for other prompt formats",
+            )
     prompt_kind = "text"  # conversations were refused above
     split_note = f"evaluating on split {args.dataset_test_split!r}"
     if eval_data is None:
-        train_data, eval_data, split_note = hold_out(train_data, args.dataset_name, args.dataset_train_split,
-                                                     args.dataset_test_split)
+        train_data, eval_data, split_note = hold_out(
+            train_data, args.dataset_name, args.dataset_train_split, args.dataset_test_split
+        )
     if args.dataset_final_eval_split is not None and final_data is None:  # the same rule: the held-out rows
         final_data = eval_data
         split_note += f"; the final evaluation uses them too (no {args.dataset_final_eval_split!r} split)"
     if len(train_data) < local_batch_size:
-        fail("dataset_train_split", f"{len(train_data)} prompts cannot fill one per-process batch of "
-                                    f"{local_batch_size} ({split_note})")
+        fail(
+            "dataset_train_split",
+            f"{len(train_data)} prompts cannot fill one per-process batch of {local_batch_size} ({split_note})",
+        )
 
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        get_scheduler,
+    )
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, padding_side="left",
-                                              trust_remote_code=args.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(
+        args.model_name_or_path, padding_side="left", trust_remote_code=args.trust_remote_code
+    )
     added_pad = add_pad_token(tokenizer)  # logged below, once
     if prompt_kind == "conversation" and not tokenizer.chat_template:
-        fail("model_name_or_path", f"the tokenizer of {args.model_name_or_path!r} has no chat template, which "
-                                   "conversational prompts need; use an instruct model's tokenizer, set "
-                                   "tokenizer.chat_template and save it, or give the prompts as strings")
+        fail(
+            "model_name_or_path",
+            f"the tokenizer of {args.model_name_or_path!r} has no chat template, which "
+            "conversational prompts need; use an instruct model's tokenizer, set "
+            "tokenizer.chat_template and save it, or give the prompts as strings",
+        )
     value_model_path = args.value_model_path or args.reward_model_path
     sft_config_path = args.sft_model_path
     if sft_is_adapter:
@@ -1344,20 +1617,27 @@ if __name__ == "__main__":
     # From the configs and saved tokenizers only, before any weights load: every model reads the policy tokenizer's
     # ids, and prompt + response fits every model's context.
     contexts, reward_shift = [], 0.0
-    for arg, path, config_path in (("sft_model_path", args.sft_model_path, sft_config_path),
-                                   ("reward_model_path", args.reward_model_path, args.reward_model_path),
-                                   ("value_model_path", value_model_path, value_model_path)):
+    for arg, path, config_path in (
+        ("sft_model_path", args.sft_model_path, sft_config_path),
+        ("reward_model_path", args.reward_model_path, args.reward_model_path),
+        ("value_model_path", value_model_path, value_model_path),
+    ):
         config = AutoConfig.from_pretrained(config_path, trust_remote_code=args.trust_remote_code)
         # A trained classifier must have one label; a plain LM (TRL's get-started uses Pythia itself) gets a new
         # one-output head, as TRL did.
         is_classifier = any("ForSequenceClassification" in a for a in config.architectures or [])
         if arg != "sft_model_path" and is_classifier and config.num_labels != 1:
-            fail(arg, f"{path!r} has {config.num_labels} labels; a reward/value model outputs one scalar (num_labels=1)")
+            fail(
+                arg, f"{path!r} has {config.num_labels} labels; a reward/value model outputs one scalar (num_labels=1)"
+            )
         model_tokenizer = saved_tokenizer(path, args.trust_remote_code) if path != args.model_name_or_path else None
         problem = vocabulary_mismatch(tokenizer, config.get_text_config().vocab_size, model_tokenizer)
         if problem:
-            fail(arg, f"{path!r} {problem}; every model must be trained with the tokenizer of --model-name-or-path "
-                      "(sft.py and reward_modeling.py save it, adding [PAD] and resizing the embeddings if needed)")
+            fail(
+                arg,
+                f"{path!r} {problem}; every model must be trained with the tokenizer of --model-name-or-path "
+                "(sft.py and reward_modeling.py save it, adding [PAD] and resizing the embeddings if needed)",
+            )
         contexts.append(context_length(config))
         if arg == "sft_model_path":
             sft_config = config
@@ -1365,13 +1645,19 @@ if __name__ == "__main__":
             reward_shift = float(getattr(config, "reward_shift", 0.0))
     context = min((c for c in contexts if c), default=None)
     if context is not None and args.response_length >= context:
-        fail("response_length", f"{args.response_length} tokens leave no room for a prompt in the models' context of "
-                                f"{context} tokens (max_position_embeddings); lower it")
+        fail(
+            "response_length",
+            f"{args.response_length} tokens leave no room for a prompt in the models' context of "
+            f"{context} tokens (max_position_embeddings); lower it",
+        )
     model_type = sft_config.get_text_config().model_type
     if model_type in UNSUPPORTED_LOGIT_TRANSFORMS:
-        fail("sft_model_path", f"{sft_config_path!r} is a {model_type} model, whose forward transforms its logits in a way "
-                               "this script does not reproduce (it would train on another distribution than the "
-                               "model's); use another architecture")
+        fail(
+            "sft_model_path",
+            f"{sft_config_path!r} is a {model_type} model, whose forward transforms its logits in a way "
+            "this script does not reproduce (it would train on another distribution than the "
+            "model's); use another architecture",
+        )
     if args.stop_token == "eos":
         stop_token_id = tokenizer.eos_token_id
     # The EOS trick checks the configured stop token (TRL checked EOS even with a custom stop_token_id).
@@ -1389,14 +1675,18 @@ if __name__ == "__main__":
     on_cpu = not torch.cuda.is_available()
     deepspeed_launch = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     accelerator = Accelerator(
-        cpu=on_cpu and not deepspeed_launch, mixed_precision="bf16" if args.bf16 else "no",
+        cpu=on_cpu and not deepspeed_launch,
+        mixed_precision="bf16" if args.bf16 else "no",
         # One optimizer step per mini-batch: accelerate (and the DeepSpeed engine) accumulate micro_per_mini backward
         # passes, whatever gradient_accumulation_steps the launcher's config says.
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=micro_per_mini, sync_with_dataloader=False),
-        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if on_cpu and world_size > 1 else [])
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if on_cpu and world_size > 1 else [],
+    )
     is_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     if accelerator.num_processes != world_size:
-        fail("num_processes", f"WORLD_SIZE says {world_size} processes but accelerate runs {accelerator.num_processes}")
+        fail(
+            "num_processes", f"WORLD_SIZE says {world_size} processes but accelerate runs {accelerator.num_processes}"
+        )
     device = accelerator.device
     if added_pad:
         accelerator.print(added_pad)
@@ -1409,16 +1699,23 @@ if __name__ == "__main__":
     if args.track and accelerator.is_main_process:
         import wandb
 
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=run_name,
-                   save_code=True)
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            config=asdict(args),
+            name=run_name,
+            save_code=True,
+        )
         wandb.define_metric("train/episode")
         wandb.define_metric("train/*", step_metric="train/episode")
         wandb.define_metric("eval/*", step_metric="train/episode")
     # Data: tokenised once (conversations through the chat template); left padding happens per batch.
     accelerator.print(split_note)
     if prompt_kind == "text" and tokenizer.chat_template:
-        accelerator.print("note: the tokenizer has a chat template, but the prompts are plain text: they are used as "
-                          "they are, as TRL's PPO did (give lists of {role, content} messages to have it applied)")
+        accelerator.print(
+            "note: the tokenizer has a chat template, but the prompts are plain text: they are used as "
+            "they are, as TRL's PPO did (give lists of {role, content} messages to have it applied)"
+        )
 
     def tokenize(batch):
         return {"input_ids": prompt_token_ids(tokenizer, batch["prompt"])}
@@ -1427,25 +1724,38 @@ if __name__ == "__main__":
         """Token ids and reference completions of the prompts that fit in max_prompt_length, counted in the log."""
         ids = data.map(tokenize, batched=True, num_proc=args.dataset_num_proc, keep_in_memory=True)["input_ids"]
         if any(len(x) and x[-1] == tokenizer.eos_token_id for x in ids):
-            fail("dataset_name", f"some prompts of split {split!r} end with the EOS token; the policy would see a "
-                                 "finished text. Strip EOS from the prompts")
+            fail(
+                "dataset_name",
+                f"some prompts of split {split!r} end with the EOS token; the policy would see a "
+                "finished text. Strip EOS from the prompts",
+            )
         # Prompt + response must also fit the models' context (absolute positions would index past their table,
         # rotary ones extrapolate).
         limit = min(args.max_prompt_length, context - args.response_length) if context else args.max_prompt_length
         keep = [i for i, x in enumerate(ids) if 0 < len(x) <= limit]
-        reason = (f"--max-prompt-length {limit}" if limit == args.max_prompt_length else f"{limit} tokens (the models' "
-                  f"context of {context} minus --response-length {args.response_length})")
-        accelerator.print(f"split {split!r}: dropped {len(ids) - len(keep)} of {len(ids)} prompts longer than {reason}")
+        reason = (
+            f"--max-prompt-length {limit}"
+            if limit == args.max_prompt_length
+            else f"{limit} tokens (the models' context of {context} minus --response-length {args.response_length})"
+        )
+        accelerator.print(
+            f"split {split!r}: dropped {len(ids) - len(keep)} of {len(ids)} prompts longer than {reason}"
+        )
         if not keep:
             fail("max_prompt_length", f"every prompt of split {split!r} is longer than {limit} tokens")
         return [ids[i] for i in keep], [data[i]["completion"] for i in keep]
 
     train_ids, _ = tokenize_and_filter(train_data, args.dataset_train_split)
     if len(train_ids) < local_batch_size:
-        fail("max_prompt_length", f"only {len(train_ids)} prompts fit, fewer than one per-process batch of {local_batch_size}")
+        fail(
+            "max_prompt_length",
+            f"only {len(train_ids)} prompts fit, fewer than one per-process batch of {local_batch_size}",
+        )
     eval_data = eval_data.select(range(min(args.num_eval_prompts or len(eval_data), len(eval_data))))
     eval_ids, _ = tokenize_and_filter(eval_data, args.dataset_test_split)
-    final_ids, final_references = tokenize_and_filter(final_data, args.dataset_final_eval_split) if final_data else ([], [])
+    final_ids, final_references = (
+        tokenize_and_filter(final_data, args.dataset_final_eval_split) if final_data else ([], [])
+    )
 
     def prompts_for_update(update: int) -> list:
         """This process's prompts for a PPO update (1-based). The loader repeats forever, reshuffling each pass;
@@ -1453,10 +1763,12 @@ if __name__ == "__main__":
         per_pass = len(train_ids) // batch_size
         if per_pass:
             epoch, index = divmod(update - 1, per_pass)
-            order = prompt_order(len(train_ids), args.seed, epoch)[index * batch_size: (index + 1) * batch_size]
+            order = prompt_order(len(train_ids), args.seed, epoch)[index * batch_size : (index + 1) * batch_size]
         else:  # fewer prompts than one global batch: a fresh shuffle per update, repeated to fill it
-            order = prompt_order(len(train_ids), args.seed, update).repeat(math.ceil(batch_size / len(train_ids)))[:batch_size]
-        mine = order[accelerator.process_index * local_batch_size: (accelerator.process_index + 1) * local_batch_size]
+            order = prompt_order(len(train_ids), args.seed, update).repeat(math.ceil(batch_size / len(train_ids)))[
+                :batch_size
+            ]
+        mine = order[accelerator.process_index * local_batch_size : (accelerator.process_index + 1) * local_batch_size]
         return [train_ids[i] for i in mine.tolist()]
 
     # Only now, with every input checked, is anything written to output_dir.
@@ -1501,54 +1813,95 @@ if __name__ == "__main__":
         # disabled (or, for an SFT adapter, with that adapter loaded a second time, frozen): no reference copy.
         from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 
-        base_path = PeftConfig.from_pretrained(args.sft_model_path).base_model_name_or_path if sft_is_adapter else args.sft_model_path
+        base_path = (
+            PeftConfig.from_pretrained(args.sft_model_path).base_model_name_or_path
+            if sft_is_adapter
+            else args.sft_model_path
+        )
         policy = load(AutoModelForCausalLM, base_path)
         if resume_dir or sft_is_adapter:
-            policy = PeftModel.from_pretrained(policy, os.path.join(resume_dir, "policy") if resume_dir else args.sft_model_path,
-                                               adapter_name=model_adapter_name, is_trainable=True)
+            policy = PeftModel.from_pretrained(
+                policy,
+                os.path.join(resume_dir, "policy") if resume_dir else args.sft_model_path,
+                adapter_name=model_adapter_name,
+                is_trainable=True,
+            )
         else:
-            policy = get_peft_model(policy, LoraConfig(task_type="CAUSAL_LM", r=args.lora_r, lora_alpha=args.lora_alpha,
-                                                       lora_dropout=args.lora_dropout,
-                                                       target_modules=args.lora_target_modules), adapter_name=model_adapter_name)
+            policy = get_peft_model(
+                policy,
+                LoraConfig(
+                    task_type="CAUSAL_LM",
+                    r=args.lora_r,
+                    lora_alpha=args.lora_alpha,
+                    lora_dropout=args.lora_dropout,
+                    target_modules=args.lora_target_modules,
+                ),
+                adapter_name=model_adapter_name,
+            )
         if args.ref_adapter_name:
             policy.load_adapter(args.sft_model_path, adapter_name=args.ref_adapter_name, is_trainable=False)
             policy.set_adapter(model_adapter_name)
         ref_policy = None
-    value_model = load(AutoModelForSequenceClassification, os.path.join(resume_dir, "value_model") if resume_dir else value_model_path)
+    value_model = load(
+        AutoModelForSequenceClassification, os.path.join(resume_dir, "value_model") if resume_dir else value_model_path
+    )
     reward_model = load(AutoModelForSequenceClassification, args.reward_model_path).eval().requires_grad_(False)
     if args.gradient_checkpointing:
         for m in (policy, value_model):
             m.gradient_checkpointing_enable()
     # oneDNN (bf16 on a CPU) keeps kernels per matmul shape: rounded widths keep the number of shapes, and memory, bounded.
     pad_multiple = args.pad_to_multiple_of or (64 if args.bf16 and not torch.cuda.is_available() else 1)
-    model = PolicyAndValue(policy, value_model, GROUP_OVERHEAD if args.length_grouping else None, args.chunked_logprobs,
-                           pad_multiple)
+    model = PolicyAndValue(
+        policy, value_model, GROUP_OVERHEAD if args.length_grouping else None, args.chunked_logprobs, pad_multiple
+    )
 
     def num_params(m, trainable=False):  # ZeRO-3 may already hold only a shard of each parameter: count full sizes
-        return sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters() if p.requires_grad or not trainable) if m else 0
+        return (
+            sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters() if p.requires_grad or not trainable)
+            if m
+            else 0
+        )
 
-    reference = (f"{num_params(ref_policy)}" if ref_policy is not None else f"0 (the policy with adapter "
-                 f"{args.ref_adapter_name!r})" if args.ref_adapter_name else "0 (the policy with its adapter disabled)")
-    accelerator.print(f"parameters: policy {num_params(policy)} ({num_params(policy, True)} trained), value model "
-                      f"{num_params(value_model)}, reward model {num_params(reward_model)}, reference {reference}")
+    reference = (
+        f"{num_params(ref_policy)}"
+        if ref_policy is not None
+        else f"0 (the policy with adapter {args.ref_adapter_name!r})"
+        if args.ref_adapter_name
+        else "0 (the policy with its adapter disabled)"
+    )
+    accelerator.print(
+        f"parameters: policy {num_params(policy)} ({num_params(policy, True)} trained), value model "
+        f"{num_params(value_model)}, reward model {num_params(reward_model)}, reference {reference}"
+    )
     # fused: one kernel for all parameters (on CPU torch's default loops over them, ~5% of a TL;DR-shape update);
     # DeepSpeed keeps its own optimizer path.
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
-                                  eps=args.adam_epsilon,
-                                  betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.weight_decay,
-                                  fused=not is_deepspeed)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=args.learning_rate,
+        eps=args.adam_epsilon,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.weight_decay,
+        fused=not is_deepspeed,
+    )
     # Stepped by hand once per PPO update (accelerate's wrapper would step it once per process, DeepSpeed once per
     # optimizer step), so it is not prepared.
-    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=int(args.warmup_ratio * num_total_batches),
-                              num_training_steps=num_total_batches)
+    scheduler = get_scheduler(
+        args.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=int(args.warmup_ratio * num_total_batches),
+        num_training_steps=num_total_batches,
+    )
     zero_stage = 0
     if is_deepspeed:
         # The PPO loop relies on these, whatever the launcher's config file says: one engine step per mini-batch,
         # clipping at --max-grad-norm, and (ZeRO-3) full weights gathered for saving loadable models.
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
-        ds_config.update(train_micro_batch_size_per_gpu=args.per_device_train_batch_size,
-                         gradient_accumulation_steps=micro_per_mini, gradient_clipping=args.max_grad_norm or 0.0,
-                         train_batch_size=args.per_device_train_batch_size * micro_per_mini * world_size)
+        ds_config.update(
+            train_micro_batch_size_per_gpu=args.per_device_train_batch_size,
+            gradient_accumulation_steps=micro_per_mini,
+            gradient_clipping=args.max_grad_norm or 0.0,
+            train_batch_size=args.per_device_train_batch_size * micro_per_mini * world_size,
+        )
         zero_stage = ds_config["zero_optimization"]["stage"]
         if zero_stage == 3:
             ds_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
@@ -1568,13 +1921,18 @@ if __name__ == "__main__":
             return frozen.to(device)
         import deepspeed
 
-        eval_config = {"train_micro_batch_size_per_gpu": args.per_device_train_batch_size, "bf16": {"enabled": args.bf16},
-                       "zero_optimization": {"stage": 0}}
+        eval_config = {
+            "train_micro_batch_size_per_gpu": args.per_device_train_batch_size,
+            "bf16": {"enabled": args.bf16},
+            "zero_optimization": {"stage": 0},
+        }
         if zero_stage == 3:
             zero = ds_config["zero_optimization"]
             eval_config["zero_optimization"] = {
-                "stage": 3, "stage3_param_persistence_threshold": zero.get("stage3_param_persistence_threshold", 1e5),
-                "offload_param": zero.get("offload_param", {"device": "none"})}
+                "stage": 3,
+                "stage3_param_persistence_threshold": zero.get("stage3_param_persistence_threshold", 1e5),
+                "offload_param": zero.get("offload_param", {"device": "none"}),
+            }
         engine, *_ = deepspeed.initialize(model=frozen, config=eval_config)
         engine.eval()
         return engine
@@ -1598,10 +1956,21 @@ if __name__ == "__main__":
                 yield unwrapped.policy
 
     @torch.no_grad()
-    def reference_logprobs(query_responses, attention_mask, context_length: int, temperature: float, needed) -> torch.Tensor:
+    def reference_logprobs(
+        query_responses, attention_mask, context_length: int, temperature: float, needed
+    ) -> torch.Tensor:
         with reference_policy() as ref:
-            return policy_logprobs(ref, query_responses, attention_mask, context_length, temperature, needed,
-                                   unwrapped.overhead, unwrapped.chunked, unwrapped.multiple)[0]
+            return policy_logprobs(
+                ref,
+                query_responses,
+                attention_mask,
+                context_length,
+                temperature,
+                needed,
+                unwrapped.overhead,
+                unwrapped.chunked,
+                unwrapped.multiple,
+            )[0]
 
     @contextlib.contextmanager
     def generation_weights():
@@ -1625,8 +1994,10 @@ if __name__ == "__main__":
 
     sharded_generation = zero_stage == 3 and not args.ds3_gather_for_generation
     pad_id = tokenizer.pad_token_id
-    accelerator.print(f"{len(train_ids)} train / {len(eval_ids)} eval prompts; {num_total_batches} updates of "
-                      f"{batch_size} episodes ({world_size} processes x {local_batch_size})")
+    accelerator.print(
+        f"{len(train_ids)} train / {len(eval_ids)} eval prompts; {num_total_batches} updates of "
+        f"{batch_size} episodes ({world_size} processes x {local_batch_size})"
+    )
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
@@ -1637,9 +2008,13 @@ if __name__ == "__main__":
         postprocessed, sequence_lengths = truncate_after_stop(responses, stop_token_id, pad_id)
         response_mask = torch.arange(responses.shape[1], device=device)[None, :] <= sequence_lengths[:, None]
         with autocast():
-            scores = get_score(reward_model, torch.cat([queries, postprocessed], 1),
-                               torch.cat([query_mask, response_mask.long()], 1), unwrapped.overhead,
-                               unwrapped.multiple)
+            scores = get_score(
+                reward_model,
+                torch.cat([queries, postprocessed], 1),
+                torch.cat([query_mask, response_mask.long()], 1),
+                unwrapped.overhead,
+                unwrapped.multiple,
+            )
         scores = scores + reward_shift  # 0 unless the reward model's config carries its normalisation
         return postprocessed, sequence_lengths, scores
 
@@ -1648,7 +2023,9 @@ if __name__ == "__main__":
         """Old log-probs, reference log-probs and values of the first needed[i] response positions."""
         with autocast():
             logprobs, _, values = unwrapped(query_responses, attention_mask, context_length, args.temperature, needed)
-            ref_logprobs = reference_logprobs(query_responses, attention_mask, context_length, args.temperature, needed)
+            ref_logprobs = reference_logprobs(
+                query_responses, attention_mask, context_length, args.temperature, needed
+            )
         return logprobs, ref_logprobs, values
 
     @torch.no_grad()
@@ -1656,21 +2033,30 @@ if __name__ == "__main__":
         """Near-greedy responses to the given prompts: mean score, KL to the reference (sum over the response of
         logp - logp_ref at temperature 1), stop-token rate and length, gathered over processes."""
         model.eval()  # gradient checkpointing (active in train mode) would drop the KV cache of generation
-        mine = prompt_ids[accelerator.process_index:: accelerator.num_processes]
+        mine = prompt_ids[accelerator.process_index :: accelerator.num_processes]
         # Every process runs the same number of batches (under ZeRO-3 each forward is collective): a process with one
         # prompt fewer repeats its first one, with weight 0.
         weight = torch.ones(math.ceil(len(prompt_ids) / accelerator.num_processes), device=device)
-        weight[len(mine):] = 0.0
+        weight[len(mine) :] = 0.0
         mine = mine + mine[:1] * (len(weight) - len(mine))
         rows, totals = [], torch.zeros(5, device=device)  # score, kl, has-stop, length, count
         for i in range(0, len(mine), args.local_rollout_forward_batch_size):
-            queries, query_mask = (t.to(device) for t in left_pad(mine[i: i + args.local_rollout_forward_batch_size], pad_id,
-                                                                           pad_multiple))
-            w = weight[i: i + args.local_rollout_forward_batch_size]
+            queries, query_mask = (
+                t.to(device)
+                for t in left_pad(mine[i : i + args.local_rollout_forward_batch_size], pad_id, pad_multiple)
+            )
+            w = weight[i : i + args.local_rollout_forward_batch_size]
             with autocast(), generation_weights():
-                responses = generate(unwrapped.policy, queries, query_mask, args.response_length,
-                                     args.eval_temperature, stop_token_id, sampling_generator,
-                                     sync_processes=sharded_generation)
+                responses = generate(
+                    unwrapped.policy,
+                    queries,
+                    query_mask,
+                    args.response_length,
+                    args.eval_temperature,
+                    stop_token_id,
+                    sampling_generator,
+                    sync_processes=sharded_generation,
+                )
             postprocessed, sequence_lengths, scores = rollout_scores(queries, query_mask, responses)
             query_responses = torch.cat([queries, responses], 1)
             attention_mask = torch.cat([query_mask, torch.ones_like(responses)], 1)
@@ -1683,17 +2069,35 @@ if __name__ == "__main__":
             valid = torch.arange(logprobs.shape[1], device=device)[None, :] <= sequence_lengths[:, None]
             kl = ((logprobs - ref_logprobs) * valid).sum(1)
             has_stop = (responses == eos_check_id).any(1)
-            totals += torch.stack([(scores * w).sum(), (kl * w).sum(), (has_stop.float() * w).sum(),
-                                   (valid.float().sum(1) * w).sum(), w.sum()])
+            totals += torch.stack(
+                [
+                    (scores * w).sum(),
+                    (kl * w).sum(),
+                    (has_stop.float() * w).sum(),
+                    (valid.float().sum(1) * w).sum(),
+                    w.sum(),
+                ]
+            )
             texts = tokenizer.batch_decode(postprocessed, skip_special_tokens=True)
             first = accelerator.process_index + accelerator.num_processes * i  # position of this chunk in prompt_ids
-            rows += [{"index": first + accelerator.num_processes * j, "query": tokenizer.decode(q, skip_special_tokens=True),
-                      "response": r, "score": s} for j, (q, r, s, keep) in enumerate(zip(queries, texts, scores.tolist(), w))
-                     if keep > 0]
+            rows += [
+                {
+                    "index": first + accelerator.num_processes * j,
+                    "query": tokenizer.decode(q, skip_special_tokens=True),
+                    "response": r,
+                    "score": s,
+                }
+                for j, (q, r, s, keep) in enumerate(zip(queries, texts, scores.tolist(), w))
+                if keep > 0
+            ]
         totals = accelerator.reduce(totals, "sum")
         n = totals[4]
-        return {"eval/score": (totals[0] / n).item(), "eval/kl": (totals[1] / n).item(),
-                "eval/eos_rate": (totals[2] / n).item(), "eval/response_length": (totals[3] / n).item()}, rows
+        return {
+            "eval/score": (totals[0] / n).item(),
+            "eval/kl": (totals[1] / n).item(),
+            "eval/eos_rate": (totals[2] / n).item(),
+            "eval/response_length": (totals[3] / n).item(),
+        }, rows
 
     def log(row: dict) -> None:
         if not accelerator.is_main_process:
@@ -1716,8 +2120,14 @@ if __name__ == "__main__":
             table.add_row(row["query"][-200:], row["response"], f"{row['score']:.3f}")
         Console().print(table)
         if args.track:
-            wandb.log({"samples": wandb.Table(columns=["query", "model response", "score"],
-                                              data=[[r["query"], r["response"], r["score"]] for r in rows])})
+            wandb.log(
+                {
+                    "samples": wandb.Table(
+                        columns=["query", "model response", "score"],
+                        data=[[r["query"], r["response"], r["score"]] for r in rows],
+                    )
+                }
+            )
 
     def save_policy(path: str, state_dict: dict, merge: bool = False) -> None:
         """The policy as from_pretrained loads it: its weights or, with LoRA, the trained adapter (and with merge, the
@@ -1762,15 +2172,28 @@ if __name__ == "__main__":
         try:  # a full disk (or a quota) must cost this checkpoint only, with a message, not the earlier ones
             torch.save(rng_state(sampling_generator), os.path.join(tmp, f"rng_rank{accelerator.process_index}.pt"))
             if accelerator.is_main_process:
-                split = {name: {k[len(name) + 1:]: v for k, v in state_dict.items() if k.startswith(name + ".")}
-                         for name in ("policy", "value_model")}
+                split = {
+                    name: {k[len(name) + 1 :]: v for k, v in state_dict.items() if k.startswith(name + ".")}
+                    for name in ("policy", "value_model")
+                }
                 save_policy(os.path.join(tmp, "policy"), split["policy"])
-                unwrapped.value_model.save_pretrained(os.path.join(tmp, "value_model"), state_dict=split["value_model"])
-                torch.save({"optimizer": None if is_deepspeed else optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "update": update, "global_episode": global_episode,
-                            "optimizer_steps": optimizer_steps, "world_size": world_size,
-                            "zero_stage": zero_stage if is_deepspeed else None, "args": json.dumps(asdict(args)),
-                            "script": os.path.basename(__file__)}, os.path.join(tmp, "state.pt"))
+                unwrapped.value_model.save_pretrained(
+                    os.path.join(tmp, "value_model"), state_dict=split["value_model"]
+                )
+                torch.save(
+                    {
+                        "optimizer": None if is_deepspeed else optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "update": update,
+                        "global_episode": global_episode,
+                        "optimizer_steps": optimizer_steps,
+                        "world_size": world_size,
+                        "zero_stage": zero_stage if is_deepspeed else None,
+                        "args": json.dumps(asdict(args)),
+                        "script": os.path.basename(__file__),
+                    },
+                    os.path.join(tmp, "state.pt"),
+                )
         except Exception as e:  # torch and safetensors report a full disk as their own error types
             error = f"{type(e).__name__}: {e}"
         failed = accelerator.reduce(torch.tensor(float(error is not None), device=device), "sum").item()
@@ -1782,29 +2205,42 @@ if __name__ == "__main__":
         if failed:
             if accelerator.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
-            sys.exit(f"error: could not write checkpoint-{update} ({error or 'on another process'}); the run stops "
-                     "here, its earlier checkpoints are intact: make room and resume with --resume-from-checkpoint latest")
+            sys.exit(
+                f"error: could not write checkpoint-{update} ({error or 'on another process'}); the run stops "
+                "here, its earlier checkpoints are intact: make room and resume with --resume-from-checkpoint latest"
+            )
         accelerator.wait_for_everyone()
 
     sample_every = max(num_total_batches // args.num_sample_generations, 1) if args.num_sample_generations else 0
     global_episode, optimizer_steps, first_update = 0, 0, 1
     if resume_state is not None:
         if resume_state["world_size"] != world_size:
-            fail("resume_from_checkpoint", f"the checkpoint was written by {resume_state['world_size']} processes; "
-                                           f"resume it with the same number, not {world_size}")
+            fail(
+                "resume_from_checkpoint",
+                f"the checkpoint was written by {resume_state['world_size']} processes; "
+                f"resume it with the same number, not {world_size}",
+            )
         if resume_state.get("zero_stage") != (zero_stage if is_deepspeed else None):
-            fail("resume_from_checkpoint", f"the checkpoint was written with DeepSpeed ZeRO stage "
-                                           f"{resume_state.get('zero_stage')} (None: no DeepSpeed); resume it the same way")
+            fail(
+                "resume_from_checkpoint",
+                f"the checkpoint was written with DeepSpeed ZeRO stage "
+                f"{resume_state.get('zero_stage')} (None: no DeepSpeed); resume it the same way",
+            )
         if is_deepspeed:
-            model.load_checkpoint(resume_dir, tag="deepspeed", load_optimizer_states=True, load_lr_scheduler_states=False)
+            model.load_checkpoint(
+                resume_dir, tag="deepspeed", load_optimizer_states=True, load_lr_scheduler_states=False
+            )
         else:
             optimizer.load_state_dict(resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
         global_episode, optimizer_steps = resume_state["global_episode"], resume_state["optimizer_steps"]
         first_update = resume_state["update"] + 1
-        set_rng_state(torch.load(os.path.join(resume_dir, f"rng_rank{accelerator.process_index}.pt"), weights_only=True),
-                      sampling_generator)
+        set_rng_state(
+            torch.load(os.path.join(resume_dir, f"rng_rank{accelerator.process_index}.pt"), weights_only=True),
+            sampling_generator,
+        )
         accelerator.print(f"resumed from {resume_dir}: continuing at update {first_update}, episode {global_episode}")
+
     def save_generations(name: str) -> dict:
         """Evaluate on the whole final split and write every generation, with the reference, for a judge."""
         metrics, rows = evaluate(final_ids)
@@ -1814,8 +2250,17 @@ if __name__ == "__main__":
             os.makedirs(folder, exist_ok=True)
             with open(os.path.join(folder, f"{name}.jsonl.tmp"), "w") as f:
                 for row in rows:
-                    f.write(json.dumps({"query": row["query"], "response": row["response"],
-                                        "reference": final_references[row["index"]], "score": row["score"]}) + "\n")
+                    f.write(
+                        json.dumps(
+                            {
+                                "query": row["query"],
+                                "response": row["response"],
+                                "reference": final_references[row["index"]],
+                                "score": row["score"],
+                            }
+                        )
+                        + "\n"
+                    )
             os.replace(os.path.join(folder, f"{name}.jsonl.tmp"), os.path.join(folder, f"{name}.jsonl"))
         return {k.replace("eval/", f"{name}_eval/"): v for k, v in metrics.items()}
 
@@ -1839,11 +2284,22 @@ if __name__ == "__main__":
         model.eval()
         with torch.no_grad():
             for i in range(0, local_batch_size, args.local_rollout_forward_batch_size):
-                q, qm = queries[i: i + args.local_rollout_forward_batch_size], query_mask[i: i + args.local_rollout_forward_batch_size]
+                q, qm = (
+                    queries[i : i + args.local_rollout_forward_batch_size],
+                    query_mask[i : i + args.local_rollout_forward_batch_size],
+                )
                 t0 = time.time()
                 with autocast(), generation_weights():
-                    r = generate(unwrapped.policy, q, qm, args.response_length, args.temperature, stop_token_id,
-                                 sampling_generator, sync_processes=sharded_generation)
+                    r = generate(
+                        unwrapped.policy,
+                        q,
+                        qm,
+                        args.response_length,
+                        args.temperature,
+                        stop_token_id,
+                        sampling_generator,
+                        sync_processes=sharded_generation,
+                    )
                 timer["generation"] += time.time() - t0
                 t0 = time.time()
                 responses.append(r)
@@ -1864,9 +2320,14 @@ if __name__ == "__main__":
             # first PPO mini-batch has ratio 1; the values come from that same call. They run on the padded batch:
             # a row that stopped in its chunk's last column still gets its value at sequence_length + 1.
             t0 = time.time()
-            logprobs, ref_logprobs, values = forward_in_chunks(rollout_forward, query_responses, attention_mask,
-                                                               context_length, sequence_lengths,
-                                                               args.local_rollout_forward_batch_size)
+            logprobs, ref_logprobs, values = forward_in_chunks(
+                rollout_forward,
+                query_responses,
+                attention_mask,
+                context_length,
+                sequence_lengths,
+                args.local_rollout_forward_batch_size,
+            )
             timer["rollout_forward"] += time.time() - t0
 
             # Step 6, the EOS trick: responses that never produced the stop token lose missing_eos_penalty.
@@ -1895,8 +2356,10 @@ if __name__ == "__main__":
             returns = advantages + values
             advantages = masked_whiten(advantages, ~padding_mask).masked_fill(padding_mask, 0.0)
             if not (torch.isfinite(scores).all() and torch.isfinite(advantages).all()):
-                sys.exit(f"error: non-finite reward or advantage at update {update}; the run stops here "
-                         "(lower --learning-rate, or check the reward model)")
+                sys.exit(
+                    f"error: non-finite reward or advantage at update {update}; the run stops here "
+                    "(lower --learning-rate, or check the reward model)"
+                )
 
         # ALGO LOGIC: PPO epochs. Step 10: one optimizer step per mini-batch, whatever num_mini_batches is.
         t0 = time.time()
@@ -1908,14 +2371,14 @@ if __name__ == "__main__":
         for ppo_epoch in range(args.num_ppo_epochs):
             permutation = torch.from_numpy(np.random.permutation(local_batch_size)).to(device)
             for mb_start in range(0, local_batch_size, local_mini_batch_size):
-                mini = permutation[mb_start: mb_start + local_mini_batch_size]
+                mini = permutation[mb_start : mb_start + local_mini_batch_size]
                 # Gradient = token sum / valid tokens of the whole mini-batch: the split into micro-batches does not
                 # change it (TRL averaged per-micro-batch means instead). accelerate (or DeepSpeed) divides each
                 # micro-batch loss by micro_per_mini, so the token sums are divided by the mean count per micro-batch.
                 n_pg = (~padding_mask[mini]).sum().clamp(min=1) / micro_per_mini
                 n_vf = (~padding_mask_p1[mini]).sum().clamp(min=1) / micro_per_mini
                 for mc_start in range(0, local_mini_batch_size, args.per_device_train_batch_size):
-                    micro = mini[mc_start: mc_start + args.per_device_train_batch_size]
+                    micro = mini[mc_start : mc_start + args.per_device_train_batch_size]
                     # Response columns past every row's stop token + 1 are masked everywhere: not computed at all.
                     needed = (sequence_lengths[micro] + 2).clamp(max=width)
                     n = int(needed.max())
@@ -1925,8 +2388,11 @@ if __name__ == "__main__":
                     # Gradients are all-reduced (DDP) or reduce-scattered (ZeRO) on the mini-batch's last micro-batch;
                     # the DeepSpeed engine takes its optimizer step inside that backward.
                     with accelerator.accumulate(model):
-                        batch = (query_responses[micro, :context_length + n], attention_mask[micro, :context_length + n],
-                                 context_length)
+                        batch = (
+                            query_responses[micro, : context_length + n],
+                            attention_mask[micro, : context_length + n],
+                            context_length,
+                        )
                         with autocast():
                             if split_backward:
                                 new_logprobs, entropy = unwrapped.policy_forward(*batch, args.temperature, needed)
@@ -1936,15 +2402,18 @@ if __name__ == "__main__":
                         logratio = new_logprobs - old_logprobs
                         ratio = torch.exp(logratio)
                         pg_unclipped = -mb_advantages * ratio
-                        pg_losses = torch.max(pg_unclipped, -mb_advantages * ratio.clamp(1 - args.cliprange,
-                                                                                         1 + args.cliprange))
+                        pg_losses = torch.max(
+                            pg_unclipped, -mb_advantages * ratio.clamp(1 - args.cliprange, 1 + args.cliprange)
+                        )
                         pg_loss = (pg_losses * valid_pg).sum() / n_pg
                         if split_backward:  # the policy's activations are freed before the value model's exist
                             accelerator.backward(pg_loss)
                             with autocast():
                                 vpred = unwrapped.value_forward(*batch, needed)
                         vpred = vpred.masked_fill(~valid_vf, 0.0)
-                        vpred_clipped = old_values + (vpred - old_values).clamp(-args.cliprange_value, args.cliprange_value)
+                        vpred_clipped = old_values + (vpred - old_values).clamp(
+                            -args.cliprange_value, args.cliprange_value
+                        )
                         vf_unclipped = (vpred - mb_returns) ** 2
                         vf_losses = torch.max(vf_unclipped, (vpred_clipped - mb_returns) ** 2)
                         vf_loss = 0.5 * (vf_losses * valid_vf).sum() / n_vf
@@ -1952,21 +2421,34 @@ if __name__ == "__main__":
                         accelerator.backward(args.vf_coef * vf_loss if split_backward else loss)
                     with torch.no_grad():
                         vp, vv = valid_pg.double(), valid_vf.double()
-                        stat_sums += torch.stack([
-                            (0.5 * logratio ** 2 * vp).sum(), ((pg_losses > pg_unclipped).double() * vp).sum(),
-                            (pg_losses * vp).sum(), (0.5 * vf_losses * vv).sum(),
-                            ((vf_losses > vf_unclipped).double() * vv).sum(),
-                            (entropy * vp).sum(), (ratio * vp).sum(), (ratio ** 2 * vp).sum(),
-                            vp.sum(), vv.sum()])
+                        stat_sums += torch.stack(
+                            [
+                                (0.5 * logratio**2 * vp).sum(),
+                                ((pg_losses > pg_unclipped).double() * vp).sum(),
+                                (pg_losses * vp).sum(),
+                                (0.5 * vf_losses * vv).sum(),
+                                ((vf_losses > vf_unclipped).double() * vv).sum(),
+                                (entropy * vp).sum(),
+                                (ratio * vp).sum(),
+                                (ratio**2 * vp).sum(),
+                                vp.sum(),
+                                vv.sum(),
+                            ]
+                        )
                         micro_ratio_means.append((ratio * vp).sum() / vp.sum().clamp(min=1))
                 if not torch.isfinite(loss):
-                    sys.exit(f"error: non-finite loss at update {update}, PPO epoch {ppo_epoch}; the run stops here "
-                             "(lower --learning-rate)")
+                    sys.exit(
+                        f"error: non-finite loss at update {update}, PPO epoch {ppo_epoch}; the run stops here "
+                        "(lower --learning-rate)"
+                    )
                 grad_norm = accelerator.clip_grad_norm_(  # DeepSpeed: its norm; an infinite max only measures
-                    model.parameters(), math.inf if args.max_grad_norm is None else args.max_grad_norm)
+                    model.parameters(), math.inf if args.max_grad_norm is None else args.max_grad_norm
+                )
                 if not math.isfinite(float(grad_norm)):
-                    sys.exit(f"error: non-finite gradient norm at update {update}, PPO epoch {ppo_epoch}; the run "
-                             "stops here, so the last checkpoint is intact (lower --learning-rate)")
+                    sys.exit(
+                        f"error: non-finite gradient norm at update {update}, PPO epoch {ppo_epoch}; the run "
+                        "stops here, so the last checkpoint is intact (lower --learning-rate)"
+                    )
                 optimizer.step()
                 optimizer.zero_grad()
                 # Under DeepSpeed, count the engine's own steps: a mismatch with the mini-batches would show here.
@@ -1979,29 +2461,52 @@ if __name__ == "__main__":
             n_pg, n_vf = s[8].clamp(min=1), s[9].clamp(min=1)
             ratio_mean = s[6] / n_pg
             mean_kl = kl.masked_fill(padding_mask, 0).sum(1).mean()
-            per_process = torch.stack([
-                mean_kl, (-logprobs).masked_fill(padding_mask, 0).sum(1).mean(), non_score_reward.sum(1).mean(),
-                (scores + non_score_reward.sum(1)).mean(), scores.mean(), (sequence_lengths + 1).float().mean()]).double()
+            per_process = torch.stack(
+                [
+                    mean_kl,
+                    (-logprobs).masked_fill(padding_mask, 0).sum(1).mean(),
+                    non_score_reward.sum(1).mean(),
+                    (scores + non_score_reward.sum(1)).mean(),
+                    scores.mean(),
+                    (sequence_lengths + 1).float().mean(),
+                ]
+            ).double()
             objective = accelerator.reduce(per_process, "mean")
             num_eos = accelerator.reduce(contains_stop.sum().double(), "sum")
             micro_ratio_means = accelerator.gather(torch.stack(micro_ratio_means))
             ratio_var = micro_ratio_means.var() if len(micro_ratio_means) > 1 else torch.zeros((), device=device)
         if update % args.logging_steps == 0 or update == num_total_batches:
-            row = {"eps": int((global_episode - start_episode) / (time.time() - start_time)), "objective/kl": objective[0].item(),
-                   "objective/entropy": objective[1].item(), "objective/non_score_reward": objective[2].item(),
-                   "objective/rlhf_reward": objective[3].item(), "objective/scores": objective[4].item(),
-                   "policy/approxkl_avg": (s[0] / n_pg).item(), "policy/clipfrac_avg": (s[1] / n_pg).item(),
-                   "loss/policy_avg": (s[2] / n_pg).item(), "loss/value_avg": (s[3] / n_vf).item(),
-                   "val/clipfrac_avg": (s[4] / n_vf).item(), "policy/entropy_avg": (s[5] / n_pg).item(),
-                   "val/ratio": ratio_mean.item(), "val/ratio_var": ratio_var.item(),
-                   "val/ratio_token_var": (s[7] / n_pg - ratio_mean ** 2).clamp(min=0).item(),  # rounding: not < 0
-                   "val/num_eos_tokens": num_eos.item(), "lr": scheduler.get_last_lr()[0], "episode": global_episode,
-                   "update": update, "optimizer_steps": optimizer_steps, "objective/response_length": objective[5].item(),
-                   **{f"time/{k}": v for k, v in timer.items()}, "time/update": time.time() - update_start}
+            row = {
+                "eps": int((global_episode - start_episode) / (time.time() - start_time)),
+                "objective/kl": objective[0].item(),
+                "objective/entropy": objective[1].item(),
+                "objective/non_score_reward": objective[2].item(),
+                "objective/rlhf_reward": objective[3].item(),
+                "objective/scores": objective[4].item(),
+                "policy/approxkl_avg": (s[0] / n_pg).item(),
+                "policy/clipfrac_avg": (s[1] / n_pg).item(),
+                "loss/policy_avg": (s[2] / n_pg).item(),
+                "loss/value_avg": (s[3] / n_vf).item(),
+                "val/clipfrac_avg": (s[4] / n_vf).item(),
+                "policy/entropy_avg": (s[5] / n_pg).item(),
+                "val/ratio": ratio_mean.item(),
+                "val/ratio_var": ratio_var.item(),
+                "val/ratio_token_var": (s[7] / n_pg - ratio_mean**2).clamp(min=0).item(),  # rounding: not < 0
+                "val/num_eos_tokens": num_eos.item(),
+                "lr": scheduler.get_last_lr()[0],
+                "episode": global_episode,
+                "update": update,
+                "optimizer_steps": optimizer_steps,
+                "objective/response_length": objective[5].item(),
+                **{f"time/{k}": v for k, v in timer.items()},
+                "time/update": time.time() - update_start,
+            }
             log(row)
-            say(f"update {update}/{num_total_batches} episode {global_episode} "
-                              f"scores {row['objective/scores']:.3f} kl {row['objective/kl']:.3f} "
-                              f"ratio {row['val/ratio']:.4f} eps {row['eps']}")
+            say(
+                f"update {update}/{num_total_batches} episode {global_episode} "
+                f"scores {row['objective/scores']:.3f} kl {row['objective/kl']:.3f} "
+                f"ratio {row['val/ratio']:.4f} eps {row['eps']}"
+            )
         scheduler.step()
         if bar is not None:
             bar.update(batch_size)
@@ -2017,8 +2522,11 @@ if __name__ == "__main__":
         if (args.save_steps and update % args.save_steps == 0) or stop:
             save_checkpoint(update)
         if stop:
-            accelerator.print(f"stopped by {signal.Signals(stop).name} after update {update}, with checkpoint-{update}: "
-                              "continue with --resume-from-checkpoint latest", file=sys.stderr)
+            accelerator.print(
+                f"stopped by {signal.Signals(stop).name} after update {update}, with checkpoint-{update}: "
+                "continue with --resume-from-checkpoint latest",
+                file=sys.stderr,
+            )
             sys.exit(128 + stop)
     if bar is not None:
         bar.close()
@@ -2032,14 +2540,21 @@ if __name__ == "__main__":
     # output_dir/value_model, all or nothing (publish_output): a kill mid-save leaves the previous output or this one.
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)
-    nonfinite = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()] \
-        if accelerator.is_main_process else []
+    nonfinite = (
+        [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if accelerator.is_main_process
+        else []
+    )
     if accelerator.reduce(torch.tensor(float(len(nonfinite)), device=device), "sum").item():
-        sys.exit(f"error: the trained weights are not finite ({', '.join(nonfinite[:3])}...); nothing was saved "
-                 "(lower --learning-rate)")
+        sys.exit(
+            f"error: the trained weights are not finite ({', '.join(nonfinite[:3])}...); nothing was saved "
+            "(lower --learning-rate)"
+        )
     if accelerator.is_main_process:
-        split = {name: {k[len(name) + 1:]: v for k, v in state_dict.items() if k.startswith(name + ".")}
-                 for name in ("policy", "value_model")}
+        split = {
+            name: {k[len(name) + 1 :]: v for k, v in state_dict.items() if k.startswith(name + ".")}
+            for name in ("policy", "value_model")
+        }
 
         def write(path):
             save_policy(path, split["policy"], merge=args.merge_adapter_on_save)
@@ -2048,26 +2563,36 @@ if __name__ == "__main__":
             tokenizer.save_pretrained(os.path.join(path, "value_model"))
             shutil.copy(metrics_path, os.path.join(path, "metrics.jsonl"))
             if final_ids:
-                shutil.copytree(os.path.join(args.output_dir, "eval_generations"), os.path.join(path, "eval_generations"))
+                shutil.copytree(
+                    os.path.join(args.output_dir, "eval_generations"), os.path.join(path, "eval_generations")
+                )
             with open(metrics_path) as f:
                 last = [json.loads(line) for line in f]
             final = {k: v for row in last for k, v in row.items()}
             with open(os.path.join(path, "README.md"), "w") as f:
-                f.write(model_card(os.path.basename(os.path.abspath(args.output_dir)), args.sft_model_path,
-                                   [args.dataset_name], ["ppo", "rlhf"], f"A PPO-RLHF policy trained with "
+                f.write(
+                    model_card(
+                        os.path.basename(os.path.abspath(args.output_dir)),
+                        args.sft_model_path,
+                        [args.dataset_name],
+                        ["ppo", "rlhf"],
+                        f"A PPO-RLHF policy trained with "
                         f"`{os.path.basename(__file__)}` from `{args.sft_model_path}` against `{args.reward_model_path}`.\n\n"
                         f"## Command\n\n```\npython {' '.join(sys.argv)}\n```\n\n## Arguments\n\n```json\n"
                         f"{json.dumps(asdict(args), indent=2)}\n```\n\n## Final metrics\n\n| metric | value |\n|---|---|\n"
                         + "".join(f"| {k} | {v:.4g} |\n" for k, v in final.items() if isinstance(v, (int, float)))
-                        + "\nThe value model is in `value_model/`; every logged row is in `metrics.jsonl`.\n"))
+                        + "\nThe value model is in `value_model/`; every logged row is in `metrics.jsonl`.\n",
+                    )
+                )
             with open(os.path.join(path, "args.json"), "w") as f:
                 json.dump(asdict(args), f, indent=2)
 
         publish_output(args.output_dir, write)
         accelerator.print(f"saved policy and value model to {args.output_dir} ({time.time() - start_time:.0f}s)")
         if args.push_to_hub:
-            url = push_folder_to_hub(args.output_dir,
-                                     args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)))
+            url = push_folder_to_hub(
+                args.output_dir, args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+            )
             accelerator.print(f"uploaded {args.output_dir} to {url}")
     accelerator.wait_for_everyone()
     del model, optimizer, ref_policy, reward_model  # before the process group goes: avoids gloo's abort at exit

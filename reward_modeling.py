@@ -133,8 +133,18 @@ def bool_flags_as_switches(argv: list, args_cls) -> list:
 
     hints = typing.get_type_hints(args_cls)
     switches = {f.name for f in dataclasses.fields(args_cls) if hints[f.name] is bool}
-    words = {"true": True, "yes": True, "t": True, "y": True, "1": True,
-             "false": False, "no": False, "f": False, "n": False, "0": False}
+    words = {
+        "true": True,
+        "yes": True,
+        "t": True,
+        "y": True,
+        "1": True,
+        "false": False,
+        "no": False,
+        "f": False,
+        "n": False,
+        "0": False,
+    }
     out, i = [], 0
     while i < len(argv):
         flag, eq, value = argv[i].partition("=")
@@ -159,8 +169,9 @@ def progress_bar(total: int, unit: str, main_process: bool, initial: int = 0):
     # The size once, at the start (COLUMNS/LINES, else the terminal's, else 80x24): tqdm draws nothing on a terminal
     # that reports 0 rows or columns (a fresh pseudo-terminal, some CI runners).
     size = shutil.get_terminal_size()
-    return tqdm(total=total, initial=initial, unit=unit, file=sys.stderr, ncols=max(size.columns, 60),
-                nrows=max(size.lines, 2))
+    return tqdm(
+        total=total, initial=initial, unit=unit, file=sys.stderr, ncols=max(size.columns, 60), nrows=max(size.lines, 2)
+    )
 
 
 def model_card(title: str, base_model: str, datasets: list, tags: list, body: str) -> str:
@@ -198,15 +209,18 @@ def check_push_to_hub(repo_id: str) -> None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
-        fail("hub_model_id", f"{repo_id!r} is not a valid Hub repository id ({e}); pass --hub-model-id name or "
-                             "org/name")
+        fail(
+            "hub_model_id", f"{repo_id!r} is not a valid Hub repository id ({e}); pass --hub-model-id name or org/name"
+        )
     if get_token() is None:
         fail("push_to_hub", "no Hugging Face token; run `hf auth login` or set HF_TOKEN, or drop --push-to-hub")
     try:
         HfApi().whoami()
     except Exception as e:  # unreachable Hub or a rejected token: both are found out now, not after training
-        fail("push_to_hub", f"the Hub did not answer or refused the token ({type(e).__name__}: {e}); fix that or "
-                            "drop --push-to-hub")
+        fail(
+            "push_to_hub",
+            f"the Hub did not answer or refused the token ({type(e).__name__}: {e}); fix that or drop --push-to-hub",
+        )
 
 
 def push_folder_to_hub(folder: str, repo_id: str) -> str:
@@ -216,8 +230,12 @@ def push_folder_to_hub(folder: str, repo_id: str) -> str:
 
     api = HfApi()
     api.create_repo(repo_id, exist_ok=True)
-    return api.upload_folder(folder_path=folder, repo_id=repo_id, ignore_patterns=["checkpoints/**", ".*"],
-                             commit_message=f"upload {os.path.basename(os.path.abspath(folder))}")
+    return api.upload_folder(
+        folder_path=folder,
+        repo_id=repo_id,
+        ignore_patterns=["checkpoints/**", ".*"],
+        commit_message=f"upload {os.path.basename(os.path.abspath(folder))}",
+    )
 
 
 HOLD_OUT_EVERY = 10  # with no test split, the last training row and every 10th row before it are held out
@@ -256,8 +274,11 @@ def hold_out(train, name: str, train_split: str, test_split: str) -> tuple:
     held = list(range(len(train) - 1, -1, -HOLD_OUT_EVERY))[::-1]
     note = f"held out {len(held)} of {len(train)} rows of {train_split!r} for evaluation (no {test_split!r} split)"
     if len(held) >= len(train):
-        fail("dataset_test_split", f"{name!r} has no split {test_split!r}, so it {note[:note.index(' (')]}, which "
-                                   "leaves none to train on; add rows, or name an existing split")
+        fail(
+            "dataset_test_split",
+            f"{name!r} has no split {test_split!r}, so it {note[: note.index(' (')]}, which "
+            "leaves none to train on; add rows, or name an existing split",
+        )
     kept = sorted(set(range(len(train))) - set(held))
     return train.select(kept), train.select(held), note
 
@@ -271,21 +292,31 @@ def column_kind(data, column: str, where: str, allow_empty: bool = False, argume
     for i, value in enumerate(data[column]):
         if isinstance(value, str):
             kind, blank = "text", not value.strip()
-        elif isinstance(value, list) and all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                             and isinstance(m.get("content"), str) for m in value):
+        elif isinstance(value, list) and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+        ):
             kind, blank = "conversation", not value or not value[-1]["content"].strip()
         else:
-            fail(argument, f"row {i} of {where}: `{column}` is {repr(value)[:80]}; it must be a string or a list of "
-                           "{'role': ..., 'content': ...} messages with string contents; fix or drop that row")
+            fail(
+                argument,
+                f"row {i} of {where}: `{column}` is {repr(value)[:80]}; it must be a string or a list of "
+                "{'role': ..., 'content': ...} messages with string contents; fix or drop that row",
+            )
         first.setdefault(kind, i)
         if blank:
             empty.append(i)
     if len(first) > 1:
-        fail(argument, f"{where}: `{column}` mixes strings (row {first['text']}) and conversations (row "
-                       f"{first['conversation']}); use one format per column")
+        fail(
+            argument,
+            f"{where}: `{column}` mixes strings (row {first['text']}) and conversations (row "
+            f"{first['conversation']}); use one format per column",
+        )
     if empty and not allow_empty:
-        fail(argument, f"row {empty[0]} of {where}: `{column}` is empty ({len(empty)} such rows of {len(data)}); "
-                       "fill or drop those rows")
+        fail(
+            argument,
+            f"row {empty[0]} of {where}: `{column}` is empty ({len(empty)} such rows of {len(data)}); "
+            "fill or drop those rows",
+        )
     return next(iter(first), "text"), empty
 
 
@@ -300,8 +331,11 @@ def require_assistant(data, column: str, where: str, last: bool = False, argumen
     for i, messages in enumerate(data[column]):
         roles = [m["role"] for m in messages]
         if messages and ((roles[-1] != "assistant") if last else ("assistant" not in roles)):
-            fail(argument, f"row {i} of {where}: `{column}` has no assistant message{' at its end' if last else ''} "
-                           f"(roles {roles}); add the assistant's answer or drop that row")
+            fail(
+                argument,
+                f"row {i} of {where}: `{column}` has no assistant message{' at its end' if last else ''} "
+                f"(roles {roles}); add the assistant's answer or drop that row",
+            )
 
 
 def tokenize_conversation(tokenizer, messages: list, first_trained: int) -> dict:
@@ -318,11 +352,13 @@ def tokenize_conversation(tokenizer, messages: list, first_trained: int) -> dict
         before = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
         upto = render_chat(tokenizer, messages[: i + 1], add_generation_prompt=False)
         if upto[: len(before)] != before or ids[: len(upto)] != upto:
-            raise ValueError(f"the chat template renders message {i} so that the tokens before it change when it is "
-                             "added; the assistant tokens cannot be told apart")
-        turn = upto[len(before):]
+            raise ValueError(
+                f"the chat template renders message {i} so that the tokens before it change when it is "
+                "added; the assistant tokens cannot be told apart"
+            )
+        turn = upto[len(before) :]
         end = len(before) + (turn.index(eos) + 1 if eos in turn else len(turn))
-        labels[len(before): end] = ids[len(before): end]
+        labels[len(before) : end] = ids[len(before) : end]
     if end is None:
         raise ValueError(f"no assistant message from message {first_trained} on, so nothing to learn or score")
     ids, labels = ids[:end], labels[:end]
@@ -336,8 +372,11 @@ def preference_format(data, where: str) -> tuple:
     `prompt` column or the prompt inside `chosen`/`rejected` (implicit). Also returns the rows that teach nothing
     (a blank side, or chosen == rejected: loss log 2 whatever the model), to be dropped."""
     if not {"chosen", "rejected"} <= set(data.column_names):
-        fail("dataset_name", f"{where} lacks columns {sorted({'chosen', 'rejected'} - set(data.column_names))} (has "
-                             f"{data.column_names}); it needs `chosen`, `rejected` and optionally `prompt`")
+        fail(
+            "dataset_name",
+            f"{where} lacks columns {sorted({'chosen', 'rejected'} - set(data.column_names))} (has "
+            f"{data.column_names}); it needs `chosen`, `rejected` and optionally `prompt`",
+        )
     kind, blank_chosen = column_kind(data, "chosen", where, allow_empty=True)
     rejected_kind, blank_rejected = column_kind(data, "rejected", where, allow_empty=True)
     if rejected_kind != kind or ("prompt" in data.column_names and column_kind(data, "prompt", where)[0] != kind):
@@ -393,8 +432,11 @@ def final_norm(model):
         except AttributeError:  # absent, or None (OPT with post-layer norms has no final one)
             continue
         # Its output must be what the head reads: same width (OPT may project after it; ZeRO-3 shards keep ds_shape).
-        width = [tuple(getattr(p, "ds_shape", p.shape))[-1] for p in (norm.bias, model.score.weight)] \
-            if getattr(norm, "bias", None) is not None else None
+        width = (
+            [tuple(getattr(p, "ds_shape", p.shape))[-1] for p in (norm.bias, model.score.weight)]
+            if getattr(norm, "bias", None) is not None
+            else None
+        )
         if width and width[0] == width[1]:
             return norm
     return None
@@ -407,8 +449,10 @@ def shift_scores(model, delta: float) -> None:
     w = model.score.weight.data[0].float()
     norm = final_norm(model)
     if norm is None or getattr(norm, "bias", None) is None:
-        raise ValueError("reward normalisation needs a final norm with a bias before the score head; "
-                         "pass --no-normalize-reward for this architecture")
+        raise ValueError(
+            "reward normalisation needs a final norm with a bias before the score head; "
+            "pass --no-normalize-reward for this architecture"
+        )
     norm.bias.data += (delta * w / w.dot(w)).to(norm.bias.dtype)
 
 
@@ -420,8 +464,10 @@ def add_pad_token(tokenizer) -> Optional[str]:
         return None
     before = tokenizer.pad_token
     tokenizer.add_special_tokens({"pad_token": "[PAD]"})
-    return (f"the tokenizer's pad token was {before!r} (EOS {tokenizer.eos_token!r}): added a dedicated pad token "
-            f"{tokenizer.pad_token!r} (id {tokenizer.pad_token_id}), saved with the output")
+    return (
+        f"the tokenizer's pad token was {before!r} (EOS {tokenizer.eos_token!r}): added a dedicated pad token "
+        f"{tokenizer.pad_token!r} (id {tokenizer.pad_token_id}), saved with the output"
+    )
 
 
 def context_length(config) -> Optional[int]:
@@ -439,9 +485,12 @@ def rng_state() -> dict:
     """Every random state of this process, as tensors and ints so that torch.load(weights_only=True) reads it."""
     version, mt, gauss = random.getstate()
     np_state = np.random.get_state()
-    return {"python": [version, torch.tensor(mt, dtype=torch.int64), gauss],
-            "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
-            "numpy_rest": [np_state[0], np_state[2], np_state[3], np_state[4]], "torch": torch.get_rng_state()}
+    return {
+        "python": [version, torch.tensor(mt, dtype=torch.int64), gauss],
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_rest": [np_state[0], np_state[2], np_state[3], np_state[4]],
+        "torch": torch.get_rng_state(),
+    }
 
 
 def set_rng_state(state: dict) -> None:
@@ -477,8 +526,11 @@ def lock_output_dir(output_dir: str) -> None:
             except BlockingIOError:
                 owner = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
-                fail("output_dir", f"{output_dir!r} is in use by another run (process {owner}); wait for it to end or "
-                                   "pick another --output-dir")
+                fail(
+                    "output_dir",
+                    f"{output_dir!r} is in use by another run (process {owner}); wait for it to end or "
+                    "pick another --output-dir",
+                )
             if os.path.exists(path + ".lock") and os.stat(path + ".lock").st_ino == os.fstat(fd).st_ino:
                 break  # else the previous holder removed the file while we waited for it: lock the new one
             os.close(fd)
@@ -535,8 +587,10 @@ def publish_output(output_dir: str, write) -> None:
         write(path + ".partial")
     except Exception as e:  # e.g. a full disk: torch and safetensors report it as their own error types
         shutil.rmtree(path + ".partial", ignore_errors=True)
-        sys.exit(f"error: could not write the final output ({type(e).__name__}: {e}); {output_dir!r} holds what it "
-                 "held before, with this run's checkpoints")
+        sys.exit(
+            f"error: could not write the final output ({type(e).__name__}: {e}); {output_dir!r} holds what it "
+            "held before, with this run's checkpoints"
+        )
     os.replace(path + ".partial", path + ".new")
     finish_interrupted_save(output_dir)
 
@@ -547,8 +601,11 @@ def seal_checkpoint(tmp: str, folder: str, keep: Optional[int]) -> None:
     renamed, so it always names a complete checkpoint), and the checkpoints beyond --save-total-limit go: the
     oldest by number among those before this one, and any numbered after it (left by a run it was resumed from
     before them, so older than this one)."""
-    sizes = {os.path.relpath(os.path.join(d, f), tmp): os.path.getsize(os.path.join(d, f))
-             for d, _, files in os.walk(tmp) for f in files}
+    sizes = {
+        os.path.relpath(os.path.join(d, f), tmp): os.path.getsize(os.path.join(d, f))
+        for d, _, files in os.walk(tmp)
+        for f in files
+    }
     with open(os.path.join(tmp, "manifest.json"), "w") as f:
         json.dump(sizes, f, indent=0, sort_keys=True)
     shutil.rmtree(folder, ignore_errors=True)
@@ -557,7 +614,7 @@ def seal_checkpoint(tmp: str, folder: str, keep: Optional[int]) -> None:
     with open(os.path.join(parent, "latest.tmp"), "w") as f:
         f.write(name)
     os.replace(os.path.join(parent, "latest.tmp"), os.path.join(parent, "latest"))
-    number = int(name[len("checkpoint-"):])
+    number = int(name[len("checkpoint-") :])
     others = [int(n[11:]) for n in os.listdir(parent) if n.startswith("checkpoint-") and n[11:].isdigit()]
     before = sorted(n for n in others if n < number)
     remove = [n for n in others if n > number] + (before[: max(len(before) - keep + 1, 0)] if keep else [])
@@ -589,8 +646,14 @@ def latest_checkpoint(output_dir: str) -> tuple:
     """The checkpoint that `--resume-from-checkpoint latest` continues: the one `checkpoints/latest` names, or if it
     is damaged the newest intact one. Returns (its path or None, a note on each damaged one skipped)."""
     folder = os.path.join(output_dir, "checkpoints")
-    names = sorted((n for n in os.listdir(folder) if n.startswith("checkpoint-") and n[11:].isdigit()),
-                   key=lambda n: -int(n[11:])) if os.path.isdir(folder) else []
+    names = (
+        sorted(
+            (n for n in os.listdir(folder) if n.startswith("checkpoint-") and n[11:].isdigit()),
+            key=lambda n: -int(n[11:]),
+        )
+        if os.path.isdir(folder)
+        else []
+    )
     if os.path.isfile(os.path.join(folder, "latest")):
         with open(os.path.join(folder, "latest")) as f:
             pointed = f.read().strip()
@@ -610,13 +673,18 @@ STOP = {"signal": None}  # set by the handler below; the training loop reads it 
 def stop_on_signals() -> None:
     """SIGINT (Ctrl-C) and SIGTERM (what clusters send before pre-empting a job) ask the run to stop after the
     current update, with a checkpoint; a second signal stops it at once."""
+
     def handler(signum, frame):
         if STOP["signal"] is not None:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
         STOP["signal"] = signum
-        print(f"{signal.Signals(signum).name} received: stopping after the current update with a checkpoint "
-              "(send it again to stop at once)", file=sys.stderr, flush=True)
+        print(
+            f"{signal.Signals(signum).name} received: stopping after the current update with a checkpoint "
+            "(send it again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, handler)
@@ -639,12 +707,17 @@ def resolve_resume(resume: Optional[str], output_dir: str) -> Optional[str]:
     if resume == "latest":
         found, skipped = latest_checkpoint(output_dir)
         if found is None:
-            fail("resume_from_checkpoint", f"no {'intact ' if skipped else ''}checkpoint in {where!r}"
-                                           f"{' (' + '; '.join(skipped) + ')' if skipped else ''}; start without "
-                                           "--resume-from-checkpoint")
+            fail(
+                "resume_from_checkpoint",
+                f"no {'intact ' if skipped else ''}checkpoint in {where!r}"
+                f"{' (' + '; '.join(skipped) + ')' if skipped else ''}; start without "
+                "--resume-from-checkpoint",
+            )
         for note in skipped:
-            print(f"warning: {note}: resuming from {os.path.basename(found)}, the newest intact checkpoint",
-                  file=sys.stderr)
+            print(
+                f"warning: {note}: resuming from {os.path.basename(found)}, the newest intact checkpoint",
+                file=sys.stderr,
+            )
         return found
     problem = checkpoint_problem(resume)
     if problem:
@@ -657,8 +730,10 @@ def load_resume_state(resume_dir: str) -> dict:
     try:
         return torch.load(os.path.join(resume_dir, "state.pt"), weights_only=True)
     except Exception as e:  # truncated or overwritten: torch raises several types
-        fail("resume_from_checkpoint", f"{os.path.join(resume_dir, 'state.pt')!r} cannot be read ({e}); pass another "
-                                       "checkpoint")
+        fail(
+            "resume_from_checkpoint",
+            f"{os.path.join(resume_dir, 'state.pt')!r} cannot be read ({e}); pass another checkpoint",
+        )
 
 
 def explain_remote_code_errors() -> None:
@@ -668,8 +743,11 @@ def explain_remote_code_errors() -> None:
 
     def hook(kind, error, traceback):
         if issubclass(kind, ValueError) and "trust_remote_code=True" in str(error):
-            print(f"error: --trust-remote-code: {str(error).splitlines()[0].strip()} Pass --trust-remote-code if you "
-                  "trust that code.", file=sys.stderr)
+            print(
+                f"error: --trust-remote-code: {str(error).splitlines()[0].strip()} Pass --trust-remote-code if you "
+                "trust that code.",
+                file=sys.stderr,
+            )
         else:
             default(kind, error, traceback)
 
@@ -689,48 +767,93 @@ if __name__ == "__main__":
         if repaired:
             print(repaired)
     resume_dir = resolve_resume(args.resume_from_checkpoint, args.output_dir)
-    if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not (args.overwrite_output_dir or resume_dir):
-        fail("output_dir", f"{args.output_dir!r} exists and is not empty; pass --overwrite-output-dir, "
-                           "--resume-from-checkpoint latest, or another path")
+    if (
+        os.path.isdir(args.output_dir)
+        and os.listdir(args.output_dir)
+        and not (args.overwrite_output_dir or resume_dir)
+    ):
+        fail(
+            "output_dir",
+            f"{args.output_dir!r} exists and is not empty; pass --overwrite-output-dir, "
+            "--resume-from-checkpoint latest, or another path",
+        )
     if args.save_steps < 0:
         fail("save_steps", f"must be >= 0 (0: no checkpoints), got {args.save_steps}")
     if args.save_total_limit is not None and args.save_total_limit < 1:
         fail("save_total_limit", f"must be >= 1 (or None: keep every checkpoint), got {args.save_total_limit}")
     # state.pt is small (the optimizer has its own file), so reading it here costs nothing.
     resume_state = load_resume_state(resume_dir) if resume_dir else None
-    if resume_state is not None and resume_state.get("script", os.path.basename(__file__)) != os.path.basename(__file__):
-        fail("resume_from_checkpoint", f"{resume_dir!r} was written by {resume_state['script']}; pass a checkpoint of "
-                                       f"{os.path.basename(__file__)}")
+    if resume_state is not None and resume_state.get("script", os.path.basename(__file__)) != os.path.basename(
+        __file__
+    ):
+        fail(
+            "resume_from_checkpoint",
+            f"{resume_dir!r} was written by {resume_state['script']}; pass a checkpoint of "
+            f"{os.path.basename(__file__)}",
+        )
     if resume_state is not None:
         # Resuming continues the checkpoint's run: only where and how often things are written, tracking and memory
         # savers may differ; anything else would silently train a different model.
-        may_change = {"exp_name", "track", "wandb_project_name", "wandb_entity", "output_dir", "overwrite_output_dir",
-                      "push_to_hub", "hub_model_id", "trust_remote_code", "save_steps", "save_total_limit",
-                      "resume_from_checkpoint", "logging_steps", "gradient_checkpointing"}
-        saved, now = json.loads(resume_state["args"]), json.loads(json.dumps(asdict(args)))  # as saved: lists, not tuples
+        may_change = {
+            "exp_name",
+            "track",
+            "wandb_project_name",
+            "wandb_entity",
+            "output_dir",
+            "overwrite_output_dir",
+            "push_to_hub",
+            "hub_model_id",
+            "trust_remote_code",
+            "save_steps",
+            "save_total_limit",
+            "resume_from_checkpoint",
+            "logging_steps",
+            "gradient_checkpointing",
+        }
+        saved, now = (
+            json.loads(resume_state["args"]),
+            json.loads(json.dumps(asdict(args))),
+        )  # as saved: lists, not tuples
         saved = {**json.loads(json.dumps(asdict(Args()))), **saved}  # a flag newer than the checkpoint: its default
-        changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {v!r})" for k, v in now.items()
-                   if k not in may_change and saved.get(k) != v]
+        changed = [
+            f"--{k.replace('_', '-')} {saved.get(k)!r} (now {v!r})"
+            for k, v in now.items()
+            if k not in may_change and saved.get(k) != v
+        ]
         if changed:
-            fail("resume_from_checkpoint", f"{resume_dir!r} was written by a run with {', '.join(changed)}; resume "
-                                           "with the same values, or start a new run")
+            fail(
+                "resume_from_checkpoint",
+                f"{resume_dir!r} was written by a run with {', '.join(changed)}; resume "
+                "with the same values, or start a new run",
+            )
     if args.push_to_hub:
         check_push_to_hub(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)))
-    for name in ("learning_rate", "per_device_train_batch_size", "num_train_epochs", "gradient_accumulation_steps",
-                 "max_length"):
+    for name in (
+        "learning_rate",
+        "per_device_train_batch_size",
+        "num_train_epochs",
+        "gradient_accumulation_steps",
+        "max_length",
+    ):
         if not getattr(args, name) > 0:  # `not >` also catches nan
             fail(name, f"must be positive, got {getattr(args, name)}")
-    if not 0 <= args.seed < 2 ** 32:
+    if not 0 <= args.seed < 2**32:
         fail("seed", f"must be in [0, 2**32 - 1] (numpy's seed range), got {args.seed}")
     if not 0 <= args.warmup_ratio <= 1:
         fail("warmup_ratio", f"is a fraction of the optimizer steps, so in [0, 1]; got {args.warmup_ratio}")
     if args.normalize_reward and args.normalize_num_examples <= 0:
-        fail("normalize_num_examples", f"must be positive to normalise (the mean of no scores is nan), got "
-                                       f"{args.normalize_num_examples}; or pass --no-normalize-reward")
+        fail(
+            "normalize_num_examples",
+            f"must be positive to normalise (the mean of no scores is nan), got "
+            f"{args.normalize_num_examples}; or pass --no-normalize-reward",
+        )
     for name in ("adam_epsilon", "max_grad_norm"):
         if getattr(args, name) is not None and not getattr(args, name) > 0:
-            fail(name, f"must be positive, got {getattr(args, name)}"
-                       + (" (None: no clipping)" if name == "max_grad_norm" else ""))
+            fail(
+                name,
+                f"must be positive, got {getattr(args, name)}"
+                + (" (None: no clipping)" if name == "max_grad_norm" else ""),
+            )
     for name in ("adam_beta1", "adam_beta2"):
         if not 0 <= getattr(args, name) < 1:
             fail(name, f"must be in [0, 1), got {getattr(args, name)}")
@@ -746,8 +869,12 @@ if __name__ == "__main__":
         splits = load_any_dataset(args.dataset_name)
     except Exception as e:  # the datasets library has many failure types; all mean the same thing to the user
         fail("dataset_name", f"could not load {args.dataset_name!r} (is it empty, or not a dataset?): {e}")
-    data_splits = dict(zip(("train", "test"), pick_splits(splits, args.dataset_name, args.dataset_train_split,
-                                                         args.dataset_test_split)))
+    data_splits = dict(
+        zip(
+            ("train", "test"),
+            pick_splits(splits, args.dataset_name, args.dataset_train_split, args.dataset_test_split),
+        )
+    )
     formats, split_notes = set(), []
     for role, split in (("train", args.dataset_train_split), ("test", args.dataset_test_split)):
         data = data_splits[role]
@@ -759,11 +886,16 @@ if __name__ == "__main__":
         kind, has_prompt, useless = preference_format(data, where)
         formats.add((kind, has_prompt))
         if len(useless) * 2 > len(data):
-            fail("dataset_name", f"{len(useless)} of {len(data)} pairs of {where} have an empty side or chosen == "
-                                 f"rejected (e.g. row {useless[0]}); most of the data teaches nothing: fix it")
+            fail(
+                "dataset_name",
+                f"{len(useless)} of {len(data)} pairs of {where} have an empty side or chosen == "
+                f"rejected (e.g. row {useless[0]}); most of the data teaches nothing: fix it",
+            )
         if useless:
-            split_notes.append(f"dropped {len(useless)} of {len(data)} pairs of {where} with an empty side or chosen "
-                               f"== rejected (e.g. row {useless[0]})")
+            split_notes.append(
+                f"dropped {len(useless)} of {len(data)} pairs of {where} with an empty side or chosen "
+                f"== rejected (e.g. row {useless[0]})"
+            )
             data_splits[role] = data.select(sorted(set(range(len(data))) - set(useless)))
     if len(formats) > 1:
         fail("dataset_name", f"the train and test splits of {args.dataset_name!r} have different formats")
@@ -771,33 +903,47 @@ if __name__ == "__main__":
     split_notes.append(f"evaluating on split {args.dataset_test_split!r}")
     if data_splits["test"] is None:
         data_splits["train"], data_splits["test"], split_notes[-1] = hold_out(
-            data_splits["train"], args.dataset_name, args.dataset_train_split, args.dataset_test_split)
+            data_splits["train"], args.dataset_name, args.dataset_train_split, args.dataset_test_split
+        )
     if args.normalize_reward:
         try:
             normalize_splits = load_any_dataset(args.normalize_dataset_name)
             refs = normalize_splits[None] if None in normalize_splits else normalize_splits[args.normalize_split]
         except Exception as e:
-            fail("normalize_dataset_name", f"could not load split {args.normalize_split!r} of "
-                                           f"{args.normalize_dataset_name!r} (is it empty, or missing that split?): "
-                                           f"{e}")
+            fail(
+                "normalize_dataset_name",
+                f"could not load split {args.normalize_split!r} of "
+                f"{args.normalize_dataset_name!r} (is it empty, or missing that split?): "
+                f"{e}",
+            )
         where = f"split {args.normalize_split!r} of {args.normalize_dataset_name!r}"
         if {"prompt", "completion"} - set(refs.column_names):
-            fail("normalize_dataset_name", f"{where} has columns {refs.column_names}; it needs `prompt` and "
-                                           "`completion`")
+            fail(
+                "normalize_dataset_name",
+                f"{where} has columns {refs.column_names}; it needs `prompt` and `completion`",
+            )
         if len(refs) == 0:
             fail("normalize_split", f"{where} is empty")
         refs = refs.select(range(min(args.normalize_num_examples, len(refs))))
-        ref_kinds = {column_kind(refs, column, where, argument="normalize_dataset_name")[0]
-                     for column in ("prompt", "completion")}
+        ref_kinds = {
+            column_kind(refs, column, where, argument="normalize_dataset_name")[0]
+            for column in ("prompt", "completion")
+        }
         if ref_kinds != {kind}:
-            fail("normalize_dataset_name", f"{where} must be in the format of --dataset-name ({kind}), in both "
-                                           "columns")
+            fail(
+                "normalize_dataset_name", f"{where} must be in the format of --dataset-name ({kind}), in both columns"
+            )
         if kind == "conversation":
             require_assistant(refs, "completion", where, argument="normalize_dataset_name")
     config = AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
-    if getattr(config, "num_labels", 1) != 1 and any("ForSequenceClassification" in a for a in config.architectures or []):
-        fail("model_name_or_path", f"{args.model_name_or_path!r} is a classifier with {config.num_labels} labels; "
-                                   "a reward model has one (start from the SFT model instead)")
+    if getattr(config, "num_labels", 1) != 1 and any(
+        "ForSequenceClassification" in a for a in config.architectures or []
+    ):
+        fail(
+            "model_name_or_path",
+            f"{args.model_name_or_path!r} is a classifier with {config.num_labels} labels; "
+            "a reward model has one (start from the SFT model instead)",
+        )
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=args.trust_remote_code)
     added_pad = add_pad_token(tokenizer)  # logged below, once
     # A new [PAD] past the embedding rows (Llama-3, Mistral: no spare rows) resizes them after loading: the saved
@@ -805,12 +951,18 @@ if __name__ == "__main__":
     embedding_rows = config.get_text_config().vocab_size
     context = context_length(config)
     if context is not None and args.max_length > context:
-        fail("max_length", f"{args.max_length} is longer than the model's context of {context} tokens "
-                           "(max_position_embeddings); lower it")
+        fail(
+            "max_length",
+            f"{args.max_length} is longer than the model's context of {context} tokens "
+            "(max_position_embeddings); lower it",
+        )
     if kind != "text" and not tokenizer.chat_template:
-        fail("tokenizer_name_or_path", f"{tokenizer_path!r} has no chat template, which conversational data needs; "
-                                       "use an instruct model's tokenizer, set tokenizer.chat_template and save it, "
-                                       "or give `prompt`/`chosen`/`rejected` as strings")
+        fail(
+            "tokenizer_name_or_path",
+            f"{tokenizer_path!r} has no chat template, which conversational data needs; "
+            "use an instruct model's tokenizer, set tokenizer.chat_template and save it, "
+            "or give `prompt`/`chosen`/`rejected` as strings",
+        )
 
     stop_on_signals()  # from here on, Ctrl-C or SIGTERM stops after the current step with a checkpoint
 
@@ -824,11 +976,16 @@ if __name__ == "__main__":
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     on_cpu = not torch.cuda.is_available()
     deepspeed_launch = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    accelerator = Accelerator(cpu=on_cpu and not deepspeed_launch, gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              mixed_precision="bf16" if args.bf16 else "no",
-                              kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if on_cpu and world_size > 1 else [])
+    accelerator = Accelerator(
+        cpu=on_cpu and not deepspeed_launch,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision="bf16" if args.bf16 else "no",
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if on_cpu and world_size > 1 else [],
+    )
     if accelerator.num_processes != world_size:
-        fail("num_processes", f"WORLD_SIZE says {world_size} processes but accelerate runs {accelerator.num_processes}")
+        fail(
+            "num_processes", f"WORLD_SIZE says {world_size} processes but accelerate runs {accelerator.num_processes}"
+        )
     is_deepspeed, zero_stage = accelerator.distributed_type == DistributedType.DEEPSPEED, 0
     if is_deepspeed:
         # Clip at --max-grad-norm whatever the config file says; ZeRO-3 gathers full weights to save a loadable model.
@@ -840,12 +997,18 @@ if __name__ == "__main__":
     if resume_state is not None:
         # Each process's data position and RNG state, and DeepSpeed's optimizer shards, belong to one launch layout.
         if resume_state["world_size"] != world_size:
-            fail("resume_from_checkpoint", f"the checkpoint was written by {resume_state['world_size']} processes; "
-                                           f"resume it with the same number, not {world_size}")
+            fail(
+                "resume_from_checkpoint",
+                f"the checkpoint was written by {resume_state['world_size']} processes; "
+                f"resume it with the same number, not {world_size}",
+            )
         if resume_state["zero_stage"] != (zero_stage if is_deepspeed else None):
-            fail("resume_from_checkpoint", f"the checkpoint was written with DeepSpeed ZeRO stage "
-                                           f"{resume_state['zero_stage']}, this launch has "
-                                           f"{zero_stage if is_deepspeed else None} (None: no DeepSpeed); resume it the same way")
+            fail(
+                "resume_from_checkpoint",
+                f"the checkpoint was written with DeepSpeed ZeRO stage "
+                f"{resume_state['zero_stage']}, this launch has "
+                f"{zero_stage if is_deepspeed else None} (None: no DeepSpeed); resume it the same way",
+            )
 
     def gathered(params: list):
         """Under ZeRO-3 the models are loaded as shards: gather these parameters to change them (on the main process,
@@ -874,8 +1037,11 @@ if __name__ == "__main__":
         try:
             return encode_completion(tokenizer, prompt, completion)
         except ValueError as e:  # a chat template whose turns cannot be told apart
-            fail("tokenizer_name_or_path", f"{e} (in {completion!r:.80}); use a template that renders each turn after "
-                                           "the previous ones unchanged")
+            fail(
+                "tokenizer_name_or_path",
+                f"{e} (in {completion!r:.80}); use a template that renders each turn after "
+                "the previous ones unchanged",
+            )
 
     def tokenize_pairs(data):
         has_gold = "gold_chosen_is_better" in data.column_names
@@ -883,19 +1049,25 @@ if __name__ == "__main__":
         for i, row in enumerate(data):
             c, r = encode(row.get("prompt"), row["chosen"]), encode(row.get("prompt"), row["rejected"])
             if max(len(c), len(r)) <= args.max_length:
-                rows.append({"chosen": c, "rejected": r, "gold": int(row["gold_chosen_is_better"]) if has_gold else -1})
+                rows.append(
+                    {"chosen": c, "rejected": r, "gold": int(row["gold_chosen_is_better"]) if has_gold else -1}
+                )
         return rows, len(data) - len(rows)
 
     train_rows, dropped_train = tokenize_pairs(data_splits["train"])
     eval_rows, dropped_eval = tokenize_pairs(data_splits["test"])
     reference_ids = [encode(p, c) for p, c in zip(refs["prompt"], refs["completion"])] if args.normalize_reward else []
     accelerator.print("; ".join(split_notes))
-    accelerator.print(f"{len(train_rows)} train / {len(eval_rows)} eval pairs ({kind} format, "
-                      f"{'explicit' if has_prompt else 'implicit'} prompt); dropped as longer than --max-length "
-                      f"{args.max_length}: {dropped_train} train, {dropped_eval} eval")
+    accelerator.print(
+        f"{len(train_rows)} train / {len(eval_rows)} eval pairs ({kind} format, "
+        f"{'explicit' if has_prompt else 'implicit'} prompt); dropped as longer than --max-length "
+        f"{args.max_length}: {dropped_train} train, {dropped_eval} eval"
+    )
     if kind == "text" and tokenizer.chat_template:
-        accelerator.print("note: the tokenizer has a chat template, but the data is plain text: it is used as it is, "
-                          "without the template (give lists of {role, content} messages to have it applied)")
+        accelerator.print(
+            "note: the tokenizer has a chat template, but the data is plain text: it is used as it is, "
+            "without the template (give lists of {role, content} messages to have it applied)"
+        )
     if not train_rows:
         fail("max_length", f"every training pair is longer than {args.max_length} tokens")
     pad = tokenizer.pad_token_id
@@ -903,12 +1075,23 @@ if __name__ == "__main__":
     def collate(batch):
         # Chosen and rejected go through the model in one forward: first half chosen, second half rejected.
         input_ids, attention_mask = pad_batch([b["chosen"] for b in batch] + [b["rejected"] for b in batch], pad)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "gold": torch.tensor([b["gold"] for b in batch])}
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "gold": torch.tensor([b["gold"] for b in batch]),
+        }
 
     shuffle_generator = torch.Generator().manual_seed(args.seed)  # its state at each epoch's start goes in checkpoints
-    train_loader = torch.utils.data.DataLoader(train_rows, batch_size=args.per_device_train_batch_size, shuffle=True,
-                                               collate_fn=collate, generator=shuffle_generator)
-    eval_loader = torch.utils.data.DataLoader(eval_rows, batch_size=args.per_device_train_batch_size, collate_fn=collate)
+    train_loader = torch.utils.data.DataLoader(
+        train_rows,
+        batch_size=args.per_device_train_batch_size,
+        shuffle=True,
+        collate_fn=collate,
+        generator=shuffle_generator,
+    )
+    eval_loader = torch.utils.data.DataLoader(
+        eval_rows, batch_size=args.per_device_train_batch_size, collate_fn=collate
+    )
 
     # Model: the SFT backbone with a fresh one-output head, N(0, 1/sqrt(d_model + 1)) as in the N+ recipe.
     for key in ("hidden_dropout", "attention_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
@@ -916,13 +1099,17 @@ if __name__ == "__main__":
             setattr(config, key, 0.0)
     config.num_labels, config.id2label, config.label2id = 1, {0: "LABEL_0"}, {"LABEL_0": 0}
     config.pad_token_id = pad
-    resize = len(tokenizer) > embedding_rows  # for the new [PAD]: rows for every token id, the new ones mean-initialised
+    resize = (
+        len(tokenizer) > embedding_rows
+    )  # for the new [PAD]: rows for every token id, the new ones mean-initialised
     if resize and resume_dir:
         config.get_text_config().vocab_size = len(tokenizer)  # the checkpoint holds the resized embeddings
     # A resumed run takes the trained weights, head included, from the checkpoint.
-    model = AutoModelForSequenceClassification.from_pretrained(os.path.join(resume_dir, "model") if resume_dir else
-                                                               args.model_name_or_path, config=config,
-                                                               trust_remote_code=args.trust_remote_code)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        os.path.join(resume_dir, "model") if resume_dir else args.model_name_or_path,
+        config=config,
+        trust_remote_code=args.trust_remote_code,
+    )
     if resize and not resume_dir:
         model.resize_token_embeddings(len(tokenizer))
         accelerator.print(f"resized the embeddings from {embedding_rows} to {len(tokenizer)} rows for the tokenizer")
@@ -931,15 +1118,24 @@ if __name__ == "__main__":
             torch.nn.init.normal_(model.score.weight, std=1 / math.sqrt(config.hidden_size + 1))
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, eps=args.adam_epsilon,
-                                  betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=args.learning_rate,
+        eps=args.adam_epsilon,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.weight_decay,
+    )
     # The schedule counts this process's optimizer steps (accelerate gives each process ceil(batches / processes)
     # batches) and is stepped by hand once per optimizer step, so it is not prepared: accelerate's wrapper would step
     # it once per process instead, which overshoots the schedule when the batches do not split evenly.
     batches_per_process = math.ceil(len(train_loader) / accelerator.num_processes)
     num_update_steps = math.ceil(batches_per_process / args.gradient_accumulation_steps) * args.num_train_epochs
-    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=int(args.warmup_ratio * num_update_steps),
-                              num_training_steps=num_update_steps)
+    scheduler = get_scheduler(
+        args.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=int(args.warmup_ratio * num_update_steps),
+        num_training_steps=num_update_steps,
+    )
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
     unwrapped = accelerator.unwrap_model(model)
 
@@ -953,8 +1149,16 @@ if __name__ == "__main__":
             chosen, rejected = rewards.chunk(2)
             has_gold = batch["gold"] >= 0
             gold_correct = ((chosen > rejected) == (batch["gold"] == 1)).float() * has_gold
-            per_pair = torch.stack([-F.logsigmoid(chosen - rejected), (chosen > rejected).float(),
-                                    torch.ones_like(chosen), gold_correct, has_gold.float()], 1)
+            per_pair = torch.stack(
+                [
+                    -F.logsigmoid(chosen - rejected),
+                    (chosen > rejected).float(),
+                    torch.ones_like(chosen),
+                    gold_correct,
+                    has_gold.float(),
+                ],
+                1,
+            )
             # gathered per pair: gather_for_metrics drops the duplicates accelerate pads the last batch with
             stats += accelerator.gather_for_metrics(per_pair).sum(0)
         model.train()
@@ -985,11 +1189,21 @@ if __name__ == "__main__":
                 unwrapped.save_pretrained(os.path.join(tmp, "model"), state_dict=state_dict)
                 if not is_deepspeed:
                     torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-                torch.save({"scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,
-                            "batches_done": batches_done, "shuffle": shuffle_state, "metrics": json.dumps(metrics_log),
-                            "args": json.dumps(asdict(args)), "world_size": world_size,
-                            "zero_stage": zero_stage if is_deepspeed else None, "script": os.path.basename(__file__)},
-                           os.path.join(tmp, "state.pt"))
+                torch.save(
+                    {
+                        "scheduler": scheduler.state_dict(),
+                        "step": step,
+                        "epoch": epoch,
+                        "batches_done": batches_done,
+                        "shuffle": shuffle_state,
+                        "metrics": json.dumps(metrics_log),
+                        "args": json.dumps(asdict(args)),
+                        "world_size": world_size,
+                        "zero_stage": zero_stage if is_deepspeed else None,
+                        "script": os.path.basename(__file__),
+                    },
+                    os.path.join(tmp, "state.pt"),
+                )
         except Exception as e:  # torch and safetensors report a full disk as their own error types
             error = f"{type(e).__name__}: {e}"
         failed = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "sum").item()
@@ -1001,24 +1215,32 @@ if __name__ == "__main__":
         if failed:
             if accelerator.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
-            sys.exit(f"error: could not write checkpoint-{step} ({error or 'on another process'}); the run stops "
-                     "here, its earlier checkpoints are intact: make room and resume with --resume-from-checkpoint latest")
+            sys.exit(
+                f"error: could not write checkpoint-{step} ({error or 'on another process'}); the run stops "
+                "here, its earlier checkpoints are intact: make room and resume with --resume-from-checkpoint latest"
+            )
         accelerator.wait_for_everyone()
 
     metrics_log, step, first_epoch, skip_batches, start = [], 0, 0, 0, time.time()
     if resume_dir:
         # The weights came with the model above; the optimizer, schedule, data position, metrics and RNG come here.
         if is_deepspeed:
-            model.load_checkpoint(resume_dir, tag="deepspeed", load_optimizer_states=True, load_lr_scheduler_states=False)
+            model.load_checkpoint(
+                resume_dir, tag="deepspeed", load_optimizer_states=True, load_lr_scheduler_states=False
+            )
         else:
             optimizer.load_state_dict(torch.load(os.path.join(resume_dir, "optimizer.pt"), weights_only=True))
         scheduler.load_state_dict(resume_state["scheduler"])
         step, first_epoch, skip_batches = resume_state["step"], resume_state["epoch"], resume_state["batches_done"]
         shuffle_generator.set_state(resume_state["shuffle"])
         metrics_log = json.loads(resume_state["metrics"])
-        set_rng_state(torch.load(os.path.join(resume_dir, f"rng_rank{accelerator.process_index}.pt"), weights_only=True))
-        accelerator.print(f"resumed from {resume_dir}: continuing after optimizer step {step} (epoch {first_epoch}, "
-                          f"{skip_batches} batches in)")
+        set_rng_state(
+            torch.load(os.path.join(resume_dir, f"rng_rank{accelerator.process_index}.pt"), weights_only=True)
+        )
+        accelerator.print(
+            f"resumed from {resume_dir}: continuing after optimizer step {step} (epoch {first_epoch}, "
+            f"{skip_batches} batches in)"
+        )
     elif accelerator.is_main_process:
         # A fresh run: the checkpoints of a run that --overwrite-output-dir replaces must not mix with its own.
         shutil.rmtree(os.path.join(args.output_dir, "checkpoints"), ignore_errors=True)
@@ -1045,8 +1267,10 @@ if __name__ == "__main__":
                     # A finite loss can still give inf/nan gradients; the step would write them into the weights,
                     # and into every later checkpoint.
                     if grad_norm is not None and not math.isfinite(float(grad_norm)):
-                        sys.exit(f"error: non-finite gradient norm at optimizer step {step + 1}; the run stops before "
-                                 "that step, so the last checkpoint is intact (lower --learning-rate)")
+                        sys.exit(
+                            f"error: non-finite gradient norm at optimizer step {step + 1}; the run stops before "
+                            "that step, so the last checkpoint is intact (lower --learning-rate)"
+                        )
                 optimizer.step()
                 if accelerator.sync_gradients:
                     scheduler.step()
@@ -1056,21 +1280,29 @@ if __name__ == "__main__":
                 if bar is not None:
                     bar.update(1)
                 if step % args.logging_steps == 0:
-                    row = {"train/loss": accelerator.reduce(loss.detach(), "mean").item(),
-                           "train/accuracy": accelerator.reduce(accuracy, "mean").item(),
-                           "lr": scheduler.get_last_lr()[0], "epoch": epoch, "step": step}
+                    row = {
+                        "train/loss": accelerator.reduce(loss.detach(), "mean").item(),
+                        "train/accuracy": accelerator.reduce(accuracy, "mean").item(),
+                        "lr": scheduler.get_last_lr()[0],
+                        "epoch": epoch,
+                        "step": step,
+                    }
                     metrics_log.append(row)
                     (bar.write if bar is not None else accelerator.print)(
                         f"step {step}/{num_update_steps} loss {row['train/loss']:.4f} "
-                        f"accuracy {row['train/accuracy']:.3f}")
+                        f"accuracy {row['train/accuracy']:.3f}"
+                    )
                     if args.track and accelerator.is_main_process:
                         wandb.log(wandb_row(row))
                 stop = stop_requested(accelerator)
                 if (args.save_steps and step % args.save_steps == 0) or stop:
                     save_checkpoint(epoch, batch_index + 1, shuffle_state)
                 if stop:
-                    accelerator.print(f"stopped by {signal.Signals(stop).name} after optimizer step {step}, with "
-                                      f"checkpoint-{step}: continue with --resume-from-checkpoint latest", file=sys.stderr)
+                    accelerator.print(
+                        f"stopped by {signal.Signals(stop).name} after optimizer step {step}, with "
+                        f"checkpoint-{step}: continue with --resume-from-checkpoint latest",
+                        file=sys.stderr,
+                    )
                     sys.exit(128 + stop)
         skip_batches = 0
         row = {**evaluate(), "epoch": epoch, "step": step}
@@ -1087,16 +1319,18 @@ if __name__ == "__main__":
         sequences = [s for s in reference_ids if len(s) <= args.max_length]
         # An equal share per process, the short one padded with weight-0 repeats: under ZeRO-3 forwards are collective.
         share = math.ceil(len(sequences) / accelerator.num_processes)
-        mine = sequences[accelerator.process_index * share: (accelerator.process_index + 1) * share]
+        mine = sequences[accelerator.process_index * share : (accelerator.process_index + 1) * share]
         weights = torch.tensor([1.0] * len(mine) + [0.0] * (share - len(mine)), device=accelerator.device)
         mine += sequences[:1] * (share - len(mine))
         total = torch.zeros(2, device=accelerator.device)
         model.eval()
         with torch.no_grad():
             for i in range(0, len(mine), args.per_device_train_batch_size):
-                input_ids, attention_mask = pad_batch(mine[i: i + args.per_device_train_batch_size], pad)
-                rewards = get_reward(unwrapped, input_ids.to(accelerator.device), attention_mask.to(accelerator.device))
-                w = weights[i: i + args.per_device_train_batch_size]
+                input_ids, attention_mask = pad_batch(mine[i : i + args.per_device_train_batch_size], pad)
+                rewards = get_reward(
+                    unwrapped, input_ids.to(accelerator.device), attention_mask.to(accelerator.device)
+                )
+                w = weights[i : i + args.per_device_train_batch_size]
                 total += torch.stack([(rewards * w).sum(), w.sum()])
             total = accelerator.reduce(total, "sum")
             mean_before = (total[0] / total[1]).item()
@@ -1110,26 +1344,35 @@ if __name__ == "__main__":
                 with gathered([unwrapped.score.weight] + list(norm.parameters())):
                     shift_scores(unwrapped, -mean_before)
                 moved = get_reward(unwrapped, *probe) - before
-                if not torch.allclose(moved, torch.full_like(moved, -mean_before), atol=1e-2 * max(1.0, abs(mean_before))):
+                if not torch.allclose(
+                    moved, torch.full_like(moved, -mean_before), atol=1e-2 * max(1.0, abs(mean_before))
+                ):
                     with gathered([unwrapped.score.weight] + list(norm.parameters())):
                         shift_scores(unwrapped, mean_before)  # undone
                     norm = None
             if norm is None:
                 unwrapped.config.reward_shift = -mean_before
             where = "the final norm's bias" if norm is not None else "config.reward_shift (applied by the PPO scripts)"
-        accelerator.print(f"reward normalisation: reference completions scored {mean_before:.4f} on average; "
-                          f"shifted to 0 in {where}")
+        accelerator.print(
+            f"reward normalisation: reference completions scored {mean_before:.4f} on average; shifted to 0 in {where}"
+        )
         metrics_log.append({"normalization/reference_mean_before": mean_before, "step": step})
 
     # Save atomically (publish_output: the previous output or this one, never a mix); the config keeps num_labels=1 and the pad id, so the HF forward reads the same token.
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)
-    nonfinite = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()] \
-        if accelerator.is_main_process else []
+    nonfinite = (
+        [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if accelerator.is_main_process
+        else []
+    )
     if accelerator.reduce(torch.tensor(float(len(nonfinite)), device=accelerator.device), "sum").item():
-        sys.exit(f"error: the trained weights are not finite ({', '.join(nonfinite[:3])}...); nothing was saved "
-                 "(lower --learning-rate)")
+        sys.exit(
+            f"error: the trained weights are not finite ({', '.join(nonfinite[:3])}...); nothing was saved "
+            "(lower --learning-rate)"
+        )
     if accelerator.is_main_process:
+
         def write(path):
             unwrapped.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
             tokenizer.save_pretrained(path)
@@ -1138,20 +1381,27 @@ if __name__ == "__main__":
             with open(os.path.join(path, "args.json"), "w") as f:
                 json.dump(asdict(args), f, indent=2)
             with open(os.path.join(path, "README.md"), "w") as f:
-                f.write(model_card(
-                    os.path.basename(os.path.abspath(args.output_dir)), args.model_name_or_path,
-                    [args.dataset_name] + ([args.normalize_dataset_name] if args.normalize_reward else []),
-                    ["reward-model", "rlhf"],
-                    f"A reward model (one score per sequence, read at its last token) trained with `reward_modeling.py` "
-                    f"from `{args.model_name_or_path}` on the preference pairs of `{args.dataset_name}`.\n\n## Command"
-                    "\n\n```\npython " + " ".join(sys.argv) + "\n```\n\nEvery logged row is in `metrics.jsonl`, the "
-                    "arguments in `args.json`.\n"))
+                f.write(
+                    model_card(
+                        os.path.basename(os.path.abspath(args.output_dir)),
+                        args.model_name_or_path,
+                        [args.dataset_name] + ([args.normalize_dataset_name] if args.normalize_reward else []),
+                        ["reward-model", "rlhf"],
+                        f"A reward model (one score per sequence, read at its last token) trained with `reward_modeling.py` "
+                        f"from `{args.model_name_or_path}` on the preference pairs of `{args.dataset_name}`.\n\n## Command"
+                        "\n\n```\npython "
+                        + " ".join(sys.argv)
+                        + "\n```\n\nEvery logged row is in `metrics.jsonl`, the "
+                        "arguments in `args.json`.\n",
+                    )
+                )
 
         publish_output(args.output_dir, write)
         accelerator.print(f"saved to {args.output_dir} after {time.time() - start:.0f}s")
         if args.push_to_hub:
-            url = push_folder_to_hub(args.output_dir,
-                                     args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)))
+            url = push_folder_to_hub(
+                args.output_dir, args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+            )
             accelerator.print(f"uploaded {args.output_dir} to {url}")
     accelerator.wait_for_everyone()
     del model, optimizer  # before the process group goes: avoids gloo's abort at exit

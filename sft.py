@@ -140,8 +140,18 @@ def bool_flags_as_switches(argv: list, args_cls) -> list:
 
     hints = typing.get_type_hints(args_cls)
     switches = {f.name for f in dataclasses.fields(args_cls) if hints[f.name] is bool}
-    words = {"true": True, "yes": True, "t": True, "y": True, "1": True,
-             "false": False, "no": False, "f": False, "n": False, "0": False}
+    words = {
+        "true": True,
+        "yes": True,
+        "t": True,
+        "y": True,
+        "1": True,
+        "false": False,
+        "no": False,
+        "f": False,
+        "n": False,
+        "0": False,
+    }
     out, i = [], 0
     while i < len(argv):
         flag, eq, value = argv[i].partition("=")
@@ -166,8 +176,9 @@ def progress_bar(total: int, unit: str, main_process: bool, initial: int = 0):
     # The size once, at the start (COLUMNS/LINES, else the terminal's, else 80x24): tqdm draws nothing on a terminal
     # that reports 0 rows or columns (a fresh pseudo-terminal, some CI runners).
     size = shutil.get_terminal_size()
-    return tqdm(total=total, initial=initial, unit=unit, file=sys.stderr, ncols=max(size.columns, 60),
-                nrows=max(size.lines, 2))
+    return tqdm(
+        total=total, initial=initial, unit=unit, file=sys.stderr, ncols=max(size.columns, 60), nrows=max(size.lines, 2)
+    )
 
 
 def model_card(title: str, base_model: str, datasets: list, tags: list, body: str) -> str:
@@ -205,15 +216,18 @@ def check_push_to_hub(repo_id: str) -> None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
-        fail("hub_model_id", f"{repo_id!r} is not a valid Hub repository id ({e}); pass --hub-model-id name or "
-                             "org/name")
+        fail(
+            "hub_model_id", f"{repo_id!r} is not a valid Hub repository id ({e}); pass --hub-model-id name or org/name"
+        )
     if get_token() is None:
         fail("push_to_hub", "no Hugging Face token; run `hf auth login` or set HF_TOKEN, or drop --push-to-hub")
     try:
         HfApi().whoami()
     except Exception as e:  # unreachable Hub or a rejected token: both are found out now, not after training
-        fail("push_to_hub", f"the Hub did not answer or refused the token ({type(e).__name__}: {e}); fix that or "
-                            "drop --push-to-hub")
+        fail(
+            "push_to_hub",
+            f"the Hub did not answer or refused the token ({type(e).__name__}: {e}); fix that or drop --push-to-hub",
+        )
 
 
 def push_folder_to_hub(folder: str, repo_id: str) -> str:
@@ -223,8 +237,12 @@ def push_folder_to_hub(folder: str, repo_id: str) -> str:
 
     api = HfApi()
     api.create_repo(repo_id, exist_ok=True)
-    return api.upload_folder(folder_path=folder, repo_id=repo_id, ignore_patterns=["checkpoints/**", ".*"],
-                             commit_message=f"upload {os.path.basename(os.path.abspath(folder))}")
+    return api.upload_folder(
+        folder_path=folder,
+        repo_id=repo_id,
+        ignore_patterns=["checkpoints/**", ".*"],
+        commit_message=f"upload {os.path.basename(os.path.abspath(folder))}",
+    )
 
 
 HOLD_OUT_EVERY = 10  # with no test split, the last training row and every 10th row before it are held out
@@ -263,8 +281,11 @@ def hold_out(train, name: str, train_split: str, test_split: str) -> tuple:
     held = list(range(len(train) - 1, -1, -HOLD_OUT_EVERY))[::-1]
     note = f"held out {len(held)} of {len(train)} rows of {train_split!r} for evaluation (no {test_split!r} split)"
     if len(held) >= len(train):
-        fail("dataset_test_split", f"{name!r} has no split {test_split!r}, so it {note[:note.index(' (')]}, which "
-                                   "leaves none to train on; add rows, or name an existing split")
+        fail(
+            "dataset_test_split",
+            f"{name!r} has no split {test_split!r}, so it {note[: note.index(' (')]}, which "
+            "leaves none to train on; add rows, or name an existing split",
+        )
     kept = sorted(set(range(len(train))) - set(held))
     return train.select(kept), train.select(held), note
 
@@ -278,21 +299,31 @@ def column_kind(data, column: str, where: str, allow_empty: bool = False, argume
     for i, value in enumerate(data[column]):
         if isinstance(value, str):
             kind, blank = "text", not value.strip()
-        elif isinstance(value, list) and all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                             and isinstance(m.get("content"), str) for m in value):
+        elif isinstance(value, list) and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+        ):
             kind, blank = "conversation", not value or not value[-1]["content"].strip()
         else:
-            fail(argument, f"row {i} of {where}: `{column}` is {repr(value)[:80]}; it must be a string or a list of "
-                           "{'role': ..., 'content': ...} messages with string contents; fix or drop that row")
+            fail(
+                argument,
+                f"row {i} of {where}: `{column}` is {repr(value)[:80]}; it must be a string or a list of "
+                "{'role': ..., 'content': ...} messages with string contents; fix or drop that row",
+            )
         first.setdefault(kind, i)
         if blank:
             empty.append(i)
     if len(first) > 1:
-        fail(argument, f"{where}: `{column}` mixes strings (row {first['text']}) and conversations (row "
-                       f"{first['conversation']}); use one format per column")
+        fail(
+            argument,
+            f"{where}: `{column}` mixes strings (row {first['text']}) and conversations (row "
+            f"{first['conversation']}); use one format per column",
+        )
     if empty and not allow_empty:
-        fail(argument, f"row {empty[0]} of {where}: `{column}` is empty ({len(empty)} such rows of {len(data)}); "
-                       "fill or drop those rows")
+        fail(
+            argument,
+            f"row {empty[0]} of {where}: `{column}` is empty ({len(empty)} such rows of {len(data)}); "
+            "fill or drop those rows",
+        )
     return next(iter(first), "text"), empty
 
 
@@ -301,13 +332,17 @@ def render_chat(tokenizer, messages: list, add_generation_prompt: bool) -> list:
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
+
 def require_assistant(data, column: str, where: str, last: bool = False, argument: str = "dataset_name") -> None:
     """Every conversation of a column needs an assistant message (`last`: at its end) to learn from or to score."""
     for i, messages in enumerate(data[column]):
         roles = [m["role"] for m in messages]
         if messages and ((roles[-1] != "assistant") if last else ("assistant" not in roles)):
-            fail(argument, f"row {i} of {where}: `{column}` has no assistant message{' at its end' if last else ''} "
-                           f"(roles {roles}); add the assistant's answer or drop that row")
+            fail(
+                argument,
+                f"row {i} of {where}: `{column}` has no assistant message{' at its end' if last else ''} "
+                f"(roles {roles}); add the assistant's answer or drop that row",
+            )
 
 
 def tokenize_conversation(tokenizer, messages: list, first_trained: int) -> dict:
@@ -324,11 +359,13 @@ def tokenize_conversation(tokenizer, messages: list, first_trained: int) -> dict
         before = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
         upto = render_chat(tokenizer, messages[: i + 1], add_generation_prompt=False)
         if upto[: len(before)] != before or ids[: len(upto)] != upto:
-            raise ValueError(f"the chat template renders message {i} so that the tokens before it change when it is "
-                             "added; the assistant tokens cannot be told apart")
-        turn = upto[len(before):]
+            raise ValueError(
+                f"the chat template renders message {i} so that the tokens before it change when it is "
+                "added; the assistant tokens cannot be told apart"
+            )
+        turn = upto[len(before) :]
         end = len(before) + (turn.index(eos) + 1 if eos in turn else len(turn))
-        labels[len(before): end] = ids[len(before): end]
+        labels[len(before) : end] = ids[len(before) : end]
     if end is None:
         raise ValueError(f"no assistant message from message {first_trained} on, so nothing to learn or score")
     ids, labels = ids[:end], labels[:end]
@@ -352,8 +389,11 @@ def sft_format(data, where: str) -> str:
             fail("dataset_name", f"{where}: `messages` must hold lists of {{'role', 'content'}} messages, not strings")
         require_assistant(data, "messages", where)
         return "messages"
-    fail("dataset_name", f"{where} has columns {data.column_names}; SFT needs `prompt` and `completion` (strings or "
-                         "lists of messages) or `messages` (conversations)")
+    fail(
+        "dataset_name",
+        f"{where} has columns {data.column_names}; SFT needs `prompt` and `completion` (strings or "
+        "lists of messages) or `messages` (conversations)",
+    )
 
 
 def tokenize_row(tokenizer, row: dict, kind: str) -> dict:
@@ -372,8 +412,10 @@ def prompt_and_reference(tokenizer, row: dict, kind: str) -> tuple:
         return row["prompt"], row["completion"]
     messages = row["messages"] if kind == "messages" else row["prompt"] + row["completion"]
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    return (tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True),
-            messages[last]["content"])
+    return (
+        tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True),
+        messages[last]["content"],
+    )
 
 
 def tokenize_example(tokenizer, prompt: str, completion: str) -> dict:
@@ -391,14 +433,19 @@ def collate(batch: list, pad_token_id: int) -> dict:
     labels = torch.full((len(batch), width), -100, dtype=torch.long)
     for i, b in enumerate(batch):
         n = len(b["input_ids"])
-        input_ids[i, :n], attention_mask[i, :n], labels[i, :n] = torch.tensor(b["input_ids"]), 1, torch.tensor(b["labels"])
+        input_ids[i, :n], attention_mask[i, :n], labels[i, :n] = (
+            torch.tensor(b["input_ids"]),
+            1,
+            torch.tensor(b["labels"]),
+        )
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 def completion_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Next-token cross-entropy on positions whose label is not -100 (the completion tokens)."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
-                           reduction=reduction)
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction=reduction
+    )
 
 
 def step_groups(batches, size: int):
@@ -421,8 +468,10 @@ def add_pad_token(tokenizer) -> Optional[str]:
         return None
     before = tokenizer.pad_token
     tokenizer.add_special_tokens({"pad_token": "[PAD]"})
-    return (f"the tokenizer's pad token was {before!r} (EOS {tokenizer.eos_token!r}): added a dedicated pad token "
-            f"{tokenizer.pad_token!r} (id {tokenizer.pad_token_id}), saved with the output")
+    return (
+        f"the tokenizer's pad token was {before!r} (EOS {tokenizer.eos_token!r}): added a dedicated pad token "
+        f"{tokenizer.pad_token!r} (id {tokenizer.pad_token_id}), saved with the output"
+    )
 
 
 def context_length(config) -> Optional[int]:
@@ -440,9 +489,12 @@ def rng_state() -> dict:
     """Every random state of this process, as tensors and ints so that torch.load(weights_only=True) reads it."""
     version, mt, gauss = random.getstate()
     np_state = np.random.get_state()
-    return {"python": [version, torch.tensor(mt, dtype=torch.int64), gauss],
-            "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
-            "numpy_rest": [np_state[0], np_state[2], np_state[3], np_state[4]], "torch": torch.get_rng_state()}
+    return {
+        "python": [version, torch.tensor(mt, dtype=torch.int64), gauss],
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_rest": [np_state[0], np_state[2], np_state[3], np_state[4]],
+        "torch": torch.get_rng_state(),
+    }
 
 
 def set_rng_state(state: dict) -> None:
@@ -478,8 +530,11 @@ def lock_output_dir(output_dir: str) -> None:
             except BlockingIOError:
                 owner = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
-                fail("output_dir", f"{output_dir!r} is in use by another run (process {owner}); wait for it to end or "
-                                   "pick another --output-dir")
+                fail(
+                    "output_dir",
+                    f"{output_dir!r} is in use by another run (process {owner}); wait for it to end or "
+                    "pick another --output-dir",
+                )
             if os.path.exists(path + ".lock") and os.stat(path + ".lock").st_ino == os.fstat(fd).st_ino:
                 break  # else the previous holder removed the file while we waited for it: lock the new one
             os.close(fd)
@@ -536,8 +591,10 @@ def publish_output(output_dir: str, write) -> None:
         write(path + ".partial")
     except Exception as e:  # e.g. a full disk: torch and safetensors report it as their own error types
         shutil.rmtree(path + ".partial", ignore_errors=True)
-        sys.exit(f"error: could not write the final output ({type(e).__name__}: {e}); {output_dir!r} holds what it "
-                 "held before, with this run's checkpoints")
+        sys.exit(
+            f"error: could not write the final output ({type(e).__name__}: {e}); {output_dir!r} holds what it "
+            "held before, with this run's checkpoints"
+        )
     os.replace(path + ".partial", path + ".new")
     finish_interrupted_save(output_dir)
 
@@ -548,8 +605,11 @@ def seal_checkpoint(tmp: str, folder: str, keep: Optional[int]) -> None:
     renamed, so it always names a complete checkpoint), and the checkpoints beyond --save-total-limit go: the
     oldest by number among those before this one, and any numbered after it (left by a run it was resumed from
     before them, so older than this one)."""
-    sizes = {os.path.relpath(os.path.join(d, f), tmp): os.path.getsize(os.path.join(d, f))
-             for d, _, files in os.walk(tmp) for f in files}
+    sizes = {
+        os.path.relpath(os.path.join(d, f), tmp): os.path.getsize(os.path.join(d, f))
+        for d, _, files in os.walk(tmp)
+        for f in files
+    }
     with open(os.path.join(tmp, "manifest.json"), "w") as f:
         json.dump(sizes, f, indent=0, sort_keys=True)
     shutil.rmtree(folder, ignore_errors=True)
@@ -558,7 +618,7 @@ def seal_checkpoint(tmp: str, folder: str, keep: Optional[int]) -> None:
     with open(os.path.join(parent, "latest.tmp"), "w") as f:
         f.write(name)
     os.replace(os.path.join(parent, "latest.tmp"), os.path.join(parent, "latest"))
-    number = int(name[len("checkpoint-"):])
+    number = int(name[len("checkpoint-") :])
     others = [int(n[11:]) for n in os.listdir(parent) if n.startswith("checkpoint-") and n[11:].isdigit()]
     before = sorted(n for n in others if n < number)
     remove = [n for n in others if n > number] + (before[: max(len(before) - keep + 1, 0)] if keep else [])
@@ -590,8 +650,14 @@ def latest_checkpoint(output_dir: str) -> tuple:
     """The checkpoint that `--resume-from-checkpoint latest` continues: the one `checkpoints/latest` names, or if it
     is damaged the newest intact one. Returns (its path or None, a note on each damaged one skipped)."""
     folder = os.path.join(output_dir, "checkpoints")
-    names = sorted((n for n in os.listdir(folder) if n.startswith("checkpoint-") and n[11:].isdigit()),
-                   key=lambda n: -int(n[11:])) if os.path.isdir(folder) else []
+    names = (
+        sorted(
+            (n for n in os.listdir(folder) if n.startswith("checkpoint-") and n[11:].isdigit()),
+            key=lambda n: -int(n[11:]),
+        )
+        if os.path.isdir(folder)
+        else []
+    )
     if os.path.isfile(os.path.join(folder, "latest")):
         with open(os.path.join(folder, "latest")) as f:
             pointed = f.read().strip()
@@ -611,13 +677,18 @@ STOP = {"signal": None}  # set by the handler below; the training loop reads it 
 def stop_on_signals() -> None:
     """SIGINT (Ctrl-C) and SIGTERM (what clusters send before pre-empting a job) ask the run to stop after the
     current update, with a checkpoint; a second signal stops it at once."""
+
     def handler(signum, frame):
         if STOP["signal"] is not None:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
         STOP["signal"] = signum
-        print(f"{signal.Signals(signum).name} received: stopping after the current update with a checkpoint "
-              "(send it again to stop at once)", file=sys.stderr, flush=True)
+        print(
+            f"{signal.Signals(signum).name} received: stopping after the current update with a checkpoint "
+            "(send it again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, handler)
@@ -640,12 +711,17 @@ def resolve_resume(resume: Optional[str], output_dir: str) -> Optional[str]:
     if resume == "latest":
         found, skipped = latest_checkpoint(output_dir)
         if found is None:
-            fail("resume_from_checkpoint", f"no {'intact ' if skipped else ''}checkpoint in {where!r}"
-                                           f"{' (' + '; '.join(skipped) + ')' if skipped else ''}; start without "
-                                           "--resume-from-checkpoint")
+            fail(
+                "resume_from_checkpoint",
+                f"no {'intact ' if skipped else ''}checkpoint in {where!r}"
+                f"{' (' + '; '.join(skipped) + ')' if skipped else ''}; start without "
+                "--resume-from-checkpoint",
+            )
         for note in skipped:
-            print(f"warning: {note}: resuming from {os.path.basename(found)}, the newest intact checkpoint",
-                  file=sys.stderr)
+            print(
+                f"warning: {note}: resuming from {os.path.basename(found)}, the newest intact checkpoint",
+                file=sys.stderr,
+            )
         return found
     problem = checkpoint_problem(resume)
     if problem:
@@ -658,8 +734,10 @@ def load_resume_state(resume_dir: str) -> dict:
     try:
         return torch.load(os.path.join(resume_dir, "state.pt"), weights_only=True)
     except Exception as e:  # truncated or overwritten: torch raises several types
-        fail("resume_from_checkpoint", f"{os.path.join(resume_dir, 'state.pt')!r} cannot be read ({e}); pass another "
-                                       "checkpoint")
+        fail(
+            "resume_from_checkpoint",
+            f"{os.path.join(resume_dir, 'state.pt')!r} cannot be read ({e}); pass another checkpoint",
+        )
 
 
 def explain_remote_code_errors() -> None:
@@ -669,8 +747,11 @@ def explain_remote_code_errors() -> None:
 
     def hook(kind, error, traceback):
         if issubclass(kind, ValueError) and "trust_remote_code=True" in str(error):
-            print(f"error: --trust-remote-code: {str(error).splitlines()[0].strip()} Pass --trust-remote-code if you "
-                  "trust that code.", file=sys.stderr)
+            print(
+                f"error: --trust-remote-code: {str(error).splitlines()[0].strip()} Pass --trust-remote-code if you "
+                "trust that code.",
+                file=sys.stderr,
+            )
         else:
             default(kind, error, traceback)
 
@@ -690,48 +771,92 @@ if __name__ == "__main__":
         if repaired:
             print(repaired)
     resume_dir = resolve_resume(args.resume_from_checkpoint, args.output_dir)
-    if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not (args.overwrite_output_dir or resume_dir):
-        fail("output_dir", f"{args.output_dir!r} exists and is not empty; pass --overwrite-output-dir, "
-                           "--resume-from-checkpoint latest, or another path")
+    if (
+        os.path.isdir(args.output_dir)
+        and os.listdir(args.output_dir)
+        and not (args.overwrite_output_dir or resume_dir)
+    ):
+        fail(
+            "output_dir",
+            f"{args.output_dir!r} exists and is not empty; pass --overwrite-output-dir, "
+            "--resume-from-checkpoint latest, or another path",
+        )
     if args.save_steps < 0:
         fail("save_steps", f"must be >= 0 (0: no checkpoints), got {args.save_steps}")
     if args.save_total_limit is not None and args.save_total_limit < 1:
         fail("save_total_limit", f"must be >= 1 (or None: keep every checkpoint), got {args.save_total_limit}")
     # state.pt is small (the optimizer has its own file), so reading it here costs nothing.
     resume_state = load_resume_state(resume_dir) if resume_dir else None
-    if resume_state is not None and resume_state.get("script", os.path.basename(__file__)) != os.path.basename(__file__):
-        fail("resume_from_checkpoint", f"{resume_dir!r} was written by {resume_state['script']}; pass a checkpoint of "
-                                       f"{os.path.basename(__file__)}")
+    if resume_state is not None and resume_state.get("script", os.path.basename(__file__)) != os.path.basename(
+        __file__
+    ):
+        fail(
+            "resume_from_checkpoint",
+            f"{resume_dir!r} was written by {resume_state['script']}; pass a checkpoint of "
+            f"{os.path.basename(__file__)}",
+        )
     if resume_state is not None:
         # Resuming continues the checkpoint's run: only where and how often things are written, tracking and memory
         # savers may differ; anything else would silently train a different model.
-        may_change = {"exp_name", "track", "wandb_project_name", "wandb_entity", "output_dir", "overwrite_output_dir",
-                      "push_to_hub", "hub_model_id", "trust_remote_code", "save_steps", "save_total_limit",
-                      "resume_from_checkpoint", "logging_steps", "gradient_checkpointing", "num_sample_completions",
-                      "sample_max_new_tokens", "merge_adapter_on_save"}
-        saved, now = json.loads(resume_state["args"]), json.loads(json.dumps(asdict(args)))  # as saved: lists, not tuples
+        may_change = {
+            "exp_name",
+            "track",
+            "wandb_project_name",
+            "wandb_entity",
+            "output_dir",
+            "overwrite_output_dir",
+            "push_to_hub",
+            "hub_model_id",
+            "trust_remote_code",
+            "save_steps",
+            "save_total_limit",
+            "resume_from_checkpoint",
+            "logging_steps",
+            "gradient_checkpointing",
+            "num_sample_completions",
+            "sample_max_new_tokens",
+            "merge_adapter_on_save",
+        }
+        saved, now = (
+            json.loads(resume_state["args"]),
+            json.loads(json.dumps(asdict(args))),
+        )  # as saved: lists, not tuples
         saved = {**json.loads(json.dumps(asdict(Args()))), **saved}  # a flag newer than the checkpoint: its default
-        changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {v!r})" for k, v in now.items()
-                   if k not in may_change and saved.get(k) != v]
+        changed = [
+            f"--{k.replace('_', '-')} {saved.get(k)!r} (now {v!r})"
+            for k, v in now.items()
+            if k not in may_change and saved.get(k) != v
+        ]
         if changed:
-            fail("resume_from_checkpoint", f"{resume_dir!r} was written by a run with {', '.join(changed)}; resume "
-                                           "with the same values, or start a new run")
+            fail(
+                "resume_from_checkpoint",
+                f"{resume_dir!r} was written by a run with {', '.join(changed)}; resume "
+                "with the same values, or start a new run",
+            )
     if args.push_to_hub:
         check_push_to_hub(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)))
     if args.merge_adapter_on_save and not args.use_peft:
         fail("merge_adapter_on_save", "merges a LoRA adapter into the model; add --use-peft")
-    for name in ("learning_rate", "per_device_train_batch_size", "num_train_epochs", "gradient_accumulation_steps",
-                 "max_length"):
+    for name in (
+        "learning_rate",
+        "per_device_train_batch_size",
+        "num_train_epochs",
+        "gradient_accumulation_steps",
+        "max_length",
+    ):
         if not getattr(args, name) > 0:  # `not >` also catches nan
             fail(name, f"must be positive, got {getattr(args, name)}")
-    if not 0 <= args.seed < 2 ** 32:
+    if not 0 <= args.seed < 2**32:
         fail("seed", f"must be in [0, 2**32 - 1] (numpy's seed range), got {args.seed}")
     if not 0 <= args.warmup_ratio <= 1:
         fail("warmup_ratio", f"is a fraction of the optimizer steps, so in [0, 1]; got {args.warmup_ratio}")
     for name in ("adam_epsilon", "max_grad_norm"):
         if getattr(args, name) is not None and not getattr(args, name) > 0:
-            fail(name, f"must be positive, got {getattr(args, name)}"
-                       + (" (None: no clipping)" if name == "max_grad_norm" else ""))
+            fail(
+                name,
+                f"must be positive, got {getattr(args, name)}"
+                + (" (None: no clipping)" if name == "max_grad_norm" else ""),
+            )
     for name in ("adam_beta1", "adam_beta2"):
         if not 0 <= getattr(args, name) < 1:
             fail(name, f"must be in [0, 1), got {getattr(args, name)}")
@@ -742,7 +867,10 @@ if __name__ == "__main__":
         # A hub id is `name` or `org/name`; anything else that does not exist is a missing local folder.
         looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1
         if not os.path.exists(path) and (looks_local or os.environ.get("HF_HUB_OFFLINE") == "1"):
-            fail(arg, f"{path!r} does not exist; build the embedded task with `python tiny_tldr.py` or pass a path/hub id")
+            fail(
+                arg,
+                f"{path!r} does not exist; build the embedded task with `python tiny_tldr.py` or pass a path/hub id",
+            )
     try:
         splits = load_any_dataset(args.dataset_name)
     except Exception as e:  # the datasets library has many failure types; all mean the same thing to the user
@@ -757,13 +885,16 @@ if __name__ == "__main__":
             fail("dataset_name", f"{where} is empty")
         kinds.add(sft_format(data, where))
     if len(kinds) > 1:
-        fail("dataset_name", f"the train and test splits of {args.dataset_name!r} have different formats "
-                             f"{sorted(kinds)}")
+        fail(
+            "dataset_name",
+            f"the train and test splits of {args.dataset_name!r} have different formats {sorted(kinds)}",
+        )
     kind = kinds.pop()
     split_note = f"evaluating on split {args.dataset_test_split!r}"
     if eval_data is None:
-        train_data, eval_data, split_note = hold_out(train_data, args.dataset_name, args.dataset_train_split,
-                                                     args.dataset_test_split)
+        train_data, eval_data, split_note = hold_out(
+            train_data, args.dataset_name, args.dataset_train_split, args.dataset_test_split
+        )
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=args.trust_remote_code)
     added_pad = add_pad_token(tokenizer)  # logged below, once
     # A new [PAD] past the embedding rows (Llama-3, Mistral: no spare rows) resizes them: the saved model and tokenizer
@@ -771,18 +902,27 @@ if __name__ == "__main__":
     model_config = AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
     embedding_rows = model_config.get_text_config().vocab_size
     if len(tokenizer) > embedding_rows and args.use_peft:
-        fail("use_peft", f"the tokenizer has {len(tokenizer)} tokens (pad {tokenizer.pad_token!r} is id "
-                         f"{tokenizer.pad_token_id}) but {args.model_name_or_path!r} has {embedding_rows} embedding rows, "
-                         "and a LoRA adapter does not save new rows; train without --use-peft once, or give the "
-                         "tokenizer a pad token inside its vocabulary (tokenizer.pad_token = <an unused token>)")
+        fail(
+            "use_peft",
+            f"the tokenizer has {len(tokenizer)} tokens (pad {tokenizer.pad_token!r} is id "
+            f"{tokenizer.pad_token_id}) but {args.model_name_or_path!r} has {embedding_rows} embedding rows, "
+            "and a LoRA adapter does not save new rows; train without --use-peft once, or give the "
+            "tokenizer a pad token inside its vocabulary (tokenizer.pad_token = <an unused token>)",
+        )
     context = context_length(model_config)
     if context is not None and args.max_length > context:
-        fail("max_length", f"{args.max_length} is longer than the model's context of {context} tokens "
-                           "(max_position_embeddings); lower it")
+        fail(
+            "max_length",
+            f"{args.max_length} is longer than the model's context of {context} tokens "
+            "(max_position_embeddings); lower it",
+        )
     if kind != "text" and not tokenizer.chat_template:
-        fail("tokenizer_name_or_path", f"{tokenizer_path!r} has no chat template, which conversational data needs; "
-                                       "use an instruct model's tokenizer, set tokenizer.chat_template and save it, "
-                                       "or give `prompt`/`completion` as strings")
+        fail(
+            "tokenizer_name_or_path",
+            f"{tokenizer_path!r} has no chat template, which conversational data needs; "
+            "use an instruct model's tokenizer, set tokenizer.chat_template and save it, "
+            "or give `prompt`/`completion` as strings",
+        )
 
     stop_on_signals()  # from here on, Ctrl-C or SIGTERM stops after the current step with a checkpoint
 
@@ -797,12 +937,18 @@ if __name__ == "__main__":
     on_cpu = not torch.cuda.is_available()
     deepspeed_launch = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     # The training loop ends each optimizer step itself (step_groups), including the shorter last one of an epoch.
-    accelerator = Accelerator(cpu=on_cpu and not deepspeed_launch, mixed_precision="bf16" if args.bf16 else "no",
-                              gradient_accumulation_plugin=GradientAccumulationPlugin(
-                                  num_steps=args.gradient_accumulation_steps, sync_with_dataloader=False),
-                              kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if on_cpu and world_size > 1 else [])
+    accelerator = Accelerator(
+        cpu=on_cpu and not deepspeed_launch,
+        mixed_precision="bf16" if args.bf16 else "no",
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=args.gradient_accumulation_steps, sync_with_dataloader=False
+        ),
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if on_cpu and world_size > 1 else [],
+    )
     if accelerator.num_processes != world_size:
-        fail("num_processes", f"WORLD_SIZE says {world_size} processes but accelerate runs {accelerator.num_processes}")
+        fail(
+            "num_processes", f"WORLD_SIZE says {world_size} processes but accelerate runs {accelerator.num_processes}"
+        )
     is_deepspeed, zero_stage = accelerator.distributed_type == DistributedType.DEEPSPEED, 0
     if is_deepspeed:
         # Clip at --max-grad-norm whatever the config file says; ZeRO-3 gathers full weights to save a loadable model.
@@ -814,12 +960,18 @@ if __name__ == "__main__":
     if resume_state is not None:
         # Each process's data position and RNG state, and DeepSpeed's optimizer shards, belong to one launch layout.
         if resume_state["world_size"] != world_size:
-            fail("resume_from_checkpoint", f"the checkpoint was written by {resume_state['world_size']} processes; "
-                                           f"resume it with the same number, not {world_size}")
+            fail(
+                "resume_from_checkpoint",
+                f"the checkpoint was written by {resume_state['world_size']} processes; "
+                f"resume it with the same number, not {world_size}",
+            )
         if resume_state["zero_stage"] != (zero_stage if is_deepspeed else None):
-            fail("resume_from_checkpoint", f"the checkpoint was written with DeepSpeed ZeRO stage "
-                                           f"{resume_state['zero_stage']}, this launch has "
-                                           f"{zero_stage if is_deepspeed else None} (None: no DeepSpeed); resume it the same way")
+            fail(
+                "resume_from_checkpoint",
+                f"the checkpoint was written with DeepSpeed ZeRO stage "
+                f"{resume_state['zero_stage']}, this launch has "
+                f"{zero_stage if is_deepspeed else None} (None: no DeepSpeed); resume it the same way",
+            )
 
     if added_pad:
         accelerator.print(added_pad)
@@ -841,40 +993,57 @@ if __name__ == "__main__":
             try:
                 rows.append(tokenize_row(tokenizer, row, kind))
             except ValueError as e:  # a chat template whose turns cannot be told apart
-                fail("tokenizer_name_or_path", f"row {i}: {e}; use a template that renders each turn after the "
-                                               "previous ones unchanged")
+                fail(
+                    "tokenizer_name_or_path",
+                    f"row {i}: {e}; use a template that renders each turn after the previous ones unchanged",
+                )
         kept = [r for r in rows if len(r["input_ids"]) <= args.max_length]
         return kept, len(rows) - len(kept)
 
     train_rows, dropped_train = tokenize_split(train_data)
     eval_rows, dropped_eval = tokenize_split(eval_data)
-    accelerator.print(f"{split_note}; {len(train_rows)} train / {len(eval_rows)} eval examples ({kind} format); "
-                      f"dropped as longer than --max-length {args.max_length}: {dropped_train} train, "
-                      f"{dropped_eval} eval")
+    accelerator.print(
+        f"{split_note}; {len(train_rows)} train / {len(eval_rows)} eval examples ({kind} format); "
+        f"dropped as longer than --max-length {args.max_length}: {dropped_train} train, "
+        f"{dropped_eval} eval"
+    )
     if kind == "text" and tokenizer.chat_template:
-        accelerator.print("note: the tokenizer has a chat template, but the data is plain text: it is used as it is, "
-                          "without the template (give lists of {role, content} messages to have it applied)")
+        accelerator.print(
+            "note: the tokenizer has a chat template, but the data is plain text: it is used as it is, "
+            "without the template (give lists of {role, content} messages to have it applied)"
+        )
     if not train_rows:
         fail("max_length", f"every training example is longer than {args.max_length} tokens")
     pad = tokenizer.pad_token_id
     shuffle_generator = torch.Generator().manual_seed(args.seed)  # its state at each epoch's start goes in checkpoints
-    train_loader = torch.utils.data.DataLoader(train_rows, batch_size=args.per_device_train_batch_size, shuffle=True,
-                                               collate_fn=lambda b: collate(b, pad), generator=shuffle_generator)
-    eval_loader = torch.utils.data.DataLoader(eval_rows, batch_size=args.per_device_train_batch_size,
-                                              collate_fn=lambda b: collate(b, pad))
+    train_loader = torch.utils.data.DataLoader(
+        train_rows,
+        batch_size=args.per_device_train_batch_size,
+        shuffle=True,
+        collate_fn=lambda b: collate(b, pad),
+        generator=shuffle_generator,
+    )
+    eval_loader = torch.utils.data.DataLoader(
+        eval_rows, batch_size=args.per_device_train_batch_size, collate_fn=lambda b: collate(b, pad)
+    )
 
     # Model: dropout off, as in the whole RLHF pipeline (the N+ recipe).
     config = AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
     for key in ("hidden_dropout", "attention_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
         if hasattr(config, key):
             setattr(config, key, 0.0)
-    resize = len(tokenizer) > embedding_rows  # for the new [PAD]: rows for every token id, the new ones mean-initialised
+    resize = (
+        len(tokenizer) > embedding_rows
+    )  # for the new [PAD]: rows for every token id, the new ones mean-initialised
     if resize and resume_dir:
         config.get_text_config().vocab_size = len(tokenizer)  # the checkpoint holds the resized embeddings
     # A resumed run takes the trained weights (with LoRA: the trained adapter) from the checkpoint.
     trained_path = os.path.join(resume_dir, "model") if resume_dir else None
-    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path if args.use_peft or not resume_dir else trained_path,
-                                                 config=config, trust_remote_code=args.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model_name_or_path if args.use_peft or not resume_dir else trained_path,
+        config=config,
+        trust_remote_code=args.trust_remote_code,
+    )
     if resize and not resume_dir:
         model.resize_token_embeddings(len(tokenizer))
         accelerator.print(f"resized the embeddings from {embedding_rows} to {len(tokenizer)} rows for the tokenizer")
@@ -884,21 +1053,37 @@ if __name__ == "__main__":
         if resume_dir:
             model = PeftModel.from_pretrained(model, trained_path, is_trainable=True)
         else:
-            model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=args.lora_r, lora_alpha=args.lora_alpha,
-                                                     lora_dropout=args.lora_dropout, target_modules=args.lora_target_modules))
+            model = get_peft_model(
+                model,
+                LoraConfig(
+                    task_type="CAUSAL_LM",
+                    r=args.lora_r,
+                    lora_alpha=args.lora_alpha,
+                    lora_dropout=args.lora_dropout,
+                    target_modules=args.lora_target_modules,
+                ),
+            )
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
-                                  eps=args.adam_epsilon,
-                                  betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=args.learning_rate,
+        eps=args.adam_epsilon,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.weight_decay,
+    )
     # The schedule counts this process's optimizer steps (accelerate gives each process ceil(batches / processes)
     # batches) and is stepped by hand once per optimizer step, so it is not prepared: accelerate's wrapper would step
     # it once per process instead, which overshoots the schedule when the batches do not split evenly.
     batches_per_process = math.ceil(len(train_loader) / accelerator.num_processes)
     num_update_steps = math.ceil(batches_per_process / args.gradient_accumulation_steps) * args.num_train_epochs
-    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=int(args.warmup_ratio * num_update_steps),
-                              num_training_steps=num_update_steps)
+    scheduler = get_scheduler(
+        args.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=int(args.warmup_ratio * num_update_steps),
+        num_training_steps=num_update_steps,
+    )
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
 
     @torch.no_grad()
@@ -938,11 +1123,21 @@ if __name__ == "__main__":
                 accelerator.unwrap_model(model).save_pretrained(os.path.join(tmp, "model"), state_dict=state_dict)
                 if not is_deepspeed:
                     torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-                torch.save({"scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,
-                            "batches_done": batches_done, "shuffle": shuffle_state, "metrics": json.dumps(metrics_log),
-                            "args": json.dumps(asdict(args)), "world_size": world_size,
-                            "zero_stage": zero_stage if is_deepspeed else None, "script": os.path.basename(__file__)},
-                           os.path.join(tmp, "state.pt"))
+                torch.save(
+                    {
+                        "scheduler": scheduler.state_dict(),
+                        "step": step,
+                        "epoch": epoch,
+                        "batches_done": batches_done,
+                        "shuffle": shuffle_state,
+                        "metrics": json.dumps(metrics_log),
+                        "args": json.dumps(asdict(args)),
+                        "world_size": world_size,
+                        "zero_stage": zero_stage if is_deepspeed else None,
+                        "script": os.path.basename(__file__),
+                    },
+                    os.path.join(tmp, "state.pt"),
+                )
         except Exception as e:  # torch and safetensors report a full disk as their own error types
             error = f"{type(e).__name__}: {e}"
         failed = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "sum").item()
@@ -954,24 +1149,32 @@ if __name__ == "__main__":
         if failed:
             if accelerator.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
-            sys.exit(f"error: could not write checkpoint-{step} ({error or 'on another process'}); the run stops "
-                     "here, its earlier checkpoints are intact: make room and resume with --resume-from-checkpoint latest")
+            sys.exit(
+                f"error: could not write checkpoint-{step} ({error or 'on another process'}); the run stops "
+                "here, its earlier checkpoints are intact: make room and resume with --resume-from-checkpoint latest"
+            )
         accelerator.wait_for_everyone()
 
     metrics_log, step, first_epoch, skip_batches, start = [], 0, 0, 0, time.time()
     if resume_dir:
         # The weights came with the model above; the optimizer, schedule, data position, metrics and RNG come here.
         if is_deepspeed:
-            model.load_checkpoint(resume_dir, tag="deepspeed", load_optimizer_states=True, load_lr_scheduler_states=False)
+            model.load_checkpoint(
+                resume_dir, tag="deepspeed", load_optimizer_states=True, load_lr_scheduler_states=False
+            )
         else:
             optimizer.load_state_dict(torch.load(os.path.join(resume_dir, "optimizer.pt"), weights_only=True))
         scheduler.load_state_dict(resume_state["scheduler"])
         step, first_epoch, skip_batches = resume_state["step"], resume_state["epoch"], resume_state["batches_done"]
         shuffle_generator.set_state(resume_state["shuffle"])
         metrics_log = json.loads(resume_state["metrics"])
-        set_rng_state(torch.load(os.path.join(resume_dir, f"rng_rank{accelerator.process_index}.pt"), weights_only=True))
-        accelerator.print(f"resumed from {resume_dir}: continuing after optimizer step {step} (epoch {first_epoch}, "
-                          f"{skip_batches} batches in)")
+        set_rng_state(
+            torch.load(os.path.join(resume_dir, f"rng_rank{accelerator.process_index}.pt"), weights_only=True)
+        )
+        accelerator.print(
+            f"resumed from {resume_dir}: continuing after optimizer step {step} (epoch {first_epoch}, "
+            f"{skip_batches} batches in)"
+        )
     elif accelerator.is_main_process:
         # A fresh run: the checkpoints of a run that --overwrite-output-dir replaces must not mix with its own.
         shutil.rmtree(os.path.join(args.output_dir, "checkpoints"), ignore_errors=True)
@@ -1007,8 +1210,10 @@ if __name__ == "__main__":
                         # A finite loss can still give inf/nan gradients; the step would write them into the weights,
                         # and into every later checkpoint.
                         if grad_norm is not None and not math.isfinite(float(grad_norm)):
-                            sys.exit(f"error: non-finite gradient norm at optimizer step {step + 1}; the run stops "
-                                     "before that step, so the last checkpoint is intact (lower --learning-rate)")
+                            sys.exit(
+                                f"error: non-finite gradient norm at optimizer step {step + 1}; the run stops "
+                                "before that step, so the last checkpoint is intact (lower --learning-rate)"
+                            )
                     optimizer.step()
                     if accelerator.sync_gradients:
                         scheduler.step()
@@ -1019,26 +1224,35 @@ if __name__ == "__main__":
                 if bar is not None:
                     bar.update(1)
                 if step % args.logging_steps == 0:
-                    row = {"train/loss": (accelerator.reduce(step_loss, "sum") / step_tokens).item(),
-                           "lr": scheduler.get_last_lr()[0], "epoch": epoch, "step": step}
+                    row = {
+                        "train/loss": (accelerator.reduce(step_loss, "sum") / step_tokens).item(),
+                        "lr": scheduler.get_last_lr()[0],
+                        "epoch": epoch,
+                        "step": step,
+                    }
                     metrics_log.append(row)
                     (bar.write if bar is not None else accelerator.print)(
-                        f"step {step}/{num_update_steps} loss {row['train/loss']:.4f} lr {row['lr']:.2e}")
+                        f"step {step}/{num_update_steps} loss {row['train/loss']:.4f} lr {row['lr']:.2e}"
+                    )
                     if args.track and accelerator.is_main_process:
                         wandb.log(wandb_row(row))
                 stop = stop_requested(accelerator)
                 if (args.save_steps and step % args.save_steps == 0) or stop:
                     save_checkpoint(epoch, batch_index + 1, shuffle_state)
                 if stop:
-                    accelerator.print(f"stopped by {signal.Signals(stop).name} after optimizer step {step}, with "
-                                      f"checkpoint-{step}: continue with --resume-from-checkpoint latest", file=sys.stderr)
+                    accelerator.print(
+                        f"stopped by {signal.Signals(stop).name} after optimizer step {step}, with "
+                        f"checkpoint-{step}: continue with --resume-from-checkpoint latest",
+                        file=sys.stderr,
+                    )
                     sys.exit(128 + stop)
         skip_batches = 0
         eval_loss = evaluate()
         row = {"eval/loss": eval_loss, "epoch": epoch, "step": step}
         metrics_log.append(row)
         (bar.write if bar is not None else accelerator.print)(
-            f"epoch {epoch}: eval loss {eval_loss:.4f} ({time.time() - start:.0f}s)")
+            f"epoch {epoch}: eval loss {eval_loss:.4f} ({time.time() - start:.0f}s)"
+        )
         if args.track and accelerator.is_main_process:
             wandb.log(wandb_row(row))
 
@@ -1052,16 +1266,23 @@ if __name__ == "__main__":
         from rich.console import Console
         from rich.table import Table
 
-        samples = [prompt_and_reference(tokenizer, row, kind) for row in eval_data.select(
-            range(min(args.num_sample_completions, len(eval_data))))]
+        samples = [
+            prompt_and_reference(tokenizer, row, kind)
+            for row in eval_data.select(range(min(args.num_sample_completions, len(eval_data))))
+        ]
         prompts, references = [p for p, _ in samples], [r for _, r in samples]
         enc = tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False)
         unwrapped.eval()
         with torch.no_grad():
-            out = unwrapped.generate(**enc.to(accelerator.device), max_new_tokens=args.sample_max_new_tokens,
-                                     do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
-                                     synced_gpus=zero_stage == 3)
-        responses = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            out = unwrapped.generate(
+                **enc.to(accelerator.device),
+                max_new_tokens=args.sample_max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+                eos_token_id=tokenizer.eos_token_id,
+                synced_gpus=zero_stage == 3,
+            )
+        responses = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         if accelerator.is_main_process:
             table = Table(title="sample completions", show_lines=True)
             for column in ("query", "model response", "reference"):
@@ -1070,18 +1291,30 @@ if __name__ == "__main__":
                 table.add_row(p[-300:], r, ref)
             Console().print(table)
             if args.track:
-                wandb.log({"samples": wandb.Table(columns=["query", "model response", "reference"],
-                                                  data=[list(x) for x in zip(prompts, responses, references)])})
+                wandb.log(
+                    {
+                        "samples": wandb.Table(
+                            columns=["query", "model response", "reference"],
+                            data=[list(x) for x in zip(prompts, responses, references)],
+                        )
+                    }
+                )
 
     # Save atomically (publish_output): a kill mid-save leaves the previous output or this one, never a mix.
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)
-    nonfinite = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()] \
-        if accelerator.is_main_process else []
+    nonfinite = (
+        [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if accelerator.is_main_process
+        else []
+    )
     if accelerator.reduce(torch.tensor(float(len(nonfinite)), device=accelerator.device), "sum").item():
-        sys.exit(f"error: the trained weights are not finite ({', '.join(nonfinite[:3])}...); nothing was saved "
-                 "(lower --learning-rate)")
+        sys.exit(
+            f"error: the trained weights are not finite ({', '.join(nonfinite[:3])}...); nothing was saved "
+            "(lower --learning-rate)"
+        )
     if accelerator.is_main_process:
+
         def write(path):
             unwrapped.save_pretrained(path, state_dict=state_dict, safe_serialization=True)  # with LoRA: the adapter
             tokenizer.save_pretrained(path)
@@ -1091,7 +1324,9 @@ if __name__ == "__main__":
                 from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
 
                 unset_hf_deepspeed_config()
-                base = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+                base = AutoModelForCausalLM.from_pretrained(
+                    args.model_name_or_path, trust_remote_code=args.trust_remote_code
+                )
                 if accelerator.distributed_type == DistributedType.DEEPSPEED:
                     set_hf_deepspeed_config(accelerator.state.deepspeed_plugin.dschf)
                 PeftModel.from_pretrained(base, path).merge_and_unload().save_pretrained(os.path.join(path, "merged"))
@@ -1101,20 +1336,33 @@ if __name__ == "__main__":
             with open(os.path.join(path, "args.json"), "w") as f:
                 json.dump(asdict(args), f, indent=2)
             with open(os.path.join(path, "README.md"), "w") as f:
-                f.write(model_card(
-                    os.path.basename(os.path.abspath(args.output_dir)), args.model_name_or_path, [args.dataset_name],
-                    ["sft", "rlhf"] + (["lora"] if args.use_peft else []),
-                    f"Supervised fine-tuning of `{args.model_name_or_path}` on `{args.dataset_name}` with `sft.py`"
-                    + (" (a LoRA adapter; `merged/` holds it merged into the base)" if args.merge_adapter_on_save else
-                       " (a LoRA adapter)" if args.use_peft else "") + ".\n\n## Command\n\n```\npython "
-                    + " ".join(sys.argv) + "\n```\n\nEvery logged row is in `metrics.jsonl`, the arguments in "
-                    "`args.json`.\n"))
+                f.write(
+                    model_card(
+                        os.path.basename(os.path.abspath(args.output_dir)),
+                        args.model_name_or_path,
+                        [args.dataset_name],
+                        ["sft", "rlhf"] + (["lora"] if args.use_peft else []),
+                        f"Supervised fine-tuning of `{args.model_name_or_path}` on `{args.dataset_name}` with `sft.py`"
+                        + (
+                            " (a LoRA adapter; `merged/` holds it merged into the base)"
+                            if args.merge_adapter_on_save
+                            else " (a LoRA adapter)"
+                            if args.use_peft
+                            else ""
+                        )
+                        + ".\n\n## Command\n\n```\npython "
+                        + " ".join(sys.argv)
+                        + "\n```\n\nEvery logged row is in `metrics.jsonl`, the arguments in "
+                        "`args.json`.\n",
+                    )
+                )
 
         publish_output(args.output_dir, write)
         accelerator.print(f"saved to {args.output_dir} after {time.time() - start:.0f}s")
         if args.push_to_hub:
-            url = push_folder_to_hub(args.output_dir,
-                                     args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)))
+            url = push_folder_to_hub(
+                args.output_dir, args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+            )
             accelerator.print(f"uploaded {args.output_dir} to {url}")
     accelerator.wait_for_everyone()
     del model, optimizer  # before the process group goes: avoids gloo's abort at exit

@@ -22,44 +22,127 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-SUBREDDITS = ["relationships", "relationship_advice", "AskReddit", "tifu", "offmychest", "dating_advice",
-              "personalfinance", "legaladvice", "college", "jobs", "Parenting", "roommates"]
-PERSONS = ["boyfriend", "girlfriend", "roommate", "boss", "sister", "brother", "best friend", "neighbor",
-           "coworker", "landlord", "mom", "dad", "husband", "wife", "cousin"]
-EVENTS = ["forgot my birthday", "borrowed my car without asking", "read my diary", "lied about money",
-          "cancelled our trip", "ate my leftovers", "broke my laptop", "moved out suddenly", "ignored my texts",
-          "took credit for my work", "invited my ex to dinner", "sold my guitar", "skipped my graduation",
-          "told everyone my secret", "crashed my bike", "stopped paying rent", "kept my dog without asking",
-          "deleted my photos", "yelled at my friends", "spent our savings"]
-FEELINGS = ["angry", "hurt", "confused", "anxious", "guilty", "sad", "jealous", "betrayed", "embarrassed",
-            "frustrated"]
-QUESTIONS = ["what should i do?", "am i overreacting?", "should i confront them?", "how do i move on?",
-             "is this normal?", "how do i talk to them?"]
+SUBREDDITS = [
+    "relationships",
+    "relationship_advice",
+    "AskReddit",
+    "tifu",
+    "offmychest",
+    "dating_advice",
+    "personalfinance",
+    "legaladvice",
+    "college",
+    "jobs",
+    "Parenting",
+    "roommates",
+]
+PERSONS = [
+    "boyfriend",
+    "girlfriend",
+    "roommate",
+    "boss",
+    "sister",
+    "brother",
+    "best friend",
+    "neighbor",
+    "coworker",
+    "landlord",
+    "mom",
+    "dad",
+    "husband",
+    "wife",
+    "cousin",
+]
+EVENTS = [
+    "forgot my birthday",
+    "borrowed my car without asking",
+    "read my diary",
+    "lied about money",
+    "cancelled our trip",
+    "ate my leftovers",
+    "broke my laptop",
+    "moved out suddenly",
+    "ignored my texts",
+    "took credit for my work",
+    "invited my ex to dinner",
+    "sold my guitar",
+    "skipped my graduation",
+    "told everyone my secret",
+    "crashed my bike",
+    "stopped paying rent",
+    "kept my dog without asking",
+    "deleted my photos",
+    "yelled at my friends",
+    "spent our savings",
+]
+FEELINGS = [
+    "angry",
+    "hurt",
+    "confused",
+    "anxious",
+    "guilty",
+    "sad",
+    "jealous",
+    "betrayed",
+    "embarrassed",
+    "frustrated",
+]
+QUESTIONS = [
+    "what should i do?",
+    "am i overreacting?",
+    "should i confront them?",
+    "how do i move on?",
+    "is this normal?",
+    "how do i talk to them?",
+]
 WHEN = ["Yesterday", "Last week", "Two days ago", "Last month", "This morning", "Over the weekend", "Recently"]
-FEEL_TEMPLATES = ["I feel {f} about it.", "Honestly I am so {f} right now.", "It left me feeling {f}.",
-                  "I can't stop feeling {f}.", "Now I am {f} and I don't know why."]
+FEEL_TEMPLATES = [
+    "I feel {f} about it.",
+    "Honestly I am so {f} right now.",
+    "It left me feeling {f}.",
+    "I can't stop feeling {f}.",
+    "Now I am {f} and I don't know why.",
+]
 # Filler a summary should leave out. Each has one marker word the gold judge looks for.
-FILLERS = [("Sorry for the formatting, I am on mobile.", "mobile"), ("Throwaway account for obvious reasons.",
-           "throwaway"), ("Long time lurker, first time poster.", "lurker"), ("The weather here has been "
-           "terrible lately.", "weather"), ("English is not my first language.", "english"), ("Edit: thanks "
-           "for all the kind replies.", "replies"), ("I had coffee with a friend before writing this.", "coffee"),
-           ("My cat is sitting on my keyboard as I type.", "keyboard")]
-BACKGROUNDS = ["We have known each other for {n} years.", "We met in college {n} years ago.",
-               "We have lived together for {n} years.", "Things were fine until {n} months ago."]
-RAMBLES = ["and we have known each other for many years and things were fine before",
-           "even though we met in college a long time ago and always got along",
-           "and this is not the first time something like this has happened to me"]
+FILLERS = [
+    ("Sorry for the formatting, I am on mobile.", "mobile"),
+    ("Throwaway account for obvious reasons.", "throwaway"),
+    ("Long time lurker, first time poster.", "lurker"),
+    ("The weather here has been terrible lately.", "weather"),
+    ("English is not my first language.", "english"),
+    ("Edit: thanks for all the kind replies.", "replies"),
+    ("I had coffee with a friend before writing this.", "coffee"),
+    ("My cat is sitting on my keyboard as I type.", "keyboard"),
+]
+BACKGROUNDS = [
+    "We have known each other for {n} years.",
+    "We met in college {n} years ago.",
+    "We have lived together for {n} years.",
+    "Things were fine until {n} months ago.",
+]
+RAMBLES = [
+    "and we have known each other for many years and things were fine before",
+    "even though we met in college a long time ago and always got along",
+    "and this is not the first time something like this has happened to me",
+]
 PROMPT_TEMPLATE = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
 IDEAL_WORDS = 18  # summaries longer than this many words lose score
 
 
 def make_post(rng: random.Random) -> dict:
     """One post: its facts and the prompt text in the exact TL;DR format (no trailing space after `TL;DR:`)."""
-    person, event, feeling, question = rng.choice(PERSONS), rng.choice(EVENTS), rng.choice(FEELINGS), rng.choice(QUESTIONS)
+    person, event, feeling, question = (
+        rng.choice(PERSONS),
+        rng.choice(EVENTS),
+        rng.choice(FEELINGS),
+        rng.choice(QUESTIONS),
+    )
     age, other_age = rng.randint(18, 45), rng.randint(18, 60)
     sex, other_sex = rng.choice("MF"), rng.choice("MF")
     facts = [f"{rng.choice(WHEN)} my {person} {event}.", rng.choice(FEEL_TEMPLATES).format(f=feeling)]
-    extra = [rng.choice(BACKGROUNDS).format(n=rng.randint(2, 9))] + [f for f, _ in rng.sample(FILLERS, rng.randint(1, 3))]
+    extra = [rng.choice(BACKGROUNDS).format(n=rng.randint(2, 9))] + [
+        f for f, _ in rng.sample(FILLERS, rng.randint(1, 3))
+    ]
     body = extra + facts
     rng.shuffle(body)
     # The order of the two fact sentences stays natural: the event comes before the feeling.
@@ -68,8 +151,14 @@ def make_post(rng: random.Random) -> dict:
         body[i], body[j] = body[j], body[i]
     intro = f"I ({age}{sex}) need advice about my {person} ({other_age}{other_sex})."
     post = " ".join([intro] + body + [question[0].upper() + question[1:].replace(" i ", " I ")])
-    title = rng.choice([f"My {person} {event}", f"[{age}{sex}] my {person} {event}, {question}",
-                        f"Need advice about my {person}", f"My {person} and I, {question}"])
+    title = rng.choice(
+        [
+            f"My {person} {event}",
+            f"[{age}{sex}] my {person} {event}, {question}",
+            f"Need advice about my {person}",
+            f"My {person} and I, {question}",
+        ]
+    )
     prompt = PROMPT_TEMPLATE.format(subreddit=rng.choice(SUBREDDITS), title=title, post=post)
     return {"prompt": prompt, "person": person, "event": event, "feeling": feeling, "question": question}
 
@@ -168,8 +257,12 @@ def preference_pair(rng: random.Random, temperature: float):
         return None  # no preference to learn
     a_wins = rng.random() < 1 / (1 + math.exp(-(ga - gb) / temperature))
     chosen, rejected = (a, b) if a_wins else (b, a)
-    return {"prompt": p["prompt"], "chosen": chosen, "rejected": rejected,
-            "gold_chosen_is_better": gold_score(p["prompt"], chosen) > gold_score(p["prompt"], rejected)}
+    return {
+        "prompt": p["prompt"],
+        "chosen": chosen,
+        "rejected": rejected,
+        "gold_chosen_is_better": gold_score(p["prompt"], chosen) > gold_score(p["prompt"], rejected),
+    }
 
 
 def build(args: Args) -> None:
@@ -198,26 +291,50 @@ def build(args: Args) -> None:
     sft = DatasetDict(train=Dataset.from_list(sft_rows(args.num_sft)), validation=Dataset.from_list(sft_rows(300)))
     pref = DatasetDict(train=Dataset.from_list(pref_rows(args.num_preference)), test=Dataset.from_list(pref_rows(500)))
     # Prompt-only splits in the trl-lib/tldr layout: `prompt` plus the reference `completion`.
-    prompts = DatasetDict({name: Dataset.from_list(sft_rows(n)) for name, n in
-                           [("train", args.num_prompts), ("validation", 200), ("test", 200)]})
+    prompts = DatasetDict(
+        {
+            name: Dataset.from_list(sft_rows(n))
+            for name, n in [("train", args.num_prompts), ("validation", 200), ("test", 200)]
+        }
+    )
 
     # Byte-level BPE trained on our own corpus; EOS is id 0 as in Pythia, and [PAD] is a separate token.
     corpus = [r["prompt"] + r["completion"] for r in sft["train"]] + [r["chosen"] for r in pref["train"]]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=args.vocab_size, special_tokens=["<|endoftext|>", "[PAD]"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=args.vocab_size,
+        special_tokens=["<|endoftext|>", "[PAD]"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(corpus, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                                        unk_token="<|endoftext|>", pad_token="[PAD]", padding_side="left")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        pad_token="[PAD]",
+        padding_side="left",
+    )
 
     torch.manual_seed(args.seed)
-    config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=args.hidden_size, num_hidden_layers=args.num_layers,
-                           num_attention_heads=4, intermediate_size=4 * args.hidden_size, max_position_embeddings=256,
-                           rotary_pct=0.25, hidden_dropout=0.0, attention_dropout=0.0, tie_word_embeddings=False,
-                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                           pad_token_id=tokenizer.pad_token_id)
+    config = GPTNeoXConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=args.hidden_size,
+        num_hidden_layers=args.num_layers,
+        num_attention_heads=4,
+        intermediate_size=4 * args.hidden_size,
+        max_position_embeddings=256,
+        rotary_pct=0.25,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     base = GPTNeoXForCausalLM(config)
 
     out = args.output_dir
@@ -230,10 +347,12 @@ def build(args: Args) -> None:
     tokenizer.save_pretrained(os.path.join(out, "base_model"))
     ref_gold = [gold_score(r["prompt"], r["completion"]) for r in prompts["test"]]
     ideal_gold = [gold_score(p["prompt"], ideal_summary(p)) for p in (make_post(random.Random(i)) for i in range(200))]
-    stats = {"reference_gold_score_test": sum(ref_gold) / len(ref_gold),
-             "ideal_gold_score": sum(ideal_gold) / len(ideal_gold),
-             "label_agreement_with_gold": sum(r["gold_chosen_is_better"] for r in pref["train"]) / len(pref["train"]),
-             "base_model_parameters": sum(p.numel() for p in base.parameters())}
+    stats = {
+        "reference_gold_score_test": sum(ref_gold) / len(ref_gold),
+        "ideal_gold_score": sum(ideal_gold) / len(ideal_gold),
+        "label_agreement_with_gold": sum(r["gold_chosen_is_better"] for r in pref["train"]) / len(pref["train"]),
+        "base_model_parameters": sum(p.numel() for p in base.parameters()),
+    }
     with open(os.path.join(out, "task_stats.json"), "w") as f:
         json.dump(stats, f, indent=2)
     print(json.dumps(stats, indent=2))
@@ -247,10 +366,35 @@ if __name__ == "__main__":
     if args.with_models:
         here = os.path.dirname(os.path.abspath(__file__))
         out = os.path.abspath(args.output_dir)
-        subprocess.run([sys.executable, os.path.join(here, "sft.py"), "--model-name-or-path", f"{out}/base_model",
-                        "--dataset-name", f"{out}/sft_data", "--output-dir", f"{out}/sft_model",
-                        "--overwrite-output-dir"], check=True, cwd=here)
-        subprocess.run([sys.executable, os.path.join(here, "reward_modeling.py"), "--model-name-or-path",
-                        f"{out}/sft_model", "--dataset-name", f"{out}/preference_data", "--normalize-dataset-name",
-                        f"{out}/sft_data", "--output-dir", f"{out}/reward_model", "--overwrite-output-dir"],
-                       check=True, cwd=here)
+        subprocess.run(
+            [
+                sys.executable,
+                os.path.join(here, "sft.py"),
+                "--model-name-or-path",
+                f"{out}/base_model",
+                "--dataset-name",
+                f"{out}/sft_data",
+                "--output-dir",
+                f"{out}/sft_model",
+                "--overwrite-output-dir",
+            ],
+            check=True,
+            cwd=here,
+        )
+        subprocess.run(
+            [
+                sys.executable,
+                os.path.join(here, "reward_modeling.py"),
+                "--model-name-or-path",
+                f"{out}/sft_model",
+                "--dataset-name",
+                f"{out}/preference_data",
+                "--normalize-dataset-name",
+                f"{out}/sft_data",
+                "--output-dir",
+                f"{out}/reward_model",
+                "--overwrite-output-dir",
+            ],
+            check=True,
+            cwd=here,
+        )

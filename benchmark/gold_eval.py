@@ -44,8 +44,14 @@ class Args:
 
 
 @torch.no_grad()
-def generate_completions(model_path: str, prompts: List[str], response_length: int = 53, temperature: float = 0.01,
-                         batch_size: int = 64, seed: int = 0) -> List[str]:
+def generate_completions(
+    model_path: str,
+    prompts: List[str],
+    response_length: int = 53,
+    temperature: float = 0.01,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> List[str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
@@ -53,11 +59,18 @@ def generate_completions(model_path: str, prompts: List[str], response_length: i
     torch.manual_seed(seed)
     out = []
     for i in range(0, len(prompts), batch_size):
-        enc = tokenizer(prompts[i: i + batch_size], padding=True, return_tensors="pt", add_special_tokens=False)
-        tokens = model.generate(**enc, max_new_tokens=response_length, do_sample=True, temperature=temperature,
-                                top_k=0, top_p=1.0, pad_token_id=tokenizer.pad_token_id,
-                                eos_token_id=tokenizer.eos_token_id)
-        out += tokenizer.batch_decode(tokens[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        enc = tokenizer(prompts[i : i + batch_size], padding=True, return_tensors="pt", add_special_tokens=False)
+        tokens = model.generate(
+            **enc,
+            max_new_tokens=response_length,
+            do_sample=True,
+            temperature=temperature,
+            top_k=0,
+            top_p=1.0,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        out += tokenizer.batch_decode(tokens[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     return out
 
 
@@ -69,22 +82,40 @@ def evaluate(args: Args) -> dict:
     prompts, references = data["prompt"], data["completion"] if "completion" in data.column_names else None
     rows = {}
     for i, path in enumerate(args.models):
-        responses = generate_completions(path, prompts, args.response_length, args.temperature, args.batch_size, args.seed)
-        rows[path] = [{"query": p, "response": r, "score": gold_score(p, r), **({"reference": references[j]} if references else {})}
-                      for j, (p, r) in enumerate(zip(prompts, responses))]
+        responses = generate_completions(
+            path, prompts, args.response_length, args.temperature, args.batch_size, args.seed
+        )
+        rows[path] = [
+            {
+                "query": p,
+                "response": r,
+                "score": gold_score(p, r),
+                **({"reference": references[j]} if references else {}),
+            }
+            for j, (p, r) in enumerate(zip(prompts, responses))
+        ]
         if args.save_dir:
             os.makedirs(args.save_dir, exist_ok=True)
             with open(os.path.join(args.save_dir, f"{i}_{os.path.basename(path.rstrip('/'))}.jsonl"), "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows[path])
     baseline = args.models[0]
-    report = {"reference_gold_score": (sum(gold_score(p, c) for p, c in zip(prompts, references)) / len(prompts)
-                                       if references else None), "models": {}}
+    report = {
+        "reference_gold_score": (
+            sum(gold_score(p, c) for p, c in zip(prompts, references)) / len(prompts) if references else None
+        ),
+        "models": {},
+    }
     for path in args.models:
         result = judge_gold(rows[path], rows[baseline], gold_score)
-        report["models"][path] = {"gold_score": sum(r["score"] for r in rows[path]) / len(rows[path]),
-                                  "win_rate_vs_baseline": result["win_rate"], "ci_low": result["ci_low"],
-                                  "ci_high": result["ci_high"], "wins": result["wins"], "ties": result["ties"],
-                                  "losses": result["losses"]}
+        report["models"][path] = {
+            "gold_score": sum(r["score"] for r in rows[path]) / len(rows[path]),
+            "win_rate_vs_baseline": result["win_rate"],
+            "ci_low": result["ci_low"],
+            "ci_high": result["ci_high"],
+            "wins": result["wins"],
+            "ties": result["ties"],
+            "losses": result["losses"],
+        }
     return report
 
 

@@ -111,23 +111,64 @@ def fail(message: str) -> None:
 
 
 def train_commands(args: Args, seed: int, prompts: str, ours_script: str) -> dict:
-    common = {"--total-episodes": args.total_episodes, "--per-device-train-batch-size": args.per_device_train_batch_size,
-              "--gradient-accumulation-steps": args.gradient_accumulation_steps,
-              "--local-rollout-forward-batch-size": args.local_rollout_forward_batch_size,
-              "--num-ppo-epochs": args.num_ppo_epochs, "--num-mini-batches": args.num_mini_batches,
-              "--response-length": args.response_length, "--learning-rate": args.learning_rate,
-              "--temperature": args.temperature, "--kl-coef": args.kl_coef, "--seed": seed,
-              "--sft-model-path": args.sft_model_path, "--reward-model-path": args.reward_model_path}
+    common = {
+        "--total-episodes": args.total_episodes,
+        "--per-device-train-batch-size": args.per_device_train_batch_size,
+        "--gradient-accumulation-steps": args.gradient_accumulation_steps,
+        "--local-rollout-forward-batch-size": args.local_rollout_forward_batch_size,
+        "--num-ppo-epochs": args.num_ppo_epochs,
+        "--num-mini-batches": args.num_mini_batches,
+        "--response-length": args.response_length,
+        "--learning-rate": args.learning_rate,
+        "--temperature": args.temperature,
+        "--kl-coef": args.kl_coef,
+        "--seed": seed,
+        "--sft-model-path": args.sft_model_path,
+        "--reward-model-path": args.reward_model_path,
+    }
     flat = [str(x) for kv in common.items() for x in kv] + ["--stop-token", "eos"]
     ours_dir, trl_dir = (os.path.join(args.work_dir, f"{impl}_s{seed}") for impl in ("ours", "trl"))
-    ours = ([sys.executable, ours_script, *flat, "--output-dir", ours_dir, "--overwrite-output-dir",
-             "--model-name-or-path", args.sft_model_path, "--dataset-name", prompts, "--dataset-train-split", "train",
-             "--dataset-test-split", "validation", "--missing-eos-penalty", str(args.missing_eos_penalty),
-             "--eval-strategy", "no", "--num-sample-generations", "0"] + shlex.split(args.ours_extra_args))
-    trl = [args.trl_python, os.path.join(ROOT, "benchmark", "trl_ppo_runner.py"), *flat, "--output-dir", trl_dir,
-           "--results-json", os.path.join(trl_dir, "trl_results.json"), "--tokenizer-path", args.sft_model_path,
-           "--dataset-path", prompts, "--dataset-split", "train", "--num-threads", str(args.num_threads),
-           "--save-policy", "--quiet"]
+    ours = [
+        sys.executable,
+        ours_script,
+        *flat,
+        "--output-dir",
+        ours_dir,
+        "--overwrite-output-dir",
+        "--model-name-or-path",
+        args.sft_model_path,
+        "--dataset-name",
+        prompts,
+        "--dataset-train-split",
+        "train",
+        "--dataset-test-split",
+        "validation",
+        "--missing-eos-penalty",
+        str(args.missing_eos_penalty),
+        "--eval-strategy",
+        "no",
+        "--num-sample-generations",
+        "0",
+    ] + shlex.split(args.ours_extra_args)
+    trl = [
+        args.trl_python,
+        os.path.join(ROOT, "benchmark", "trl_ppo_runner.py"),
+        *flat,
+        "--output-dir",
+        trl_dir,
+        "--results-json",
+        os.path.join(trl_dir, "trl_results.json"),
+        "--tokenizer-path",
+        args.sft_model_path,
+        "--dataset-path",
+        prompts,
+        "--dataset-split",
+        "train",
+        "--num-threads",
+        str(args.num_threads),
+        "--save-policy",
+        "--quiet",
+    ]
     if args.missing_eos_penalty is not None:
         trl += ["--missing-eos-penalty", str(args.missing_eos_penalty)]
     return {"ours": (ours, ours_dir, ours_dir), "trl": (trl, trl_dir, os.path.join(trl_dir, "policy"))}
@@ -136,20 +177,28 @@ def train_commands(args: Args, seed: int, prompts: str, ours_script: str) -> dic
 def train(impl: str, cmd: List[str], out_dir: str, policy_dir: str, args: Args, tag: str) -> dict:
     """One training run; returns where its policy is, its wall time and its last logged reward-model score."""
     done = os.path.isfile(os.path.join(policy_dir, "config.json")) and any(
-        f.endswith(".safetensors") for f in os.listdir(policy_dir))
+        f.endswith(".safetensors") for f in os.listdir(policy_dir)
+    )
     log_path = os.path.join(args.work_dir, "logs", tag + ".log")
     wall = None
     if not (args.reuse and done):
         shutil.rmtree(out_dir, ignore_errors=True)
         os.makedirs(os.path.dirname(log_path), exist_ok=True)
-        env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": str(args.num_threads),
-               "MKL_NUM_THREADS": str(args.num_threads), "WANDB_DIR": os.path.abspath(args.work_dir)}
+        env = {
+            **os.environ,
+            **OFFLINE_ENV,
+            "OMP_NUM_THREADS": str(args.num_threads),
+            "MKL_NUM_THREADS": str(args.num_threads),
+            "WANDB_DIR": os.path.abspath(args.work_dir),
+        }
         print(f"[learning_compare] training {tag} ...", flush=True)
         t0 = time.perf_counter()
         with open(log_path, "w") as log:
             log.write("$ " + shlex.join(cmd) + "\n")
             log.flush()
-            rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout).returncode
+            rc = subprocess.run(
+                cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout
+            ).returncode
         wall = time.perf_counter() - t0
         if rc != 0:
             with open(log_path) as f:
@@ -163,8 +212,14 @@ def train(impl: str, cmd: List[str], out_dir: str, policy_dir: str, args: Args, 
         with open(os.path.join(out_dir, "trl_results.json")) as f:
             train_rows = [r for r in json.load(f)["metrics_history"] if "objective/scores" in r]
     last = train_rows[-1] if train_rows else {}
-    return {"policy": policy_dir, "train_wall_s": wall, "log": log_path, "episodes": last.get("episode"),
-            "final_rm_score": last.get("objective/scores"), "final_kl": last.get("objective/kl")}
+    return {
+        "policy": policy_dir,
+        "train_wall_s": wall,
+        "log": log_path,
+        "episodes": last.get("episode"),
+        "final_rm_score": last.get("objective/scores"),
+        "final_kl": last.get("objective/kl"),
+    }
 
 
 def mean_std(values: List[float]) -> str:
@@ -177,19 +232,25 @@ def markdown(results: dict) -> str:
     a, m, per_seed = results["settings"], results["machine"], results["per_seed"]
     impls = results["implementations"]
     seeds = [s["seed"] for s in per_seed]
-    lines = [f"### Learning, embedded task ({m['date']})", "",
-             f"Machine: {m['nproc']} CPUs ({m['cpu_model']}), {a['num_threads']} thread(s) per run, torch {m['torch']}, "
-             f"TRL {results.get('trl_version') or 'not run'}; commit {(m['commit'] or '?')[:10]}"
-             f"{' + uncommitted ppo_rlhf.py changes' if m['ppo_rlhf_py_uncommitted_changes'] else ''}.", "",
-             f"Both: {a['total_episodes']} episodes, batch {a['per_device_train_batch_size']}x"
-             f"{a['gradient_accumulation_steps']}, {a['num_ppo_epochs']} PPO epochs, {a['num_mini_batches']} mini-batch(es), "
-             f"lr {a['learning_rate']}, response length {a['response_length']}, temperature {a['temperature']}, kl_coef "
-             f"{a['kl_coef']}, missing_eos_penalty {a['missing_eos_penalty']}, stop token EOS; seeds {seeds}. Judged on "
-             f"the first {a['num_eval_prompts']} test prompts, near-greedy (temperature {a['eval_temperature']}), "
-             f"{a['eval_response_length']} new tokens, by the gold judge (reference summaries score "
-             f"{results['reference_gold_score']:.3f}; the ideal is 4.0).", "",
-             "| policy | gold score" + (" (mean ± std over seeds)" if len(seeds) > 1 else "") + " | per seed | "
-             "win rate vs SFT (ties half, 95% CI) | final RM score in training | train wall time (s) |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"### Learning, embedded task ({m['date']})",
+        "",
+        f"Machine: {m['nproc']} CPUs ({m['cpu_model']}), {a['num_threads']} thread(s) per run, torch {m['torch']}, "
+        f"TRL {results.get('trl_version') or 'not run'}; commit {(m['commit'] or '?')[:10]}"
+        f"{' + uncommitted ppo_rlhf.py changes' if m['ppo_rlhf_py_uncommitted_changes'] else ''}.",
+        "",
+        f"Both: {a['total_episodes']} episodes, batch {a['per_device_train_batch_size']}x"
+        f"{a['gradient_accumulation_steps']}, {a['num_ppo_epochs']} PPO epochs, {a['num_mini_batches']} mini-batch(es), "
+        f"lr {a['learning_rate']}, response length {a['response_length']}, temperature {a['temperature']}, kl_coef "
+        f"{a['kl_coef']}, missing_eos_penalty {a['missing_eos_penalty']}, stop token EOS; seeds {seeds}. Judged on "
+        f"the first {a['num_eval_prompts']} test prompts, near-greedy (temperature {a['eval_temperature']}), "
+        f"{a['eval_response_length']} new tokens, by the gold judge (reference summaries score "
+        f"{results['reference_gold_score']:.3f}; the ideal is 4.0).",
+        "",
+        "| policy | gold score" + (" (mean ± std over seeds)" if len(seeds) > 1 else "") + " | per seed | "
+        "win rate vs SFT (ties half, 95% CI) | final RM score in training | train wall time (s) |",
+        "|---|---|---|---|---|---|",
+    ]
     sft = per_seed[0]["gold"]["sft"]  # judged once: the same policy and the same near-greedy decoding for every seed
     lines.append(f"| {LABELS['sft']} | {sft:.3f} | (the same for every seed) | 0.5 | | |")
     for impl in impls:
@@ -198,16 +259,28 @@ def markdown(results: dict) -> str:
         wr = ", ".join(f"{w['win_rate']:.3f} [{w['ci_low']:.2f}, {w['ci_high']:.2f}]" for w in wins)
         rm = [s["train"][impl]["final_rm_score"] for s in per_seed]
         walls = [s["train"][impl]["train_wall_s"] for s in per_seed]
-        lines.append(f"| {LABELS[impl]} | {mean_std(gold)} | {', '.join(f'{x:.3f}' for x in gold)} | {wr} | "
-                     f"{', '.join('n/a' if x is None else f'{x:.3f}' for x in rm)} | "
-                     f"{', '.join('reused' if x is None else f'{x:.0f}' for x in walls)} |")
-    lines += ["", f"Train wall times are {a['jobs']} run(s) at a time on a shared machine: not a speed measurement "
-              "(benchmark/speed_compare.py is)."]
+        lines.append(
+            f"| {LABELS[impl]} | {mean_std(gold)} | {', '.join(f'{x:.3f}' for x in gold)} | {wr} | "
+            f"{', '.join('n/a' if x is None else f'{x:.3f}' for x in rm)} | "
+            f"{', '.join('reused' if x is None else f'{x:.0f}' for x in walls)} |"
+        )
+    lines += [
+        "",
+        f"Train wall times are {a['jobs']} run(s) at a time on a shared machine: not a speed measurement "
+        "(benchmark/speed_compare.py is).",
+    ]
     if "trl" in impls:
         h2h = [s["ours_vs_trl"] for s in per_seed]
-        lines += ["", "Head to head, ours vs TRL (win rate of ours, ties half, 95% Wilson interval), per seed: "
-                  + "; ".join(f"seed {s}: {w['win_rate']:.3f} [{w['ci_low']:.2f}, {w['ci_high']:.2f}] "
-                              f"({w['wins']}-{w['ties']}-{w['losses']})" for s, w in zip(seeds, h2h)) + "."]
+        lines += [
+            "",
+            "Head to head, ours vs TRL (win rate of ours, ties half, 95% Wilson interval), per seed: "
+            + "; ".join(
+                f"seed {s}: {w['win_rate']:.3f} [{w['ci_low']:.2f}, {w['ci_high']:.2f}] "
+                f"({w['wins']}-{w['ties']}-{w['losses']})"
+                for s, w in zip(seeds, h2h)
+            )
+            + ".",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -242,8 +315,9 @@ def main(args: Args) -> dict:
     prompts_path = args.dataset_name
     if args.max_prompts:
         prompts_path = os.path.join(args.work_dir, f"prompts_{args.max_prompts}")
-        DatasetDict(train=data["train"].select(range(min(args.max_prompts, len(data["train"])))),
-                    validation=data["validation"]).save_to_disk(prompts_path)
+        DatasetDict(
+            train=data["train"].select(range(min(args.max_prompts, len(data["train"])))), validation=data["validation"]
+        ).save_to_disk(prompts_path)
     test = data["test"].select(range(min(args.num_eval_prompts, len(data["test"]))))
     prompts, references = test["prompt"], test["completion"]
 
@@ -254,17 +328,22 @@ def main(args: Args) -> dict:
         commands = train_commands(args, seed, prompts_path, ours_script)
         jobs += [(seed, impl, *commands[impl]) for impl in impls]
     with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
-        futures = {(seed, impl): pool.submit(train, impl, cmd, out, pol, args, f"{impl}_s{seed}")
-                   for seed, impl, cmd, out, pol in jobs}
+        futures = {
+            (seed, impl): pool.submit(train, impl, cmd, out, pol, args, f"{impl}_s{seed}")
+            for seed, impl, cmd, out, pol in jobs
+        }
         trained = {key: f.result() for key, f in futures.items()}
 
     torch.set_num_threads(args.num_threads)
 
     def completions(path: str, tag: str) -> list:
-        responses = generate_completions(path, prompts, args.eval_response_length, args.eval_temperature,
-                                         args.eval_batch_size, args.eval_seed)
-        rows = [{"query": p, "response": r, "reference": ref, "score": gold_score(p, r)}
-                for p, r, ref in zip(prompts, responses, references)]
+        responses = generate_completions(
+            path, prompts, args.eval_response_length, args.eval_temperature, args.eval_batch_size, args.eval_seed
+        )
+        rows = [
+            {"query": p, "response": r, "reference": ref, "score": gold_score(p, r)}
+            for p, r, ref in zip(prompts, responses, references)
+        ]
         os.makedirs(os.path.join(args.work_dir, "completions"), exist_ok=True)
         with open(os.path.join(args.work_dir, "completions", tag + ".jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -279,8 +358,12 @@ def main(args: Args) -> dict:
     per_seed = []
     for seed in args.seeds:
         rows = {impl: completions(trained[(seed, impl)]["policy"], f"{impl}_s{seed}") for impl in impls}
-        entry = {"seed": seed, "gold": {"sft": statistics.fmean(r["score"] for r in sft_rows)},
-                 "win_vs_sft": {}, "train": {impl: trained[(seed, impl)] for impl in impls}}
+        entry = {
+            "seed": seed,
+            "gold": {"sft": statistics.fmean(r["score"] for r in sft_rows)},
+            "win_vs_sft": {},
+            "train": {impl: trained[(seed, impl)] for impl in impls},
+        }
         for impl in impls:
             entry["gold"][impl] = statistics.fmean(r["score"] for r in rows[impl])
             entry["win_vs_sft"][impl] = win(rows[impl], sft_rows)
@@ -288,13 +371,23 @@ def main(args: Args) -> dict:
             entry["ours_vs_trl"] = win(rows["ours"], rows["trl"])
         per_seed.append(entry)
 
-    results = {"kind": "learning",
-               "machine": {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "nproc": len(os.sched_getaffinity(0)),
-                           "cpu_model": cpu_model(), "torch": torch.__version__, "transformers": transformers.__version__,
-                           **git_state(), "ours_script_sha256": ours_sha},
-               "settings": asdict(args), "trl_version": trl_version, "implementations": impls,
-               "reference_gold_score": statistics.fmean(gold_score(p, c) for p, c in zip(prompts, references)),
-               "per_seed": per_seed}
+    results = {
+        "kind": "learning",
+        "machine": {
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "nproc": len(os.sched_getaffinity(0)),
+            "cpu_model": cpu_model(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            **git_state(),
+            "ours_script_sha256": ours_sha,
+        },
+        "settings": asdict(args),
+        "trl_version": trl_version,
+        "implementations": impls,
+        "reference_gold_score": statistics.fmean(gold_score(p, c) for p, c in zip(prompts, references)),
+        "per_seed": per_seed,
+    }
     text = markdown(results)
     os.makedirs(args.results_dir, exist_ok=True)
     with open(os.path.join(args.results_dir, args.name + ".json"), "w") as f:

@@ -41,10 +41,25 @@ import numpy as np  # noqa: E402
 import tyro  # noqa: E402
 
 # The 17 metrics of PPO_REFERENCE.md / TRL's PPOTrainer; `episode` is the x axis of every panel.
-METRICS = ["eps", "objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
-           "objective/scores", "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg",
-           "val/clipfrac_avg", "policy/entropy_avg", "val/ratio", "val/ratio_var", "val/num_eos_tokens", "lr",
-           "episode"]
+METRICS = [
+    "eps",
+    "objective/kl",
+    "objective/entropy",
+    "objective/non_score_reward",
+    "objective/rlhf_reward",
+    "objective/scores",
+    "policy/approxkl_avg",
+    "policy/clipfrac_avg",
+    "loss/policy_avg",
+    "loss/value_avg",
+    "val/clipfrac_avg",
+    "policy/entropy_avg",
+    "val/ratio",
+    "val/ratio_var",
+    "val/num_eos_tokens",
+    "lr",
+    "episode",
+]
 
 
 @dataclass
@@ -188,24 +203,36 @@ def plot(args: Args) -> str:
             if not series:
                 continue
             grid, mean, low, high = aggregate(series, args.band, args.num_points)
-            ax.plot(grid, mean, color=f"C{i % 10}", lw=1.5, label=label, marker="o" if len(grid) <= 30 else None,
-                    markersize=3)
+            ax.plot(
+                grid,
+                mean,
+                color=f"C{i % 10}",
+                lw=1.5,
+                label=label,
+                marker="o" if len(grid) <= 30 else None,
+                markersize=3,
+            )
             if len(series) > 1:
                 ax.fill_between(grid, low, high, color=f"C{i % 10}", alpha=0.2, lw=0)
         ax.set_title(metric, fontsize=10)
         ax.set_xlabel("episode", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-    for ax in axes.flat[len(panels):]:
+    for ax in axes.flat[len(panels) :]:
         ax.remove()
     handles = {}
     for ax in axes.flat[: len(panels)]:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, handle)
     band = "min-max over seeds" if args.band == "minmax" else "mean ± std over seeds"
-    fig.legend(list(handles.values()), [describe(label, runs[label]) for label in handles],
-               loc="upper center", ncol=min(len(handles), 4), title=f"mean over seeds, band: {band}"
-               + (f", smoothing window {args.smoothing}" if args.smoothing > 1 else ""))
+    fig.legend(
+        list(handles.values()),
+        [describe(label, runs[label]) for label in handles],
+        loc="upper center",
+        ncol=min(len(handles), 4),
+        title=f"mean over seeds, band: {band}"
+        + (f", smoothing window {args.smoothing}" if args.smoothing > 1 else ""),
+    )
     legend_rows = math.ceil(len(handles) / 4)
     fig.tight_layout(rect=(0, 0, 1, 1 - (0.45 + 0.25 * legend_rows) / fig.get_figheight()))  # the top is the legend's
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
@@ -216,8 +243,10 @@ def plot(args: Args) -> str:
     table_path = os.path.splitext(args.output)[0] + ".md"
     sources = "\n".join(f"- {label}: " + ", ".join(f"`{p}`" for p in paths) for label, paths in groups.items())
     with open(table_path, "w") as f:
-        f.write(f"# Final values\n\n![learning curves]({os.path.basename(args.output)})\n\nMean ± std (ddof=0) over "
-                f"seeds of each seed's last logged value (unsmoothed).\n\n{table}\nRuns:\n{sources}\n")
+        f.write(
+            f"# Final values\n\n![learning curves]({os.path.basename(args.output)})\n\nMean ± std (ddof=0) over "
+            f"seeds of each seed's last logged value (unsmoothed).\n\n{table}\nRuns:\n{sources}\n"
+        )
     print(table)
     print(f"wrote {args.output} and {table_path}")
     return table

@@ -60,12 +60,24 @@ def build_wide(folder):
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(ROOT, "embedded", "sft_model"))
-    config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
-                           intermediate_size=2048, max_position_embeddings=512, hidden_dropout=0.0, attention_dropout=0.0,
-                           eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
-                           pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
-    for name, cls, extra in (("sft_model", GPTNeoXForCausalLM, {}), ("reward_model", GPTNeoXForSequenceClassification,
-                                                                       {"num_labels": 1})):
+    config = GPTNeoXConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=512,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        intermediate_size=2048,
+        max_position_embeddings=512,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    for name, cls, extra in (
+        ("sft_model", GPTNeoXForCausalLM, {}),
+        ("reward_model", GPTNeoXForSequenceClassification, {"num_labels": 1}),
+    ):
         fields = {k: v for k, v in config.to_dict().items() if k not in ("id2label", "label2id")}
         model = cls(GPTNeoXConfig(**fields, **extra))
         model.save_pretrained(os.path.join(folder, name))
@@ -80,24 +92,65 @@ def run_mode(name, size, out_root, repeat):
     if os.path.exists(rss_file):
         os.remove(rss_file)
     if size == "tiny":
-        batch = ["--total-episodes", "256", "--per-device-train-batch-size", "16", "--gradient-accumulation-steps",
-                 str(4 // processes), "--local-rollout-forward-batch-size", "64"]
+        batch = [
+            "--total-episodes",
+            "256",
+            "--per-device-train-batch-size",
+            "16",
+            "--gradient-accumulation-steps",
+            str(4 // processes),
+            "--local-rollout-forward-batch-size",
+            "64",
+        ]
     else:
         wide = os.path.join(ROOT, "models", "scale_out_wide")
-        batch = ["--total-episodes", "32", "--per-device-train-batch-size", "4", "--gradient-accumulation-steps",
-                 str(4 // processes), "--local-rollout-forward-batch-size", "16", "--response-length", "32",
-                 "--sft-model-path", os.path.join(wide, "sft_model"), "--model-name-or-path", os.path.join(wide, "sft_model"),
-                 "--reward-model-path", os.path.join(wide, "reward_model")]
+        batch = [
+            "--total-episodes",
+            "32",
+            "--per-device-train-batch-size",
+            "4",
+            "--gradient-accumulation-steps",
+            str(4 // processes),
+            "--local-rollout-forward-batch-size",
+            "16",
+            "--response-length",
+            "32",
+            "--sft-model-path",
+            os.path.join(wide, "sft_model"),
+            "--model-name-or-path",
+            os.path.join(wide, "sft_model"),
+            "--reward-model-path",
+            os.path.join(wide, "reward_model"),
+        ]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
     cmd = [sys.executable, *launcher(kind)]
     if kind != "python":
         cmd += ["--main_process_port", port]
-    cmd += [os.path.abspath(__file__), "--worker", os.path.join(ROOT, "ppo_rlhf.py"), *batch, *extra,
-            "--num-sample-generations", "0", "--eval-strategy", "no", "--output-dir", out]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
-           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "SCALE_OUT_RSS_FILE": rss_file}
+    cmd += [
+        os.path.abspath(__file__),
+        "--worker",
+        os.path.join(ROOT, "ppo_rlhf.py"),
+        *batch,
+        *extra,
+        "--num-sample-generations",
+        "0",
+        "--eval-strategy",
+        "no",
+        "--output-dir",
+        out,
+    ]
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "WANDB_MODE": "offline",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "SCALE_OUT_RSS_FILE": rss_file,
+    }
     start = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.time() - start
@@ -108,9 +161,16 @@ def run_mode(name, size, out_root, repeat):
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f if "objective/kl" in line]
     params = next(line for line in proc.stdout.splitlines() if line.startswith("parameters:"))
-    return {"mode": name, "processes": processes, "wall_s": wall, "peak_rss_mb": [r["maxrss_mb"] for r in rss],
-            "s_per_update": statistics.median(r["time/update"] for r in rows), "episodes": rows[-1]["episode"],
-            "parameters": params, "command": " ".join(cmd)}
+    return {
+        "mode": name,
+        "processes": processes,
+        "wall_s": wall,
+        "peak_rss_mb": [r["maxrss_mb"] for r in rss],
+        "s_per_update": statistics.median(r["time/update"] for r in rows),
+        "episodes": rows[-1]["episode"],
+        "parameters": params,
+        "command": " ".join(cmd),
+    }
 
 
 def main():
@@ -129,15 +189,22 @@ def main():
         for name in args.modes:
             runs.append(run_mode(name, args.size, out_root, repeat))
             r = runs[-1]
-            print(f"{name}: {r['wall_s']:.0f}s wall, {r['s_per_update']:.2f} s/update, peak RSS per process "
-                  f"{', '.join(f'{m:.0f}' for m in r['peak_rss_mb'])} MB", flush=True)
+            print(
+                f"{name}: {r['wall_s']:.0f}s wall, {r['s_per_update']:.2f} s/update, peak RSS per process "
+                f"{', '.join(f'{m:.0f}' for m in r['peak_rss_mb'])} MB",
+                flush=True,
+            )
     lines = [f"| mode | processes | wall time (s) | s/update | peak RSS per process (MB) |", "|---|---|---|---|---|"]
     for name in args.modes:
         mine = [r for r in runs if r["mode"] == name]
-        lines.append(f"| {name} | {mine[0]['processes']} | {statistics.median(r['wall_s'] for r in mine):.0f} | "
-                     f"{statistics.median(r['s_per_update'] for r in mine):.2f} | "
-                     + " / ".join(f"{statistics.median(r['peak_rss_mb'][i] for r in mine):.0f}"
-                                  for i in range(mine[0]["processes"])) + " |")
+        lines.append(
+            f"| {name} | {mine[0]['processes']} | {statistics.median(r['wall_s'] for r in mine):.0f} | "
+            f"{statistics.median(r['s_per_update'] for r in mine):.2f} | "
+            + " / ".join(
+                f"{statistics.median(r['peak_rss_mb'][i] for r in mine):.0f}" for i in range(mine[0]["processes"])
+            )
+            + " |"
+        )
     table = "\n".join(lines)
     print(table)
     os.makedirs(args.results_dir, exist_ok=True)
@@ -154,8 +221,15 @@ def worker():
 
     def record():
         with open(os.environ["SCALE_OUT_RSS_FILE"], "a") as f:
-            f.write(json.dumps({"rank": int(os.environ.get("RANK", "0")),
-                                "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "rank": int(os.environ.get("RANK", "0")),
+                        "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                    }
+                )
+                + "\n"
+            )
 
     atexit.register(record)
     sys.argv = sys.argv[2:]

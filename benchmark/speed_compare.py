@@ -48,34 +48,81 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
 TLDR_PROMPTS = os.path.join(SHARED_DATA, "tldr", "tldr_valid_subset_prompt_completion.jsonl")
 NEOX_TOKENIZER = os.path.join(SHARED_DATA, "tokenizers", "gpt-neox-20b_tokenizer.json")
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
-               "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "WANDB_MODE": "offline",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONUNBUFFERED": "1",
+}
 PHASES = ("generation", "rollout_forwards", "training", "other")
 
 # Settings that differ between the shapes (the rest are Args defaults shared by all).
 SHAPES = {
-    "tiny": dict(num_updates=6, per_device_train_batch_size=16, gradient_accumulation_steps=4,
-                 local_rollout_forward_batch_size=64, learning_rate=3e-5),
-    "tldr": dict(num_updates=4, per_device_train_batch_size=8, gradient_accumulation_steps=1,
-                 local_rollout_forward_batch_size=8, learning_rate=3e-6),
-    "pythia160m": dict(num_updates=3, per_device_train_batch_size=8, gradient_accumulation_steps=1,
-                       local_rollout_forward_batch_size=8, learning_rate=3e-6),
-    "qwen05b": dict(num_updates=3, per_device_train_batch_size=8, gradient_accumulation_steps=1,
-                    local_rollout_forward_batch_size=8, learning_rate=3e-6),
+    "tiny": dict(
+        num_updates=6,
+        per_device_train_batch_size=16,
+        gradient_accumulation_steps=4,
+        local_rollout_forward_batch_size=64,
+        learning_rate=3e-5,
+    ),
+    "tldr": dict(
+        num_updates=4,
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=1,
+        local_rollout_forward_batch_size=8,
+        learning_rate=3e-6,
+    ),
+    "pythia160m": dict(
+        num_updates=3,
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=1,
+        local_rollout_forward_batch_size=8,
+        learning_rate=3e-6,
+    ),
+    "qwen05b": dict(
+        num_updates=3,
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=1,
+        local_rollout_forward_batch_size=8,
+        learning_rate=3e-6,
+    ),
 }
 # The tiny-width GPT-NeoX of the tldr shape (the vocabulary is the tokenizer's, rounded up to a multiple of 128).
-TLDR_MODEL = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
-                  max_position_embeddings=2048, rotary_pct=0.25, use_parallel_residual=True, hidden_dropout=0.0,
-                  attention_dropout=0.0, tie_word_embeddings=False, initializer_range=0.02)
+TLDR_MODEL = dict(
+    hidden_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    intermediate_size=512,
+    max_position_embeddings=2048,
+    rotary_pct=0.25,
+    use_parallel_residual=True,
+    hidden_dropout=0.0,
+    attention_dropout=0.0,
+    tie_word_embeddings=False,
+    initializer_range=0.02,
+)
 # Realistic widths (random init; the real TL;DR prompts and the GPT-NeoX-20B tokenizer in every shape):
 # Pythia-160M's layout exactly, and Qwen2.5-0.5B's width, heads, MLP and 151,936-entry tied vocabulary (the tokenizer
 # only uses its first 50,278 ids, which changes no cost), with --qwen-layers of its 24 layers.
-PYTHIA160M_MODEL = dict(TLDR_MODEL, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                        intermediate_size=3072)
-QWEN05B_MODEL = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                     intermediate_size=4864, max_position_embeddings=32768, rope_theta=1000000.0,
-                     tie_word_embeddings=True, rms_norm_eps=1e-6, attention_dropout=0.0, initializer_range=0.02,
-                     vocab_size=151936)
+PYTHIA160M_MODEL = dict(
+    TLDR_MODEL, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072
+)
+QWEN05B_MODEL = dict(
+    hidden_size=896,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    intermediate_size=4864,
+    max_position_embeddings=32768,
+    rope_theta=1000000.0,
+    tie_word_embeddings=True,
+    rms_norm_eps=1e-6,
+    attention_dropout=0.0,
+    initializer_range=0.02,
+    vocab_size=151936,
+)
 REAL_SHAPES = ("tldr", "pythia160m", "qwen05b")
 
 
@@ -163,8 +210,16 @@ def resolve(args: Args) -> Args:
             setattr(args, key, value)
     if args.num_updates < 2:
         fail(f"--num-updates {args.num_updates}: need at least 2 (the first update is warm-up and not counted)")
-    for name in ("repeats", "per_device_train_batch_size", "gradient_accumulation_steps", "response_length",
-                 "local_rollout_forward_batch_size", "num_ppo_epochs", "num_mini_batches", "num_threads"):
+    for name in (
+        "repeats",
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "response_length",
+        "local_rollout_forward_batch_size",
+        "num_ppo_epochs",
+        "num_mini_batches",
+        "num_threads",
+    ):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.scaling and args.shape != "tldr":
@@ -201,18 +256,29 @@ def git_state() -> dict:
 
     with open(os.path.join(ROOT, "ppo_rlhf.py"), "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
-    return {"commit": git("rev-parse", "HEAD"), "ppo_rlhf_py_uncommitted_changes": bool(git("status", "--porcelain", "ppo_rlhf.py")),
-            "ppo_rlhf_py_sha256": digest}
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "ppo_rlhf_py_uncommitted_changes": bool(git("status", "--porcelain", "ppo_rlhf.py")),
+        "ppo_rlhf_py_sha256": digest,
+    }
 
 
 def machine_info() -> dict:
     import torch
     import transformers
 
-    return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "nproc": len(os.sched_getaffinity(0)),
-            "cpu_count": os.cpu_count(), "cpu_model": cpu_model(), "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "load_average_at_start": os.getloadavg(), **git_state()}
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "load_average_at_start": os.getloadavg(),
+        **git_state(),
+    }
 
 
 def default_trl_python() -> str:
@@ -223,11 +289,22 @@ def default_trl_python() -> str:
 def trl_available(python: Optional[str]) -> tuple:
     """(True, version) if `python` exists and can import trl, else (False, why)."""
     if not python or not os.path.exists(python):
-        return False, f"no TRL python at {python!r} (make a venv with benchmark/requirements-trl.txt, pass --trl-python)"
+        return (
+            False,
+            f"no TRL python at {python!r} (make a venv with benchmark/requirements-trl.txt, pass --trl-python)",
+        )
     try:
-        proc = subprocess.run([python, "-c", "import importlib.util, sys\nif importlib.util.find_spec('trl') is None: "
-                               "sys.exit(3)\nfrom importlib.metadata import version; print(version('trl'))"],
-                              capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [
+                python,
+                "-c",
+                "import importlib.util, sys\nif importlib.util.find_spec('trl') is None: "
+                "sys.exit(3)\nfrom importlib.metadata import version; print(version('trl'))",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     except (OSError, subprocess.SubprocessError) as e:
         return False, f"{python} does not run: {e}"
     if proc.returncode != 0:
@@ -240,16 +317,22 @@ def trl_available(python: Optional[str]) -> tuple:
 
 
 def tiny_task(args: Args) -> dict:
-    paths = {"sft": os.path.join(ROOT, "embedded", "sft_model"), "reward": os.path.join(ROOT, "embedded", "reward_model"),
-             "tokenizer": os.path.join(ROOT, "embedded", "sft_model"), "prompts": os.path.join(ROOT, "embedded", "prompts")}
+    paths = {
+        "sft": os.path.join(ROOT, "embedded", "sft_model"),
+        "reward": os.path.join(ROOT, "embedded", "reward_model"),
+        "tokenizer": os.path.join(ROOT, "embedded", "sft_model"),
+        "prompts": os.path.join(ROOT, "embedded", "prompts"),
+    }
     info = {"prompts": "embedded/prompts train split"}
     if args.max_prompts:
         from datasets import DatasetDict, load_from_disk
 
         data = load_from_disk(paths["prompts"])
         subset = os.path.join(args.work_dir, f"tiny_prompts_{args.max_prompts}")
-        DatasetDict(train=data["train"].select(range(min(args.max_prompts, len(data["train"])))),
-                    validation=data["validation"].select(range(16))).save_to_disk(subset)
+        DatasetDict(
+            train=data["train"].select(range(min(args.max_prompts, len(data["train"])))),
+            validation=data["validation"].select(range(16)),
+        ).save_to_disk(subset)
         paths["prompts"] = subset
         info["prompts"] += f", first {args.max_prompts}"
     return {**paths, "info": info}
@@ -269,13 +352,23 @@ def build_tldr(args: Args) -> dict:
         return None
     import torch
     from datasets import Dataset, DatasetDict
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, CONFIG_MAPPING, PreTrainedTokenizerFast
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        CONFIG_MAPPING,
+        PreTrainedTokenizerFast,
+    )
 
     build = args.build_dir
     tok_dir, sft_dir, rm_dir = (os.path.join(build, n) for n in ("tokenizer", "sft_model", "reward_model"))
     arch, fields = model_spec(args)
-    spec = {"arch": arch, "model": fields, "tokenizer_bytes": os.path.getsize(NEOX_TOKENIZER), "init_seed": 0,
-            "version": 2}
+    spec = {
+        "arch": arch,
+        "model": fields,
+        "tokenizer_bytes": os.path.getsize(NEOX_TOKENIZER),
+        "init_seed": 0,
+        "version": 2,
+    }
     spec_path = os.path.join(build, "build_info.json")
     cached = False
     if os.path.isfile(spec_path):
@@ -284,11 +377,18 @@ def build_tldr(args: Args) -> dict:
     if not cached:
         shutil.rmtree(build, ignore_errors=True)
         os.makedirs(build)
-        tokenizer = PreTrainedTokenizerFast(tokenizer_file=NEOX_TOKENIZER, eos_token="<|endoftext|>",
-                                            bos_token="<|endoftext|>", unk_token="<|endoftext|>", padding_side="left")
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_file=NEOX_TOKENIZER,
+            eos_token="<|endoftext|>",
+            bos_token="<|endoftext|>",
+            unk_token="<|endoftext|>",
+            padding_side="left",
+        )
         tokenizer.add_special_tokens({"pad_token": "[PAD]"})
         if tokenizer.pad_token_id != 50277 or tokenizer.eos_token_id != 0:
-            fail(f"unexpected token ids: pad {tokenizer.pad_token_id} (expected 50277), eos {tokenizer.eos_token_id} (0)")
+            fail(
+                f"unexpected token ids: pad {tokenizer.pad_token_id} (expected 50277), eos {tokenizer.eos_token_id} (0)"
+            )
         vocab = fields.get("vocab_size") or math.ceil(len(tokenizer) / 128) * 128
         torch.manual_seed(spec["init_seed"])
         ids = dict(bos_token_id=0, eos_token_id=0, pad_token_id=tokenizer.pad_token_id)
@@ -298,15 +398,30 @@ def build_tldr(args: Args) -> dict:
         for key in ("id2label", "label2id"):
             rm_config.pop(key, None)
         rm_config.update(num_labels=1)
-        reward = AutoModelForSequenceClassification.from_config(CONFIG_MAPPING[arch](**{
-            k: v for k, v in rm_config.items() if k not in ("model_type", "transformers_version", "architectures")}))
+        reward = AutoModelForSequenceClassification.from_config(
+            CONFIG_MAPPING[arch](
+                **{
+                    k: v
+                    for k, v in rm_config.items()
+                    if k not in ("model_type", "transformers_version", "architectures")
+                }
+            )
+        )
         for model, path in ((policy, sft_dir), (reward, rm_dir)):
             model.save_pretrained(path)
             tokenizer.save_pretrained(path)
         tokenizer.save_pretrained(tok_dir)
         with open(spec_path, "w") as f:
-            json.dump({"spec": spec, "vocab_size": vocab, "policy_params": sum(p.numel() for p in policy.parameters()),
-                       "reward_params": sum(p.numel() for p in reward.parameters())}, f, indent=2)
+            json.dump(
+                {
+                    "spec": spec,
+                    "vocab_size": vocab,
+                    "policy_params": sum(p.numel() for p in policy.parameters()),
+                    "reward_params": sum(p.numel() for p in reward.parameters()),
+                },
+                f,
+                indent=2,
+            )
         del policy, reward
     built = json.load(open(spec_path))
 
@@ -323,20 +438,42 @@ def build_tldr(args: Args) -> dict:
         lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
         kept = [(p, n) for p, n in zip(prompts, lengths) if n <= args.max_prompt_tokens][: args.max_prompts or None]
         shutil.rmtree(prompts_dir, ignore_errors=True)
-        DatasetDict(train=Dataset.from_dict({"prompt": [p for p, _ in kept]}),
-                    validation=Dataset.from_dict({"prompt": [p for p, _ in kept[:16]]})).save_to_disk(prompts_dir)
+        DatasetDict(
+            train=Dataset.from_dict({"prompt": [p for p, _ in kept]}),
+            validation=Dataset.from_dict({"prompt": [p for p, _ in kept[:16]]}),
+        ).save_to_disk(prompts_dir)
         kept_lengths = sorted(n for _, n in kept)
         with open(lengths_path, "w") as f:
             json.dump([n for _, n in kept], f)
         with open(stats_path, "w") as f:
-            json.dump({"prompts_in_file": len(prompts), "prompts_kept": len(kept), "max_prompt_tokens": args.max_prompt_tokens,
-                       "median_tokens": statistics.median(kept_lengths), "mean_tokens": statistics.fmean(kept_lengths),
-                       "max_tokens": kept_lengths[-1]}, f, indent=2)
-    return {"sft": sft_dir, "reward": rm_dir, "tokenizer": tok_dir, "prompts": prompts_dir,
-            "info": {"prompts": "../shared/data/tldr (real Reddit TL;DR validation prompts)", **json.load(open(stats_path)),
-                     "vocab_size": built["vocab_size"], "policy_params": built["policy_params"],
-                     "reward_params": built["reward_params"], "arch": arch, "model": fields},
-            "prompt_lengths": json.load(open(lengths_path)) if os.path.isfile(lengths_path) else None}
+            json.dump(
+                {
+                    "prompts_in_file": len(prompts),
+                    "prompts_kept": len(kept),
+                    "max_prompt_tokens": args.max_prompt_tokens,
+                    "median_tokens": statistics.median(kept_lengths),
+                    "mean_tokens": statistics.fmean(kept_lengths),
+                    "max_tokens": kept_lengths[-1],
+                },
+                f,
+                indent=2,
+            )
+    return {
+        "sft": sft_dir,
+        "reward": rm_dir,
+        "tokenizer": tok_dir,
+        "prompts": prompts_dir,
+        "info": {
+            "prompts": "../shared/data/tldr (real Reddit TL;DR validation prompts)",
+            **json.load(open(stats_path)),
+            "vocab_size": built["vocab_size"],
+            "policy_params": built["policy_params"],
+            "reward_params": built["reward_params"],
+            "arch": arch,
+            "model": fields,
+        },
+        "prompt_lengths": json.load(open(lengths_path)) if os.path.isfile(lengths_path) else None,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -372,14 +509,22 @@ def update_flops(dims: dict, prompt_lengths: List[int], response_length: int, ep
     for rows in groups([p + r for p in prompt_lengths]):
         grouped.append((len(rows), max(prompt_lengths[i] for i in rows) + r))
     h, layers = dims["hidden_size"], dims["num_hidden_layers"]
-    decode = sum(b * (2 * dims["matmul_params"] + layers * 4 * dims["attention_width"] * (p_max + t)) for t in range(r))
+    decode = sum(
+        b * (2 * dims["matmul_params"] + layers * 4 * dims["attention_width"] * (p_max + t)) for t in range(r)
+    )
     generation = forward_flops(dims, [(b, p_max)], b) + decode + b * r * 2 * h * dims["vocab_size"]
     body_trl, body_ours = forward_flops(dims, padded, 0), forward_flops(dims, grouped, 0)
     head_trl, head_ours = forward_flops(dims, [], b * (p_max + r)), forward_flops(dims, [], b * r)
-    trl = {"generation": generation, "rollout_forwards": 3 * body_trl + head_trl,
-           "training": epochs * 3 * (2 * body_trl + head_trl)}
-    ours = {"generation": generation, "rollout_forwards": 4 * body_ours + 2 * head_ours,
-            "training": epochs * 3 * (2 * body_ours + head_ours)}
+    trl = {
+        "generation": generation,
+        "rollout_forwards": 3 * body_trl + head_trl,
+        "training": epochs * 3 * (2 * body_trl + head_trl),
+    }
+    ours = {
+        "generation": generation,
+        "rollout_forwards": 4 * body_ours + 2 * head_ours,
+        "training": epochs * 3 * (2 * body_ours + head_ours),
+    }
     return {"trl": trl, "ours": ours}
 
 
@@ -392,12 +537,24 @@ def model_dims(config: dict) -> dict:
     kv = config.get("num_key_value_heads") or heads
     attn = h * heads * head_dim + 2 * h * kv * head_dim + heads * head_dim * h  # q, k, v, o
     mlp = (3 if config.get("model_type") in ("qwen2", "llama", "mistral") else 2) * h * inter  # gated MLPs: 3
-    return {"hidden_size": h, "num_hidden_layers": layers, "vocab_size": config["vocab_size"],
-            "matmul_params": layers * (attn + mlp), "attention_width": heads * head_dim}
+    return {
+        "hidden_size": h,
+        "num_hidden_layers": layers,
+        "vocab_size": config["vocab_size"],
+        "matmul_params": layers * (attn + mlp),
+        "attention_width": heads * head_dim,
+    }
 
 
-def equal_work_ceiling(dims: dict, prompt_lengths: List[int], batch_size: int, response_length: int, epochs: int,
-                       samples: int = 2000, seed: int = 0) -> dict:
+def equal_work_ceiling(
+    dims: dict,
+    prompt_lengths: List[int],
+    batch_size: int,
+    response_length: int,
+    epochs: int,
+    samples: int = 2000,
+    seed: int = 0,
+) -> dict:
     """Expected FLOPs per update of TRL and ours over random batches of the prompts, and their ratio: the speed-up
     ours would show if both ran at the same FLOP/s (the equal-work ceiling of the measured ratio)."""
     import random
@@ -417,11 +574,14 @@ def equal_work_ceiling(dims: dict, prompt_lengths: List[int], batch_size: int, r
                 totals[impl][phase] = totals[impl].get(phase, 0.0) + value / samples
     trl_total, ours_total = sum(totals["trl"].values()), sum(totals["ours"].values())
     head = 2 * dims["hidden_size"] * dims["vocab_size"]
-    return {"trl_tflop": {k: v / 1e12 for k, v in totals["trl"].items()},
-            "ours_tflop": {k: v / 1e12 for k, v in totals["ours"].items()},
-            "trl_total_tflop": trl_total / 1e12, "ours_total_tflop": ours_total / 1e12,
-            "ceiling": trl_total / ours_total,
-            "head_share_per_position": head / (head + 2 * dims["matmul_params"])}
+    return {
+        "trl_tflop": {k: v / 1e12 for k, v in totals["trl"].items()},
+        "ours_tflop": {k: v / 1e12 for k, v in totals["ours"].items()},
+        "trl_total_tflop": trl_total / 1e12,
+        "ours_total_tflop": ours_total / 1e12,
+        "ceiling": trl_total / ours_total,
+        "head_share_per_position": head / (head + 2 * dims["matmul_params"]),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -443,35 +603,104 @@ def snapshot_script(script: str, work_dir: str) -> tuple:
 def ours_command(args: Args, task: dict, out_dir: str, **overrides) -> List[str]:
     s = {**asdict(args), **overrides}
     batch = s["per_device_train_batch_size"] * s["gradient_accumulation_steps"]
-    cmd = [sys.executable, s["ours_snapshot"], "--output-dir", out_dir, "--overwrite-output-dir",
-           "--seed", str(s["seed"]), "--sft-model-path", task["sft"], "--reward-model-path", task["reward"],
-           "--model-name-or-path", task["tokenizer"], "--dataset-name", task["prompts"],
-           "--dataset-train-split", "train", "--dataset-test-split", "validation",
-           "--total-episodes", str(s["num_updates"] * batch),
-           "--per-device-train-batch-size", str(s["per_device_train_batch_size"]),
-           "--gradient-accumulation-steps", str(s["gradient_accumulation_steps"]),
-           "--local-rollout-forward-batch-size", str(s["local_rollout_forward_batch_size"]),
-           "--num-ppo-epochs", str(s["num_ppo_epochs"]), "--num-mini-batches", str(s["num_mini_batches"]),
-           "--response-length", str(s["response_length"]), "--stop-token", "eos", "--temperature", str(s["temperature"]),
-           "--learning-rate", str(s["learning_rate"]), "--missing-eos-penalty", str(s["missing_eos_penalty"]),
-           "--eval-strategy", "no", "--num-sample-generations", "0", "--save-steps", "0",
-           "--bf16" if s["bf16"] else "--no-bf16"]
+    cmd = [
+        sys.executable,
+        s["ours_snapshot"],
+        "--output-dir",
+        out_dir,
+        "--overwrite-output-dir",
+        "--seed",
+        str(s["seed"]),
+        "--sft-model-path",
+        task["sft"],
+        "--reward-model-path",
+        task["reward"],
+        "--model-name-or-path",
+        task["tokenizer"],
+        "--dataset-name",
+        task["prompts"],
+        "--dataset-train-split",
+        "train",
+        "--dataset-test-split",
+        "validation",
+        "--total-episodes",
+        str(s["num_updates"] * batch),
+        "--per-device-train-batch-size",
+        str(s["per_device_train_batch_size"]),
+        "--gradient-accumulation-steps",
+        str(s["gradient_accumulation_steps"]),
+        "--local-rollout-forward-batch-size",
+        str(s["local_rollout_forward_batch_size"]),
+        "--num-ppo-epochs",
+        str(s["num_ppo_epochs"]),
+        "--num-mini-batches",
+        str(s["num_mini_batches"]),
+        "--response-length",
+        str(s["response_length"]),
+        "--stop-token",
+        "eos",
+        "--temperature",
+        str(s["temperature"]),
+        "--learning-rate",
+        str(s["learning_rate"]),
+        "--missing-eos-penalty",
+        str(s["missing_eos_penalty"]),
+        "--eval-strategy",
+        "no",
+        "--num-sample-generations",
+        "0",
+        "--save-steps",
+        "0",
+        "--bf16" if s["bf16"] else "--no-bf16",
+    ]
     return cmd + shlex.split(s["ours_extra_args"])
 
 
 def trl_command(args: Args, task: dict, out_dir: str, gc_freeze: bool) -> List[str]:
     batch = args.per_device_train_batch_size * args.gradient_accumulation_steps
-    cmd = [args.trl_python, os.path.join(ROOT, "benchmark", "trl_ppo_runner.py"), "--sft-model-path", task["sft"],
-           "--reward-model-path", task["reward"], "--tokenizer-path", task["tokenizer"], "--dataset-path", task["prompts"],
-           "--dataset-split", "train", "--output-dir", out_dir, "--results-json", os.path.join(out_dir, "trl_results.json"),
-           "--total-episodes", str(args.num_updates * batch),
-           "--per-device-train-batch-size", str(args.per_device_train_batch_size),
-           "--gradient-accumulation-steps", str(args.gradient_accumulation_steps),
-           "--local-rollout-forward-batch-size", str(args.local_rollout_forward_batch_size),
-           "--num-ppo-epochs", str(args.num_ppo_epochs), "--num-mini-batches", str(args.num_mini_batches),
-           "--response-length", str(args.response_length), "--stop-token", "eos", "--temperature", str(args.temperature),
-           "--learning-rate", str(args.learning_rate), "--seed", str(args.seed), "--num-threads", str(args.num_threads),
-           "--quiet"]
+    cmd = [
+        args.trl_python,
+        os.path.join(ROOT, "benchmark", "trl_ppo_runner.py"),
+        "--sft-model-path",
+        task["sft"],
+        "--reward-model-path",
+        task["reward"],
+        "--tokenizer-path",
+        task["tokenizer"],
+        "--dataset-path",
+        task["prompts"],
+        "--dataset-split",
+        "train",
+        "--output-dir",
+        out_dir,
+        "--results-json",
+        os.path.join(out_dir, "trl_results.json"),
+        "--total-episodes",
+        str(args.num_updates * batch),
+        "--per-device-train-batch-size",
+        str(args.per_device_train_batch_size),
+        "--gradient-accumulation-steps",
+        str(args.gradient_accumulation_steps),
+        "--local-rollout-forward-batch-size",
+        str(args.local_rollout_forward_batch_size),
+        "--num-ppo-epochs",
+        str(args.num_ppo_epochs),
+        "--num-mini-batches",
+        str(args.num_mini_batches),
+        "--response-length",
+        str(args.response_length),
+        "--stop-token",
+        "eos",
+        "--temperature",
+        str(args.temperature),
+        "--learning-rate",
+        str(args.learning_rate),
+        "--seed",
+        str(args.seed),
+        "--num-threads",
+        str(args.num_threads),
+        "--quiet",
+    ]
     if args.missing_eos_penalty is not None:
         cmd += ["--missing-eos-penalty", str(args.missing_eos_penalty)]
     if args.bf16:
@@ -483,11 +712,13 @@ def trl_command(args: Args, task: dict, out_dir: str, gc_freeze: bool) -> List[s
 
 # Used when /usr/bin/time is missing: a fresh process whose only child is the run, so the children's ru_maxrss is
 # the run's own peak (ru_maxrss of children is the maximum over all waited-for descendants).
-RUSAGE_WRAPPER = ("import resource, subprocess, sys, json\n"
-                  "rc = subprocess.call(sys.argv[2:])\n"
-                  "ru = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
-                  "json.dump({'rc': rc, 'max_rss_kib': ru.ru_maxrss, 'cpu_s': ru.ru_utime + ru.ru_stime}, "
-                  "open(sys.argv[1], 'w'))\nsys.exit(rc)\n")
+RUSAGE_WRAPPER = (
+    "import resource, subprocess, sys, json\n"
+    "rc = subprocess.call(sys.argv[2:])\n"
+    "ru = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+    "json.dump({'rc': rc, 'max_rss_kib': ru.ru_maxrss, 'cpu_s': ru.ru_utime + ru.ru_stime}, "
+    "open(sys.argv[1], 'w'))\nsys.exit(rc)\n"
+)
 
 
 def run_measured(cmd: List[str], env: dict, log_path: str, timeout: int) -> dict:
@@ -498,14 +729,18 @@ def run_measured(cmd: List[str], env: dict, log_path: str, timeout: int) -> dict
     if os.path.exists(rss_file):
         os.remove(rss_file)
     gnu_time = shutil.which("time", path="/usr/bin:/bin")
-    wrapped = [gnu_time, "-v", "-o", rss_file, *cmd] if gnu_time else [sys.executable, "-c", RUSAGE_WRAPPER, rss_file, *cmd]
+    wrapped = (
+        [gnu_time, "-v", "-o", rss_file, *cmd] if gnu_time else [sys.executable, "-c", RUSAGE_WRAPPER, rss_file, *cmd]
+    )
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
         log.write("$ " + shlex.join(cmd) + "\n")
         log.flush()
         try:
-            rc = subprocess.run(wrapped, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
+            rc = subprocess.run(
+                wrapped, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout
+            ).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
     wall = time.perf_counter() - t0
@@ -520,10 +755,16 @@ def run_measured(cmd: List[str], env: dict, log_path: str, timeout: int) -> dict
         else:
             measured = json.loads(text)
             max_rss_kib, cpu_s = measured["max_rss_kib"], measured["cpu_s"]
-    return {"returncode": rc, "wall_s": wall, "peak_rss_mib": max_rss_kib / 1024 if max_rss_kib else None,
-            "cpu_s": cpu_s, "cpu_share": cpu_s / wall if cpu_s is not None else None,
-            "rss_method": "/usr/bin/time -v" if gnu_time else "getrusage(RUSAGE_CHILDREN) in a fresh wrapper",
-            "load_average_1min_before": load, "log": log_path}
+    return {
+        "returncode": rc,
+        "wall_s": wall,
+        "peak_rss_mib": max_rss_kib / 1024 if max_rss_kib else None,
+        "cpu_s": cpu_s,
+        "cpu_share": cpu_s / wall if cpu_s is not None else None,
+        "rss_method": "/usr/bin/time -v" if gnu_time else "getrusage(RUSAGE_CHILDREN) in a fresh wrapper",
+        "load_average_1min_before": load,
+        "log": log_path,
+    }
 
 
 def ours_updates(out_dir: str) -> List[dict]:
@@ -533,9 +774,14 @@ def ours_updates(out_dir: str) -> List[dict]:
     for row in rows:
         if "time/update" not in row:
             continue
-        u = {"update": row["update"], "update_s": row["time/update"], "generation_s": row["time/generation"],
-             "rollout_forwards_s": row["time/rollout_forward"], "training_s": row["time/training"],
-             "response_length": row.get("objective/response_length")}
+        u = {
+            "update": row["update"],
+            "update_s": row["time/update"],
+            "generation_s": row["time/generation"],
+            "rollout_forwards_s": row["time/rollout_forward"],
+            "training_s": row["time/training"],
+            "response_length": row.get("objective/response_length"),
+        }
         u["other_s"] = u["update_s"] - u["generation_s"] - u["rollout_forwards_s"] - u["training_s"]
         updates.append(u)
     return updates
@@ -544,11 +790,23 @@ def ours_updates(out_dir: str) -> List[dict]:
 def trl_updates(out_dir: str) -> tuple:
     with open(os.path.join(out_dir, "trl_results.json")) as f:
         results = json.load(f)
-    updates = [{"update": u["update"], "update_s": u["update_s"], "generation_s": u["generation_s"],
-                "rollout_forwards_s": u["rollout_forwards_s"], "training_s": u["training_s"], "other_s": u["other_s"],
-                "gc_collect_s": u.get("other_gc_collect_s")} for u in results["per_update"]]
-    return updates, {"versions": results.get("versions"), "self_reported_peak_rss_mib": results.get("peak_rss_mib"),
-                     "derived": results.get("derived")}
+    updates = [
+        {
+            "update": u["update"],
+            "update_s": u["update_s"],
+            "generation_s": u["generation_s"],
+            "rollout_forwards_s": u["rollout_forwards_s"],
+            "training_s": u["training_s"],
+            "other_s": u["other_s"],
+            "gc_collect_s": u.get("other_gc_collect_s"),
+        }
+        for u in results["per_update"]
+    ]
+    return updates, {
+        "versions": results.get("versions"),
+        "self_reported_peak_rss_mib": results.get("peak_rss_mib"),
+        "derived": results.get("derived"),
+    }
 
 
 def summarize_updates(updates: List[dict], batch_size: int) -> dict:
@@ -557,8 +815,11 @@ def summarize_updates(updates: List[dict], batch_size: int) -> dict:
     if not timed:
         return None
     total = sum(u["update_s"] for u in timed)
-    out = {"updates_counted": len(timed), "episodes_per_s": batch_size * len(timed) / total,
-           "update_s": total / len(timed)}
+    out = {
+        "updates_counted": len(timed),
+        "episodes_per_s": batch_size * len(timed) / total,
+        "update_s": total / len(timed),
+    }
     for phase in PHASES:
         out[f"{phase}_s"] = sum(u[f"{phase}_s"] for u in timed) / len(timed)
     if all(u.get("gc_collect_s") is not None for u in timed):
@@ -576,8 +837,12 @@ def run_one(impl: str, args: Args, task: dict, env: dict, tag: str, **overrides)
     else:
         cmd = trl_command(args, task, out_dir, gc_freeze=impl == "trl_gc_freeze")
     print(f"[speed_compare] {tag}: running {impl} ...", flush=True)
-    rec = {"impl": impl, "tag": tag, "command": shlex.join(cmd),
-           **run_measured(cmd, env, os.path.join(args.work_dir, "logs", tag + ".log"), args.timeout)}
+    rec = {
+        "impl": impl,
+        "tag": tag,
+        "command": shlex.join(cmd),
+        **run_measured(cmd, env, os.path.join(args.work_dir, "logs", tag + ".log"), args.timeout),
+    }
     if rec["returncode"] != 0:
         with open(rec["log"]) as f:
             tail = f.read()[-3000:]
@@ -592,27 +857,51 @@ def run_one(impl: str, args: Args, task: dict, env: dict, tag: str, **overrides)
     if not args.keep_runs:
         shutil.rmtree(out_dir, ignore_errors=True)
     s = rec["summary"]
-    print(f"[speed_compare] {tag}: {s['episodes_per_s']:.2f} episodes/s, {s['update_s']:.3f} s/update (gen "
-          f"{s['generation_s']:.3f}, rollout fwd {s['rollout_forwards_s']:.3f}, train {s['training_s']:.3f}, other "
-          f"{s['other_s']:.3f}), peak RSS {rec['peak_rss_mib']:.0f} MiB, wall {rec['wall_s']:.0f} s, CPU share "
-          f"{rec['cpu_share'] or float('nan'):.2f}", flush=True)
+    print(
+        f"[speed_compare] {tag}: {s['episodes_per_s']:.2f} episodes/s, {s['update_s']:.3f} s/update (gen "
+        f"{s['generation_s']:.3f}, rollout fwd {s['rollout_forwards_s']:.3f}, train {s['training_s']:.3f}, other "
+        f"{s['other_s']:.3f}), peak RSS {rec['peak_rss_mib']:.0f} MiB, wall {rec['wall_s']:.0f} s, CPU share "
+        f"{rec['cpu_share'] or float('nan'):.2f}",
+        flush=True,
+    )
     return rec
 
 
 def subprocess_env(args: Args) -> dict:
     threads = str(args.num_threads)
-    return {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
-            "WANDB_DIR": os.path.abspath(args.work_dir)}
+    return {
+        **os.environ,
+        **OFFLINE_ENV,
+        "OMP_NUM_THREADS": threads,
+        "MKL_NUM_THREADS": threads,
+        "WANDB_DIR": os.path.abspath(args.work_dir),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Tables
 
 LABELS = {"ours": "ours (ppo_rlhf.py)", "trl": "TRL 1.12.0 PPOTrainer", "trl_gc_freeze": "TRL 1.12.0 + gc.freeze()"}
-METRICS = ["episodes_per_s", "update_s", "generation_s", "rollout_forwards_s", "training_s", "other_s", "peak_rss_mib",
-           "episodes_per_cpu_s"]
-HEADERS = ["episodes/s", "s/update", "generation", "rollout forwards", "training", "other", "peak RSS (MiB)",
-           "episodes per CPU-second (est.)"]
+METRICS = [
+    "episodes_per_s",
+    "update_s",
+    "generation_s",
+    "rollout_forwards_s",
+    "training_s",
+    "other_s",
+    "peak_rss_mib",
+    "episodes_per_cpu_s",
+]
+HEADERS = [
+    "episodes/s",
+    "s/update",
+    "generation",
+    "rollout forwards",
+    "training",
+    "other",
+    "peak RSS (MiB)",
+    "episodes per CPU-second (est.)",
+]
 
 
 def run_value(rec: dict, metric: str) -> Optional[float]:
@@ -629,8 +918,14 @@ def aggregate(runs: List[dict], impls: List[str]) -> dict:
     agg = {"medians": {}, "ratios_vs_ours": {}}
     for impl in impls:
         recs = [r for r in runs if r["impl"] == impl]
-        agg["medians"][impl] = {m: (statistics.median(run_value(r, m) for r in recs)
-                                    if all(run_value(r, m) is not None for r in recs) else None) for m in METRICS}
+        agg["medians"][impl] = {
+            m: (
+                statistics.median(run_value(r, m) for r in recs)
+                if all(run_value(r, m) is not None for r in recs)
+                else None
+            )
+            for m in METRICS
+        }
         agg["medians"][impl]["repeats"] = len(recs)
         if "gc_collect_s" in recs[0]["summary"]:
             agg["medians"][impl]["gc_collect_s"] = statistics.median(r["summary"]["gc_collect_s"] for r in recs)
@@ -640,10 +935,14 @@ def aggregate(runs: List[dict], impls: List[str]) -> dict:
             continue
         others = [r for r in runs if r["impl"] == impl]
         pairs = list(zip(ours, others))  # repeat i of ours with repeat i of the other (adjacent in time)
-        agg["ratios_vs_ours"][impl] = {m: {"median": statistics.median(run_value(a, m) / run_value(b, m) for a, b in pairs),
-                                           "per_repeat": [run_value(a, m) / run_value(b, m) for a, b in pairs]}
-                                       for m in METRICS if all(run_value(a, m) is not None and run_value(b, m)
-                                                               for a, b in pairs)}
+        agg["ratios_vs_ours"][impl] = {
+            m: {
+                "median": statistics.median(run_value(a, m) / run_value(b, m) for a, b in pairs),
+                "per_repeat": [run_value(a, m) / run_value(b, m) for a, b in pairs],
+            }
+            for m in METRICS
+            if all(run_value(a, m) is not None and run_value(b, m) for a, b in pairs)
+        }
     return agg
 
 
@@ -659,34 +958,51 @@ def fmt(value: float, metric: str) -> str:
 
 def speed_markdown(results: dict) -> str:
     a, m, agg = results["settings"], results["machine"], results["aggregate"]
-    lines = [f"### Speed, {a['shape']} shape ({m['date']})", "",
-             f"Machine: {m['nproc']} CPUs ({m['cpu_model']}), {a['num_threads']} thread(s) per run, torch {m['torch']}, "
-             f"transformers {m['transformers']}, TRL {results.get('trl_version') or 'not run'}; commit "
-             f"{(m['commit'] or '?')[:10]}{' + uncommitted ppo_rlhf.py changes' if m['ppo_rlhf_py_uncommitted_changes'] else ''}; "
-             f"load average at start {m['load_average_at_start'][0]:.1f}.", "",
-             f"Settings (both): batch {a['per_device_train_batch_size']}x{a['gradient_accumulation_steps']} "
-             f"(= {a['per_device_train_batch_size'] * a['gradient_accumulation_steps']} episodes/update), rollout chunk "
-             f"{a['local_rollout_forward_batch_size']}, response length {a['response_length']}, {a['num_ppo_epochs']} PPO "
-             f"epochs, {a['num_mini_batches']} mini-batch(es), stop token EOS, temperature {a['temperature']}, lr "
-             f"{a['learning_rate']}, missing_eos_penalty {a['missing_eos_penalty']}, seed {a['seed']}, "
-             f"{'bf16' if a['bf16'] else 'fp32'}; {a['num_updates']} updates per run, the first excluded as warm-up; "
-             f"{a['repeats']} alternating repeats, medians."
-             + (f" Ours with extra args `{a['ours_extra_args']}`." if a["ours_extra_args"] else ""), "",
-             "Task: " + ", ".join(f"{k} {v}" for k, v in results["task"].items() if k != "model") + ".", "",
-             "| implementation | " + " | ".join(HEADERS) + " |", "|---" * (len(HEADERS) + 1) + "|"]
+    lines = [
+        f"### Speed, {a['shape']} shape ({m['date']})",
+        "",
+        f"Machine: {m['nproc']} CPUs ({m['cpu_model']}), {a['num_threads']} thread(s) per run, torch {m['torch']}, "
+        f"transformers {m['transformers']}, TRL {results.get('trl_version') or 'not run'}; commit "
+        f"{(m['commit'] or '?')[:10]}{' + uncommitted ppo_rlhf.py changes' if m['ppo_rlhf_py_uncommitted_changes'] else ''}; "
+        f"load average at start {m['load_average_at_start'][0]:.1f}.",
+        "",
+        f"Settings (both): batch {a['per_device_train_batch_size']}x{a['gradient_accumulation_steps']} "
+        f"(= {a['per_device_train_batch_size'] * a['gradient_accumulation_steps']} episodes/update), rollout chunk "
+        f"{a['local_rollout_forward_batch_size']}, response length {a['response_length']}, {a['num_ppo_epochs']} PPO "
+        f"epochs, {a['num_mini_batches']} mini-batch(es), stop token EOS, temperature {a['temperature']}, lr "
+        f"{a['learning_rate']}, missing_eos_penalty {a['missing_eos_penalty']}, seed {a['seed']}, "
+        f"{'bf16' if a['bf16'] else 'fp32'}; {a['num_updates']} updates per run, the first excluded as warm-up; "
+        f"{a['repeats']} alternating repeats, medians."
+        + (f" Ours with extra args `{a['ours_extra_args']}`." if a["ours_extra_args"] else ""),
+        "",
+        "Task: " + ", ".join(f"{k} {v}" for k, v in results["task"].items() if k != "model") + ".",
+        "",
+        "| implementation | " + " | ".join(HEADERS) + " |",
+        "|---" * (len(HEADERS) + 1) + "|",
+    ]
     for impl, med in agg["medians"].items():
         lines.append(f"| {LABELS[impl]} | " + " | ".join(fmt(med[k], k) for k in METRICS) + " |")
     for impl, ratios in agg["ratios_vs_ours"].items():
-        lines.append(f"| **ours / {LABELS[impl]}** | " + " | ".join(
-            f"**{ratios[k]['median']:.3g}x**" if k in ratios else "n/a" for k in METRICS) + " |")
-    lines += ["", "Time columns are seconds per update (generation / rollout forwards / training / other = the rest of "
-              "the update: GAE, masks, stats, logging; TRL's includes its two gc.collect() per update"
-              + (", median {:.3f} s".format(agg["medians"]["trl"]["gc_collect_s"]) if "trl" in agg["medians"]
-                 and "gc_collect_s" in agg["medians"]["trl"] else "") + "). Peak RSS is the whole process, by "
-              f"{results['runs'][0]['rss_method']}. Ratios are ours/TRL per repeat (adjacent runs), median over repeats: "
-              "above 1 is faster for episodes/s, below 1 is less for time and memory. Episodes per CPU-second is an "
-              "estimate for a shared machine: episodes/s divided by the process's CPU seconds per wall second (setup "
-              "included), i.e. what the run would do with its cores to itself; the measured columns are the others."]
+        lines.append(
+            f"| **ours / {LABELS[impl]}** | "
+            + " | ".join(f"**{ratios[k]['median']:.3g}x**" if k in ratios else "n/a" for k in METRICS)
+            + " |"
+        )
+    lines += [
+        "",
+        "Time columns are seconds per update (generation / rollout forwards / training / other = the rest of "
+        "the update: GAE, masks, stats, logging; TRL's includes its two gc.collect() per update"
+        + (
+            ", median {:.3f} s".format(agg["medians"]["trl"]["gc_collect_s"])
+            if "trl" in agg["medians"] and "gc_collect_s" in agg["medians"]["trl"]
+            else ""
+        )
+        + "). Peak RSS is the whole process, by "
+        f"{results['runs'][0]['rss_method']}. Ratios are ours/TRL per repeat (adjacent runs), median over repeats: "
+        "above 1 is faster for episodes/s, below 1 is less for time and memory. Episodes per CPU-second is an "
+        "estimate for a shared machine: episodes/s divided by the process's CPU seconds per wall second (setup "
+        "included), i.e. what the run would do with its cores to itself; the measured columns are the others.",
+    ]
     if "trl" in agg["ratios_vs_ours"]:
         r = agg["ratios_vs_ours"]["trl"]
         speed, mem = r["episodes_per_s"]["median"], r["peak_rss_mib"]["median"]
@@ -695,34 +1011,53 @@ def speed_markdown(results: dict) -> str:
         ceiling = results.get("ceiling")
         if ceiling:
             t, o = ceiling["trl_tflop"], ceiling["ours_tflop"]
-            lines += ["", f"Equal-work ceiling (FLOPs of one update, expected over random batches of these prompts; "
-                      f"benchmark/speed_compare.py `update_flops`): TRL {ceiling['trl_total_tflop']:.2f} TFLOP "
-                      f"(generation {t['generation']:.2f}, rollout forwards {t['rollout_forwards']:.2f}, training "
-                      f"{t['training']:.2f}), ours {ceiling['ours_total_tflop']:.2f} (generation {o['generation']:.2f}, "
-                      f"rollout forwards {o['rollout_forwards']:.2f}, training {o['training']:.2f}): ceiling "
-                      f"**{ceiling['ceiling']:.2f}x**; measured/ceiling **{speed / ceiling['ceiling']:.0%}**. The LM "
-                      f"head is {ceiling['head_share_per_position']:.0%} of the FLOPs of a position."]
+            lines += [
+                "",
+                f"Equal-work ceiling (FLOPs of one update, expected over random batches of these prompts; "
+                f"benchmark/speed_compare.py `update_flops`): TRL {ceiling['trl_total_tflop']:.2f} TFLOP "
+                f"(generation {t['generation']:.2f}, rollout forwards {t['rollout_forwards']:.2f}, training "
+                f"{t['training']:.2f}), ours {ceiling['ours_total_tflop']:.2f} (generation {o['generation']:.2f}, "
+                f"rollout forwards {o['rollout_forwards']:.2f}, training {o['training']:.2f}): ceiling "
+                f"**{ceiling['ceiling']:.2f}x**; measured/ceiling **{speed / ceiling['ceiling']:.0%}**. The LM "
+                f"head is {ceiling['head_share_per_position']:.0%} of the FLOPs of a position.",
+            ]
         if a["shape"] == "pythia160m":
-            lines += ["", f"Issue 16 targets at this shape: episodes/s >= 1.5x TRL: **{'met' if speed >= 1.5 else 'not met'}** "
-                      f"({speed:.2f}x); >= 90% of the ceiling: **{'met' if ceiling and speed >= 0.9 * ceiling['ceiling'] else 'not met'}**;"
-                      f" peak memory <= 0.75x TRL: **{'met' if mem <= 0.75 else 'not met'}** ({mem:.2f}x)."]
+            lines += [
+                "",
+                f"Issue 16 targets at this shape: episodes/s >= 1.5x TRL: **{'met' if speed >= 1.5 else 'not met'}** "
+                f"({speed:.2f}x); >= 90% of the ceiling: **{'met' if ceiling and speed >= 0.9 * ceiling['ceiling'] else 'not met'}**;"
+                f" peak memory <= 0.75x TRL: **{'met' if mem <= 0.75 else 'not met'}** ({mem:.2f}x).",
+            ]
         elif a["shape"] == "qwen05b":
             lines += ["", f"Issue 16 at this shape (reported, no target): {speed:.2f}x episodes/s, {mem:.2f}x memory."]
         elif a["shape"] == "tldr":
-            lines += ["", f"Issue 8 targets at this shape: episodes/s >= 5x TRL: **{'met' if speed >= 5 else 'not met'}** "
-                      f"({speed:.2f}x{cpu_note}); peak memory <= 1/3 of TRL: **{'met' if mem <= 1 / 3 else 'not met'}** "
-                      f"({mem:.2f}x)."]
+            lines += [
+                "",
+                f"Issue 8 targets at this shape: episodes/s >= 5x TRL: **{'met' if speed >= 5 else 'not met'}** "
+                f"({speed:.2f}x{cpu_note}); peak memory <= 1/3 of TRL: **{'met' if mem <= 1 / 3 else 'not met'}** "
+                f"({mem:.2f}x).",
+            ]
         else:
-            lines += ["", f"Issue 8 target at this shape: episodes/s >= 2x TRL: **{'met' if speed >= 2 else 'not met'}** "
-                      f"({speed:.2f}x{cpu_note})."]
-    lines += ["", "Per run, in the order run (CPU share = the process's CPU seconds / its wall seconds, setup included: "
-              f"below {a['num_threads']} means it waited for a core on the shared machine):", "",
-              "| run | episodes/s | s/update | peak RSS (MiB) | CPU share | load avg before |", "|---|---|---|---|---|---|"]
+            lines += [
+                "",
+                f"Issue 8 target at this shape: episodes/s >= 2x TRL: **{'met' if speed >= 2 else 'not met'}** "
+                f"({speed:.2f}x{cpu_note}).",
+            ]
+    lines += [
+        "",
+        "Per run, in the order run (CPU share = the process's CPU seconds / its wall seconds, setup included: "
+        f"below {a['num_threads']} means it waited for a core on the shared machine):",
+        "",
+        "| run | episodes/s | s/update | peak RSS (MiB) | CPU share | load avg before |",
+        "|---|---|---|---|---|---|",
+    ]
     for rec in results["runs"]:
         share = rec.get("cpu_share")
-        lines.append(f"| {rec['tag']} | {rec['summary']['episodes_per_s']:.2f} | {rec['summary']['update_s']:.3f} | "
-                     f"{rec['peak_rss_mib']:.0f} | {'n/a' if share is None else f'{share:.2f}'} | "
-                     f"{rec['load_average_1min_before']:.1f} |")
+        lines.append(
+            f"| {rec['tag']} | {rec['summary']['episodes_per_s']:.2f} | {rec['summary']['update_s']:.3f} | "
+            f"{rec['peak_rss_mib']:.0f} | {'n/a' if share is None else f'{share:.2f}'} | "
+            f"{rec['load_average_1min_before']:.1f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -733,36 +1068,57 @@ def scaling_table(runs: List[dict]) -> List[dict]:
     for key in dict.fromkeys((r["batch_size"], r["response_length"]) for r in runs):
         recs = [r for r in runs if (r["batch_size"], r["response_length"]) == key]
         best = min(recs, key=lambda r: r["summary"]["update_s"])
-        row = {"batch_size": key[0], "response_length": key[1], "repeats": len(recs), "fastest": best["tag"],
-               "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in recs), "cpu_share": best.get("cpu_share"),
-               "median_update_s": statistics.median(r["summary"]["update_s"] for r in recs)}
-        row.update({k: best["summary"][k] for k in ("update_s", "generation_s", "rollout_forwards_s", "training_s", "other_s")})
+        row = {
+            "batch_size": key[0],
+            "response_length": key[1],
+            "repeats": len(recs),
+            "fastest": best["tag"],
+            "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in recs),
+            "cpu_share": best.get("cpu_share"),
+            "median_update_s": statistics.median(r["summary"]["update_s"] for r in recs),
+        }
+        row.update(
+            {
+                k: best["summary"][k]
+                for k in ("update_s", "generation_s", "rollout_forwards_s", "training_s", "other_s")
+            }
+        )
         table.append(row)
     return table
 
 
 def scaling_markdown(results: dict) -> str:
     a, m = results["settings"], results["machine"]
-    lines = [f"### Scaling of ours, tldr shape ({m['date']})", "",
-             f"Machine: {m['nproc']} CPUs ({m['cpu_model']}), {a['num_threads']} thread(s), torch {m['torch']}; load "
-             f"average at start {m['load_average_at_start'][0]:.1f}. Ours only: {a['num_ppo_epochs']} PPO epochs, one "
-             f"micro-batch per update, {'bf16' if a['bf16'] else 'fp32'}, {a['num_updates']} updates per run (the first "
-             f"excluded), {a['repeats']} repeat(s) of every configuration in alternating order; each row is the "
-             "fastest repeat (other jobs on the shared machine only add time; its CPU share says whether it had a core "
-             "to itself), with the median over repeats beside it.", "",
-             "| batch | response length | s/update | generation | rollout forwards | training | other | s per episode | "
-             "ms per response token | CPU share | median s/update | peak RSS (MiB) |", "|---" * 12 + "|"]
+    lines = [
+        f"### Scaling of ours, tldr shape ({m['date']})",
+        "",
+        f"Machine: {m['nproc']} CPUs ({m['cpu_model']}), {a['num_threads']} thread(s), torch {m['torch']}; load "
+        f"average at start {m['load_average_at_start'][0]:.1f}. Ours only: {a['num_ppo_epochs']} PPO epochs, one "
+        f"micro-batch per update, {'bf16' if a['bf16'] else 'fp32'}, {a['num_updates']} updates per run (the first "
+        f"excluded), {a['repeats']} repeat(s) of every configuration in alternating order; each row is the "
+        "fastest repeat (other jobs on the shared machine only add time; its CPU share says whether it had a core "
+        "to itself), with the median over repeats beside it.",
+        "",
+        "| batch | response length | s/update | generation | rollout forwards | training | other | s per episode | "
+        "ms per response token | CPU share | median s/update | peak RSS (MiB) |",
+        "|---" * 12 + "|",
+    ]
     for row in results["table"]:
         tokens = row["batch_size"] * row["response_length"]
         share = row.get("cpu_share")
-        lines.append(f"| {row['batch_size']} | {row['response_length']} | {row['update_s']:.3f} | {row['generation_s']:.3f} | "
-                     f"{row['rollout_forwards_s']:.3f} | {row['training_s']:.3f} | {row['other_s']:.3f} | "
-                     f"{row['update_s'] / row['batch_size']:.3f} | {1000 * row['update_s'] / tokens:.1f} | "
-                     f"{'n/a' if share is None else f'{share:.2f}'} | {row['median_update_s']:.3f} | "
-                     f"{row['peak_rss_mib']:.0f} |")
-    lines += ["", "Linear in batch size shows as a flat `s per episode` column over the batch rows; linear in response "
-              "length as s/update growing by a constant per extra token (every forward also pays for the prompt, up to "
-              "512 tokens, a fixed cost per episode, so `ms per response token` falls as responses get longer)."]
+        lines.append(
+            f"| {row['batch_size']} | {row['response_length']} | {row['update_s']:.3f} | {row['generation_s']:.3f} | "
+            f"{row['rollout_forwards_s']:.3f} | {row['training_s']:.3f} | {row['other_s']:.3f} | "
+            f"{row['update_s'] / row['batch_size']:.3f} | {1000 * row['update_s'] / tokens:.1f} | "
+            f"{'n/a' if share is None else f'{share:.2f}'} | {row['median_update_s']:.3f} | "
+            f"{row['peak_rss_mib']:.0f} |"
+        )
+    lines += [
+        "",
+        "Linear in batch size shows as a flat `s per episode` column over the batch rows; linear in response "
+        "length as s/update growing by a constant per extra token (every forward also pays for the prompt, up to "
+        "512 tokens, a fixed cost per episode, so `ms per response token` falls as responses get longer).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -787,8 +1143,10 @@ def main(args: Args) -> Optional[dict]:
     else:
         task = build_tldr(args)
         if task is None:
-            print(f"[speed_compare] SKIPPED: the {args.shape} shape needs {TLDR_PROMPTS} and {NEOX_TOKENIZER} (../shared/data "
-                  "next to the repository); it is absent here.")
+            print(
+                f"[speed_compare] SKIPPED: the {args.shape} shape needs {TLDR_PROMPTS} and {NEOX_TOKENIZER} (../shared/data "
+                "next to the repository); it is absent here."
+            )
             return None
     env = subprocess_env(args)
     machine = machine_info()
@@ -797,18 +1155,34 @@ def main(args: Args) -> Optional[dict]:
 
     if args.scaling:
         configs = [(args.per_device_train_batch_size, r) for r in args.scaling_response_lengths]
-        configs += [(b, args.response_length) for b in args.scaling_batch_sizes if (b, args.response_length) not in configs]
+        configs += [
+            (b, args.response_length) for b in args.scaling_batch_sizes if (b, args.response_length) not in configs
+        ]
         runs = []
         for repeat in range(args.repeats):
             for batch, length in configs if repeat % 2 == 0 else configs[::-1]:
-                rec = run_one("ours", args, task, env, f"scaling_b{batch}_r{length}_r{repeat}",
-                              per_device_train_batch_size=batch, gradient_accumulation_steps=1,
-                              local_rollout_forward_batch_size=batch, response_length=length)
+                rec = run_one(
+                    "ours",
+                    args,
+                    task,
+                    env,
+                    f"scaling_b{batch}_r{length}_r{repeat}",
+                    per_device_train_batch_size=batch,
+                    gradient_accumulation_steps=1,
+                    local_rollout_forward_batch_size=batch,
+                    response_length=length,
+                )
                 rec.update(batch_size=batch, response_length=length, repeat=repeat)
                 runs.append(rec)
         table = scaling_table(runs)
-        results = {"kind": "scaling", "machine": {**machine, "load_average_at_end": os.getloadavg()},
-                   "settings": settings, "task": task["info"], "table": table, "runs": runs}
+        results = {
+            "kind": "scaling",
+            "machine": {**machine, "load_average_at_end": os.getloadavg()},
+            "settings": settings,
+            "task": task["info"],
+            "table": table,
+            "runs": runs,
+        }
         write_results(args, args.name or f"scaling_{args.shape}", results, scaling_markdown(results))
         return results
 
@@ -816,11 +1190,18 @@ def main(args: Args) -> Optional[dict]:
     if task.get("prompt_lengths"):
         with open(os.path.join(task["sft"], "config.json")) as f:
             config = json.load(f)
-        ceiling = equal_work_ceiling(model_dims(config), task["prompt_lengths"],
-                                     args.per_device_train_batch_size * args.gradient_accumulation_steps,
-                                     args.response_length, args.num_ppo_epochs)
-        print(f"[speed_compare] equal-work ceiling {ceiling['ceiling']:.2f}x (TRL {ceiling['trl_total_tflop']:.2f} vs "
-              f"ours {ceiling['ours_total_tflop']:.2f} TFLOP per update)", flush=True)
+        ceiling = equal_work_ceiling(
+            model_dims(config),
+            task["prompt_lengths"],
+            args.per_device_train_batch_size * args.gradient_accumulation_steps,
+            args.response_length,
+            args.num_ppo_epochs,
+        )
+        print(
+            f"[speed_compare] equal-work ceiling {ceiling['ceiling']:.2f}x (TRL {ceiling['trl_total_tflop']:.2f} vs "
+            f"ours {ceiling['ours_total_tflop']:.2f} TFLOP per update)",
+            flush=True,
+        )
     impls = ["ours"]
     trl_version = None
     if not args.skip_trl:
@@ -838,9 +1219,17 @@ def main(args: Args) -> Optional[dict]:
             rec = run_one(impl, args, task, env, f"{args.shape}_{impl}_r{repeat}")
             rec["repeat"] = repeat
             runs.append(rec)
-    results = {"kind": "speed", "machine": {**machine, "load_average_at_end": os.getloadavg()}, "settings": settings,
-               "task": task["info"], "trl_version": trl_version, "implementations": impls, "ceiling": ceiling,
-               "aggregate": aggregate(runs, impls), "runs": runs}
+    results = {
+        "kind": "speed",
+        "machine": {**machine, "load_average_at_end": os.getloadavg()},
+        "settings": settings,
+        "task": task["info"],
+        "trl_version": trl_version,
+        "implementations": impls,
+        "ceiling": ceiling,
+        "aggregate": aggregate(runs, impls),
+        "runs": runs,
+    }
     write_results(args, args.name or f"speed_{args.shape}", results, speed_markdown(results))
     return results
 

@@ -65,8 +65,12 @@ def load(args: Args):
     tokenizer = AutoTokenizer.from_pretrained(task["tokenizer"])
     data = load_from_disk(task["prompts"])["train"]
     prompts = [tokenizer(p)["input_ids"] for p in data["prompt"][: args.batch_size]]
-    return tokenizer, prompts, (lambda: AutoModelForCausalLM.from_pretrained(task["sft"])), \
-        (lambda: AutoModelForSequenceClassification.from_pretrained(task["reward"]))
+    return (
+        tokenizer,
+        prompts,
+        (lambda: AutoModelForCausalLM.from_pretrained(task["sft"])),
+        (lambda: AutoModelForSequenceClassification.from_pretrained(task["reward"])),
+    )
 
 
 def main(args: Args) -> None:
@@ -76,20 +80,29 @@ def main(args: Args) -> None:
     # Responses sampled from the policy, stopped at EOS as in the rollout (the tldr shape's random-init policy never
     # samples EOS: 53 tokens); the training step computes what the script's does: up to each row's stop token + 1.
     policy = load_policy().eval()
-    responses = ppo_rlhf.generate(policy, queries, query_mask, args.response_length, 0.7, tokenizer.eos_token_id,
-                                  torch.Generator().manual_seed(0))
+    responses = ppo_rlhf.generate(
+        policy,
+        queries,
+        query_mask,
+        args.response_length,
+        0.7,
+        tokenizer.eos_token_id,
+        torch.Generator().manual_seed(0),
+    )
     _, sequence_lengths = ppo_rlhf.truncate_after_stop(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
     needed = (sequence_lengths + 2).clamp(max=responses.shape[1])
     context_length = queries.shape[1]
-    query_responses = torch.cat([queries, responses], 1)[:, :context_length + int(needed.max())]
-    attention_mask = torch.cat([query_mask, torch.ones_like(responses)], 1)[:, :context_length + int(needed.max())]
+    query_responses = torch.cat([queries, responses], 1)[:, : context_length + int(needed.max())]
+    attention_mask = torch.cat([query_mask, torch.ones_like(responses)], 1)[:, : context_length + int(needed.max())]
     weights = torch.linspace(-1, 1, needed.numel() * int(needed.max())).view(len(needed), -1)
     # Token positions the backbones compute per forward: the padded batch (trimmed of shared left padding, as the
     # plain path and TRL do) vs the length groups. Training time is about proportional to it.
     lengths = (context_length + needed - ppo_rlhf.first_true_indices(query_mask.bool())).tolist()
-    positions = {"padded": len(lengths) * max(lengths),
-                 "grouped": sum(len(rows) * max(lengths[i] for i in rows) for rows in ppo_rlhf.length_groups(lengths)),
-                 "real": sum(lengths)}
+    positions = {
+        "padded": len(lengths) * max(lengths),
+        "grouped": sum(len(rows) * max(lengths[i] for i in rows) for rows in ppo_rlhf.length_groups(lengths)),
+        "real": sum(lengths),
+    }
 
     variants = {  # name: (group overhead, chunked, fused AdamW, bf16)
         "plain": (None, False, False, False),
@@ -102,8 +115,9 @@ def main(args: Args) -> None:
     for name, (overhead, chunked, fused, bf16) in variants.items():
         torch.manual_seed(0)
         model = ppo_rlhf.PolicyAndValue(load_policy(), load_value(), overhead, chunked).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, eps=1e-5, weight_decay=0.0, fused=fused,
-                                      foreach=None if fused else False)
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=1e-6, eps=1e-5, weight_decay=0.0, fused=fused, foreach=None if fused else False
+        )
         setups[name] = (model, optimizer, bf16)
 
     def train_step(name: str) -> float:
@@ -120,30 +134,41 @@ def main(args: Args) -> None:
     sample = ppo_rlhf.sample_tokens
 
     def generate(multinomial: bool) -> float:
-        ppo_rlhf.sample_tokens = (lambda probs, gen: torch.multinomial(probs, 1, generator=gen)) if multinomial else sample
+        ppo_rlhf.sample_tokens = (
+            (lambda probs, gen: torch.multinomial(probs, 1, generator=gen)) if multinomial else sample
+        )
         start = time.process_time()
-        ppo_rlhf.generate(policy, queries, query_mask, args.response_length, 0.7, None, torch.Generator().manual_seed(1))
+        ppo_rlhf.generate(
+            policy, queries, query_mask, args.response_length, 0.7, None, torch.Generator().manual_seed(1)
+        )
         ppo_rlhf.sample_tokens = sample
         return time.process_time() - start
 
     for name in variants:  # warm-up
         train_step(name)
     generate(True), generate(False)
-    times = {name: [] for name in [*variants, "generation: torch.multinomial", "generation: inverse-CDF sample_tokens"]}
+    times = {
+        name: [] for name in [*variants, "generation: torch.multinomial", "generation: inverse-CDF sample_tokens"]
+    }
     for _ in range(args.repeats):
         for name in variants:
             times[name].append(train_step(name))
         times["generation: torch.multinomial"].append(generate(True))
         times["generation: inverse-CDF sample_tokens"].append(generate(False))
 
-    lines = [f"shape {args.shape}: {len(prompts)} prompts (query width {context_length}, mean "
-             f"{query_mask.sum(1).float().mean():.0f} tokens), {args.response_length}-token responses, vocabulary "
-             f"{len(tokenizer)}, 1 thread, median CPU seconds over {args.repeats} rounds "
-             f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", "",
-             f"Token positions per forward of the micro-batch: {positions['padded']} padded, {positions['grouped']} in "
-             f"length groups, {positions['real']} real (responses of {float(sequence_lengths.float().mean()) + 1:.1f} "
-             f"tokens on average, computed up to each row's stop token + 1).", "",
-             "| step | s | vs plain / multinomial |", "|---|---|---|"]
+    lines = [
+        f"shape {args.shape}: {len(prompts)} prompts (query width {context_length}, mean "
+        f"{query_mask.sum(1).float().mean():.0f} tokens), {args.response_length}-token responses, vocabulary "
+        f"{len(tokenizer)}, 1 thread, median CPU seconds over {args.repeats} rounds "
+        f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
+        "",
+        f"Token positions per forward of the micro-batch: {positions['padded']} padded, {positions['grouped']} in "
+        f"length groups, {positions['real']} real (responses of {float(sequence_lengths.float().mean()) + 1:.1f} "
+        f"tokens on average, computed up to each row's stop token + 1).",
+        "",
+        "| step | s | vs plain / multinomial |",
+        "|---|---|---|",
+    ]
     base = statistics.median(times["plain"])
     for name, values in times.items():
         if name.startswith("generation"):

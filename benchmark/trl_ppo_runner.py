@@ -74,18 +74,30 @@ ROLLOUT_FORWARD_PHASES = (
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     g = p.add_argument_group("paths")
     g.add_argument("--sft-model-path", required=True, help="policy (and reference policy) checkpoint dir")
-    g.add_argument("--reward-model-path", required=True, help="reward model dir; the value model is initialised from it")
+    g.add_argument(
+        "--reward-model-path", required=True, help="reward model dir; the value model is initialised from it"
+    )
     g.add_argument("--tokenizer-path", default=None, help="tokenizer dir (default: --sft-model-path)")
-    g.add_argument("--dataset-path", required=True, help="datasets.save_to_disk folder (Dataset or DatasetDict) with a prompt column")
+    g.add_argument(
+        "--dataset-path",
+        required=True,
+        help="datasets.save_to_disk folder (Dataset or DatasetDict) with a prompt column",
+    )
     g.add_argument("--dataset-split", default="train", help="split to use when --dataset-path holds a DatasetDict")
     g.add_argument("--dataset-text-field", default="prompt")
     g.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts")
     g.add_argument("--output-dir", required=True)
-    g.add_argument("--results-json", default=None, help="where to write the results (default: OUTPUT_DIR/trl_results.json)")
-    g.add_argument("--save-policy", action="store_true", help="save the trained policy (+tokenizer) to OUTPUT_DIR/policy")
+    g.add_argument(
+        "--results-json", default=None, help="where to write the results (default: OUTPUT_DIR/trl_results.json)"
+    )
+    g.add_argument(
+        "--save-policy", action="store_true", help="save the trained policy (+tokenizer) to OUTPUT_DIR/policy"
+    )
 
     g = p.add_argument_group("PPO")
     g.add_argument("--total-episodes", type=int, required=True)
@@ -110,7 +122,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--lam", type=float, default=0.95)
     g.add_argument("--whiten-rewards", action="store_true")
     g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--bf16", action="store_true", help="TRL's PPOConfig defaults to bf16=True; this runner defaults to fp32")
+    g.add_argument(
+        "--bf16", action="store_true", help="TRL's PPOConfig defaults to bf16=True; this runner defaults to fp32"
+    )
 
     g = p.add_argument_group("runtime")
     g.add_argument("--num-threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
@@ -160,7 +174,11 @@ class PhaseTimer:
         update_s = now - self.last_mark
         self.last_mark = now
         rec = {"update": global_step, "episode": episode, "update_s": update_s}
-        training = (self.train_end - self.train_start) if (self.train_start is not None and self.train_end is not None) else 0.0
+        training = (
+            (self.train_end - self.train_start)
+            if (self.train_start is not None and self.train_end is not None)
+            else 0.0
+        )
         for ph in PHASES:
             if ph in ("training", "other"):
                 continue
@@ -297,7 +315,12 @@ def summarize(updates: list[dict]) -> dict:
     means_excl_first = {k: (sum(u[k] for u in rest) / len(rest) if rest else None) for k in keys}
     tot = totals["update_s"]
     fractions = {k: (totals[k] / tot if tot else None) for k in keys if k != "update_s"}
-    return {"totals_s": totals, "mean_per_update_s": means, "mean_per_update_excl_first_s": means_excl_first, "fraction_of_update_time": fractions}
+    return {
+        "totals_s": totals,
+        "mean_per_update_s": means,
+        "mean_per_update_excl_first_s": means_excl_first,
+        "fraction_of_update_time": fractions,
+    }
 
 
 def main(argv=None) -> int:
@@ -334,7 +357,9 @@ def main(argv=None) -> int:
     value_model = AutoModelForSequenceClassification.from_pretrained(args.reward_model_path, num_labels=1)
     reward_model = AutoModelForSequenceClassification.from_pretrained(args.reward_model_path, num_labels=1)
     if len(tokenizer) > policy.get_input_embeddings().weight.shape[0]:
-        raise SystemExit(f"tokenizer has {len(tokenizer)} tokens but the policy's embedding has {policy.get_input_embeddings().weight.shape[0]}")
+        raise SystemExit(
+            f"tokenizer has {len(tokenizer)} tokens but the policy's embedding has {policy.get_input_embeddings().weight.shape[0]}"
+        )
     n_policy_params = sum(p.numel() for p in policy.parameters())
     n_value_params = sum(p.numel() for p in value_model.parameters())
 
@@ -464,7 +489,11 @@ def main(argv=None) -> int:
             "datasets": datasets.__version__,
             "python": platform.python_version(),
         },
-        "host": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_num_threads": torch.get_num_threads()},
+        "host": {
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "torch_num_threads": torch.get_num_threads(),
+        },
         "args": vars(args),
         "derived": {
             "world_size": cfg.world_size,

@@ -10,19 +10,33 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 sys.path.insert(0, ROOT)
 
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
-               "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_TELEMETRY": "1"}
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "WANDB_MODE": "offline",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+}
 os.environ.update(OFFLINE_ENV)
 
 
-def run_script(script: str, *args: str, cwd: str = ROOT, timeout: int = 600, env: dict = None,
-               check: bool = True) -> subprocess.CompletedProcess:
+def run_script(
+    script: str, *args: str, cwd: str = ROOT, timeout: int = 600, env: dict = None, check: bool = True
+) -> subprocess.CompletedProcess:
     """Run `python <script> <args>` from the repository root, exactly as a user would."""
     full_env = {**os.environ, **OFFLINE_ENV, **(env or {})}
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, script), *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"{script} exited {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"{script} exited {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 
@@ -98,9 +112,17 @@ def kill_after_a_checkpoint_then_resume(script, args, out, num_steps, log_dir, e
     k, delay = rng.randint(1, num_steps - 1), rng.uniform(0.0, 0.05)
     full_args = [*args, "--output-dir", str(out), "--save-steps", "1"]
     full_env = {**os.environ, **OFFLINE_ENV, **(env or {})}
-    with open(os.path.join(log_dir, "killed.out"), "w") as f_out, open(os.path.join(log_dir, "killed.err"), "w") as f_err:
-        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *full_args], cwd=ROOT, env=full_env,
-                                stdout=f_out, stderr=f_err)
+    with (
+        open(os.path.join(log_dir, "killed.out"), "w") as f_out,
+        open(os.path.join(log_dir, "killed.err"), "w") as f_err,
+    ):
+        proc = subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, script), *full_args],
+            cwd=ROOT,
+            env=full_env,
+            stdout=f_out,
+            stderr=f_err,
+        )
     try:
         target, deadline = os.path.join(out, "checkpoints", f"checkpoint-{k}"), time.time() + timeout
         while not os.path.isdir(target) and proc.poll() is None and time.time() < deadline:
@@ -113,10 +135,16 @@ def kill_after_a_checkpoint_then_resume(script, args, out, num_steps, log_dir, e
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    at_kill = sorted(os.listdir(os.path.join(out, "checkpoints"))) if os.path.isdir(os.path.join(out, "checkpoints")) else []
-    where = (f"killed {delay * 1000:.0f} ms after checkpoint-{k} appeared (RESUME_TEST_SEED={seed}); "
-             f"checkpoints then: {at_kill}")
-    resumed = run_script(script, *full_args, "--resume-from-checkpoint", "latest", env=env, timeout=timeout, check=False)
+    at_kill = (
+        sorted(os.listdir(os.path.join(out, "checkpoints"))) if os.path.isdir(os.path.join(out, "checkpoints")) else []
+    )
+    where = (
+        f"killed {delay * 1000:.0f} ms after checkpoint-{k} appeared (RESUME_TEST_SEED={seed}); "
+        f"checkpoints then: {at_kill}"
+    )
+    resumed = run_script(
+        script, *full_args, "--resume-from-checkpoint", "latest", env=env, timeout=timeout, check=False
+    )
     return where, proc.returncode, resumed
 
 
@@ -132,8 +160,9 @@ def assert_exact_resume(script, args, tmp_path, num_steps=10) -> list:
     base, resumed_dir = tmp_path / "base", tmp_path / "resumed"
     with ThreadPoolExecutor(1) as pool:  # the uninterrupted run, alongside
         job = pool.submit(run_script, script, *args, "--output-dir", str(base), "--save-steps", "1", env=env)
-        where, killed_returncode, resumed = kill_after_a_checkpoint_then_resume(script, args, resumed_dir, num_steps,
-                                                                                str(tmp_path), env=env)
+        where, killed_returncode, resumed = kill_after_a_checkpoint_then_resume(
+            script, args, resumed_dir, num_steps, str(tmp_path), env=env
+        )
         job.result()
     assert killed_returncode == -signal.SIGKILL, where
     assert resumed.returncode == 0, (where, resumed.stderr[-3000:])
@@ -146,8 +175,13 @@ def assert_exact_resume(script, args, tmp_path, num_steps=10) -> list:
     for out in (base, resumed_dir):  # --save-total-limit 2 (the default)
         assert sorted(os.listdir(out / "checkpoints")) == [last, before, "latest"], where
         assert (out / "checkpoints" / "latest").read_text() == last  # the pointer names the newest checkpoint
-        assert set(os.listdir(out / "checkpoints" / last)) == {"model", "optimizer.pt", "rng_rank0.pt", "state.pt",
-                                                                "manifest.json"}
+        assert set(os.listdir(out / "checkpoints" / last)) == {
+            "model",
+            "optimizer.pt",
+            "rng_rank0.pt",
+            "state.pt",
+            "manifest.json",
+        }
         for leftover in (".tmp", ".partial", ".new", ".old", ".lock"):  # no temporary, the lock released at exit
             assert not os.path.exists(str(out) + leftover), leftover
     return rows
@@ -164,8 +198,10 @@ def fake_checkpoint(tmp_path, args_cls, good_args: dict, **changes) -> dict:
     good = {k[2:].replace("-", "_"): v for k, v in good_args.items()}
     path = tmp_path / "checkpoints_elsewhere" / "checkpoint-3"
     path.mkdir(parents=True)
-    torch.save({"args": json.dumps(dataclasses.asdict(args_cls(**{**good, **changes}))), "world_size": 1,
-                "zero_stage": None}, path / "state.pt")
+    torch.save(
+        {"args": json.dumps(dataclasses.asdict(args_cls(**{**good, **changes}))), "world_size": 1, "zero_stage": None},
+        path / "state.pt",
+    )
     return {"--resume-from-checkpoint": str(path)}
 
 
@@ -181,10 +217,20 @@ def resume_bad_inputs(checkpoint_of) -> dict:
     return {
         "negative save steps": (lambda t: {"--save-steps": "-1"}, "--save-steps", ">= 0"),
         "save total limit 0": (lambda t: {"--save-total-limit": "0"}, "--save-total-limit", ">= 1"),
-        "resume from a missing path": (lambda t: {"--resume-from-checkpoint": str(t / "nope")},
-                                       "--resume-from-checkpoint", "does not exist"),
+        "resume from a missing path": (
+            lambda t: {"--resume-from-checkpoint": str(t / "nope")},
+            "--resume-from-checkpoint",
+            "does not exist",
+        ),
         "resume from a non-checkpoint": (not_a_checkpoint, "--resume-from-checkpoint", "not a checkpoint"),
-        "resume latest without checkpoints": (lambda t: {"--resume-from-checkpoint": "latest"},
-                                              "--resume-from-checkpoint", "no checkpoint"),
-        "resume with another seed": (lambda t: checkpoint_of(t, seed=2), "--resume-from-checkpoint", "--seed 2 (now 1)"),
+        "resume latest without checkpoints": (
+            lambda t: {"--resume-from-checkpoint": "latest"},
+            "--resume-from-checkpoint",
+            "no checkpoint",
+        ),
+        "resume with another seed": (
+            lambda t: checkpoint_of(t, seed=2),
+            "--resume-from-checkpoint",
+            "--seed 2 (now 1)",
+        ),
     }

@@ -42,10 +42,18 @@ def small_data(tmp_path_factory):
     from datasets import DatasetDict, load_from_disk
 
     root = tmp_path_factory.mktemp("data")
-    sft, pref, prompts = (load_from_disk(os.path.join(EMBEDDED, n)) for n in ("sft_data", "preference_data", "prompts"))
-    DatasetDict(train=sft["train"].select(range(32)), validation=sft["validation"].select(range(8))).save_to_disk(str(root / "sft"))
-    DatasetDict(train=pref["train"].select(range(32)), test=pref["test"].select(range(8))).save_to_disk(str(root / "pref"))
-    DatasetDict(train=prompts["train"].select(range(16)), validation=prompts["validation"].select(range(4))).save_to_disk(str(root / "prompts"))
+    sft, pref, prompts = (
+        load_from_disk(os.path.join(EMBEDDED, n)) for n in ("sft_data", "preference_data", "prompts")
+    )
+    DatasetDict(train=sft["train"].select(range(32)), validation=sft["validation"].select(range(8))).save_to_disk(
+        str(root / "sft")
+    )
+    DatasetDict(train=pref["train"].select(range(32)), test=pref["test"].select(range(8))).save_to_disk(
+        str(root / "pref")
+    )
+    DatasetDict(
+        train=prompts["train"].select(range(16)), validation=prompts["validation"].select(range(4))
+    ).save_to_disk(str(root / "prompts"))
     return {name: str(root / name) for name in ("sft", "pref", "prompts")}
 
 
@@ -54,8 +62,10 @@ def reference_sequences(tokenizer, data_dir, n=8, max_length=256):
     from datasets import load_from_disk
 
     refs = load_from_disk(data_dir)["validation"].select(range(n))
-    seqs = [tokenizer(p + c, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            for p, c in zip(refs["prompt"], refs["completion"])]
+    seqs = [
+        tokenizer(p + c, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        for p, c in zip(refs["prompt"], refs["completion"])
+    ]
     return [s for s in seqs if len(s) <= max_length]
 
 
@@ -76,19 +86,85 @@ def pipeline(base, data, out, tmp_path, monkeypatch, capsys, ppo_extra=()) -> di
     and one mini-batch each (so update 1's val/ratio is the first mini-batch's). Returns the logs and paths."""
     sft_out, rm_out, ppo_out = (os.path.join(out, n) for n in ("sft", "rm", "ppo"))
     logs = {}
-    logs["sft"] = run_inline("sft.py", ["--model-name-or-path", base, "--dataset-name", data["sft"], "--output-dir", sft_out,
-                                        "--num-train-epochs", "1", "--per-device-train-batch-size", "16",
-                                        "--num-sample-completions", "0", "--logging-steps", "1"], tmp_path, monkeypatch, capsys)
-    logs["rm"] = run_inline("reward_modeling.py", [
-        "--model-name-or-path", sft_out, "--dataset-name", data["pref"], "--output-dir", rm_out,
-        "--normalize-dataset-name", data["sft"], "--normalize-num-examples", "8", "--per-device-train-batch-size", "16",
-        "--logging-steps", "1"], tmp_path, monkeypatch, capsys)
-    logs["ppo"] = run_inline("ppo_rlhf.py", [
-        "--model-name-or-path", sft_out, "--sft-model-path", sft_out, "--reward-model-path", rm_out,
-        "--dataset-name", data["prompts"], "--output-dir", ppo_out, "--total-episodes", "8",
-        "--per-device-train-batch-size", "4", "--gradient-accumulation-steps", "1", "--num-ppo-epochs", "1",
-        "--local-rollout-forward-batch-size", "4", "--response-length", "8", "--num-sample-generations", "0",
-        "--eval-strategy", "no", *ppo_extra], tmp_path, monkeypatch, capsys)
+    logs["sft"] = run_inline(
+        "sft.py",
+        [
+            "--model-name-or-path",
+            base,
+            "--dataset-name",
+            data["sft"],
+            "--output-dir",
+            sft_out,
+            "--num-train-epochs",
+            "1",
+            "--per-device-train-batch-size",
+            "16",
+            "--num-sample-completions",
+            "0",
+            "--logging-steps",
+            "1",
+        ],
+        tmp_path,
+        monkeypatch,
+        capsys,
+    )
+    logs["rm"] = run_inline(
+        "reward_modeling.py",
+        [
+            "--model-name-or-path",
+            sft_out,
+            "--dataset-name",
+            data["pref"],
+            "--output-dir",
+            rm_out,
+            "--normalize-dataset-name",
+            data["sft"],
+            "--normalize-num-examples",
+            "8",
+            "--per-device-train-batch-size",
+            "16",
+            "--logging-steps",
+            "1",
+        ],
+        tmp_path,
+        monkeypatch,
+        capsys,
+    )
+    logs["ppo"] = run_inline(
+        "ppo_rlhf.py",
+        [
+            "--model-name-or-path",
+            sft_out,
+            "--sft-model-path",
+            sft_out,
+            "--reward-model-path",
+            rm_out,
+            "--dataset-name",
+            data["prompts"],
+            "--output-dir",
+            ppo_out,
+            "--total-episodes",
+            "8",
+            "--per-device-train-batch-size",
+            "4",
+            "--gradient-accumulation-steps",
+            "1",
+            "--num-ppo-epochs",
+            "1",
+            "--local-rollout-forward-batch-size",
+            "4",
+            "--response-length",
+            "8",
+            "--num-sample-generations",
+            "0",
+            "--eval-strategy",
+            "no",
+            *ppo_extra,
+        ],
+        tmp_path,
+        monkeypatch,
+        capsys,
+    )
     with open(os.path.join(ppo_out, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     return {"logs": logs, "rows": rows, "sft": sft_out, "rm": rm_out, "ppo": ppo_out}
@@ -136,8 +212,9 @@ def neox_tokenizer():
 
     if not os.path.isfile(NEOX_TOKENIZER):
         pytest.skip(f"{NEOX_TOKENIZER} is absent")
-    return PreTrainedTokenizerFast(tokenizer_file=NEOX_TOKENIZER, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                                   unk_token="<|endoftext|>")
+    return PreTrainedTokenizerFast(
+        tokenizer_file=NEOX_TOKENIZER, eos_token="<|endoftext|>", bos_token="<|endoftext|>", unk_token="<|endoftext|>"
+    )
 
 
 @pytest.mark.slow
@@ -148,11 +225,14 @@ def test_get_started_command_with_a_pythia_shaped_model_and_its_real_tokenizer(t
     from transformers import AutoTokenizer
 
     tokenizer = neox_tokenizer()
-    pythia = save_tiny_causal_lm("gpt_neox", tmp_path / "pythia-1b-deduped", vocab_size=50304, tokenizer=tokenizer,
-                                 max_position_embeddings=2048)
+    pythia = save_tiny_causal_lm(
+        "gpt_neox", tmp_path / "pythia-1b-deduped", vocab_size=50304, tokenizer=tokenizer, max_position_embeddings=2048
+    )
     assert AutoTokenizer.from_pretrained(pythia).pad_token is None  # the case is what it claims
     standin = descriptiveness_standin(str(tmp_path / "descriptiveness-sentiment-trl-style"))
-    argv = [standin if a == "<standin>" else pythia if os.path.isabs(a) and "embedded" in a else a for a in GET_STARTED]
+    argv = [
+        standin if a == "<standin>" else pythia if os.path.isabs(a) and "embedded" in a else a for a in GET_STARTED
+    ]
     assert argv.count(pythia) == 3  # --model_name_or_path, --sft_model_path, --reward_model_path
     argv[argv.index("--total_episodes") + 1] = "64"  # one update of the command's 64 rollouts
     monkeypatch.chdir(tmp_path)
@@ -174,11 +254,29 @@ def test_a_full_vocabulary_is_resized_once_by_sft_and_refused_by_ppo(small_data,
 
     tokenizer = neox_tokenizer()
     base = save_tiny_causal_lm("llama", tmp_path / "base", vocab_size=len(tokenizer), tokenizer=tokenizer)
-    error = run_in_process("ppo_rlhf.py", ["--model-name-or-path", base, "--sft-model-path", base, "--reward-model-path",
-                                           base, "--dataset-name", small_data["prompts"], "--output-dir",
-                                           str(tmp_path / "refused"), "--per-device-train-batch-size", "4",
-                                           "--gradient-accumulation-steps", "1", "--total-episodes", "4"],
-                           tmp_path, monkeypatch)
+    error = run_in_process(
+        "ppo_rlhf.py",
+        [
+            "--model-name-or-path",
+            base,
+            "--sft-model-path",
+            base,
+            "--reward-model-path",
+            base,
+            "--dataset-name",
+            small_data["prompts"],
+            "--output-dir",
+            str(tmp_path / "refused"),
+            "--per-device-train-batch-size",
+            "4",
+            "--gradient-accumulation-steps",
+            "1",
+            "--total-episodes",
+            "4",
+        ],
+        tmp_path,
+        monkeypatch,
+    )
     assert isinstance(error, SystemExit) and str(error.code).startswith("error: --sft-model-path:"), error
     assert "50277 embedding rows, fewer than the 50278 tokens" in error.code and "sft.py" in error.code
     assert not os.path.exists(tmp_path / "refused")
@@ -193,8 +291,9 @@ def test_a_full_vocabulary_is_resized_once_by_sft_and_refused_by_ppo(small_data,
 
 
 @pytest.mark.parametrize("script", ["ppo_rlhf.py", "ppo_rlhf_tldr.py"])
-def test_prompts_past_the_context_are_dropped_and_counted(script, small_data, embedded_tokenizer, tmp_path, monkeypatch,
-                                                           capsys):
+def test_prompts_past_the_context_are_dropped_and_counted(
+    script, small_data, embedded_tokenizer, tmp_path, monkeypatch, capsys
+):
     """GPT-2 has an absolute position table: prompt + response past it would index out of the table. With a
     100-position table and 8-token responses, prompts longer than 92 tokens are dropped, and counted in the log."""
     from datasets import load_from_disk
@@ -206,35 +305,79 @@ def test_prompts_past_the_context_are_dropped_and_counted(script, small_data, em
     lengths = {s: [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in data[s]["prompt"]] for s in data}
     too_long = {s: sum(n > 92 for n in lengths[s]) for s in data}
     assert 0 < too_long["train"] <= 12, lengths  # the filter bites, and leaves a batch of 4
-    argv = ["--model-name-or-path", base, "--sft-model-path", base, "--reward-model-path", base,
-            "--dataset-name", small_data["prompts"], "--output-dir", str(tmp_path / "out"), "--total-episodes", "4",
-            "--per-device-train-batch-size", "4", "--gradient-accumulation-steps", "1", "--num-ppo-epochs", "1",
-            "--local-rollout-forward-batch-size", "4", "--response-length", "8", "--num-sample-generations", "0",
-            "--eval-strategy", "no"]
+    argv = [
+        "--model-name-or-path",
+        base,
+        "--sft-model-path",
+        base,
+        "--reward-model-path",
+        base,
+        "--dataset-name",
+        small_data["prompts"],
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--total-episodes",
+        "4",
+        "--per-device-train-batch-size",
+        "4",
+        "--gradient-accumulation-steps",
+        "1",
+        "--num-ppo-epochs",
+        "1",
+        "--local-rollout-forward-batch-size",
+        "4",
+        "--response-length",
+        "8",
+        "--num-sample-generations",
+        "0",
+        "--eval-strategy",
+        "no",
+    ]
     if script == "ppo_rlhf_tldr.py":
         argv += ["--dataset-final-eval-split", "None"]
     log = run_inline(script, argv, tmp_path, monkeypatch, capsys)
     if script == "ppo_rlhf.py":
-        assert (f"dropped {too_long['train']} of 16 train and {too_long['validation']} of 4 eval prompts longer than 92 "
-                "tokens") in log, log[-2000:]
+        assert (
+            f"dropped {too_long['train']} of 16 train and {too_long['validation']} of 4 eval prompts longer than 92 "
+            "tokens"
+        ) in log, log[-2000:]
     else:
         for split in ("train", "validation"):
-            assert (f"split {split!r}: dropped {too_long[split]} of {len(lengths[split])} prompts longer than 92 tokens "
-                    "(the models' context of 100") in log, log[-2000:]
+            assert (
+                f"split {split!r}: dropped {too_long[split]} of {len(lengths[split])} prompts longer than 92 tokens "
+                "(the models' context of 100"
+            ) in log, log[-2000:]
 
 
-def test_normalisation_falls_back_to_the_config_when_a_layer_follows_the_final_norm(small_data, embedded_tokenizer,
-                                                                                    tmp_path, monkeypatch, capsys):
+def test_normalisation_falls_back_to_the_config_when_a_layer_follows_the_final_norm(
+    small_data, embedded_tokenizer, tmp_path, monkeypatch, capsys
+):
     """OPT with word_embed_proj_dim < hidden_size projects after its final norm: a shift of the norm's bias would not
     move every score by the same amount, which the script checks and then stores the shift in the config instead."""
     from transformers import AutoTokenizer
 
     base = save_tiny_causal_lm("opt", tmp_path / "base", tokenizer=embedded_tokenizer, word_embed_proj_dim=32)
     out = str(tmp_path / "rm")
-    log = run_inline("reward_modeling.py", ["--model-name-or-path", base, "--dataset-name", small_data["pref"],
-                                            "--output-dir", out, "--normalize-dataset-name", small_data["sft"],
-                                            "--normalize-num-examples", "8", "--per-device-train-batch-size", "16"],
-                     tmp_path, monkeypatch, capsys)
+    log = run_inline(
+        "reward_modeling.py",
+        [
+            "--model-name-or-path",
+            base,
+            "--dataset-name",
+            small_data["pref"],
+            "--output-dir",
+            out,
+            "--normalize-dataset-name",
+            small_data["sft"],
+            "--normalize-num-examples",
+            "8",
+            "--per-device-train-batch-size",
+            "16",
+        ],
+        tmp_path,
+        monkeypatch,
+        capsys,
+    )
     assert "config.reward_shift" in log, log[-2000:]
     scores, shift = stock_scores(out, reference_sequences(AutoTokenizer.from_pretrained(out), small_data["sft"]))
     assert shift != 0.0 and abs((scores + shift).mean().item()) < 1e-4, (scores, shift)

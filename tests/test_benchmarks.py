@@ -21,9 +21,24 @@ import speed_compare  # noqa: E402
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 # Two updates (the first is warm-up) of 4 episodes, 8-token responses, one PPO epoch.
-TINY = ["--repeats", "1", "--num-updates", "2", "--per-device-train-batch-size", "4", "--gradient-accumulation-steps",
-        "1", "--local-rollout-forward-batch-size", "4", "--response-length", "8", "--num-ppo-epochs", "1",
-        "--max-prompts", "64"]
+TINY = [
+    "--repeats",
+    "1",
+    "--num-updates",
+    "2",
+    "--per-device-train-batch-size",
+    "4",
+    "--gradient-accumulation-steps",
+    "1",
+    "--local-rollout-forward-batch-size",
+    "4",
+    "--response-length",
+    "8",
+    "--num-ppo-epochs",
+    "1",
+    "--max-prompts",
+    "64",
+]
 TRL_OK, TRL_WHY = speed_compare.trl_available(speed_compare.default_trl_python())
 needs_trl = pytest.mark.skipif(not TRL_OK, reason=f"TRL reference not available: {TRL_WHY}")
 needs_shared = pytest.mark.skipif(not os.path.isfile(speed_compare.TLDR_PROMPTS), reason="../shared/data is absent")
@@ -34,14 +49,29 @@ needs_shared = pytest.mark.skipif(not os.path.isfile(speed_compare.TLDR_PROMPTS)
 
 
 def fake_updates(update_s: list, split=(0.25, 0.25, 0.4)) -> list:
-    return [{"update": i + 1, "update_s": t, "generation_s": split[0] * t, "rollout_forwards_s": split[1] * t,
-             "training_s": split[2] * t, "other_s": (1 - sum(split)) * t} for i, t in enumerate(update_s)]
+    return [
+        {
+            "update": i + 1,
+            "update_s": t,
+            "generation_s": split[0] * t,
+            "rollout_forwards_s": split[1] * t,
+            "training_s": split[2] * t,
+            "other_s": (1 - sum(split)) * t,
+        }
+        for i, t in enumerate(update_s)
+    ]
 
 
 def fake_run(impl: str, repeat: int, update_s: list, rss: float) -> dict:
-    return {"impl": impl, "tag": f"tiny_{impl}_r{repeat}", "repeat": repeat, "peak_rss_mib": rss,
-            "load_average_1min_before": 1.0, "rss_method": "/usr/bin/time -v",
-            "summary": speed_compare.summarize_updates(fake_updates(update_s), batch_size=8)}
+    return {
+        "impl": impl,
+        "tag": f"tiny_{impl}_r{repeat}",
+        "repeat": repeat,
+        "peak_rss_mib": rss,
+        "load_average_1min_before": 1.0,
+        "rss_method": "/usr/bin/time -v",
+        "summary": speed_compare.summarize_updates(fake_updates(update_s), batch_size=8),
+    }
 
 
 def test_summary_excludes_the_warm_up_update():
@@ -54,9 +84,14 @@ def test_summary_excludes_the_warm_up_update():
 
 
 def test_medians_and_paired_ratios():
-    runs = [fake_run("ours", 0, [9, 1, 1], 100), fake_run("trl", 0, [9, 4, 4], 400),
-            fake_run("trl", 1, [9, 2, 2], 300), fake_run("ours", 1, [9, 1, 1], 150),  # ABBA order
-            fake_run("ours", 2, [9, 2, 2], 200), fake_run("trl", 2, [9, 10, 10], 1000)]
+    runs = [
+        fake_run("ours", 0, [9, 1, 1], 100),
+        fake_run("trl", 0, [9, 4, 4], 400),
+        fake_run("trl", 1, [9, 2, 2], 300),
+        fake_run("ours", 1, [9, 1, 1], 150),  # ABBA order
+        fake_run("ours", 2, [9, 2, 2], 200),
+        fake_run("trl", 2, [9, 10, 10], 1000),
+    ]
     agg = speed_compare.aggregate(runs, ["ours", "trl"])
     assert agg["medians"]["ours"]["episodes_per_s"] == pytest.approx(8.0)  # 8, 8, 4 episodes/s
     assert agg["medians"]["trl"]["peak_rss_mib"] == 400
@@ -65,10 +100,23 @@ def test_medians_and_paired_ratios():
     assert speedup["median"] == pytest.approx(4.0)
     assert agg["ratios_vs_ours"]["trl"]["peak_rss_mib"]["median"] == pytest.approx(0.25)
 
-    results = {"settings": {**vars(speed_compare.resolve(speed_compare.Args(shape="tldr"))), "repeats": 3},
-               "machine": {"date": "today", "nproc": 2, "cpu_model": "cpu", "torch": "2", "transformers": "5",
-                           "commit": "abc", "ppo_rlhf_py_uncommitted_changes": False, "load_average_at_start": (1, 1, 1)},
-               "task": {"prompts": "p"}, "trl_version": "1.12.0", "aggregate": agg, "runs": runs}
+    results = {
+        "settings": {**vars(speed_compare.resolve(speed_compare.Args(shape="tldr"))), "repeats": 3},
+        "machine": {
+            "date": "today",
+            "nproc": 2,
+            "cpu_model": "cpu",
+            "torch": "2",
+            "transformers": "5",
+            "commit": "abc",
+            "ppo_rlhf_py_uncommitted_changes": False,
+            "load_average_at_start": (1, 1, 1),
+        },
+        "task": {"prompts": "p"},
+        "trl_version": "1.12.0",
+        "aggregate": agg,
+        "runs": runs,
+    }
     table = speed_compare.speed_markdown(results)
     assert "| **ours / TRL 1.12.0 PPOTrainer** | **4x** |" in table
     assert "episodes/s >= 5x TRL: **not met** (4.00x)" in table and "1/3 of TRL: **met** (0.25x)" in table
@@ -79,7 +127,12 @@ def test_shape_defaults_and_validation():
     tiny = speed_compare.resolve(speed_compare.Args())
     assert (tiny.per_device_train_batch_size, tiny.gradient_accumulation_steps, tiny.response_length) == (16, 4, 53)
     tldr = speed_compare.resolve(speed_compare.Args(shape="tldr", response_length=16))
-    assert (tldr.per_device_train_batch_size, tldr.num_ppo_epochs, tldr.num_threads, tldr.response_length) == (8, 4, 1, 16)
+    assert (tldr.per_device_train_batch_size, tldr.num_ppo_epochs, tldr.num_threads, tldr.response_length) == (
+        8,
+        4,
+        1,
+        16,
+    )
     with pytest.raises(SystemExit, match="at least 2"):
         speed_compare.resolve(speed_compare.Args(num_updates=1))
     with pytest.raises(SystemExit, match="--shape tldr"):
@@ -90,7 +143,11 @@ def test_default_trl_python_is_the_repositorys_own_venv_only(monkeypatch, tmp_pa
     """No machine-specific fallback: without the repository's .venv-trl the default names it (and TRL is skipped)."""
     monkeypatch.setattr(speed_compare, "ROOT", str(tmp_path))
     assert speed_compare.default_trl_python() == os.path.join(str(tmp_path), ".venv-trl", "bin", "python")
-    assert "trl-venv" not in open(speed_compare.__file__).read() + open(os.path.join(ROOT, "benchmark", "learning_compare.py")).read()
+    assert (
+        "trl-venv"
+        not in open(speed_compare.__file__).read()
+        + open(os.path.join(ROOT, "benchmark", "learning_compare.py")).read()
+    )
 
 
 def test_trl_missing_is_reported_not_raised(tmp_path):
@@ -145,8 +202,19 @@ def check_speed_results(results_dir, stem: str, impls: list, num_updates: int = 
 
 @pytest.mark.slow
 def test_speed_compare_tiny_ours_only_when_trl_is_missing(tmp_path):
-    proc = run_script("benchmark/speed_compare.py", "--shape", "tiny", *TINY, "--trl-python", str(tmp_path / "none"),
-                      "--work-dir", str(tmp_path / "work"), "--results-dir", str(tmp_path / "results"), env=ONE_THREAD)
+    proc = run_script(
+        "benchmark/speed_compare.py",
+        "--shape",
+        "tiny",
+        *TINY,
+        "--trl-python",
+        str(tmp_path / "none"),
+        "--work-dir",
+        str(tmp_path / "work"),
+        "--results-dir",
+        str(tmp_path / "results"),
+        env=ONE_THREAD,
+    )
     assert "TRL SKIPPED" in proc.stdout
     results, table = check_speed_results(tmp_path / "results", "speed_tiny", ["ours"])
     assert "ours / " not in table and results["aggregate"]["ratios_vs_ours"] == {}
@@ -157,8 +225,17 @@ def test_speed_compare_tiny_ours_only_when_trl_is_missing(tmp_path):
 @pytest.mark.slow
 @needs_trl
 def test_speed_compare_tiny_against_trl(tmp_path):
-    run_script("benchmark/speed_compare.py", "--shape", "tiny", *TINY, "--work-dir", str(tmp_path / "work"),
-               "--results-dir", str(tmp_path / "results"), env=ONE_THREAD)
+    run_script(
+        "benchmark/speed_compare.py",
+        "--shape",
+        "tiny",
+        *TINY,
+        "--work-dir",
+        str(tmp_path / "work"),
+        "--results-dir",
+        str(tmp_path / "results"),
+        env=ONE_THREAD,
+    )
     results, table = check_speed_results(tmp_path / "results", "speed_tiny", ["ours", "trl"])
     ratios = results["aggregate"]["ratios_vs_ours"]["trl"]
     assert ratios["episodes_per_s"]["median"] > 0 and ratios["peak_rss_mib"]["median"] > 0
@@ -174,8 +251,18 @@ def test_speed_compare_tiny_against_trl(tmp_path):
 @needs_shared
 def test_speed_compare_tldr_shape_and_scaling(tmp_path):
     build = tmp_path / "build"
-    common = ["--shape", "tldr", "--build-dir", str(build), "--work-dir", str(tmp_path / "work"), "--results-dir",
-              str(tmp_path / "results"), "--max-prompt-tokens", "300"]
+    common = [
+        "--shape",
+        "tldr",
+        "--build-dir",
+        str(build),
+        "--work-dir",
+        str(tmp_path / "work"),
+        "--results-dir",
+        str(tmp_path / "results"),
+        "--max-prompt-tokens",
+        "300",
+    ]
     impls = ["ours", "trl"] if TRL_OK else ["ours"]
     run_script("benchmark/speed_compare.py", *common, *TINY, *([] if TRL_OK else ["--skip-trl"]), env=ONE_THREAD)
     results, _ = check_speed_results(tmp_path / "results", "speed_tldr", impls)
@@ -192,9 +279,30 @@ def test_speed_compare_tldr_shape_and_scaling(tmp_path):
     assert rm.num_labels == 1 and rm.pad_token_id == 50277
 
     # Scaling reuses the cached build: ours only, one row per (batch, response length).
-    run_script("benchmark/speed_compare.py", *common, "--scaling", "--num-updates", "2", "--num-ppo-epochs", "1",
-               "--max-prompts", "64", "--per-device-train-batch-size", "2", "--scaling-response-lengths", "2", "4",
-               "--scaling-batch-sizes", "1", "2", "--response-length", "4", "--repeats", "1", env=ONE_THREAD)
+    run_script(
+        "benchmark/speed_compare.py",
+        *common,
+        "--scaling",
+        "--num-updates",
+        "2",
+        "--num-ppo-epochs",
+        "1",
+        "--max-prompts",
+        "64",
+        "--per-device-train-batch-size",
+        "2",
+        "--scaling-response-lengths",
+        "2",
+        "4",
+        "--scaling-batch-sizes",
+        "1",
+        "2",
+        "--response-length",
+        "4",
+        "--repeats",
+        "1",
+        env=ONE_THREAD,
+    )
     with open(tmp_path / "results" / "scaling_tldr.json") as f:
         scaling = json.load(f)
     assert [(r["batch_size"], r["response_length"]) for r in scaling["table"]] == [(2, 2), (2, 4), (1, 4)]
@@ -207,10 +315,32 @@ def test_speed_compare_tldr_shape_and_scaling(tmp_path):
 
 @pytest.mark.slow
 def test_learning_compare_tiny_budget(tmp_path):
-    args = ["--total-episodes", "16", "--per-device-train-batch-size", "8", "--gradient-accumulation-steps", "1",
-            "--local-rollout-forward-batch-size", "8", "--response-length", "8", "--num-ppo-epochs", "1",
-            "--max-prompts", "64", "--num-eval-prompts", "12", "--eval-response-length", "8", "--jobs", "2",
-            "--work-dir", str(tmp_path / "work"), "--results-dir", str(tmp_path / "results")]
+    args = [
+        "--total-episodes",
+        "16",
+        "--per-device-train-batch-size",
+        "8",
+        "--gradient-accumulation-steps",
+        "1",
+        "--local-rollout-forward-batch-size",
+        "8",
+        "--response-length",
+        "8",
+        "--num-ppo-epochs",
+        "1",
+        "--max-prompts",
+        "64",
+        "--num-eval-prompts",
+        "12",
+        "--eval-response-length",
+        "8",
+        "--jobs",
+        "2",
+        "--work-dir",
+        str(tmp_path / "work"),
+        "--results-dir",
+        str(tmp_path / "results"),
+    ]
     if not TRL_OK:
         args.append("--skip-trl")
     run_script("benchmark/learning_compare.py", *args, env=ONE_THREAD)
@@ -236,16 +366,36 @@ def test_learning_compare_tiny_budget(tmp_path):
 @pytest.mark.slow
 def test_step_ablation_tiny(tmp_path):
     """benchmark/step_ablation.py times every variant and counts the positions each kind of forward computes."""
-    proc = run_script("benchmark/step_ablation.py", "--shape", "tiny", "--batch-size", "6", "--response-length", "12",
-                      "--repeats", "1", "--results-dir", str(tmp_path), env=ONE_THREAD)
+    proc = run_script(
+        "benchmark/step_ablation.py",
+        "--shape",
+        "tiny",
+        "--batch-size",
+        "6",
+        "--response-length",
+        "12",
+        "--repeats",
+        "1",
+        "--results-dir",
+        str(tmp_path),
+        env=ONE_THREAD,
+    )
     table = open(tmp_path / "step_ablation_tiny.md").read()
     assert table.strip() in proc.stdout
-    padded, grouped, real = (int(x) for x in re.search(
-        r"(\d+) padded, (\d+) in length groups, (\d+) real", table).groups())
+    padded, grouped, real = (
+        int(x) for x in re.search(r"(\d+) padded, (\d+) in length groups, (\d+) real", table).groups()
+    )
     assert real <= grouped <= padded
     rows = dict(re.findall(r"^\| ([^|]+?) \| (\d+\.\d+) \|", table, flags=re.M))
-    assert set(rows) == {"plain", "+ length groups", "+ chunked logprobs", "+ fused AdamW", "+ bf16 autocast",
-                         "generation: torch.multinomial", "generation: inverse-CDF sample_tokens"}
+    assert set(rows) == {
+        "plain",
+        "+ length groups",
+        "+ chunked logprobs",
+        "+ fused AdamW",
+        "+ bf16 autocast",
+        "generation: torch.multinomial",
+        "generation: inverse-CDF sample_tokens",
+    }
     assert all(float(s) > 0 for s in rows.values())
 
 
@@ -258,9 +408,17 @@ def test_forward_flops_count_what_torch_counts(arch):
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
-    fields = (dict(speed_compare.PYTHIA160M_MODEL, hidden_size=96, num_attention_heads=4, intermediate_size=200,
-                   num_hidden_layers=2) if arch == "gpt_neox" else
-              dict(speed_compare.QWEN05B_MODEL, hidden_size=112, intermediate_size=300, num_hidden_layers=2))
+    fields = (
+        dict(
+            speed_compare.PYTHIA160M_MODEL,
+            hidden_size=96,
+            num_attention_heads=4,
+            intermediate_size=200,
+            num_hidden_layers=2,
+        )
+        if arch == "gpt_neox"
+        else dict(speed_compare.QWEN05B_MODEL, hidden_size=112, intermediate_size=300, num_hidden_layers=2)
+    )
     config = CONFIG_MAPPING[arch](**{**fields, "vocab_size": 1000})
     model = AutoModelForCausalLM.from_config(config).eval()
     dims = dict(speed_compare.model_dims(config.to_dict()), attention_width=0)

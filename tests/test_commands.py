@@ -29,10 +29,32 @@ ZERO2 = os.path.join(ROOT, "benchmark", "accelerate_configs", "deepspeed_zero2.y
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # shared CPUs: one uncontended thread per process
 
 GET_STARTED = [
-    "--dataset_name", "<standin>", "--dataset_train_split", "descriptiveness", "--learning_rate", "3e-6",
-    "--num_ppo_epochs", "1", "--num_mini_batches", "1", "--output_dir", "models/minimal/ppo",
-    "--per_device_train_batch_size", "64", "--gradient_accumulation_steps", "1", "--total_episodes", "128",
-    "--model_name_or_path", SFT, "--sft_model_path", SFT, "--reward_model_path", RM, "--missing_eos_penalty", "1.0",
+    "--dataset_name",
+    "<standin>",
+    "--dataset_train_split",
+    "descriptiveness",
+    "--learning_rate",
+    "3e-6",
+    "--num_ppo_epochs",
+    "1",
+    "--num_mini_batches",
+    "1",
+    "--output_dir",
+    "models/minimal/ppo",
+    "--per_device_train_batch_size",
+    "64",
+    "--gradient_accumulation_steps",
+    "1",
+    "--total_episodes",
+    "128",
+    "--model_name_or_path",
+    SFT,
+    "--sft_model_path",
+    SFT,
+    "--reward_model_path",
+    RM,
+    "--missing_eos_penalty",
+    "1.0",
     # Nothing else differs from the seed command: 128 episodes (2 updates of 64) take about 30 s here, sample tables
     # and the final evaluation on the 100 held-out prompts included.
 ]
@@ -42,19 +64,46 @@ GET_STARTED = [
 # that concurrent runs do not collide. The scripts pick gloo themselves when CUDA is absent.
 CPU_LAUNCH = ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 TLDR_BENCHMARK = [
-    "--dataset_name", os.path.join(EMBEDDED, "prompts"), "--dataset_test_split", "validation",
-    "--output_dir", "models/minimal/ppo_tldr", "--learning_rate", "3e-6", "--per_device_train_batch_size", "4",
-    "--gradient_accumulation_steps", "4", "--total_episodes", "32", "--model_name_or_path", SFT,
-    "--sft_model_path", SFT, "--reward_model_path", RM, "--local_rollout_forward_batch_size", "16",
-    "--missing_eos_penalty", "1.0", "--stop_token", "eos", "--eval_strategy", "steps", "--eval_steps", "100",
+    "--dataset_name",
+    os.path.join(EMBEDDED, "prompts"),
+    "--dataset_test_split",
+    "validation",
+    "--output_dir",
+    "models/minimal/ppo_tldr",
+    "--learning_rate",
+    "3e-6",
+    "--per_device_train_batch_size",
+    "4",
+    "--gradient_accumulation_steps",
+    "4",
+    "--total_episodes",
+    "32",
+    "--model_name_or_path",
+    SFT,
+    "--sft_model_path",
+    SFT,
+    "--reward_model_path",
+    RM,
+    "--local_rollout_forward_batch_size",
+    "16",
+    "--missing_eos_penalty",
+    "1.0",
+    "--stop_token",
+    "eos",
+    "--eval_strategy",
+    "steps",
+    "--eval_steps",
+    "100",
     # For this CPU: the published batch is 16 per device and ~1M episodes; here 4 x 4 x 2 processes = 32 episodes,
     # one PPO update. The periodic evaluation (at the last update, as eval_steps 100 > 1) uses 16 validation prompts
     # instead of 200; the final evaluation keeps the whole test split (200 prompts), whose saved generations are
     # checked below.
-    "--num_eval_prompts", "16",
+    "--num_eval_prompts",
+    "16",
     # Not for speed: a checkpoint after the update is the artifact that shows ZeRO-2 really ran (DeepSpeed writes
     # one optimizer-state partition per rank).
-    "--save_steps", "1",
+    "--save_steps",
+    "1",
 ]
 
 
@@ -63,8 +112,10 @@ class Result:
         self.cmd, self.cwd, self.returncode, self.stdout, self.stderr = cmd, cwd, returncode, stdout, stderr
 
     def check(self):
-        assert self.returncode == 0, (f"{' '.join(self.cmd)} exited {self.returncode}\nSTDOUT:\n{self.stdout[-4000:]}"
-                                      f"\nSTDERR:\n{self.stderr[-4000:]}")
+        assert self.returncode == 0, (
+            f"{' '.join(self.cmd)} exited {self.returncode}\nSTDOUT:\n{self.stdout[-4000:]}"
+            f"\nSTDERR:\n{self.stderr[-4000:]}"
+        )
         return self
 
 
@@ -124,7 +175,9 @@ def descriptiveness_standin(path):
     `sentiment`, columns `prompt`, `chosen`, `rejected` (from the embedded preference data)."""
     from datasets import DatasetDict, load_from_disk
 
-    train = load_from_disk(os.path.join(EMBEDDED, "preference_data"))["train"].select_columns(["prompt", "chosen", "rejected"])
+    train = load_from_disk(os.path.join(EMBEDDED, "preference_data"))["train"].select_columns(
+        ["prompt", "chosen", "rejected"]
+    )
     DatasetDict(descriptiveness=train.select(range(300)), sentiment=train.select(range(300, 400))).save_to_disk(path)
     return path
 
@@ -136,7 +189,11 @@ def plan(bg):
         cwd = os.path.join(bg.root, "get_started")
         os.makedirs(cwd)
         standin = descriptiveness_standin(os.path.join(cwd, "descriptiveness-sentiment-trl-style"))
-        cmd = [sys.executable, os.path.join(ROOT, "ppo_rlhf.py"), *[standin if a == "<standin>" else a for a in GET_STARTED]]
+        cmd = [
+            sys.executable,
+            os.path.join(ROOT, "ppo_rlhf.py"),
+            *[standin if a == "<standin>" else a for a in GET_STARTED],
+        ]
         return lambda: bg.run("get_started", cmd, cwd)
 
     def tldr_deepspeed():
@@ -144,9 +201,20 @@ def plan(bg):
             return lambda: None
         cwd = os.path.join(bg.root, "tldr_deepspeed")
         os.makedirs(cwd)
-        return lambda: bg.run("tldr_deepspeed", [*accelerate_launch(), "--config_file", ZERO2, *CPU_LAUNCH,
-                                                 "--main_process_port", free_port(), os.path.join(ROOT, "ppo_rlhf_tldr.py"),
-                                                 *TLDR_BENCHMARK], cwd)
+        return lambda: bg.run(
+            "tldr_deepspeed",
+            [
+                *accelerate_launch(),
+                "--config_file",
+                ZERO2,
+                *CPU_LAUNCH,
+                "--main_process_port",
+                free_port(),
+                os.path.join(ROOT, "ppo_rlhf_tldr.py"),
+                *TLDR_BENCHMARK,
+            ],
+            cwd,
+        )
 
     return {"tldr_deepspeed": tldr_deepspeed, "get_started": get_started}
 
@@ -155,14 +223,19 @@ def needs(*names):
     def mark(fn):
         fn.background_runs = names
         return fn
+
     return mark
 
 
 @pytest.fixture(scope="module", autouse=True)
 def runs(request, tmp_path_factory):
     bg = Background(str(tmp_path_factory.mktemp("command_runs")))
-    wanted = {name for item in request.session.items if item.module is request.module
-              for name in getattr(getattr(item, "function", None), "background_runs", ())}
+    wanted = {
+        name
+        for item in request.session.items
+        if item.module is request.module
+        for name in getattr(getattr(item, "function", None), "background_runs", ())
+    }
     try:
         futures = {name: bg.executor.submit(prepare()) for name, prepare in plan(bg).items() if name in wanted}
     except BaseException:
@@ -185,7 +258,9 @@ def check_saved_models(out, sft_path, rm_path):
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id
     policy, sft = AutoModelForCausalLM.from_pretrained(out), AutoModelForCausalLM.from_pretrained(sft_path)
-    value, rm = (AutoModelForSequenceClassification.from_pretrained(p) for p in (os.path.join(out, "value_model"), rm_path))
+    value, rm = (
+        AutoModelForSequenceClassification.from_pretrained(p) for p in (os.path.join(out, "value_model"), rm_path)
+    )
     assert value.config.num_labels == 1
     for trained, start in ((policy, sft), (value, rm)):
         a, b = trained.state_dict(), start.state_dict()
@@ -193,7 +268,9 @@ def check_saved_models(out, sft_path, rm_path):
         assert all(torch.isfinite(v).all() for v in a.values() if v.is_floating_point())
         assert any(not torch.equal(a[k], b[k]) for k in a), f"{type(trained).__name__}: no weight changed"
     with torch.no_grad():  # the saved policy generates
-        ids = tokenizer("SUBREDDIT: r/tifu\n\nTITLE: t\n\nPOST: p\n\nTL;DR:", return_tensors="pt", add_special_tokens=False)
+        ids = tokenizer(
+            "SUBREDDIT: r/tifu\n\nTITLE: t\n\nPOST: p\n\nTL;DR:", return_tensors="pt", add_special_tokens=False
+        )
         assert torch.isfinite(policy(**ids).logits).all()
 
 
@@ -206,9 +283,17 @@ def test_get_started_command(runs):
     # the underscore flags reached the script (TRL's spelling; the script's own is --dataset-train-split)
     with open(os.path.join(out, "args.json")) as f:
         args = json.load(f)
-    for key, value in (("dataset_train_split", "descriptiveness"), ("learning_rate", 3e-6), ("num_ppo_epochs", 1),
-                       ("num_mini_batches", 1), ("per_device_train_batch_size", 64), ("gradient_accumulation_steps", 1),
-                       ("total_episodes", 128), ("missing_eos_penalty", 1.0), ("output_dir", "models/minimal/ppo")):
+    for key, value in (
+        ("dataset_train_split", "descriptiveness"),
+        ("learning_rate", 3e-6),
+        ("num_ppo_epochs", 1),
+        ("num_mini_batches", 1),
+        ("per_device_train_batch_size", 64),
+        ("gradient_accumulation_steps", 1),
+        ("total_episodes", 128),
+        ("missing_eos_penalty", 1.0),
+        ("output_dir", "models/minimal/ppo"),
+    ):
         assert args[key] == value, (key, args[key])
     # no test split in the stand-in: the rule of every script holds out every 10th row (TRL's example held out 100)
     assert "held out 30 of 300 rows of 'descriptiveness' for evaluation (no 'validation' split)" in run.stdout
@@ -223,8 +308,11 @@ def test_get_started_command(runs):
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-@pytest.mark.skipif(not os.path.isfile(ZERO2), reason="benchmark/accelerate_configs/deepspeed_zero2.yaml does not "
-                                                        "exist yet (being written with docs/scale_out.md)")
+@pytest.mark.skipif(
+    not os.path.isfile(ZERO2),
+    reason="benchmark/accelerate_configs/deepspeed_zero2.yaml does not "
+    "exist yet (being written with docs/scale_out.md)",
+)
 @needs("tldr_deepspeed")
 def test_tldr_benchmark_command_under_deepspeed_zero2(runs):
     run = runs["tldr_deepspeed"]()

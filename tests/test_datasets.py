@@ -18,12 +18,18 @@ import reward_modeling  # noqa: E402
 import sft  # noqa: E402
 
 EMBEDDED = os.path.join(ROOT, "embedded")
-SCRIPTS = {"sft.py": sft, "reward_modeling.py": reward_modeling, "ppo_rlhf.py": ppo_rlhf,
-           "ppo_rlhf_tldr.py": ppo_rlhf_tldr}
+SCRIPTS = {
+    "sft.py": sft,
+    "reward_modeling.py": reward_modeling,
+    "ppo_rlhf.py": ppo_rlhf,
+    "ppo_rlhf_tldr.py": ppo_rlhf_tldr,
+}
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 # Each assistant turn ends with EOS and a newline: the newline is the template's, after EOS, and never trained on.
-TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% if m['role'] == 'assistant' %}"
-            "{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% if m['role'] == 'assistant' %}"
+    "{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 PROMPT = "SUBREDDIT: r/x\n\nTITLE: t\n\nPOST: p\n\nTL;DR:"
 
 
@@ -78,7 +84,7 @@ def test_csv_and_tsv_files_are_read_as_such(script, tmp_path, monkeypatch):
     import datasets
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
-    rows = [{"prompt": "a, b", "completion": " c."}, {"prompt": "d \"e\"", "completion": " f."}]
+    rows = [{"prompt": "a, b", "completion": " c."}, {"prompt": 'd "e"', "completion": " f."}]
     (tmp_path / "d.csv").write_text('prompt,completion\n"a, b", c.\n"d ""e""", f.\n')
     (tmp_path / "d.tsv").write_text('prompt\tcompletion\na, b\t c.\nd "e"\t f.\n')
     for name in ("d.csv", "d.tsv"):
@@ -94,9 +100,12 @@ def four_input_kinds(tmp_path, rows):
     os.makedirs(tmp_path / "hub_like")
     Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved_dataset"))
     DatasetDict(train=Dataset.from_list(rows)).save_to_disk(str(tmp_path / "saved_dict"))
-    return {"file": write_jsonl(tmp_path / "d.jsonl", rows), "saved Dataset": str(tmp_path / "saved_dataset"),
-            "DatasetDict": str(tmp_path / "saved_dict"),
-            "hub": write_jsonl(tmp_path / "hub_like" / "train.jsonl", rows) and str(tmp_path / "hub_like")}
+    return {
+        "file": write_jsonl(tmp_path / "d.jsonl", rows),
+        "saved Dataset": str(tmp_path / "saved_dataset"),
+        "DatasetDict": str(tmp_path / "saved_dict"),
+        "hub": write_jsonl(tmp_path / "hub_like" / "train.jsonl", rows) and str(tmp_path / "hub_like"),
+    }
 
 
 @pytest.mark.parametrize("script", list(SCRIPTS))
@@ -130,9 +139,11 @@ def test_hold_out_that_takes_every_row_says_so(script):
     module = SCRIPTS[script]
     with pytest.raises(SystemExit) as info:
         module.hold_out(Dataset.from_list([{"prompt": "p"}]), "one.jsonl", "train", "validation")
-    assert info.value.code == ("error: --dataset-test-split: 'one.jsonl' has no split 'validation', so it held out 1 of "
-                               "1 rows of 'train' for evaluation, which leaves none to train on; add rows, or name an "
-                               "existing split")
+    assert info.value.code == (
+        "error: --dataset-test-split: 'one.jsonl' has no split 'validation', so it held out 1 of "
+        "1 rows of 'train' for evaluation, which leaves none to train on; add rows, or name an "
+        "existing split"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -162,7 +173,7 @@ def test_tokenize_conversation_labels_exactly_every_assistant_turn(chat_tokenize
         assert [tok.decode(ids[a:b]) for a, b in spans] == [" Hello you.<|endoftext|>", " We ate cake.<|endoftext|>"]
         # the rest is the template's: everything before each turn, the newline after its EOS; the sequence ends at EOS
         assert tok.decode(ids[: spans[0][0]]) == "<|user|>Hi there.\n<|assistant|>"
-        assert tok.decode(ids[spans[0][1]: spans[1][0]]) == "\n<|user|>And then?\n<|assistant|>"
+        assert tok.decode(ids[spans[0][1] : spans[1][0]]) == "\n<|user|>And then?\n<|assistant|>"
         assert spans[-1][1] == len(ids) and ids[-1] == tok.eos_token_id
         # from message 2 on: only the last turn is trained
         later = module.tokenize_conversation(tok, messages, 2)
@@ -171,26 +182,34 @@ def test_tokenize_conversation_labels_exactly_every_assistant_turn(chat_tokenize
 
 def test_tokenize_conversation_appends_eos_when_the_template_writes_none(tokenizer):
     tok = tokenizer.__class__.from_pretrained(os.path.join(EMBEDDED, "tokenizer"))
-    tok.chat_template = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}" \
-                        "{% if add_generation_prompt %}[assistant]{% endif %}"
+    tok.chat_template = (
+        "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}[assistant]{% endif %}"
+    )
     row = sft.tokenize_conversation(tok, [user("Hi."), assistant(" Yes.")], 0)
-    (start, end), = labelled_spans(row["labels"])
+    ((start, end),) = labelled_spans(row["labels"])
     assert tok.decode(row["input_ids"][start:end]) == " Yes.<|endoftext|>" and end == len(row["input_ids"])
 
 
 def test_a_template_whose_prefix_tokenises_differently_is_an_error(tokenizer):
     tok = tokenizer.__class__.from_pretrained(os.path.join(EMBEDDED, "tokenizer"))
     # the assistant cue of add_generation_prompt is not what the template writes before an assistant message
-    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}" \
-                        "{% if add_generation_prompt %}<bot>{% endif %}"
+    tok.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}<bot>{% endif %}"
+    )
     for module in (sft, reward_modeling):
         with pytest.raises(ValueError, match="tokens before it change"):
             module.tokenize_conversation(tok, [user("Hi."), assistant(" Yes.")], 0)
 
 
 def test_such_a_template_stops_the_script_with_one_line_and_writes_nothing(tmp_path):
-    model = chat_model(tmp_path, "base_model", template="{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
-                                                        "{% endfor %}{% if add_generation_prompt %}<bot>{% endif %}")
+    model = chat_model(
+        tmp_path,
+        "base_model",
+        template="{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
+        "{% endfor %}{% if add_generation_prompt %}<bot>{% endif %}",
+    )
     data = write_jsonl(tmp_path / "d.jsonl", sft_conversation_rows("messages"))
     proc = run_script("sft.py", *sft_args(tmp_path, data, model), check=False, env=ONE_THREAD)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
@@ -200,14 +219,14 @@ def test_such_a_template_stops_the_script_with_one_line_and_writes_nothing(tmp_p
 
 def test_sft_every_format_masks_all_but_the_completion(tokenizer, chat_tokenizer):
     text = sft.tokenize_row(tokenizer, {"prompt": PROMPT, "completion": " We ate."}, "text")
-    (start, end), = labelled_spans(text["labels"])
+    ((start, end),) = labelled_spans(text["labels"])
     assert text["input_ids"][:start] == tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(text["input_ids"][start:end]) == " We ate.<|endoftext|>"
     prompt, completion = [user("Sum up: we ate.")], [assistant(" We ate.")]
     conversational = sft.tokenize_row(chat_tokenizer, {"prompt": prompt, "completion": completion}, "conversation")
     messages = sft.tokenize_row(chat_tokenizer, {"messages": prompt + completion}, "messages")
     assert conversational == messages  # the same conversation in TRL's two conversational formats
-    (start, end), = labelled_spans(messages["labels"])
+    ((start, end),) = labelled_spans(messages["labels"])
     assert messages["input_ids"][:start] == sft.render_chat(chat_tokenizer, prompt, add_generation_prompt=True)
     assert chat_tokenizer.decode(messages["input_ids"][start:end]) == " We ate.<|endoftext|>"
     assert end == len(messages["input_ids"])
@@ -224,13 +243,15 @@ def test_reward_model_scores_every_format_at_the_eos_after_the_completion(tokeni
     cue = sft.render_chat(chat_tokenizer, prompt, add_generation_prompt=True)
     # the scored sequence: the prompt with the assistant cue, the assistant's tokens, and EOS (where the score is read)
     assert conversation[: len(cue)] == cue
-    assert chat_tokenizer.decode(conversation[len(cue):]) == " We ate.<|endoftext|>" and conversation[-1] == eos
+    assert chat_tokenizer.decode(conversation[len(cue) :]) == " We ate.<|endoftext|>" and conversation[-1] == eos
 
 
 def test_ppo_prompts_plain_as_they_are_and_conversations_with_the_assistant_cue(tokenizer, chat_tokenizer):
     for module in (ppo_rlhf, ppo_rlhf_tldr):
-        assert module.prompt_token_ids(chat_tokenizer, [PROMPT]) == [tokenizer(PROMPT, add_special_tokens=False)["input_ids"]]
-        ids, = module.prompt_token_ids(chat_tokenizer, [[user("Sum up: we ate.")]])
+        assert module.prompt_token_ids(chat_tokenizer, [PROMPT]) == [
+            tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+        ]
+        (ids,) = module.prompt_token_ids(chat_tokenizer, [[user("Sum up: we ate.")]])
         assert chat_tokenizer.decode(ids) == "<|user|>Sum up: we ate.\n<|assistant|>"
 
 
@@ -239,20 +260,40 @@ def test_ppo_prompts_plain_as_they_are_and_conversations_with_the_assistant_cue(
 
 
 def ppo_args(tmp_path, data, model=None):
-    return ["--dataset-name", data, "--output-dir", str(tmp_path / "out"), "--total-episodes", "8",
-            "--per-device-train-batch-size", "4", "--gradient-accumulation-steps", "2",
-            *(["--model-name-or-path", model] if model else [])]
+    return [
+        "--dataset-name",
+        data,
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--total-episodes",
+        "8",
+        "--per-device-train-batch-size",
+        "4",
+        "--gradient-accumulation-steps",
+        "2",
+        *(["--model-name-or-path", model] if model else []),
+    ]
 
 
 def sft_args(tmp_path, data, model=None):
-    return ["--dataset-name", data, "--output-dir", str(tmp_path / "out"),
-            *(["--model-name-or-path", model] if model else [])]
+    return [
+        "--dataset-name",
+        data,
+        "--output-dir",
+        str(tmp_path / "out"),
+        *(["--model-name-or-path", model] if model else []),
+    ]
 
 
 def rm_args(tmp_path, data, model=None, normalize=None):
-    return ["--dataset-name", data, "--output-dir", str(tmp_path / "out"),
-            *(["--model-name-or-path", model] if model else []),
-            *(["--normalize-dataset-name", normalize] if normalize else ["--no-normalize-reward"])]
+    return [
+        "--dataset-name",
+        data,
+        "--output-dir",
+        str(tmp_path / "out"),
+        *(["--model-name-or-path", model] if model else []),
+        *(["--normalize-dataset-name", normalize] if normalize else ["--no-normalize-reward"]),
+    ]
 
 
 def ppo_rows(n=20, prompt=lambda i: PROMPT.replace(" p", f" p{i}")):
@@ -269,9 +310,14 @@ def rm_rows(kind, explicit, n=20):
     rows = []
     for i in range(n):
         prompt = PROMPT.replace(" p", f" p{i}") if kind == "text" else [user(f"Say {i}.")]
-        chosen, rejected = (f" yes {i}.", f" no {i}.") if kind == "text" else ([assistant(f" yes {i}.")], [assistant(f" no {i}.")])
-        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected} if explicit else
-                    {"chosen": prompt + chosen, "rejected": prompt + rejected})
+        chosen, rejected = (
+            (f" yes {i}.", f" no {i}.") if kind == "text" else ([assistant(f" yes {i}.")], [assistant(f" no {i}.")])
+        )
+        rows.append(
+            {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+            if explicit
+            else {"chosen": prompt + chosen, "rejected": prompt + rejected}
+        )
     return rows
 
 
@@ -307,58 +353,142 @@ def with_row(rows, index, **changes):
 
 BAD_ROWS = {
     # case: (script, rows, the argument named, words the message must hold)
-    "ppo None prompt": ("ppo_rlhf.py", with_row(ppo_rows(), 3, prompt=None), "--dataset-name",
-                        ["row 3 of", "`prompt` is None", "fix or drop that row"]),
-    "ppo number prompt": ("ppo_rlhf.py", with_row(ppo_rows(), 5, prompt=7), "--dataset-name", ["row 5 of", "`prompt` is 7"]),
-    "ppo empty prompt": ("ppo_rlhf.py", with_row(ppo_rows(), 4, prompt=""), "--dataset-name",
-                         ["row 4 of", "`prompt` is empty (1 such rows of 20)"]),
-    "ppo all prompts empty": ("ppo_rlhf.py", ppo_rows(prompt=lambda i: ""), "--dataset-name",
-                              ["row 0 of", "empty (20 such rows of 20)"]),
-    "ppo message without content": ("ppo_rlhf.py", [{"prompt": [{"role": "user"}]} for _ in range(20)], "--dataset-name",
-                                    ["row 0 of", "`prompt` is [{'role': 'user'", "string contents"]),
-    "ppo mixed prompts": ("ppo_rlhf.py", [{"prompt": [user("hi")]}] * 10 + [{"prompt": "hi"}] * 10, "--dataset-name",
-                          ["mixes strings (row 10) and conversations (row 0)"]),
-    "ppo conversations without a chat template": ("ppo_rlhf.py", [{"prompt": [user(f"Say {i}.")]} for i in range(20)],
-                                                  "--model-name-or-path", ["no chat template"]),
-    "tldr None prompt": ("ppo_rlhf_tldr.py", with_row(ppo_rows(), 3, prompt=None), "--dataset-name",
-                         ["row 3 of", "`prompt` is None"]),
-    "tldr conversational prompts": ("ppo_rlhf_tldr.py", [{"prompt": [user(f"Say {i}.")], "completion": " c."}
-                                                         for i in range(20)], "--dataset-name",
-                                    ["conversational prompts", "use ppo_rlhf.py"]),
-    "sft None completion": ("sft.py", with_row(ppo_rows(), 6, completion=None), "--dataset-name",
-                            ["row 6 of", "`completion` is None"]),
-    "sft empty completion": ("sft.py", with_row(ppo_rows(), 2, completion=" "), "--dataset-name",
-                             ["row 2 of", "`completion` is empty"]),
+    "ppo None prompt": (
+        "ppo_rlhf.py",
+        with_row(ppo_rows(), 3, prompt=None),
+        "--dataset-name",
+        ["row 3 of", "`prompt` is None", "fix or drop that row"],
+    ),
+    "ppo number prompt": (
+        "ppo_rlhf.py",
+        with_row(ppo_rows(), 5, prompt=7),
+        "--dataset-name",
+        ["row 5 of", "`prompt` is 7"],
+    ),
+    "ppo empty prompt": (
+        "ppo_rlhf.py",
+        with_row(ppo_rows(), 4, prompt=""),
+        "--dataset-name",
+        ["row 4 of", "`prompt` is empty (1 such rows of 20)"],
+    ),
+    "ppo all prompts empty": (
+        "ppo_rlhf.py",
+        ppo_rows(prompt=lambda i: ""),
+        "--dataset-name",
+        ["row 0 of", "empty (20 such rows of 20)"],
+    ),
+    "ppo message without content": (
+        "ppo_rlhf.py",
+        [{"prompt": [{"role": "user"}]} for _ in range(20)],
+        "--dataset-name",
+        ["row 0 of", "`prompt` is [{'role': 'user'", "string contents"],
+    ),
+    "ppo mixed prompts": (
+        "ppo_rlhf.py",
+        [{"prompt": [user("hi")]}] * 10 + [{"prompt": "hi"}] * 10,
+        "--dataset-name",
+        ["mixes strings (row 10) and conversations (row 0)"],
+    ),
+    "ppo conversations without a chat template": (
+        "ppo_rlhf.py",
+        [{"prompt": [user(f"Say {i}.")]} for i in range(20)],
+        "--model-name-or-path",
+        ["no chat template"],
+    ),
+    "tldr None prompt": (
+        "ppo_rlhf_tldr.py",
+        with_row(ppo_rows(), 3, prompt=None),
+        "--dataset-name",
+        ["row 3 of", "`prompt` is None"],
+    ),
+    "tldr conversational prompts": (
+        "ppo_rlhf_tldr.py",
+        [{"prompt": [user(f"Say {i}.")], "completion": " c."} for i in range(20)],
+        "--dataset-name",
+        ["conversational prompts", "use ppo_rlhf.py"],
+    ),
+    "sft None completion": (
+        "sft.py",
+        with_row(ppo_rows(), 6, completion=None),
+        "--dataset-name",
+        ["row 6 of", "`completion` is None"],
+    ),
+    "sft empty completion": (
+        "sft.py",
+        with_row(ppo_rows(), 2, completion=" "),
+        "--dataset-name",
+        ["row 2 of", "`completion` is empty"],
+    ),
     "sft messages as strings": ("sft.py", [{"messages": "hi"}] * 20, "--dataset-name", ["`messages` must hold lists"]),
-    "sft messages without a chat template": ("sft.py", sft_conversation_rows("messages"), "--tokenizer-name-or-path",
-                                             ["no chat template"]),
-    "sft messages without an assistant turn": ("sft.py", with_row(sft_conversation_rows("messages"), 4,
-                                                                 messages=[user("hi"), user("anyone?")]),
-                                               "--dataset-name", ["row 4 of", "no assistant message", "'user', 'user'"]),
+    "sft messages without a chat template": (
+        "sft.py",
+        sft_conversation_rows("messages"),
+        "--tokenizer-name-or-path",
+        ["no chat template"],
+    ),
+    "sft messages without an assistant turn": (
+        "sft.py",
+        with_row(sft_conversation_rows("messages"), 4, messages=[user("hi"), user("anyone?")]),
+        "--dataset-name",
+        ["row 4 of", "no assistant message", "'user', 'user'"],
+    ),
     "sft conversational completion from the user": (
-        "sft.py", with_row(sft_conversation_rows("conversation"), 0, completion=[user("hi")]), "--dataset-name",
-        ["row 0 of", "`completion` has no assistant message"]),
-    "sft one row, no test split": ("sft.py", ppo_rows(1), "--dataset-test-split",
-                                   ["held out 1 of 1 rows of 'train' for evaluation, which leaves none to train on"]),
-    "sft no known columns": ("sft.py", [{"text": "hi"}] * 20, "--dataset-name", ["`prompt` and `completion`", "`messages`"]),
-    "rm None chosen": ("reward_modeling.py", with_row(rm_rows("text", True), 1, chosen=None), "--dataset-name",
-                       ["row 1 of", "`chosen` is None"]),
+        "sft.py",
+        with_row(sft_conversation_rows("conversation"), 0, completion=[user("hi")]),
+        "--dataset-name",
+        ["row 0 of", "`completion` has no assistant message"],
+    ),
+    "sft one row, no test split": (
+        "sft.py",
+        ppo_rows(1),
+        "--dataset-test-split",
+        ["held out 1 of 1 rows of 'train' for evaluation, which leaves none to train on"],
+    ),
+    "sft no known columns": (
+        "sft.py",
+        [{"text": "hi"}] * 20,
+        "--dataset-name",
+        ["`prompt` and `completion`", "`messages`"],
+    ),
+    "rm None chosen": (
+        "reward_modeling.py",
+        with_row(rm_rows("text", True), 1, chosen=None),
+        "--dataset-name",
+        ["row 1 of", "`chosen` is None"],
+    ),
     "rm chosen equals rejected in most pairs": (
-        "reward_modeling.py", [dict(r, rejected=r["chosen"]) if i < 11 else r for i, r in enumerate(rm_rows("text", True))],
-        "--dataset-name", ["11 of 20 pairs", "chosen == rejected", "(e.g. row 0)"]),
+        "reward_modeling.py",
+        [dict(r, rejected=r["chosen"]) if i < 11 else r for i, r in enumerate(rm_rows("text", True))],
+        "--dataset-name",
+        ["11 of 20 pairs", "chosen == rejected", "(e.g. row 0)"],
+    ),
     "rm empty pairs in most rows": (
-        "reward_modeling.py", [dict(r, chosen="") if i % 2 else dict(r, rejected=" ") if i % 4 == 0 else r
-                               for i, r in enumerate(rm_rows("text", True))], "--dataset-name",
-        ["15 of 20 pairs", "an empty side"]),
+        "reward_modeling.py",
+        [
+            dict(r, chosen="") if i % 2 else dict(r, rejected=" ") if i % 4 == 0 else r
+            for i, r in enumerate(rm_rows("text", True))
+        ],
+        "--dataset-name",
+        ["15 of 20 pairs", "an empty side"],
+    ),
     "rm implicit conversation ending with the user": (
-        "reward_modeling.py", with_row(rm_rows("conversation", False), 2,
-                                       rejected=[user("Say 2."), assistant(" no."), user("really?")]),
-        "--dataset-name", ["row 2 of", "`rejected` has no assistant message at its end"]),
-    "rm conversations without a chat template": ("reward_modeling.py", rm_rows("conversation", False),
-                                                 "--tokenizer-name-or-path", ["no chat template"]),
+        "reward_modeling.py",
+        with_row(rm_rows("conversation", False), 2, rejected=[user("Say 2."), assistant(" no."), user("really?")]),
+        "--dataset-name",
+        ["row 2 of", "`rejected` has no assistant message at its end"],
+    ),
+    "rm conversations without a chat template": (
+        "reward_modeling.py",
+        rm_rows("conversation", False),
+        "--tokenizer-name-or-path",
+        ["no chat template"],
+    ),
     "rm prompt as text, pairs as conversations": (
-        "reward_modeling.py", [dict(r, prompt="hi") for r in rm_rows("conversation", True)], "--dataset-name",
-        ["must all be strings or all conversations"]),
+        "reward_modeling.py",
+        [dict(r, prompt="hi") for r in rm_rows("conversation", True)],
+        "--dataset-name",
+        ["must all be strings or all conversations"],
+    ),
 }
 
 
@@ -381,8 +511,10 @@ def test_bad_rows_stop_before_any_model_loads_with_one_line(case, tmp_path, monk
 def test_too_few_prompts_after_the_hold_out_says_what_was_held_out(script, tmp_path, monkeypatch):
     data = write_jsonl(tmp_path / "d.jsonl", ppo_rows(8))
     error = run_in_process(script, ppo_args(tmp_path, data), tmp_path, monkeypatch)
-    assert error.code.startswith("error: --dataset-train-split: 7 prompts cannot fill one per-process batch of 8 "
-                                 "(held out 1 of 8 rows of 'train' for evaluation (no 'validation' split)")
+    assert error.code.startswith(
+        "error: --dataset-train-split: 7 prompts cannot fill one per-process batch of 8 "
+        "(held out 1 of 8 rows of 'train' for evaluation (no 'validation' split)"
+    )
     if script == "ppo_rlhf_tldr.py":
         assert error.code.endswith("; the final evaluation uses them too (no 'test' split))")
     assert not os.path.exists(tmp_path / "out")
@@ -391,8 +523,10 @@ def test_too_few_prompts_after_the_hold_out_says_what_was_held_out(script, tmp_p
 def test_normalisation_data_in_the_wrong_format_or_without_an_answer_is_refused(tmp_path, monkeypatch):
     model = chat_model(tmp_path)
     data = write_jsonl(tmp_path / "d.jsonl", rm_rows("conversation", True))
-    for rows, words in (([{"prompt": "Say 1.", "completion": " It is 1."}], "must be in the format of --dataset-name"),
-                        ([{"prompt": [user("Say 1.")], "completion": [user("?")]}], "has no assistant message")):
+    for rows, words in (
+        ([{"prompt": "Say 1.", "completion": " It is 1."}], "must be in the format of --dataset-name"),
+        ([{"prompt": [user("Say 1.")], "completion": [user("?")]}], "has no assistant message"),
+    ):
         argv = rm_args(tmp_path, data, model, write_jsonl(tmp_path / "n.jsonl", rows))
         error = run_in_process("reward_modeling.py", argv, tmp_path, monkeypatch)
         assert isinstance(error, SystemExit) and error.code.startswith("error: --normalize-dataset-name: "), error
@@ -416,9 +550,22 @@ def test_a_few_useless_pairs_are_dropped_with_a_count(tmp_path, monkeypatch):
 def test_sft_trains_on_messages_and_shows_rendered_samples(tmp_path):
     model = chat_model(tmp_path, "base_model")
     data = write_jsonl(tmp_path / "d.jsonl", sft_conversation_rows("messages", 40))
-    proc = run_script("sft.py", "--model-name-or-path", model, "--dataset-name", data, "--output-dir",
-                      str(tmp_path / "out"), "--num-train-epochs", "1", "--num-sample-completions", "2",
-                      "--sample-max-new-tokens", "4", env=ONE_THREAD)
+    proc = run_script(
+        "sft.py",
+        "--model-name-or-path",
+        model,
+        "--dataset-name",
+        data,
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--num-train-epochs",
+        "1",
+        "--num-sample-completions",
+        "2",
+        "--sample-max-new-tokens",
+        "4",
+        env=ONE_THREAD,
+    )
     assert "36 train / 4 eval examples (messages format)" in proc.stdout, proc.stdout[-2000:]
     assert "<|user|>Say 9." in proc.stdout and "<|assistant|>" in proc.stdout  # sample queries, through the template
     assert "note: the tokenizer has a chat template" not in proc.stdout
@@ -429,8 +576,13 @@ def test_reward_modeling_on_implicit_conversations_drops_useless_pairs(tmp_path)
     rows = rm_rows("conversation", False, 40)
     rows[7]["rejected"] = rows[7]["chosen"]
     normalize = write_jsonl(tmp_path / "n.jsonl", sft_conversation_rows("conversation", 8))
-    proc = run_script("reward_modeling.py", *rm_args(tmp_path, write_jsonl(tmp_path / "d.jsonl", rows), model, normalize),
-                      "--per-device-train-batch-size", "8", env=ONE_THREAD)
+    proc = run_script(
+        "reward_modeling.py",
+        *rm_args(tmp_path, write_jsonl(tmp_path / "d.jsonl", rows), model, normalize),
+        "--per-device-train-batch-size",
+        "8",
+        env=ONE_THREAD,
+    )
     assert "dropped 1 of 40 pairs" in proc.stdout and "(e.g. row 7)" in proc.stdout, proc.stdout[-2000:]
     assert "held out 4 of 39 rows of 'train'" in proc.stdout
     assert "35 train / 4 eval pairs (conversation format, implicit prompt)" in proc.stdout
@@ -441,11 +593,23 @@ def test_reward_modeling_on_implicit_conversations_drops_useless_pairs(tmp_path)
 def test_ppo_with_a_chat_template_tokenizer(kind, tmp_path):
     """Conversational prompts go through the template; plain ones are used as they are, and the log says so once."""
     model = chat_model(tmp_path)
-    rows = [{"prompt": [user(f"Say {i}.")]} if kind == "conversational" else {"prompt": f"Say {i}."} for i in range(20)]
-    proc = run_script("ppo_rlhf.py", *ppo_args(tmp_path, write_jsonl(tmp_path / "d.jsonl", rows), model),
-                      "--num-sample-generations", "0", "--response-length", "4", "--local-rollout-forward-batch-size",
-                      "8", env=ONE_THREAD)
-    assert "held out 2 of 20 rows of 'train' for evaluation (no 'validation' split)" in proc.stdout, proc.stdout[-2000:]
+    rows = [
+        {"prompt": [user(f"Say {i}.")]} if kind == "conversational" else {"prompt": f"Say {i}."} for i in range(20)
+    ]
+    proc = run_script(
+        "ppo_rlhf.py",
+        *ppo_args(tmp_path, write_jsonl(tmp_path / "d.jsonl", rows), model),
+        "--num-sample-generations",
+        "0",
+        "--response-length",
+        "4",
+        "--local-rollout-forward-batch-size",
+        "8",
+        env=ONE_THREAD,
+    )
+    assert "held out 2 of 20 rows of 'train' for evaluation (no 'validation' split)" in proc.stdout, proc.stdout[
+        -2000:
+    ]
     assert "18 train / 2 eval prompts" in proc.stdout
     assert proc.stdout.count("note: the tokenizer has a chat template") == (kind == "plain")
     assert os.path.exists(tmp_path / "out" / "model.safetensors")

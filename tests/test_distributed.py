@@ -34,14 +34,36 @@ TORCHRUN = "torchrun"
 
 # 32 episodes in 2 updates of 16 (2 processes x 4 x 2 micro-batches), 32-token responses (long enough that the
 # two processes finish generating at different steps), evaluation after update 2.
-TINY = ["--total-episodes", "32", "--per-device-train-batch-size", "4", "--gradient-accumulation-steps", "2",
-        "--local-rollout-forward-batch-size", "8", "--num-sample-generations", "0", "--eval-steps", "2",
-        "--num-eval-prompts", "7", "--response-length", "32"]
+TINY = [
+    "--total-episodes",
+    "32",
+    "--per-device-train-batch-size",
+    "4",
+    "--gradient-accumulation-steps",
+    "2",
+    "--local-rollout-forward-batch-size",
+    "8",
+    "--num-sample-generations",
+    "0",
+    "--eval-steps",
+    "2",
+    "--num-eval-prompts",
+    "7",
+    "--response-length",
+    "32",
+]
 NUM_UPDATES, BATCH, PER_PROCESS = 2, 16, 8
 LORA = ["--use-peft", "--lora-r", "8", "--lora-alpha", "16", "--learning-rate", "1e-3", "--merge-adapter-on-save"]
 # Metrics of update 1 computed from the rollout, before any optimizer step: the same under every launch mode.
-ROLLOUT_METRICS = ["objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
-                   "objective/scores", "objective/response_length", "val/num_eos_tokens"]
+ROLLOUT_METRICS = [
+    "objective/kl",
+    "objective/entropy",
+    "objective/non_score_reward",
+    "objective/rlhf_reward",
+    "objective/scores",
+    "objective/response_length",
+    "val/num_eos_tokens",
+]
 
 
 def free_port() -> int:
@@ -55,7 +77,9 @@ class Run:
         self.out, self.returncode, self.stdout, self.stderr = out, returncode, stdout, stderr
 
     def check(self):
-        assert self.returncode == 0, f"exited {self.returncode}\nSTDOUT:\n{self.stdout[-3000:]}\nSTDERR:\n{self.stderr[-5000:]}"
+        assert self.returncode == 0, (
+            f"exited {self.returncode}\nSTDOUT:\n{self.stdout[-3000:]}\nSTDERR:\n{self.stderr[-5000:]}"
+        )
         assert "terminate called" not in self.stderr  # the gloo abort at exit
         return self
 
@@ -75,8 +99,13 @@ class Runner:
     def __init__(self, root):
         self.root, self.procs, self.lock = root, set(), threading.Lock()
         self.executor = ThreadPoolExecutor(max_workers=2)
-        self.env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-                    "HF_DATASETS_CACHE": os.path.join(root, "hf_cache")}
+        self.env = {
+            **os.environ,
+            **OFFLINE_ENV,
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            "HF_DATASETS_CACHE": os.path.join(root, "hf_cache"),
+        }
 
     def run(self, name, launcher, script, args, timeout=600):
         out = os.path.join(self.root, name)
@@ -86,9 +115,13 @@ class Runner:
         else:
             cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--main_process_port", port]
         cmd += [os.path.join(ROOT, script), *args, "--output-dir", out]
-        with open(os.path.join(self.root, name + ".out"), "w") as fo, open(os.path.join(self.root, name + ".err"), "w") as fe:
-            proc = subprocess.Popen(cmd, cwd=ROOT, env={**self.env, "MASTER_PORT": port}, stdout=fo, stderr=fe,
-                                    start_new_session=True)
+        with (
+            open(os.path.join(self.root, name + ".out"), "w") as fo,
+            open(os.path.join(self.root, name + ".err"), "w") as fe,
+        ):
+            proc = subprocess.Popen(
+                cmd, cwd=ROOT, env={**self.env, "MASTER_PORT": port}, stdout=fo, stderr=fe, start_new_session=True
+            )
         with self.lock:
             self.procs.add(proc)
         try:
@@ -107,12 +140,14 @@ class Runner:
 
     def resume(self, first, name, launcher, args):
         """Resume from checkpoint 1 of a finished run, in a copy of its output folder."""
+
         def job():
             done = first.result().check()
             out = os.path.join(self.root, name)
             shutil.copytree(done.out, out)
             shutil.rmtree(os.path.join(out, "checkpoints", f"checkpoint-{NUM_UPDATES}"))
             return self.run(name, launcher, "ppo_rlhf.py", [*args, "--resume-from-checkpoint", "latest"])
+
         return self.executor.submit(job)
 
     def close(self):
@@ -130,8 +165,10 @@ def make_sft_adapter(path):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(os.path.join(EMBEDDED, "sft_model")),
-                           LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["query_key_value"]))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(os.path.join(EMBEDDED, "sft_model")),
+        LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["query_key_value"]),
+    )
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.2)
@@ -144,10 +181,12 @@ def small_datasets(root):
     sft = load_from_disk(os.path.join(EMBEDDED, "sft_data"))
     # 17 and 30 held-out examples: with 16 per process per batch, accelerate pads the last batch with duplicates
     DatasetDict(train=sft["train"].select(range(128)), validation=sft["validation"].select(range(17))).save_to_disk(
-        os.path.join(root, "sft_data"))
+        os.path.join(root, "sft_data")
+    )
     pref = load_from_disk(os.path.join(EMBEDDED, "preference_data"))
     DatasetDict(train=pref["train"].select(range(128)), test=pref["test"].select(range(30))).save_to_disk(
-        os.path.join(root, "pref_data"))
+        os.path.join(root, "pref_data")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -158,27 +197,63 @@ def runs(tmp_path_factory):
     runner = Runner(root)
     ppo = "ppo_rlhf.py"
     save = ["--save-steps", "1"]
-    lora_ref = [*TINY, *LORA, "--sft-model-path", os.path.join(root, "sft_adapter"), "--model-adapter-name", "policy",
-                "--ref-adapter-name", "reference", *save]
-    sft_args = ["--dataset-name", os.path.join(root, "sft_data"), "--model-name-or-path", os.path.join(EMBEDDED, "base_model"),
-                "--num-train-epochs", "1", "--per-device-train-batch-size", "16", "--logging-steps", "2",
-                "--num-sample-completions", "2", "--sample-max-new-tokens", "12"]
-    rm_args = ["--dataset-name", os.path.join(root, "pref_data"), "--model-name-or-path", os.path.join(EMBEDDED, "sft_model"),
-               "--normalize-num-examples", "33", "--per-device-train-batch-size", "16", "--logging-steps", "2"]
+    lora_ref = [
+        *TINY,
+        *LORA,
+        "--sft-model-path",
+        os.path.join(root, "sft_adapter"),
+        "--model-adapter-name",
+        "policy",
+        "--ref-adapter-name",
+        "reference",
+        *save,
+    ]
+    sft_args = [
+        "--dataset-name",
+        os.path.join(root, "sft_data"),
+        "--model-name-or-path",
+        os.path.join(EMBEDDED, "base_model"),
+        "--num-train-epochs",
+        "1",
+        "--per-device-train-batch-size",
+        "16",
+        "--logging-steps",
+        "2",
+        "--num-sample-completions",
+        "2",
+        "--sample-max-new-tokens",
+        "12",
+    ]
+    rm_args = [
+        "--dataset-name",
+        os.path.join(root, "pref_data"),
+        "--model-name-or-path",
+        os.path.join(EMBEDDED, "sft_model"),
+        "--normalize-num-examples",
+        "33",
+        "--per-device-train-batch-size",
+        "16",
+        "--logging-steps",
+        "2",
+    ]
     jobs = {}
     # ZeRO-3 first: on a fresh machine the first DeepSpeed run also compiles its shared-memory comm op (~30 s).
     # A resume is submitted after other runs, so that its worker does not sit waiting for the run it resumes.
     jobs["zero3"] = runner.submit("zero3", ZERO3, ppo, [*TINY, *save])
-    jobs["zero3_sharded_lora"] = runner.submit("zero3_sharded_lora", ZERO3, ppo, [*TINY, "--no-ds3-gather-for-generation", *LORA])
+    jobs["zero3_sharded_lora"] = runner.submit(
+        "zero3_sharded_lora", ZERO3, ppo, [*TINY, "--no-ds3-gather-for-generation", *LORA]
+    )
     jobs["ddp_lora_ref_adapter"] = runner.submit("ddp_lora_ref_adapter", TORCHRUN, ppo, lora_ref)
     jobs["ddp"] = runner.submit("ddp", DDP, ppo, TINY)
     jobs["zero2"] = runner.submit("zero2", ZERO2, ppo, TINY)
     jobs["zero3_resumed"] = runner.resume(jobs["zero3"], "zero3_resumed", ZERO3, [*TINY, *save])
-    jobs["sft_ddp_lora"] = runner.submit("sft_ddp_lora", DDP, "sft.py",
-                                         [*sft_args, "--use-peft", "--learning-rate", "3e-2", "--merge-adapter-on-save"])
+    jobs["sft_ddp_lora"] = runner.submit(
+        "sft_ddp_lora", DDP, "sft.py", [*sft_args, "--use-peft", "--learning-rate", "3e-2", "--merge-adapter-on-save"]
+    )
     jobs["rm_ddp"] = runner.submit("rm_ddp", DDP, "reward_modeling.py", rm_args)
-    jobs["ddp_lora_ref_adapter_resumed"] = runner.resume(jobs["ddp_lora_ref_adapter"], "ddp_lora_ref_adapter_resumed",
-                                                         TORCHRUN, lora_ref)
+    jobs["ddp_lora_ref_adapter_resumed"] = runner.resume(
+        jobs["ddp_lora_ref_adapter"], "ddp_lora_ref_adapter_resumed", TORCHRUN, lora_ref
+    )
     jobs["rm_zero3"] = runner.submit("rm_zero3", ZERO3, "reward_modeling.py", rm_args)
     yield {"root": root, "jobs": jobs}
     runner.close()
@@ -200,7 +275,9 @@ def loads_and_was_trained(out):
 
     policy, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not any(info.values()), info
-    value, info = AutoModelForSequenceClassification.from_pretrained(os.path.join(out, "value_model"), output_loading_info=True)
+    value, info = AutoModelForSequenceClassification.from_pretrained(
+        os.path.join(out, "value_model"), output_loading_info=True
+    )
     assert not any(info.values()), info
     sft = AutoModelForCausalLM.from_pretrained(os.path.join(EMBEDDED, "sft_model")).state_dict()
     rm = AutoModelForSequenceClassification.from_pretrained(os.path.join(EMBEDDED, "reward_model")).state_dict()
@@ -295,7 +372,9 @@ def assert_frozen_base_trained_adapter(out, base_dir, adapter_start=None):
     merged = AutoModelForCausalLM.from_pretrained(os.path.join(out, "merged")).state_dict()
     changed = {k for k in base if not torch.equal(base[k], merged[k])}
     assert changed and all("query_key_value" in k for k in changed), changed
-    rebuilt = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), out).merge_and_unload().state_dict()
+    rebuilt = (
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), out).merge_and_unload().state_dict()
+    )
     for k in base:
         assert torch.allclose(rebuilt[k], merged[k], atol=1e-6), k
     adapter = load_file(os.path.join(out, "adapter_model.safetensors"))
@@ -388,7 +467,9 @@ def test_held_out_metrics_of_two_processes_count_each_example_once(runs):
     total, count = 0.0, 0
     with torch.no_grad():
         for row in load_from_disk(os.path.join(runs["root"], "sft_data"))["validation"]:
-            batch = sft.collate([sft.tokenize_example(tokenizer, row["prompt"], row["completion"])], tokenizer.pad_token_id)
+            batch = sft.collate(
+                [sft.tokenize_example(tokenizer, row["prompt"], row["completion"])], tokenizer.pad_token_id
+            )
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             total += sft.completion_loss(logits, batch["labels"], reduction="sum").item()
             count += int((batch["labels"][:, 1:] != -100).sum())
@@ -402,10 +483,14 @@ def test_held_out_metrics_of_two_processes_count_each_example_once(runs):
     losses, correct = [], []
     with torch.no_grad():
         for row in load_from_disk(os.path.join(runs["root"], "pref_data"))["test"]:
-            ids = [tokenizer(row["prompt"] + row[k], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-                   for k in ("chosen", "rejected")]
-            chosen, rejected = (reward_modeling.get_reward(model, torch.tensor([x]), torch.ones(1, len(x), dtype=torch.long))
-                                for x in ids)
+            ids = [
+                tokenizer(row["prompt"] + row[k], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                for k in ("chosen", "rejected")
+            ]
+            chosen, rejected = (
+                reward_modeling.get_reward(model, torch.tensor([x]), torch.ones(1, len(x), dtype=torch.long))
+                for x in ids
+            )
             losses.append(-F.logsigmoid(chosen - rejected).item())
             correct.append((chosen > rejected).item())
     assert logged["eval/loss"] == pytest.approx(sum(losses) / 30, rel=1e-4)
@@ -441,12 +526,40 @@ def resume_runs(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("distributed_resume"))
     small_datasets(root)
     runner = Runner(root)
-    common = ["--per-device-train-batch-size", "8", "--gradient-accumulation-steps", "2", "--logging-steps", "1",
-              "--save-steps", "1", "--save-total-limit", "None"]
-    sft_args = ["--dataset-name", os.path.join(root, "sft_data"), "--model-name-or-path", os.path.join(EMBEDDED, "base_model"),
-                "--num-train-epochs", "1", "--num-sample-completions", "0", *common]
-    rm_args = ["--dataset-name", os.path.join(root, "pref_data"), "--model-name-or-path", os.path.join(EMBEDDED, "sft_model"),
-               "--normalize-dataset-name", os.path.join(EMBEDDED, "sft_data"), "--normalize-num-examples", "33", *common]
+    common = [
+        "--per-device-train-batch-size",
+        "8",
+        "--gradient-accumulation-steps",
+        "2",
+        "--logging-steps",
+        "1",
+        "--save-steps",
+        "1",
+        "--save-total-limit",
+        "None",
+    ]
+    sft_args = [
+        "--dataset-name",
+        os.path.join(root, "sft_data"),
+        "--model-name-or-path",
+        os.path.join(EMBEDDED, "base_model"),
+        "--num-train-epochs",
+        "1",
+        "--num-sample-completions",
+        "0",
+        *common,
+    ]
+    rm_args = [
+        "--dataset-name",
+        os.path.join(root, "pref_data"),
+        "--model-name-or-path",
+        os.path.join(EMBEDDED, "sft_model"),
+        "--normalize-dataset-name",
+        os.path.join(EMBEDDED, "sft_data"),
+        "--normalize-num-examples",
+        "33",
+        *common,
+    ]
 
     def run_and_resume(name, launcher, script, args):
         first = runner.run(name, launcher, script, args).check()
@@ -456,8 +569,10 @@ def resume_runs(tmp_path_factory):
             shutil.copytree(os.path.join(first.out, checkpoint), os.path.join(resumed_out, checkpoint))
         return first, runner.run(name + "_resumed", launcher, script, [*args, "--resume-from-checkpoint", "latest"])
 
-    jobs = {"sft_ddp": runner.executor.submit(run_and_resume, "sft_ddp", DDP, "sft.py", sft_args),
-            "rm_zero3": runner.executor.submit(run_and_resume, "rm_zero3", ZERO3, "reward_modeling.py", rm_args)}
+    jobs = {
+        "sft_ddp": runner.executor.submit(run_and_resume, "sft_ddp", DDP, "sft.py", sft_args),
+        "rm_zero3": runner.executor.submit(run_and_resume, "rm_zero3", ZERO3, "reward_modeling.py", rm_args),
+    }
     yield jobs
     runner.close()
 
@@ -474,7 +589,10 @@ def test_sft_and_reward_modeling_resume_mid_epoch_with_two_processes_bitwise(res
         assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= names
     else:
         assert "optimizer.pt" in os.listdir(checkpoint)
-    with open(os.path.join(first.out, "model.safetensors"), "rb") as a, open(os.path.join(resumed.out, "model.safetensors"), "rb") as b:
+    with (
+        open(os.path.join(first.out, "model.safetensors"), "rb") as a,
+        open(os.path.join(resumed.out, "model.safetensors"), "rb") as b,
+    ):
         assert a.read() == b.read()
     assert resumed.rows == first.rows
     assert [r["step"] for r in resumed.rows if "train/loss" in r] == [1, 2, 3, 4]

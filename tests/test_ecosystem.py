@@ -1,6 +1,7 @@
 """Issue 18, the ecosystem's habits, in the four scripts: TRL's `--flag True/False`, AdamW's flags, the progress bar
 (a terminal only), --push-to-hub (checked before training, the saved folder uploaded as written) and the model card's
 Hub metadata."""
+
 import json
 import os
 import pty
@@ -18,9 +19,24 @@ from conftest import ROOT, ReachedTraining, run_in_process
 
 SCRIPTS = ["sft.py", "reward_modeling.py", "ppo_rlhf.py", "ppo_rlhf_tldr.py"]
 EMBEDDED = os.path.join(ROOT, "embedded")
-PPO_TINY = ["--total-episodes", "16", "--per-device-train-batch-size", "4", "--gradient-accumulation-steps", "2",
-            "--local-rollout-forward-batch-size", "8", "--num-sample-generations", "0", "--eval-strategy", "no",
-            "--response-length", "16", "--num-ppo-epochs", "1"]
+PPO_TINY = [
+    "--total-episodes",
+    "16",
+    "--per-device-train-batch-size",
+    "4",
+    "--gradient-accumulation-steps",
+    "2",
+    "--local-rollout-forward-batch-size",
+    "8",
+    "--num-sample-generations",
+    "0",
+    "--eval-strategy",
+    "no",
+    "--response-length",
+    "16",
+    "--num-ppo-epochs",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -37,20 +53,49 @@ def small_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     sft = load_from_disk(os.path.join(EMBEDDED, "sft_data"))
     DatasetDict(train=sft["train"].select(range(32)), validation=sft["validation"].select(range(8))).save_to_disk(
-        str(root / "sft"))
-    load_from_disk(os.path.join(EMBEDDED, "preference_data"))["train"].select(range(36)).to_json(str(root / "pref.jsonl"))
+        str(root / "sft")
+    )
+    load_from_disk(os.path.join(EMBEDDED, "preference_data"))["train"].select(range(36)).to_json(
+        str(root / "pref.jsonl")
+    )
     return {"sft": str(root / "sft"), "pref": str(root / "pref.jsonl")}
 
 
 def tiny_args(script: str, data: dict, out: str) -> list:
     if script == "sft.py":
-        return ["--dataset-name", data["sft"], "--model-name-or-path", os.path.join(EMBEDDED, "base_model"),
-                "--num-train-epochs", "1", "--per-device-train-batch-size", "16", "--logging-steps", "1",
-                "--num-sample-completions", "0", "--output-dir", out]
+        return [
+            "--dataset-name",
+            data["sft"],
+            "--model-name-or-path",
+            os.path.join(EMBEDDED, "base_model"),
+            "--num-train-epochs",
+            "1",
+            "--per-device-train-batch-size",
+            "16",
+            "--logging-steps",
+            "1",
+            "--num-sample-completions",
+            "0",
+            "--output-dir",
+            out,
+        ]
     if script == "reward_modeling.py":
-        return ["--dataset-name", data["pref"], "--model-name-or-path", os.path.join(EMBEDDED, "sft_model"),
-                "--normalize-dataset-name", data["sft"], "--normalize-num-examples", "8",
-                "--per-device-train-batch-size", "16", "--logging-steps", "1", "--output-dir", out]
+        return [
+            "--dataset-name",
+            data["pref"],
+            "--model-name-or-path",
+            os.path.join(EMBEDDED, "sft_model"),
+            "--normalize-dataset-name",
+            data["sft"],
+            "--normalize-num-examples",
+            "8",
+            "--per-device-train-batch-size",
+            "16",
+            "--logging-steps",
+            "1",
+            "--output-dir",
+            out,
+        ]
     extra = ["--dataset-final-eval-split", "None"] if script == "ppo_rlhf_tldr.py" else []  # its final test-split eval
     return [*PPO_TINY, *extra, "--output-dir", out]
 
@@ -60,16 +105,29 @@ def tiny_args(script: str, data: dict, out: str) -> list:
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-@pytest.mark.parametrize("argv,expected", [(["--bf16", "True"], True), (["--bf16", "False"], False), (["--bf16"], True),
-                                           (["--no-bf16"], False), (["--bf16=true"], True), (["--bf16", "0"], False)])
+@pytest.mark.parametrize(
+    "argv,expected",
+    [
+        (["--bf16", "True"], True),
+        (["--bf16", "False"], False),
+        (["--bf16"], True),
+        (["--no-bf16"], False),
+        (["--bf16=true"], True),
+        (["--bf16", "0"], False),
+    ],
+)
 def test_boolean_flags_accept_trl_and_tyro_forms(script, argv, expected, tmp_path, monkeypatch, small_data):
     """Through the script's own command line, up to the end of its validation (the Accelerator is a tripwire)."""
     parsed = []
     real_cli = tyro.cli
     monkeypatch.setattr(tyro, "cli", lambda *a, **k: parsed.append(real_cli(*a, **k)) or parsed[-1])
     # --gradient_checkpointing False: TRL's underscore spelling, next to the flag under test.
-    outcome = run_in_process(script, [*tiny_args(script, small_data, str(tmp_path / "out")), *argv,
-                                      "--gradient_checkpointing", "False"], tmp_path, monkeypatch)
+    outcome = run_in_process(
+        script,
+        [*tiny_args(script, small_data, str(tmp_path / "out")), *argv, "--gradient_checkpointing", "False"],
+        tmp_path,
+        monkeypatch,
+    )
     assert isinstance(outcome, ReachedTraining), outcome
     assert parsed[-1].bf16 is expected and parsed[-1].gradient_checkpointing is False
 
@@ -77,7 +135,13 @@ def test_boolean_flags_accept_trl_and_tyro_forms(script, argv, expected, tmp_pat
 def test_boolean_rewrite_leaves_values_of_other_flags_alone(modules):
     rewrite, args_cls = modules["sft.py"]["bool_flags_as_switches"], modules["sft.py"]["Args"]
     assert rewrite(["--exp-name", "True", "--bf16", "--seed", "1", "--track", "no"], args_cls) == [
-        "--exp-name", "True", "--bf16", "--seed", "1", "--no-track"]
+        "--exp-name",
+        "True",
+        "--bf16",
+        "--seed",
+        "1",
+        "--no-track",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -85,12 +149,24 @@ def test_boolean_rewrite_leaves_values_of_other_flags_alone(modules):
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-@pytest.mark.parametrize("flag,value,word", [("--adam-epsilon", "0", "positive"), ("--adam-beta2", "1.0", "[0, 1)"),
-                                             ("--weight-decay", "-0.1", ">= 0"), ("--max-grad-norm", "0", "positive")])
+@pytest.mark.parametrize(
+    "flag,value,word",
+    [
+        ("--adam-epsilon", "0", "positive"),
+        ("--adam-beta2", "1.0", "[0, 1)"),
+        ("--weight-decay", "-0.1", ">= 0"),
+        ("--max-grad-norm", "0", "positive"),
+    ],
+)
 def test_bad_optimizer_flags_stop_before_training(script, flag, value, word, tmp_path, monkeypatch, small_data):
-    outcome = run_in_process(script, [*tiny_args(script, small_data, str(tmp_path / "out")), flag, value], tmp_path,
-                             monkeypatch)
-    assert isinstance(outcome, SystemExit) and str(outcome.code).startswith(f"error: {flag}:") and word in str(outcome.code)
+    outcome = run_in_process(
+        script, [*tiny_args(script, small_data, str(tmp_path / "out")), flag, value], tmp_path, monkeypatch
+    )
+    assert (
+        isinstance(outcome, SystemExit)
+        and str(outcome.code).startswith(f"error: {flag}:")
+        and word in str(outcome.code)
+    )
 
 
 def saved_weights(folder):
@@ -105,15 +181,24 @@ def test_adam_epsilon_changes_the_first_optimizer_step(script, tmp_path, small_d
     """One optimizer step with AdamW's epsilon at 1e-5 and at 1e-2 (large next to the first step's sqrt(v) = |g|):
     the saved weights differ (runs with equal flags save equal weights: tests/test_*.py's exact-resume checks).
     Piped, the runs print their per-step lines and no bar of ours."""
-    one_step = {"sft.py": ["--gradient-accumulation-steps", "2"],  # 32 examples, 2 batches of 16
-                "ppo_rlhf.py": ["--total-episodes", "8", "--num-mini-batches", "1"]}[script]
+    one_step = {
+        "sft.py": ["--gradient-accumulation-steps", "2"],  # 32 examples, 2 batches of 16
+        "ppo_rlhf.py": ["--total-episodes", "8", "--num-mini-batches", "1"],
+    }[script]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "cache")}
     weights = {}
     for eps in ("1e-5", "1e-2"):
         out = str(tmp_path / eps)
         args = [*tiny_args(script, small_data, out), *one_step, "--adam-epsilon", eps, "--seed", "3"]
-        proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, env=env, check=True,
-                              capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [sys.executable, os.path.join(ROOT, script), *args],
+            cwd=ROOT,
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert "step/s" not in proc.stderr and "episode/s" not in proc.stderr  # (transformers' own bars say it/s)
         assert "step 1/1 " in proc.stdout or "update 1/1 " in proc.stdout
         weights[eps] = saved_weights(out)
@@ -160,17 +245,22 @@ def test_push_to_hub_is_checked_before_training(script, case, tmp_path, monkeypa
         assert isinstance(outcome, ReachedTraining), outcome
         assert calls == ["whoami"]
         return
-    flag, word = {"offline": ("--push-to-hub", "HF_HUB_OFFLINE"), "repo_id": ("--hub-model-id", "not a valid"),
-                  "token": ("--push-to-hub", "no Hugging Face token"),
-                  "unreachable": ("--push-to-hub", "no route to host")}[case]
+    flag, word = {
+        "offline": ("--push-to-hub", "HF_HUB_OFFLINE"),
+        "repo_id": ("--hub-model-id", "not a valid"),
+        "token": ("--push-to-hub", "no Hugging Face token"),
+        "unreachable": ("--push-to-hub", "no route to host"),
+    }[case]
     assert isinstance(outcome, SystemExit), outcome
-    assert str(outcome.code).startswith(f"error: {flag}:") and word in str(outcome.code) and "\n" not in str(outcome.code)
+    assert (
+        str(outcome.code).startswith(f"error: {flag}:") and word in str(outcome.code) and "\n" not in str(outcome.code)
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # A whole run on a terminal with --push-to-hub against a fake Hub API: progress bar, upload, card
 
-FAKE_HUB = '''
+FAKE_HUB = """
 import json, os
 from huggingface_hub import HfApi
 
@@ -203,7 +293,7 @@ HfApi.whoami, HfApi.create_repo, HfApi.create_commit = whoami, create_repo, crea
 import huggingface_hub._upload_pipeline
 huggingface_hub._upload_pipeline.pipelined_upload = pipelined_upload
 HfApi._validate_yaml = validate_yaml
-'''
+"""
 
 
 def run_on_a_terminal(cmd, env, timeout=600) -> str:
@@ -234,27 +324,58 @@ def run_on_a_terminal(cmd, env, timeout=600) -> str:
 
 
 def files_under(folder):
-    return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs
-                  if "checkpoints" not in os.path.relpath(d, folder).split(os.sep))
+    return sorted(
+        os.path.relpath(os.path.join(d, f), folder)
+        for d, _, fs in os.walk(folder)
+        for f in fs
+        if "checkpoints" not in os.path.relpath(d, folder).split(os.sep)
+    )
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script,unit,tags", [("sft.py", "step", {"sft"}), ("reward_modeling.py", "step", {"reward-model"}),
-                                              ("ppo_rlhf.py", "episode", {"ppo", "rlhf"}),
-                                              ("ppo_rlhf_tldr.py", "episode", {"ppo", "rlhf"})])
+@pytest.mark.parametrize(
+    "script,unit,tags",
+    [
+        ("sft.py", "step", {"sft"}),
+        ("reward_modeling.py", "step", {"reward-model"}),
+        ("ppo_rlhf.py", "episode", {"ppo", "rlhf"}),
+        ("ppo_rlhf_tldr.py", "episode", {"ppo", "rlhf"}),
+    ],
+)
 def test_run_on_a_terminal_shows_progress_and_uploads_the_saved_folder(script, unit, tags, tmp_path, small_data):
     (tmp_path / "fake_hub").mkdir()
     (tmp_path / "fake_hub" / "sitecustomize.py").write_text(FAKE_HUB)
     log = tmp_path / "hub.jsonl"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "0",
-           "HF_TOKEN": "hf_test", "FAKE_HUB_LOG": str(log), "COLUMNS": "120",
-           "PYTHONPATH": os.pathsep.join([str(tmp_path / "fake_hub"), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_DATASETS_CACHE": str(tmp_path / "cache"),
+        "HF_HUB_OFFLINE": "0",
+        "HF_TOKEN": "hf_test",
+        "FAKE_HUB_LOG": str(log),
+        "COLUMNS": "120",
+        "PYTHONPATH": os.pathsep.join([str(tmp_path / "fake_hub"), os.environ.get("PYTHONPATH", "")]),
+    }
     out = str(tmp_path / "out")
     launch = [sys.executable, os.path.join(ROOT, script)]
     if script == "ppo_rlhf.py":  # through pipeline.py's stage runner: its stages draw their bars on its terminal
-        launch = [sys.executable, "-c", "import sys, pipeline; pipeline.run_stage('ppo', 'ppo_rlhf.py', sys.argv[1:], {})"]
-    text = run_on_a_terminal([*launch, *tiny_args(script, small_data, out), "--push-to-hub", "--hub-model-id", "me/tiny",
-                              "--save-steps", "1"], env)
+        launch = [
+            sys.executable,
+            "-c",
+            "import sys, pipeline; pipeline.run_stage('ppo', 'ppo_rlhf.py', sys.argv[1:], {})",
+        ]
+    text = run_on_a_terminal(
+        [
+            *launch,
+            *tiny_args(script, small_data, out),
+            "--push-to-hub",
+            "--hub-model-id",
+            "me/tiny",
+            "--save-steps",
+            "1",
+        ],
+        env,
+    )
     assert script != "ppo_rlhf.py" or "=== ppo (0 s into the pipeline)" in text
     # tqdm's bar: a carriage-return redraw with the rate and the time left, per step or episode
     assert "\r" in text and f"{unit}/s" in text and "100%" in text, text[-2000:]
@@ -279,11 +400,16 @@ def test_run_on_a_terminal_shows_progress_and_uploads_the_saved_folder(script, u
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_model_card_metadata_names_hub_ids(script, modules):
-    card = modules[script]["model_card"]("run", "EleutherAI/pythia-1b-deduped", ["trl-lib/tldr", "embedded/prompts"],
-                                         ["ppo", "rlhf"], "text\n")
+    card = modules[script]["model_card"](
+        "run", "EleutherAI/pythia-1b-deduped", ["trl-lib/tldr", "embedded/prompts"], ["ppo", "rlhf"], "text\n"
+    )
     meta = yaml.safe_load(card.split("---\n")[1])
-    assert meta == {"library_name": "transformers", "tags": ["ppo", "rlhf"], "base_model": "EleutherAI/pythia-1b-deduped",
-                    "datasets": ["trl-lib/tldr"]}
+    assert meta == {
+        "library_name": "transformers",
+        "tags": ["ppo", "rlhf"],
+        "base_model": "EleutherAI/pythia-1b-deduped",
+        "datasets": ["trl-lib/tldr"],
+    }
     assert card.split("---\n", 2)[2] == "\n# run\n\ntext\n"
 
 
@@ -315,5 +441,10 @@ def test_progress_bar_only_on_a_terminal_of_the_main_process(script, modules, mo
 @pytest.mark.parametrize("script", ["sft.py", "reward_modeling.py"])
 def test_wandb_names_follow_one_convention(script, modules):
     row = modules[script]["wandb_row"]({"train/loss": 1.0, "lr": 1e-3, "epoch": 0, "step": 4, "eval/loss": 2.0})
-    assert row == {"train/loss": 1.0, "train/learning_rate": 1e-3, "train/epoch": 0, "train/global_step": 4,
-                   "eval/loss": 2.0}
+    assert row == {
+        "train/loss": 1.0,
+        "train/learning_rate": 1e-3,
+        "train/epoch": 0,
+        "train/global_step": 4,
+        "eval/loss": 2.0,
+    }

@@ -26,9 +26,20 @@ import sft  # noqa: E402
 EMBEDDED = os.path.join(ROOT, "embedded")
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 SCRIPTS = ("sft.py", "reward_modeling.py", "ppo_rlhf.py", "ppo_rlhf_tldr.py")
-SHARED_HELPERS = ("lock_output_dir", "finish_interrupted_save", "publish_output", "seal_checkpoint", "checkpoint_problem",
-                  "latest_checkpoint", "STOP", "stop_on_signals", "stop_requested", "resolve_resume", "load_resume_state",
-                  "explain_remote_code_errors")
+SHARED_HELPERS = (
+    "lock_output_dir",
+    "finish_interrupted_save",
+    "publish_output",
+    "seal_checkpoint",
+    "checkpoint_problem",
+    "latest_checkpoint",
+    "STOP",
+    "stop_on_signals",
+    "stop_requested",
+    "resolve_resume",
+    "load_resume_state",
+    "explain_remote_code_errors",
+)
 
 
 def files_under(path) -> dict:
@@ -57,8 +68,11 @@ def release_locks(monkeypatch):
 def test_the_output_folder_helpers_are_the_same_in_all_four_scripts():
     def definitions(script):
         text = open(os.path.join(ROOT, script)).read()
-        nodes = {getattr(n, "name", None) or n.targets[0].id: n for n in ast.parse(text).body
-                 if isinstance(n, ast.FunctionDef) or (isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name))}
+        nodes = {
+            getattr(n, "name", None) or n.targets[0].id: n
+            for n in ast.parse(text).body
+            if isinstance(n, ast.FunctionDef) or (isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name))
+        }
         return {name: ast.get_source_segment(text, nodes[name]) for name in SHARED_HELPERS if name in nodes}
 
     reference = definitions("sft.py")
@@ -85,7 +99,8 @@ def test_a_new_runs_checkpoint_is_latest_and_an_older_runs_higher_numbers_go(tmp
         sft.seal_checkpoint(str(folder / f"checkpoint-{n}.tmp"), str(folder / f"checkpoint-{n}"), 2)
     assert sorted(os.listdir(folder)) == ["checkpoint-2", "checkpoint-3", "latest"]  # --save-total-limit 2
     assert json.loads((folder / "checkpoint-3" / "manifest.json").read_text()) == {
-        "state.pt": os.path.getsize(folder / "checkpoint-3" / "state.pt")}
+        "state.pt": os.path.getsize(folder / "checkpoint-3" / "state.pt")
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -99,29 +114,52 @@ def sealed_checkpoint(out, n, **changes):
     folder = out / "checkpoints"
     tmp = folder / f"checkpoint-{n}.tmp"
     (tmp / "model").mkdir(parents=True)
-    args = sft.Args(model_name_or_path=os.path.join(EMBEDDED, "base_model"), dataset_name=os.path.join(EMBEDDED, "sft_data"),
-                    output_dir=str(out), **changes)
-    torch.save({"args": json.dumps(dataclasses.asdict(args)), "world_size": 1, "zero_stage": None, "step": n,
-                "script": "sft.py"}, tmp / "state.pt")
+    args = sft.Args(
+        model_name_or_path=os.path.join(EMBEDDED, "base_model"),
+        dataset_name=os.path.join(EMBEDDED, "sft_data"),
+        output_dir=str(out),
+        **changes,
+    )
+    torch.save(
+        {
+            "args": json.dumps(dataclasses.asdict(args)),
+            "world_size": 1,
+            "zero_stage": None,
+            "step": n,
+            "script": "sft.py",
+        },
+        tmp / "state.pt",
+    )
     (tmp / "model" / "model.safetensors").write_bytes(b"weights" * 100)
     sft.seal_checkpoint(str(tmp), str(folder / f"checkpoint-{n}"), None)
     return folder / f"checkpoint-{n}"
 
 
 def sft_argv(out, *extra):
-    return ["--model-name-or-path", os.path.join(EMBEDDED, "base_model"), "--dataset-name",
-            os.path.join(EMBEDDED, "sft_data"), "--output-dir", str(out), *extra]
+    return [
+        "--model-name-or-path",
+        os.path.join(EMBEDDED, "base_model"),
+        "--dataset-name",
+        os.path.join(EMBEDDED, "sft_data"),
+        "--output-dir",
+        str(out),
+        *extra,
+    ]
 
 
-def test_a_truncated_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, monkeypatch, capsys, release_locks):
+def test_a_truncated_latest_checkpoint_falls_back_to_the_newest_intact_one(
+    tmp_path, monkeypatch, capsys, release_locks
+):
     out = tmp_path / "out"
     sealed_checkpoint(out, 2)
     damaged = sealed_checkpoint(out, 3)
     with open(damaged / "model" / "model.safetensors", "r+b") as f:
         f.truncate(100)  # a kill or a full disk mid-write, after the checkpoint was complete
     # `latest` skips it, saying so, and resumes checkpoint-2 (validation passes)
-    assert isinstance(run_in_process("sft.py", sft_argv(out, "--resume-from-checkpoint", "latest"), tmp_path, monkeypatch),
-                      ReachedTraining)
+    assert isinstance(
+        run_in_process("sft.py", sft_argv(out, "--resume-from-checkpoint", "latest"), tmp_path, monkeypatch),
+        ReachedTraining,
+    )
     err = capsys.readouterr().err
     assert "checkpoint-3 is damaged: model/model.safetensors has 100 bytes, 700 when written" in err, err
     assert "resuming from checkpoint-2, the newest intact checkpoint" in err, err
@@ -134,15 +172,20 @@ def test_a_truncated_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_p
     # with every checkpoint damaged, a clear stop
     (out / "checkpoints" / "checkpoint-2" / "state.pt").write_bytes(b"")
     error = run_in_process("sft.py", sft_argv(out, "--resume-from-checkpoint", "latest"), tmp_path, monkeypatch)
-    assert isinstance(error, SystemExit) and "no intact checkpoint" in error.code and "checkpoint-2 is damaged" in error.code
+    assert (
+        isinstance(error, SystemExit)
+        and "no intact checkpoint" in error.code
+        and "checkpoint-2 is damaged" in error.code
+    )
 
 
 def test_an_unreadable_state_file_is_a_clear_error(tmp_path, monkeypatch, release_locks):
     folder = sealed_checkpoint(tmp_path / "out", 2)
     os.remove(folder / "manifest.json")  # a checkpoint of an older version: nothing to verify against
     (folder / "state.pt").write_bytes(b"PK\x03\x04 not a zip")
-    error = run_in_process("sft.py", sft_argv(tmp_path / "out", "--resume-from-checkpoint", str(folder)), tmp_path,
-                           monkeypatch)
+    error = run_in_process(
+        "sft.py", sft_argv(tmp_path / "out", "--resume-from-checkpoint", str(folder)), tmp_path, monkeypatch
+    )
     assert isinstance(error, SystemExit) and error.code.startswith("error: --resume-from-checkpoint:"), error
     assert "state.pt' cannot be read" in error.code
 
@@ -161,8 +204,11 @@ def test_a_final_save_stopped_after_any_step_leaves_the_old_or_the_new_output(tm
     run's checkpoints and no leftover; a LoRA adapter of the old output never survives into the new one."""
     out = tmp_path / "out"
     old = {"adapter_config.json": b"old adapter", "adapter_model.safetensors": b"old", "README.md": b"old card"}
-    new = {"model.safetensors": b"new policy", os.path.join("value_model", "model.safetensors"): b"new value",
-           "README.md": b"new card"}
+    new = {
+        "model.safetensors": b"new policy",
+        os.path.join("value_model", "model.safetensors"): b"new value",
+        "README.md": b"new card",
+    }
     checkpoint = {os.path.join("checkpoints", "checkpoint-4", "state.pt"): b"state"}
     real_replace, real_rmtree = os.replace, shutil.rmtree
     steps, kill_at = [0], [None]
@@ -261,8 +307,13 @@ def test_sigkill_at_random_points_of_real_final_saves_leaves_a_whole_model(tmp_p
     seed = int(os.environ.get("KILL_TEST_SEED", random.randrange(1 << 30)))
     out = tmp_path / "work" / "out"
     out.parent.mkdir()
-    proc = subprocess.run([sys.executable, "-c", f"ROOT = {ROOT!r}\n" + KILL_HARNESS, str(out), "12", str(seed)],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, **OFFLINE_ENV, **ONE_THREAD})
+    proc = subprocess.run(
+        [sys.executable, "-c", f"ROOT = {ROOT!r}\n" + KILL_HARNESS, str(out), "12", str(seed)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **OFFLINE_ENV, **ONE_THREAD},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     for r in results:
@@ -278,14 +329,26 @@ def test_sigkill_at_random_points_of_real_final_saves_leaves_a_whole_model(tmp_p
 
 def test_a_second_run_into_the_same_folder_is_refused_until_the_first_one_dies(tmp_path, monkeypatch):
     out = tmp_path / "out"
-    holder = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {ROOT!r}); import sft; "
-                               f"sft.lock_output_dir({str(out)!r}); print('locked', flush=True); import time; "
-                               "time.sleep(300)"], stdout=subprocess.PIPE, text=True, env={**os.environ, **ONE_THREAD})
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import sys; sys.path.insert(0, {ROOT!r}); import sft; "
+            f"sft.lock_output_dir({str(out)!r}); print('locked', flush=True); import time; "
+            "time.sleep(300)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **ONE_THREAD},
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         error = run_in_process("sft.py", sft_argv(out), tmp_path, monkeypatch)
         assert isinstance(error, SystemExit), "a second run went on to training"
-        assert error.code.startswith("error: --output-dir:") and f"in use by another run (process {holder.pid} on" in error.code
+        assert (
+            error.code.startswith("error: --output-dir:")
+            and f"in use by another run (process {holder.pid} on" in error.code
+        )
     finally:
         holder.kill()  # SIGKILL: no clean-up, the lock file stays
         holder.wait()
@@ -315,7 +378,9 @@ def test_an_output_dir_that_cannot_be_written_stops_before_any_model_loads(case,
         out.write_text("not a folder")
     error = run_in_process("sft.py", sft_argv(out), tmp_path, monkeypatch)
     assert isinstance(error, SystemExit), f"{case}: the script went on to training"
-    assert error.code.startswith("error: --output-dir:") and ("cannot write" in error.code or "is a file" in error.code)
+    assert error.code.startswith("error: --output-dir:") and (
+        "cannot write" in error.code or "is a file" in error.code
+    )
 
 
 def test_a_failed_start_leaves_no_folder_and_no_lock(tmp_path):
@@ -325,8 +390,16 @@ def test_a_failed_start_leaves_no_folder_and_no_lock(tmp_path):
     with open(broken / "model.safetensors", "r+b") as f:
         f.truncate(1000)
     out = tmp_path / "new" / "nested" / "out"
-    proc = run_script("ppo_rlhf.py", "--sft-model-path", str(broken), "--output-dir", str(out), check=False,
-                      env={**ONE_THREAD, "HF_DATASETS_CACHE": str(tmp_path / "cache")}, timeout=300)
+    proc = run_script(
+        "ppo_rlhf.py",
+        "--sft-model-path",
+        str(broken),
+        "--output-dir",
+        str(out),
+        check=False,
+        env={**ONE_THREAD, "HF_DATASETS_CACHE": str(tmp_path / "cache")},
+        timeout=300,
+    )
     assert proc.returncode != 0
     assert not (tmp_path / "new").exists(), files_under(tmp_path / "new").keys()
 
@@ -341,14 +414,31 @@ def small_data(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("data") / "sft"
     full = load_from_disk(os.path.join(EMBEDDED, "sft_data"))
-    DatasetDict(train=full["train"].select(range(64)), validation=full["validation"].select(range(8))).save_to_disk(str(path))
+    DatasetDict(train=full["train"].select(range(64)), validation=full["validation"].select(range(8))).save_to_disk(
+        str(path)
+    )
     return str(path)
 
 
 def small_sft(data, out, *extra, model=os.path.join(EMBEDDED, "base_model")):
-    return [os.path.join(ROOT, "sft.py"), "--dataset-name", data, "--model-name-or-path", model, "--num-train-epochs",
-            "1", "--per-device-train-batch-size", "8", "--logging-steps", "1", "--num-sample-completions", "0",
-            "--output-dir", str(out), *extra]
+    return [
+        os.path.join(ROOT, "sft.py"),
+        "--dataset-name",
+        data,
+        "--model-name-or-path",
+        model,
+        "--num-train-epochs",
+        "1",
+        "--per-device-train-batch-size",
+        "8",
+        "--logging-steps",
+        "1",
+        "--num-sample-completions",
+        "0",
+        "--output-dir",
+        str(out),
+        *extra,
+    ]
 
 
 def test_a_finite_loss_with_a_non_finite_gradient_norm_stops_before_the_step(tmp_path, small_data):
@@ -362,8 +452,13 @@ def test_a_finite_loss_with_a_non_finite_gradient_norm_stops_before_the_step(tmp
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(os.path.join(EMBEDDED, "base_model", name), tmp_path / "model")
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, *small_sft(small_data, out, "--save-steps", "1", model=str(tmp_path / "model"))],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, **OFFLINE_ENV, **ONE_THREAD})
+    proc = subprocess.run(
+        [sys.executable, *small_sft(small_data, out, "--save-steps", "1", model=str(tmp_path / "model"))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **OFFLINE_ENV, **ONE_THREAD},
+    )
     assert proc.returncode == 1, proc.stdout[-2000:]
     assert "error: non-finite gradient norm at optimizer step 1" in proc.stderr and "Traceback" not in proc.stderr
     assert not out.exists() or not os.listdir(out / "checkpoints"), files_under(out).keys()
@@ -372,8 +467,13 @@ def test_a_finite_loss_with_a_non_finite_gradient_norm_stops_before_the_step(tmp
 def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_exits_with_one_line(tmp_path, small_data):
     """Item 8: SIGINT printed a KeyboardInterrupt traceback and lost everything since the last checkpoint."""
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, *small_sft(small_data, out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, **OFFLINE_ENV, **ONE_THREAD, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, *small_sft(small_data, out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **OFFLINE_ENV, **ONE_THREAD, "PYTHONUNBUFFERED": "1"},
+    )
     try:
         for line in proc.stdout:
             if line.startswith("step 1/"):
@@ -399,8 +499,14 @@ def test_a_full_disk_during_a_checkpoint_stops_with_a_message_and_keeps_no_half_
     def cap_file_size():
         resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
 
-    proc = subprocess.run([sys.executable, *small_sft(small_data, out, "--save-steps", "1")], capture_output=True,
-                          text=True, timeout=300, preexec_fn=cap_file_size, env={**os.environ, **OFFLINE_ENV, **ONE_THREAD})
+    proc = subprocess.run(
+        [sys.executable, *small_sft(small_data, out, "--save-steps", "1")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=cap_file_size,
+        env={**os.environ, **OFFLINE_ENV, **ONE_THREAD},
+    )
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "error: could not write checkpoint-1 (" in proc.stderr and "File too large" in proc.stderr
@@ -413,11 +519,21 @@ def test_a_remote_code_model_without_the_flag_is_a_one_line_error(tmp_path, smal
     model = tmp_path / "custom"
     shutil.copytree(os.path.join(EMBEDDED, "base_model"), model)
     config = json.loads((model / "config.json").read_text())
-    config.update(model_type="my_custom_arch", auto_map={"AutoConfig": "configuration_custom.CustomConfig",
-                                                         "AutoModelForCausalLM": "modeling_custom.CustomModel"})
+    config.update(
+        model_type="my_custom_arch",
+        auto_map={
+            "AutoConfig": "configuration_custom.CustomConfig",
+            "AutoModelForCausalLM": "modeling_custom.CustomModel",
+        },
+    )
     (model / "config.json").write_text(json.dumps(config))
-    proc = subprocess.run([sys.executable, *small_sft(small_data, tmp_path / "out", model=str(model))], capture_output=True,
-                          text=True, timeout=300, env={**os.environ, **OFFLINE_ENV, **ONE_THREAD})
+    proc = subprocess.run(
+        [sys.executable, *small_sft(small_data, tmp_path / "out", model=str(model))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **OFFLINE_ENV, **ONE_THREAD},
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("error: --trust-remote-code: The repository")
     assert sorted(os.listdir(tmp_path)) == ["custom"]  # no output folder, no lock

@@ -194,7 +194,9 @@ def serve():
 
 def make_rows(n, good_in_a):
     rows_a = [{"query": query(i), "response": f"summary {i} from A" + " GOOD" * (i in good_in_a)} for i in range(n)]
-    rows_b = [{"query": query(i), "response": f"summary {i} from B" + " GOOD" * (i not in good_in_a)} for i in range(n)]
+    rows_b = [
+        {"query": query(i), "response": f"summary {i} from B" + " GOOD" * (i not in good_in_a)} for i in range(n)
+    ]
     return rows_a, rows_b
 
 
@@ -399,7 +401,10 @@ def run_cli(*args, env=None):
 
 def test_cli_llm_against_reference(serve, tmp_path):
     server = serve()
-    rows = [dict(query=query(i), response=f"A {i}" + " GOOD" * (i < 3), reference=f"ref {i}" + " GOOD" * (i >= 3)) for i in range(4)]
+    rows = [
+        dict(query=query(i), response=f"A {i}" + " GOOD" * (i < 3), reference=f"ref {i}" + " GOOD" * (i >= 3))
+        for i in range(4)
+    ]
     out = tmp_path / "out.json"
     proc = run_cli(
         "--a", write_jsonl(tmp_path / "a.jsonl", rows), "--b", "reference", "--judge", "llm",
@@ -447,7 +452,9 @@ def test_cli_reports_mismatched_prompts_without_traceback(tmp_path):
 
 def test_cli_gold(tmp_path):
     tiny_tldr = pytest.importorskip("tiny_tldr")
-    post = "SUBREDDIT: r/relationships\n\nTITLE: help\n\nPOST: My boyfriend forgot my birthday and I feel hurt.\n\nTL;DR:"
+    post = (
+        "SUBREDDIT: r/relationships\n\nTITLE: help\n\nPOST: My boyfriend forgot my birthday and I feel hurt.\n\nTL;DR:"
+    )
     answers_a = ["my boyfriend forgot my birthday and i feel hurt.", "boyfriend forgot my birthday", "my landlord"]
     answers_b = [answers_a[0], "my boss lied about money and", "my boyfriend forgot my birthday."]
     queries = [post.replace("help", f"help {i}") for i in range(3)]
@@ -462,8 +469,9 @@ def test_cli_gold(tmp_path):
     assert summary["n"] == 3 and summary["ties"] >= 1  # identical first answers tie
 
 
-@pytest.mark.parametrize("case", ["missing file", "empty file", "null response", "row not an object",
-                                  "negative max examples"])
+@pytest.mark.parametrize(
+    "case", ["missing file", "empty file", "null response", "row not an object", "negative max examples"]
+)
 def test_cli_user_errors_are_one_line_messages(case, tmp_path):
     """Issue 15, item 9: each of these gave a traceback or a `nan` win rate."""
     good = write_jsonl(tmp_path / "good.jsonl", [{"query": query(i), "response": "x"} for i in range(3)])

@@ -15,13 +15,29 @@ import ppo_rlhf  # noqa: E402
 
 VOCAB, PAD, EOS, T = 97, 1, 0, 0.7
 # Three more architectures whose forward scales the logits, built here (tiny_archs holds the matrix of every test).
-_SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-              max_position_embeddings=256)
-MORE = {"minicpm3": dict(dim_model_base=16, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
-                         v_head_dim=16),  # hidden states divided by hidden_size / dim_model_base = 4
-        "hyperclovax": dict(logits_scaling=0.25),
-        "falcon_h1": dict(lm_head_multiplier=0.25, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=16,
-                          mamba_n_groups=1, head_dim=16)}
+_SMALL = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=256,
+)
+MORE = {
+    "minicpm3": dict(
+        dim_model_base=16, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16
+    ),  # hidden states divided by hidden_size / dim_model_base = 4
+    "hyperclovax": dict(logits_scaling=0.25),
+    "falcon_h1": dict(
+        lm_head_multiplier=0.25,
+        mamba_d_ssm=64,
+        mamba_n_heads=4,
+        mamba_d_head=16,
+        mamba_d_state=16,
+        mamba_n_groups=1,
+        head_dim=16,
+    ),
+}
 CASES = MATRIX + ["granite", "cohere", "llama_dropout", *MORE]
 
 
@@ -37,8 +53,9 @@ def build(case: str, seed: int = 0):
     arch = "llama" if case == "llama_dropout" else case
     extra = dict(attention_dropout=0.3) if case == "llama_dropout" else {}
     if case in MORE:
-        config = AutoConfig.for_model(case, vocab_size=VOCAB, bos_token_id=EOS, eos_token_id=EOS, pad_token_id=PAD,
-                                      **_SMALL, **MORE[case])
+        config = AutoConfig.for_model(
+            case, vocab_size=VOCAB, bos_token_id=EOS, eos_token_id=EOS, pad_token_id=PAD, **_SMALL, **MORE[case]
+        )
     else:
         config = tiny_config(arch, VOCAB, bos_token_id=EOS, eos_token_id=EOS, pad_token_id=PAD, **extra)
     ppo_rlhf.disable_dropout_in_config(config)
@@ -71,7 +88,9 @@ def own_logprobs(model, ids, temperature=T):
 
 
 def test_the_cases_have_the_transforms_they_are_meant_to_test():
-    scales = {case: ppo_rlhf.logit_transform(tiny_config(case, VOCAB)) for case in ("gemma2", "gemma3", "granite", "cohere")}
+    scales = {
+        case: ppo_rlhf.logit_transform(tiny_config(case, VOCAB)) for case in ("gemma2", "gemma3", "granite", "cohere")
+    }
     assert scales == {"gemma2": (1.0, 30.0), "gemma3": (1.0, 30.0), "granite": (0.25, None), "cohere": (0.25, None)}
     assert ppo_rlhf.logit_transform(tiny_config("llama", VOCAB)) == (1.0, None)
     assert all(ppo_rlhf.logit_transform(build(case).config) == (0.25, None) for case in MORE)
@@ -94,18 +113,20 @@ def test_training_and_rollout_logprobs_are_the_models_own(case):
             for train in (False, True):
                 model.train(train)
                 with torch.set_grad_enabled(train):
-                    lp, entropy = ppo_rlhf.policy_logprobs(model, seqs, mask, context_length, T, needed, overhead,
-                                                           chunked)
+                    lp, entropy = ppo_rlhf.policy_logprobs(
+                        model, seqs, mask, context_length, T, needed, overhead, chunked
+                    )
                 results[overhead, chunked, train] = lp.detach(), entropy
     model.eval()
     for i, q in enumerate(queries):
         n = int(needed[i])
-        own = own_logprobs(model, q + responses[i].tolist())[len(q) - 1: -1][:n]
+        own = own_logprobs(model, q + responses[i].tolist())[len(q) - 1 : -1][:n]
         expected = own[torch.arange(n), responses[i, :n]]
         for key, (lp, entropy) in results.items():
             torch.testing.assert_close(lp[i, :n], expected, atol=2e-5, rtol=1e-5, msg=f"{case} {key}")
-            torch.testing.assert_close(entropy[i, :n], -(own.exp() * own).sum(-1), atol=2e-5, rtol=1e-5,
-                                       msg=f"{case} {key}")
+            torch.testing.assert_close(
+                entropy[i, :n], -(own.exp() * own).sum(-1), atol=2e-5, rtol=1e-5, msg=f"{case} {key}"
+            )
     for overhead in (None, ppo_rlhf.GROUP_OVERHEAD, 0):
         for chunked in (False, True):
             assert torch.equal(results[overhead, chunked, True][0], results[overhead, chunked, False][0]), case
@@ -163,8 +184,16 @@ def test_attention_dropout_of_the_config_is_off_in_train_mode():
         ppo_rlhf.disable_dropout(policy), ppo_rlhf.disable_dropout(value)
         for a, b in zip(model.train()(ids, mask, 4, T), eval_out):
             assert torch.equal(a, b)
-    for name in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "classifier_dropout",
-                 "layerdrop", "dropout"):
+    for name in (
+        "attention_dropout",
+        "hidden_dropout",
+        "resid_pdrop",
+        "embd_pdrop",
+        "attn_pdrop",
+        "classifier_dropout",
+        "layerdrop",
+        "dropout",
+    ):
         config = tiny_config("gpt_neox", VOCAB, **{name: 0.2})
         config.text_config_like = tiny_config("opt", VOCAB, layerdrop=0.1, dropout=0.1)
         ppo_rlhf.disable_dropout_in_config(config)

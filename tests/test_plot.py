@@ -21,8 +21,15 @@ def rows_of(name: str) -> list:
     rows = []
     for u in range(1, UPDATES + 1):
         row = {m: 0.1 * i * u for i, m in enumerate(plot.METRICS) if m not in ("episode", NOT_LOGGED)}
-        row.update({"objective/scores": FINAL_SCORES[name] * u / UPDATES, "episode": 64 * u, "update": u,
-                    "time/update": 1.5, "objective/response_length": 20.0})
+        row.update(
+            {
+                "objective/scores": FINAL_SCORES[name] * u / UPDATES,
+                "episode": 64 * u,
+                "update": u,
+                "time/update": 1.5,
+                "objective/response_length": 20.0,
+            }
+        )
         if name == "base_s2":
             del row[PARTLY_LOGGED]
         rows.append(row)
@@ -49,8 +56,12 @@ def runs(tmp_path_factory):
 def plotted(runs, tmp_path_factory):
     """One in-process plot of all three labels; returns (png path, table, printed output)."""
     output = tmp_path_factory.mktemp("out") / "plots" / "ppo.png"
-    args = plot.Args(runs=[f"ours={runs}/ours_s1,{runs}/ours_s2", f"trl={runs}/trl_results.json"],
-                     run=[f"base={runs}/base_s*"], output=str(output), smoothing=2)
+    args = plot.Args(
+        runs=[f"ours={runs}/ours_s1,{runs}/ours_s2", f"trl={runs}/trl_results.json"],
+        run=[f"base={runs}/base_s*"],
+        output=str(output),
+        smoothing=2,
+    )
     table = plot.plot(args)
     return output, table
 
@@ -98,9 +109,19 @@ def test_missing_metrics_are_skipped(plotted, capsys):
 
 def test_command_line_matches_function(runs, plotted, tmp_path):
     output = tmp_path / "cli.png"
-    proc = run_script("benchmark/plot.py", "--runs", f"ours={runs}/ours_s1,{runs}/ours_s2",
-                      f"trl={runs}/trl_results.json", "--run", f"base={runs}/base_s*", "--output", str(output),
-                      "--smoothing", "2", timeout=120)
+    proc = run_script(
+        "benchmark/plot.py",
+        "--runs",
+        f"ours={runs}/ours_s1,{runs}/ours_s2",
+        f"trl={runs}/trl_results.json",
+        "--run",
+        f"base={runs}/base_s*",
+        "--output",
+        str(output),
+        "--smoothing",
+        "2",
+        timeout=120,
+    )
     assert_valid_png(output)
     assert plotted[1] in output.with_suffix(".md").read_text()
     assert f"skipped (logged by no run): {NOT_LOGGED}" in proc.stdout
@@ -121,7 +142,7 @@ def test_missing_metrics_file_names_the_path(runs, tmp_path):
 
 def test_smooth_is_a_trailing_moving_average():
     values = np.array([1.0, 3.0, 2.0, 8.0, 4.0])
-    expected = [np.mean(values[max(0, i - 2): i + 1]) for i in range(len(values))]
+    expected = [np.mean(values[max(0, i - 2) : i + 1]) for i in range(len(values))]
     assert plot.smooth(values, 3) == pytest.approx(expected)
     assert plot.smooth(values, 1) is values
 

@@ -46,8 +46,9 @@ def test_masked_mean_and_unbiased_var_match_loops(seed):
     assert ppo_rlhf.masked_mean(values, mask).item() == pytest.approx(mean, rel=1e-10)
     assert ppo_rlhf.masked_mean(values, mask.float()).item() == pytest.approx(mean, rel=1e-10)
     assert ppo_rlhf.masked_var(values, mask).item() == pytest.approx(var, rel=1e-10)
-    assert ppo_rlhf.masked_var(values, mask, unbiased=False).item() == pytest.approx(var * (len(kept) - 1) / len(kept),
-                                                                                     rel=1e-10)
+    assert ppo_rlhf.masked_var(values, mask, unbiased=False).item() == pytest.approx(
+        var * (len(kept) - 1) / len(kept), rel=1e-10
+    )
     # values under the mask do not matter
     changed = values.masked_fill(~mask, 1e6)
     assert ppo_rlhf.masked_mean(changed, mask).item() == pytest.approx(mean, rel=1e-10)
@@ -121,10 +122,14 @@ def test_first_true_indices_matches_loop_including_rows_without_true():
 
 def test_truncate_after_stop_keeps_the_stop_token_and_pads_the_rest():
     stop, pad = 3, 99
-    responses = torch.tensor([[5, 3, 7, 3, 8],   # stop at 1: keep it, pad the rest
-                              [5, 6, 7, 8, 9],   # no stop: full width
-                              [3, 5, 6, 7, 8],   # stop first
-                              [5, 6, 7, 8, 3]])  # stop last
+    responses = torch.tensor(
+        [
+            [5, 3, 7, 3, 8],  # stop at 1: keep it, pad the rest
+            [5, 6, 7, 8, 9],  # no stop: full width
+            [3, 5, 6, 7, 8],  # stop first
+            [5, 6, 7, 8, 3],
+        ]
+    )  # stop last
     out, lengths = ppo_rlhf.truncate_after_stop(responses, stop, pad)
     assert out.tolist() == [[5, 3, pad, pad, pad], [5, 6, 7, 8, 9], [3, pad, pad, pad, pad], [5, 6, 7, 8, 3]]
     assert lengths.tolist() == [1, 4, 0, 4]
@@ -234,9 +239,20 @@ def test_prompt_order_is_a_permutation_determined_by_seed_and_epoch():
 def tiny_config(**overrides):
     from transformers import GPTNeoXConfig
 
-    kwargs = dict(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                  max_position_embeddings=128, hidden_dropout=0.0, attention_dropout=0.0, classifier_dropout=0.0,
-                  pad_token_id=1, eos_token_id=0, bos_token_id=0)
+    kwargs = dict(
+        vocab_size=40,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        classifier_dropout=0.0,
+        pad_token_id=1,
+        eos_token_id=0,
+        bos_token_id=0,
+    )
     kwargs.update(overrides)
     return GPTNeoXConfig(**kwargs)
 
@@ -266,8 +282,10 @@ def random_sequences(n, low, high, g, lengths):
 
 def pad_more(ids, mask, extra, pad_token_id=1):
     """Prepend `extra` more columns of padding (not attended) to a left-padded batch."""
-    return (torch.cat([torch.full((len(ids), extra), pad_token_id), ids], 1),
-            torch.cat([torch.zeros((len(ids), extra), dtype=mask.dtype), mask], 1))
+    return (
+        torch.cat([torch.full((len(ids), extra), pad_token_id), ids], 1),
+        torch.cat([torch.zeros((len(ids), extra), dtype=mask.dtype), mask], 1),
+    )
 
 
 def test_response_hidden_equals_a_plain_forward_sliced_at_the_response(tiny_lm):
@@ -278,7 +296,7 @@ def test_response_hidden_equals_a_plain_forward_sliced_at_the_response(tiny_lm):
     mask = torch.ones_like(seqs)
     with torch.no_grad():
         out = ppo_rlhf.response_hidden(backbone, seqs, mask, context_length)
-        plain = backbone(input_ids=seqs).last_hidden_state[:, context_length - 1: -1]
+        plain = backbone(input_ids=seqs).last_hidden_state[:, context_length - 1 : -1]
     assert out.shape == (3, response_length, 32)
     torch.testing.assert_close(out, plain, atol=1e-5, rtol=1e-5)
 
@@ -300,7 +318,7 @@ def test_response_hidden_is_invariant_to_left_padding(tiny_lm):
             out = ppo_rlhf.response_hidden(backbone, seqs, mask, context_length)
             for i, q in enumerate(queries):
                 alone = torch.tensor([q + responses[i].tolist()])
-                plain = backbone(input_ids=alone).last_hidden_state[0, len(q) - 1: -1]
+                plain = backbone(input_ids=alone).last_hidden_state[0, len(q) - 1 : -1]
                 torch.testing.assert_close(out[i], plain, atol=1e-5, rtol=1e-5)
 
 
@@ -326,9 +344,11 @@ def test_policy_and_value_match_the_full_hf_forwards(tiny_lm, tiny_value, overhe
             for i, q in enumerate(queries):
                 alone = torch.tensor([q + responses[i].tolist()])
                 # the plain HF CausalLM forward over the whole sequence
-                full = (tiny_lm(input_ids=alone).logits[0] / temperature).log_softmax(-1)[len(q) - 1: -1]
+                full = (tiny_lm(input_ids=alone).logits[0] / temperature).log_softmax(-1)[len(q) - 1 : -1]
                 n = response_length if needed is None else int(needed[i])
-                torch.testing.assert_close(logprobs[i, :n], full[torch.arange(n), responses[i, :n]], atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(
+                    logprobs[i, :n], full[torch.arange(n), responses[i, :n]], atol=1e-5, rtol=1e-5
+                )
                 torch.testing.assert_close(entropy[i, :n], -(full.exp() * full).sum(-1)[:n], atol=1e-5, rtol=1e-5)
                 # the value at response position t is the sequence classifier's score of the prefix ending there
                 for t in range(n):
@@ -357,8 +377,12 @@ def test_optimised_forward_gives_the_plain_gradients(optimised):
     results = []
     for overhead, chunked in (PLAIN, optimised):
         torch.manual_seed(4)
-        model = ppo_rlhf.PolicyAndValue(GPTNeoXForCausalLM(tiny_config()),
-                                        GPTNeoXForSequenceClassification(tiny_config(num_labels=1)), overhead, chunked)
+        model = ppo_rlhf.PolicyAndValue(
+            GPTNeoXForCausalLM(tiny_config()),
+            GPTNeoXForSequenceClassification(tiny_config(num_labels=1)),
+            overhead,
+            chunked,
+        )
         if overhead is None:  # the plain reference: the whole padded batch, every response position
             logprobs, _, values = model(seqs, mask, q_ids.shape[1], 0.7)
             logprobs, values = logprobs[:, : int(needed.max())], values[:, : int(needed.max())]
@@ -373,9 +397,16 @@ def test_optimised_forward_gives_the_plain_gradients(optimised):
         torch.testing.assert_close(results[1][1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("vocab,dtype,small_tiles", [(40, torch.float32, False), (2 ** 20, torch.float32, False),
-                                                     (300, torch.bfloat16, False), (300, torch.float32, True),
-                                                     (300, torch.bfloat16, True)])
+@pytest.mark.parametrize(
+    "vocab,dtype,small_tiles",
+    [
+        (40, torch.float32, False),
+        (2**20, torch.float32, False),
+        (300, torch.bfloat16, False),
+        (300, torch.float32, True),
+        (300, torch.bfloat16, True),
+    ],
+)
 def test_chunked_logprobs_match_log_softmax_gather_with_gradients(vocab, dtype, small_tiles, monkeypatch):
     """Values, entropy and the gradients of hidden states and head weight equal the plain computation; the 2^20
     vocabulary is cut into vocabulary slices of 2^21 / 22 entries; small tiles (blocks of 4 positions, slices of 16
@@ -425,7 +456,7 @@ def partitions(items):
         return
     for rest in partitions(items[1:]):
         for i in range(len(rest)):
-            yield rest[:i] + [[items[0]] + rest[i]] + rest[i + 1:]
+            yield rest[:i] + [[items[0]] + rest[i]] + rest[i + 1 :]
         yield [[items[0]]] + rest
 
 
@@ -471,10 +502,12 @@ def test_pad_to_multiple_of_rounds_every_forward_width_and_changes_nothing(tiny_
     responses = torch.randint(2, 40, (5, 6), generator=g)
     needed = torch.tensor([2, 6, 1, 3, 4])
     widths = []
-    hook = tiny_lm.base_model.register_forward_pre_hook(lambda m, a, kw: widths.append(kw["input_ids"].shape[1]),
-                                                        with_kwargs=True)
+    hook = tiny_lm.base_model.register_forward_pre_hook(
+        lambda m, a, kw: widths.append(kw["input_ids"].shape[1]), with_kwargs=True
+    )
     hook_value = tiny_value.base_model.register_forward_pre_hook(
-        lambda m, a, kw: widths.append(kw["input_ids"].shape[1]), with_kwargs=True)
+        lambda m, a, kw: widths.append(kw["input_ids"].shape[1]), with_kwargs=True
+    )
     results = {}
     for m in (1, multiple):
         q_ids, q_mask = ppo_rlhf.left_pad(queries, pad_token_id=1, multiple=m)
@@ -615,13 +648,20 @@ def test_generate_near_zero_temperature_equals_hf_greedy(which, tiny_lm, sft, ev
     queries, mask = ppo_rlhf.left_pad(prompts, pad)
     ours = ppo_rlhf.generate(model, queries, mask, length, 1e-6, None, torch.Generator().manual_seed(0))
     with torch.no_grad():
-        hf = model.generate(input_ids=queries, attention_mask=mask, max_new_tokens=length, do_sample=False,
-                            pad_token_id=pad, eos_token_id=eos)[:, queries.shape[1]:]
+        hf = model.generate(
+            input_ids=queries,
+            attention_mask=mask,
+            max_new_tokens=length,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=eos,
+        )[:, queries.shape[1] :]
     # HF stops a row at EOS and pads it (and stops when every row has); compare up to and including each first EOS
     ours_cut, ours_len = ppo_rlhf.truncate_after_stop(ours, eos, pad)
     hf_cut, hf_len = ppo_rlhf.truncate_after_stop(hf, eos, pad)
-    assert [row[: n + 1] for row, n in zip(ours_cut.tolist(), ours_len.tolist())] == \
-        [row[: n + 1] for row, n in zip(hf_cut.tolist(), hf_len.tolist())]
+    assert [row[: n + 1] for row, n in zip(ours_cut.tolist(), ours_len.tolist())] == [
+        row[: n + 1] for row, n in zip(hf_cut.tolist(), hf_len.tolist())
+    ]
     if which == "sft":
         assert (ours_len < length - 1).all()  # the comparison covered whole summaries ending in EOS
     # also the argmax of a plain forward, token by token, for the first row
@@ -629,7 +669,7 @@ def test_generate_near_zero_temperature_equals_hf_greedy(which, tiny_lm, sft, ev
     with torch.no_grad():
         for t in range(min(5, ours.shape[1])):
             assert model(input_ids=seq).logits[0, -1].argmax().item() == ours[0, t].item()
-            seq = torch.cat([seq, ours[:1, t: t + 1]], 1)
+            seq = torch.cat([seq, ours[:1, t : t + 1]], 1)
 
 
 def test_get_score_matches_hf_sequence_classification_and_ignores_padding(tiny_value):
@@ -637,22 +677,27 @@ def test_get_score_matches_hf_sequence_classification_and_ignores_padding(tiny_v
     queries = random_sequences(3, 2, 40, g, [4, 2, 6])
     responses = random_sequences(3, 2, 40, g, [5, 2, 3])
     with torch.no_grad():
-        expected = [tiny_value(input_ids=torch.tensor([q + r])).logits[0, 0].item() for q, r in zip(queries, responses)]
+        expected = [
+            tiny_value(input_ids=torch.tensor([q + r])).logits[0, 0].item() for q, r in zip(queries, responses)
+        ]
         for extra_left, extra_right in ((0, 0), (2, 0), (0, 3), (1, 2)):
             q_ids, q_mask = pad_more(*ppo_rlhf.left_pad(queries, 1), extra_left)
             width = max(len(r) for r in responses) + extra_right
             r_ids = torch.tensor([r + [1] * (width - len(r)) for r in responses])
             r_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in responses])
             for overhead, multiple in ((None, 1), (0, 1), (3, 1), (3, 4), (None, 8)):  # padded, per row, groups
-                scores = ppo_rlhf.get_score(tiny_value, torch.cat([q_ids, r_ids], 1), torch.cat([q_mask, r_mask], 1),
-                                            overhead, multiple)
+                scores = ppo_rlhf.get_score(
+                    tiny_value, torch.cat([q_ids, r_ids], 1), torch.cat([q_mask, r_mask], 1), overhead, multiple
+                )
                 assert scores.shape == (3,)
                 for s, e in zip(scores.tolist(), expected):
                     assert s == pytest.approx(e, abs=1e-5), (extra_left, extra_right, overhead, multiple)
         # right-padded, unpadded-left sequences: the HF classifier itself (pooling at the last non-pad token) agrees
         width = max(len(q) + len(r) for q, r in zip(queries, responses))
         seqs = torch.tensor([q + r + [1] * (width - len(q) - len(r)) for q, r in zip(queries, responses)])
-        seq_mask = (torch.arange(width)[None] < torch.tensor([len(q) + len(r) for q, r in zip(queries, responses)])[:, None]).long()
+        seq_mask = (
+            torch.arange(width)[None] < torch.tensor([len(q) + len(r) for q, r in zip(queries, responses)])[:, None]
+        ).long()
         hf = tiny_value(input_ids=seqs, attention_mask=seq_mask).logits[:, 0]
         torch.testing.assert_close(ppo_rlhf.get_score(tiny_value, seqs, seq_mask), hf, atol=1e-5, rtol=1e-5)
 
@@ -662,8 +707,14 @@ def test_get_score_matches_hf_sequence_classification_and_ignores_padding(tiny_v
 
 
 def draws(generator):
-    return (random.random(), float(np.random.rand()), np.random.randint(0, 1 << 30), torch.rand(3).tolist(),
-            torch.rand(3, generator=generator).tolist(), random.gauss(0, 1))
+    return (
+        random.random(),
+        float(np.random.rand()),
+        np.random.randint(0, 1 << 30),
+        torch.rand(3).tolist(),
+        torch.rand(3, generator=generator).tolist(),
+        random.gauss(0, 1),
+    )
 
 
 def test_rng_state_round_trips_through_torch_save_weights_only(tmp_path):
@@ -697,19 +748,25 @@ def test_latest_checkpoint_ignores_tmp_folders_and_sorts_numerically(tmp_path):
     (folder / "latest").write_text("checkpoint-2")
     assert ppo_rlhf.latest_checkpoint(str(tmp_path)) == (str(folder / "checkpoint-2"), [])
     (folder / "latest").write_text("checkpoint-3")
-    assert ppo_rlhf.latest_checkpoint(str(tmp_path)) == (str(folder / "checkpoint-10"), ["checkpoint-3 does not exist"])
+    assert ppo_rlhf.latest_checkpoint(str(tmp_path)) == (
+        str(folder / "checkpoint-10"),
+        ["checkpoint-3 does not exist"],
+    )
 
 
 def test_fused_adamw_the_script_uses_matches_the_plain_loop():
     """ppo_rlhf.py builds AdamW with fused=True (outside DeepSpeed): same parameters as the plain per-tensor loop."""
-    assert "weight_decay=args.weight_decay,\n                                  fused=not is_deepspeed)" in open(os.path.join(ROOT, "ppo_rlhf.py")).read()
+    source = "".join(open(os.path.join(ROOT, "ppo_rlhf.py")).read().split())
+    assert "fused=notis_deepspeed" in source
     g = torch.Generator().manual_seed(11)
     start = [torch.randn(50, 8, generator=g), torch.randn(8, generator=g)]
     grads = [[torch.randn_like(p) for p in start] for _ in range(3)]
     finals = []
     for fused in (False, True):
         params = [p.clone().requires_grad_(True) for p in start]
-        opt = torch.optim.AdamW(params, lr=1e-2, eps=1e-5, weight_decay=0.0, fused=fused, foreach=False if not fused else None)
+        opt = torch.optim.AdamW(
+            params, lr=1e-2, eps=1e-5, weight_decay=0.0, fused=fused, foreach=False if not fused else None
+        )
         for step in grads:
             for p, gr in zip(params, step):
                 p.grad = gr.clone()

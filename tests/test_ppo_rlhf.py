@@ -31,16 +31,46 @@ SCRIPT = os.path.join(ROOT, "ppo_rlhf.py")
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # shared CPUs: one uncontended thread each
 
 # 32 episodes in 4 updates of 8 (4 x 2 micro-batches), 24-token responses, evaluation on 8 prompts after updates 2, 4.
-TINY = ["--total-episodes", "32", "--per-device-train-batch-size", "4", "--gradient-accumulation-steps", "2",
-        "--local-rollout-forward-batch-size", "8", "--num-sample-generations", "0", "--eval-steps", "2",
-        "--num-eval-prompts", "8", "--response-length", "24"]
+TINY = [
+    "--total-episodes",
+    "32",
+    "--per-device-train-batch-size",
+    "4",
+    "--gradient-accumulation-steps",
+    "2",
+    "--local-rollout-forward-batch-size",
+    "8",
+    "--num-sample-generations",
+    "0",
+    "--eval-steps",
+    "2",
+    "--num-eval-prompts",
+    "8",
+    "--response-length",
+    "24",
+]
 NUM_UPDATES, BATCH = 4, 8
 SAVE = ["--save-steps", "1", "--save-total-limit", "2"]
 
-REFERENCE_METRICS = ["eps", "objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
-                     "objective/scores", "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg",
-                     "loss/value_avg", "val/clipfrac_avg", "policy/entropy_avg", "val/ratio", "val/ratio_var",
-                     "val/num_eos_tokens", "lr", "episode"]
+REFERENCE_METRICS = [
+    "eps",
+    "objective/kl",
+    "objective/entropy",
+    "objective/non_score_reward",
+    "objective/rlhf_reward",
+    "objective/scores",
+    "policy/approxkl_avg",
+    "policy/clipfrac_avg",
+    "loss/policy_avg",
+    "loss/value_avg",
+    "val/clipfrac_avg",
+    "policy/entropy_avg",
+    "val/ratio",
+    "val/ratio_var",
+    "val/num_eos_tokens",
+    "lr",
+    "episode",
+]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -54,8 +84,10 @@ class Run:
         self.args, self.out, self.returncode, self.stdout, self.stderr = args, out, returncode, stdout, stderr
 
     def check(self):
-        assert self.returncode == 0, (f"ppo_rlhf.py {' '.join(self.args)} exited {self.returncode}\nSTDOUT:\n"
-                                      f"{self.stdout[-3000:]}\nSTDERR:\n{self.stderr[-3000:]}")
+        assert self.returncode == 0, (
+            f"ppo_rlhf.py {' '.join(self.args)} exited {self.returncode}\nSTDOUT:\n"
+            f"{self.stdout[-3000:]}\nSTDERR:\n{self.stderr[-3000:]}"
+        )
         return self
 
     @property
@@ -86,8 +118,9 @@ class Runner:
             raise RuntimeError("the module's runs were cancelled")
         stdout = open(os.path.join(self.root, log_name + ".out"), "w")
         stderr = open(os.path.join(self.root, log_name + ".err"), "w")
-        proc = subprocess.Popen([sys.executable, SCRIPT, *args], cwd=ROOT, env={**self.env, **(env or {})},
-                                stdout=stdout, stderr=stderr)
+        proc = subprocess.Popen(
+            [sys.executable, SCRIPT, *args], cwd=ROOT, env={**self.env, **(env or {})}, stdout=stdout, stderr=stderr
+        )
         stdout.close(), stderr.close()
         with self.lock:
             if self.closed:  # close() ran while this one was starting
@@ -106,7 +139,10 @@ class Runner:
             if proc.returncode is None:
                 proc.kill()
                 proc.wait()
-        with open(os.path.join(self.root, log_name + ".out")) as f_out, open(os.path.join(self.root, log_name + ".err")) as f_err:
+        with (
+            open(os.path.join(self.root, log_name + ".out")) as f_out,
+            open(os.path.join(self.root, log_name + ".err")) as f_err,
+        ):
             return Run(args, out, proc.returncode, f_out.read(), f_err.read())
 
     def run(self, name, args, env=None, timeout=900):
@@ -156,7 +192,9 @@ def kill_and_resume(runner):
     if proc.poll() is None:
         os.kill(proc.pid, signal.SIGKILL)
     killed = runner.wait(proc, args, out, "killed")
-    at_kill = sorted(os.listdir(os.path.join(out, "checkpoints"))) if os.path.isdir(os.path.join(out, "checkpoints")) else []
+    at_kill = (
+        sorted(os.listdir(os.path.join(out, "checkpoints"))) if os.path.isdir(os.path.join(out, "checkpoints")) else []
+    )
     resumed = runner.wait(runner.popen([*args, "--resume-from-checkpoint", "latest"], "resumed"), args, out, "resumed")
     return {"seed": seed, "k": k, "delay": delay, "killed": killed, "checkpoints_at_kill": at_kill, "resumed": resumed}
 
@@ -174,9 +212,12 @@ def sigterm_and_resume(runner):
             break
         time.sleep(0.02)
     stopped = runner.wait(proc, args, out, "sigterm")
-    at_stop = sorted(os.listdir(os.path.join(out, "checkpoints"))) if os.path.isdir(os.path.join(out, "checkpoints")) else []
-    resumed = runner.wait(runner.popen([*args, "--resume-from-checkpoint", "latest"], "sigterm_resumed"), args, out,
-                          "sigterm_resumed")
+    at_stop = (
+        sorted(os.listdir(os.path.join(out, "checkpoints"))) if os.path.isdir(os.path.join(out, "checkpoints")) else []
+    )
+    resumed = runner.wait(
+        runner.popen([*args, "--resume-from-checkpoint", "latest"], "sigterm_resumed"), args, out, "sigterm_resumed"
+    )
     return {"stopped": stopped, "checkpoints_at_stop": at_stop, "resumed": resumed}
 
 
@@ -195,39 +236,58 @@ def overwrite_an_earlier_run(runner):
 def plan(runner):
     """Every run a test may ask for, by name; the order is the start order (the long end-to-end run first)."""
     return {
-        "e2e": lambda: runner.run("e2e", [], timeout=2400),  # the default run, as documented: python ppo_rlhf.py --output-dir ...
+        "e2e": lambda: runner.run(
+            "e2e", [], timeout=2400
+        ),  # the default run, as documented: python ppo_rlhf.py --output-dir ...
         "base": lambda: runner.run("base", [*TINY, *SAVE]),
         "resume": lambda: kill_and_resume(runner),
         "repeat": lambda: runner.run("repeat", [*TINY, *SAVE]),
         "ratio": lambda: runner.run("ratio", [*TINY, "--num-ppo-epochs", "1", "--num-mini-batches", "1"]),
         "minibatch2": lambda: runner.run("minibatch2", [*TINY, "--num-mini-batches", "2"]),
-        "micro8": lambda: runner.run("micro8", [*TINY, *SAVE, "--per-device-train-batch-size", "8",
-                                                "--gradient-accumulation-steps", "1"]),
+        "micro8": lambda: runner.run(
+            "micro8", [*TINY, *SAVE, "--per-device-train-batch-size", "8", "--gradient-accumulation-steps", "1"]
+        ),
         "checkpointing": lambda: runner.run("checkpointing", [*TINY, *SAVE, "--gradient-checkpointing"]),
-        "plain": lambda: runner.run("plain", [*TINY, *SAVE, "--no-length-grouping", "--no-chunked-logprobs",
-                                              "--no-split-backward"]),
+        "plain": lambda: runner.run(
+            "plain", [*TINY, *SAVE, "--no-length-grouping", "--no-chunked-logprobs", "--no-split-backward"]
+        ),
         "joint": lambda: runner.run("joint", [*TINY, *SAVE, "--no-split-backward"]),
         "multiple": lambda: runner.run("multiple", [*TINY, *SAVE, "--pad-to-multiple-of", "32"]),
         "sigterm": lambda: sigterm_and_resume(runner),
         "overwrite": lambda: overwrite_an_earlier_run(runner),
-        "nan": lambda: runner.run("nan", [*TINY, *SAVE, "--reward-model-path", nan_reward_model(runner.root),
-                                          "--value-model-path", os.path.join(EMBEDDED, "reward_model")]),
+        "nan": lambda: runner.run(
+            "nan",
+            [
+                *TINY,
+                *SAVE,
+                "--reward-model-path",
+                nan_reward_model(runner.root),
+                "--value-model-path",
+                os.path.join(EMBEDDED, "reward_model"),
+            ],
+        ),
     }
 
 
 def needs(*names):
     """Declare the shared runs a test reads; the module fixture starts only the runs of the selected tests."""
+
     def mark(fn):
         fn.ppo_runs = names
         return fn
+
     return mark
 
 
 @pytest.fixture(scope="module", autouse=True)
 def runs(request, tmp_path_factory):
     runner = Runner(str(tmp_path_factory.mktemp("ppo_runs")), workers=2)
-    wanted = {name for item in request.session.items if item.module is request.module
-              for name in getattr(getattr(item, "function", None), "ppo_runs", ())}
+    wanted = {
+        name
+        for item in request.session.items
+        if item.module is request.module
+        for name in getattr(getattr(item, "function", None), "ppo_runs", ())
+    }
     futures = {name: runner.executor.submit(job) for name, job in plan(runner).items() if name in wanted}
     yield {name: (lambda f=f: f.result(timeout=3600)) for name, f in futures.items()}
     runner.close()
@@ -298,8 +358,11 @@ def reward_model_with_other_tokenizer(tmp_path):
     ours = AutoTokenizer.from_pretrained(path)
     vocab = {ours.eos_token: ours.eos_token_id, ours.pad_token: ours.pad_token_id}
     vocab.update({f"word{i}": i for i in range(len(ours)) if i not in vocab.values()})
-    other = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token=ours.eos_token)),
-                                    eos_token=ours.eos_token, pad_token=ours.pad_token)
+    other = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(WordLevel(vocab, unk_token=ours.eos_token)),
+        eos_token=ours.eos_token,
+        pad_token=ours.pad_token,
+    )
     for name in os.listdir(path):
         if name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
             os.remove(os.path.join(path, name))
@@ -350,33 +413,57 @@ BAD_INPUTS = {
     "negative missing eos penalty": (lambda t: ["--missing-eos-penalty", "-1"], "--missing-eos-penalty"),
     "mini-batches do not divide the batch": (lambda t: ["--num-mini-batches", "3"], "--num-mini-batches"),
     "total episodes below one batch": (lambda t: ["--total-episodes", "4"], "--total-episodes"),
-    "whiten rewards with a small mini-batch": (lambda t: ["--whiten-rewards", "--num-mini-batches", "2"],
-                                               "--whiten-rewards"),
+    "whiten rewards with a small mini-batch": (
+        lambda t: ["--whiten-rewards", "--num-mini-batches", "2"],
+        "--whiten-rewards",
+    ),
     "unknown kl estimator": (lambda t: ["--kl-estimator", "k2"], "--kl-estimator"),
     "zero temperature": (lambda t: ["--temperature", "0"], "--temperature"),
     "zero response length": (lambda t: ["--response-length", "0"], "--response-length"),
-    "dataset without prompt column": (lambda t: ["--dataset-name", write_jsonl(
-        t / "no_prompt.jsonl", [{"text": f"SUBREDDIT: r/x\n\nTITLE: t\n\nPOST: p{i}\n\nTL;DR:"} for i in range(20)])],
-        "--dataset-name"),
+    "dataset without prompt column": (
+        lambda t: [
+            "--dataset-name",
+            write_jsonl(
+                t / "no_prompt.jsonl",
+                [{"text": f"SUBREDDIT: r/x\n\nTITLE: t\n\nPOST: p{i}\n\nTL;DR:"} for i in range(20)],
+            ),
+        ],
+        "--dataset-name",
+    ),
     "empty dataset": (lambda t: ["--dataset-name", empty_dataset(t)], "--dataset-name"),
     "empty jsonl file": (lambda t: ["--dataset-name", write_jsonl(t / "empty.jsonl", [])], "--dataset-name"),
-    "reward model with fewer embedding rows": (lambda t: ["--reward-model-path", reward_model_with_rows(t, 500)],
-                                               "--reward-model-path"),
-    "reward model saved with another tokenizer": (lambda t: ["--reward-model-path", reward_model_with_other_tokenizer(t)],
-                                                  "--reward-model-path"),
-    "value model with fewer embedding rows": (lambda t: ["--value-model-path", reward_model_with_rows(t, 500)],
-                                              "--value-model-path"),
+    "reward model with fewer embedding rows": (
+        lambda t: ["--reward-model-path", reward_model_with_rows(t, 500)],
+        "--reward-model-path",
+    ),
+    "reward model saved with another tokenizer": (
+        lambda t: ["--reward-model-path", reward_model_with_other_tokenizer(t)],
+        "--reward-model-path",
+    ),
+    "value model with fewer embedding rows": (
+        lambda t: ["--value-model-path", reward_model_with_rows(t, 500)],
+        "--value-model-path",
+    ),
     "response longer than the context": (lambda t: ["--response-length", "256"], "--response-length"),
-    "reward model with 2 labels": (lambda t: ["--reward-model-path", reward_model_with_two_labels(t)],
-                                   "--reward-model-path"),
+    "reward model with 2 labels": (
+        lambda t: ["--reward-model-path", reward_model_with_two_labels(t)],
+        "--reward-model-path",
+    ),
     "missing sft model": (lambda t: ["--sft-model-path", str(t / "no_such_sft_model")], "--sft-model-path"),
     # its forward caps the logits in a way the script does not reproduce; a config without weights, refused unread
-    "sft model with an unsupported logit transform": (lambda t: ["--sft-model-path", unsupported_logits_model(t)],
-                                                      "--sft-model-path"),
+    "sft model with an unsupported logit transform": (
+        lambda t: ["--sft-model-path", unsupported_logits_model(t)],
+        "--sft-model-path",
+    ),
     "non-empty output dir": (lambda t: [], "--output-dir"),
-    "resume from a non-checkpoint": (lambda t: ["--resume-from-checkpoint", not_a_checkpoint(t)],
-                                     "--resume-from-checkpoint"),
-    "resume latest without checkpoints": (lambda t: ["--resume-from-checkpoint", "latest"], "--resume-from-checkpoint"),
+    "resume from a non-checkpoint": (
+        lambda t: ["--resume-from-checkpoint", not_a_checkpoint(t)],
+        "--resume-from-checkpoint",
+    ),
+    "resume latest without checkpoints": (
+        lambda t: ["--resume-from-checkpoint", "latest"],
+        "--resume-from-checkpoint",
+    ),
     # numbers out of range (issue 15, item 7)
     "negative kl coef": (lambda t: ["--kl-coef", "-0.1"], "--kl-coef"),
     "negative cliprange": (lambda t: ["--cliprange", "-0.2"], "--cliprange"),
@@ -386,10 +473,14 @@ BAD_INPUTS = {
     "warmup ratio above 1": (lambda t: ["--warmup-ratio", "2"], "--warmup-ratio"),
     "negative seed": (lambda t: ["--seed", "-1"], "--seed"),
     # resuming another run (issue 15, items 2 and 10)
-    "resume with another learning rate": (lambda t: ["--resume-from-checkpoint", ppo_checkpoint(t, learning_rate=1e-3)],
-                                          "--resume-from-checkpoint"),
-    "resume from an sft.py checkpoint": (lambda t: ["--resume-from-checkpoint", ppo_checkpoint(t, script="sft.py")],
-                                         "--resume-from-checkpoint"),
+    "resume with another learning rate": (
+        lambda t: ["--resume-from-checkpoint", ppo_checkpoint(t, learning_rate=1e-3)],
+        "--resume-from-checkpoint",
+    ),
+    "resume from an sft.py checkpoint": (
+        lambda t: ["--resume-from-checkpoint", ppo_checkpoint(t, script="sft.py")],
+        "--resume-from-checkpoint",
+    ),
 }
 
 
@@ -406,8 +497,16 @@ def ppo_checkpoint(tmp_path, script="ppo_rlhf.py", **changes):
     args = dataclasses.replace(tyro.cli(ppo_rlhf.Args, args=[*TINY, "--output-dir", str(tmp_path / "out")]), **changes)
     path = tmp_path / "elsewhere" / "checkpoint-2"
     path.mkdir(parents=True)
-    torch.save({"args": json.dumps(dataclasses.asdict(args)), "world_size": 1, "zero_stage": None, "update": 2,
-                "script": script}, path / "state.pt")
+    torch.save(
+        {
+            "args": json.dumps(dataclasses.asdict(args)),
+            "world_size": 1,
+            "zero_stage": None,
+            "update": 2,
+            "script": script,
+        },
+        path / "state.pt",
+    )
     return str(path)
 
 
@@ -495,20 +594,35 @@ def test_resume_names_each_changed_training_setting_and_allows_output_and_loggin
     """Issue 15, item 2: a resumed PPO run with another learning rate or KL coefficient was accepted (and the new
     learning rate silently ignored)."""
     checkpoint = ppo_checkpoint(tmp_path, learning_rate=1e-3, kl_coef=0.2)
-    status, stderr = run_in_process([*TINY, "--output-dir", str(tmp_path / "out"), "--resume-from-checkpoint",
-                                     checkpoint], tmp_path, monkeypatch, capsys)
-    assert status == 1 and "--learning-rate 0.001 (now 3e-05)" in stderr and "--kl-coef 0.2 (now 0.05)" in stderr, stderr
+    status, stderr = run_in_process(
+        [*TINY, "--output-dir", str(tmp_path / "out"), "--resume-from-checkpoint", checkpoint],
+        tmp_path,
+        monkeypatch,
+        capsys,
+    )
+    assert status == 1 and "--learning-rate 0.001 (now 3e-05)" in stderr and "--kl-coef 0.2 (now 0.05)" in stderr, (
+        stderr
+    )
     allowed = ppo_checkpoint(tmp_path / "b", logging_steps=3, save_steps=2, output_dir="elsewhere", track=True)
-    status, stderr = run_in_process([*TINY, "--output-dir", str(tmp_path / "out2"), "--resume-from-checkpoint",
-                                     allowed], tmp_path, monkeypatch, capsys)
+    status, stderr = run_in_process(
+        [*TINY, "--output-dir", str(tmp_path / "out2"), "--resume-from-checkpoint", allowed],
+        tmp_path,
+        monkeypatch,
+        capsys,
+    )
     assert status is None, stderr
 
 
 @pytest.mark.parametrize("case", ["stop token and stop token id", "unknown kl estimator"])
 def test_bad_input_on_the_real_command_line(case, tmp_path):
     argv, argument, out = bad_input_args(case, tmp_path)
-    proc = run_script("ppo_rlhf.py", *argv, check=False, timeout=300,
-                      env={**ONE_THREAD, "HF_DATASETS_CACHE": str(tmp_path / "hf_cache")})
+    proc = run_script(
+        "ppo_rlhf.py",
+        *argv,
+        check=False,
+        timeout=300,
+        env={**ONE_THREAD, "HF_DATASETS_CACHE": str(tmp_path / "hf_cache")},
+    )
     assert proc.returncode == (2 if case == "unknown kl estimator" else 1), proc.stderr[-2000:]
     assert argument in flat(proc.stderr), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -523,16 +637,30 @@ def test_bad_input_on_the_real_command_line(case, tmp_path):
 @needs("base")
 def test_track_with_wandb_offline_writes_a_run_and_changes_no_metric(wandb_dir, runs):
     out = wandb_dir / "out"
-    proc = run_script("ppo_rlhf.py", *TINY, *SAVE, "--track", "--output-dir", str(out), timeout=900,
-                      env={**ONE_THREAD, "WANDB_MODE": "offline", "HF_DATASETS_CACHE": str(wandb_dir / "hf_cache")})
+    proc = run_script(
+        "ppo_rlhf.py",
+        *TINY,
+        *SAVE,
+        "--track",
+        "--output-dir",
+        str(out),
+        timeout=900,
+        env={**ONE_THREAD, "WANDB_MODE": "offline", "HF_DATASETS_CACHE": str(wandb_dir / "hf_cache")},
+    )
     run_dirs = glob.glob(str(wandb_dir / "wandb" / "offline-run-*"))
     assert len(run_dirs) == 1, (os.listdir(wandb_dir), proc.stdout[-2000:])
     (records,) = glob.glob(os.path.join(run_dirs[0], "*.wandb"))
     with open(records, "rb") as f:
         data = f.read()  # protobuf records: config keys and metric names are stored as plain strings
     # the run config holds what the openrlbenchmark filters read; metrics are logged under train/ and eval/
-    for key in (b"output_dir", b"sft_model_path", b"train/episode", b"train/objective/scores", b"train/val/ratio",
-                b"eval/score"):
+    for key in (
+        b"output_dir",
+        b"sft_model_path",
+        b"train/episode",
+        b"train/objective/scores",
+        b"train/val/ratio",
+        b"eval/score",
+    ):
         assert key in data, key
     # Tracking does not change training: the same training rows as the untracked run, bit for bit. (eval/kl has
     # been seen to differ in the 7th digit between tracked and untracked runs, a float-summation effect.)
@@ -559,8 +687,9 @@ def test_metrics_file_has_every_reference_metric_finite_and_counts_episodes(runs
         assert any(k.startswith("time/") for k in r)
         assert r["episode"] == r["update"] * BATCH
         assert r["optimizer_steps"] == r["update"] * 4  # 4 PPO epochs x 1 mini-batch, cumulative
-        assert r["objective/rlhf_reward"] == pytest.approx(r["objective/scores"] + r["objective/non_score_reward"],
-                                                           abs=1e-5)
+        assert r["objective/rlhf_reward"] == pytest.approx(
+            r["objective/scores"] + r["objective/non_score_reward"], abs=1e-5
+        )
         assert 0 <= r["val/num_eos_tokens"] <= BATCH and 0 <= r["policy/clipfrac_avg"] <= 1
         assert 1 <= r["objective/response_length"] <= 24
         # linear decay from 3e-5, stepped once per update, logged before the step
@@ -577,7 +706,11 @@ def test_ratio_var_is_trls_variance_of_the_micro_batch_mean_ratios(runs):
     exactly 0 nowhere: later epochs move away from 1); the per-token variance, hundreds of times larger, is logged as
     val/ratio_token_var."""
     for r in runs["base"]().check().train_rows:
-        assert 0 < r["val/ratio_var"] < r["val/ratio_token_var"], (r["update"], r["val/ratio_var"], r["val/ratio_token_var"])
+        assert 0 < r["val/ratio_var"] < r["val/ratio_token_var"], (
+            r["update"],
+            r["val/ratio_var"],
+            r["val/ratio_token_var"],
+        )
 
 
 @pytest.mark.slow
@@ -707,7 +840,13 @@ def test_save_total_limit_keeps_the_newest_checkpoints_and_no_tmp(runs):
         assert f.read() == f"checkpoint-{NUM_UPDATES}"
     assert not glob.glob(os.path.join(run.out, "**", "*.tmp"), recursive=True)
     files = files_under(os.path.join(folder, f"checkpoint-{NUM_UPDATES}"))
-    for name in ("state.pt", "rng_rank0.pt", "policy/model.safetensors", "value_model/model.safetensors", "manifest.json"):
+    for name in (
+        "state.pt",
+        "rng_rank0.pt",
+        "policy/model.safetensors",
+        "value_model/model.safetensors",
+        "manifest.json",
+    ):
         assert name in files, files
 
 
@@ -715,12 +854,15 @@ def test_save_total_limit_keeps_the_newest_checkpoints_and_no_tmp(runs):
 @needs("base", "resume")
 def test_sigkill_then_resume_latest_is_bitwise_identical_to_an_uninterrupted_run(runs):
     base, result = runs["base"]().check(), runs["resume"]()
-    where = (f"killed after checkpoint-{result['k']} + {result['delay']:.2f}s (PPO_TEST_KILL_SEED={result['seed']}); "
-             f"checkpoints then: {result['checkpoints_at_kill']}")
+    where = (
+        f"killed after checkpoint-{result['k']} + {result['delay']:.2f}s (PPO_TEST_KILL_SEED={result['seed']}); "
+        f"checkpoints then: {result['checkpoints_at_kill']}"
+    )
     killed, resumed = result["killed"], result["resumed"]
     assert killed.returncode == -signal.SIGKILL, (where, killed.returncode, killed.stderr[-2000:])
     assert f"checkpoint-{result['k']}" in result["checkpoints_at_kill"] or any(
-        int(n.split("-")[1]) > result["k"] for n in result["checkpoints_at_kill"] if n[11:].isdigit()), where
+        int(n.split("-")[1]) > result["k"] for n in result["checkpoints_at_kill"] if n[11:].isdigit()
+    ), where
     resumed.check()
     assert "resumed from" in resumed.stdout, (where, resumed.stdout[-2000:])
     for name in ("model.safetensors", os.path.join("value_model", "model.safetensors")):
@@ -730,8 +872,11 @@ def test_sigkill_then_resume_latest_is_bitwise_identical_to_an_uninterrupted_run
     assert [r["update"] for r in resumed.train_rows] == list(range(1, NUM_UPDATES + 1)), where
     assert [r["update"] for r in resumed.eval_rows] == [2, 4], where
     assert comparable(resumed.rows) == comparable(base.rows), where
-    assert sorted(os.listdir(os.path.join(resumed.out, "checkpoints"))) == [f"checkpoint-{NUM_UPDATES - 1}",
-                                                                            f"checkpoint-{NUM_UPDATES}", "latest"]
+    assert sorted(os.listdir(os.path.join(resumed.out, "checkpoints"))) == [
+        f"checkpoint-{NUM_UPDATES - 1}",
+        f"checkpoint-{NUM_UPDATES}",
+        "latest",
+    ]
     assert not glob.glob(os.path.join(resumed.out, "**", "*.tmp"), recursive=True), where
 
 
@@ -744,8 +889,11 @@ def test_sigterm_writes_a_checkpoint_and_the_resumed_run_is_bitwise_identical(ru
     assert stopped.returncode == 128 + signal.SIGTERM, (stopped.returncode, stopped.stderr[-2000:])
     assert "Traceback" not in stopped.stderr, stopped.stderr[-3000:]
     last = stopped.stderr.strip().splitlines()[-1]
-    assert re.fullmatch(r"stopped by SIGTERM after update (\d), with checkpoint-\1: continue with "
-                        r"--resume-from-checkpoint latest", last), last
+    assert re.fullmatch(
+        r"stopped by SIGTERM after update (\d), with checkpoint-\1: continue with "
+        r"--resume-from-checkpoint latest",
+        last,
+    ), last
     assert result["checkpoints_at_stop"] == [f"checkpoint-{last.split()[5][:-1]}", "latest"], result
     resumed.check()
     for name in ("model.safetensors", os.path.join("value_model", "model.safetensors")):
@@ -777,9 +925,20 @@ def test_resume_latest_skips_a_truncated_checkpoint_and_still_ends_bitwise_ident
     shutil.copytree(base.out, out)
     with open(out / "checkpoints" / f"checkpoint-{NUM_UPDATES}" / "policy" / "model.safetensors", "r+b") as f:
         f.truncate(4096)
-    proc = run_script("ppo_rlhf.py", *TINY, *SAVE, "--output-dir", str(out), "--resume-from-checkpoint", "latest",
-                      env={**ONE_THREAD, "HF_DATASETS_CACHE": str(tmp_path / "hf_cache")}, timeout=600)
-    assert f"checkpoint-{NUM_UPDATES} is damaged: policy/model.safetensors has 4096 bytes" in proc.stderr, proc.stderr[-2000:]
+    proc = run_script(
+        "ppo_rlhf.py",
+        *TINY,
+        *SAVE,
+        "--output-dir",
+        str(out),
+        "--resume-from-checkpoint",
+        "latest",
+        env={**ONE_THREAD, "HF_DATASETS_CACHE": str(tmp_path / "hf_cache")},
+        timeout=600,
+    )
+    assert f"checkpoint-{NUM_UPDATES} is damaged: policy/model.safetensors has 4096 bytes" in proc.stderr, proc.stderr[
+        -2000:
+    ]
     assert f"resumed from {out / 'checkpoints' / f'checkpoint-{NUM_UPDATES - 1}'}" in proc.stdout
     for name in ("model.safetensors", os.path.join("value_model", "model.safetensors")):
         assert (out / name).read_bytes() == open(os.path.join(base.out, name), "rb").read(), name
@@ -826,9 +985,14 @@ def test_default_run_raises_the_score_and_beats_sft_on_the_gold_judge(runs):
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        report = gold_eval.evaluate(gold_eval.Args(models=[os.path.join(EMBEDDED, "sft_model"), run.out],
-                                                   dataset_name=os.path.join(EMBEDDED, "prompts"), split="test",
-                                                   num_prompts=100))
+        report = gold_eval.evaluate(
+            gold_eval.Args(
+                models=[os.path.join(EMBEDDED, "sft_model"), run.out],
+                dataset_name=os.path.join(EMBEDDED, "prompts"),
+                split="test",
+                num_prompts=100,
+            )
+        )
     finally:
         torch.set_num_threads(before)
     sft_gold = report["models"][os.path.join(EMBEDDED, "sft_model")]["gold_score"]

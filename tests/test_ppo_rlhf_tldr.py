@@ -35,14 +35,34 @@ SFT = os.path.join(EMBEDDED, "sft_model")
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # shared CPUs: one uncontended thread per process
 
 # 16 episodes in 2 updates of 8 (4 x 2 micro-batches), 24-token responses, evaluation on 8 prompts after update 2.
-TINY = ["--total-episodes", "16", "--per-device-train-batch-size", "4", "--gradient-accumulation-steps", "2",
-        "--local-rollout-forward-batch-size", "8", "--num-sample-generations", "0", "--eval-steps", "2",
-        "--num-eval-prompts", "8", "--response-length", "24"]
+TINY = [
+    "--total-episodes",
+    "16",
+    "--per-device-train-batch-size",
+    "4",
+    "--gradient-accumulation-steps",
+    "2",
+    "--local-rollout-forward-batch-size",
+    "8",
+    "--num-sample-generations",
+    "0",
+    "--eval-steps",
+    "2",
+    "--num-eval-prompts",
+    "8",
+    "--response-length",
+    "24",
+]
 LOCAL_BATCH = 8
-PIPELINE_TINY = ["--task-args=--num-sft 300 --num-preference 300 --num-prompts 200", "--sft-args=--num-train-epochs 1",
-                 "--rm-args=--per-device-train-batch-size 32"]
-PIPELINE_PPO = ("--ppo-args=--total-episodes 32 --num-sample-generations 0 --per-device-train-batch-size 16 "
-                "--gradient-accumulation-steps 1 --num-eval-prompts 16 --response-length 24")
+PIPELINE_TINY = [
+    "--task-args=--num-sft 300 --num-preference 300 --num-prompts 200",
+    "--sft-args=--num-train-epochs 1",
+    "--rm-args=--per-device-train-batch-size 32",
+]
+PIPELINE_PPO = (
+    "--ppo-args=--total-episodes 32 --num-sample-generations 0 --per-device-train-batch-size 16 "
+    "--gradient-accumulation-steps 1 --num-eval-prompts 16 --response-length 24"
+)
 GENERATION_KEYS = {"query", "response", "reference", "score"}
 
 
@@ -100,9 +120,11 @@ def mixed(split, n_short, n_long, max_len, pattern):
 def filtered_dataset(path):
     """Train, validation and test splits in which some prompts are longer than the returned --max-prompt-length."""
     max_len = sorted(token_lengths(embedded_split("train")[:300]["prompt"]))[150]  # the median train prompt
-    splits = {"train": mixed("train", 12, 6, max_len, "sslssslsslsslsslsl"),
-              "validation": mixed("validation", 5, 3, max_len, "lsslssls"),
-              "test": mixed("test", 5, 3, max_len, "slsslsls")}
+    splits = {
+        "train": mixed("train", 12, 6, max_len, "sslssslsslsslsslsl"),
+        "validation": mixed("validation", 5, 3, max_len, "lsslssls"),
+        "test": mixed("test", 5, 3, max_len, "slsslsls"),
+    }
     return save_tldr(path, splits), max_len
 
 
@@ -115,8 +137,10 @@ class Result:
         self.cmd, self.returncode, self.stdout, self.stderr, self.info = cmd, returncode, stdout, stderr, info
 
     def check(self):
-        assert self.returncode == 0, (f"{' '.join(self.cmd)} exited {self.returncode}\nSTDOUT:\n{self.stdout[-4000:]}"
-                                      f"\nSTDERR:\n{self.stderr[-4000:]}")
+        assert self.returncode == 0, (
+            f"{' '.join(self.cmd)} exited {self.returncode}\nSTDOUT:\n{self.stdout[-4000:]}"
+            f"\nSTDERR:\n{self.stderr[-4000:]}"
+        )
         return self
 
 
@@ -172,14 +196,22 @@ def plan(bg):
     def filtered():
         dataset, max_len = filtered_dataset(os.path.join(root, "filtered_data"))
         out = os.path.join(root, "filtered")
-        return lambda: bg.run("filtered", tldr_cmd("--dataset-name", dataset, *TINY, "--max-prompt-length", str(max_len),
-                                                   "--output-dir", out), out=out, dataset=dataset, max_len=max_len)
+        return lambda: bg.run(
+            "filtered",
+            tldr_cmd("--dataset-name", dataset, *TINY, "--max-prompt-length", str(max_len), "--output-dir", out),
+            out=out,
+            dataset=dataset,
+            max_len=max_len,
+        )
 
     def no_final_eval():
         dataset = save_tldr(os.path.join(root, "good_data"), good_splits())
         out = os.path.join(root, "no_final_eval")
-        return lambda: bg.run("no_final_eval", tldr_cmd("--dataset-name", dataset, *TINY, "--dataset-final-eval-split",
-                                                        "None", "--output-dir", out), out=out)
+        return lambda: bg.run(
+            "no_final_eval",
+            tldr_cmd("--dataset-name", dataset, *TINY, "--dataset-final-eval-split", "None", "--output-dir", out),
+            out=out,
+        )
 
     def pipeline(name, *flags):
         work = os.path.join(root, name)
@@ -196,17 +228,23 @@ def plan(bg):
 
 def needs(*names):
     """Declare the background runs a test reads; the module fixture starts only the runs of the selected tests."""
+
     def mark(fn):
         fn.background_runs = names
         return fn
+
     return mark
 
 
 @pytest.fixture(scope="module", autouse=True)
 def runs(request, tmp_path_factory):
     bg = Background(str(tmp_path_factory.mktemp("tldr_runs")))
-    wanted = {name for item in request.session.items if item.module is request.module
-              for name in getattr(getattr(item, "function", None), "background_runs", ())}
+    wanted = {
+        name
+        for item in request.session.items
+        if item.module is request.module
+        for name in getattr(getattr(item, "function", None), "background_runs", ())
+    }
     try:
         futures = {name: bg.executor.submit(prepare()) for name, prepare in plan(bg).items() if name in wanted}
     except BaseException:
@@ -219,8 +257,18 @@ def runs(request, tmp_path_factory):
 def run_tldr(tmp_path, dataset, *extra):
     """A run expected to stop early; returns (process, output_dir)."""
     out = tmp_path / "out"
-    proc = run_script("ppo_rlhf_tldr.py", "--dataset-name", dataset, *TINY, *extra, "--output-dir", str(out),
-                      check=False, timeout=600, env={**ONE_THREAD, "HF_DATASETS_CACHE": str(tmp_path / "hf_cache")})
+    proc = run_script(
+        "ppo_rlhf_tldr.py",
+        "--dataset-name",
+        dataset,
+        *TINY,
+        *extra,
+        "--output-dir",
+        str(out),
+        check=False,
+        timeout=600,
+        env={**ONE_THREAD, "HF_DATASETS_CACHE": str(tmp_path / "hf_cache")},
+    )
     return proc, out
 
 
@@ -238,7 +286,7 @@ def assert_clean_error(proc, argument, *fragments):
     assert proc.returncode != 0, f"the run did not stop:\n{proc.stdout[-3000:]}"
     assert f"error: {argument}:" in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    message = proc.stderr[proc.stderr.index(f"error: {argument}:"):]
+    message = proc.stderr[proc.stderr.index(f"error: {argument}:") :]
     for fragment in fragments:
         assert fragment in message, (fragment, message[:2000])
 
@@ -249,7 +297,7 @@ def assert_clean_error(proc, argument, *fragments):
 
 FORMAT_CASES = {
     # a prompt without the SUBREDDIT header, in the train split
-    "no subreddit header": ("train", 3, lambda p: p[p.index("TITLE:"):]),
+    "no subreddit header": ("train", 3, lambda p: p[p.index("TITLE:") :]),
     # the common slip: a space after `TL;DR:`, in the final-evaluation split only
     "space after TL;DR:": ("test", 5, lambda p: p + " "),
 }
@@ -293,9 +341,16 @@ def test_prompt_whose_last_token_is_eos_is_rejected_by_the_token_check(tmp_path)
         shutil.copytree(os.path.join(ROOT, "embedded", name), tmp_path / name)
         tok.save_pretrained(tmp_path / name)
         models[name] = str(tmp_path / name)
-    proc, out = run_tldr(tmp_path, save_tldr(tmp_path / "data", good_splits()),
-                         "--model-name-or-path", models["sft_model"], "--sft-model-path", models["sft_model"],
-                         "--reward-model-path", models["reward_model"])
+    proc, out = run_tldr(
+        tmp_path,
+        save_tldr(tmp_path / "data", good_splits()),
+        "--model-name-or-path",
+        models["sft_model"],
+        "--sft-model-path",
+        models["sft_model"],
+        "--reward-model-path",
+        models["reward_model"],
+    )
     assert_clean_error(proc, "--dataset-name", "end with the EOS token", "'train'")
     assert not out.exists() or not files_under(out)
 
@@ -368,8 +423,9 @@ def test_judge_gold_reads_the_saved_generations(runs, tmp_path):
     n = len(read_jsonl(final))
     for b, name in ((initial, "final_vs_initial"), ("reference", "final_vs_reference")):
         output = tmp_path / f"{name}.json"
-        proc = run_script("judge.py", "--a", final, "--b", b, "--judge", "gold", "--output", str(output), timeout=300,
-                          env=ONE_THREAD)
+        proc = run_script(
+            "judge.py", "--a", final, "--b", b, "--judge", "gold", "--output", str(output), timeout=300, env=ONE_THREAD
+        )
         assert "win rate" in proc.stdout, proc.stdout[-2000:]
         result = json.loads(output.read_text())
         assert result["n"] == n and result["wins"] + result["ties"] + result["losses"] == n
@@ -406,14 +462,23 @@ def source(name):
 
 def top_level_definitions(text):
     tree = ast.parse(text)
-    return {node.name: node for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+    return {
+        node.name: node
+        for node in tree.body
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+    }
 
 
 def args_fields(text, node):
     """Args' fields as {name: (annotation, default)} source text."""
-    return {stmt.target.id: (ast.get_source_segment(text, stmt.annotation),
-                             ast.get_source_segment(text, stmt.value) if stmt.value is not None else None)
-            for stmt in node.body if isinstance(stmt, ast.AnnAssign)}
+    return {
+        stmt.target.id: (
+            ast.get_source_segment(text, stmt.annotation),
+            ast.get_source_segment(text, stmt.value) if stmt.value is not None else None,
+        )
+        for stmt in node.body
+        if isinstance(stmt, ast.AnnAssign)
+    }
 
 
 def test_every_helper_of_ppo_rlhf_is_in_the_tldr_variant_unchanged():
@@ -421,8 +486,13 @@ def test_every_helper_of_ppo_rlhf_is_in_the_tldr_variant_unchanged():
     ppo, tldr = top_level_definitions(ppo_text), top_level_definitions(tldr_text)
     assert len(ppo) > 10  # the parse found the helpers
     missing = [name for name in ppo if name not in tldr]
-    changed = [name for name in ppo if name in tldr and name != "Args"
-               and ast.get_source_segment(ppo_text, ppo[name]) != ast.get_source_segment(tldr_text, tldr[name])]
+    changed = [
+        name
+        for name in ppo
+        if name in tldr
+        and name != "Args"
+        and ast.get_source_segment(ppo_text, ppo[name]) != ast.get_source_segment(tldr_text, tldr[name])
+    ]
     assert not missing and not changed, f"only in ppo_rlhf.py: {missing}; different in ppo_rlhf_tldr.py: {changed}"
     # Args: every knob of ppo_rlhf.py with the same type and default; the only new ones are the TL;DR data/eval knobs
     ppo_fields, tldr_fields = args_fields(ppo_text, ppo["Args"]), args_fields(tldr_text, tldr["Args"])
@@ -442,8 +512,14 @@ def test_the_diff_between_ppo_rlhf_and_the_tldr_variant_stays_small():
 
 def check_summary(run, stages):
     run.check()
-    for row in ("SFT gold score", "PPO gold score", "PPO win rate vs SFT", "RM accuracy vs gold labels",
-                "PPO KL to SFT", "time: total"):
+    for row in (
+        "SFT gold score",
+        "PPO gold score",
+        "PPO win rate vs SFT",
+        "RM accuracy vs gold labels",
+        "PPO KL to SFT",
+        "time: total",
+    ):
         assert row in run.stdout, (row, run.stdout[-3000:])
     with open(os.path.join(run.info["work"], "summary.json")) as f:
         summary = json.load(f)
@@ -460,7 +536,9 @@ def check_summary(run, stages):
     for name, key in (("final", "ppo_gold_score"), ("initial", "sft_gold_score")):
         rows = read_jsonl(os.path.join(folder, f"{name}.jsonl"))
         assert len(rows) == summary["n"]
-        assert summary[key] == pytest.approx(sum(gold_score(r["query"], r["response"]) for r in rows) / len(rows), abs=1e-6)
+        assert summary[key] == pytest.approx(
+            sum(gold_score(r["query"], r["response"]) for r in rows) / len(rows), abs=1e-6
+        )
     return summary
 
 

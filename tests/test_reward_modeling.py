@@ -13,8 +13,15 @@ import shutil
 import pytest
 import torch
 
-from conftest import (ROOT, ReachedTraining, assert_exact_resume, fake_checkpoint, resume_bad_inputs, run_in_process,
-                      run_script)
+from conftest import (
+    ROOT,
+    ReachedTraining,
+    assert_exact_resume,
+    fake_checkpoint,
+    resume_bad_inputs,
+    run_in_process,
+    run_script,
+)
 
 import reward_modeling as rm  # noqa: E402
 
@@ -115,8 +122,18 @@ def test_get_reward_left_padding_with_absolute_position_embeddings():
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=40, n_positions=32, n_embd=32, n_layer=1, n_head=2, num_labels=1, pad_token_id=1,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = GPT2Config(
+        vocab_size=40,
+        n_positions=32,
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        num_labels=1,
+        pad_token_id=1,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     model = GPT2ForSequenceClassification(config).eval()
     seqs = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [15, 16, 17, 18, 19]]
     right, left = rewards(model, seqs, 1, "right"), rewards(model, seqs, 1, "left")
@@ -126,7 +143,9 @@ def test_get_reward_left_padding_with_absolute_position_embeddings():
     assert right.std() > 1e-4
 
 
-def test_shift_scores_moves_every_score_by_delta_and_survives_save_and_load(reward_model, tokenizer, sequences, tmp_path):
+def test_shift_scores_moves_every_score_by_delta_and_survives_save_and_load(
+    reward_model, tokenizer, sequences, tmp_path
+):
     from transformers import AutoModelForSequenceClassification
 
     pad = tokenizer.pad_token_id
@@ -136,7 +155,9 @@ def test_shift_scores_moves_every_score_by_delta_and_survives_save_and_load(rewa
         rm.shift_scores(model, delta)
         after = rewards(model, sequences, pad)
         assert torch.allclose(after - before, torch.full_like(before, delta), atol=1e-4), after - before
-        assert torch.allclose(rewards(model, sequences, pad, "left") - before, torch.full_like(before, delta), atol=1e-4)
+        assert torch.allclose(
+            rewards(model, sequences, pad, "left") - before, torch.full_like(before, delta), atol=1e-4
+        )
         model.save_pretrained(str(tmp_path / f"shifted{delta}"))
         reloaded = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / f"shifted{delta}")).eval()
         assert torch.allclose(hf_scores(reloaded, sequences, pad) - before, torch.full_like(before, delta), atol=1e-4)
@@ -145,7 +166,7 @@ def test_shift_scores_moves_every_score_by_delta_and_survives_save_and_load(rewa
 
 def test_shipped_reward_model_is_normalised_on_reference_completions(reward_model, tokenizer):
     seqs = [encode(tokenizer, r["prompt"], r["completion"]) for r in references(100)]
-    scores = torch.cat([rewards(reward_model, seqs[i:i + 50], tokenizer.pad_token_id) for i in range(0, 100, 50)])
+    scores = torch.cat([rewards(reward_model, seqs[i : i + 50], tokenizer.pad_token_id) for i in range(0, 100, 50)])
     assert abs(scores.mean().item()) < 0.15, scores.mean()
     assert scores.std().item() > 0.1  # a real spread of scores, not a constant zero
 
@@ -164,8 +185,11 @@ def test_help_lists_every_argument_with_its_docstring():
     text = re.sub(r"[\s│╭╮╰╯─]+", " ", run_script("reward_modeling.py", "--help", env=ONE_THREAD, timeout=120).stdout)
     for field in dataclasses.fields(rm.Args):
         assert f"--{field.name.replace('_', '-')} " in text or f"--{field.name.replace('_', '-')}," in text, field.name
-    for doc in ("the SFT model the reward model starts from", "shift the scores so that the reference completions "
-                "score 0 on average", "how many reference completions are scored for the normalisation"):
+    for doc in (
+        "the SFT model the reward model starts from",
+        "shift the scores so that the reference completions score 0 on average",
+        "how many reference completions are scored for the normalisation",
+    ):
         assert doc in text
 
 
@@ -174,13 +198,29 @@ def test_reward_modeling_tiny_run_saves_a_normalised_model(tmp_path, tokenizer):
     from datasets import load_from_disk
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    load_from_disk(os.path.join(EMBEDDED, "preference_data"))["train"].select(range(64)).to_json(str(tmp_path / "pref.jsonl"))
+    load_from_disk(os.path.join(EMBEDDED, "preference_data"))["train"].select(range(64)).to_json(
+        str(tmp_path / "pref.jsonl")
+    )
     out = tmp_path / "rm_out"
-    proc = run_script("reward_modeling.py", "--model-name-or-path", os.path.join(EMBEDDED, "sft_model"),
-                      "--dataset-name", str(tmp_path / "pref.jsonl"), "--normalize-dataset-name",
-                      os.path.join(EMBEDDED, "sft_data"), "--normalize-num-examples", "32",
-                      "--per-device-train-batch-size", "16", "--logging-steps", "2", "--output-dir", str(out),
-                      env={**ONE_THREAD, "HF_DATASETS_CACHE": str(tmp_path / "cache")}, timeout=600)
+    proc = run_script(
+        "reward_modeling.py",
+        "--model-name-or-path",
+        os.path.join(EMBEDDED, "sft_model"),
+        "--dataset-name",
+        str(tmp_path / "pref.jsonl"),
+        "--normalize-dataset-name",
+        os.path.join(EMBEDDED, "sft_data"),
+        "--normalize-num-examples",
+        "32",
+        "--per-device-train-batch-size",
+        "16",
+        "--logging-steps",
+        "2",
+        "--output-dir",
+        str(out),
+        env={**ONE_THREAD, "HF_DATASETS_CACHE": str(tmp_path / "cache")},
+        timeout=600,
+    )
     # one jsonl file has no splits: the last row and every 10th before it are held out
     assert "held out 7 of 64 rows of 'train' for evaluation (no 'test' split)" in proc.stdout
     assert "57 train / 7 eval pairs" in proc.stdout
@@ -198,7 +238,9 @@ def test_reward_modeling_tiny_run_saves_a_normalised_model(tmp_path, tokenizer):
     # A plain from_pretrained gives normalised scores: the 32 reference completions average 0.
     model = AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
     saved_tok = AutoTokenizer.from_pretrained(str(out))
-    assert model.config.num_labels == 1 and model.config.pad_token_id == saved_tok.pad_token_id != saved_tok.eos_token_id
+    assert (
+        model.config.num_labels == 1 and model.config.pad_token_id == saved_tok.pad_token_id != saved_tok.eos_token_id
+    )
     seqs = [encode(saved_tok, r["prompt"], r["completion"]) for r in references(32)]
     scores = hf_scores(model, seqs, saved_tok.pad_token_id)
     assert abs(scores.mean().item()) < 1e-3, scores.mean()
@@ -207,8 +249,9 @@ def test_reward_modeling_tiny_run_saves_a_normalised_model(tmp_path, tokenizer):
     # The eval loss in the log is the one of the saved model before its (loss-neutral) shift.
     from datasets import load_dataset
 
-    pairs = load_dataset("json", data_files=str(tmp_path / "pref.jsonl"), split="train",
-                         cache_dir=str(tmp_path / "cache")).select(range(3, 64, 10))  # the held-out pairs
+    pairs = load_dataset(
+        "json", data_files=str(tmp_path / "pref.jsonl"), split="train", cache_dir=str(tmp_path / "cache")
+    ).select(range(3, 64, 10))  # the held-out pairs
     chosen = hf_scores(model, [encode(saved_tok, r["prompt"], r["chosen"]) for r in pairs], saved_tok.pad_token_id)
     rejected = hf_scores(model, [encode(saved_tok, r["prompt"], r["rejected"]) for r in pairs], saved_tok.pad_token_id)
     loss, accuracy = rm.pairwise_loss_and_accuracy(chosen, rejected)
@@ -220,13 +263,29 @@ def test_sigkill_after_a_checkpoint_then_resume_latest_is_bitwise_identical(tmp_
     from datasets import DatasetDict, load_from_disk
 
     pref = load_from_disk(os.path.join(EMBEDDED, "preference_data"))
-    DatasetDict(train=pref["train"].select(range(72)), test=pref["test"].select(range(16))).save_to_disk(str(tmp_path / "data"))
+    DatasetDict(train=pref["train"].select(range(72)), test=pref["test"].select(range(16))).save_to_disk(
+        str(tmp_path / "data")
+    )
     # 72 pairs in batches of 8, two batches per optimizer step: 5 steps per epoch (the last on one batch), 10 in all,
     # so the random checkpoint may fall mid-epoch or at an epoch's end, before its evaluation.
-    args = ["--dataset-name", str(tmp_path / "data"), "--model-name-or-path", os.path.join(EMBEDDED, "sft_model"),
-            "--normalize-dataset-name", os.path.join(EMBEDDED, "sft_data"), "--normalize-num-examples", "16",
-            "--num-train-epochs", "2", "--per-device-train-batch-size", "8", "--gradient-accumulation-steps", "2",
-            "--logging-steps", "1"]
+    args = [
+        "--dataset-name",
+        str(tmp_path / "data"),
+        "--model-name-or-path",
+        os.path.join(EMBEDDED, "sft_model"),
+        "--normalize-dataset-name",
+        os.path.join(EMBEDDED, "sft_data"),
+        "--normalize-num-examples",
+        "16",
+        "--num-train-epochs",
+        "2",
+        "--per-device-train-batch-size",
+        "8",
+        "--gradient-accumulation-steps",
+        "2",
+        "--logging-steps",
+        "1",
+    ]
     rows = assert_exact_resume("reward_modeling.py", args, tmp_path)
     assert sum("normalization/reference_mean_before" in r for r in rows) == 1  # the shift, computed once
 
@@ -273,9 +332,12 @@ def two_label_classifier(tmp_path) -> dict:
 
 
 def good_args(tmp_path):
-    return {"--model-name-or-path": os.path.join(EMBEDDED, "sft_model"),
-            "--dataset-name": os.path.join(EMBEDDED, "preference_data"),
-            "--normalize-dataset-name": os.path.join(EMBEDDED, "sft_data"), "--output-dir": str(tmp_path / "out")}
+    return {
+        "--model-name-or-path": os.path.join(EMBEDDED, "sft_model"),
+        "--dataset-name": os.path.join(EMBEDDED, "preference_data"),
+        "--normalize-dataset-name": os.path.join(EMBEDDED, "sft_data"),
+        "--output-dir": str(tmp_path / "out"),
+    }
 
 
 def empty_dataset(tmp_path):
@@ -291,31 +353,52 @@ def checkpoint_of(tmp_path, **changes) -> dict:
 
 BAD_INPUTS = {
     # case: (changes to the good arguments, the argument the message must name, a word the message must contain)
-    "missing rejected column": (lambda t: {"--dataset-name": write_jsonl(t / "d.jsonl", [{"prompt": PROMPT, "chosen": " a."}])},
-                                "--dataset-name", "rejected"),
+    "missing rejected column": (
+        lambda t: {"--dataset-name": write_jsonl(t / "d.jsonl", [{"prompt": PROMPT, "chosen": " a."}])},
+        "--dataset-name",
+        "rejected",
+    ),
     "normalisation data without completion": (
         lambda t: {"--normalize-dataset-name": write_jsonl(t / "n.jsonl", [{"prompt": PROMPT, "chosen": " a."}])},
-        "--normalize-dataset-name", "completion"),
-    "empty jsonl file": (lambda t: {"--dataset-name": write_jsonl(t / "e.jsonl", [])}, "--dataset-name", "could not load"),
+        "--normalize-dataset-name",
+        "completion",
+    ),
+    "empty jsonl file": (
+        lambda t: {"--dataset-name": write_jsonl(t / "e.jsonl", [])},
+        "--dataset-name",
+        "could not load",
+    ),
     # datasets 5 cannot load back an empty save_to_disk folder (0 shards): the load error names --dataset-name.
     "empty dataset": (empty_dataset, "--dataset-name", "could not load"),
     "missing train split": (lambda t: {"--dataset-train-split": "nope"}, "--dataset-train-split", "nope"),
-    "model path missing": (lambda t: {"--model-name-or-path": str(t / "no_such_model")}, "--model-name-or-path",
-                           "does not exist"),
-    "tokenizer path missing": (lambda t: {"--tokenizer-name-or-path": str(t / "no_such_tok")},
-                               "--tokenizer-name-or-path", "does not exist"),
+    "model path missing": (
+        lambda t: {"--model-name-or-path": str(t / "no_such_model")},
+        "--model-name-or-path",
+        "does not exist",
+    ),
+    "tokenizer path missing": (
+        lambda t: {"--tokenizer-name-or-path": str(t / "no_such_tok")},
+        "--tokenizer-name-or-path",
+        "does not exist",
+    ),
     "max length past the context": (lambda t: {"--max-length": "300"}, "--max-length", "context of 256"),
     "classifier with two labels": (two_label_classifier, "--model-name-or-path", "2 labels"),
-    "non-positive batch size": (lambda t: {"--per-device-train-batch-size": "0"}, "--per-device-train-batch-size",
-                                "positive"),
+    "non-positive batch size": (
+        lambda t: {"--per-device-train-batch-size": "0"},
+        "--per-device-train-batch-size",
+        "positive",
+    ),
     "non-empty output dir": (lambda t: {}, "--output-dir", "--overwrite-output-dir"),
     **resume_bad_inputs(checkpoint_of),
     # numbers out of range (issue 15, items 4 and 7)
     "negative seed": (lambda t: {"--seed": "-1"}, "--seed", "[0, 2**32 - 1]"),
     "warmup ratio above 1": (lambda t: {"--warmup-ratio": "1.5"}, "--warmup-ratio", "[0, 1]"),
     "normalize num examples 0": (lambda t: {"--normalize-num-examples": "0"}, "--normalize-num-examples", "positive"),
-    "resume with another model": (lambda t: checkpoint_of(t, model_name_or_path=os.path.join(EMBEDDED, "base_model")),
-                                  "--resume-from-checkpoint", "base_model"),
+    "resume with another model": (
+        lambda t: checkpoint_of(t, model_name_or_path=os.path.join(EMBEDDED, "base_model")),
+        "--resume-from-checkpoint",
+        "base_model",
+    ),
 }
 
 
@@ -345,8 +428,10 @@ def test_tokenizer_without_a_distinct_pad_passes_validation(pad, tmp_path, monke
     """No pad token, or pad == EOS (Pythia, Llama, Mistral; GPT-2 setups): the script adds a dedicated [PAD] (checked
     end to end in tests/test_architectures.py) instead of refusing."""
     args = {**good_args(tmp_path), "--model-name-or-path": copy_model_with_pad(tmp_path, pad)}
-    assert isinstance(run_in_process("reward_modeling.py", [x for kv in args.items() for x in kv], tmp_path, monkeypatch),
-                      ReachedTraining)
+    assert isinstance(
+        run_in_process("reward_modeling.py", [x for kv in args.items() for x in kv], tmp_path, monkeypatch),
+        ReachedTraining,
+    )
 
 
 def test_good_input_passes_validation(tmp_path, monkeypatch):
@@ -365,9 +450,18 @@ def test_resume_with_the_same_arguments_passes_validation(tmp_path, monkeypatch)
 
 def test_bad_input_from_the_command_line_exits_nonzero(tmp_path):
     out = tmp_path / "out"
-    proc = run_script("reward_modeling.py", "--model-name-or-path", two_label_classifier(tmp_path)["--model-name-or-path"],
-                      "--normalize-dataset-name", os.path.join(EMBEDDED, "sft_data"), "--output-dir", str(out),
-                      check=False, env=ONE_THREAD, timeout=120)
+    proc = run_script(
+        "reward_modeling.py",
+        "--model-name-or-path",
+        two_label_classifier(tmp_path)["--model-name-or-path"],
+        "--normalize-dataset-name",
+        os.path.join(EMBEDDED, "sft_data"),
+        "--output-dir",
+        str(out),
+        check=False,
+        env=ONE_THREAD,
+        timeout=120,
+    )
     assert proc.returncode == 1
     assert "error: --model-name-or-path:" in proc.stderr and "2 labels" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -21,7 +21,8 @@ def policy_and_value():
     torch.manual_seed(0)
     policy = AutoModelForCausalLM.from_config(tiny_config("llama", VOCAB, eos_token_id=EOS, pad_token_id=PAD))
     value = AutoModelForSequenceClassification.from_config(
-        tiny_config("llama", VOCAB, eos_token_id=EOS, pad_token_id=PAD, num_labels=1))
+        tiny_config("llama", VOCAB, eos_token_id=EOS, pad_token_id=PAD, num_labels=1)
+    )
     with torch.no_grad():
         value.score.weight.normal_()  # visible values, not the 0.02 init
     return ppo_rlhf.PolicyAndValue(policy, value).eval()
@@ -36,8 +37,10 @@ def test_chunked_rollout_forward_equals_the_plain_padded_forward(policy_and_valu
     queries = [torch.randint(2, VOCAB, (n,), generator=g).tolist() for n in (4, 2, 5, 3, 4, 6)]
     q_ids, q_mask = ppo_rlhf.left_pad(queries, PAD)
     context_length, width = q_ids.shape[1], 7
-    chunks = [torch.randint(2, VOCAB, (len(queries[i: i + chunk_size]), width), generator=g)
-              for i in range(0, len(queries), chunk_size)]
+    chunks = [
+        torch.randint(2, VOCAB, (len(queries[i : i + chunk_size]), width), generator=g)
+        for i in range(0, len(queries), chunk_size)
+    ]
     chunks[0] = chunks[0][:, :3]  # the first chunk stopped generating after 3 tokens ...
     chunks[0][0, 2] = EOS  # ... row 0 with its stop token in the last column
     chunks[0][1:, 1] = EOS
@@ -53,7 +56,9 @@ def test_chunked_rollout_forward_equals_the_plain_padded_forward(policy_and_valu
         return logprobs, values
 
     with torch.no_grad():
-        logprobs, values = ppo_rlhf.forward_in_chunks(forward, seqs, mask, context_length, sequence_lengths, chunk_size)
+        logprobs, values = ppo_rlhf.forward_in_chunks(
+            forward, seqs, mask, context_length, sequence_lengths, chunk_size
+        )
         plain_logprobs, _, plain_values = policy_and_value(seqs, mask, context_length, T)
     columns = torch.arange(width)[None, :]
     valid, valid_p1 = columns <= sequence_lengths[:, None], columns <= sequence_lengths[:, None] + 1

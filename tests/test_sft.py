@@ -11,8 +11,15 @@ import shutil
 import pytest
 import torch
 
-from conftest import (ROOT, ReachedTraining, assert_exact_resume, fake_checkpoint, resume_bad_inputs, run_in_process,
-                      run_script)
+from conftest import (
+    ROOT,
+    ReachedTraining,
+    assert_exact_resume,
+    fake_checkpoint,
+    resume_bad_inputs,
+    run_in_process,
+    run_script,
+)
 
 import sft  # noqa: E402
 
@@ -111,8 +118,10 @@ def test_completion_loss_matches_the_hf_causal_lm_loss(tokenizer, examples):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(os.path.join(EMBEDDED, "sft_model")).eval()
-    batch = sft.collate([sft.tokenize_example(tokenizer, r["prompt"], r["completion"]) for r in examples.select(range(4))],
-                        tokenizer.pad_token_id)
+    batch = sft.collate(
+        [sft.tokenize_example(tokenizer, r["prompt"], r["completion"]) for r in examples.select(range(4))],
+        tokenizer.pad_token_id,
+    )
     with torch.no_grad():
         out = model(**batch)
     assert sft.completion_loss(out.logits, batch["labels"]).item() == pytest.approx(out.loss.item(), rel=1e-5)
@@ -129,8 +138,12 @@ def test_load_any_dataset_file_and_folders(tmp_path, monkeypatch):
     rows = [{"prompt": "SUBREDDIT: r/x\n\nTITLE: t\n\nPOST: p\n\nTL;DR:", "completion": f" c{i}."} for i in range(3)]
     with open(tmp_path / "d.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    assert {k: v.to_list() for k, v in sft.load_any_dataset(str(tmp_path / "d.jsonl")).items()} == {None: rows}  # no splits
-    DatasetDict(train=Dataset.from_list(rows), validation=Dataset.from_list(rows[:1])).save_to_disk(str(tmp_path / "dd"))
+    assert {k: v.to_list() for k, v in sft.load_any_dataset(str(tmp_path / "d.jsonl")).items()} == {
+        None: rows
+    }  # no splits
+    DatasetDict(train=Dataset.from_list(rows), validation=Dataset.from_list(rows[:1])).save_to_disk(
+        str(tmp_path / "dd")
+    )
     assert sft.load_any_dataset(str(tmp_path / "dd"))["validation"].to_list() == rows[:1]
     Dataset.from_list(rows[1:]).save_to_disk(str(tmp_path / "ds"))
     assert sft.load_any_dataset(str(tmp_path / "ds"))[None].to_list() == rows[1:]
@@ -157,8 +170,12 @@ def test_help_lists_every_argument_with_its_docstring():
     text = help_text("sft.py")
     for field in dataclasses.fields(sft.Args):
         assert f"--{field.name.replace('_', '-')} " in text or f"--{field.name.replace('_', '-')}," in text, field.name
-    for doc in ("the base model: a hub id or a local folder", "peak learning rate", "passes over the training split",
-                "a dedicated [PAD] is added"):
+    for doc in (
+        "the base model: a hub id or a local folder",
+        "peak learning rate",
+        "passes over the training split",
+        "a dedicated [PAD] is added",
+    ):
         assert doc in text
 
 
@@ -170,11 +187,27 @@ def test_sft_tiny_run_saves_a_loadable_model_and_finite_eval_loss(tmp_path, exam
     full = load_from_disk(os.path.join(EMBEDDED, "sft_data"))
     DatasetDict(train=full["train"].select(range(160)), validation=examples).save_to_disk(str(tmp_path / "data"))
     out = tmp_path / "sft_out"
-    proc = run_script("sft.py", "--dataset-name", str(tmp_path / "data"), "--model-name-or-path",
-                      os.path.join(EMBEDDED, "base_model"), "--num-train-epochs", "1", "--per-device-train-batch-size",
-                      "16", "--logging-steps", "5", "--num-sample-completions", "2", "--sample-max-new-tokens", "12",
-                      "--output-dir", str(out), env={**ONE_THREAD, "HF_DATASETS_CACHE": str(tmp_path / "cache")},
-                      timeout=600)
+    proc = run_script(
+        "sft.py",
+        "--dataset-name",
+        str(tmp_path / "data"),
+        "--model-name-or-path",
+        os.path.join(EMBEDDED, "base_model"),
+        "--num-train-epochs",
+        "1",
+        "--per-device-train-batch-size",
+        "16",
+        "--logging-steps",
+        "5",
+        "--num-sample-completions",
+        "2",
+        "--sample-max-new-tokens",
+        "12",
+        "--output-dir",
+        str(out),
+        env={**ONE_THREAD, "HF_DATASETS_CACHE": str(tmp_path / "cache")},
+        timeout=600,
+    )
     assert "160 train / 32 eval examples" in proc.stdout
     assert {"config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "args.json"} <= set(os.listdir(out))
     assert not os.path.exists(str(out) + ".tmp")
@@ -191,13 +224,16 @@ def test_sft_tiny_run_saves_a_loadable_model_and_finite_eval_loss(tmp_path, exam
     assert saved_tok.get_vocab() == tokenizer.get_vocab()
     trained = AutoModelForCausalLM.from_pretrained(str(out)).eval()
     base = AutoModelForCausalLM.from_pretrained(os.path.join(EMBEDDED, "base_model")).eval()
-    batch = sft.collate([sft.tokenize_example(tokenizer, r["prompt"], r["completion"]) for r in examples],
-                        tokenizer.pad_token_id)
+    batch = sft.collate(
+        [sft.tokenize_example(tokenizer, r["prompt"], r["completion"]) for r in examples], tokenizer.pad_token_id
+    )
     with torch.no_grad():
-        trained_loss = sft.completion_loss(trained(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-                                           batch["labels"]).item()
-        base_loss = sft.completion_loss(base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-                                        batch["labels"]).item()
+        trained_loss = sft.completion_loss(
+            trained(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"]
+        ).item()
+        base_loss = sft.completion_loss(
+            base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"]
+        ).item()
     # The saved weights are the evaluated ones, and ten steps of training already beat the random base model.
     assert trained_loss == pytest.approx(eval_row["eval/loss"], rel=1e-4)
     assert trained_loss < base_loss - 0.5
@@ -207,12 +243,29 @@ def test_sigkill_after_a_checkpoint_then_resume_latest_is_bitwise_identical(tmp_
     from datasets import DatasetDict, load_from_disk
 
     full = load_from_disk(os.path.join(EMBEDDED, "sft_data"))
-    DatasetDict(train=full["train"].select(range(72)), validation=examples.select(range(16))).save_to_disk(str(tmp_path / "data"))
+    DatasetDict(train=full["train"].select(range(72)), validation=examples.select(range(16))).save_to_disk(
+        str(tmp_path / "data")
+    )
     # 72 examples in batches of 8, two batches per optimizer step: 5 steps per epoch (the last on one batch), 10 in all,
     # so the random checkpoint may fall mid-epoch or at an epoch's end, before its evaluation.
-    args = ["--dataset-name", str(tmp_path / "data"), "--model-name-or-path", os.path.join(EMBEDDED, "base_model"),
-            "--num-train-epochs", "2", "--per-device-train-batch-size", "8", "--gradient-accumulation-steps", "2",
-            "--logging-steps", "1", "--num-sample-completions", "1", "--sample-max-new-tokens", "8"]
+    args = [
+        "--dataset-name",
+        str(tmp_path / "data"),
+        "--model-name-or-path",
+        os.path.join(EMBEDDED, "base_model"),
+        "--num-train-epochs",
+        "2",
+        "--per-device-train-batch-size",
+        "8",
+        "--gradient-accumulation-steps",
+        "2",
+        "--logging-steps",
+        "1",
+        "--num-sample-completions",
+        "1",
+        "--sample-max-new-tokens",
+        "8",
+    ]
     assert_exact_resume("sft.py", args, tmp_path)
 
 
@@ -241,12 +294,19 @@ def copy_model_with_pad(tmp_path, pad) -> str:
 
 
 def good_args(tmp_path):
-    return {"--model-name-or-path": os.path.join(EMBEDDED, "base_model"),
-            "--dataset-name": os.path.join(EMBEDDED, "sft_data"), "--output-dir": str(tmp_path / "out")}
+    return {
+        "--model-name-or-path": os.path.join(EMBEDDED, "base_model"),
+        "--dataset-name": os.path.join(EMBEDDED, "sft_data"),
+        "--output-dir": str(tmp_path / "out"),
+    }
 
 
 def no_completion_column(tmp_path):
-    return {"--dataset-name": write_jsonl(tmp_path / "d.jsonl", [{"prompt": "SUBREDDIT: r/x\n\nTITLE: t\n\nPOST: p\n\nTL;DR:"}])}
+    return {
+        "--dataset-name": write_jsonl(
+            tmp_path / "d.jsonl", [{"prompt": "SUBREDDIT: r/x\n\nTITLE: t\n\nPOST: p\n\nTL;DR:"}]
+        )
+    }
 
 
 def empty_dataset(tmp_path):
@@ -263,15 +323,25 @@ def checkpoint_of(tmp_path, **changes) -> dict:
 BAD_INPUTS = {
     # case: (changes to the good arguments, the argument the message must name, a word the message must contain)
     "missing completion column": (no_completion_column, "--dataset-name", "completion"),
-    "empty jsonl file": (lambda t: {"--dataset-name": write_jsonl(t / "e.jsonl", [])}, "--dataset-name", "could not load"),
+    "empty jsonl file": (
+        lambda t: {"--dataset-name": write_jsonl(t / "e.jsonl", [])},
+        "--dataset-name",
+        "could not load",
+    ),
     # datasets 5 cannot load back an empty save_to_disk folder (0 shards), so the script's "is empty" check is not
     # reached; the load error names --dataset-name, which is the argument to change.
     "empty dataset": (empty_dataset, "--dataset-name", "could not load"),
     "missing train split": (lambda t: {"--dataset-train-split": "nope"}, "--dataset-train-split", "nope"),
-    "model path missing": (lambda t: {"--model-name-or-path": str(t / "no_such_model")}, "--model-name-or-path",
-                           "does not exist"),
-    "tokenizer path missing": (lambda t: {"--tokenizer-name-or-path": str(t / "no_such_tok")},
-                               "--tokenizer-name-or-path", "does not exist"),
+    "model path missing": (
+        lambda t: {"--model-name-or-path": str(t / "no_such_model")},
+        "--model-name-or-path",
+        "does not exist",
+    ),
+    "tokenizer path missing": (
+        lambda t: {"--tokenizer-name-or-path": str(t / "no_such_tok")},
+        "--tokenizer-name-or-path",
+        "does not exist",
+    ),
     "max length past the context": (lambda t: {"--max-length": "300"}, "--max-length", "context of 256"),
     "non-positive learning rate": (lambda t: {"--learning-rate": "0"}, "--learning-rate", "positive"),
     "non-empty output dir": (lambda t: {}, "--output-dir", "--overwrite-output-dir"),
@@ -279,8 +349,11 @@ BAD_INPUTS = {
     # numbers out of range (issue 15, items 4 and 7)
     "negative seed": (lambda t: {"--seed": "-1"}, "--seed", "[0, 2**32 - 1]"),
     "warmup ratio above 1": (lambda t: {"--warmup-ratio": "1.5"}, "--warmup-ratio", "[0, 1]"),
-    "resume with another batch size": (lambda t: checkpoint_of(t, per_device_train_batch_size=16, learning_rate=1e-3),
-                                       "--resume-from-checkpoint", "--per-device-train-batch-size 16 (now 32)"),
+    "resume with another batch size": (
+        lambda t: checkpoint_of(t, per_device_train_batch_size=16, learning_rate=1e-3),
+        "--resume-from-checkpoint",
+        "--per-device-train-batch-size 16 (now 32)",
+    ),
 }
 
 
@@ -310,29 +383,39 @@ def test_tokenizer_without_a_distinct_pad_passes_validation(pad, tmp_path, monke
     """No pad token, or pad == EOS (Pythia, Llama, Mistral; GPT-2 setups): the script adds a dedicated [PAD] (checked
     end to end in tests/test_architectures.py) instead of refusing."""
     args = {**good_args(tmp_path), "--model-name-or-path": copy_model_with_pad(tmp_path, pad)}
-    assert isinstance(run_in_process("sft.py", [x for kv in args.items() for x in kv], tmp_path, monkeypatch),
-                      ReachedTraining)
+    assert isinstance(
+        run_in_process("sft.py", [x for kv in args.items() for x in kv], tmp_path, monkeypatch), ReachedTraining
+    )
 
 
 def test_good_input_passes_validation(tmp_path, monkeypatch):
     """The control for the table above: with nothing broken, the same harness reaches training."""
     args = good_args(tmp_path)
-    assert isinstance(run_in_process("sft.py", [x for kv in args.items() for x in kv], tmp_path, monkeypatch),
-                      ReachedTraining)
+    assert isinstance(
+        run_in_process("sft.py", [x for kv in args.items() for x in kv], tmp_path, monkeypatch), ReachedTraining
+    )
 
 
 def test_resume_with_the_same_arguments_passes_validation(tmp_path, monkeypatch):
     """The control for the resume cases: only the arguments that change the run count as a mismatch."""
     args = {**good_args(tmp_path), **checkpoint_of(tmp_path, save_steps=5, logging_steps=3, output_dir="elsewhere")}
-    assert isinstance(run_in_process("sft.py", [x for kv in args.items() for x in kv], tmp_path, monkeypatch),
-                      ReachedTraining)
+    assert isinstance(
+        run_in_process("sft.py", [x for kv in args.items() for x in kv], tmp_path, monkeypatch), ReachedTraining
+    )
 
 
 def test_bad_input_from_the_command_line_exits_nonzero(tmp_path):
     out = tmp_path / "out"
-    proc = run_script("sft.py", "--dataset-name", no_completion_column(tmp_path)["--dataset-name"], "--output-dir",
-                      str(out), check=False, env={**ONE_THREAD, "HF_DATASETS_CACHE": str(tmp_path / "cache")},
-                      timeout=120)
+    proc = run_script(
+        "sft.py",
+        "--dataset-name",
+        no_completion_column(tmp_path)["--dataset-name"],
+        "--output-dir",
+        str(out),
+        check=False,
+        env={**ONE_THREAD, "HF_DATASETS_CACHE": str(tmp_path / "cache")},
+        timeout=120,
+    )
     assert proc.returncode == 1
     assert "error: --dataset-name:" in proc.stderr and "completion" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -351,16 +434,37 @@ def test_one_batch_and_the_same_data_as_two_micro_batches_give_the_same_loss_and
     train = full["train"].select(range(40))
     lengths = [len(c) for c in train["completion"]]
     order = sorted(range(40), key=lambda i: lengths[i])
-    DatasetDict(train=train.select([order[0], order[1], order[-2], order[-1]]),
-                validation=full["validation"].select(range(4))).save_to_disk(str(tmp_path / "data"))
+    DatasetDict(
+        train=train.select([order[0], order[1], order[-2], order[-1]]), validation=full["validation"].select(range(4))
+    ).save_to_disk(str(tmp_path / "data"))
     outs = {}
     for name, micro, steps in (("one_batch", "4", "1"), ("two_micro_batches", "2", "2")):
         outs[name] = tmp_path / name
-        run_script("sft.py", "--dataset-name", str(tmp_path / "data"), "--model-name-or-path",
-                   os.path.join(EMBEDDED, "base_model"), "--num-train-epochs", "1", "--per-device-train-batch-size",
-                   micro, "--gradient-accumulation-steps", steps, "--num-sample-completions", "0", "--lr-scheduler-type",
-                   "constant", "--learning-rate", "1e-3", "--logging-steps", "1", "--output-dir", str(outs[name]),
-                   env={**ONE_THREAD, "HF_DATASETS_CACHE": str(tmp_path / "cache")}, timeout=600)
+        run_script(
+            "sft.py",
+            "--dataset-name",
+            str(tmp_path / "data"),
+            "--model-name-or-path",
+            os.path.join(EMBEDDED, "base_model"),
+            "--num-train-epochs",
+            "1",
+            "--per-device-train-batch-size",
+            micro,
+            "--gradient-accumulation-steps",
+            steps,
+            "--num-sample-completions",
+            "0",
+            "--lr-scheduler-type",
+            "constant",
+            "--learning-rate",
+            "1e-3",
+            "--logging-steps",
+            "1",
+            "--output-dir",
+            str(outs[name]),
+            env={**ONE_THREAD, "HF_DATASETS_CACHE": str(tmp_path / "cache")},
+            timeout=600,
+        )
     rows = {}
     for name, out in outs.items():
         with open(out / "metrics.jsonl") as f:

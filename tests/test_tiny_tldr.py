@@ -57,14 +57,27 @@ def test_completions_start_with_a_space():
 def test_embedded_datasets_follow_the_format():
     from datasets import load_from_disk
 
-    sft, pref, prompts = (load_from_disk(os.path.join(EMBEDDED, n)) for n in ("sft_data", "preference_data", "prompts"))
-    assert {k: v.column_names for k, v in sft.items()} == {"train": ["prompt", "completion"],
-                                                          "validation": ["prompt", "completion"]}
+    sft, pref, prompts = (
+        load_from_disk(os.path.join(EMBEDDED, n)) for n in ("sft_data", "preference_data", "prompts")
+    )
+    assert {k: v.column_names for k, v in sft.items()} == {
+        "train": ["prompt", "completion"],
+        "validation": ["prompt", "completion"],
+    }
     assert set(pref) == {"train", "test"} and set(prompts) == {"train", "validation", "test"}
     assert pref["train"].column_names == ["prompt", "chosen", "rejected", "gold_chosen_is_better"]
-    assert (len(sft["validation"]), len(pref["test"]), len(prompts["validation"]), len(prompts["test"])) == (300, 500, 200, 200)
-    for data, columns in ((sft["validation"], ("completion",)), (sft["train"].select(range(500)), ("completion",)),
-                          (pref["test"], ("chosen", "rejected")), (prompts["test"], ("completion",))):
+    assert (len(sft["validation"]), len(pref["test"]), len(prompts["validation"]), len(prompts["test"])) == (
+        300,
+        500,
+        200,
+        200,
+    )
+    for data, columns in (
+        (sft["validation"], ("completion",)),
+        (sft["train"].select(range(500)), ("completion",)),
+        (pref["test"], ("chosen", "rejected")),
+        (prompts["test"], ("completion",)),
+    ):
         for row in data:
             check_prompt(row["prompt"])
             for c in columns:
@@ -115,8 +128,14 @@ def test_building_twice_gives_byte_identical_datasets(tmp_path):
     """Once through the command line as a user would, once by calling build(): same seed, same bytes."""
     a, b = tmp_path / "a", tmp_path / "b"
     sizes = dict(num_sft=24, num_preference=16, num_prompts=8)
-    run_script("tiny_tldr.py", "--output-dir", str(a), *[x for k, v in sizes.items() for x in (f"--{k.replace('_', '-')}", str(v))],
-               env={"OMP_NUM_THREADS": "1"}, timeout=300)
+    run_script(
+        "tiny_tldr.py",
+        "--output-dir",
+        str(a),
+        *[x for k, v in sizes.items() for x in (f"--{k.replace('_', '-')}", str(v))],
+        env={"OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
     tiny_tldr.build(tiny_tldr.Args(output_dir=str(b), **sizes))
     arrows = sorted(os.path.relpath(f, a) for f in glob.glob(str(a / "*" / "*" / "*.arrow")))
     assert len(arrows) == 7  # sft train/validation, preference train/test, prompts train/validation/test
@@ -142,30 +161,47 @@ def test_building_twice_gives_byte_identical_datasets(tmp_path):
 # gold judge on hand-made cases
 
 PROMPT = tiny_tldr.PROMPT_TEMPLATE.format(
-    subreddit="roommates", title="My roommate ate my leftovers",
+    subreddit="roommates",
+    title="My roommate ate my leftovers",
     post="I (22F) need advice about my roommate (24M). Sorry for the formatting, I am on mobile. Yesterday my "
-         "roommate ate my leftovers. I feel angry about it. What should I do?")
+    "roommate ate my leftovers. I feel angry about it. What should I do?",
+)
 IDEAL = " my roommate ate my leftovers and i feel angry. what should i do?"
 
 
-@pytest.mark.parametrize("completion,expected", [
-    (IDEAL, 4.0),
-    (" my roommate ate my leftovers. what should i do?", 3.0),  # no feeling
-    (" someone ate my leftovers and i feel angry. what should i do?", 3.0),  # no person
-    (" my roommate did something and i feel angry. what should i do?", 3.0),  # no event
-    (" my roommate ate my leftovers and i feel sad. what should i do?", 2.0),  # wrong feeling: -1 missing, -1 invented
-    (" my roommate ate my leftovers and i feel angry and sad. what should i do?", 3.0),  # invented feeling
-    (" my roommate and my boss ate my leftovers and i feel angry. what should i do?", 3.0),  # invented person
-    (" my roommate ate my leftovers and read my diary and i feel angry. what should i do?", 3.0),  # invented event
-    (" my roommate ate my leftovers and i feel angry, on mobile. what should i do?", 3.0),  # filler
-    (" throwaway, my roommate ate my leftovers and i feel angry. what should i do?", 3.0),  # filler
-    (" throwaway, my roommate ate my leftovers and i feel angry, on mobile. what should i do?", 3.0),  # filler once
-    (" my roommate ate my leftovers and i feel angry.", 3.5),  # no question
-    (" my roommate ate my leftovers and i feel angry. am i overreacting?", 3.5),  # a question the post does not ask
-    (" my roommate ate my leftovers and i feel angry. what should", 2.0),  # cut off: -1 instead of +0.5, no question
-    (" my roommate ate my leftovers and i feel angry", 2.0),  # no final punctuation: 1.5 below the same with "."
-    (" my roommate ate my leftovers and i feel angry!", 3.5),
-])
+@pytest.mark.parametrize(
+    "completion,expected",
+    [
+        (IDEAL, 4.0),
+        (" my roommate ate my leftovers. what should i do?", 3.0),  # no feeling
+        (" someone ate my leftovers and i feel angry. what should i do?", 3.0),  # no person
+        (" my roommate did something and i feel angry. what should i do?", 3.0),  # no event
+        (
+            " my roommate ate my leftovers and i feel sad. what should i do?",
+            2.0,
+        ),  # wrong feeling: -1 missing, -1 invented
+        (" my roommate ate my leftovers and i feel angry and sad. what should i do?", 3.0),  # invented feeling
+        (" my roommate and my boss ate my leftovers and i feel angry. what should i do?", 3.0),  # invented person
+        (" my roommate ate my leftovers and read my diary and i feel angry. what should i do?", 3.0),  # invented event
+        (" my roommate ate my leftovers and i feel angry, on mobile. what should i do?", 3.0),  # filler
+        (" throwaway, my roommate ate my leftovers and i feel angry. what should i do?", 3.0),  # filler
+        (
+            " throwaway, my roommate ate my leftovers and i feel angry, on mobile. what should i do?",
+            3.0,
+        ),  # filler once
+        (" my roommate ate my leftovers and i feel angry.", 3.5),  # no question
+        (
+            " my roommate ate my leftovers and i feel angry. am i overreacting?",
+            3.5,
+        ),  # a question the post does not ask
+        (
+            " my roommate ate my leftovers and i feel angry. what should",
+            2.0,
+        ),  # cut off: -1 instead of +0.5, no question
+        (" my roommate ate my leftovers and i feel angry", 2.0),  # no final punctuation: 1.5 below the same with "."
+        (" my roommate ate my leftovers and i feel angry!", 3.5),
+    ],
+)
 def test_gold_score_hand_made_cases(completion, expected):
     assert tiny_tldr.gold_score(PROMPT, completion) == pytest.approx(expected, abs=1e-9)
 
@@ -198,7 +234,10 @@ def test_preference_labels_agree_with_gold_for_most_pairs_but_not_all():
 
     train = load_from_disk(os.path.join(EMBEDDED, "preference_data"))["train"]
     for row in train.select(range(400)):
-        gc, gr = tiny_tldr.gold_score(row["prompt"], row["chosen"]), tiny_tldr.gold_score(row["prompt"], row["rejected"])
+        gc, gr = (
+            tiny_tldr.gold_score(row["prompt"], row["chosen"]),
+            tiny_tldr.gold_score(row["prompt"], row["rejected"]),
+        )
         assert gc != gr  # tied pairs are left out: there is nothing to learn from them
         assert row["gold_chosen_is_better"] == (gc > gr)
     agreement = sum(train["gold_chosen_is_better"]) / len(train)

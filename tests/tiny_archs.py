@@ -10,8 +10,9 @@ sizes only. Used by the architecture matrix tests; benchmark/ may use them too.
 import os
 
 # Overrides that make every architecture tiny; each config class ignores none of these names in transformers 5.
-_COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-               max_position_embeddings=512)
+_COMMON = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512
+)
 
 ARCHITECTURES = {
     # name: (config class name in transformers, extra config fields)
@@ -19,10 +20,27 @@ ARCHITECTURES = {
     "llama": ("LlamaConfig", dict(num_key_value_heads=2, tie_word_embeddings=False)),
     "qwen2": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=True)),
     "mistral": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=None)),
-    "gemma2": ("Gemma2Config", dict(num_key_value_heads=2, head_dim=16, final_logit_softcapping=30.0,
-                                    attn_logit_softcapping=50.0, query_pre_attn_scalar=16, sliding_window=64)),
-    "gemma3": ("Gemma3TextConfig", dict(num_key_value_heads=2, head_dim=16, final_logit_softcapping=30.0,
-                                        query_pre_attn_scalar=16, sliding_window=64)),
+    "gemma2": (
+        "Gemma2Config",
+        dict(
+            num_key_value_heads=2,
+            head_dim=16,
+            final_logit_softcapping=30.0,
+            attn_logit_softcapping=50.0,
+            query_pre_attn_scalar=16,
+            sliding_window=64,
+        ),
+    ),
+    "gemma3": (
+        "Gemma3TextConfig",
+        dict(
+            num_key_value_heads=2,
+            head_dim=16,
+            final_logit_softcapping=30.0,
+            query_pre_attn_scalar=16,
+            sliding_window=64,
+        ),
+    ),
     "phi3": ("Phi3Config", dict(num_key_value_heads=4, pad_token_id=None)),
     "gpt2": ("GPT2Config", dict(n_embd=64, n_layer=2, n_head=4, n_positions=512, n_inner=128)),
     "opt": ("OPTConfig", dict(ffn_dim=128, word_embed_proj_dim=64, do_layer_norm_before=True)),
@@ -34,16 +52,30 @@ ARCHITECTURES = {
 MATRIX = ["gpt_neox", "llama", "qwen2", "mistral", "gemma2", "gemma3", "phi3", "gpt2", "opt"]
 
 
-def tiny_config(arch: str, vocab_size: int, bos_token_id: int = 0, eos_token_id: int = 0, pad_token_id=None, **overrides):
+def tiny_config(
+    arch: str, vocab_size: int, bos_token_id: int = 0, eos_token_id: int = 0, pad_token_id=None, **overrides
+):
     """The config of a tiny random `arch` model with the given vocabulary and special token ids."""
     import transformers
 
     class_name, extra = ARCHITECTURES[arch]
-    fields = {**_COMMON, **extra, "vocab_size": vocab_size, "bos_token_id": bos_token_id,
-              "eos_token_id": eos_token_id, "pad_token_id": pad_token_id, **overrides}
+    fields = {
+        **_COMMON,
+        **extra,
+        "vocab_size": vocab_size,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+        "pad_token_id": pad_token_id,
+        **overrides,
+    }
     if arch == "gpt2":  # GPT-2 names its sizes differently and rejects the common ones
-        for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                  "max_position_embeddings"):
+        for k in (
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "max_position_embeddings",
+        ):
             fields.pop(k)
     if arch == "opt":
         fields.pop("intermediate_size")
@@ -60,8 +92,11 @@ def save_tiny_causal_lm(arch: str, folder, vocab_size: int = None, tokenizer=Non
         vocab_size = len(tokenizer)
     ids = {}
     if tokenizer is not None:
-        ids = dict(eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id or tokenizer.eos_token_id,
-                   pad_token_id=tokenizer.pad_token_id)
+        ids = dict(
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.bos_token_id or tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     config = tiny_config(arch, vocab_size, **ids, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
