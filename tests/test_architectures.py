@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, SHARED, run_in_process
+from helpers import ROOT, SHARED, run_in_process
 from tiny_archs import MATRIX, save_tiny_causal_lm
 
 EMBEDDED = os.path.join(ROOT, "embedded")

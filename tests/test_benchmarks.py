@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, SHARED, run_script
+from helpers import ROOT, SHARED, run_script
 
 sys.path.insert(0, os.path.join(ROOT, "benchmark"))
 import speed_compare  # noqa: E402

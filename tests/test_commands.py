@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import OFFLINE_ENV, ROOT
+from helpers import OFFLINE_ENV, ROOT
 
 EMBEDDED = os.path.join(ROOT, "embedded")
 SFT, RM = os.path.join(EMBEDDED, "sft_model"), os.path.join(EMBEDDED, "reward_model")

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from conftest import ROOT, ReachedTraining, run_in_process, run_script
+from helpers import ROOT, ReachedTraining, run_in_process, run_script
 
 import ppo_rlhf  # noqa: E402
 import ppo_rlhf_tldr  # noqa: E402

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from conftest import OFFLINE_ENV, ROOT
+from helpers import OFFLINE_ENV, ROOT
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 

@@ -15,7 +15,7 @@ import torch
 import tyro
 import yaml
 
-from conftest import ROOT, ReachedTraining, run_in_process
+from helpers import ROOT, ReachedTraining, run_in_process
 
 SCRIPTS = ["sft.py", "reward_modeling.py", "ppo_rlhf.py", "ppo_rlhf_tldr.py"]
 EMBEDDED = os.path.join(ROOT, "embedded")

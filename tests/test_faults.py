@@ -19,7 +19,7 @@ import time
 import pytest
 import torch
 
-from conftest import OFFLINE_ENV, ROOT, ReachedTraining, run_in_process, run_script
+from helpers import OFFLINE_ENV, ROOT, ReachedTraining, run_in_process, run_script
 
 import sft  # noqa: E402
 

@@ -8,7 +8,7 @@ models built from configs."""
 import pytest
 import torch
 
-from conftest import ROOT  # noqa: F401  (puts the repository root on sys.path)
+from helpers import ROOT  # noqa: F401  (puts the repository root on sys.path)
 from tiny_archs import ARCHITECTURES, MATRIX, tiny_config
 
 import ppo_rlhf  # noqa: E402

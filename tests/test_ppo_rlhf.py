@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import OFFLINE_ENV, ROOT, run_script
+from helpers import OFFLINE_ENV, ROOT, run_script
 
 EMBEDDED = os.path.join(ROOT, "embedded")
 SCRIPT = os.path.join(ROOT, "ppo_rlhf.py")

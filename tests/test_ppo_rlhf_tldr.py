@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import OFFLINE_ENV, ROOT, run_script
+from helpers import OFFLINE_ENV, ROOT, run_script
 
 EMBEDDED = os.path.join(ROOT, "embedded")
 PROMPTS = os.path.join(EMBEDDED, "prompts")

@@ -13,7 +13,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import (
+from helpers import (
     ROOT,
     ReachedTraining,
     assert_exact_resume,

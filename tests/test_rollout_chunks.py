@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT  # noqa: F401  (puts the repository root on sys.path)
+from helpers import ROOT  # noqa: F401  (puts the repository root on sys.path)
 from tiny_archs import tiny_config
 
 import ppo_rlhf  # noqa: E402

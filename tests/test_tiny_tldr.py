@@ -10,7 +10,7 @@ import statistics
 import pytest
 import torch
 
-from conftest import ROOT, run_script
+from helpers import ROOT, run_script
 
 import tiny_tldr  # noqa: E402
 
