@@ -138,9 +138,6 @@ class Background:
     def run(self, name, cmd, cwd=ROOT, env=None, timeout=900, **info) -> Finished:
         return self.wait(self.start(name, cmd, cwd, env), name, cmd, cwd, timeout, **info)
 
-    def submit(self, fn, *args, **kwargs):
-        return self.executor.submit(fn, *args, **kwargs)
-
     def close(self):
         self.executor.shutdown(wait=False, cancel_futures=True)
         with self.lock:
@@ -227,7 +224,9 @@ def assert_exact_resume(script, args, tmp_path, num_steps=10) -> list:
     runner = Background(str(tmp_path), workers=1, env=env)
     base_cmd = [sys.executable, os.path.join(ROOT, script), *args, "--output-dir", str(base), "--save-steps", "1"]
     try:
-        job = runner.submit(lambda: runner.run("base", base_cmd, timeout=600, out=str(base)).check())  # alongside
+        job = runner.executor.submit(
+            lambda: runner.run("base", base_cmd, timeout=600, out=str(base)).check()
+        )  # alongside
         result = kill_after_a_checkpoint_then_resume(
             runner,
             "resumed",

@@ -12,21 +12,16 @@ fixture in two worker threads so that the two shared CPUs are both busy."""
 import json
 import math
 import os
-import signal
 import socket
-import subprocess
 import sys
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from helpers import OFFLINE_ENV, ROOT
+from helpers import ROOT, Background, needs, wanted_runs
 
 EMBEDDED = os.path.join(ROOT, "embedded")
 SFT, RM = os.path.join(EMBEDDED, "sft_model"), os.path.join(EMBEDDED, "reward_model")
 ZERO2 = os.path.join(ROOT, "benchmark", "accelerate_configs", "deepspeed_zero2.yaml")
-ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # shared CPUs: one uncontended thread per process
 
 GET_STARTED = [
     "--dataset_name",
@@ -107,57 +102,6 @@ TLDR_BENCHMARK = [
 ]
 
 
-class Result:
-    def __init__(self, cmd, cwd, returncode, stdout, stderr):
-        self.cmd, self.cwd, self.returncode, self.stdout, self.stderr = cmd, cwd, returncode, stdout, stderr
-
-    def check(self):
-        assert self.returncode == 0, (
-            f"{' '.join(self.cmd)} exited {self.returncode}\nSTDOUT:\n{self.stdout[-4000:]}"
-            f"\nSTDERR:\n{self.stderr[-4000:]}"
-        )
-        return self
-
-
-class Background:
-    """Runs commands from a pool of worker threads, each in its own process group (accelerate launch starts one child
-    per rank); at the end of the module the groups it started that still run are killed, by their ids."""
-
-    def __init__(self, root, workers=2):
-        self.root, self.lock, self.groups, self.closed = root, threading.Lock(), set(), False
-        self.executor = ThreadPoolExecutor(max_workers=workers)
-        self.env = {**os.environ, **OFFLINE_ENV, **ONE_THREAD, "HF_DATASETS_CACHE": os.path.join(root, "hf_cache")}
-
-    def run(self, name, cmd, cwd, timeout=900):
-        out_path, err_path = (os.path.join(self.root, f"{name}.{x}") for x in ("out", "err"))
-        with open(out_path, "w") as out, open(err_path, "w") as err, self.lock:
-            if self.closed:
-                raise RuntimeError("the module's runs were cancelled")
-            proc = subprocess.Popen(cmd, cwd=cwd, env=self.env, stdout=out, stderr=err, start_new_session=True)
-            self.groups.add(proc.pid)
-        try:
-            proc.wait(timeout=timeout)
-        finally:
-            if proc.returncode is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            with self.lock:
-                self.groups.discard(proc.pid)
-        with open(out_path) as out, open(err_path) as err:
-            return Result(cmd, cwd, proc.returncode, out.read(), err.read())
-
-    def close(self):
-        self.executor.shutdown(wait=False, cancel_futures=True)
-        with self.lock:
-            self.closed = True
-            running = list(self.groups)
-        for pgid in running:
-            try:
-                os.killpg(pgid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -219,23 +163,10 @@ def plan(bg):
     return {"tldr_deepspeed": tldr_deepspeed, "get_started": get_started}
 
 
-def needs(*names):
-    def mark(fn):
-        fn.background_runs = names
-        return fn
-
-    return mark
-
-
 @pytest.fixture(scope="module", autouse=True)
 def runs(request, tmp_path_factory):
     bg = Background(str(tmp_path_factory.mktemp("command_runs")))
-    wanted = {
-        name
-        for item in request.session.items
-        if item.module is request.module
-        for name in getattr(getattr(item, "function", None), "background_runs", ())
-    }
+    wanted = wanted_runs(request)
     try:
         futures = {name: bg.executor.submit(prepare()) for name, prepare in plan(bg).items() if name in wanted}
     except BaseException:

@@ -13,15 +13,12 @@ import math
 import os
 import shutil
 import socket
-import subprocess
 import sys
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
-from helpers import OFFLINE_ENV, ROOT
+from helpers import ROOT, Background, Finished
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -72,42 +69,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Run:
-    def __init__(self, out, returncode, stdout, stderr):
-        self.out, self.returncode, self.stdout, self.stderr = out, returncode, stdout, stderr
-
+class Run(Finished):
     def check(self):
-        assert self.returncode == 0, (
-            f"exited {self.returncode}\nSTDOUT:\n{self.stdout[-3000:]}\nSTDERR:\n{self.stderr[-5000:]}"
-        )
+        super().check()
         assert "terminate called" not in self.stderr  # the gloo abort at exit
         return self
 
-    @property
-    def rows(self):
-        with open(os.path.join(self.out, "metrics.jsonl")) as f:
-            return [json.loads(line) for line in f]
 
-    @property
-    def train_rows(self):
-        return [r for r in self.rows if "objective/kl" in r]
-
-
-class Runner:
-    """Starts launches in a pool of worker threads; kills (by pid) the ones still running when the module ends."""
+class Runner(Background):
+    """Launches two-process runs in a pool of worker threads; kills (by process group) the ones still running when
+    the module ends."""
 
     def __init__(self, root):
-        self.root, self.procs, self.lock = root, set(), threading.Lock()
-        self.executor = ThreadPoolExecutor(max_workers=2)
-        self.env = {
-            **os.environ,
-            **OFFLINE_ENV,
-            "OMP_NUM_THREADS": "1",
-            "MKL_NUM_THREADS": "1",
-            "HF_DATASETS_CACHE": os.path.join(root, "hf_cache"),
-        }
+        super().__init__(root, finished=Run)
 
-    def run(self, name, launcher, script, args, timeout=600):
+    def launch(self, name, launcher, script, args, timeout=600) -> Run:
         out = os.path.join(self.root, name)
         port = str(free_port())
         if launcher == TORCHRUN:
@@ -115,28 +91,10 @@ class Runner:
         else:
             cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--main_process_port", port]
         cmd += [os.path.join(ROOT, script), *args, "--output-dir", out]
-        with (
-            open(os.path.join(self.root, name + ".out"), "w") as fo,
-            open(os.path.join(self.root, name + ".err"), "w") as fe,
-        ):
-            proc = subprocess.Popen(
-                cmd, cwd=ROOT, env={**self.env, "MASTER_PORT": port}, stdout=fo, stderr=fe, start_new_session=True
-            )
-        with self.lock:
-            self.procs.add(proc)
-        try:
-            proc.wait(timeout=timeout)
-        finally:
-            with self.lock:
-                self.procs.discard(proc)
-            if proc.returncode is None:
-                os.killpg(proc.pid, 9)  # the launcher and the two workers it started
-                proc.wait()
-        with open(os.path.join(self.root, name + ".out")) as fo, open(os.path.join(self.root, name + ".err")) as fe:
-            return Run(out, proc.returncode, fo.read(), fe.read())
+        return self.run(name, cmd, env={"MASTER_PORT": port}, timeout=timeout, out=out)
 
     def submit(self, *args, **kwargs):
-        return self.executor.submit(self.run, *args, **kwargs)
+        return self.executor.submit(self.launch, *args, **kwargs)
 
     def resume(self, first, name, launcher, args):
         """Resume from checkpoint 1 of a finished run, in a copy of its output folder."""
@@ -146,17 +104,9 @@ class Runner:
             out = os.path.join(self.root, name)
             shutil.copytree(done.out, out)
             shutil.rmtree(os.path.join(out, "checkpoints", f"checkpoint-{NUM_UPDATES}"))
-            return self.run(name, launcher, "ppo_rlhf.py", [*args, "--resume-from-checkpoint", "latest"])
+            return self.launch(name, launcher, "ppo_rlhf.py", [*args, "--resume-from-checkpoint", "latest"])
 
         return self.executor.submit(job)
-
-    def close(self):
-        self.executor.shutdown(wait=False, cancel_futures=True)
-        with self.lock:
-            running = list(self.procs)
-        for proc in running:
-            os.killpg(proc.pid, 9)
-            proc.wait()
 
 
 def make_sft_adapter(path):
@@ -562,12 +512,12 @@ def resume_runs(tmp_path_factory):
     ]
 
     def run_and_resume(name, launcher, script, args):
-        first = runner.run(name, launcher, script, args).check()
+        first = runner.launch(name, launcher, script, args).check()
         resumed_out = os.path.join(root, name + "_resumed")
         for step in (1, 2):
             checkpoint = os.path.join("checkpoints", f"checkpoint-{step}")
             shutil.copytree(os.path.join(first.out, checkpoint), os.path.join(resumed_out, checkpoint))
-        return first, runner.run(name + "_resumed", launcher, script, [*args, "--resume-from-checkpoint", "latest"])
+        return first, runner.launch(name + "_resumed", launcher, script, [*args, "--resume-from-checkpoint", "latest"])
 
     jobs = {
         "sft_ddp": runner.executor.submit(run_and_resume, "sft_ddp", DDP, "sft.py", sft_args),

@@ -19,20 +19,15 @@ import math
 import os
 import re
 import shutil
-import signal
-import subprocess
 import sys
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from helpers import OFFLINE_ENV, ROOT, run_script
+from helpers import ONE_THREAD, ROOT, Background, needs, run_script, wanted_runs
 
 EMBEDDED = os.path.join(ROOT, "embedded")
 PROMPTS = os.path.join(EMBEDDED, "prompts")
 SFT = os.path.join(EMBEDDED, "sft_model")
-ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # shared CPUs: one uncontended thread per process
 
 # 16 episodes in 2 updates of 8 (4 x 2 micro-batches), 24-token responses, evaluation on 8 prompts after update 2.
 TINY = [
@@ -132,57 +127,6 @@ def filtered_dataset(path):
 # running the scripts: successful runs in the background, shared between tests
 
 
-class Result:
-    def __init__(self, cmd, returncode, stdout, stderr, **info):
-        self.cmd, self.returncode, self.stdout, self.stderr, self.info = cmd, returncode, stdout, stderr, info
-
-    def check(self):
-        assert self.returncode == 0, (
-            f"{' '.join(self.cmd)} exited {self.returncode}\nSTDOUT:\n{self.stdout[-4000:]}"
-            f"\nSTDERR:\n{self.stderr[-4000:]}"
-        )
-        return self
-
-
-class Background:
-    """Runs commands from a pool of worker threads, each in its own process group (pipeline.py starts a child per
-    stage); at the end of the module the groups it started that still run are killed, by their ids."""
-
-    def __init__(self, root, workers=2):
-        self.root, self.lock, self.groups, self.closed = root, threading.Lock(), set(), False
-        self.executor = ThreadPoolExecutor(max_workers=workers)
-        self.env = {**os.environ, **OFFLINE_ENV, **ONE_THREAD, "HF_DATASETS_CACHE": os.path.join(root, "hf_cache")}
-
-    def run(self, name, cmd, cwd=ROOT, timeout=900, **info):
-        out_path, err_path = (os.path.join(self.root, f"{name}.{x}") for x in ("out", "err"))
-        with open(out_path, "w") as out, open(err_path, "w") as err, self.lock:
-            if self.closed:
-                raise RuntimeError("the module's runs were cancelled")
-            proc = subprocess.Popen(cmd, cwd=cwd, env=self.env, stdout=out, stderr=err, start_new_session=True)
-            self.groups.add(proc.pid)
-        try:
-            proc.wait(timeout=timeout)
-        finally:
-            if proc.returncode is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            with self.lock:
-                self.groups.discard(proc.pid)
-        with open(out_path) as out, open(err_path) as err:
-            return Result(cmd, proc.returncode, out.read(), err.read(), **info)
-
-    def close(self):
-        self.executor.shutdown(wait=False, cancel_futures=True)
-        with self.lock:
-            self.closed = True
-            running = list(self.groups)
-        for pgid in running:
-            try:
-                os.killpg(pgid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
 def tldr_cmd(*args):
     return [sys.executable, os.path.join(ROOT, "ppo_rlhf_tldr.py"), *args]
 
@@ -226,25 +170,10 @@ def plan(bg):
     }
 
 
-def needs(*names):
-    """Declare the background runs a test reads; the module fixture starts only the runs of the selected tests."""
-
-    def mark(fn):
-        fn.background_runs = names
-        return fn
-
-    return mark
-
-
 @pytest.fixture(scope="module", autouse=True)
 def runs(request, tmp_path_factory):
     bg = Background(str(tmp_path_factory.mktemp("tldr_runs")))
-    wanted = {
-        name
-        for item in request.session.items
-        if item.module is request.module
-        for name in getattr(getattr(item, "function", None), "background_runs", ())
-    }
+    wanted = wanted_runs(request)
     try:
         futures = {name: bg.executor.submit(prepare()) for name, prepare in plan(bg).items() if name in wanted}
     except BaseException:
