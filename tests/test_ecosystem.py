@@ -15,7 +15,7 @@ import torch
 import tyro
 import yaml
 
-from helpers import ROOT, ReachedTraining, run_in_process
+from helpers import ROOT, ReachedTraining, run_in_process, run_script
 
 SCRIPTS = ["sft.py", "reward_modeling.py", "ppo_rlhf.py", "ppo_rlhf_tldr.py"]
 EMBEDDED = os.path.join(ROOT, "embedded")
@@ -185,20 +185,12 @@ def test_adam_epsilon_changes_the_first_optimizer_step(script, tmp_path, small_d
         "sft.py": ["--gradient-accumulation-steps", "2"],  # 32 examples, 2 batches of 16
         "ppo_rlhf.py": ["--total-episodes", "8", "--num-mini-batches", "1"],
     }[script]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "cache")}
+    env = {"OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "cache")}
     weights = {}
     for eps in ("1e-5", "1e-2"):
         out = str(tmp_path / eps)
         args = [*tiny_args(script, small_data, out), *one_step, "--adam-epsilon", eps, "--seed", "3"]
-        proc = subprocess.run(
-            [sys.executable, os.path.join(ROOT, script), *args],
-            cwd=ROOT,
-            env=env,
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        proc = run_script(script, *args, env=env, timeout=600)
         assert "step/s" not in proc.stderr and "episode/s" not in proc.stderr  # (transformers' own bars say it/s)
         assert "step 1/1 " in proc.stdout or "update 1/1 " in proc.stdout
         weights[eps] = saved_weights(out)

@@ -452,12 +452,11 @@ def test_a_finite_loss_with_a_non_finite_gradient_norm_stops_before_the_step(tmp
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(os.path.join(EMBEDDED, "base_model", name), tmp_path / "model")
     out = tmp_path / "out"
-    proc = subprocess.run(
-        [sys.executable, *small_sft(small_data, out, "--save-steps", "1", model=str(tmp_path / "model"))],
-        capture_output=True,
-        text=True,
+    proc = run_script(
+        *small_sft(small_data, out, "--save-steps", "1", model=str(tmp_path / "model")),
         timeout=300,
-        env={**os.environ, **OFFLINE_ENV, **ONE_THREAD},
+        env=ONE_THREAD,
+        check=False,
     )
     assert proc.returncode == 1, proc.stdout[-2000:]
     assert "error: non-finite gradient norm at optimizer step 1" in proc.stderr and "Traceback" not in proc.stderr
@@ -499,13 +498,12 @@ def test_a_full_disk_during_a_checkpoint_stops_with_a_message_and_keeps_no_half_
     def cap_file_size():
         resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
 
-    proc = subprocess.run(
-        [sys.executable, *small_sft(small_data, out, "--save-steps", "1")],
-        capture_output=True,
-        text=True,
+    proc = run_script(
+        *small_sft(small_data, out, "--save-steps", "1"),
         timeout=300,
+        env=ONE_THREAD,
+        check=False,
         preexec_fn=cap_file_size,
-        env={**os.environ, **OFFLINE_ENV, **ONE_THREAD},
     )
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -527,12 +525,8 @@ def test_a_remote_code_model_without_the_flag_is_a_one_line_error(tmp_path, smal
         },
     )
     (model / "config.json").write_text(json.dumps(config))
-    proc = subprocess.run(
-        [sys.executable, *small_sft(small_data, tmp_path / "out", model=str(model))],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, **OFFLINE_ENV, **ONE_THREAD},
+    proc = run_script(
+        *small_sft(small_data, tmp_path / "out", model=str(model)), timeout=300, env=ONE_THREAD, check=False
     )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("error: --trust-remote-code: The repository")

@@ -3,7 +3,6 @@ HTTP server on 127.0.0.1 that misbehaves on purpose (bad answers, 429, 500, slow
 
 import json
 import math
-import os
 import socket
 import subprocess
 import sys
@@ -13,6 +12,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+
+from helpers import run_script
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -392,9 +393,7 @@ def test_llm_cache_is_written_as_judgments_finish(serve, tmp_path):
 
 
 def run_cli(*args, env=None):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", **(env or {}))
-    cmd = [sys.executable, str(REPO / "judge.py"), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=60)
+    proc = run_script("judge.py", *args, env=env, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
     return proc
 
@@ -444,8 +443,7 @@ def test_cli_killed_mid_run_resumes_from_cache(serve, tmp_path):
 def test_cli_reports_mismatched_prompts_without_traceback(tmp_path):
     path_a = write_jsonl(tmp_path / "a.jsonl", [{"query": query(i), "response": "x"} for i in range(3)])
     path_b = write_jsonl(tmp_path / "b.jsonl", [{"query": query(i), "response": "y"} for i in range(1, 4)])
-    cmd = [sys.executable, str(REPO / "judge.py"), "--a", path_a, "--b", path_b, "--judge", "llm"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    proc = run_script("judge.py", "--a", path_a, "--b", path_b, "--judge", "llm", timeout=60, check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "same prompts: 1 queries only in A" in proc.stderr
 
@@ -487,8 +485,7 @@ def test_cli_user_errors_are_one_line_messages(case, tmp_path):
         a, word = str(tmp_path / "list.jsonl"), "not an object"
     else:
         extra, word = ["--max-examples", "-1"], "--max-examples must be >= 1"
-    cmd = [sys.executable, str(REPO / "judge.py"), "--a", a, "--b", good, "--judge", "gold", *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    proc = run_script("judge.py", "--a", a, "--b", good, "--judge", "gold", *extra, timeout=120, check=False)
     assert proc.returncode == 1, proc.stdout[-1000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert word in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
