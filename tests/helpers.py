@@ -170,6 +170,19 @@ def wanted_runs(request) -> set:
     }
 
 
+def start_wanted_runs(request, bg, plan) -> dict:
+    """Start in bg's worker threads the runs of `plan` (name: prepare; prepare() builds the run's inputs in this
+    thread, as importing transformers/datasets from two threads at once is not safe, and returns the job) that the
+    selected tests of the module declared with `needs`. Returns name: wait for that run's result."""
+    wanted = wanted_runs(request)
+    try:
+        futures = {name: bg.executor.submit(prepare()) for name, prepare in plan.items() if name in wanted}
+    except BaseException:
+        bg.close()
+        raise
+    return {name: (lambda f=f: f.result(timeout=2400)) for name, f in futures.items()}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # exact resume after SIGKILL
 
@@ -348,11 +361,38 @@ def resume_bad_inputs(checkpoint_of) -> dict:
     }
 
 
-def copy_model_with_pad(tmp_path, pad, name="model_bad_tokenizer") -> str:
+def assert_bad_input_stops_before_training(script, case, make, argument, word, good_args, tmp_path, monkeypatch):
+    """sft.py / reward_modeling.py: the good arguments changed by make(tmp_path) stop the script before training with
+    a one-line error that names `argument` and says `word`, and nothing is written (a non-empty output folder kept)."""
+    args = {**good_args, **make(tmp_path)}
+    out = args["--output-dir"]
+    if case == "non-empty output dir":
+        os.makedirs(out)
+        with open(os.path.join(out, "keep.txt"), "w") as f:
+            f.write("precious")
+    error = run_in_process(script, [x for kv in args.items() for x in kv], tmp_path, monkeypatch)
+    assert isinstance(error, SystemExit), f"{case}: the script went on to training"
+    assert isinstance(error.code, str), error.code  # sys.exit("message"): status 1, the message on stderr
+    assert error.code.startswith(f"error: {argument}:"), error.code
+    assert word in error.code
+    if case == "non-empty output dir":
+        assert os.listdir(out) == ["keep.txt"]
+    else:
+        assert not os.path.exists(out)
+    assert not os.path.exists(out + ".tmp")
+
+
+def write_jsonl(path, rows) -> str:
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(path)
+
+
+def copy_model_with_pad(tmp_path, pad) -> str:
     """A copy of embedded/sft_model whose tokenizer is re-saved with no pad token (pad=None) or pad == EOS."""
     from transformers import AutoTokenizer
 
-    path = str(tmp_path / name)
+    path = str(tmp_path / "model_bad_tokenizer")
     shutil.copytree(os.path.join(EMBEDDED, "sft_model"), path)
     tok = AutoTokenizer.from_pretrained(path)
     tok.pad_token = tok.eos_token if pad == "eos" else None

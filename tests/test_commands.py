@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from helpers import ROOT, Background, needs, wanted_runs
+from helpers import ROOT, Background, needs, start_wanted_runs
 
 EMBEDDED = os.path.join(ROOT, "embedded")
 SFT, RM = os.path.join(EMBEDDED, "sft_model"), os.path.join(EMBEDDED, "reward_model")
@@ -166,13 +166,7 @@ def plan(bg):
 @pytest.fixture(scope="module", autouse=True)
 def runs(request, tmp_path_factory):
     bg = Background(str(tmp_path_factory.mktemp("command_runs")))
-    wanted = wanted_runs(request)
-    try:
-        futures = {name: bg.executor.submit(prepare()) for name, prepare in plan(bg).items() if name in wanted}
-    except BaseException:
-        bg.close()
-        raise
-    yield {name: (lambda f=f: f.result(timeout=2400)) for name, f in futures.items()}
+    yield start_wanted_runs(request, bg, plan(bg))
     bg.close()
 
 

@@ -4,13 +4,12 @@ names the dataset, the column, the row and the fix.
 
 The chat template is a tiny Jinja one set on the embedded tokenizer (which has none), saved with a copy of a model."""
 
-import json
 import os
 import shutil
 
 import pytest
 
-from helpers import ROOT, ReachedTraining, run_in_process, run_script
+from helpers import ROOT, ReachedTraining, run_in_process, run_script, write_jsonl
 
 import ppo_rlhf  # noqa: E402
 import ppo_rlhf_tldr  # noqa: E402
@@ -39,12 +38,6 @@ def user(text):
 
 def assistant(text):
     return {"role": "assistant", "content": text}
-
-
-def write_jsonl(path, rows):
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import run_script
+from helpers import run_script, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -56,11 +56,6 @@ def test_win_rate_ci_ties_half_and_symmetry_and_empty():
 
 def query(i):
     return f"SUBREDDIT: r/test\n\nTITLE: post {i}\n\nPOST: story number {i}\n\nTL;DR:"
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 def test_load_completions_jsonl_and_datasets_folder(tmp_path):

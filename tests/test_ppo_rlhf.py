@@ -26,10 +26,12 @@ from helpers import (
     Background,
     Finished,
     checkpoints_in,
+    copy_model_with_pad,
     kill_after_a_checkpoint_then_resume,
     needs,
     run_script,
     wanted_runs,
+    write_jsonl,
 )
 
 EMBEDDED = os.path.join(ROOT, "embedded")
@@ -207,26 +209,6 @@ def files_under(path):
 
 # ---------------------------------------------------------------------------------------------------------------
 # bad input: a non-zero exit naming the argument, and nothing written (run while the training runs are going)
-
-
-def write_jsonl(path, rows):
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    return str(path)
-
-
-def copy_model_with_pad(tmp_path, pad):
-    """A copy of embedded/sft_model whose tokenizer is re-saved without a pad token (pad=None) or with pad == EOS."""
-    from transformers import AutoTokenizer
-
-    path = str(tmp_path / "sft_model_bad_tokenizer")
-    shutil.copytree(os.path.join(EMBEDDED, "sft_model"), path)
-    tok = AutoTokenizer.from_pretrained(path)
-    tok.pad_token = tok.eos_token if pad == "eos" else None
-    tok.save_pretrained(path)
-    reloaded = AutoTokenizer.from_pretrained(path)
-    assert reloaded.pad_token_id == (reloaded.eos_token_id if pad == "eos" else None)  # the case is what it claims
-    return path
 
 
 def reward_model_with_rows(tmp_path, rows):

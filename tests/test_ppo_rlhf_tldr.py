@@ -23,7 +23,7 @@ import sys
 
 import pytest
 
-from helpers import ONE_THREAD, ROOT, Background, needs, run_script, wanted_runs
+from helpers import ONE_THREAD, ROOT, Background, needs, run_script, start_wanted_runs
 
 EMBEDDED = os.path.join(ROOT, "embedded")
 PROMPTS = os.path.join(EMBEDDED, "prompts")
@@ -173,13 +173,7 @@ def plan(bg):
 @pytest.fixture(scope="module", autouse=True)
 def runs(request, tmp_path_factory):
     bg = Background(str(tmp_path_factory.mktemp("tldr_runs")))
-    wanted = wanted_runs(request)
-    try:
-        futures = {name: bg.executor.submit(prepare()) for name, prepare in plan(bg).items() if name in wanted}
-    except BaseException:
-        bg.close()
-        raise
-    yield {name: (lambda f=f: f.result(timeout=2400)) for name, f in futures.items()}
+    yield start_wanted_runs(request, bg, plan(bg))
     bg.close()
 
 

@@ -16,11 +16,14 @@ import torch
 from helpers import (
     ROOT,
     ReachedTraining,
+    assert_bad_input_stops_before_training,
     assert_exact_resume,
+    copy_model_with_pad,
     fake_checkpoint,
     resume_bad_inputs,
     run_in_process,
     run_script,
+    write_jsonl,
 )
 
 import reward_modeling as rm  # noqa: E402
@@ -297,26 +300,6 @@ def test_sigkill_after_a_checkpoint_then_resume_latest_is_bitwise_identical(tmp_
 PROMPT = "SUBREDDIT: r/x\n\nTITLE: t\n\nPOST: p\n\nTL;DR:"
 
 
-def write_jsonl(path, rows):
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    return str(path)
-
-
-def copy_model_with_pad(tmp_path, pad) -> str:
-    """A copy of embedded/sft_model whose tokenizer is re-saved with no pad token (pad=None) or pad == EOS."""
-    from transformers import AutoTokenizer
-
-    path = str(tmp_path / "model_bad_tokenizer")
-    shutil.copytree(os.path.join(EMBEDDED, "sft_model"), path)
-    tok = AutoTokenizer.from_pretrained(path)
-    tok.pad_token = tok.eos_token if pad == "eos" else None
-    tok.save_pretrained(path)
-    reloaded = AutoTokenizer.from_pretrained(path)
-    assert reloaded.pad_token_id == (reloaded.eos_token_id if pad == "eos" else None)  # the case is what it claims
-    return path
-
-
 def two_label_classifier(tmp_path) -> dict:
     """A copy of embedded/reward_model turned into a 2-label classifier (config num_labels=2 and id2label)."""
     from transformers import AutoConfig
@@ -405,22 +388,9 @@ BAD_INPUTS = {
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_stops_before_training_naming_the_argument(case, tmp_path, monkeypatch):
     make, argument, word = BAD_INPUTS[case]
-    args = {**good_args(tmp_path), **make(tmp_path)}
-    out = args["--output-dir"]
-    if case == "non-empty output dir":
-        os.makedirs(out)
-        with open(os.path.join(out, "keep.txt"), "w") as f:
-            f.write("precious")
-    error = run_in_process("reward_modeling.py", [x for kv in args.items() for x in kv], tmp_path, monkeypatch)
-    assert isinstance(error, SystemExit), f"{case}: the script went on to training"
-    assert isinstance(error.code, str), error.code  # sys.exit("message"): status 1, the message on stderr
-    assert error.code.startswith(f"error: {argument}:"), error.code
-    assert word in error.code
-    if case == "non-empty output dir":
-        assert os.listdir(out) == ["keep.txt"]
-    else:
-        assert not os.path.exists(out)
-    assert not os.path.exists(out + ".tmp")
+    assert_bad_input_stops_before_training(
+        "reward_modeling.py", case, make, argument, word, good_args(tmp_path), tmp_path, monkeypatch
+    )
 
 
 @pytest.mark.parametrize("pad", [None, "eos"])
