@@ -237,9 +237,8 @@ def assert_exact_resume(script, args, tmp_path, num_steps=10) -> list:
     runner = Background(str(tmp_path), workers=1, env=env)
     base_cmd = [sys.executable, os.path.join(ROOT, script), *args, "--output-dir", str(base), "--save-steps", "1"]
     try:
-        job = runner.executor.submit(
-            lambda: runner.run("base", base_cmd, timeout=600, out=str(base)).check()
-        )  # alongside
+        # the uninterrupted run, alongside
+        job = runner.executor.submit(lambda: runner.run("base", base_cmd, timeout=600, out=str(base)).check())
         result = kill_after_a_checkpoint_then_resume(
             runner,
             "resumed",
