@@ -57,7 +57,7 @@ class Args:
     push_to_hub: bool = False
     """upload the saved model and tokenizer to the Hugging Face hub"""
     hub_model_id: Optional[str] = None
-    """the hub repository for --push-to-hub (default: the output_dir's name)"""
+    """the hub repository for --push-to-hub (None: the output_dir's name)"""
     trust_remote_code: bool = False
     """allow models and tokenizers that run code from their repository"""
 
@@ -65,10 +65,9 @@ class Args:
     model_name_or_path: str = "embedded/base_model"
     """the base model: a hub id or a local folder"""
     tokenizer_name_or_path: Optional[str] = None
-    """the tokenizer (default: model_name_or_path); without a pad token distinct from EOS, a dedicated [PAD] is added"""
+    """the tokenizer (None: model_name_or_path's); without a pad token distinct from EOS, a dedicated [PAD] is added"""
     dataset_name: str = "embedded/sft_data"
-    """hub id, a save_to_disk folder, or a json/jsonl/parquet/csv/tsv file: `prompt`/`completion` strings, or TRL's
-    conversational `prompt`/`completion` or `messages` (lists of {role, content}; need a chat template)"""
+    """hub id, save_to_disk folder or json/jsonl/parquet/csv/tsv file with `prompt`/`completion` or `messages`"""
     dataset_train_split: str = "train"
     """the split to train on"""
     dataset_test_split: str = "validation"
@@ -100,7 +99,7 @@ class Args:
     max_grad_norm: Optional[float] = 1.0
     """gradient clipping norm; None: no clipping"""
     bf16: bool = False
-    """bf16 autocast (about 2x matmul speed on CPUs with avx512_bf16, and on GPUs)"""
+    """bf16 autocast (faster matmuls on GPUs and on CPUs with avx512_bf16)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
     logging_steps: int = 20
@@ -120,10 +119,70 @@ class Args:
     lora_dropout: float = 0.0
     """dropout on the adapter's input (0, like every dropout in the RLHF pipeline)"""
     lora_target_modules: Optional[list[str]] = None
-    """modules that get an adapter (default: PEFT's choice for the architecture; `all-linear` for every linear layer)"""
+    """modules that get an adapter (None: PEFT's choice for the architecture; `all-linear`: every linear layer)"""
     merge_adapter_on_save: bool = False
-    """also save the adapter merged into the base weights, in output_dir/merged (a plain model, e.g. for
-    reward_modeling.py)"""
+    """also save the adapter merged into the base, in output_dir/merged (a plain model, e.g. for reward_modeling.py)"""
+
+
+def check_args(args: Args) -> None:
+    """Every check that needs only the arguments, before any data or model loads: a typo should cost a second."""
+    if args.save_steps < 0:
+        fail("save_steps", f"must be >= 0 (0: no checkpoints), got {args.save_steps}")
+    if args.save_total_limit is not None and args.save_total_limit < 1:
+        fail("save_total_limit", f"must be >= 1 (or None: keep every checkpoint), got {args.save_total_limit}")
+    if args.merge_adapter_on_save and not args.use_peft:
+        fail("merge_adapter_on_save", "merges a LoRA adapter into the model; add --use-peft")
+    positive = ("learning_rate", "per_device_train_batch_size", "num_train_epochs", "gradient_accumulation_steps")
+    for name in (*positive, "max_length"):
+        if not getattr(args, name) > 0:  # `not >` also catches nan
+            fail(name, f"must be positive, got {getattr(args, name)}")
+    if not 0 <= args.seed < 2**32:
+        fail("seed", f"must be in [0, 2**32 - 1] (numpy's seed range), got {args.seed}")
+    if not 0 <= args.warmup_ratio <= 1:
+        fail("warmup_ratio", f"is a fraction of the optimizer steps, so in [0, 1]; got {args.warmup_ratio}")
+    for name in ("adam_epsilon", "max_grad_norm"):
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
+            no_clipping = " (None: no clipping)" if name == "max_grad_norm" else ""
+            fail(name, f"must be positive, got {getattr(args, name)}{no_clipping}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(args, name) < 1:
+            fail(name, f"must be in [0, 1), got {getattr(args, name)}")
+    if not args.weight_decay >= 0:
+        fail("weight_decay", f"must be >= 0, got {args.weight_decay}")
+    tokenizer_path = args.tokenizer_name_or_path or args.model_name_or_path
+    for arg, path in (("model_name_or_path", args.model_name_or_path), ("tokenizer_name_or_path", tokenizer_path)):
+        # A hub id is `name` or `org/name`; anything else that does not exist is a missing local folder.
+        looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1
+        if not os.path.exists(path) and (looks_local or os.environ.get("HF_HUB_OFFLINE") == "1"):
+            fail(
+                arg,
+                f"{path!r} does not exist; build the embedded task with `python tiny_tldr.py` or pass a path/hub id",
+            )
+    if args.push_to_hub:  # asks the Hub: last, after every local check
+        check_push_to_hub(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)))
+
+
+# Arguments a resumed run may change: where and how often things are written, tracking and memory savers. Anything
+# else would silently train a different model.
+MAY_CHANGE_ON_RESUME = (
+    "exp_name",
+    "track",
+    "wandb_project_name",
+    "wandb_entity",
+    "output_dir",
+    "overwrite_output_dir",
+    "push_to_hub",
+    "hub_model_id",
+    "trust_remote_code",
+    "save_steps",
+    "save_total_limit",
+    "resume_from_checkpoint",
+    "logging_steps",
+    "gradient_checkpointing",
+    "num_sample_completions",
+    "sample_max_new_tokens",
+    "merge_adapter_on_save",
+)
 
 
 def fail(argument: str, message: str) -> None:
@@ -758,19 +817,14 @@ def explain_remote_code_errors() -> None:
     sys.excepthook = hook
 
 
-if __name__ == "__main__":
-    args = tyro.cli(Args, args=bool_flags_as_switches(sys.argv[1:], Args))
-    explain_remote_code_errors()
+# ---------------------------------------------------------------------------------------------------------------
+# Setup, evaluation, samples, saving and checkpointing, in the order the main block calls them
 
-    # Validate everything cheap before loading a model: a typo should cost a second, not a model load.
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
-    if int(os.environ.get("RANK", "0")) == 0:  # the main process holds the output folder for the run
-        lock_output_dir(args.output_dir)
-        repaired = finish_interrupted_save(args.output_dir)
-        if repaired:
-            print(repaired)
-    resume_dir = resolve_resume(args.resume_from_checkpoint, args.output_dir)
+def check_output_dir(args: Args, resume_dir: Optional[str]) -> Optional[dict]:
+    """A fresh run needs an empty output_dir (or --overwrite-output-dir); a resumed one gets its checkpoint's state
+    (small: the optimizer has its own file), checked to come from this script with the same arguments, except
+    MAY_CHANGE_ON_RESUME. Returns that state, or None for a fresh run."""
     if (
         os.path.isdir(args.output_dir)
         and os.listdir(args.output_dir)
@@ -781,96 +835,35 @@ if __name__ == "__main__":
             f"{args.output_dir!r} exists and is not empty; pass --overwrite-output-dir, "
             "--resume-from-checkpoint latest, or another path",
         )
-    if args.save_steps < 0:
-        fail("save_steps", f"must be >= 0 (0: no checkpoints), got {args.save_steps}")
-    if args.save_total_limit is not None and args.save_total_limit < 1:
-        fail("save_total_limit", f"must be >= 1 (or None: keep every checkpoint), got {args.save_total_limit}")
-    # state.pt is small (the optimizer has its own file), so reading it here costs nothing.
-    resume_state = load_resume_state(resume_dir) if resume_dir else None
-    if resume_state is not None and resume_state.get("script", os.path.basename(__file__)) != os.path.basename(
-        __file__
-    ):
+    if not resume_dir:
+        return None
+    resume_state = load_resume_state(resume_dir)
+    script = os.path.basename(__file__)
+    if resume_state.get("script", script) != script:
         fail(
             "resume_from_checkpoint",
-            f"{resume_dir!r} was written by {resume_state['script']}; pass a checkpoint of "
-            f"{os.path.basename(__file__)}",
+            f"{resume_dir!r} was written by {resume_state['script']}; pass a checkpoint of {script}",
         )
-    if resume_state is not None:
-        # Resuming continues the checkpoint's run: only where and how often things are written, tracking and memory
-        # savers may differ; anything else would silently train a different model.
-        may_change = {
-            "exp_name",
-            "track",
-            "wandb_project_name",
-            "wandb_entity",
-            "output_dir",
-            "overwrite_output_dir",
-            "push_to_hub",
-            "hub_model_id",
-            "trust_remote_code",
-            "save_steps",
-            "save_total_limit",
+    defaults = json.loads(json.dumps(asdict(Args())))  # as saved: lists, not tuples
+    saved = {**defaults, **json.loads(resume_state["args"])}  # a flag newer than the checkpoint: its default
+    now = json.loads(json.dumps(asdict(args)))
+    changed = [
+        f"--{k.replace('_', '-')} {saved.get(k)!r} (now {v!r})"
+        for k, v in now.items()
+        if k not in MAY_CHANGE_ON_RESUME and saved.get(k) != v
+    ]
+    if changed:
+        fail(
             "resume_from_checkpoint",
-            "logging_steps",
-            "gradient_checkpointing",
-            "num_sample_completions",
-            "sample_max_new_tokens",
-            "merge_adapter_on_save",
-        }
-        saved, now = (
-            json.loads(resume_state["args"]),
-            json.loads(json.dumps(asdict(args))),
-        )  # as saved: lists, not tuples
-        saved = {**json.loads(json.dumps(asdict(Args()))), **saved}  # a flag newer than the checkpoint: its default
-        changed = [
-            f"--{k.replace('_', '-')} {saved.get(k)!r} (now {v!r})"
-            for k, v in now.items()
-            if k not in may_change and saved.get(k) != v
-        ]
-        if changed:
-            fail(
-                "resume_from_checkpoint",
-                f"{resume_dir!r} was written by a run with {', '.join(changed)}; resume "
-                "with the same values, or start a new run",
-            )
-    if args.push_to_hub:
-        check_push_to_hub(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)))
-    if args.merge_adapter_on_save and not args.use_peft:
-        fail("merge_adapter_on_save", "merges a LoRA adapter into the model; add --use-peft")
-    for name in (
-        "learning_rate",
-        "per_device_train_batch_size",
-        "num_train_epochs",
-        "gradient_accumulation_steps",
-        "max_length",
-    ):
-        if not getattr(args, name) > 0:  # `not >` also catches nan
-            fail(name, f"must be positive, got {getattr(args, name)}")
-    if not 0 <= args.seed < 2**32:
-        fail("seed", f"must be in [0, 2**32 - 1] (numpy's seed range), got {args.seed}")
-    if not 0 <= args.warmup_ratio <= 1:
-        fail("warmup_ratio", f"is a fraction of the optimizer steps, so in [0, 1]; got {args.warmup_ratio}")
-    for name in ("adam_epsilon", "max_grad_norm"):
-        if getattr(args, name) is not None and not getattr(args, name) > 0:
-            fail(
-                name,
-                f"must be positive, got {getattr(args, name)}"
-                + (" (None: no clipping)" if name == "max_grad_norm" else ""),
-            )
-    for name in ("adam_beta1", "adam_beta2"):
-        if not 0 <= getattr(args, name) < 1:
-            fail(name, f"must be in [0, 1), got {getattr(args, name)}")
-    if not args.weight_decay >= 0:
-        fail("weight_decay", f"must be >= 0, got {args.weight_decay}")
-    tokenizer_path = args.tokenizer_name_or_path or args.model_name_or_path
-    for arg, path in (("model_name_or_path", args.model_name_or_path), ("tokenizer_name_or_path", tokenizer_path)):
-        # A hub id is `name` or `org/name`; anything else that does not exist is a missing local folder.
-        looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1
-        if not os.path.exists(path) and (looks_local or os.environ.get("HF_HUB_OFFLINE") == "1"):
-            fail(
-                arg,
-                f"{path!r} does not exist; build the embedded task with `python tiny_tldr.py` or pass a path/hub id",
-            )
+            f"{resume_dir!r} was written by a run with {', '.join(changed)}; resume "
+            "with the same values, or start a new run",
+        )
+    return resume_state
+
+
+def load_splits(args: Args) -> tuple:
+    """The train and eval splits, every row checked, and their SFT format; with no test split, rows held out of the
+    train split. Returns (train, eval, format, the log line that names the eval rows)."""
     try:
         splits = load_any_dataset(args.dataset_name)
     except Exception as e:  # the datasets library has many failure types; all mean the same thing to the user
@@ -895,8 +888,17 @@ if __name__ == "__main__":
         train_data, eval_data, split_note = hold_out(
             train_data, args.dataset_name, args.dataset_train_split, args.dataset_test_split
         )
+    return train_data, eval_data, kind, split_note
+
+
+def load_tokenizer(args: Args, kind: str) -> tuple:
+    """The tokenizer, with a dedicated [PAD] if it has no pad distinct from EOS, checked against the model's config
+    and the data. Returns the tokenizer, the line to log for an added pad (or None) and the model's embedding rows."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer_path = args.tokenizer_name_or_path or args.model_name_or_path
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=args.trust_remote_code)
-    added_pad = add_pad_token(tokenizer)  # logged below, once
+    added_pad = add_pad_token(tokenizer)
     # A new [PAD] past the embedding rows (Llama-3, Mistral: no spare rows) resizes them: the saved model and tokenizer
     # then agree, and the PPO scripts take both as they are. A LoRA adapter would not save the new row.
     model_config = AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
@@ -923,10 +925,12 @@ if __name__ == "__main__":
             "use an instruct model's tokenizer, set tokenizer.chat_template and save it, "
             "or give `prompt`/`completion` as strings",
         )
+    return tokenizer, added_pad, embedding_rows
 
-    stop_on_signals()  # from here on, Ctrl-C or SIGTERM stops after the current step with a checkpoint
 
-    # TRY NOT TO MODIFY: seeding, processes, tracking
+def make_accelerator(args: Args, resume_state: Optional[dict]) -> tuple:
+    """The Accelerator of this launch (processes, mixed precision, DeepSpeed) and its ZeRO stage (None: no
+    DeepSpeed); a resumed run must have its checkpoint's launch layout."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, GradientAccumulationPlugin, InitProcessGroupKwargs
 
@@ -949,8 +953,8 @@ if __name__ == "__main__":
         fail(
             "num_processes", f"WORLD_SIZE says {world_size} processes but accelerate runs {accelerator.num_processes}"
         )
-    is_deepspeed, zero_stage = accelerator.distributed_type == DistributedType.DEEPSPEED, 0
-    if is_deepspeed:
+    zero_stage = None
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
         # Clip at --max-grad-norm whatever the config file says; ZeRO-3 gathers full weights to save a loadable model.
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
         ds_config["gradient_clipping"] = args.max_grad_norm or 0.0  # 0: off
@@ -965,14 +969,290 @@ if __name__ == "__main__":
                 f"the checkpoint was written by {resume_state['world_size']} processes; "
                 f"resume it with the same number, not {world_size}",
             )
-        if resume_state["zero_stage"] != (zero_stage if is_deepspeed else None):
+        if resume_state["zero_stage"] != zero_stage:
             fail(
                 "resume_from_checkpoint",
                 f"the checkpoint was written with DeepSpeed ZeRO stage "
                 f"{resume_state['zero_stage']}, this launch has "
-                f"{zero_stage if is_deepspeed else None} (None: no DeepSpeed); resume it the same way",
+                f"{zero_stage} (None: no DeepSpeed); resume it the same way",
             )
+    return accelerator, zero_stage
 
+
+def tokenize_split(data, tokenizer, kind: str, max_length: int) -> tuple:
+    """The rows of a split tokenised (tokenize_row), those longer than max_length dropped; returns (kept, dropped)."""
+    rows = []
+    for i, row in enumerate(data):
+        try:
+            rows.append(tokenize_row(tokenizer, row, kind))
+        except ValueError as e:  # a chat template whose turns cannot be told apart
+            fail(
+                "tokenizer_name_or_path",
+                f"row {i}: {e}; use a template that renders each turn after the previous ones unchanged",
+            )
+    kept = [r for r in rows if len(r["input_ids"]) <= max_length]
+    return kept, len(rows) - len(kept)
+
+
+def load_model(args: Args, tokenizer, embedding_rows: int, resume_dir: Optional[str], accelerator):
+    """The model to train, dropout off as in the whole RLHF pipeline (the N+ recipe), its embeddings resized for a new
+    [PAD], with a LoRA adapter under --use-peft. A resumed run takes the trained weights (with LoRA: the trained
+    adapter) from the checkpoint."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+    for key in ("hidden_dropout", "attention_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if hasattr(config, key):
+            setattr(config, key, 0.0)
+    resize = (
+        len(tokenizer) > embedding_rows
+    )  # for the new [PAD]: rows for every token id, the new ones mean-initialised
+    if resize and resume_dir:
+        config.get_text_config().vocab_size = len(tokenizer)  # the checkpoint holds the resized embeddings
+    trained_path = os.path.join(resume_dir, "model") if resume_dir else None
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model_name_or_path if args.use_peft or not resume_dir else trained_path,
+        config=config,
+        trust_remote_code=args.trust_remote_code,
+    )
+    if resize and not resume_dir:
+        model.resize_token_embeddings(len(tokenizer))
+        accelerator.print(f"resized the embeddings from {embedding_rows} to {len(tokenizer)} rows for the tokenizer")
+    if args.use_peft:
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        if resume_dir:
+            model = PeftModel.from_pretrained(model, trained_path, is_trainable=True)
+        else:
+            lora_config = LoraConfig(
+                task_type="CAUSAL_LM",
+                r=args.lora_r,
+                lora_alpha=args.lora_alpha,
+                lora_dropout=args.lora_dropout,
+                target_modules=args.lora_target_modules,
+            )
+            model = get_peft_model(model, lora_config)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    return model
+
+
+@torch.no_grad()
+def evaluate(model, eval_loader, accelerator) -> float:
+    """Mean completion-token loss over the held-out split (summed over tokens, gathered over processes). Per-example
+    sums, so that gather_for_metrics drops the duplicates accelerate pads the last batch with: each example counts
+    once."""
+    model.eval()
+    total, count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
+    for batch in eval_loader:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        per_token = completion_loss(logits, batch["labels"], reduction="none").view(len(logits), -1)
+        sums, counts = accelerator.gather_for_metrics((per_token.sum(1), (batch["labels"][:, 1:] != -100).sum(1)))
+        total, count = total + sums.sum(), count + counts.sum()
+    model.train()
+    return (total / count).item()
+
+
+def print_samples(args: Args, model, tokenizer, eval_data, kind: str, zero_stage: Optional[int], accelerator) -> None:
+    """Greedy completions of held-out prompts, next to the dataset's reference. Every process generates (under ZeRO-3
+    each forward is collective, and synced_gpus keeps them stepping together); the main one prints them."""
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = eval_data.select(range(min(args.num_sample_completions, len(eval_data))))
+    samples = [prompt_and_reference(tokenizer, row, kind) for row in rows]
+    prompts, references = [p for p, _ in samples], [r for _, r in samples]
+    enc = tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False)
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.eval()
+    with torch.no_grad():
+        out = unwrapped.generate(
+            **enc.to(accelerator.device),
+            max_new_tokens=args.sample_max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            synced_gpus=zero_stage == 3,
+        )
+    responses = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    if not accelerator.is_main_process:
+        return
+    columns = ["query", "model response", "reference"]
+    table = Table(title="sample completions", show_lines=True)
+    for column in columns:
+        table.add_column(column)
+    for p, r, ref in zip(prompts, responses, references):
+        table.add_row(p[-300:], r, ref)
+    Console().print(table)
+    if args.track:
+        import wandb
+
+        data = [list(x) for x in zip(prompts, responses, references)]
+        wandb.log({"samples": wandb.Table(columns=columns, data=data)})
+
+
+def write_output(path: str, args: Args, model, state_dict: dict, tokenizer, metrics_log: list, deepspeed) -> None:
+    """The output folder's files: the model (with LoRA: the adapter, and under --merge-adapter-on-save the merged
+    model in merged/), the tokenizer, metrics.jsonl, args.json and the model card. `deepspeed`: the transformers
+    DeepSpeed config to restore after the merge, or None."""
+    model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)  # with LoRA: the adapter
+    tokenizer.save_pretrained(path)
+    if args.merge_adapter_on_save:
+        # A fresh copy of the base on this process only: transformers must not load it with ZeRO-3's zero.Init (a
+        # collective), so its DeepSpeed config is unset meanwhile.
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+        from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        base = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+        if deepspeed is not None:
+            set_hf_deepspeed_config(deepspeed)
+        PeftModel.from_pretrained(base, path).merge_and_unload().save_pretrained(os.path.join(path, "merged"))
+        tokenizer.save_pretrained(os.path.join(path, "merged"))
+    with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in metrics_log)
+    with open(os.path.join(path, "args.json"), "w") as f:
+        json.dump(asdict(args), f, indent=2)
+    if args.merge_adapter_on_save:
+        what = " (a LoRA adapter; `merged/` holds it merged into the base)"
+    else:
+        what = " (a LoRA adapter)" if args.use_peft else ""
+    body = (
+        f"Supervised fine-tuning of `{args.model_name_or_path}` on `{args.dataset_name}` with `sft.py`{what}.\n\n"
+        f"## Command\n\n```\npython {' '.join(sys.argv)}\n```\n\n"
+        "Every logged row is in `metrics.jsonl`, the arguments in `args.json`.\n"
+    )
+    title = os.path.basename(os.path.abspath(args.output_dir))
+    tags = ["sft", "rlhf"] + (["lora"] if args.use_peft else [])
+    with open(os.path.join(path, "README.md"), "w") as f:
+        f.write(model_card(title, args.model_name_or_path, [args.dataset_name], tags, body))
+
+
+def save_output(args: Args, model, tokenizer, metrics_log: list, start: float, zero_stage, accelerator) -> None:
+    """Save atomically (publish_output): a kill mid-save leaves the previous output or this one, never a mix. Weights
+    that are not finite are not saved at all. Then the upload under --push-to-hub."""
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)
+    nonfinite = (
+        [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if accelerator.is_main_process
+        else []
+    )
+    if accelerator.reduce(torch.tensor(float(len(nonfinite)), device=accelerator.device), "sum").item():
+        sys.exit(
+            f"error: the trained weights are not finite ({', '.join(nonfinite[:3])}...); nothing was saved "
+            "(lower --learning-rate)"
+        )
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        deepspeed = accelerator.state.deepspeed_plugin.dschf if zero_stage is not None else None
+        publish_output(
+            args.output_dir,
+            lambda path: write_output(path, args, unwrapped, state_dict, tokenizer, metrics_log, deepspeed),
+        )
+        accelerator.print(f"saved to {args.output_dir} after {time.time() - start:.0f}s")
+        if args.push_to_hub:
+            repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+            url = push_folder_to_hub(args.output_dir, repo_id)
+            accelerator.print(f"uploaded {args.output_dir} to {url}")
+    accelerator.wait_for_everyone()
+
+
+# TRY NOT TO MODIFY: checkpoints (--save-steps) and resuming (--resume-from-checkpoint)
+def save_checkpoint(
+    args: Args, model, optimizer, scheduler, position: dict, metrics_log: list, zero_stage, accelerator
+) -> None:
+    """The weights (safetensors; with LoRA the adapter), optimizer, scheduler, data position (`position`: the
+    optimizer step, epoch, batches done in it and the epoch's shuffle state), metrics so far, args and every process's
+    RNG states, written to checkpoint-N.tmp and renamed into place: a kill at any moment leaves the earlier
+    checkpoints intact and never a half-written one under a final name. Under DeepSpeed the optimizer state is
+    partitioned: every process writes its own part with the engine's save_checkpoint."""
+    step = position["step"]
+    folder = os.path.join(args.output_dir, "checkpoints", f"checkpoint-{step}")
+    tmp = folder + ".tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)  # on every process: ZeRO-3 gathers the shards
+    if zero_stage is not None:
+        model.save_checkpoint(tmp, tag="deepspeed", save_latest=False)
+    error = None
+    try:  # a full disk (or a quota) must cost this checkpoint only, with a message, not the earlier ones
+        torch.save(rng_state(), os.path.join(tmp, f"rng_rank{accelerator.process_index}.pt"))
+        if accelerator.is_main_process:
+            accelerator.unwrap_model(model).save_pretrained(os.path.join(tmp, "model"), state_dict=state_dict)
+            if zero_stage is None:
+                torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+            state = {
+                "scheduler": scheduler.state_dict(),
+                "step": step,
+                "epoch": position["epoch"],
+                "batches_done": position["batches_done"],
+                "shuffle": position["shuffle"],
+                "metrics": json.dumps(metrics_log),
+                "args": json.dumps(asdict(args)),
+                "world_size": accelerator.num_processes,
+                "zero_stage": zero_stage,
+                "script": os.path.basename(__file__),
+            }
+            torch.save(state, os.path.join(tmp, "state.pt"))
+    except Exception as e:  # torch and safetensors report a full disk as their own error types
+        error = f"{type(e).__name__}: {e}"
+    failed = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "sum").item()
+    if accelerator.is_main_process and not failed:
+        try:
+            seal_checkpoint(tmp, folder, args.save_total_limit)
+        except OSError as e:
+            error, failed = f"{type(e).__name__}: {e}", 1
+    if failed:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        sys.exit(
+            f"error: could not write checkpoint-{step} ({error or 'on another process'}); the run stops "
+            "here, its earlier checkpoints are intact: make room and resume with --resume-from-checkpoint latest"
+        )
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(
+    resume_dir: str, resume_state: dict, model, optimizer, scheduler, shuffle_generator, zero_stage, accelerator
+) -> tuple:
+    """What a resumed run takes from its checkpoint besides the weights (loaded with the model): the optimizer,
+    schedule, data position, metrics and RNG states. Returns (metrics so far, step, epoch, batches done in it)."""
+    if zero_stage is not None:
+        model.load_checkpoint(resume_dir, tag="deepspeed", load_optimizer_states=True, load_lr_scheduler_states=False)
+    else:
+        optimizer.load_state_dict(torch.load(os.path.join(resume_dir, "optimizer.pt"), weights_only=True))
+    scheduler.load_state_dict(resume_state["scheduler"])
+    shuffle_generator.set_state(resume_state["shuffle"])
+    set_rng_state(torch.load(os.path.join(resume_dir, f"rng_rank{accelerator.process_index}.pt"), weights_only=True))
+    step, epoch, batches_done = resume_state["step"], resume_state["epoch"], resume_state["batches_done"]
+    accelerator.print(
+        f"resumed from {resume_dir}: continuing after optimizer step {step} (epoch {epoch}, {batches_done} batches in)"
+    )
+    return json.loads(resume_state["metrics"]), step, epoch, batches_done
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args, args=bool_flags_as_switches(sys.argv[1:], Args), description=__doc__.split("\n")[0])
+    explain_remote_code_errors()
+    check_args(args)
+    if int(os.environ.get("RANK", "0")) == 0:  # the main process holds the output folder for the run
+        lock_output_dir(args.output_dir)
+        repaired = finish_interrupted_save(args.output_dir)
+        if repaired:
+            print(repaired)
+    resume_dir = resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    resume_state = check_output_dir(args, resume_dir)
+    train_data, eval_data, kind, split_note = load_splits(args)
+    tokenizer, added_pad, embedding_rows = load_tokenizer(args, kind)
+    stop_on_signals()  # from here on, Ctrl-C or SIGTERM stops after the current step with a checkpoint
+
+    # TRY NOT TO MODIFY: seeding, processes, tracking
+    accelerator, zero_stage = make_accelerator(args, resume_state)
     if added_pad:
         accelerator.print(added_pad)
     random.seed(args.seed)
@@ -987,21 +1267,8 @@ if __name__ == "__main__":
         wandb.define_metric("*", step_metric="train/global_step")
 
     # Data: tokenise, drop (and count) over-long examples.
-    def tokenize_split(data):
-        rows = []
-        for i, row in enumerate(data):
-            try:
-                rows.append(tokenize_row(tokenizer, row, kind))
-            except ValueError as e:  # a chat template whose turns cannot be told apart
-                fail(
-                    "tokenizer_name_or_path",
-                    f"row {i}: {e}; use a template that renders each turn after the previous ones unchanged",
-                )
-        kept = [r for r in rows if len(r["input_ids"]) <= args.max_length]
-        return kept, len(rows) - len(kept)
-
-    train_rows, dropped_train = tokenize_split(train_data)
-    eval_rows, dropped_eval = tokenize_split(eval_data)
+    train_rows, dropped_train = tokenize_split(train_data, tokenizer, kind, args.max_length)
+    eval_rows, dropped_eval = tokenize_split(eval_data, tokenizer, kind, args.max_length)
     accelerator.print(
         f"{split_note}; {len(train_rows)} train / {len(eval_rows)} eval examples ({kind} format); "
         f"dropped as longer than --max-length {args.max_length}: {dropped_train} train, "
@@ -1027,45 +1294,10 @@ if __name__ == "__main__":
         eval_rows, batch_size=args.per_device_train_batch_size, collate_fn=lambda b: collate(b, pad)
     )
 
-    # Model: dropout off, as in the whole RLHF pipeline (the N+ recipe).
-    config = AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
-    for key in ("hidden_dropout", "attention_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
-        if hasattr(config, key):
-            setattr(config, key, 0.0)
-    resize = (
-        len(tokenizer) > embedding_rows
-    )  # for the new [PAD]: rows for every token id, the new ones mean-initialised
-    if resize and resume_dir:
-        config.get_text_config().vocab_size = len(tokenizer)  # the checkpoint holds the resized embeddings
-    # A resumed run takes the trained weights (with LoRA: the trained adapter) from the checkpoint.
-    trained_path = os.path.join(resume_dir, "model") if resume_dir else None
-    model = AutoModelForCausalLM.from_pretrained(
-        args.model_name_or_path if args.use_peft or not resume_dir else trained_path,
-        config=config,
-        trust_remote_code=args.trust_remote_code,
-    )
-    if resize and not resume_dir:
-        model.resize_token_embeddings(len(tokenizer))
-        accelerator.print(f"resized the embeddings from {embedding_rows} to {len(tokenizer)} rows for the tokenizer")
-    if args.use_peft:
-        from peft import LoraConfig, PeftModel, get_peft_model
+    # Model, optimizer and learning-rate schedule
+    from transformers import get_scheduler
 
-        if resume_dir:
-            model = PeftModel.from_pretrained(model, trained_path, is_trainable=True)
-        else:
-            model = get_peft_model(
-                model,
-                LoraConfig(
-                    task_type="CAUSAL_LM",
-                    r=args.lora_r,
-                    lora_alpha=args.lora_alpha,
-                    lora_dropout=args.lora_dropout,
-                    target_modules=args.lora_target_modules,
-                ),
-            )
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False
+    model = load_model(args, tokenizer, embedding_rows, resume_dir, accelerator)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
         lr=args.learning_rate,
@@ -1086,94 +1318,10 @@ if __name__ == "__main__":
     )
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
 
-    @torch.no_grad()
-    def evaluate() -> float:
-        """Mean completion-token loss over the held-out split (summed over tokens, gathered over processes). Per-example
-        sums, so that gather_for_metrics drops the duplicates accelerate pads the last batch with: each example
-        counts once."""
-        model.eval()
-        total, count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
-        for batch in eval_loader:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            per_token = completion_loss(logits, batch["labels"], reduction="none").view(len(logits), -1)
-            sums, counts = accelerator.gather_for_metrics((per_token.sum(1), (batch["labels"][:, 1:] != -100).sum(1)))
-            total, count = total + sums.sum(), count + counts.sum()
-        model.train()
-        return (total / count).item()
-
-    # TRY NOT TO MODIFY: checkpoints (--save-steps) and resuming (--resume-from-checkpoint)
-    def save_checkpoint(epoch: int, batches_done: int, shuffle_state: torch.Tensor) -> None:
-        """The weights (safetensors; with LoRA the adapter), optimizer, scheduler, data position, metrics so far, args
-        and every process's RNG states, written to checkpoint-N.tmp and renamed into place: a kill at any moment
-        leaves the earlier checkpoints intact and never a half-written one under a final name. Under DeepSpeed the
-        optimizer state is partitioned: every process writes its own part with the engine's save_checkpoint."""
-        folder = os.path.join(args.output_dir, "checkpoints", f"checkpoint-{step}")
-        tmp = folder + ".tmp"
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-        accelerator.wait_for_everyone()
-        state_dict = accelerator.get_state_dict(model)  # on every process: ZeRO-3 gathers the shards
-        if is_deepspeed:
-            model.save_checkpoint(tmp, tag="deepspeed", save_latest=False)
-        error = None
-        try:  # a full disk (or a quota) must cost this checkpoint only, with a message, not the earlier ones
-            torch.save(rng_state(), os.path.join(tmp, f"rng_rank{accelerator.process_index}.pt"))
-            if accelerator.is_main_process:
-                accelerator.unwrap_model(model).save_pretrained(os.path.join(tmp, "model"), state_dict=state_dict)
-                if not is_deepspeed:
-                    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-                torch.save(
-                    {
-                        "scheduler": scheduler.state_dict(),
-                        "step": step,
-                        "epoch": epoch,
-                        "batches_done": batches_done,
-                        "shuffle": shuffle_state,
-                        "metrics": json.dumps(metrics_log),
-                        "args": json.dumps(asdict(args)),
-                        "world_size": world_size,
-                        "zero_stage": zero_stage if is_deepspeed else None,
-                        "script": os.path.basename(__file__),
-                    },
-                    os.path.join(tmp, "state.pt"),
-                )
-        except Exception as e:  # torch and safetensors report a full disk as their own error types
-            error = f"{type(e).__name__}: {e}"
-        failed = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "sum").item()
-        if accelerator.is_main_process and not failed:
-            try:
-                seal_checkpoint(tmp, folder, args.save_total_limit)
-            except OSError as e:
-                error, failed = f"{type(e).__name__}: {e}", 1
-        if failed:
-            if accelerator.is_main_process:
-                shutil.rmtree(tmp, ignore_errors=True)
-            sys.exit(
-                f"error: could not write checkpoint-{step} ({error or 'on another process'}); the run stops "
-                "here, its earlier checkpoints are intact: make room and resume with --resume-from-checkpoint latest"
-            )
-        accelerator.wait_for_everyone()
-
     metrics_log, step, first_epoch, skip_batches, start = [], 0, 0, 0, time.time()
     if resume_dir:
-        # The weights came with the model above; the optimizer, schedule, data position, metrics and RNG come here.
-        if is_deepspeed:
-            model.load_checkpoint(
-                resume_dir, tag="deepspeed", load_optimizer_states=True, load_lr_scheduler_states=False
-            )
-        else:
-            optimizer.load_state_dict(torch.load(os.path.join(resume_dir, "optimizer.pt"), weights_only=True))
-        scheduler.load_state_dict(resume_state["scheduler"])
-        step, first_epoch, skip_batches = resume_state["step"], resume_state["epoch"], resume_state["batches_done"]
-        shuffle_generator.set_state(resume_state["shuffle"])
-        metrics_log = json.loads(resume_state["metrics"])
-        set_rng_state(
-            torch.load(os.path.join(resume_dir, f"rng_rank{accelerator.process_index}.pt"), weights_only=True)
-        )
-        accelerator.print(
-            f"resumed from {resume_dir}: continuing after optimizer step {step} (epoch {first_epoch}, "
-            f"{skip_batches} batches in)"
+        metrics_log, step, first_epoch, skip_batches = load_checkpoint(
+            resume_dir, resume_state, model, optimizer, scheduler, shuffle_generator, zero_stage, accelerator
         )
     elif accelerator.is_main_process:
         # A fresh run: the checkpoints of a run that --overwrite-output-dir replaces must not mix with its own.
@@ -1182,6 +1330,7 @@ if __name__ == "__main__":
     # ALGO LOGIC: the training loop
     model.train()
     bar = progress_bar(num_update_steps, "step", accelerator.is_main_process, initial=step)
+    log = bar.write if bar is not None else accelerator.print
     for epoch in range(first_epoch, args.num_train_epochs):
         # The epoch's shuffle is drawn from this generator state: checkpoints keep it, so a resumed run draws the same
         # shuffle and skips the batches already trained on.
@@ -1231,14 +1380,18 @@ if __name__ == "__main__":
                         "step": step,
                     }
                     metrics_log.append(row)
-                    (bar.write if bar is not None else accelerator.print)(
-                        f"step {step}/{num_update_steps} loss {row['train/loss']:.4f} lr {row['lr']:.2e}"
-                    )
+                    log(f"step {step}/{num_update_steps} loss {row['train/loss']:.4f} lr {row['lr']:.2e}")
                     if args.track and accelerator.is_main_process:
                         wandb.log(wandb_row(row))
                 stop = stop_requested(accelerator)
                 if (args.save_steps and step % args.save_steps == 0) or stop:
-                    save_checkpoint(epoch, batch_index + 1, shuffle_state)
+                    position = {
+                        "step": step,
+                        "epoch": epoch,
+                        "batches_done": batch_index + 1,
+                        "shuffle": shuffle_state,
+                    }
+                    save_checkpoint(args, model, optimizer, scheduler, position, metrics_log, zero_stage, accelerator)
                 if stop:
                     accelerator.print(
                         f"stopped by {signal.Signals(stop).name} after optimizer step {step}, with "
@@ -1247,123 +1400,17 @@ if __name__ == "__main__":
                     )
                     sys.exit(128 + stop)
         skip_batches = 0
-        eval_loss = evaluate()
+        eval_loss = evaluate(model, eval_loader, accelerator)
         row = {"eval/loss": eval_loss, "epoch": epoch, "step": step}
         metrics_log.append(row)
-        (bar.write if bar is not None else accelerator.print)(
-            f"epoch {epoch}: eval loss {eval_loss:.4f} ({time.time() - start:.0f}s)"
-        )
+        log(f"epoch {epoch}: eval loss {eval_loss:.4f} ({time.time() - start:.0f}s)")
         if args.track and accelerator.is_main_process:
             wandb.log(wandb_row(row))
 
     if bar is not None:
         bar.close()
-
-    # Sample completions (greedy) on held-out prompts, next to the dataset's reference. Every process generates
-    # (under ZeRO-3 each forward is collective, and synced_gpus keeps them stepping together); the main one prints.
-    unwrapped = accelerator.unwrap_model(model)
     if args.num_sample_completions > 0:
-        from rich.console import Console
-        from rich.table import Table
-
-        samples = [
-            prompt_and_reference(tokenizer, row, kind)
-            for row in eval_data.select(range(min(args.num_sample_completions, len(eval_data))))
-        ]
-        prompts, references = [p for p, _ in samples], [r for _, r in samples]
-        enc = tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False)
-        unwrapped.eval()
-        with torch.no_grad():
-            out = unwrapped.generate(
-                **enc.to(accelerator.device),
-                max_new_tokens=args.sample_max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad,
-                eos_token_id=tokenizer.eos_token_id,
-                synced_gpus=zero_stage == 3,
-            )
-        responses = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        if accelerator.is_main_process:
-            table = Table(title="sample completions", show_lines=True)
-            for column in ("query", "model response", "reference"):
-                table.add_column(column)
-            for p, r, ref in zip(prompts, responses, references):
-                table.add_row(p[-300:], r, ref)
-            Console().print(table)
-            if args.track:
-                wandb.log(
-                    {
-                        "samples": wandb.Table(
-                            columns=["query", "model response", "reference"],
-                            data=[list(x) for x in zip(prompts, responses, references)],
-                        )
-                    }
-                )
-
-    # Save atomically (publish_output): a kill mid-save leaves the previous output or this one, never a mix.
-    accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(model)
-    nonfinite = (
-        [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-        if accelerator.is_main_process
-        else []
-    )
-    if accelerator.reduce(torch.tensor(float(len(nonfinite)), device=accelerator.device), "sum").item():
-        sys.exit(
-            f"error: the trained weights are not finite ({', '.join(nonfinite[:3])}...); nothing was saved "
-            "(lower --learning-rate)"
-        )
-    if accelerator.is_main_process:
-
-        def write(path):
-            unwrapped.save_pretrained(path, state_dict=state_dict, safe_serialization=True)  # with LoRA: the adapter
-            tokenizer.save_pretrained(path)
-            if args.merge_adapter_on_save:
-                # A fresh copy of the base on this process only: transformers must not load it with ZeRO-3's zero.Init
-                # (a collective), so its DeepSpeed config is unset meanwhile.
-                from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
-
-                unset_hf_deepspeed_config()
-                base = AutoModelForCausalLM.from_pretrained(
-                    args.model_name_or_path, trust_remote_code=args.trust_remote_code
-                )
-                if accelerator.distributed_type == DistributedType.DEEPSPEED:
-                    set_hf_deepspeed_config(accelerator.state.deepspeed_plugin.dschf)
-                PeftModel.from_pretrained(base, path).merge_and_unload().save_pretrained(os.path.join(path, "merged"))
-                tokenizer.save_pretrained(os.path.join(path, "merged"))
-            with open(os.path.join(path, "metrics.jsonl"), "w") as f:
-                f.writelines(json.dumps(row) + "\n" for row in metrics_log)
-            with open(os.path.join(path, "args.json"), "w") as f:
-                json.dump(asdict(args), f, indent=2)
-            with open(os.path.join(path, "README.md"), "w") as f:
-                f.write(
-                    model_card(
-                        os.path.basename(os.path.abspath(args.output_dir)),
-                        args.model_name_or_path,
-                        [args.dataset_name],
-                        ["sft", "rlhf"] + (["lora"] if args.use_peft else []),
-                        f"Supervised fine-tuning of `{args.model_name_or_path}` on `{args.dataset_name}` with `sft.py`"
-                        + (
-                            " (a LoRA adapter; `merged/` holds it merged into the base)"
-                            if args.merge_adapter_on_save
-                            else " (a LoRA adapter)"
-                            if args.use_peft
-                            else ""
-                        )
-                        + ".\n\n## Command\n\n```\npython "
-                        + " ".join(sys.argv)
-                        + "\n```\n\nEvery logged row is in `metrics.jsonl`, the arguments in "
-                        "`args.json`.\n",
-                    )
-                )
-
-        publish_output(args.output_dir, write)
-        accelerator.print(f"saved to {args.output_dir} after {time.time() - start:.0f}s")
-        if args.push_to_hub:
-            url = push_folder_to_hub(
-                args.output_dir, args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
-            )
-            accelerator.print(f"uploaded {args.output_dir} to {url}")
-    accelerator.wait_for_everyone()
+        print_samples(args, model, tokenizer, eval_data, kind, zero_stage, accelerator)
+    save_output(args, model, tokenizer, metrics_log, start, zero_stage, accelerator)
     del model, optimizer  # before the process group goes: avoids gloo's abort at exit
     accelerator.end_training()
