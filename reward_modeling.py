@@ -207,123 +207,70 @@ def check_args(args: Args) -> tuple:
     return resume_dir, resume_state
 
 
-def fail(argument: str, message: str) -> None:
-    """Stop before any expensive work, naming the argument and the fix."""
-    sys.exit(f"error: --{argument.replace('_', '-')}: {message}")
+# ---------------------------------------------------------------------------------------------------------------
+# The algorithm: the score at the last token, the pairwise loss, and the shift that normalises the scores
 
 
-def bool_flags_as_switches(argv: list, args_cls) -> list:
-    """TRL's command-line habit (HfArgumentParser): `--bf16 True`, `--gradient_checkpointing False`, `--bf16=true`
-    become tyro's `--bf16` / `--no-gradient-checkpointing` for the boolean fields of args_cls; other tokens pass as
-    is."""
-    import dataclasses
-    import typing
-
-    hints = typing.get_type_hints(args_cls)
-    switches = {f.name for f in dataclasses.fields(args_cls) if hints[f.name] is bool}
-    words = {
-        "true": True,
-        "yes": True,
-        "t": True,
-        "y": True,
-        "1": True,
-        "false": False,
-        "no": False,
-        "f": False,
-        "n": False,
-        "0": False,
-    }
-    out, i = [], 0
-    while i < len(argv):
-        flag, eq, value = argv[i].partition("=")
-        name = flag[2:].replace("-", "_") if flag.startswith("--") else None
-        if name in switches and not eq and i + 1 < len(argv) and argv[i + 1].lower() in words:
-            eq, value, i = "=", argv[i + 1], i + 1  # a boolean switch takes no value, so this word is its value
-        if name in switches and eq and value.lower() in words:
-            out.append(("--" if words[value.lower()] else "--no-") + name.replace("_", "-"))
-        else:
-            out.append(argv[i])
-        i += 1
-    return out
+def pad_batch(sequences: list, pad_token_id: int, side: str = "right") -> tuple:
+    """Pad token-id lists into (input_ids, attention_mask)."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        cols = slice(0, len(s)) if side == "right" else slice(width - len(s), width)
+        input_ids[i, cols], attention_mask[i, cols] = torch.tensor(s), 1
+    return input_ids, attention_mask
 
 
-def progress_bar(total: int, unit: str, main_process: bool, initial: int = 0):
-    """A bar with the rate and the time left, on the main process when stderr is a terminal; None otherwise, so piped
-    logs keep their one line per update instead of carriage-return redraws."""
-    if not (main_process and sys.stderr.isatty()):
-        return None
-    from tqdm import tqdm
-
-    # The size once, at the start (COLUMNS/LINES, else the terminal's, else 80x24): tqdm draws nothing on a terminal
-    # that reports 0 rows or columns (a fresh pseudo-terminal, some CI runners).
-    size = shutil.get_terminal_size()
-    return tqdm(
-        total=total, initial=initial, unit=unit, file=sys.stderr, ncols=max(size.columns, 60), nrows=max(size.lines, 2)
-    )
+def get_reward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Scalar score at the last attended token, for left or right padding. Position ids count real tokens
+    only, so a left-padded sequence gets the same score as the unpadded one. It goes through the model's own forward
+    (which reads the last non-pad token: the same one, as pad only pads), so that a DDP or DeepSpeed wrapper sees the
+    call: DDP syncs no gradient of a backward whose forward bypassed it."""
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits.squeeze(-1)
 
 
-def model_card(title: str, base_model: str, datasets: list, tags: list, body: str) -> str:
-    """README.md of a saved model: the Hub's YAML metadata (what it indexes and filters by), then the text. Only
-    hub ids go into the metadata (the Hub cannot resolve a local folder); the body names local ones."""
-    import yaml
-
-    def hub_id(name):
-        local = os.path.exists(name) or name.count("/") > 1 or name.startswith((".", "~"))
-        return None if not name or local else name
-
-    meta = {"library_name": "transformers", "tags": tags}
-    if hub_id(base_model):
-        meta["base_model"] = base_model
-    if [d for d in datasets if hub_id(d)]:
-        meta["datasets"] = [d for d in datasets if hub_id(d)]
-    return f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n\n# {title}\n\n{body}"
+def pairwise_loss_and_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> tuple:
+    """Bradley-Terry loss -log sigmoid(r_c - r_r) and the fraction of pairs ranked right (ties count wrong)."""
+    return -F.logsigmoid(chosen - rejected).mean(), (chosen > rejected).float().mean()
 
 
-def wandb_row(row: dict) -> dict:
-    """One W&B convention in every script, the names TRL's trainers log: train/* and eval/*, the optimizer step as
-    train/global_step (every chart's x-axis, defined at wandb.init). metrics.jsonl keeps the short names."""
-    names = {"lr": "train/learning_rate", "epoch": "train/epoch", "step": "train/global_step"}
-    return {names.get(k, k if k.startswith(("train/", "eval/")) else "train/" + k): v for k, v in row.items()}
-
-
-def check_push_to_hub(repo_id: str) -> None:
-    """--push-to-hub fails here, before any model loads, rather than after the training: offline mode, the repo id,
-    the token and whether the Hub accepts it."""
-    from huggingface_hub import HfApi, get_token
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE"):
-        fail("push_to_hub", "HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it or drop --push-to-hub")
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as e:
-        fail(
-            "hub_model_id", f"{repo_id!r} is not a valid Hub repository id ({e}); pass --hub-model-id name or org/name"
+def final_norm(model):
+    """The final norm of the backbone, if it has a bias (GPT-NeoX: final_layer_norm, GPT-2: ln_f, OPT:
+    decoder.final_layer_norm), else None (RMSNorm models: Llama, Qwen2, Mistral, Gemma, Phi-3)."""
+    for name in ("final_layer_norm", "ln_f", "decoder.final_layer_norm", "norm"):
+        try:
+            norm = model.base_model.get_submodule(name)
+        except AttributeError:  # absent, or None (OPT with post-layer norms has no final one)
+            continue
+        # Its output must be what the head reads: same width (OPT may project after it; ZeRO-3 shards keep ds_shape).
+        width = (
+            [tuple(getattr(p, "ds_shape", p.shape))[-1] for p in (norm.bias, model.score.weight)]
+            if getattr(norm, "bias", None) is not None
+            else None
         )
-    if get_token() is None:
-        fail("push_to_hub", "no Hugging Face token; run `hf auth login` or set HF_TOKEN, or drop --push-to-hub")
-    try:
-        HfApi().whoami()
-    except Exception as e:  # unreachable Hub or a rejected token: both are found out now, not after training
-        fail(
-            "push_to_hub",
-            f"the Hub did not answer or refused the token ({type(e).__name__}: {e}); fix that or drop --push-to-hub",
+        if width and width[0] == width[1]:
+            return norm
+    return None
+
+
+def shift_scores(model, delta: float) -> None:
+    """Add `delta` to every score by moving the bias of the final norm that feeds the linear head along the
+    head's weight: score = w . (norm(h) + b), so b += delta * w / |w|^2 shifts it exactly. The architecture
+    stays stock, so plain `from_pretrained` reproduces the normalised scores."""
+    w = model.score.weight.data[0].float()
+    norm = final_norm(model)
+    if norm is None or getattr(norm, "bias", None) is None:
+        raise ValueError(
+            "reward normalisation needs a final norm with a bias before the score head; "
+            "pass --no-normalize-reward for this architecture"
         )
+    norm.bias.data += (delta * w / w.dot(w)).to(norm.bias.dtype)
 
 
-def push_folder_to_hub(folder: str, repo_id: str) -> str:
-    """Upload the saved output folder as written (models, subfolders, card, metrics.jsonl, args.json), without the
-    resumable checkpoints; returns the commit URL."""
-    from huggingface_hub import HfApi
-
-    api = HfApi()
-    api.create_repo(repo_id, exist_ok=True)
-    return api.upload_folder(
-        folder_path=folder,
-        repo_id=repo_id,
-        ignore_patterns=["checkpoints/**", ".*"],
-        commit_message=f"upload {os.path.basename(os.path.abspath(folder))}",
-    )
+# ---------------------------------------------------------------------------------------------------------------
+# Data: the formats, splits and tokenisation of pairs (the same rules as the other scripts)
 
 
 HOLD_OUT_EVERY = 10  # with no test split, the last training row and every 10th row before it are held out
@@ -486,64 +433,6 @@ def encode_completion(tokenizer, prompt, completion) -> list:
     return tokenize_conversation(tokenizer, messages, len(prompt) if prompt else len(messages) - 1)["input_ids"]
 
 
-def pad_batch(sequences: list, pad_token_id: int, side: str = "right") -> tuple:
-    """Pad token-id lists into (input_ids, attention_mask)."""
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        cols = slice(0, len(s)) if side == "right" else slice(width - len(s), width)
-        input_ids[i, cols], attention_mask[i, cols] = torch.tensor(s), 1
-    return input_ids, attention_mask
-
-
-def get_reward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Scalar score at the last attended token, for left or right padding. Position ids count real tokens
-    only, so a left-padded sequence gets the same score as the unpadded one. It goes through the model's own forward
-    (which reads the last non-pad token: the same one, as pad only pads), so that a DDP or DeepSpeed wrapper sees the
-    call: DDP syncs no gradient of a backward whose forward bypassed it."""
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits.squeeze(-1)
-
-
-def pairwise_loss_and_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> tuple:
-    """Bradley-Terry loss -log sigmoid(r_c - r_r) and the fraction of pairs ranked right (ties count wrong)."""
-    return -F.logsigmoid(chosen - rejected).mean(), (chosen > rejected).float().mean()
-
-
-def final_norm(model):
-    """The final norm of the backbone, if it has a bias (GPT-NeoX: final_layer_norm, GPT-2: ln_f, OPT:
-    decoder.final_layer_norm), else None (RMSNorm models: Llama, Qwen2, Mistral, Gemma, Phi-3)."""
-    for name in ("final_layer_norm", "ln_f", "decoder.final_layer_norm", "norm"):
-        try:
-            norm = model.base_model.get_submodule(name)
-        except AttributeError:  # absent, or None (OPT with post-layer norms has no final one)
-            continue
-        # Its output must be what the head reads: same width (OPT may project after it; ZeRO-3 shards keep ds_shape).
-        width = (
-            [tuple(getattr(p, "ds_shape", p.shape))[-1] for p in (norm.bias, model.score.weight)]
-            if getattr(norm, "bias", None) is not None
-            else None
-        )
-        if width and width[0] == width[1]:
-            return norm
-    return None
-
-
-def shift_scores(model, delta: float) -> None:
-    """Add `delta` to every score by moving the bias of the final norm that feeds the linear head along the
-    head's weight: score = w . (norm(h) + b), so b += delta * w / |w|^2 shifts it exactly. The architecture
-    stays stock, so plain `from_pretrained` reproduces the normalised scores."""
-    w = model.score.weight.data[0].float()
-    norm = final_norm(model)
-    if norm is None or getattr(norm, "bias", None) is None:
-        raise ValueError(
-            "reward normalisation needs a final norm with a bias before the score head; "
-            "pass --no-normalize-reward for this architecture"
-        )
-    norm.bias.data += (delta * w / w.dot(w)).to(norm.bias.dtype)
-
-
 def add_pad_token(tokenizer) -> Optional[str]:
     """A tokenizer without a pad token (Pythia, Llama, Mistral) or whose pad is EOS (GPT-2 setups, Qwen2 base) gets a
     dedicated `[PAD]` special token, as TRL's example did: padding with EOS would make every real EOS look like padding
@@ -567,6 +456,129 @@ def context_length(config) -> Optional[int]:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The command line, the progress bar, tracking, the Hub and random states
+
+
+def fail(argument: str, message: str) -> None:
+    """Stop before any expensive work, naming the argument and the fix."""
+    sys.exit(f"error: --{argument.replace('_', '-')}: {message}")
+
+
+def bool_flags_as_switches(argv: list, args_cls) -> list:
+    """TRL's command-line habit (HfArgumentParser): `--bf16 True`, `--gradient_checkpointing False`, `--bf16=true`
+    become tyro's `--bf16` / `--no-gradient-checkpointing` for the boolean fields of args_cls; other tokens pass as
+    is."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(args_cls)
+    switches = {f.name for f in dataclasses.fields(args_cls) if hints[f.name] is bool}
+    words = {
+        "true": True,
+        "yes": True,
+        "t": True,
+        "y": True,
+        "1": True,
+        "false": False,
+        "no": False,
+        "f": False,
+        "n": False,
+        "0": False,
+    }
+    out, i = [], 0
+    while i < len(argv):
+        flag, eq, value = argv[i].partition("=")
+        name = flag[2:].replace("-", "_") if flag.startswith("--") else None
+        if name in switches and not eq and i + 1 < len(argv) and argv[i + 1].lower() in words:
+            eq, value, i = "=", argv[i + 1], i + 1  # a boolean switch takes no value, so this word is its value
+        if name in switches and eq and value.lower() in words:
+            out.append(("--" if words[value.lower()] else "--no-") + name.replace("_", "-"))
+        else:
+            out.append(argv[i])
+        i += 1
+    return out
+
+
+def progress_bar(total: int, unit: str, main_process: bool, initial: int = 0):
+    """A bar with the rate and the time left, on the main process when stderr is a terminal; None otherwise, so piped
+    logs keep their one line per update instead of carriage-return redraws."""
+    if not (main_process and sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+
+    # The size once, at the start (COLUMNS/LINES, else the terminal's, else 80x24): tqdm draws nothing on a terminal
+    # that reports 0 rows or columns (a fresh pseudo-terminal, some CI runners).
+    size = shutil.get_terminal_size()
+    return tqdm(
+        total=total, initial=initial, unit=unit, file=sys.stderr, ncols=max(size.columns, 60), nrows=max(size.lines, 2)
+    )
+
+
+def model_card(title: str, base_model: str, datasets: list, tags: list, body: str) -> str:
+    """README.md of a saved model: the Hub's YAML metadata (what it indexes and filters by), then the text. Only
+    hub ids go into the metadata (the Hub cannot resolve a local folder); the body names local ones."""
+    import yaml
+
+    def hub_id(name):
+        local = os.path.exists(name) or name.count("/") > 1 or name.startswith((".", "~"))
+        return None if not name or local else name
+
+    meta = {"library_name": "transformers", "tags": tags}
+    if hub_id(base_model):
+        meta["base_model"] = base_model
+    if [d for d in datasets if hub_id(d)]:
+        meta["datasets"] = [d for d in datasets if hub_id(d)]
+    return f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n\n# {title}\n\n{body}"
+
+
+def wandb_row(row: dict) -> dict:
+    """One W&B convention in every script, the names TRL's trainers log: train/* and eval/*, the optimizer step as
+    train/global_step (every chart's x-axis, defined at wandb.init). metrics.jsonl keeps the short names."""
+    names = {"lr": "train/learning_rate", "epoch": "train/epoch", "step": "train/global_step"}
+    return {names.get(k, k if k.startswith(("train/", "eval/")) else "train/" + k): v for k, v in row.items()}
+
+
+def check_push_to_hub(repo_id: str) -> None:
+    """--push-to-hub fails here, before any model loads, rather than after the training: offline mode, the repo id,
+    the token and whether the Hub accepts it."""
+    from huggingface_hub import HfApi, get_token
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE"):
+        fail("push_to_hub", "HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it or drop --push-to-hub")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        fail(
+            "hub_model_id", f"{repo_id!r} is not a valid Hub repository id ({e}); pass --hub-model-id name or org/name"
+        )
+    if get_token() is None:
+        fail("push_to_hub", "no Hugging Face token; run `hf auth login` or set HF_TOKEN, or drop --push-to-hub")
+    try:
+        HfApi().whoami()
+    except Exception as e:  # unreachable Hub or a rejected token: both are found out now, not after training
+        fail(
+            "push_to_hub",
+            f"the Hub did not answer or refused the token ({type(e).__name__}: {e}); fix that or drop --push-to-hub",
+        )
+
+
+def push_folder_to_hub(folder: str, repo_id: str) -> str:
+    """Upload the saved output folder as written (models, subfolders, card, metrics.jsonl, args.json), without the
+    resumable checkpoints; returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, exist_ok=True)
+    return api.upload_folder(
+        folder_path=folder,
+        repo_id=repo_id,
+        ignore_patterns=["checkpoints/**", ".*"],
+        commit_message=f"upload {os.path.basename(os.path.abspath(folder))}",
+    )
 
 
 def rng_state() -> dict:
