@@ -15,6 +15,10 @@ turn.
 The data: columns `chosen`, `rejected` and optionally `prompt` (without it the prompt is inside both sides, TRL's
 implicit prompt), all strings or all lists of {role, content} messages (which need a chat template). A test split with
 `gold_chosen_is_better` is also scored against those gold labels.
+
+Read top to bottom: the arguments and their checks, the algorithm's helpers (score, loss, normalising shift), data
+formats, plumbing, the output folder and checkpoints, the setup functions, then the main block: setup calls and the
+training loop.
 """
 
 import atexit
