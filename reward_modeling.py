@@ -11,11 +11,20 @@ with a bias feeds the head (GPT-NeoX, GPT-2, OPT), so a plain `AutoModelForSeque
 gives normalised scores; otherwise (RMSNorm models) as `reward_shift` in the config, which the PPO scripts add.
 Conversational pairs go through the tokenizer's chat template and are scored at the EOS that ends the last assistant
 turn.
+
+The data: columns `chosen`, `rejected` and optionally `prompt` (without it the prompt is inside both sides, TRL's
+implicit prompt), all strings or all lists of {role, content} messages (which need a chat template). A test split with
+`gold_chosen_is_better` is also scored against those gold labels.
+
+Read top to bottom: the arguments and their checks, the algorithm's helpers (score, loss, normalising shift), data
+formats, plumbing, the output folder and checkpoints, the setup functions, then the main block: setup calls and the
+training loop.
 """
 
 import atexit
 import contextlib
 import fcntl
+import functools
 import json
 import math
 import os
@@ -60,7 +69,7 @@ class Args:
     push_to_hub: bool = False
     """upload the saved model and tokenizer to the Hugging Face hub"""
     hub_model_id: Optional[str] = None
-    """the hub repository for --push-to-hub (default: the output_dir's name)"""
+    """the hub repository for --push-to-hub (None: the output_dir's name)"""
     trust_remote_code: bool = False
     """allow models and tokenizers that run code from their repository"""
 
@@ -68,15 +77,13 @@ class Args:
     model_name_or_path: str = "embedded/sft_model"
     """the SFT model the reward model starts from: a hub id or a local folder"""
     tokenizer_name_or_path: Optional[str] = None
-    """the tokenizer (default: model_name_or_path); without a pad token distinct from EOS, a dedicated [PAD] is added"""
+    """the tokenizer (None: the model's); without a pad token distinct from EOS, a dedicated [PAD] is added"""
     dataset_name: str = "embedded/preference_data"
-    """hub id, a save_to_disk folder, or a json/jsonl/parquet/csv/tsv file with `chosen`, `rejected` and optionally
-    `prompt` (TRL's implicit prompt without it): strings, or lists of {role, content} (need a chat template)"""
+    """`chosen`/`rejected` pairs (optional `prompt`): a hub id, save_to_disk folder or json/jsonl/parquet/csv/tsv"""
     dataset_train_split: str = "train"
     """the split to train on"""
     dataset_test_split: str = "test"
-    """the held-out split for accuracy (and against gold labels if it has `gold_chosen_is_better`); if there is
-    none, every 10th train row is held out (see the log)"""
+    """the held-out split for accuracy (without one, every 10th train row is held out, as the log says)"""
     max_length: int = 256
     """pairs whose prompt + completion is longer (in tokens) are dropped and counted"""
     normalize_reward: bool = True
@@ -119,123 +126,155 @@ class Args:
     """print/log the train loss and accuracy every this many optimizer steps"""
 
 
-def fail(argument: str, message: str) -> None:
-    """Stop before any expensive work, naming the argument and the fix."""
-    sys.exit(f"error: --{argument.replace('_', '-')}: {message}")
+# Resuming continues the checkpoint's run: only where and how often things are written, tracking and memory savers
+# may differ; anything else would silently train a different model.
+MAY_CHANGE_ON_RESUME = (
+    "exp_name track wandb_project_name wandb_entity output_dir overwrite_output_dir push_to_hub hub_model_id "
+    "trust_remote_code save_steps save_total_limit resume_from_checkpoint logging_steps gradient_checkpointing"
+).split()
 
 
-def bool_flags_as_switches(argv: list, args_cls) -> list:
-    """TRL's command-line habit (HfArgumentParser): `--bf16 True`, `--gradient_checkpointing False`, `--bf16=true`
-    become tyro's `--bf16` / `--no-gradient-checkpointing` for the boolean fields of args_cls; other tokens pass as
-    is."""
-    import dataclasses
-    import typing
-
-    hints = typing.get_type_hints(args_cls)
-    switches = {f.name for f in dataclasses.fields(args_cls) if hints[f.name] is bool}
-    words = {
-        "true": True,
-        "yes": True,
-        "t": True,
-        "y": True,
-        "1": True,
-        "false": False,
-        "no": False,
-        "f": False,
-        "n": False,
-        "0": False,
-    }
-    out, i = [], 0
-    while i < len(argv):
-        flag, eq, value = argv[i].partition("=")
-        name = flag[2:].replace("-", "_") if flag.startswith("--") else None
-        if name in switches and not eq and i + 1 < len(argv) and argv[i + 1].lower() in words:
-            eq, value, i = "=", argv[i + 1], i + 1  # a boolean switch takes no value, so this word is its value
-        if name in switches and eq and value.lower() in words:
-            out.append(("--" if words[value.lower()] else "--no-") + name.replace("_", "-"))
-        else:
-            out.append(argv[i])
-        i += 1
-    return out
-
-
-def progress_bar(total: int, unit: str, main_process: bool, initial: int = 0):
-    """A bar with the rate and the time left, on the main process when stderr is a terminal; None otherwise, so piped
-    logs keep their one line per update instead of carriage-return redraws."""
-    if not (main_process and sys.stderr.isatty()):
-        return None
-    from tqdm import tqdm
-
-    # The size once, at the start (COLUMNS/LINES, else the terminal's, else 80x24): tqdm draws nothing on a terminal
-    # that reports 0 rows or columns (a fresh pseudo-terminal, some CI runners).
-    size = shutil.get_terminal_size()
-    return tqdm(
-        total=total, initial=initial, unit=unit, file=sys.stderr, ncols=max(size.columns, 60), nrows=max(size.lines, 2)
-    )
-
-
-def model_card(title: str, base_model: str, datasets: list, tags: list, body: str) -> str:
-    """README.md of a saved model: the Hub's YAML metadata (what it indexes and filters by), then the text. Only
-    hub ids go into the metadata (the Hub cannot resolve a local folder); the body names local ones."""
-    import yaml
-
-    def hub_id(name):
-        local = os.path.exists(name) or name.count("/") > 1 or name.startswith((".", "~"))
-        return None if not name or local else name
-
-    meta = {"library_name": "transformers", "tags": tags}
-    if hub_id(base_model):
-        meta["base_model"] = base_model
-    if [d for d in datasets if hub_id(d)]:
-        meta["datasets"] = [d for d in datasets if hub_id(d)]
-    return f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n\n# {title}\n\n{body}"
-
-
-def wandb_row(row: dict) -> dict:
-    """One W&B convention in every script, the names TRL's trainers log: train/* and eval/*, the optimizer step as
-    train/global_step (every chart's x-axis, defined at wandb.init). metrics.jsonl keeps the short names."""
-    names = {"lr": "train/learning_rate", "epoch": "train/epoch", "step": "train/global_step"}
-    return {names.get(k, k if k.startswith(("train/", "eval/")) else "train/" + k): v for k, v in row.items()}
-
-
-def check_push_to_hub(repo_id: str) -> None:
-    """--push-to-hub fails here, before any model loads, rather than after the training: offline mode, the repo id,
-    the token and whether the Hub accepts it."""
-    from huggingface_hub import HfApi, get_token
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE"):
-        fail("push_to_hub", "HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it or drop --push-to-hub")
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as e:
+def check_args(args: Args) -> tuple:
+    """Every check that needs no data and no model, before anything loads; the main process also takes the output
+    folder for the run. Returns the checkpoint folder to resume (None: a fresh run) and its state.pt."""
+    if int(os.environ.get("RANK", "0")) == 0:  # the main process holds the output folder for the run
+        lock_output_dir(args.output_dir)
+        repaired = finish_interrupted_save(args.output_dir)
+        if repaired:
+            print(repaired)
+    resume_dir = resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    not_empty = os.path.isdir(args.output_dir) and os.listdir(args.output_dir)
+    if not_empty and not (args.overwrite_output_dir or resume_dir):
         fail(
-            "hub_model_id", f"{repo_id!r} is not a valid Hub repository id ({e}); pass --hub-model-id name or org/name"
+            "output_dir",
+            f"{args.output_dir!r} exists and is not empty; pass --overwrite-output-dir, "
+            "--resume-from-checkpoint latest, or another path",
         )
-    if get_token() is None:
-        fail("push_to_hub", "no Hugging Face token; run `hf auth login` or set HF_TOKEN, or drop --push-to-hub")
-    try:
-        HfApi().whoami()
-    except Exception as e:  # unreachable Hub or a rejected token: both are found out now, not after training
+    if args.save_steps < 0:
+        fail("save_steps", f"must be >= 0 (0: no checkpoints), got {args.save_steps}")
+    if args.save_total_limit is not None and args.save_total_limit < 1:
+        fail("save_total_limit", f"must be >= 1 (or None: keep every checkpoint), got {args.save_total_limit}")
+    # state.pt is small (the optimizer has its own file), so reading it here costs nothing.
+    resume_state = load_resume_state(resume_dir) if resume_dir else None
+    script = os.path.basename(__file__)
+    if resume_state is not None and resume_state.get("script", script) != script:
         fail(
-            "push_to_hub",
-            f"the Hub did not answer or refused the token ({type(e).__name__}: {e}); fix that or drop --push-to-hub",
+            "resume_from_checkpoint",
+            f"{resume_dir!r} was written by {resume_state['script']}; pass a checkpoint of {script}",
         )
+    if resume_state is not None:
+        saved = json.loads(resume_state["args"])
+        saved = {**json.loads(json.dumps(asdict(Args()))), **saved}  # a flag newer than the checkpoint: its default
+        now = json.loads(json.dumps(asdict(args)))  # as saved: lists, not tuples
+        changed = [
+            f"--{k.replace('_', '-')} {saved.get(k)!r} (now {v!r})"
+            for k, v in now.items()
+            if k not in MAY_CHANGE_ON_RESUME and saved.get(k) != v
+        ]
+        if changed:
+            fail(
+                "resume_from_checkpoint",
+                f"{resume_dir!r} was written by a run with {', '.join(changed)}; resume "
+                "with the same values, or start a new run",
+            )
+    if args.push_to_hub:
+        check_push_to_hub(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)))
+    positive = "learning_rate per_device_train_batch_size num_train_epochs gradient_accumulation_steps max_length"
+    for name in positive.split():
+        if not getattr(args, name) > 0:  # `not >` also catches nan
+            fail(name, f"must be positive, got {getattr(args, name)}")
+    if not 0 <= args.seed < 2**32:
+        fail("seed", f"must be in [0, 2**32 - 1] (numpy's seed range), got {args.seed}")
+    if not 0 <= args.warmup_ratio <= 1:
+        fail("warmup_ratio", f"is a fraction of the optimizer steps, so in [0, 1]; got {args.warmup_ratio}")
+    if args.normalize_reward and args.normalize_num_examples <= 0:
+        fail(
+            "normalize_num_examples",
+            f"must be positive to normalise (the mean of no scores is nan), got {args.normalize_num_examples}; "
+            "or pass --no-normalize-reward",
+        )
+    if not args.adam_epsilon > 0:
+        fail("adam_epsilon", f"must be positive, got {args.adam_epsilon}")
+    if args.max_grad_norm is not None and not args.max_grad_norm > 0:
+        fail("max_grad_norm", f"must be positive, got {args.max_grad_norm} (None: no clipping)")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(args, name) < 1:
+            fail(name, f"must be in [0, 1), got {getattr(args, name)}")
+    if not args.weight_decay >= 0:
+        fail("weight_decay", f"must be >= 0, got {args.weight_decay}")
+    tokenizer_path = args.tokenizer_name_or_path or args.model_name_or_path
+    for arg, path in (("model_name_or_path", args.model_name_or_path), ("tokenizer_name_or_path", tokenizer_path)):
+        # A hub id is `name` or `org/name`; anything else that does not exist is a missing local folder.
+        looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1
+        if not os.path.exists(path) and (looks_local or os.environ.get("HF_HUB_OFFLINE") == "1"):
+            fail(arg, f"{path!r} does not exist; train it with `python sft.py` or pass a path/hub id")
+    return resume_dir, resume_state
 
 
-def push_folder_to_hub(folder: str, repo_id: str) -> str:
-    """Upload the saved output folder as written (models, subfolders, card, metrics.jsonl, args.json), without the
-    resumable checkpoints; returns the commit URL."""
-    from huggingface_hub import HfApi
+# ---------------------------------------------------------------------------------------------------------------
+# The algorithm: the score at the last token, the pairwise loss, and the shift that normalises the scores
 
-    api = HfApi()
-    api.create_repo(repo_id, exist_ok=True)
-    return api.upload_folder(
-        folder_path=folder,
-        repo_id=repo_id,
-        ignore_patterns=["checkpoints/**", ".*"],
-        commit_message=f"upload {os.path.basename(os.path.abspath(folder))}",
-    )
+
+def pad_batch(sequences: list, pad_token_id: int, side: str = "right") -> tuple:
+    """Pad token-id lists into (input_ids, attention_mask)."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        cols = slice(0, len(s)) if side == "right" else slice(width - len(s), width)
+        input_ids[i, cols], attention_mask[i, cols] = torch.tensor(s), 1
+    return input_ids, attention_mask
+
+
+def get_reward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Scalar score at the last attended token, for left or right padding. Position ids count real tokens
+    only, so a left-padded sequence gets the same score as the unpadded one. It goes through the model's own forward
+    (which reads the last non-pad token: the same one, as pad only pads), so that a DDP or DeepSpeed wrapper sees the
+    call: DDP syncs no gradient of a backward whose forward bypassed it."""
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits.squeeze(-1)
+
+
+def pairwise_loss_and_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> tuple:
+    """Bradley-Terry loss -log sigmoid(r_c - r_r) and the fraction of pairs ranked right (ties count wrong)."""
+    return -F.logsigmoid(chosen - rejected).mean(), (chosen > rejected).float().mean()
+
+
+def final_norm(model):
+    """The final norm of the backbone, if it has a bias (GPT-NeoX: final_layer_norm, GPT-2: ln_f, OPT:
+    decoder.final_layer_norm), else None (RMSNorm models: Llama, Qwen2, Mistral, Gemma, Phi-3)."""
+    for name in ("final_layer_norm", "ln_f", "decoder.final_layer_norm", "norm"):
+        try:
+            norm = model.base_model.get_submodule(name)
+        except AttributeError:  # absent, or None (OPT with post-layer norms has no final one)
+            continue
+        # Its output must be what the head reads: same width (OPT may project after it; ZeRO-3 shards keep ds_shape).
+        width = (
+            [tuple(getattr(p, "ds_shape", p.shape))[-1] for p in (norm.bias, model.score.weight)]
+            if getattr(norm, "bias", None) is not None
+            else None
+        )
+        if width and width[0] == width[1]:
+            return norm
+    return None
+
+
+def shift_scores(model, delta: float) -> None:
+    """Add `delta` to every score by moving the bias of the final norm that feeds the linear head along the
+    head's weight: score = w . (norm(h) + b), so b += delta * w / |w|^2 shifts it exactly. The architecture
+    stays stock, so plain `from_pretrained` reproduces the normalised scores."""
+    w = model.score.weight.data[0].float()
+    norm = final_norm(model)
+    if norm is None or getattr(norm, "bias", None) is None:
+        raise ValueError(
+            "reward normalisation needs a final norm with a bias before the score head; "
+            "pass --no-normalize-reward for this architecture"
+        )
+    norm.bias.data += (delta * w / w.dot(w)).to(norm.bias.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data: the formats, splits and tokenisation of pairs (the same rules as the other scripts)
 
 
 HOLD_OUT_EVERY = 10  # with no test split, the last training row and every 10th row before it are held out
@@ -398,64 +437,6 @@ def encode_completion(tokenizer, prompt, completion) -> list:
     return tokenize_conversation(tokenizer, messages, len(prompt) if prompt else len(messages) - 1)["input_ids"]
 
 
-def pad_batch(sequences: list, pad_token_id: int, side: str = "right") -> tuple:
-    """Pad token-id lists into (input_ids, attention_mask)."""
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        cols = slice(0, len(s)) if side == "right" else slice(width - len(s), width)
-        input_ids[i, cols], attention_mask[i, cols] = torch.tensor(s), 1
-    return input_ids, attention_mask
-
-
-def get_reward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Scalar score at the last attended token, for left or right padding. Position ids count real tokens
-    only, so a left-padded sequence gets the same score as the unpadded one. It goes through the model's own forward
-    (which reads the last non-pad token: the same one, as pad only pads), so that a DDP or DeepSpeed wrapper sees the
-    call: DDP syncs no gradient of a backward whose forward bypassed it."""
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits.squeeze(-1)
-
-
-def pairwise_loss_and_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> tuple:
-    """Bradley-Terry loss -log sigmoid(r_c - r_r) and the fraction of pairs ranked right (ties count wrong)."""
-    return -F.logsigmoid(chosen - rejected).mean(), (chosen > rejected).float().mean()
-
-
-def final_norm(model):
-    """The final norm of the backbone, if it has a bias (GPT-NeoX: final_layer_norm, GPT-2: ln_f, OPT:
-    decoder.final_layer_norm), else None (RMSNorm models: Llama, Qwen2, Mistral, Gemma, Phi-3)."""
-    for name in ("final_layer_norm", "ln_f", "decoder.final_layer_norm", "norm"):
-        try:
-            norm = model.base_model.get_submodule(name)
-        except AttributeError:  # absent, or None (OPT with post-layer norms has no final one)
-            continue
-        # Its output must be what the head reads: same width (OPT may project after it; ZeRO-3 shards keep ds_shape).
-        width = (
-            [tuple(getattr(p, "ds_shape", p.shape))[-1] for p in (norm.bias, model.score.weight)]
-            if getattr(norm, "bias", None) is not None
-            else None
-        )
-        if width and width[0] == width[1]:
-            return norm
-    return None
-
-
-def shift_scores(model, delta: float) -> None:
-    """Add `delta` to every score by moving the bias of the final norm that feeds the linear head along the
-    head's weight: score = w . (norm(h) + b), so b += delta * w / |w|^2 shifts it exactly. The architecture
-    stays stock, so plain `from_pretrained` reproduces the normalised scores."""
-    w = model.score.weight.data[0].float()
-    norm = final_norm(model)
-    if norm is None or getattr(norm, "bias", None) is None:
-        raise ValueError(
-            "reward normalisation needs a final norm with a bias before the score head; "
-            "pass --no-normalize-reward for this architecture"
-        )
-    norm.bias.data += (delta * w / w.dot(w)).to(norm.bias.dtype)
-
-
 def add_pad_token(tokenizer) -> Optional[str]:
     """A tokenizer without a pad token (Pythia, Llama, Mistral) or whose pad is EOS (GPT-2 setups, Qwen2 base) gets a
     dedicated `[PAD]` special token, as TRL's example did: padding with EOS would make every real EOS look like padding
@@ -479,6 +460,129 @@ def context_length(config) -> Optional[int]:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The command line, the progress bar, tracking, the Hub and random states
+
+
+def fail(argument: str, message: str) -> None:
+    """Stop before any expensive work, naming the argument and the fix."""
+    sys.exit(f"error: --{argument.replace('_', '-')}: {message}")
+
+
+def bool_flags_as_switches(argv: list, args_cls) -> list:
+    """TRL's command-line habit (HfArgumentParser): `--bf16 True`, `--gradient_checkpointing False`, `--bf16=true`
+    become tyro's `--bf16` / `--no-gradient-checkpointing` for the boolean fields of args_cls; other tokens pass as
+    is."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(args_cls)
+    switches = {f.name for f in dataclasses.fields(args_cls) if hints[f.name] is bool}
+    words = {
+        "true": True,
+        "yes": True,
+        "t": True,
+        "y": True,
+        "1": True,
+        "false": False,
+        "no": False,
+        "f": False,
+        "n": False,
+        "0": False,
+    }
+    out, i = [], 0
+    while i < len(argv):
+        flag, eq, value = argv[i].partition("=")
+        name = flag[2:].replace("-", "_") if flag.startswith("--") else None
+        if name in switches and not eq and i + 1 < len(argv) and argv[i + 1].lower() in words:
+            eq, value, i = "=", argv[i + 1], i + 1  # a boolean switch takes no value, so this word is its value
+        if name in switches and eq and value.lower() in words:
+            out.append(("--" if words[value.lower()] else "--no-") + name.replace("_", "-"))
+        else:
+            out.append(argv[i])
+        i += 1
+    return out
+
+
+def progress_bar(total: int, unit: str, main_process: bool, initial: int = 0):
+    """A bar with the rate and the time left, on the main process when stderr is a terminal; None otherwise, so piped
+    logs keep their one line per update instead of carriage-return redraws."""
+    if not (main_process and sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+
+    # The size once, at the start (COLUMNS/LINES, else the terminal's, else 80x24): tqdm draws nothing on a terminal
+    # that reports 0 rows or columns (a fresh pseudo-terminal, some CI runners).
+    size = shutil.get_terminal_size()
+    return tqdm(
+        total=total, initial=initial, unit=unit, file=sys.stderr, ncols=max(size.columns, 60), nrows=max(size.lines, 2)
+    )
+
+
+def model_card(title: str, base_model: str, datasets: list, tags: list, body: str) -> str:
+    """README.md of a saved model: the Hub's YAML metadata (what it indexes and filters by), then the text. Only
+    hub ids go into the metadata (the Hub cannot resolve a local folder); the body names local ones."""
+    import yaml
+
+    def hub_id(name):
+        local = os.path.exists(name) or name.count("/") > 1 or name.startswith((".", "~"))
+        return None if not name or local else name
+
+    meta = {"library_name": "transformers", "tags": tags}
+    if hub_id(base_model):
+        meta["base_model"] = base_model
+    if [d for d in datasets if hub_id(d)]:
+        meta["datasets"] = [d for d in datasets if hub_id(d)]
+    return f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n\n# {title}\n\n{body}"
+
+
+def wandb_row(row: dict) -> dict:
+    """One W&B convention in every script, the names TRL's trainers log: train/* and eval/*, the optimizer step as
+    train/global_step (every chart's x-axis, defined at wandb.init). metrics.jsonl keeps the short names."""
+    names = {"lr": "train/learning_rate", "epoch": "train/epoch", "step": "train/global_step"}
+    return {names.get(k, k if k.startswith(("train/", "eval/")) else "train/" + k): v for k, v in row.items()}
+
+
+def check_push_to_hub(repo_id: str) -> None:
+    """--push-to-hub fails here, before any model loads, rather than after the training: offline mode, the repo id,
+    the token and whether the Hub accepts it."""
+    from huggingface_hub import HfApi, get_token
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE"):
+        fail("push_to_hub", "HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it or drop --push-to-hub")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        fail(
+            "hub_model_id", f"{repo_id!r} is not a valid Hub repository id ({e}); pass --hub-model-id name or org/name"
+        )
+    if get_token() is None:
+        fail("push_to_hub", "no Hugging Face token; run `hf auth login` or set HF_TOKEN, or drop --push-to-hub")
+    try:
+        HfApi().whoami()
+    except Exception as e:  # unreachable Hub or a rejected token: both are found out now, not after training
+        fail(
+            "push_to_hub",
+            f"the Hub did not answer or refused the token ({type(e).__name__}: {e}); fix that or drop --push-to-hub",
+        )
+
+
+def push_folder_to_hub(folder: str, repo_id: str) -> str:
+    """Upload the saved output folder as written (models, subfolders, card, metrics.jsonl, args.json), without the
+    resumable checkpoints; returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, exist_ok=True)
+    return api.upload_folder(
+        folder_path=folder,
+        repo_id=repo_id,
+        ignore_patterns=["checkpoints/**", ".*"],
+        commit_message=f"upload {os.path.basename(os.path.abspath(folder))}",
+    )
 
 
 def rng_state() -> dict:
@@ -754,127 +858,20 @@ def explain_remote_code_errors() -> None:
     sys.excepthook = hook
 
 
-if __name__ == "__main__":
-    args = tyro.cli(Args, args=bool_flags_as_switches(sys.argv[1:], Args))
-    explain_remote_code_errors()
+# ---------------------------------------------------------------------------------------------------------------
+# Setup, evaluation, normalisation and saving: what the main block calls, in the order it runs
 
-    # Validate everything cheap before loading a model.
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
 
-    if int(os.environ.get("RANK", "0")) == 0:  # the main process holds the output folder for the run
-        lock_output_dir(args.output_dir)
-        repaired = finish_interrupted_save(args.output_dir)
-        if repaired:
-            print(repaired)
-    resume_dir = resolve_resume(args.resume_from_checkpoint, args.output_dir)
-    if (
-        os.path.isdir(args.output_dir)
-        and os.listdir(args.output_dir)
-        and not (args.overwrite_output_dir or resume_dir)
-    ):
-        fail(
-            "output_dir",
-            f"{args.output_dir!r} exists and is not empty; pass --overwrite-output-dir, "
-            "--resume-from-checkpoint latest, or another path",
-        )
-    if args.save_steps < 0:
-        fail("save_steps", f"must be >= 0 (0: no checkpoints), got {args.save_steps}")
-    if args.save_total_limit is not None and args.save_total_limit < 1:
-        fail("save_total_limit", f"must be >= 1 (or None: keep every checkpoint), got {args.save_total_limit}")
-    # state.pt is small (the optimizer has its own file), so reading it here costs nothing.
-    resume_state = load_resume_state(resume_dir) if resume_dir else None
-    if resume_state is not None and resume_state.get("script", os.path.basename(__file__)) != os.path.basename(
-        __file__
-    ):
-        fail(
-            "resume_from_checkpoint",
-            f"{resume_dir!r} was written by {resume_state['script']}; pass a checkpoint of "
-            f"{os.path.basename(__file__)}",
-        )
-    if resume_state is not None:
-        # Resuming continues the checkpoint's run: only where and how often things are written, tracking and memory
-        # savers may differ; anything else would silently train a different model.
-        may_change = {
-            "exp_name",
-            "track",
-            "wandb_project_name",
-            "wandb_entity",
-            "output_dir",
-            "overwrite_output_dir",
-            "push_to_hub",
-            "hub_model_id",
-            "trust_remote_code",
-            "save_steps",
-            "save_total_limit",
-            "resume_from_checkpoint",
-            "logging_steps",
-            "gradient_checkpointing",
-        }
-        saved, now = (
-            json.loads(resume_state["args"]),
-            json.loads(json.dumps(asdict(args))),
-        )  # as saved: lists, not tuples
-        saved = {**json.loads(json.dumps(asdict(Args()))), **saved}  # a flag newer than the checkpoint: its default
-        changed = [
-            f"--{k.replace('_', '-')} {saved.get(k)!r} (now {v!r})"
-            for k, v in now.items()
-            if k not in may_change and saved.get(k) != v
-        ]
-        if changed:
-            fail(
-                "resume_from_checkpoint",
-                f"{resume_dir!r} was written by a run with {', '.join(changed)}; resume "
-                "with the same values, or start a new run",
-            )
-    if args.push_to_hub:
-        check_push_to_hub(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)))
-    for name in (
-        "learning_rate",
-        "per_device_train_batch_size",
-        "num_train_epochs",
-        "gradient_accumulation_steps",
-        "max_length",
-    ):
-        if not getattr(args, name) > 0:  # `not >` also catches nan
-            fail(name, f"must be positive, got {getattr(args, name)}")
-    if not 0 <= args.seed < 2**32:
-        fail("seed", f"must be in [0, 2**32 - 1] (numpy's seed range), got {args.seed}")
-    if not 0 <= args.warmup_ratio <= 1:
-        fail("warmup_ratio", f"is a fraction of the optimizer steps, so in [0, 1]; got {args.warmup_ratio}")
-    if args.normalize_reward and args.normalize_num_examples <= 0:
-        fail(
-            "normalize_num_examples",
-            f"must be positive to normalise (the mean of no scores is nan), got "
-            f"{args.normalize_num_examples}; or pass --no-normalize-reward",
-        )
-    for name in ("adam_epsilon", "max_grad_norm"):
-        if getattr(args, name) is not None and not getattr(args, name) > 0:
-            fail(
-                name,
-                f"must be positive, got {getattr(args, name)}"
-                + (" (None: no clipping)" if name == "max_grad_norm" else ""),
-            )
-    for name in ("adam_beta1", "adam_beta2"):
-        if not 0 <= getattr(args, name) < 1:
-            fail(name, f"must be in [0, 1), got {getattr(args, name)}")
-    if not args.weight_decay >= 0:
-        fail("weight_decay", f"must be >= 0, got {args.weight_decay}")
-    tokenizer_path = args.tokenizer_name_or_path or args.model_name_or_path
-    for arg, path in (("model_name_or_path", args.model_name_or_path), ("tokenizer_name_or_path", tokenizer_path)):
-        # A hub id is `name` or `org/name`; anything else that does not exist is a missing local folder.
-        looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1
-        if not os.path.exists(path) and (looks_local or os.environ.get("HF_HUB_OFFLINE") == "1"):
-            fail(arg, f"{path!r} does not exist; train it with `python sft.py` or pass a path/hub id")
+def load_pairs(args: Args) -> tuple:
+    """The train and test splits of --dataset-name, every row checked, without the pairs that teach nothing; with no
+    test split, rows held out of the train split. Returns ({"train": ..., "test": ...}, the format (`text` or
+    `conversation`), whether the prompt is explicit, and the lines that say what was dropped or held out)."""
     try:
         splits = load_any_dataset(args.dataset_name)
     except Exception as e:  # the datasets library has many failure types; all mean the same thing to the user
         fail("dataset_name", f"could not load {args.dataset_name!r} (is it empty, or not a dataset?): {e}")
-    data_splits = dict(
-        zip(
-            ("train", "test"),
-            pick_splits(splits, args.dataset_name, args.dataset_train_split, args.dataset_test_split),
-        )
-    )
+    picked = pick_splits(splits, args.dataset_name, args.dataset_train_split, args.dataset_test_split)
+    data_splits = dict(zip(("train", "test"), picked))
     formats, split_notes = set(), []
     for role, split in (("train", args.dataset_train_split), ("test", args.dataset_test_split)):
         data = data_splits[role]
@@ -905,50 +902,50 @@ if __name__ == "__main__":
         data_splits["train"], data_splits["test"], split_notes[-1] = hold_out(
             data_splits["train"], args.dataset_name, args.dataset_train_split, args.dataset_test_split
         )
-    if args.normalize_reward:
-        try:
-            normalize_splits = load_any_dataset(args.normalize_dataset_name)
-            refs = normalize_splits[None] if None in normalize_splits else normalize_splits[args.normalize_split]
-        except Exception as e:
-            fail(
-                "normalize_dataset_name",
-                f"could not load split {args.normalize_split!r} of "
-                f"{args.normalize_dataset_name!r} (is it empty, or missing that split?): "
-                f"{e}",
-            )
-        where = f"split {args.normalize_split!r} of {args.normalize_dataset_name!r}"
-        if {"prompt", "completion"} - set(refs.column_names):
-            fail(
-                "normalize_dataset_name",
-                f"{where} has columns {refs.column_names}; it needs `prompt` and `completion`",
-            )
-        if len(refs) == 0:
-            fail("normalize_split", f"{where} is empty")
-        refs = refs.select(range(min(args.normalize_num_examples, len(refs))))
-        ref_kinds = {
-            column_kind(refs, column, where, argument="normalize_dataset_name")[0]
-            for column in ("prompt", "completion")
-        }
-        if ref_kinds != {kind}:
-            fail(
-                "normalize_dataset_name", f"{where} must be in the format of --dataset-name ({kind}), in both columns"
-            )
-        if kind == "conversation":
-            require_assistant(refs, "completion", where, argument="normalize_dataset_name")
+    return data_splits, kind, has_prompt, split_notes
+
+
+def load_references(args: Args, kind: str):
+    """The reference `prompt`/`completion` pairs that the normalisation scores, in the format of the pairs."""
+    try:
+        normalize_splits = load_any_dataset(args.normalize_dataset_name)
+        refs = normalize_splits[None] if None in normalize_splits else normalize_splits[args.normalize_split]
+    except Exception as e:
+        fail(
+            "normalize_dataset_name",
+            f"could not load split {args.normalize_split!r} of {args.normalize_dataset_name!r} (is it empty, or "
+            f"missing that split?): {e}",
+        )
+    where = f"split {args.normalize_split!r} of {args.normalize_dataset_name!r}"
+    if {"prompt", "completion"} - set(refs.column_names):
+        fail("normalize_dataset_name", f"{where} has columns {refs.column_names}; it needs `prompt` and `completion`")
+    if len(refs) == 0:
+        fail("normalize_split", f"{where} is empty")
+    refs = refs.select(range(min(args.normalize_num_examples, len(refs))))
+    kinds = {column_kind(refs, c, where, argument="normalize_dataset_name")[0] for c in ("prompt", "completion")}
+    if kinds != {kind}:
+        fail("normalize_dataset_name", f"{where} must be in the format of --dataset-name ({kind}), in both columns")
+    if kind == "conversation":
+        require_assistant(refs, "completion", where, argument="normalize_dataset_name")
+    return refs
+
+
+def load_config_and_tokenizer(args: Args, kind: str) -> tuple:
+    """The SFT model's config and the tokenizer, with the checks that need them. A tokenizer without a pad token
+    distinct from EOS gets [PAD]. Returns (config, tokenizer, the line that says a pad token was added, or None)."""
+    from transformers import AutoConfig, AutoTokenizer
+
     config = AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
-    if getattr(config, "num_labels", 1) != 1 and any(
-        "ForSequenceClassification" in a for a in config.architectures or []
-    ):
+    classifier = any("ForSequenceClassification" in a for a in config.architectures or [])
+    if getattr(config, "num_labels", 1) != 1 and classifier:
         fail(
             "model_name_or_path",
             f"{args.model_name_or_path!r} is a classifier with {config.num_labels} labels; "
             "a reward model has one (start from the SFT model instead)",
         )
+    tokenizer_path = args.tokenizer_name_or_path or args.model_name_or_path
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=args.trust_remote_code)
-    added_pad = add_pad_token(tokenizer)  # logged below, once
-    # A new [PAD] past the embedding rows (Llama-3, Mistral: no spare rows) resizes them after loading: the saved
-    # model and tokenizer then agree, and the PPO scripts take both as they are.
-    embedding_rows = config.get_text_config().vocab_size
+    added_pad = add_pad_token(tokenizer)  # logged once, by the main process
     context = context_length(config)
     if context is not None and args.max_length > context:
         fail(
@@ -963,10 +960,13 @@ if __name__ == "__main__":
             "use an instruct model's tokenizer, set tokenizer.chat_template and save it, "
             "or give `prompt`/`chosen`/`rejected` as strings",
         )
+    return config, tokenizer, added_pad
 
-    stop_on_signals()  # from here on, Ctrl-C or SIGTERM stops after the current step with a checkpoint
 
-    # TRY NOT TO MODIFY: seeding, processes, tracking
+def make_accelerator(args: Args, resume_state: Optional[dict]) -> tuple:
+    """The Accelerator of this launch and its DeepSpeed ZeRO stage (None: no DeepSpeed). A checkpoint resumes only in
+    the launch layout that wrote it: each process's data position and RNG state, and DeepSpeed's optimizer shards,
+    belong to one."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
@@ -986,39 +986,303 @@ if __name__ == "__main__":
         fail(
             "num_processes", f"WORLD_SIZE says {world_size} processes but accelerate runs {accelerator.num_processes}"
         )
-    is_deepspeed, zero_stage = accelerator.distributed_type == DistributedType.DEEPSPEED, 0
-    if is_deepspeed:
+    zero_stage = None
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
         # Clip at --max-grad-norm whatever the config file says; ZeRO-3 gathers full weights to save a loadable model.
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
         ds_config["gradient_clipping"] = args.max_grad_norm or 0.0  # 0: off
         zero_stage = ds_config["zero_optimization"]["stage"]
         if zero_stage == 3:
             ds_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
-    if resume_state is not None:
-        # Each process's data position and RNG state, and DeepSpeed's optimizer shards, belong to one launch layout.
-        if resume_state["world_size"] != world_size:
-            fail(
-                "resume_from_checkpoint",
-                f"the checkpoint was written by {resume_state['world_size']} processes; "
-                f"resume it with the same number, not {world_size}",
+    if resume_state is not None and resume_state["world_size"] != world_size:
+        fail(
+            "resume_from_checkpoint",
+            f"the checkpoint was written by {resume_state['world_size']} processes; "
+            f"resume it with the same number, not {world_size}",
+        )
+    if resume_state is not None and resume_state["zero_stage"] != zero_stage:
+        fail(
+            "resume_from_checkpoint",
+            f"the checkpoint was written with DeepSpeed ZeRO stage {resume_state['zero_stage']}, this launch has "
+            f"{zero_stage} (None: no DeepSpeed); resume it the same way",
+        )
+    return accelerator, zero_stage
+
+
+def gathered(params: list, zero_stage: Optional[int]):
+    """Under ZeRO-3 the models are loaded as shards: gather these parameters to change them (on the main process,
+    then re-partitioned); otherwise a no-op."""
+    if zero_stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+
+def encode_checked(tokenizer, prompt, completion) -> list:
+    """encode_completion, stopping with a message if the chat template's turns cannot be told apart."""
+    try:
+        return encode_completion(tokenizer, prompt, completion)
+    except ValueError as e:
+        fail(
+            "tokenizer_name_or_path",
+            f"{e} (in {completion!r:.80}); use a template that renders each turn after the previous ones unchanged",
+        )
+
+
+def tokenize_pairs(data, tokenizer, max_length: int) -> tuple:
+    """Token ids of both sides of each pair and its gold label (-1: none); returns them and how many pairs were
+    dropped as longer than max_length."""
+    has_gold = "gold_chosen_is_better" in data.column_names
+    rows = []
+    for row in data:
+        chosen = encode_checked(tokenizer, row.get("prompt"), row["chosen"])
+        rejected = encode_checked(tokenizer, row.get("prompt"), row["rejected"])
+        if max(len(chosen), len(rejected)) <= max_length:
+            gold = int(row["gold_chosen_is_better"]) if has_gold else -1
+            rows.append({"chosen": chosen, "rejected": rejected, "gold": gold})
+    return rows, len(data) - len(rows)
+
+
+def collate_pairs(batch: list, pad_token_id: int) -> dict:
+    """Chosen and rejected go through the model in one forward: first half chosen, second half rejected."""
+    sequences = [b["chosen"] for b in batch] + [b["rejected"] for b in batch]
+    input_ids, attention_mask = pad_batch(sequences, pad_token_id)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "gold": torch.tensor([b["gold"] for b in batch])}
+
+
+def load_reward_model(args: Args, config, tokenizer, resume_dir: Optional[str], zero_stage, accelerator):
+    """The SFT backbone with a fresh one-output head, N(0, 1/sqrt(d_model + 1)) as in the N+ recipe, dropout off. A
+    resumed run takes the trained weights, head included, from the checkpoint."""
+    from transformers import AutoModelForSequenceClassification
+
+    for key in ("hidden_dropout", "attention_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if hasattr(config, key):
+            setattr(config, key, 0.0)
+    config.num_labels, config.id2label, config.label2id = 1, {0: "LABEL_0"}, {"LABEL_0": 0}
+    config.pad_token_id = tokenizer.pad_token_id
+    # A new [PAD] past the embedding rows (Llama-3, Mistral: no spare rows) resizes them after loading, the new rows
+    # mean-initialised: the saved model and tokenizer then agree, and the PPO scripts take both as they are.
+    embedding_rows = config.get_text_config().vocab_size
+    resize = len(tokenizer) > embedding_rows
+    if resize and resume_dir:
+        config.get_text_config().vocab_size = len(tokenizer)  # the checkpoint holds the resized embeddings
+    model = AutoModelForSequenceClassification.from_pretrained(
+        os.path.join(resume_dir, "model") if resume_dir else args.model_name_or_path,
+        config=config,
+        trust_remote_code=args.trust_remote_code,
+    )
+    if resize and not resume_dir:
+        model.resize_token_embeddings(len(tokenizer))
+        accelerator.print(f"resized the embeddings from {embedding_rows} to {len(tokenizer)} rows for the tokenizer")
+    if not resume_dir:
+        with gathered([model.score.weight], zero_stage):
+            torch.nn.init.normal_(model.score.weight, std=1 / math.sqrt(config.hidden_size + 1))
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
+@torch.no_grad()
+def evaluate(model, eval_loader, accelerator) -> dict:
+    """Held-out loss, accuracy against the dataset's labels, and against gold labels where they exist."""
+    unwrapped = accelerator.unwrap_model(model)
+    model.eval()
+    names = ("loss", "correct", "pairs", "gold_correct", "gold_pairs")
+    totals = torch.zeros(len(names), device=accelerator.device)
+    for batch in eval_loader:
+        chosen, rejected = get_reward(unwrapped, batch["input_ids"], batch["attention_mask"]).chunk(2)
+        has_gold = batch["gold"] >= 0
+        per_pair = {
+            "loss": -F.logsigmoid(chosen - rejected),
+            "correct": (chosen > rejected).float(),
+            "pairs": torch.ones_like(chosen),
+            "gold_correct": ((chosen > rejected) == (batch["gold"] == 1)).float() * has_gold,
+            "gold_pairs": has_gold.float(),
+        }
+        # One gather per batch, of every pair: gather_for_metrics drops the duplicates that pad the last batch.
+        totals += accelerator.gather_for_metrics(torch.stack([per_pair[k] for k in names], 1)).sum(0)
+    model.train()
+    stats = dict(zip(names, totals))
+    out = {
+        "eval/loss": (stats["loss"] / stats["pairs"]).item(),
+        "eval/accuracy": (stats["correct"] / stats["pairs"]).item(),
+    }
+    if stats["gold_pairs"] > 0:
+        out["eval/gold_accuracy"] = (stats["gold_correct"] / stats["gold_pairs"]).item()
+    return out
+
+
+@torch.no_grad()
+def normalize_scores(model, sequences: list, batch_size: int, pad_token_id: int, accelerator, zero_stage) -> tuple:
+    """N+ normalisation: score the reference completions and shift every score so that their mean is 0. Returns
+    their mean before the shift and where the shift is stored."""
+    unwrapped = accelerator.unwrap_model(model)
+    # An equal share per process, the short one padded with weight-0 repeats: under ZeRO-3 forwards are collective.
+    share = math.ceil(len(sequences) / accelerator.num_processes)
+    mine = sequences[accelerator.process_index * share : (accelerator.process_index + 1) * share]
+    weights = torch.tensor([1.0] * len(mine) + [0.0] * (share - len(mine)), device=accelerator.device)
+    mine += sequences[:1] * (share - len(mine))
+    total = torch.zeros(2, device=accelerator.device)
+    model.eval()
+    for i in range(0, len(mine), batch_size):
+        input_ids, attention_mask = pad_batch(mine[i : i + batch_size], pad_token_id)
+        rewards = get_reward(unwrapped, input_ids.to(accelerator.device), attention_mask.to(accelerator.device))
+        w = weights[i : i + batch_size]
+        total += torch.stack([(rewards * w).sum(), w.sum()])
+    total = accelerator.reduce(total, "sum")
+    mean_before = (total[0] / total[1]).item()
+    # Where a final norm with a bias feeds the head, the shift goes into that bias, so a stock from_pretrained gives
+    # normalised scores; checked on a few references, since a layer between the norm and the head (OPT's
+    # project_out) would break it. Otherwise (RMSNorm models) it is stored as config.reward_shift, which the PPO
+    # scripts add to every score.
+    probe = [t.to(accelerator.device) for t in pad_batch(sequences[:4], pad_token_id)]
+    before, norm = get_reward(unwrapped, *probe), final_norm(unwrapped)
+    if norm is not None:
+        with gathered([unwrapped.score.weight] + list(norm.parameters()), zero_stage):
+            shift_scores(unwrapped, -mean_before)
+        moved = get_reward(unwrapped, *probe) - before
+        tolerance = 1e-2 * max(1.0, abs(mean_before))
+        if not torch.allclose(moved, torch.full_like(moved, -mean_before), atol=tolerance):
+            with gathered([unwrapped.score.weight] + list(norm.parameters()), zero_stage):
+                shift_scores(unwrapped, mean_before)  # undone
+            norm = None
+    if norm is None:
+        unwrapped.config.reward_shift = -mean_before
+    return (
+        mean_before,
+        "the final norm's bias" if norm is not None else "config.reward_shift (applied by the PPO scripts)",
+    )
+
+
+# TRY NOT TO MODIFY: checkpoints (--save-steps), resuming (--resume-from-checkpoint) and the final save
+def save_checkpoint(args: Args, accelerator, zero_stage, model, optimizer, scheduler, metrics: list, position: dict):
+    """The weights (safetensors), optimizer, scheduler, data position (`position`: step, epoch, batches_done and the
+    epoch's shuffle state), metrics so far, args and every process's RNG states, written to checkpoint-N.tmp and
+    renamed into place: a kill at any moment leaves the earlier checkpoints intact and never a half-written one
+    under a final name. Under DeepSpeed the optimizer state is partitioned: every process writes its own part with
+    the engine's save_checkpoint."""
+    step = position["step"]
+    folder = os.path.join(args.output_dir, "checkpoints", f"checkpoint-{step}")
+    tmp = folder + ".tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)  # on every process: ZeRO-3 gathers the shards
+    if zero_stage is not None:
+        model.save_checkpoint(tmp, tag="deepspeed", save_latest=False)
+    error = None
+    try:  # a full disk (or a quota) must cost this checkpoint only, with a message, not the earlier ones
+        torch.save(rng_state(), os.path.join(tmp, f"rng_rank{accelerator.process_index}.pt"))
+        if accelerator.is_main_process:
+            accelerator.unwrap_model(model).save_pretrained(os.path.join(tmp, "model"), state_dict=state_dict)
+            if zero_stage is None:
+                torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+            state = {
+                "scheduler": scheduler.state_dict(),
+                **position,
+                "metrics": json.dumps(metrics),
+                "args": json.dumps(asdict(args)),
+                "world_size": accelerator.num_processes,
+                "zero_stage": zero_stage,
+                "script": os.path.basename(__file__),
+            }
+            torch.save(state, os.path.join(tmp, "state.pt"))
+    except Exception as e:  # torch and safetensors report a full disk as their own error types
+        error = f"{type(e).__name__}: {e}"
+    failed = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "sum").item()
+    if accelerator.is_main_process and not failed:
+        try:
+            seal_checkpoint(tmp, folder, args.save_total_limit)
+        except OSError as e:
+            error, failed = f"{type(e).__name__}: {e}", 1
+    if failed:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        sys.exit(
+            f"error: could not write checkpoint-{step} ({error or 'on another process'}); the run stops "
+            "here, its earlier checkpoints are intact: make room and resume with --resume-from-checkpoint latest"
+        )
+    accelerator.wait_for_everyone()
+
+
+def restore_checkpoint(resume_dir: str, resume_state: dict, accelerator, zero_stage, model, optimizer, scheduler):
+    """What a checkpoint holds besides the weights (which came with the model) and its counters (in resume_state):
+    the optimizer, the schedule and this process's RNG states."""
+    if zero_stage is not None:
+        model.load_checkpoint(resume_dir, tag="deepspeed", load_optimizer_states=True, load_lr_scheduler_states=False)
+    else:
+        optimizer.load_state_dict(torch.load(os.path.join(resume_dir, "optimizer.pt"), weights_only=True))
+    scheduler.load_state_dict(resume_state["scheduler"])
+    rng_file = os.path.join(resume_dir, f"rng_rank{accelerator.process_index}.pt")
+    set_rng_state(torch.load(rng_file, weights_only=True))
+
+
+def write_output(path: str, args: Args, model, state_dict: dict, tokenizer, metrics: list) -> None:
+    """The saved folder: the model (its config keeps num_labels=1 and the pad id, so the HF forward reads the same
+    token), the tokenizer, metrics.jsonl, args.json and a model card."""
+    model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in metrics)
+    with open(os.path.join(path, "args.json"), "w") as f:
+        json.dump(asdict(args), f, indent=2)
+    datasets = [args.dataset_name] + ([args.normalize_dataset_name] if args.normalize_reward else [])
+    body = (
+        "A reward model (one score per sequence, read at its last token) trained with `reward_modeling.py` from "
+        f"`{args.model_name_or_path}` on the preference pairs of `{args.dataset_name}`.\n\n"
+        f"## Command\n\n```\npython {' '.join(sys.argv)}\n```\n\n"
+        "Every logged row is in `metrics.jsonl`, the arguments in `args.json`.\n"
+    )
+    title = os.path.basename(os.path.abspath(args.output_dir))
+    with open(os.path.join(path, "README.md"), "w") as f:
+        f.write(model_card(title, args.model_name_or_path, datasets, ["reward-model", "rlhf"], body))
+
+
+def save_reward_model(args: Args, accelerator, model, tokenizer, metrics: list, start: float) -> None:
+    """The final save, atomic (publish_output: the previous output or this one, never a mix), of finite weights only;
+    then the upload for --push-to-hub."""
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)
+    nonfinite = (
+        [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if accelerator.is_main_process
+        else []
+    )
+    if accelerator.reduce(torch.tensor(float(len(nonfinite)), device=accelerator.device), "sum").item():
+        sys.exit(
+            f"error: the trained weights are not finite ({', '.join(nonfinite[:3])}...); nothing was saved "
+            "(lower --learning-rate)"
+        )
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        write = functools.partial(
+            write_output, args=args, model=unwrapped, state_dict=state_dict, tokenizer=tokenizer, metrics=metrics
+        )
+        publish_output(args.output_dir, write)
+        accelerator.print(f"saved to {args.output_dir} after {time.time() - start:.0f}s")
+        if args.push_to_hub:
+            url = push_folder_to_hub(
+                args.output_dir, args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
             )
-        if resume_state["zero_stage"] != (zero_stage if is_deepspeed else None):
-            fail(
-                "resume_from_checkpoint",
-                f"the checkpoint was written with DeepSpeed ZeRO stage "
-                f"{resume_state['zero_stage']}, this launch has "
-                f"{zero_stage if is_deepspeed else None} (None: no DeepSpeed); resume it the same way",
-            )
+            accelerator.print(f"uploaded {args.output_dir} to {url}")
 
-    def gathered(params: list):
-        """Under ZeRO-3 the models are loaded as shards: gather these parameters to change them (on the main process,
-        then re-partitioned); otherwise a no-op."""
-        if zero_stage != 3:
-            return contextlib.nullcontext()
-        import deepspeed
 
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+if __name__ == "__main__":
+    args = tyro.cli(Args, args=bool_flags_as_switches(sys.argv[1:], Args), description=__doc__.split("\n")[0])
+    explain_remote_code_errors()
+    from transformers import get_scheduler
 
+    # Validate everything cheap before loading a model.
+    resume_dir, resume_state = check_args(args)
+    data_splits, kind, has_prompt, split_notes = load_pairs(args)
+    refs = load_references(args, kind) if args.normalize_reward else None
+    config, tokenizer, added_pad = load_config_and_tokenizer(args, kind)
+    stop_on_signals()  # from here on, Ctrl-C or SIGTERM stops after the current step with a checkpoint
+
+    # TRY NOT TO MODIFY: seeding, processes, tracking
+    accelerator, zero_stage = make_accelerator(args, resume_state)
     if added_pad:
         accelerator.print(added_pad)
     random.seed(args.seed)
@@ -1033,30 +1297,10 @@ if __name__ == "__main__":
         wandb.define_metric("*", step_metric="train/global_step")
 
     # Data: prompt + completion + EOS, so that the score is read at EOS, as in PPO where responses end with it.
-    def encode(prompt, completion) -> list:
-        try:
-            return encode_completion(tokenizer, prompt, completion)
-        except ValueError as e:  # a chat template whose turns cannot be told apart
-            fail(
-                "tokenizer_name_or_path",
-                f"{e} (in {completion!r:.80}); use a template that renders each turn after "
-                "the previous ones unchanged",
-            )
-
-    def tokenize_pairs(data):
-        has_gold = "gold_chosen_is_better" in data.column_names
-        rows = []
-        for i, row in enumerate(data):
-            c, r = encode(row.get("prompt"), row["chosen"]), encode(row.get("prompt"), row["rejected"])
-            if max(len(c), len(r)) <= args.max_length:
-                rows.append(
-                    {"chosen": c, "rejected": r, "gold": int(row["gold_chosen_is_better"]) if has_gold else -1}
-                )
-        return rows, len(data) - len(rows)
-
-    train_rows, dropped_train = tokenize_pairs(data_splits["train"])
-    eval_rows, dropped_eval = tokenize_pairs(data_splits["test"])
-    reference_ids = [encode(p, c) for p, c in zip(refs["prompt"], refs["completion"])] if args.normalize_reward else []
+    train_rows, dropped_train = tokenize_pairs(data_splits["train"], tokenizer, args.max_length)
+    eval_rows, dropped_eval = tokenize_pairs(data_splits["test"], tokenizer, args.max_length)
+    references = zip(refs["prompt"], refs["completion"]) if args.normalize_reward else []
+    reference_ids = [encode_checked(tokenizer, prompt, completion) for prompt, completion in references]
     accelerator.print("; ".join(split_notes))
     accelerator.print(
         f"{len(train_rows)} train / {len(eval_rows)} eval pairs ({kind} format, "
@@ -1070,54 +1314,16 @@ if __name__ == "__main__":
         )
     if not train_rows:
         fail("max_length", f"every training pair is longer than {args.max_length} tokens")
-    pad = tokenizer.pad_token_id
-
-    def collate(batch):
-        # Chosen and rejected go through the model in one forward: first half chosen, second half rejected.
-        input_ids, attention_mask = pad_batch([b["chosen"] for b in batch] + [b["rejected"] for b in batch], pad)
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "gold": torch.tensor([b["gold"] for b in batch]),
-        }
-
+    batch_size, pad = args.per_device_train_batch_size, tokenizer.pad_token_id
+    collate = functools.partial(collate_pairs, pad_token_id=pad)
     shuffle_generator = torch.Generator().manual_seed(args.seed)  # its state at each epoch's start goes in checkpoints
     train_loader = torch.utils.data.DataLoader(
-        train_rows,
-        batch_size=args.per_device_train_batch_size,
-        shuffle=True,
-        collate_fn=collate,
-        generator=shuffle_generator,
+        train_rows, batch_size, shuffle=True, collate_fn=collate, generator=shuffle_generator
     )
-    eval_loader = torch.utils.data.DataLoader(
-        eval_rows, batch_size=args.per_device_train_batch_size, collate_fn=collate
-    )
+    eval_loader = torch.utils.data.DataLoader(eval_rows, batch_size, collate_fn=collate)
 
-    # Model: the SFT backbone with a fresh one-output head, N(0, 1/sqrt(d_model + 1)) as in the N+ recipe.
-    for key in ("hidden_dropout", "attention_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
-        if hasattr(config, key):
-            setattr(config, key, 0.0)
-    config.num_labels, config.id2label, config.label2id = 1, {0: "LABEL_0"}, {"LABEL_0": 0}
-    config.pad_token_id = pad
-    resize = (
-        len(tokenizer) > embedding_rows
-    )  # for the new [PAD]: rows for every token id, the new ones mean-initialised
-    if resize and resume_dir:
-        config.get_text_config().vocab_size = len(tokenizer)  # the checkpoint holds the resized embeddings
-    # A resumed run takes the trained weights, head included, from the checkpoint.
-    model = AutoModelForSequenceClassification.from_pretrained(
-        os.path.join(resume_dir, "model") if resume_dir else args.model_name_or_path,
-        config=config,
-        trust_remote_code=args.trust_remote_code,
-    )
-    if resize and not resume_dir:
-        model.resize_token_embeddings(len(tokenizer))
-        accelerator.print(f"resized the embeddings from {embedding_rows} to {len(tokenizer)} rows for the tokenizer")
-    if not resume_dir:
-        with gathered([model.score.weight]):
-            torch.nn.init.normal_(model.score.weight, std=1 / math.sqrt(config.hidden_size + 1))
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    # Model, optimizer and learning-rate schedule
+    model = load_reward_model(args, config, tokenizer, resume_dir, zero_stage, accelerator)
     optimizer = torch.optim.AdamW(
         model.parameters(),
         lr=args.learning_rate,
@@ -1137,106 +1343,13 @@ if __name__ == "__main__":
         num_training_steps=num_update_steps,
     )
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
-    unwrapped = accelerator.unwrap_model(model)
-
-    @torch.no_grad()
-    def evaluate() -> dict:
-        """Held-out loss, accuracy against the dataset's labels, and against gold labels where they exist."""
-        model.eval()
-        stats = torch.zeros(5, device=accelerator.device)  # loss sum, correct, count, gold correct, gold count
-        for batch in eval_loader:
-            rewards = get_reward(unwrapped, batch["input_ids"], batch["attention_mask"])
-            chosen, rejected = rewards.chunk(2)
-            has_gold = batch["gold"] >= 0
-            gold_correct = ((chosen > rejected) == (batch["gold"] == 1)).float() * has_gold
-            per_pair = torch.stack(
-                [
-                    -F.logsigmoid(chosen - rejected),
-                    (chosen > rejected).float(),
-                    torch.ones_like(chosen),
-                    gold_correct,
-                    has_gold.float(),
-                ],
-                1,
-            )
-            # gathered per pair: gather_for_metrics drops the duplicates accelerate pads the last batch with
-            stats += accelerator.gather_for_metrics(per_pair).sum(0)
-        model.train()
-        out = {"eval/loss": (stats[0] / stats[2]).item(), "eval/accuracy": (stats[1] / stats[2]).item()}
-        if stats[4] > 0:
-            out["eval/gold_accuracy"] = (stats[3] / stats[4]).item()
-        return out
-
-    # TRY NOT TO MODIFY: checkpoints (--save-steps) and resuming (--resume-from-checkpoint)
-    def save_checkpoint(epoch: int, batches_done: int, shuffle_state: torch.Tensor) -> None:
-        """The weights (safetensors), optimizer, scheduler, data position, metrics so far, args and every process's
-        RNG states, written to checkpoint-N.tmp and renamed into place: a kill at any moment leaves the earlier
-        checkpoints intact and never a half-written one under a final name. Under DeepSpeed the optimizer state is
-        partitioned: every process writes its own part with the engine's save_checkpoint."""
-        folder = os.path.join(args.output_dir, "checkpoints", f"checkpoint-{step}")
-        tmp = folder + ".tmp"
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-        accelerator.wait_for_everyone()
-        state_dict = accelerator.get_state_dict(model)  # on every process: ZeRO-3 gathers the shards
-        if is_deepspeed:
-            model.save_checkpoint(tmp, tag="deepspeed", save_latest=False)
-        error = None
-        try:  # a full disk (or a quota) must cost this checkpoint only, with a message, not the earlier ones
-            torch.save(rng_state(), os.path.join(tmp, f"rng_rank{accelerator.process_index}.pt"))
-            if accelerator.is_main_process:
-                unwrapped.save_pretrained(os.path.join(tmp, "model"), state_dict=state_dict)
-                if not is_deepspeed:
-                    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-                torch.save(
-                    {
-                        "scheduler": scheduler.state_dict(),
-                        "step": step,
-                        "epoch": epoch,
-                        "batches_done": batches_done,
-                        "shuffle": shuffle_state,
-                        "metrics": json.dumps(metrics_log),
-                        "args": json.dumps(asdict(args)),
-                        "world_size": world_size,
-                        "zero_stage": zero_stage if is_deepspeed else None,
-                        "script": os.path.basename(__file__),
-                    },
-                    os.path.join(tmp, "state.pt"),
-                )
-        except Exception as e:  # torch and safetensors report a full disk as their own error types
-            error = f"{type(e).__name__}: {e}"
-        failed = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "sum").item()
-        if accelerator.is_main_process and not failed:
-            try:
-                seal_checkpoint(tmp, folder, args.save_total_limit)
-            except OSError as e:
-                error, failed = f"{type(e).__name__}: {e}", 1
-        if failed:
-            if accelerator.is_main_process:
-                shutil.rmtree(tmp, ignore_errors=True)
-            sys.exit(
-                f"error: could not write checkpoint-{step} ({error or 'on another process'}); the run stops "
-                "here, its earlier checkpoints are intact: make room and resume with --resume-from-checkpoint latest"
-            )
-        accelerator.wait_for_everyone()
 
     metrics_log, step, first_epoch, skip_batches, start = [], 0, 0, 0, time.time()
     if resume_dir:
-        # The weights came with the model above; the optimizer, schedule, data position, metrics and RNG come here.
-        if is_deepspeed:
-            model.load_checkpoint(
-                resume_dir, tag="deepspeed", load_optimizer_states=True, load_lr_scheduler_states=False
-            )
-        else:
-            optimizer.load_state_dict(torch.load(os.path.join(resume_dir, "optimizer.pt"), weights_only=True))
-        scheduler.load_state_dict(resume_state["scheduler"])
+        restore_checkpoint(resume_dir, resume_state, accelerator, zero_stage, model, optimizer, scheduler)
         step, first_epoch, skip_batches = resume_state["step"], resume_state["epoch"], resume_state["batches_done"]
         shuffle_generator.set_state(resume_state["shuffle"])
         metrics_log = json.loads(resume_state["metrics"])
-        set_rng_state(
-            torch.load(os.path.join(resume_dir, f"rng_rank{accelerator.process_index}.pt"), weights_only=True)
-        )
         accelerator.print(
             f"resumed from {resume_dir}: continuing after optimizer step {step} (epoch {first_epoch}, "
             f"{skip_batches} batches in)"
@@ -1296,7 +1409,8 @@ if __name__ == "__main__":
                         wandb.log(wandb_row(row))
                 stop = stop_requested(accelerator)
                 if (args.save_steps and step % args.save_steps == 0) or stop:
-                    save_checkpoint(epoch, batch_index + 1, shuffle_state)
+                    position = dict(step=step, epoch=epoch, batches_done=batch_index + 1, shuffle=shuffle_state)
+                    save_checkpoint(args, accelerator, zero_stage, model, optimizer, scheduler, metrics_log, position)
                 if stop:
                     accelerator.print(
                         f"stopped by {signal.Signals(stop).name} after optimizer step {step}, with "
@@ -1305,7 +1419,7 @@ if __name__ == "__main__":
                     )
                     sys.exit(128 + stop)
         skip_batches = 0
-        row = {**evaluate(), "epoch": epoch, "step": step}
+        row = {**evaluate(model, eval_loader, accelerator), "epoch": epoch, "step": step}
         metrics_log.append(row)
         (bar.write if bar is not None else accelerator.print)(f"epoch {epoch}: {row} ({time.time() - start:.0f}s)")
         if args.track and accelerator.is_main_process:
@@ -1314,95 +1428,16 @@ if __name__ == "__main__":
     if bar is not None:
         bar.close()
 
-    # N+ normalisation: score the reference completions and shift so that their mean is 0.
+    # N+ normalisation: the reference completions' mean score becomes 0.
     if args.normalize_reward:
         sequences = [s for s in reference_ids if len(s) <= args.max_length]
-        # An equal share per process, the short one padded with weight-0 repeats: under ZeRO-3 forwards are collective.
-        share = math.ceil(len(sequences) / accelerator.num_processes)
-        mine = sequences[accelerator.process_index * share : (accelerator.process_index + 1) * share]
-        weights = torch.tensor([1.0] * len(mine) + [0.0] * (share - len(mine)), device=accelerator.device)
-        mine += sequences[:1] * (share - len(mine))
-        total = torch.zeros(2, device=accelerator.device)
-        model.eval()
-        with torch.no_grad():
-            for i in range(0, len(mine), args.per_device_train_batch_size):
-                input_ids, attention_mask = pad_batch(mine[i : i + args.per_device_train_batch_size], pad)
-                rewards = get_reward(
-                    unwrapped, input_ids.to(accelerator.device), attention_mask.to(accelerator.device)
-                )
-                w = weights[i : i + args.per_device_train_batch_size]
-                total += torch.stack([(rewards * w).sum(), w.sum()])
-            total = accelerator.reduce(total, "sum")
-            mean_before = (total[0] / total[1]).item()
-            # Where a final norm with a bias feeds the head, the shift goes into that bias, so a stock from_pretrained
-            # gives normalised scores; checked on a few references, since a layer between the norm and the head (OPT's
-            # project_out) would break it. Otherwise (RMSNorm models) it is stored as config.reward_shift, which the
-            # PPO scripts add to every score.
-            probe = [t.to(accelerator.device) for t in pad_batch(sequences[:4], pad)]
-            before, norm = get_reward(unwrapped, *probe), final_norm(unwrapped)
-            if norm is not None:
-                with gathered([unwrapped.score.weight] + list(norm.parameters())):
-                    shift_scores(unwrapped, -mean_before)
-                moved = get_reward(unwrapped, *probe) - before
-                if not torch.allclose(
-                    moved, torch.full_like(moved, -mean_before), atol=1e-2 * max(1.0, abs(mean_before))
-                ):
-                    with gathered([unwrapped.score.weight] + list(norm.parameters())):
-                        shift_scores(unwrapped, mean_before)  # undone
-                    norm = None
-            if norm is None:
-                unwrapped.config.reward_shift = -mean_before
-            where = "the final norm's bias" if norm is not None else "config.reward_shift (applied by the PPO scripts)"
+        mean_before, where = normalize_scores(model, sequences, batch_size, pad, accelerator, zero_stage)
         accelerator.print(
             f"reward normalisation: reference completions scored {mean_before:.4f} on average; shifted to 0 in {where}"
         )
         metrics_log.append({"normalization/reference_mean_before": mean_before, "step": step})
 
-    # Save atomically (publish_output: the previous output or this one, never a mix); the config keeps num_labels=1 and the pad id, so the HF forward reads the same token.
-    accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(model)
-    nonfinite = (
-        [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-        if accelerator.is_main_process
-        else []
-    )
-    if accelerator.reduce(torch.tensor(float(len(nonfinite)), device=accelerator.device), "sum").item():
-        sys.exit(
-            f"error: the trained weights are not finite ({', '.join(nonfinite[:3])}...); nothing was saved "
-            "(lower --learning-rate)"
-        )
-    if accelerator.is_main_process:
-
-        def write(path):
-            unwrapped.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
-            tokenizer.save_pretrained(path)
-            with open(os.path.join(path, "metrics.jsonl"), "w") as f:
-                f.writelines(json.dumps(row) + "\n" for row in metrics_log)
-            with open(os.path.join(path, "args.json"), "w") as f:
-                json.dump(asdict(args), f, indent=2)
-            with open(os.path.join(path, "README.md"), "w") as f:
-                f.write(
-                    model_card(
-                        os.path.basename(os.path.abspath(args.output_dir)),
-                        args.model_name_or_path,
-                        [args.dataset_name] + ([args.normalize_dataset_name] if args.normalize_reward else []),
-                        ["reward-model", "rlhf"],
-                        f"A reward model (one score per sequence, read at its last token) trained with `reward_modeling.py` "
-                        f"from `{args.model_name_or_path}` on the preference pairs of `{args.dataset_name}`.\n\n## Command"
-                        "\n\n```\npython "
-                        + " ".join(sys.argv)
-                        + "\n```\n\nEvery logged row is in `metrics.jsonl`, the "
-                        "arguments in `args.json`.\n",
-                    )
-                )
-
-        publish_output(args.output_dir, write)
-        accelerator.print(f"saved to {args.output_dir} after {time.time() - start:.0f}s")
-        if args.push_to_hub:
-            url = push_folder_to_hub(
-                args.output_dir, args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
-            )
-            accelerator.print(f"uploaded {args.output_dir} to {url}")
+    save_reward_model(args, accelerator, model, tokenizer, metrics_log, start)
     accelerator.wait_for_everyone()
     del model, optimizer  # before the process group goes: avoids gloo's abort at exit
     accelerator.end_training()
