@@ -1,4 +1,4 @@
-"""PPO for RLHF, the whole algorithm in one file (the N+ implementation details recipe; TRL's PPOTrainer flags).
+"""Fine-tune a causal language model with PPO against a reward model (RLHF), the whole algorithm in one file.
 
     python ppo_rlhf.py                          # the embedded tiny TL;DR task, offline, ~3 minutes on a laptop CPU
     accelerate launch ppo_rlhf.py --dataset-name trl-internal-testing/descriptiveness-sentiment-trl-style \
@@ -6,9 +6,11 @@
         --sft-model-path EleutherAI/pythia-1b-deduped --reward-model-path EleutherAI/pythia-1b-deduped \
         --learning-rate 3e-6 --total-episodes 10000 --per-device-train-batch-size 64 --missing-eos-penalty 1.0
 
-Read top to bottom: arguments, helpers (each one small and tested), then the training loop in the order of one
-PPO update: rollout, reward, advantages, PPO epochs, logging. The numbered "implementation details" in the
-README say where this departs from TRL and why.
+The N+ implementation details recipe, with TRL's PPOTrainer flags. Read top to bottom: the arguments, the algorithm's
+helpers (each small and tested), the speed and memory machinery (same numbers as the plain computation, which
+`--no-length-grouping --no-chunked-logprobs` runs), generation and scoring, plumbing, the output folder and its
+checkpoints, then the training loop in the order of one PPO update: rollout, reward, advantages, PPO epochs, logging.
+The numbered "implementation details" in the README say where this departs from TRL and why.
 """
 
 import atexit
@@ -37,6 +39,8 @@ INVALID_LOGPROB = 1.0  # written at padded positions; both policy and reference 
 
 @dataclass
 class Args:
+    """Fine-tune a causal language model with PPO against a reward model (RLHF)."""
+
     # common settings
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment (W&B run names start with it)"""
@@ -47,7 +51,7 @@ class Args:
     wandb_project_name: str = "rlhf"
     """the W&B project"""
     wandb_entity: Optional[str] = None
-    """the W&B entity (team)"""
+    """the W&B entity (team); None: your default entity"""
     output_dir: str = "models/ppo_tiny"
     """where the policy, value model, tokenizer, metrics.jsonl and model card are written"""
     overwrite_output_dir: bool = False
@@ -55,7 +59,7 @@ class Args:
     push_to_hub: bool = False
     """upload the trained policy and tokenizer to the Hugging Face hub"""
     hub_model_id: Optional[str] = None
-    """the hub repository for --push-to-hub (default: the output_dir's name)"""
+    """the hub repository for --push-to-hub; None: the output_dir's name"""
     trust_remote_code: bool = False
     """allow models and tokenizers that run code from their repository"""
     logging_steps: int = 1
@@ -63,20 +67,19 @@ class Args:
     save_steps: int = 0
     """write a resumable checkpoint every this many PPO updates (0: never)"""
     save_total_limit: Optional[int] = 2
-    """keep only the newest this many checkpoints (None: keep all)"""
+    """keep only the newest this many checkpoints; None: keep all"""
     resume_from_checkpoint: Optional[str] = None
-    """a checkpoint folder, or `latest` for the newest one in output_dir/checkpoints; the run continues exactly"""
+    """a checkpoint folder, or `latest` (the newest in output_dir/checkpoints), to continue exactly"""
 
     # data
     dataset_name: str = "embedded/prompts"
-    """hub id, a save_to_disk folder, or a json/jsonl/parquet/csv/tsv file with a `prompt` column: strings, or lists
-    of {role, content} messages (TRL's conversational format, rendered with the tokenizer's chat template)"""
+    """hub id, save_to_disk folder or json/jsonl/parquet/csv/tsv file; a `prompt` column of strings or chats"""
     dataset_train_split: str = "train"
     """the split of prompts to train on"""
     dataset_test_split: str = "validation"
-    """the split for evaluation and sample tables (if there is none: every 10th train row, see the log)"""
+    """the split for evaluation and sample tables (if there is none: every 10th train row)"""
     dataset_num_proc: Optional[int] = None
-    """processes for tokenising the dataset"""
+    """processes for tokenising the dataset; None: this process"""
 
     # models
     model_name_or_path: str = "embedded/sft_model"
@@ -86,7 +89,7 @@ class Args:
     reward_model_path: str = "embedded/reward_model"
     """the reward model (a one-label sequence classifier)"""
     value_model_path: Optional[str] = None
-    """the value model's initialisation (default: reward_model_path)"""
+    """the value model's initialisation; None: reward_model_path"""
 
     # batch sizes (see the batch arithmetic below)
     total_episodes: int = 3072
@@ -104,7 +107,7 @@ class Args:
 
     # optimisation
     learning_rate: float = 3e-5
-    """learning rate (3e-6 in the Pythia-1B recipe; a ~0.5M-parameter model needs more)"""
+    """learning rate (the Pythia-1B recipe's is 3e-6; a ~0.5M-parameter model needs more)"""
     lr_scheduler_type: Literal["linear", "cosine", "constant"] = "linear"
     """schedule over the PPO updates, stepped once per update"""
     warmup_ratio: float = 0.0
@@ -120,20 +123,15 @@ class Args:
     weight_decay: float = 0.0
     """AdamW's decoupled weight decay"""
     bf16: bool = False
-    """bf16 autocast for every forward (about 2x matmul speed on GPUs and, at widths of 128 and more, on CPUs with
-    avx512_bf16; see --pad-to-multiple-of)"""
+    """bf16 autocast for every forward (faster matmuls on GPUs and on CPUs with avx512_bf16)"""
     gradient_checkpointing: bool = False
     """recompute policy and value activations in the backward pass to save memory"""
     length_grouping: bool = True
-    """run each forward on groups of rows of similar length, each trimmed of its padding on both sides, instead of
-    one padded batch (same result; False: the plain padded batch, for checking)"""
+    """forward rows in groups of similar length, each trimmed of its padding (same result)"""
     pad_to_multiple_of: Optional[int] = None
-    """pad each forward's width (the prompts, each length group) to a multiple of this, so that few batch shapes
-    occur (default: 64 under --bf16 on a CPU, where oneDNN keeps kernels per shape and memory grows with the shapes
-    seen; else 1; same result)"""
+    """round each forward's width up to a multiple of this (same result); None: 64 under --bf16 on a CPU, else 1"""
     chunked_logprobs: bool = True
-    """compute response log-probs and entropy from the LM head in tiles of positions x vocabulary, never the whole
-    [batch, response, vocab] logits (same result; False: the plain head -> log_softmax -> gather, for checking)"""
+    """LM head log-probs a chunk of positions at a time, never whole [batch, response, vocab] logits (same result)"""
     split_backward: bool = True
     """one process without DeepSpeed: run the policy loss's backward before the value model's forward, so the two
     models' activations are never held at once (same gradients; DDP and DeepSpeed allow one backward per forward
@@ -143,13 +141,13 @@ class Args:
     response_length: int = 53
     """maximum new tokens per response"""
     stop_token: Optional[Literal["eos"]] = "eos"
-    """truncate responses after EOS and stop generating when every row has it (pass `None` to never stop)"""
+    """truncate responses after EOS and stop generating once every row has it; None: never stop"""
     stop_token_id: Optional[int] = None
     """truncate after this token id instead (needs --stop-token None)"""
     temperature: float = 0.7
     """sampling temperature of the rollouts"""
     missing_eos_penalty: Optional[float] = 1.0
-    """subtracted from the score of responses that do not contain the stop token (the EOS trick)"""
+    """subtracted from the score of responses without the stop token (the EOS trick); None: no penalty"""
 
     # PPO
     kl_coef: float = 0.05
@@ -179,33 +177,29 @@ class Args:
     eval_temperature: float = 0.01
     """near-greedy decoding for evaluation and sample tables"""
     num_eval_prompts: Optional[int] = None
-    """evaluate on the first this many test prompts (default: all)"""
+    """evaluate on the first this many test prompts; None: all"""
 
     # processes and DeepSpeed (the launch commands are in docs/scale_out.md)
     ds3_gather_for_generation: bool = True
-    """under ZeRO-3, gather the policy's weights (not the value model's) for generation: fast, but the policy must fit
-    on one device; False generates on the sharded weights, one all-gather per layer per token"""
+    """under ZeRO-3, gather the policy's weights for generation (fast; the policy must fit on one device)"""
 
     # LoRA (PEFT)
     use_peft: bool = False
-    """train a LoRA adapter instead of the policy's weights; the reference is the same model with the adapter disabled
-    (no second copy in memory); the value model is trained in full, as in TRL"""
+    """train a LoRA adapter instead of the policy's weights; the reference is the policy with its adapter off"""
     lora_r: int = 16
     """LoRA rank"""
     lora_alpha: int = 32
     """LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)"""
     lora_dropout: float = 0.0
-    """dropout on the adapter's input (TRL: 0.05; any dropout makes the rollout and training log-probs disagree)"""
+    """dropout on the adapter's input (TRL: 0.05; any dropout makes rollout and training log-probs differ)"""
     lora_target_modules: Optional[list[str]] = None
-    """modules that get an adapter (default: PEFT's choice for the architecture, query_key_value for GPT-NeoX;
-    `all-linear` for every linear layer but the LM head)"""
+    """modules that get an adapter (`all-linear`: every linear layer but the LM head); None: PEFT's choice"""
     model_adapter_name: Optional[str] = None
-    """name of the trained adapter (default: `default`), for models that carry several adapters"""
+    """name of the trained adapter, for models that carry several; None: `default`"""
     ref_adapter_name: Optional[str] = None
-    """when --sft-model-path is a LoRA adapter folder: it is loaded twice, trained as model_adapter_name and frozen
-    under this name, and the reference switches to it (set_adapter) instead of disabling the adapter"""
+    """with a LoRA adapter as --sft-model-path: a frozen copy of it under this name is the reference"""
     merge_adapter_on_save: bool = False
-    """also save the policy with the adapter merged into its weights, in output_dir/merged (a plain model)"""
+    """also save the policy with the adapter merged into its weights, in output_dir/merged"""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -366,9 +360,7 @@ def response_hidden(
 
 
 GROUP_OVERHEAD = 32
-"""The cost of one more forward call, in token positions, for length_groups. Measured on this project's CPU with
-1 thread: ~45 positions for the embedded 0.5M-parameter model, ~20 for a hidden-128 x 4-layer one; larger models
-(and GPUs) pay relatively less per call, and splitting then pays off sooner."""
+"""The cost of one more forward call, in token positions, for length_groups (measured: benchmark/README.md)."""
 
 
 def length_groups(lengths: list, overhead: Optional[int] = GROUP_OVERHEAD) -> list:
@@ -418,114 +410,19 @@ def grouped_response_hidden(
     return torch.cat(parts)[torch.argsort(torch.tensor(order, device=query_responses.device))]
 
 
-class ChunkedLogprobs(torch.autograd.Function):
-    """log p(token) and entropy at each response position, straight from the hidden states and the LM head's weight,
-    one tile of (positions x vocabulary entries) at a time: the [batch, response, vocab] logits, their log-softmax and
-    their gradient never exist whole (a 50k-vocabulary position costs 0.2 MB per copy), and the backward recomputes
-    each tile's logits instead of keeping them. A tile spans all the positions of a block (up to BLOCK_ROWS) and a
-    slice of the vocabulary, so that the weight gradient of each slice is written once per block rather than
-    re-accumulated chunk after chunk (about 10% faster than chunks of positions at a 50k vocabulary); the forward
-    combines the slices with a running maximum (online log-sum-exp). Same values and gradients as head -> log_softmax
-    -> gather (tests/test_ppo_helpers.py)."""
+LOGITS_PER_CHUNK = 2**22
+"""Logits held at once by chunked log-probs (16 MB in fp32) whatever the batch; enough positions for fast matmuls."""
 
-    BLOCK_ROWS, TILE_VALUES = 1024, 2**21  # positions per block; logits per tile (8 MB in fp32)
 
-    @staticmethod
-    def tiles(n: int, vocab: int):
-        rows = min(n, ChunkedLogprobs.BLOCK_ROWS)
-        width = max(1, ChunkedLogprobs.TILE_VALUES // rows)
-        return [
-            (slice(i, min(i + rows, n)), [slice(j, min(j + width, vocab)) for j in range(0, vocab, width)])
-            for i in range(0, n, rows)
-        ]
-
-    @staticmethod
-    def in_slice(tokens, v):
-        """Rows whose token lies in the vocabulary slice v, and its column in the slice."""
-        rows = ((tokens >= v.start) & (tokens < v.stop)).nonzero().squeeze(1)
-        return rows, tokens[rows] - v.start
-
-    @staticmethod
-    def capped(logits, softcap, post):
-        """The model's logit softcapping and the temperature on a tile: post * softcap * tanh(logits / softcap), and
-        the tanh (for the derivative). Without softcap, scale and temperature are linear and the caller folds them
-        into the hidden states instead."""
-        if softcap is None:
-            return logits, None
-        t = torch.tanh(logits / softcap)
-        return t * (softcap * post), t
-
-    @staticmethod
-    def forward(ctx, hidden, weight, tokens, dtype, softcap=None, post=1.0):
-        flat, tokens = hidden.reshape(-1, hidden.shape[-1]), tokens.reshape(-1)
-        logprobs, entropy, lse = (torch.empty(len(tokens), device=hidden.device) for _ in range(3))
-        w = weight.to(dtype)
-        for block, slices in ChunkedLogprobs.tiles(len(tokens), weight.shape[0]):
-            h, block_tokens = flat[block].to(dtype), tokens[block]
-            # Per row: top = running max logit, total = sum exp(logit - top),
-            # spread = sum exp(logit - top) * (logit - top)
-            target = torch.empty(len(block_tokens), device=hidden.device)
-            for k, v in enumerate(slices):
-                logits, _ = ChunkedLogprobs.capped((h @ w[v].T).float(), softcap, post)
-                rows, cols = ChunkedLogprobs.in_slice(block_tokens, v)
-                target[rows] = logits[rows, cols]
-                new_top = logits.amax(1)
-                if k == 0:
-                    top, total, spread = new_top, torch.zeros_like(new_top), torch.zeros_like(new_top)
-                else:
-                    new_top = torch.maximum(top, new_top)
-                rescale = (top - new_top).exp()  # re-express the sums so far relative to the new maximum
-                spread = rescale * (spread + total * (top - new_top))
-                total = rescale * total
-                shifted = logits.sub_(new_top[:, None])
-                exp = shifted.exp()
-                total += exp.sum(1)
-                spread += exp.mul_(shifted).sum(1)
-                top = new_top
-            lse[block] = top + total.log()
-            logprobs[block] = target - lse[block]
-            entropy[block] = total.log() - spread / total
-        ctx.save_for_backward(hidden, weight, tokens, lse)
-        ctx.dtype, ctx.softcap, ctx.post = dtype, softcap, post
-        logprobs, entropy = logprobs.view(hidden.shape[:-1]), entropy.view(hidden.shape[:-1])
-        ctx.mark_non_differentiable(entropy)  # a statistic only
-        return logprobs, entropy
-
-    @staticmethod
-    def backward(ctx, grad_logprobs, _):
-        hidden, weight, tokens, lse = ctx.saved_tensors
-        flat, grad = hidden.reshape(-1, hidden.shape[-1]), grad_logprobs.reshape(-1)
-        w = weight.to(ctx.dtype)
-        grad_hidden = torch.empty_like(flat) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, device=weight.device) if ctx.needs_input_grad[1] else None
-        for block, slices in ChunkedLogprobs.tiles(len(tokens), weight.shape[0]):
-            h, block_grad = flat[block].to(ctx.dtype), grad[block]
-            block_grad_hidden = torch.zeros(h.shape, device=h.device)
-            for v in slices:
-                # d logp / d logits = onehot(token) - softmax(logits); through the softcap, times post * (1 - tanh^2)
-                logits, t = ChunkedLogprobs.capped((h @ w[v].T).float(), ctx.softcap, ctx.post)
-                g = logits.sub_(lse[block, None]).exp_().mul_(-block_grad[:, None])
-                rows, cols = ChunkedLogprobs.in_slice(tokens[block], v)
-                g[rows, cols] += block_grad[rows]
-                if t is not None:
-                    g.mul_(t.square_().neg_().add_(1.0).mul_(ctx.post))
-                g = g.to(ctx.dtype)
-                if grad_hidden is not None:
-                    block_grad_hidden += (g @ w[v]).float()
-                if grad_weight is not None and g.dtype == torch.float32:
-                    grad_weight[v].addmm_(g.T, h)  # in place: no [slice, hidden] temporary
-                elif grad_weight is not None:
-                    grad_weight[v] += (g.T @ h).float()
-            if grad_hidden is not None:
-                grad_hidden[block] = block_grad_hidden
-        return (
-            grad_hidden.view(hidden.shape) if grad_hidden is not None else None,
-            grad_weight.to(weight.dtype) if grad_weight is not None else None,
-            None,
-            None,
-            None,
-            None,
-        )
+def head_logprobs(
+    head: nn.Module, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float, scale: float, softcap
+) -> tuple:
+    """(log-probs of tokens, entropy) under logits = transform_logits(head(hidden), scale, softcap) / temperature; the
+    entropy is a statistic, without gradient."""
+    logits = transform_logits(head(hidden).float(), scale, softcap) / (temperature + 1e-7)
+    with torch.no_grad():
+        entropy = entropy_from_logits(logits)
+    return sequence_logprobs(logits, tokens), entropy
 
 
 def response_logprobs(
@@ -537,21 +434,18 @@ def response_logprobs(
     scale: float = 1.0,
     softcap: Optional[float] = None,
 ) -> tuple:
-    """(log-probs of tokens, entropy) under logits = transform_logits(head(hidden), scale, softcap) / temperature; the
-    entropy is a statistic, without gradient. chunked: ChunkedLogprobs, when the head is a plain bias-free linear layer
-    (scaling its input scales the logits; a softcap is applied to each tile); else the plain computation."""
-    if chunked and type(head) is nn.Linear and head.bias is None:
-        device_type = hidden.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
-        with torch.autocast(device_type, enabled=False):
-            scaled = hidden * scale if scale != 1.0 else hidden
-            if softcap is None:
-                return ChunkedLogprobs.apply(scaled / (temperature + 1e-7), head.weight, tokens, dtype)
-            return ChunkedLogprobs.apply(scaled, head.weight, tokens, dtype, softcap, 1.0 / (temperature + 1e-7))
-    logits = transform_logits(head(hidden).float(), scale, softcap) / (temperature + 1e-7)
-    with torch.no_grad():
-        entropy = entropy_from_logits(logits)
-    return sequence_logprobs(logits, tokens), entropy
+    """head_logprobs; chunked: over chunks of positions, each recomputed in the backward pass
+    (torch.utils.checkpoint), so the [batch, response, vocab] logits and their gradient exist one chunk at a time."""
+    if not chunked:
+        return head_logprobs(head, hidden, tokens, temperature, scale, softcap)
+    rows = max(1, LOGITS_PER_CHUNK // head.weight.shape[0])
+    hidden_chunks = hidden.reshape(1, -1, hidden.shape[-1]).split(rows, dim=1)
+    chunks = [
+        torch.utils.checkpoint.checkpoint(head_logprobs, head, h, t, temperature, scale, softcap, use_reentrant=False)
+        for h, t in zip(hidden_chunks, tokens.reshape(1, -1).split(rows, dim=1))
+    ]
+    logprobs, entropy = (torch.cat(parts, 1).view(tokens.shape) for parts in zip(*chunks))
+    return logprobs, entropy
 
 
 def policy_logprobs(
@@ -659,8 +553,8 @@ def forward_in_chunks(
 
 def sample_tokens(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """One token per row of probs, [batch, 1], by inverse CDF: a uniform draw per row located in the cumulative sum.
-    The same distribution as torch.multinomial, which on CPU draws an exponential variate per vocabulary entry
-    (30% of generation time at a 50k vocabulary); tokens of probability 0 are never drawn (right=True)."""
+    The same distribution as torch.multinomial, which on CPU draws an exponential variate per vocabulary entry;
+    tokens of probability 0 are never drawn (right=True)."""
     cdf = probs.cumsum(-1)
     u = torch.rand(len(probs), 1, generator=generator, device=probs.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).clamp(max=probs.shape[-1] - 1)
