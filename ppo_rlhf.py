@@ -1,4 +1,4 @@
-"""PPO for RLHF, the whole algorithm in one file (the N+ implementation details recipe; TRL's PPOTrainer flags).
+"""Fine-tune a causal language model with PPO against a reward model (RLHF), the whole algorithm in one file.
 
     python ppo_rlhf.py                          # the embedded tiny TL;DR task, offline, ~3 minutes on a laptop CPU
     accelerate launch ppo_rlhf.py --dataset-name trl-internal-testing/descriptiveness-sentiment-trl-style \
@@ -6,9 +6,11 @@
         --sft-model-path EleutherAI/pythia-1b-deduped --reward-model-path EleutherAI/pythia-1b-deduped \
         --learning-rate 3e-6 --total-episodes 10000 --per-device-train-batch-size 64 --missing-eos-penalty 1.0
 
-Read top to bottom: arguments, helpers (each one small and tested), then the training loop in the order of one
-PPO update: rollout, reward, advantages, PPO epochs, logging. The numbered "implementation details" in the
-README say where this departs from TRL and why.
+The N+ implementation details recipe, with TRL's PPOTrainer flags. Read top to bottom: the arguments, the algorithm's
+helpers (each small and tested), the speed and memory machinery (same numbers as the plain computation, which
+`--no-length-grouping --no-chunked-logprobs` runs), generation and scoring, plumbing, the output folder and its
+checkpoints, then the training loop in the order of one PPO update: rollout, reward, advantages, PPO epochs, logging.
+The numbered "implementation details" in the README say where this departs from TRL and why.
 """
 
 import atexit
@@ -37,6 +39,8 @@ INVALID_LOGPROB = 1.0  # written at padded positions; both policy and reference 
 
 @dataclass
 class Args:
+    """Fine-tune a causal language model with PPO against a reward model (RLHF)."""
+
     # common settings
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment (W&B run names start with it)"""
@@ -47,7 +51,7 @@ class Args:
     wandb_project_name: str = "rlhf"
     """the W&B project"""
     wandb_entity: Optional[str] = None
-    """the W&B entity (team)"""
+    """the W&B entity (team); None: your default entity"""
     output_dir: str = "models/ppo_tiny"
     """where the policy, value model, tokenizer, metrics.jsonl and model card are written"""
     overwrite_output_dir: bool = False
@@ -55,7 +59,7 @@ class Args:
     push_to_hub: bool = False
     """upload the trained policy and tokenizer to the Hugging Face hub"""
     hub_model_id: Optional[str] = None
-    """the hub repository for --push-to-hub (default: the output_dir's name)"""
+    """the hub repository for --push-to-hub; None: the output_dir's name"""
     trust_remote_code: bool = False
     """allow models and tokenizers that run code from their repository"""
     logging_steps: int = 1
@@ -63,20 +67,19 @@ class Args:
     save_steps: int = 0
     """write a resumable checkpoint every this many PPO updates (0: never)"""
     save_total_limit: Optional[int] = 2
-    """keep only the newest this many checkpoints (None: keep all)"""
+    """keep only the newest this many checkpoints; None: keep all"""
     resume_from_checkpoint: Optional[str] = None
-    """a checkpoint folder, or `latest` for the newest one in output_dir/checkpoints; the run continues exactly"""
+    """a checkpoint folder, or `latest` (the newest in output_dir/checkpoints), to continue exactly"""
 
     # data
     dataset_name: str = "embedded/prompts"
-    """hub id, a save_to_disk folder, or a json/jsonl/parquet/csv/tsv file with a `prompt` column: strings, or lists
-    of {role, content} messages (TRL's conversational format, rendered with the tokenizer's chat template)"""
+    """hub id, save_to_disk folder or json/jsonl/parquet/csv/tsv file; a `prompt` column of strings or chats"""
     dataset_train_split: str = "train"
     """the split of prompts to train on"""
     dataset_test_split: str = "validation"
-    """the split for evaluation and sample tables (if there is none: every 10th train row, see the log)"""
+    """the split for evaluation and sample tables (if there is none: every 10th train row)"""
     dataset_num_proc: Optional[int] = None
-    """processes for tokenising the dataset"""
+    """processes for tokenising the dataset; None: this process"""
 
     # models
     model_name_or_path: str = "embedded/sft_model"
@@ -86,7 +89,7 @@ class Args:
     reward_model_path: str = "embedded/reward_model"
     """the reward model (a one-label sequence classifier)"""
     value_model_path: Optional[str] = None
-    """the value model's initialisation (default: reward_model_path)"""
+    """the value model's initialisation; None: reward_model_path"""
 
     # batch sizes (see the batch arithmetic below)
     total_episodes: int = 3072
@@ -104,7 +107,7 @@ class Args:
 
     # optimisation
     learning_rate: float = 3e-5
-    """learning rate (3e-6 in the Pythia-1B recipe; a ~0.5M-parameter model needs more)"""
+    """learning rate (the Pythia-1B recipe's is 3e-6; a ~0.5M-parameter model needs more)"""
     lr_scheduler_type: Literal["linear", "cosine", "constant"] = "linear"
     """schedule over the PPO updates, stepped once per update"""
     warmup_ratio: float = 0.0
@@ -120,20 +123,15 @@ class Args:
     weight_decay: float = 0.0
     """AdamW's decoupled weight decay"""
     bf16: bool = False
-    """bf16 autocast for every forward (about 2x matmul speed on GPUs and, at widths of 128 and more, on CPUs with
-    avx512_bf16; see --pad-to-multiple-of)"""
+    """bf16 autocast for every forward (faster matmuls on GPUs and on CPUs with avx512_bf16)"""
     gradient_checkpointing: bool = False
     """recompute policy and value activations in the backward pass to save memory"""
     length_grouping: bool = True
-    """run each forward on groups of rows of similar length, each trimmed of its padding on both sides, instead of
-    one padded batch (same result; False: the plain padded batch, for checking)"""
+    """forward rows in groups of similar length, each trimmed of its padding (same result)"""
     pad_to_multiple_of: Optional[int] = None
-    """pad each forward's width (the prompts, each length group) to a multiple of this, so that few batch shapes
-    occur (default: 64 under --bf16 on a CPU, where oneDNN keeps kernels per shape and memory grows with the shapes
-    seen; else 1; same result)"""
+    """round each forward's width up to a multiple of this (same result); None: 64 under --bf16 on a CPU, else 1"""
     chunked_logprobs: bool = True
-    """compute response log-probs and entropy from the LM head in tiles of positions x vocabulary, never the whole
-    [batch, response, vocab] logits (same result; False: the plain head -> log_softmax -> gather, for checking)"""
+    """LM head log-probs a chunk of positions at a time, never whole [batch, response, vocab] logits (same result)"""
     split_backward: bool = True
     """one process without DeepSpeed: run the policy loss's backward before the value model's forward, so the two
     models' activations are never held at once (same gradients; DDP and DeepSpeed allow one backward per forward
@@ -143,13 +141,13 @@ class Args:
     response_length: int = 53
     """maximum new tokens per response"""
     stop_token: Optional[Literal["eos"]] = "eos"
-    """truncate responses after EOS and stop generating when every row has it (pass `None` to never stop)"""
+    """truncate responses after EOS and stop generating once every row has it; None: never stop"""
     stop_token_id: Optional[int] = None
     """truncate after this token id instead (needs --stop-token None)"""
     temperature: float = 0.7
     """sampling temperature of the rollouts"""
     missing_eos_penalty: Optional[float] = 1.0
-    """subtracted from the score of responses that do not contain the stop token (the EOS trick)"""
+    """subtracted from the score of responses without the stop token (the EOS trick); None: no penalty"""
 
     # PPO
     kl_coef: float = 0.05
@@ -179,37 +177,478 @@ class Args:
     eval_temperature: float = 0.01
     """near-greedy decoding for evaluation and sample tables"""
     num_eval_prompts: Optional[int] = None
-    """evaluate on the first this many test prompts (default: all)"""
+    """evaluate on the first this many test prompts; None: all"""
 
     # processes and DeepSpeed (the launch commands are in docs/scale_out.md)
     ds3_gather_for_generation: bool = True
-    """under ZeRO-3, gather the policy's weights (not the value model's) for generation: fast, but the policy must fit
-    on one device; False generates on the sharded weights, one all-gather per layer per token"""
+    """under ZeRO-3, gather the policy's weights for generation (fast; the policy must fit on one device)"""
 
     # LoRA (PEFT)
     use_peft: bool = False
-    """train a LoRA adapter instead of the policy's weights; the reference is the same model with the adapter disabled
-    (no second copy in memory); the value model is trained in full, as in TRL"""
+    """train a LoRA adapter instead of the policy's weights; the reference is the policy with its adapter off"""
     lora_r: int = 16
     """LoRA rank"""
     lora_alpha: int = 32
     """LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)"""
     lora_dropout: float = 0.0
-    """dropout on the adapter's input (TRL: 0.05; any dropout makes the rollout and training log-probs disagree)"""
+    """dropout on the adapter's input (TRL: 0.05; any dropout makes rollout and training log-probs differ)"""
     lora_target_modules: Optional[list[str]] = None
-    """modules that get an adapter (default: PEFT's choice for the architecture, query_key_value for GPT-NeoX;
-    `all-linear` for every linear layer but the LM head)"""
+    """modules that get an adapter (`all-linear`: every linear layer but the LM head); None: PEFT's choice"""
     model_adapter_name: Optional[str] = None
-    """name of the trained adapter (default: `default`), for models that carry several adapters"""
+    """name of the trained adapter, for models that carry several; None: `default`"""
     ref_adapter_name: Optional[str] = None
-    """when --sft-model-path is a LoRA adapter folder: it is loaded twice, trained as model_adapter_name and frozen
-    under this name, and the reference switches to it (set_adapter) instead of disabling the adapter"""
+    """with a LoRA adapter as --sft-model-path: a frozen copy of it under this name is the reference"""
     merge_adapter_on_save: bool = False
-    """also save the policy with the adapter merged into its weights, in output_dir/merged (a plain model)"""
+    """also save the policy with the adapter merged into its weights, in output_dir/merged"""
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Helpers: small, pure, and each compared with a plain computation in tests/test_ppo_helpers.py
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum()
+
+
+def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    mean = masked_mean(values, mask)
+    variance = masked_mean((values - mean) ** 2, mask)
+    if unbiased:
+        n = mask.sum()
+        variance = variance * n / (n - 1)
+    return variance
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """Normalise to unit variance over the masked entries (and zero mean unless shift_mean=False)."""
+    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    return whitened if shift_mean else whitened + mean
+
+
+def first_true_indices(bools: torch.Tensor) -> torch.Tensor:
+    """Index of the first True in each row, or the row length if there is none."""
+    width = bools.shape[-1]
+    positions = torch.where(bools, torch.arange(width, device=bools.device), width)
+    return positions.min(-1).values
+
+
+def truncate_after_stop(responses: torch.Tensor, stop_token_id: Optional[int], pad_token_id: int) -> tuple:
+    """Keep each response up to and including its first stop token; pad the rest.
+    Returns (postprocessed responses, sequence_lengths = index of the last real token)."""
+    width = responses.shape[1]
+    if stop_token_id is None:
+        return responses, torch.full((len(responses),), width - 1, device=responses.device)
+    stop = first_true_indices(responses == stop_token_id)
+    after = torch.arange(width, device=responses.device) > stop[:, None]
+    return responses.masked_fill(after, pad_token_id), stop.clamp(max=width - 1)
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token KL estimate of the sampled tokens (k1 or k3 of Schulman's 'Approximating KL divergence')."""
+    logr = ref_logprobs - logprobs
+    return -logr if estimator == "k1" else torch.expm1(logr) - logr
+
+
+def place_scores(non_score_reward: torch.Tensor, scores: torch.Tensor, sequence_lengths: torch.Tensor) -> torch.Tensor:
+    """Add each sequence's score at sequence_length + 1 (just after the last token) when that position exists,
+    else at the last position, as the N+ recipe does."""
+    rewards = non_score_reward.clone()
+    width = rewards.shape[1]
+    end = torch.where(sequence_lengths + 1 < width, sequence_lengths + 1, sequence_lengths)
+    rewards[torch.arange(len(rewards), device=rewards.device), end] += scores
+    return rewards
+
+
+def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
+    """Generalised advantage estimation, A_t = sum_k (gamma*lam)^k delta_{t+k}, as one matrix product instead of
+    a Python loop over tokens. The value after the last position is 0."""
+    width = rewards.shape[1]
+    next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], dim=1)
+    deltas = rewards + gamma * next_values - values
+    k = torch.arange(width, device=rewards.device, dtype=torch.float64)
+    exponent = k[:, None] - k[None, :]  # [source step k, target step t]: weight (gamma*lam)^(k-t) for k >= t
+    discount = torch.where(exponent >= 0, (gamma * lam) ** exponent.clamp(min=0), 0.0)
+    return (deltas.double() @ discount).to(rewards.dtype)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    probs = logits.softmax(-1)
+    return torch.logsumexp(logits, -1) - (probs * logits).sum(-1)
+
+
+def sequence_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return torch.gather(logits.log_softmax(-1), 2, tokens[..., None]).squeeze(-1)
+
+
+def logit_transform(config) -> tuple:
+    """(scale, softcap): what the causal LM's own forward does to head(hidden) before it returns the logits,
+    logits = softcap * tanh(scale * x / softcap) (scale * x without softcap). Gemma-2/3 cap the logits with tanh,
+    Granite divides them by logits_scaling, Cohere multiplies them by logit_scale (MiniCPM3, HyperCLOVA X and Falcon-H1
+    scale them too); skipping this would sample, score and KL-penalise another distribution than the model's."""
+    text = config.get_text_config()
+    model_type = getattr(text, "model_type", None) or ""
+    scale = 1.0
+    if model_type.startswith("granite") or model_type == "minicpm3":  # MiniCPM3 divides the hidden states instead
+        scale = 1.0 / text.logits_scaling
+    elif model_type.startswith("cohere"):
+        scale = text.logit_scale
+    elif model_type == "hyperclovax":
+        scale = text.logits_scaling
+    elif model_type == "falcon_h1":
+        scale = text.lm_head_multiplier
+    return scale, getattr(text, "final_logit_softcapping", None)
+
+
+UNSUPPORTED_LOGIT_TRANSFORMS = ("inkling", "recurrent_gemma")
+"""Model types whose forward changes the logits in a way logit_transform does not reproduce (from transformers 5.23's
+modelling code: Inkling divides by logits_mup_width_multiplier, RecurrentGemma caps with logits_soft_cap; neither is
+tested here); the scripts refuse them before loading weights rather than train on another distribution."""
+
+
+def transform_logits(logits: torch.Tensor, scale: float, softcap: Optional[float]) -> torch.Tensor:
+    """The model's own logits from head(hidden) (see logit_transform)."""
+    logits = logits * scale if scale != 1.0 else logits
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
+
+
+def model_config(model: nn.Module):
+    """The transformers config of a model, also inside a DeepSpeed inference engine (whose own `.config` is
+    DeepSpeed's)."""
+    return getattr(model, "module", model).config
+
+
+def backbone_and_head(causal_lm: nn.Module) -> tuple:
+    """The transformer body and the LM head of a causal LM. For a PEFT model, `.base_model` is the LoRA wrapper, not
+    the body: unwrap it first (the LoRA layers sit inside the body, so they still apply)."""
+    model = causal_lm.get_base_model() if hasattr(causal_lm, "get_base_model") else causal_lm
+    return model.base_model, model.get_output_embeddings()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Speed and memory machinery: same numbers as the plain computation; `--no-length-grouping --no-chunked-logprobs`
+# runs the plain path; tests/test_ppo_helpers.py compares them
+
+
+def round_up(width: int, multiple: int) -> int:
+    return -(-width // multiple) * multiple
+
+
+def response_hidden(
+    backbone: nn.Module,
+    query_responses: torch.Tensor,
+    attention_mask: torch.Tensor,
+    context_length: int,
+    multiple: int = 1,
+) -> torch.Tensor:
+    """Final hidden states at the positions that predict the response tokens (context_length-1 ... -2).
+    Left-padding columns shared by the whole batch are trimmed first, keeping a width that is a multiple of
+    `multiple` where the padding allows; position ids count real tokens only, so trimming and padding do not change
+    the result."""
+    keep = int(first_true_indices(attention_mask.any(0, keepdim=True).bool())[0].clamp(max=context_length - 1))
+    keep = max(0, query_responses.shape[1] - round_up(query_responses.shape[1] - keep, multiple))
+    query_responses, attention_mask, context_length = (
+        query_responses[:, keep:],
+        attention_mask[:, keep:],
+        context_length - keep,
+    )
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    out = backbone(
+        input_ids=query_responses, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    )
+    return out.last_hidden_state[:, context_length - 1 : -1]
+
+
+GROUP_OVERHEAD = 32
+"""The cost of one more forward call, in token positions, for length_groups (measured: benchmark/README.md)."""
+
+
+def length_groups(lengths: list, overhead: Optional[int] = GROUP_OVERHEAD) -> list:
+    """Rows (indices) split into groups of similar length, longest first, to be forwarded one group at a time, each
+    trimmed to its own longest row: the split minimises sum over groups of (rows x longest row + overhead), the token
+    positions of the padded forwards plus a fixed cost per call. overhead None: one group, the plain padded batch."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    if overhead is None:
+        return [order]
+    best, cut = [0.0] + [math.inf] * len(order), [0] * (len(order) + 1)  # best[j]: cost of the first j rows
+    for j in range(1, len(order) + 1):
+        for i in range(j):  # last group = order[i:j], whose longest row is order[i]
+            cost = best[i] + overhead + (j - i) * lengths[order[i]]
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], len(order)
+    while j:
+        groups.append(order[cut[j] : j])
+        j = cut[j]
+    return groups[::-1]
+
+
+def grouped_response_hidden(
+    backbone: nn.Module,
+    query_responses: torch.Tensor,
+    attention_mask: torch.Tensor,
+    context_length: int,
+    needed: torch.Tensor,
+    overhead: Optional[int],
+    multiple: int = 1,
+) -> torch.Tensor:
+    """response_hidden for the first needed[i] response positions of row i, [batch, max(needed), hidden], computed
+    over length_groups: each group's columns end at its longest need (causal attention: later columns cannot change
+    earlier positions) and start at its first real token. Positions past a row's need are not meaningful (zeros or
+    computed); the caller masks them."""
+    start = first_true_indices(attention_mask.bool())
+    lengths = (context_length + needed - start).tolist()
+    width, parts, order = int(needed.max()), [], []
+    for rows in length_groups(lengths, overhead):
+        index = torch.tensor(rows, device=query_responses.device)
+        end = context_length + int(needed[index].max())
+        hidden = response_hidden(
+            backbone, query_responses[index, :end], attention_mask[index, :end], context_length, multiple
+        )
+        parts.append(F.pad(hidden, (0, 0, 0, width - hidden.shape[1])))
+        order += rows
+    return torch.cat(parts)[torch.argsort(torch.tensor(order, device=query_responses.device))]
+
+
+LOGITS_PER_CHUNK = 2**22
+"""Logits held at once by chunked log-probs (16 MB in fp32) whatever the batch; enough positions for fast matmuls."""
+
+
+def head_logprobs(
+    head: nn.Module, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float, scale: float, softcap
+) -> tuple:
+    """(log-probs of tokens, entropy) under logits = transform_logits(head(hidden), scale, softcap) / temperature; the
+    entropy is a statistic, without gradient."""
+    logits = transform_logits(head(hidden).float(), scale, softcap) / (temperature + 1e-7)
+    with torch.no_grad():
+        entropy = entropy_from_logits(logits)
+    return sequence_logprobs(logits, tokens), entropy
+
+
+def response_logprobs(
+    head: nn.Module,
+    hidden: torch.Tensor,
+    tokens: torch.Tensor,
+    temperature: float,
+    chunked: bool = True,
+    scale: float = 1.0,
+    softcap: Optional[float] = None,
+) -> tuple:
+    """head_logprobs; chunked: over chunks of positions, each recomputed in the backward pass
+    (torch.utils.checkpoint), so the [batch, response, vocab] logits and their gradient exist one chunk at a time."""
+    if not chunked:
+        return head_logprobs(head, hidden, tokens, temperature, scale, softcap)
+    rows = max(1, LOGITS_PER_CHUNK // head.weight.shape[0])
+    hidden_chunks = hidden.reshape(1, -1, hidden.shape[-1]).split(rows, dim=1)
+    chunks = [
+        torch.utils.checkpoint.checkpoint(head_logprobs, head, h, t, temperature, scale, softcap, use_reentrant=False)
+        for h, t in zip(hidden_chunks, tokens.reshape(1, -1).split(rows, dim=1))
+    ]
+    logprobs, entropy = (torch.cat(parts, 1).view(tokens.shape) for parts in zip(*chunks))
+    return logprobs, entropy
+
+
+def policy_logprobs(
+    policy: nn.Module,
+    query_responses: torch.Tensor,
+    attention_mask: torch.Tensor,
+    context_length: int,
+    temperature: float,
+    needed: torch.Tensor,
+    overhead: Optional[int],
+    chunked: bool,
+    multiple: int = 1,
+) -> tuple:
+    """(log-probs, entropy) of the response tokens, [batch, max(needed)]. The LM head runs on response positions
+    only: a 512-token prompt costs no vocabulary-sized logits."""
+    backbone, head = backbone_and_head(policy)
+    hidden = grouped_response_hidden(
+        backbone, query_responses, attention_mask, context_length, needed, overhead, multiple
+    )
+    tokens = query_responses[:, context_length : context_length + hidden.shape[1]]
+    return response_logprobs(head, hidden, tokens, temperature, chunked, *logit_transform(model_config(policy)))
+
+
+class PolicyAndValue(nn.Module):
+    """The two trained models behind one forward, so that accelerate/DeepSpeed wrap (and DDP syncs) them together.
+    Returns log-probs, entropy and values of the first needed[i] response positions of each row (default: all)."""
+
+    def __init__(
+        self,
+        policy: nn.Module,
+        value_model: nn.Module,
+        overhead: Optional[int] = GROUP_OVERHEAD,
+        chunked: bool = True,
+        multiple: int = 1,
+    ):
+        super().__init__()
+        self.policy, self.value_model, self.overhead, self.chunked = policy, value_model, overhead, chunked
+        self.multiple = multiple
+
+    def forward(self, query_responses, attention_mask, context_length: int, temperature: float, needed=None):
+        if needed is None:
+            needed = torch.full(
+                (len(query_responses),), query_responses.shape[1] - context_length, device=query_responses.device
+            )
+        return (
+            *self.policy_forward(query_responses, attention_mask, context_length, temperature, needed),
+            self.value_forward(query_responses, attention_mask, context_length, needed),
+        )
+
+    def policy_forward(
+        self, query_responses, attention_mask, context_length: int, temperature: float, needed
+    ) -> tuple:
+        return policy_logprobs(
+            self.policy,
+            query_responses,
+            attention_mask,
+            context_length,
+            temperature,
+            needed,
+            self.overhead,
+            self.chunked,
+            self.multiple,
+        )
+
+    def value_forward(self, query_responses, attention_mask, context_length: int, needed) -> torch.Tensor:
+        hidden = grouped_response_hidden(
+            self.value_model.base_model,
+            query_responses,
+            attention_mask,
+            context_length,
+            needed,
+            self.overhead,
+            self.multiple,
+        )
+        return self.value_model.score(hidden).squeeze(-1).float()
+
+
+def forward_in_chunks(
+    forward,
+    query_responses: torch.Tensor,
+    attention_mask: torch.Tensor,
+    context_length: int,
+    sequence_lengths: torch.Tensor,
+    chunk_size: int,
+) -> list:
+    """forward(query_responses, attention_mask, context_length, needed) -> [rows, max(needed)] tensors, run on chunks of
+    chunk_size rows of the whole padded rollout batch; the outputs right-padded with 0 to the response width and
+    stacked. needed = each row's stop token + 2 (the value at sequence_length + 1 receives the score), capped at the
+    width, so a row's numbers do not depend on the chunk it was generated in. Positions past the need: the caller
+    masks them."""
+    width = query_responses.shape[1] - context_length
+    outputs = []
+    for i in range(0, len(query_responses), chunk_size):
+        needed = (sequence_lengths[i : i + chunk_size] + 2).clamp(max=width)
+        chunk = forward(
+            query_responses[i : i + chunk_size], attention_mask[i : i + chunk_size], context_length, needed
+        )
+        outputs.append([F.pad(out, (0, width - out.shape[1])) for out in chunk])
+    return [torch.cat(parts) for parts in zip(*outputs)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generation and scoring
+
+
+def sample_tokens(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token per row of probs, [batch, 1], by inverse CDF: a uniform draw per row located in the cumulative sum.
+    The same distribution as torch.multinomial, which on CPU draws an exponential variate per vocabulary entry;
+    tokens of probability 0 are never drawn (right=True)."""
+    cdf = probs.cumsum(-1)
+    u = torch.rand(len(probs), 1, generator=generator, device=probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp(max=probs.shape[-1] - 1)
+
+
+@torch.no_grad()
+def generate(
+    policy: nn.Module,
+    queries: torch.Tensor,
+    query_mask: torch.Tensor,
+    response_length: int,
+    temperature: float,
+    stop_token_id: Optional[int],
+    generator: torch.Generator,
+    sync_processes: bool = False,
+) -> torch.Tensor:
+    """Sample up to response_length tokens (top_k 0, top_p 1) with a KV cache, computing the LM head on the last
+    position only, and stop as soon as every row has produced the stop token. With sync_processes (sharded ZeRO-3
+    weights: each forward is collective), stop only when every row of every process has."""
+    backbone, head = backbone_and_head(policy)
+    scale, softcap = logit_transform(model_config(policy))
+    attention_mask = query_mask.long()
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    out = backbone(input_ids=queries, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
+    next_position = position_ids[:, -1:] + 1
+    tokens, done = [], torch.zeros(len(queries), dtype=torch.bool, device=queries.device)
+    for step in range(response_length):
+        logits = transform_logits(head(out.last_hidden_state[:, -1]).float(), scale, softcap)
+        probs = (logits / (temperature + 1e-7)).softmax(-1)
+        token = sample_tokens(probs, generator)
+        tokens.append(token)
+        if stop_token_id is not None:
+            done |= token[:, 0] == stop_token_id
+            all_done = done.all().float()
+            if sync_processes:
+                torch.distributed.all_reduce(all_done, op=torch.distributed.ReduceOp.MIN)
+            if all_done:
+                break
+        if step + 1 < response_length:
+            attention_mask = torch.cat([attention_mask, torch.ones_like(token)], dim=1)
+            out = backbone(
+                input_ids=token,
+                attention_mask=attention_mask,
+                position_ids=next_position,
+                past_key_values=out.past_key_values,
+                use_cache=True,
+            )
+            next_position = next_position + 1
+    return torch.cat(tokens, dim=1)
+
+
+@torch.no_grad()
+def get_score(
+    reward_model: nn.Module,
+    query_responses: torch.Tensor,
+    attention_mask: torch.Tensor,
+    overhead: Optional[int] = None,
+    multiple: int = 1,
+) -> torch.Tensor:
+    """Reward-model score read at the last attended token (left-padded query, right-padded response), computed over
+    length_groups, each group trimmed to its first real token (less, to a width that is a multiple of `multiple`)
+    and its last attended one."""
+    columns = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    start, end = first_true_indices(attention_mask.bool()), (columns * attention_mask).argmax(1) + 1
+    scores = torch.empty(len(query_responses), device=query_responses.device)
+    for rows in length_groups((end - start).tolist(), overhead):
+        index = torch.tensor(rows, device=query_responses.device)
+        a, b = int(start[index].min()), int(end[index].max())
+        a = max(0, b - round_up(b - a, multiple))
+        mask = attention_mask[index, a:b]
+        position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+        hidden = reward_model.base_model(
+            input_ids=query_responses[index, a:b], attention_mask=mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+        scores[index] = (
+            reward_model.score(hidden[torch.arange(len(rows), device=hidden.device), end[index] - 1 - a])
+            .squeeze(-1)
+            .float()
+        )
+    return scores
+
+
+def left_pad(sequences: list, pad_token_id: int, multiple: int = 1) -> tuple:
+    """Left-pad token-id lists into (input_ids, attention_mask), to a width that is a multiple of `multiple`."""
+    width = round_up(max(len(s) for s in sequences), multiple)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    for i, s in enumerate(sequences):
+        input_ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+    attention_mask = torch.arange(width)[None, :] >= torch.tensor([width - len(s) for s in sequences])[:, None]
+    return input_ids, attention_mask.long()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plumbing: arguments, progress, the hub, datasets, tokenizers, random states and dropout
 
 
 def fail(argument: str, message: str) -> None:
@@ -420,538 +859,6 @@ def prompt_token_ids(tokenizer, prompts: list) -> list:
     return [render_chat(tokenizer, p, add_generation_prompt=True) for p in prompts]
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (values * mask).sum() / mask.sum()
-
-
-def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    mean = masked_mean(values, mask)
-    variance = masked_mean((values - mean) ** 2, mask)
-    if unbiased:
-        n = mask.sum()
-        variance = variance * n / (n - 1)
-    return variance
-
-
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """Normalise to unit variance over the masked entries (and zero mean unless shift_mean=False)."""
-    mean, var = masked_mean(values, mask), masked_var(values, mask)
-    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
-    return whitened if shift_mean else whitened + mean
-
-
-def first_true_indices(bools: torch.Tensor) -> torch.Tensor:
-    """Index of the first True in each row, or the row length if there is none."""
-    width = bools.shape[-1]
-    positions = torch.where(bools, torch.arange(width, device=bools.device), width)
-    return positions.min(-1).values
-
-
-def truncate_after_stop(responses: torch.Tensor, stop_token_id: Optional[int], pad_token_id: int) -> tuple:
-    """Keep each response up to and including its first stop token; pad the rest.
-    Returns (postprocessed responses, sequence_lengths = index of the last real token)."""
-    width = responses.shape[1]
-    if stop_token_id is None:
-        return responses, torch.full((len(responses),), width - 1, device=responses.device)
-    stop = first_true_indices(responses == stop_token_id)
-    after = torch.arange(width, device=responses.device) > stop[:, None]
-    return responses.masked_fill(after, pad_token_id), stop.clamp(max=width - 1)
-
-
-def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
-    """Per-token KL estimate of the sampled tokens (k1 or k3 of Schulman's 'Approximating KL divergence')."""
-    logr = ref_logprobs - logprobs
-    return -logr if estimator == "k1" else torch.expm1(logr) - logr
-
-
-def place_scores(non_score_reward: torch.Tensor, scores: torch.Tensor, sequence_lengths: torch.Tensor) -> torch.Tensor:
-    """Add each sequence's score at sequence_length + 1 (just after the last token) when that position exists,
-    else at the last position, as the N+ recipe does."""
-    rewards = non_score_reward.clone()
-    width = rewards.shape[1]
-    end = torch.where(sequence_lengths + 1 < width, sequence_lengths + 1, sequence_lengths)
-    rewards[torch.arange(len(rewards), device=rewards.device), end] += scores
-    return rewards
-
-
-def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
-    """Generalised advantage estimation, A_t = sum_k (gamma*lam)^k delta_{t+k}, as one matrix product instead of
-    a Python loop over tokens. The value after the last position is 0."""
-    width = rewards.shape[1]
-    next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], dim=1)
-    deltas = rewards + gamma * next_values - values
-    k = torch.arange(width, device=rewards.device, dtype=torch.float64)
-    exponent = k[:, None] - k[None, :]  # [source step k, target step t]: weight (gamma*lam)^(k-t) for k >= t
-    discount = torch.where(exponent >= 0, (gamma * lam) ** exponent.clamp(min=0), 0.0)
-    return (deltas.double() @ discount).to(rewards.dtype)
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    probs = logits.softmax(-1)
-    return torch.logsumexp(logits, -1) - (probs * logits).sum(-1)
-
-
-def sequence_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    return torch.gather(logits.log_softmax(-1), 2, tokens[..., None]).squeeze(-1)
-
-
-class ChunkedLogprobs(torch.autograd.Function):
-    """log p(token) and entropy at each response position, straight from the hidden states and the LM head's weight,
-    one tile of (positions x vocabulary entries) at a time: the [batch, response, vocab] logits, their log-softmax and
-    their gradient never exist whole (a 50k-vocabulary position costs 0.2 MB per copy), and the backward recomputes
-    each tile's logits instead of keeping them. A tile spans all the positions of a block (up to BLOCK_ROWS) and a
-    slice of the vocabulary, so that the weight gradient of each slice is written once per block rather than
-    re-accumulated chunk after chunk (about 10% faster than chunks of positions at a 50k vocabulary); the forward
-    combines the slices with a running maximum (online log-sum-exp). Same values and gradients as head -> log_softmax
-    -> gather (tests/test_ppo_helpers.py)."""
-
-    BLOCK_ROWS, TILE_VALUES = 1024, 2**21  # positions per block; logits per tile (8 MB in fp32)
-
-    @staticmethod
-    def tiles(n: int, vocab: int):
-        rows = min(n, ChunkedLogprobs.BLOCK_ROWS)
-        width = max(1, ChunkedLogprobs.TILE_VALUES // rows)
-        return [
-            (slice(i, min(i + rows, n)), [slice(j, min(j + width, vocab)) for j in range(0, vocab, width)])
-            for i in range(0, n, rows)
-        ]
-
-    @staticmethod
-    def in_slice(tokens, v):
-        """Rows whose token lies in the vocabulary slice v, and its column in the slice."""
-        rows = ((tokens >= v.start) & (tokens < v.stop)).nonzero().squeeze(1)
-        return rows, tokens[rows] - v.start
-
-    @staticmethod
-    def capped(logits, softcap, post):
-        """The model's logit softcapping and the temperature on a tile: post * softcap * tanh(logits / softcap), and
-        the tanh (for the derivative). Without softcap, scale and temperature are linear and the caller folds them
-        into the hidden states instead."""
-        if softcap is None:
-            return logits, None
-        t = torch.tanh(logits / softcap)
-        return t * (softcap * post), t
-
-    @staticmethod
-    def forward(ctx, hidden, weight, tokens, dtype, softcap=None, post=1.0):
-        flat, tokens = hidden.reshape(-1, hidden.shape[-1]), tokens.reshape(-1)
-        logprobs, entropy, lse = (torch.empty(len(tokens), device=hidden.device) for _ in range(3))
-        w = weight.to(dtype)
-        for block, slices in ChunkedLogprobs.tiles(len(tokens), weight.shape[0]):
-            h, block_tokens = flat[block].to(dtype), tokens[block]
-            # Per row: top = running max logit, total = sum exp(logit - top),
-            # spread = sum exp(logit - top) * (logit - top)
-            target = torch.empty(len(block_tokens), device=hidden.device)
-            for k, v in enumerate(slices):
-                logits, _ = ChunkedLogprobs.capped((h @ w[v].T).float(), softcap, post)
-                rows, cols = ChunkedLogprobs.in_slice(block_tokens, v)
-                target[rows] = logits[rows, cols]
-                new_top = logits.amax(1)
-                if k == 0:
-                    top, total, spread = new_top, torch.zeros_like(new_top), torch.zeros_like(new_top)
-                else:
-                    new_top = torch.maximum(top, new_top)
-                rescale = (top - new_top).exp()  # re-express the sums so far relative to the new maximum
-                spread = rescale * (spread + total * (top - new_top))
-                total = rescale * total
-                shifted = logits.sub_(new_top[:, None])
-                exp = shifted.exp()
-                total += exp.sum(1)
-                spread += exp.mul_(shifted).sum(1)
-                top = new_top
-            lse[block] = top + total.log()
-            logprobs[block] = target - lse[block]
-            entropy[block] = total.log() - spread / total
-        ctx.save_for_backward(hidden, weight, tokens, lse)
-        ctx.dtype, ctx.softcap, ctx.post = dtype, softcap, post
-        logprobs, entropy = logprobs.view(hidden.shape[:-1]), entropy.view(hidden.shape[:-1])
-        ctx.mark_non_differentiable(entropy)  # a statistic only
-        return logprobs, entropy
-
-    @staticmethod
-    def backward(ctx, grad_logprobs, _):
-        hidden, weight, tokens, lse = ctx.saved_tensors
-        flat, grad = hidden.reshape(-1, hidden.shape[-1]), grad_logprobs.reshape(-1)
-        w = weight.to(ctx.dtype)
-        grad_hidden = torch.empty_like(flat) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, device=weight.device) if ctx.needs_input_grad[1] else None
-        for block, slices in ChunkedLogprobs.tiles(len(tokens), weight.shape[0]):
-            h, block_grad = flat[block].to(ctx.dtype), grad[block]
-            block_grad_hidden = torch.zeros(h.shape, device=h.device)
-            for v in slices:
-                # d logp / d logits = onehot(token) - softmax(logits); through the softcap, times post * (1 - tanh^2)
-                logits, t = ChunkedLogprobs.capped((h @ w[v].T).float(), ctx.softcap, ctx.post)
-                g = logits.sub_(lse[block, None]).exp_().mul_(-block_grad[:, None])
-                rows, cols = ChunkedLogprobs.in_slice(tokens[block], v)
-                g[rows, cols] += block_grad[rows]
-                if t is not None:
-                    g.mul_(t.square_().neg_().add_(1.0).mul_(ctx.post))
-                g = g.to(ctx.dtype)
-                if grad_hidden is not None:
-                    block_grad_hidden += (g @ w[v]).float()
-                if grad_weight is not None and g.dtype == torch.float32:
-                    grad_weight[v].addmm_(g.T, h)  # in place: no [slice, hidden] temporary
-                elif grad_weight is not None:
-                    grad_weight[v] += (g.T @ h).float()
-            if grad_hidden is not None:
-                grad_hidden[block] = block_grad_hidden
-        return (
-            grad_hidden.view(hidden.shape) if grad_hidden is not None else None,
-            grad_weight.to(weight.dtype) if grad_weight is not None else None,
-            None,
-            None,
-            None,
-            None,
-        )
-
-
-def logit_transform(config) -> tuple:
-    """(scale, softcap): what the causal LM's own forward does to head(hidden) before it returns the logits,
-    logits = softcap * tanh(scale * x / softcap) (scale * x without softcap). Gemma-2/3 cap the logits with tanh,
-    Granite divides them by logits_scaling, Cohere multiplies them by logit_scale (MiniCPM3, HyperCLOVA X and Falcon-H1
-    scale them too); skipping this would sample, score and KL-penalise another distribution than the model's."""
-    text = config.get_text_config()
-    model_type = getattr(text, "model_type", None) or ""
-    scale = 1.0
-    if model_type.startswith("granite") or model_type == "minicpm3":  # MiniCPM3 divides the hidden states instead
-        scale = 1.0 / text.logits_scaling
-    elif model_type.startswith("cohere"):
-        scale = text.logit_scale
-    elif model_type == "hyperclovax":
-        scale = text.logits_scaling
-    elif model_type == "falcon_h1":
-        scale = text.lm_head_multiplier
-    return scale, getattr(text, "final_logit_softcapping", None)
-
-
-UNSUPPORTED_LOGIT_TRANSFORMS = ("inkling", "recurrent_gemma")
-"""Model types whose forward changes the logits in a way logit_transform does not reproduce (from transformers 5.23's
-modelling code: Inkling divides by logits_mup_width_multiplier, RecurrentGemma caps with logits_soft_cap; neither is
-tested here); the scripts refuse them before loading weights rather than train on another distribution."""
-
-
-def transform_logits(logits: torch.Tensor, scale: float, softcap: Optional[float]) -> torch.Tensor:
-    """The model's own logits from head(hidden) (see logit_transform)."""
-    logits = logits * scale if scale != 1.0 else logits
-    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
-
-
-def response_logprobs(
-    head: nn.Module,
-    hidden: torch.Tensor,
-    tokens: torch.Tensor,
-    temperature: float,
-    chunked: bool = True,
-    scale: float = 1.0,
-    softcap: Optional[float] = None,
-) -> tuple:
-    """(log-probs of tokens, entropy) under logits = transform_logits(head(hidden), scale, softcap) / temperature; the
-    entropy is a statistic, without gradient. chunked: ChunkedLogprobs, when the head is a plain bias-free linear layer
-    (scaling its input scales the logits; a softcap is applied to each tile); else the plain computation."""
-    if chunked and type(head) is nn.Linear and head.bias is None:
-        device_type = hidden.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
-        with torch.autocast(device_type, enabled=False):
-            scaled = hidden * scale if scale != 1.0 else hidden
-            if softcap is None:
-                return ChunkedLogprobs.apply(scaled / (temperature + 1e-7), head.weight, tokens, dtype)
-            return ChunkedLogprobs.apply(scaled, head.weight, tokens, dtype, softcap, 1.0 / (temperature + 1e-7))
-    logits = transform_logits(head(hidden).float(), scale, softcap) / (temperature + 1e-7)
-    with torch.no_grad():
-        entropy = entropy_from_logits(logits)
-    return sequence_logprobs(logits, tokens), entropy
-
-
-def round_up(width: int, multiple: int) -> int:
-    return -(-width // multiple) * multiple
-
-
-def response_hidden(
-    backbone: nn.Module,
-    query_responses: torch.Tensor,
-    attention_mask: torch.Tensor,
-    context_length: int,
-    multiple: int = 1,
-) -> torch.Tensor:
-    """Final hidden states at the positions that predict the response tokens (context_length-1 ... -2).
-    Left-padding columns shared by the whole batch are trimmed first, keeping a width that is a multiple of
-    `multiple` where the padding allows; position ids count real tokens only, so trimming and padding do not change
-    the result."""
-    keep = int(first_true_indices(attention_mask.any(0, keepdim=True).bool())[0].clamp(max=context_length - 1))
-    keep = max(0, query_responses.shape[1] - round_up(query_responses.shape[1] - keep, multiple))
-    query_responses, attention_mask, context_length = (
-        query_responses[:, keep:],
-        attention_mask[:, keep:],
-        context_length - keep,
-    )
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    out = backbone(
-        input_ids=query_responses, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    )
-    return out.last_hidden_state[:, context_length - 1 : -1]
-
-
-GROUP_OVERHEAD = 32
-"""The cost of one more forward call, in token positions, for length_groups. Measured on this project's CPU with
-1 thread: ~45 positions for the embedded 0.5M-parameter model, ~20 for a hidden-128 x 4-layer one; larger models
-(and GPUs) pay relatively less per call, and splitting then pays off sooner."""
-
-
-def length_groups(lengths: list, overhead: Optional[int] = GROUP_OVERHEAD) -> list:
-    """Rows (indices) split into groups of similar length, longest first, to be forwarded one group at a time, each
-    trimmed to its own longest row: the split minimises sum over groups of (rows x longest row + overhead), the token
-    positions of the padded forwards plus a fixed cost per call. overhead None: one group, the plain padded batch."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    if overhead is None:
-        return [order]
-    best, cut = [0.0] + [math.inf] * len(order), [0] * (len(order) + 1)  # best[j]: cost of the first j rows
-    for j in range(1, len(order) + 1):
-        for i in range(j):  # last group = order[i:j], whose longest row is order[i]
-            cost = best[i] + overhead + (j - i) * lengths[order[i]]
-            if cost < best[j]:
-                best[j], cut[j] = cost, i
-    groups, j = [], len(order)
-    while j:
-        groups.append(order[cut[j] : j])
-        j = cut[j]
-    return groups[::-1]
-
-
-def grouped_response_hidden(
-    backbone: nn.Module,
-    query_responses: torch.Tensor,
-    attention_mask: torch.Tensor,
-    context_length: int,
-    needed: torch.Tensor,
-    overhead: Optional[int],
-    multiple: int = 1,
-) -> torch.Tensor:
-    """response_hidden for the first needed[i] response positions of row i, [batch, max(needed), hidden], computed
-    over length_groups: each group's columns end at its longest need (causal attention: later columns cannot change
-    earlier positions) and start at its first real token. Positions past a row's need are not meaningful (zeros or
-    computed); the caller masks them."""
-    start = first_true_indices(attention_mask.bool())
-    lengths = (context_length + needed - start).tolist()
-    width, parts, order = int(needed.max()), [], []
-    for rows in length_groups(lengths, overhead):
-        index = torch.tensor(rows, device=query_responses.device)
-        end = context_length + int(needed[index].max())
-        hidden = response_hidden(
-            backbone, query_responses[index, :end], attention_mask[index, :end], context_length, multiple
-        )
-        parts.append(F.pad(hidden, (0, 0, 0, width - hidden.shape[1])))
-        order += rows
-    return torch.cat(parts)[torch.argsort(torch.tensor(order, device=query_responses.device))]
-
-
-def policy_logprobs(
-    policy: nn.Module,
-    query_responses: torch.Tensor,
-    attention_mask: torch.Tensor,
-    context_length: int,
-    temperature: float,
-    needed: torch.Tensor,
-    overhead: Optional[int],
-    chunked: bool,
-    multiple: int = 1,
-) -> tuple:
-    """(log-probs, entropy) of the response tokens, [batch, max(needed)]. The LM head runs on response positions
-    only: a 512-token prompt costs no vocabulary-sized logits."""
-    backbone, head = backbone_and_head(policy)
-    hidden = grouped_response_hidden(
-        backbone, query_responses, attention_mask, context_length, needed, overhead, multiple
-    )
-    tokens = query_responses[:, context_length : context_length + hidden.shape[1]]
-    return response_logprobs(head, hidden, tokens, temperature, chunked, *logit_transform(model_config(policy)))
-
-
-def model_config(model: nn.Module):
-    """The transformers config of a model, also inside a DeepSpeed inference engine (whose own `.config` is
-    DeepSpeed's)."""
-    return getattr(model, "module", model).config
-
-
-def backbone_and_head(causal_lm: nn.Module) -> tuple:
-    """The transformer body and the LM head of a causal LM. For a PEFT model, `.base_model` is the LoRA wrapper, not
-    the body: unwrap it first (the LoRA layers sit inside the body, so they still apply)."""
-    model = causal_lm.get_base_model() if hasattr(causal_lm, "get_base_model") else causal_lm
-    return model.base_model, model.get_output_embeddings()
-
-
-class PolicyAndValue(nn.Module):
-    """The two trained models behind one forward, so that accelerate/DeepSpeed wrap (and DDP syncs) them together.
-    Returns log-probs, entropy and values of the first needed[i] response positions of each row (default: all)."""
-
-    def __init__(
-        self,
-        policy: nn.Module,
-        value_model: nn.Module,
-        overhead: Optional[int] = GROUP_OVERHEAD,
-        chunked: bool = True,
-        multiple: int = 1,
-    ):
-        super().__init__()
-        self.policy, self.value_model, self.overhead, self.chunked = policy, value_model, overhead, chunked
-        self.multiple = multiple
-
-    def forward(self, query_responses, attention_mask, context_length: int, temperature: float, needed=None):
-        if needed is None:
-            needed = torch.full(
-                (len(query_responses),), query_responses.shape[1] - context_length, device=query_responses.device
-            )
-        return (
-            *self.policy_forward(query_responses, attention_mask, context_length, temperature, needed),
-            self.value_forward(query_responses, attention_mask, context_length, needed),
-        )
-
-    def policy_forward(
-        self, query_responses, attention_mask, context_length: int, temperature: float, needed
-    ) -> tuple:
-        return policy_logprobs(
-            self.policy,
-            query_responses,
-            attention_mask,
-            context_length,
-            temperature,
-            needed,
-            self.overhead,
-            self.chunked,
-            self.multiple,
-        )
-
-    def value_forward(self, query_responses, attention_mask, context_length: int, needed) -> torch.Tensor:
-        hidden = grouped_response_hidden(
-            self.value_model.base_model,
-            query_responses,
-            attention_mask,
-            context_length,
-            needed,
-            self.overhead,
-            self.multiple,
-        )
-        return self.value_model.score(hidden).squeeze(-1).float()
-
-
-def forward_in_chunks(
-    forward,
-    query_responses: torch.Tensor,
-    attention_mask: torch.Tensor,
-    context_length: int,
-    sequence_lengths: torch.Tensor,
-    chunk_size: int,
-) -> list:
-    """forward(query_responses, attention_mask, context_length, needed) -> [rows, max(needed)] tensors, run on chunks of
-    chunk_size rows of the whole padded rollout batch; the outputs right-padded with 0 to the response width and
-    stacked. needed = each row's stop token + 2 (the value at sequence_length + 1 receives the score), capped at the
-    width, so a row's numbers do not depend on the chunk it was generated in. Positions past the need: the caller
-    masks them."""
-    width = query_responses.shape[1] - context_length
-    outputs = []
-    for i in range(0, len(query_responses), chunk_size):
-        needed = (sequence_lengths[i : i + chunk_size] + 2).clamp(max=width)
-        chunk = forward(
-            query_responses[i : i + chunk_size], attention_mask[i : i + chunk_size], context_length, needed
-        )
-        outputs.append([F.pad(out, (0, width - out.shape[1])) for out in chunk])
-    return [torch.cat(parts) for parts in zip(*outputs)]
-
-
-def sample_tokens(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One token per row of probs, [batch, 1], by inverse CDF: a uniform draw per row located in the cumulative sum.
-    The same distribution as torch.multinomial, which on CPU draws an exponential variate per vocabulary entry
-    (30% of generation time at a 50k vocabulary); tokens of probability 0 are never drawn (right=True)."""
-    cdf = probs.cumsum(-1)
-    u = torch.rand(len(probs), 1, generator=generator, device=probs.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).clamp(max=probs.shape[-1] - 1)
-
-
-@torch.no_grad()
-def generate(
-    policy: nn.Module,
-    queries: torch.Tensor,
-    query_mask: torch.Tensor,
-    response_length: int,
-    temperature: float,
-    stop_token_id: Optional[int],
-    generator: torch.Generator,
-    sync_processes: bool = False,
-) -> torch.Tensor:
-    """Sample up to response_length tokens (top_k 0, top_p 1) with a KV cache, computing the LM head on the last
-    position only, and stop as soon as every row has produced the stop token. With sync_processes (sharded ZeRO-3
-    weights: each forward is collective), stop only when every row of every process has."""
-    backbone, head = backbone_and_head(policy)
-    scale, softcap = logit_transform(model_config(policy))
-    attention_mask = query_mask.long()
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    out = backbone(input_ids=queries, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
-    next_position = position_ids[:, -1:] + 1
-    tokens, done = [], torch.zeros(len(queries), dtype=torch.bool, device=queries.device)
-    for step in range(response_length):
-        logits = transform_logits(head(out.last_hidden_state[:, -1]).float(), scale, softcap)
-        probs = (logits / (temperature + 1e-7)).softmax(-1)
-        token = sample_tokens(probs, generator)
-        tokens.append(token)
-        if stop_token_id is not None:
-            done |= token[:, 0] == stop_token_id
-            all_done = done.all().float()
-            if sync_processes:
-                torch.distributed.all_reduce(all_done, op=torch.distributed.ReduceOp.MIN)
-            if all_done:
-                break
-        if step + 1 < response_length:
-            attention_mask = torch.cat([attention_mask, torch.ones_like(token)], dim=1)
-            out = backbone(
-                input_ids=token,
-                attention_mask=attention_mask,
-                position_ids=next_position,
-                past_key_values=out.past_key_values,
-                use_cache=True,
-            )
-            next_position = next_position + 1
-    return torch.cat(tokens, dim=1)
-
-
-@torch.no_grad()
-def get_score(
-    reward_model: nn.Module,
-    query_responses: torch.Tensor,
-    attention_mask: torch.Tensor,
-    overhead: Optional[int] = None,
-    multiple: int = 1,
-) -> torch.Tensor:
-    """Reward-model score read at the last attended token (left-padded query, right-padded response), computed over
-    length_groups, each group trimmed to its first real token (less, to a width that is a multiple of `multiple`)
-    and its last attended one."""
-    columns = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    start, end = first_true_indices(attention_mask.bool()), (columns * attention_mask).argmax(1) + 1
-    scores = torch.empty(len(query_responses), device=query_responses.device)
-    for rows in length_groups((end - start).tolist(), overhead):
-        index = torch.tensor(rows, device=query_responses.device)
-        a, b = int(start[index].min()), int(end[index].max())
-        a = max(0, b - round_up(b - a, multiple))
-        mask = attention_mask[index, a:b]
-        position_ids = (mask.cumsum(1) - 1).clamp(min=0)
-        hidden = reward_model.base_model(
-            input_ids=query_responses[index, a:b], attention_mask=mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state
-        scores[index] = (
-            reward_model.score(hidden[torch.arange(len(rows), device=hidden.device), end[index] - 1 - a])
-            .squeeze(-1)
-            .float()
-        )
-    return scores
-
-
-def left_pad(sequences: list, pad_token_id: int, multiple: int = 1) -> tuple:
-    """Left-pad token-id lists into (input_ids, attention_mask), to a width that is a multiple of `multiple`."""
-    width = round_up(max(len(s) for s in sequences), multiple)
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    for i, s in enumerate(sequences):
-        input_ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-    attention_mask = torch.arange(width)[None, :] >= torch.tensor([width - len(s) for s in sequences])[:, None]
-    return input_ids, attention_mask.long()
-
-
 def prompt_order(num_prompts: int, seed: int, epoch: int) -> torch.Tensor:
     """The shuffle of one pass over the prompts: a function of (seed, epoch) only, identical on every process,
     so a resumed run draws exactly the prompts the uninterrupted run would."""
@@ -993,6 +900,17 @@ def disable_dropout_in_config(config) -> None:
             setattr(config, name, 0.0)
         elif hasattr(value, "to_dict") and hasattr(value, "get_text_config"):
             disable_dropout_in_config(value)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """nn.Dropout modules, and the float rates that transformers 5's attention modules keep as attributes and use in
+    train mode only (attention_dropout): any dropout makes the training log-probs differ from the rollout's."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if is_dropout_setting(name, value):
+                setattr(module, name, 0.0)
 
 
 def add_pad_token(tokenizer) -> Optional[str]:
@@ -1056,17 +974,6 @@ def saved_tokenizer(path: str, trust_remote_code: bool):
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError):
         return None
-
-
-def disable_dropout(model: nn.Module) -> None:
-    """nn.Dropout modules, and the float rates that transformers 5's attention modules keep as attributes and use in
-    train mode only (attention_dropout): any dropout makes the training log-probs differ from the rollout's."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-        for name, value in list(vars(module).items()):
-            if is_dropout_setting(name, value):
-                setattr(module, name, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -201,15 +201,14 @@ def test_attention_dropout_of_the_config_is_off_in_train_mode():
         assert config.text_config_like.layerdrop == config.text_config_like.dropout == 0.0
 
 
-@pytest.mark.parametrize("dtype,small_tiles", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, True)])
-def test_chunked_logprobs_with_softcap_and_scale_match_autograd(dtype, small_tiles, monkeypatch):
-    """ChunkedLogprobs' forward and hand-written backward through softcapping and a logit scale equal autograd through
-    the plain transform (values, entropy, gradients of the hidden states and of the head's weight), in fp32 and under
-    bf16 autocast as --bf16 runs them."""
+@pytest.mark.parametrize("dtype,small_chunks", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, True)])
+def test_chunked_logprobs_with_softcap_and_scale_match_autograd(dtype, small_chunks, monkeypatch):
+    """Chunked log-probs (chunks of positions recomputed in the backward pass) through softcapping and a logit scale
+    equal autograd through the plain transform (values, entropy, gradients of the hidden states and of the head's
+    weight), in fp32 and under bf16 autocast as --bf16 runs them."""
     vocab = 300
-    if small_tiles:
-        monkeypatch.setattr(ppo_rlhf.ChunkedLogprobs, "BLOCK_ROWS", 4)
-        monkeypatch.setattr(ppo_rlhf.ChunkedLogprobs, "TILE_VALUES", 64)
+    if small_chunks:
+        monkeypatch.setattr(ppo_rlhf, "LOGITS_PER_CHUNK", 4 * vocab)
     g = torch.Generator().manual_seed(5)
     hidden = torch.randn(2, 7, 8, generator=g)
     head = torch.nn.Linear(8, vocab, bias=False)

@@ -398,7 +398,7 @@ def test_optimised_forward_gives_the_plain_gradients(optimised):
 
 
 @pytest.mark.parametrize(
-    "vocab,dtype,small_tiles",
+    "vocab,dtype,small_chunks",
     [
         (40, torch.float32, False),
         (2**20, torch.float32, False),
@@ -407,16 +407,14 @@ def test_optimised_forward_gives_the_plain_gradients(optimised):
         (300, torch.bfloat16, True),
     ],
 )
-def test_chunked_logprobs_match_log_softmax_gather_with_gradients(vocab, dtype, small_tiles, monkeypatch):
+def test_chunked_logprobs_match_log_softmax_gather_with_gradients(vocab, dtype, small_chunks, monkeypatch):
     """Values, entropy and the gradients of hidden states and head weight equal the plain computation; the 2^20
-    vocabulary is cut into vocabulary slices of 2^21 / 22 entries; small tiles (blocks of 4 positions, slices of 16
-    entries) make 4 position blocks x 19 slices, so the running maximum of the online log-sum-exp changes from slice
-    to slice; bf16 runs under autocast as the script's --bf16 does."""
-    if small_tiles:
-        monkeypatch.setattr(ppo_rlhf.ChunkedLogprobs, "BLOCK_ROWS", 4)
-        monkeypatch.setattr(ppo_rlhf.ChunkedLogprobs, "TILE_VALUES", 64)
-        tiles = ppo_rlhf.ChunkedLogprobs.tiles(14, vocab)
-        assert len(tiles) == 4 and all(len(slices) == 19 for _, slices in tiles)
+    vocabulary makes chunks of 4 positions (6 chunks of the 22); small chunks (4 positions) make 4 chunks of the 14
+    positions, so the head's weight gradient is accumulated over chunks; bf16 runs under autocast as the script's
+    --bf16 does."""
+    if small_chunks:
+        monkeypatch.setattr(ppo_rlhf, "LOGITS_PER_CHUNK", 4 * vocab)
+        assert len(range(0, 14, ppo_rlhf.LOGITS_PER_CHUNK // vocab)) == 4
     g = torch.Generator().manual_seed(5)
     hidden = torch.randn(2, 11 if vocab > 1000 else 7, 8, generator=g)
     head = torch.nn.Linear(8, vocab, bias=False)
