@@ -2337,7 +2337,7 @@ if __name__ == "__main__":
     if args.gradient_checkpointing:
         for m in (policy, value_model):
             m.gradient_checkpointing_enable()
-    # oneDNN (bf16 on a CPU) keeps kernels per matmul shape: rounded widths keep the number of shapes, and memory, bounded.
+    # oneDNN (bf16 on a CPU) keeps kernels per matmul shape: rounded widths keep the shapes, and memory, bounded.
     pad_multiple = args.pad_to_multiple_of or (64 if args.bf16 and not torch.cuda.is_available() else 1)
     overhead = GROUP_OVERHEAD if args.length_grouping else None
     model = PolicyAndValue(policy, value_model, overhead, args.chunked_logprobs, pad_multiple)
@@ -2378,17 +2378,12 @@ if __name__ == "__main__":
         base_path=base_path,
         metrics_path=metrics_path,
     )
-    del policy, ref_policy, value_model, reward_model  # run holds them, freed with it before the process group goes
-    unwrapped, pad_id = run.unwrapped, tokenizer.pad_token_id
-    world_size, batch_size, local_batch_size = b.world_size, b.batch_size, b.local_batch_size
-    local_mini_batch_size, micro_per_mini, num_total_batches = (
-        b.local_mini_batch_size,
-        b.micro_per_mini,
-        b.num_total_batches,
-    )
+    pad_id = tokenizer.pad_token_id
+    batch_size, local_batch_size, local_mini_batch_size = b.batch_size, b.local_batch_size, b.local_mini_batch_size
+    micro_per_mini, num_total_batches = b.micro_per_mini, b.num_total_batches
     accelerator.print(
         f"{len(train_ids)} train / {len(eval_ids)} eval prompts; {num_total_batches} updates of "
-        f"{batch_size} episodes ({world_size} processes x {local_batch_size})"
+        f"{batch_size} episodes ({b.world_size} processes x {local_batch_size})"
     )
 
     sample_every = max(num_total_batches // args.num_sample_generations, 1) if args.num_sample_generations else 0
@@ -2632,5 +2627,5 @@ if __name__ == "__main__":
 
     save_output(run, start_time)
     accelerator.wait_for_everyone()
-    del run, model, unwrapped, optimizer  # before the process group goes: avoids gloo's abort at exit
+    del run, model, optimizer, ref_policy, reward_model  # before the process group goes: avoids gloo's abort at exit
     accelerator.end_training()
