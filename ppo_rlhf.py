@@ -2420,10 +2420,8 @@ if __name__ == "__main__":
                 postprocessed.append(pp), sequence_lengths.append(sl), scores.append(s)
                 timer["rollout_forward"] += time.time() - t0
             width = max(r.shape[1] for r in responses)
-            responses, postprocessed = (
-                right_pad_cat(responses, width, pad_id),
-                right_pad_cat(postprocessed, width, pad_id),
-            )
+            responses = right_pad_cat(responses, width, pad_id)
+            postprocessed = right_pad_cat(postprocessed, width, pad_id)
             scores, sequence_lengths = torch.cat(scores), torch.cat(sequence_lengths)
             query_responses = torch.cat([queries, responses], 1)
             attention_mask = torch.cat([query_mask, torch.ones_like(responses)], 1)
