@@ -783,3 +783,12 @@ def test_resume_treats_a_flag_newer_than_the_checkpoint_as_its_default():
     assert ppo_rlhf.changed_arguments(json.dumps(saved), args, set()) == []
     other = dataclasses.replace(args, adam_epsilon=1e-8)
     assert ppo_rlhf.changed_arguments(json.dumps(saved), other, set()) == ["--adam-epsilon 1e-05 (now 1e-08)"]
+
+
+def test_resume_ignores_a_flag_the_checkpoint_has_and_the_script_dropped():
+    """--split-backward was dropped (issue 17): a checkpoint whose saved args carry it, with either value, resumes."""
+    args = ppo_rlhf.Args()
+    saved = json.loads(json.dumps(dataclasses.asdict(args)))
+    for value in (True, False):
+        saved["split_backward"] = value
+        assert ppo_rlhf.changed_arguments(json.dumps(saved), args, set()) == []

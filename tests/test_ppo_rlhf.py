@@ -159,10 +159,7 @@ def plan(runner):
             [*TINY, *SAVE, "--per-device-train-batch-size", "8", "--gradient-accumulation-steps", "1"],
         ),
         "checkpointing": lambda: ppo(runner, "checkpointing", [*TINY, *SAVE, "--gradient-checkpointing"]),
-        "plain": lambda: ppo(
-            runner, "plain", [*TINY, *SAVE, "--no-length-grouping", "--no-chunked-logprobs", "--no-split-backward"]
-        ),
-        "joint": lambda: ppo(runner, "joint", [*TINY, *SAVE, "--no-split-backward"]),
+        "plain": lambda: ppo(runner, "plain", [*TINY, *SAVE, "--no-length-grouping", "--no-chunked-logprobs"]),
         "multiple": lambda: ppo(runner, "multiple", [*TINY, *SAVE, "--pad-to-multiple-of", "32"]),
         "sigterm": lambda: sigterm_and_resume(runner),
         "overwrite": lambda: overwrite_an_earlier_run(runner),
@@ -649,9 +646,8 @@ def test_gradient_checkpointing_gives_the_same_metrics(runs):
 @pytest.mark.slow
 @needs("base", "plain")
 def test_speed_optimisations_give_the_plain_computations_metrics(runs):
-    """Length groups, the tiled LM head and the split backward (on by default) against one padded forward, the
-    full-vocabulary log-softmax and one backward for both models: every logged row, training and evaluation, matches
-    over the whole run."""
+    """Length groups and the tiled LM head (on by default) against one padded forward and the full-vocabulary
+    log-softmax: every logged row, training and evaluation, matches over the whole run."""
     assert_same_metrics(runs["base"]().check().rows, runs["plain"]().check().rows, tol=1e-4)
 
 
@@ -660,14 +656,6 @@ def test_speed_optimisations_give_the_plain_computations_metrics(runs):
 def test_pad_to_multiple_of_gives_the_same_metrics(runs):
     """Widths rounded up with left padding (fewer batch shapes for oneDNN under CPU bf16) change no number."""
     assert_same_metrics(runs["base"]().check().rows, runs["multiple"]().check().rows, tol=1e-4)
-
-
-@pytest.mark.slow
-@needs("base", "joint")
-def test_split_backward_gives_exactly_the_joint_backwards_training(runs):
-    """The policy and value models share no parameter: backward passes one after the other give each its gradient
-    bit for bit, so the two runs log identical numbers."""
-    assert_same_metrics(runs["base"]().check().rows, runs["joint"]().check().rows, tol=0.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
