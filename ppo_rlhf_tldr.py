@@ -20,6 +20,7 @@ output_dir/eval_generations/, along with the same for the initial (SFT) policy, 
 import atexit
 import contextlib
 import fcntl
+import functools
 import json
 import math
 import os
@@ -43,6 +44,8 @@ INVALID_LOGPROB = 1.0  # written at padded positions; both policy and reference 
 
 @dataclass
 class Args:
+    """Fine-tune a causal language model with PPO against a reward model (RLHF)."""
+
     # common settings
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment (W&B run names start with it)"""
@@ -53,7 +56,7 @@ class Args:
     wandb_project_name: str = "rlhf"
     """the W&B project"""
     wandb_entity: Optional[str] = None
-    """the W&B entity (team)"""
+    """the W&B entity (team); None: your default entity"""
     output_dir: str = "models/ppo_tiny"
     """where the policy, value model, tokenizer, metrics.jsonl and model card are written"""
     overwrite_output_dir: bool = False
@@ -61,7 +64,7 @@ class Args:
     push_to_hub: bool = False
     """upload the trained policy and tokenizer to the Hugging Face hub"""
     hub_model_id: Optional[str] = None
-    """the hub repository for --push-to-hub (default: the output_dir's name)"""
+    """the hub repository for --push-to-hub; None: the output_dir's name"""
     trust_remote_code: bool = False
     """allow models and tokenizers that run code from their repository"""
     logging_steps: int = 1
@@ -69,27 +72,25 @@ class Args:
     save_steps: int = 0
     """write a resumable checkpoint every this many PPO updates (0: never)"""
     save_total_limit: Optional[int] = 2
-    """keep only the newest this many checkpoints (None: keep all)"""
+    """keep only the newest this many checkpoints; None: keep all"""
     resume_from_checkpoint: Optional[str] = None
-    """a checkpoint folder, or `latest` for the newest one in output_dir/checkpoints; the run continues exactly"""
+    """a checkpoint folder, or `latest` (the newest in output_dir/checkpoints), to continue exactly"""
 
     # data
     dataset_name: str = "embedded/prompts"
-    """trl-lib/tldr or a local copy (save_to_disk folder, json/jsonl/parquet/csv/tsv) with `prompt` and `completion`
-    string columns (conversational prompts: use ppo_rlhf.py)"""
+    """trl-lib/tldr or a local copy with `prompt` and `completion` string columns (chats: use ppo_rlhf.py)"""
     dataset_train_split: str = "train"
     """the split of prompts to train on"""
     dataset_test_split: str = "validation"
-    """the split for evaluation and sample tables (if there is none: every 10th train row, see the log)"""
+    """the split for evaluation and sample tables (if there is none: every 10th train row)"""
     dataset_final_eval_split: Optional[str] = "test"
-    """the split of the final evaluation whose generations are saved for a judge (None: skip it; missing: the
-    evaluation rows)"""
+    """the final evaluation's split, whose generations are saved for a judge; None: skip it"""
     max_prompt_length: int = 512
     """prompts longer than this many tokens are dropped (and counted in the log)"""
     eval_initial_policy: bool = True
     """also save the initial (SFT) policy's generations on the final evaluation split, for the judge"""
     dataset_num_proc: Optional[int] = None
-    """processes for tokenising the dataset"""
+    """processes for tokenising the dataset; None: this process"""
 
     # models
     model_name_or_path: str = "embedded/sft_model"
@@ -99,7 +100,7 @@ class Args:
     reward_model_path: str = "embedded/reward_model"
     """the reward model (a one-label sequence classifier)"""
     value_model_path: Optional[str] = None
-    """the value model's initialisation (default: reward_model_path)"""
+    """the value model's initialisation; None: reward_model_path"""
 
     # batch sizes (see the batch arithmetic below)
     total_episodes: int = 3072
@@ -117,7 +118,7 @@ class Args:
 
     # optimisation
     learning_rate: float = 3e-5
-    """learning rate (3e-6 in the Pythia-1B recipe; a ~0.5M-parameter model needs more)"""
+    """learning rate (the Pythia-1B recipe's is 3e-6; a ~0.5M-parameter model needs more)"""
     lr_scheduler_type: Literal["linear", "cosine", "constant"] = "linear"
     """schedule over the PPO updates, stepped once per update"""
     warmup_ratio: float = 0.0
@@ -133,36 +134,27 @@ class Args:
     weight_decay: float = 0.0
     """AdamW's decoupled weight decay"""
     bf16: bool = False
-    """bf16 autocast for every forward (about 2x matmul speed on GPUs and, at widths of 128 and more, on CPUs with
-    avx512_bf16; see --pad-to-multiple-of)"""
+    """bf16 autocast for every forward (faster matmuls on GPUs and on CPUs with avx512_bf16)"""
     gradient_checkpointing: bool = False
     """recompute policy and value activations in the backward pass to save memory"""
     length_grouping: bool = True
-    """run each forward on groups of rows of similar length, each trimmed of its padding on both sides, instead of
-    one padded batch (same result; False: the plain padded batch, for checking)"""
+    """forward rows in groups of similar length, each trimmed of its padding (same result)"""
     pad_to_multiple_of: Optional[int] = None
-    """pad each forward's width (the prompts, each length group) to a multiple of this, so that few batch shapes
-    occur (default: 64 under --bf16 on a CPU, where oneDNN keeps kernels per shape and memory grows with the shapes
-    seen; else 1; same result)"""
+    """round each forward's width up to a multiple of this (same result); None: 64 under --bf16 on a CPU, else 1"""
     chunked_logprobs: bool = True
-    """compute response log-probs and entropy from the LM head in tiles of positions x vocabulary, never the whole
-    [batch, response, vocab] logits (same result; False: the plain head -> log_softmax -> gather, for checking)"""
-    split_backward: bool = True
-    """one process without DeepSpeed: run the policy loss's backward before the value model's forward, so the two
-    models' activations are never held at once (same gradients; DDP and DeepSpeed allow one backward per forward
-    of the wrapped model, so there both run together; False: together everywhere, for checking)"""
+    """LM head log-probs a chunk of positions at a time, never whole [batch, response, vocab] logits (same result)"""
 
     # generation
     response_length: int = 53
     """maximum new tokens per response"""
     stop_token: Optional[Literal["eos"]] = "eos"
-    """truncate responses after EOS and stop generating when every row has it (pass `None` to never stop)"""
+    """truncate responses after EOS and stop generating once every row has it; None: never stop"""
     stop_token_id: Optional[int] = None
     """truncate after this token id instead (needs --stop-token None)"""
     temperature: float = 0.7
     """sampling temperature of the rollouts"""
     missing_eos_penalty: Optional[float] = 1.0
-    """subtracted from the score of responses that do not contain the stop token (the EOS trick)"""
+    """subtracted from the score of responses without the stop token (the EOS trick); None: no penalty"""
 
     # PPO
     kl_coef: float = 0.05
@@ -192,37 +184,668 @@ class Args:
     eval_temperature: float = 0.01
     """near-greedy decoding for evaluation and sample tables"""
     num_eval_prompts: Optional[int] = None
-    """evaluate on the first this many test prompts (default: all)"""
+    """evaluate on the first this many test prompts; None: all"""
 
     # processes and DeepSpeed (the launch commands are in docs/scale_out.md)
     ds3_gather_for_generation: bool = True
-    """under ZeRO-3, gather the policy's weights (not the value model's) for generation: fast, but the policy must fit
-    on one device; False generates on the sharded weights, one all-gather per layer per token"""
+    """under ZeRO-3, gather the policy's weights for generation (fast; the policy must fit on one device)"""
 
     # LoRA (PEFT)
     use_peft: bool = False
-    """train a LoRA adapter instead of the policy's weights; the reference is the same model with the adapter disabled
-    (no second copy in memory); the value model is trained in full, as in TRL"""
+    """train a LoRA adapter instead of the policy's weights; the reference is the policy with its adapter off"""
     lora_r: int = 16
     """LoRA rank"""
     lora_alpha: int = 32
     """LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)"""
     lora_dropout: float = 0.0
-    """dropout on the adapter's input (TRL: 0.05; any dropout makes the rollout and training log-probs disagree)"""
+    """dropout on the adapter's input (TRL: 0.05; any dropout makes rollout and training log-probs differ)"""
     lora_target_modules: Optional[list[str]] = None
-    """modules that get an adapter (default: PEFT's choice for the architecture, query_key_value for GPT-NeoX;
-    `all-linear` for every linear layer but the LM head)"""
+    """modules that get an adapter (`all-linear`: every linear layer but the LM head); None: PEFT's choice"""
     model_adapter_name: Optional[str] = None
-    """name of the trained adapter (default: `default`), for models that carry several adapters"""
+    """name of the trained adapter, for models that carry several; None: `default`"""
     ref_adapter_name: Optional[str] = None
-    """when --sft-model-path is a LoRA adapter folder: it is loaded twice, trained as model_adapter_name and frozen
-    under this name, and the reference switches to it (set_adapter) instead of disabling the adapter"""
+    """with a LoRA adapter as --sft-model-path: a frozen copy of it under this name is the reference"""
     merge_adapter_on_save: bool = False
-    """also save the policy with the adapter merged into its weights, in output_dir/merged (a plain model)"""
+    """also save the policy with the adapter merged into its weights, in output_dir/merged"""
+
+
+@dataclass
+class Batches:
+    """The batch arithmetic of the N+ recipe, derived once from the arguments and the number of processes."""
+
+    world_size: int
+    local_batch_size: int  # rollouts per process per update
+    batch_size: int  # episodes per update, all processes together
+    local_mini_batch_size: int
+    micro_per_mini: int  # backward passes per optimizer step
+    num_total_batches: int  # PPO updates
+
+
+def check_args(args: Args, resume_dir: Optional[str], resume_state: Optional[dict]) -> Batches:
+    """Every check that needs no model, before any loads (a typo should cost a second, not a model load); returns
+    the batch arithmetic. WORLD_SIZE is set by every launcher before the script runs."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    batch_size = local_batch_size * world_size
+    local_mini_batch_size = local_batch_size // max(args.num_mini_batches, 1)
+    b = Batches(
+        world_size=world_size,
+        local_batch_size=local_batch_size,
+        batch_size=batch_size,
+        local_mini_batch_size=local_mini_batch_size,
+        micro_per_mini=local_mini_batch_size // args.per_device_train_batch_size,
+        num_total_batches=math.ceil(args.total_episodes / batch_size),
+    )
+    script = os.path.basename(__file__)
+    if resume_state is not None and resume_state.get("script", script) != script:
+        fail(
+            "resume_from_checkpoint",
+            f"{resume_dir!r} was written by {resume_state['script']}; pass a checkpoint of {script}",
+        )
+    if resume_state is not None:
+        # Only where and how often things are written, tracking and memory savers may differ; anything else would
+        # silently train another model (evaluation settings too: evaluation draws from the sampling generator).
+        changed = changed_arguments(resume_state.get("args", "{}"), args, MAY_CHANGE_ON_RESUME)
+        if changed:
+            fail(
+                "resume_from_checkpoint",
+                f"{resume_dir!r} was written by a run with {', '.join(changed)}; resume "
+                "with the same values, or start a new run",
+            )
+    if (
+        os.path.isdir(args.output_dir)
+        and os.listdir(args.output_dir)
+        and not (args.overwrite_output_dir or resume_dir)
+    ):
+        fail(
+            "output_dir",
+            f"{args.output_dir!r} exists and is not empty; pass --overwrite-output-dir, "
+            "--resume-from-checkpoint latest, or another path",
+        )
+    if args.save_steps < 0 or (args.save_total_limit is not None and args.save_total_limit < 1):
+        fail(
+            "save_steps",
+            f"--save-steps {args.save_steps} must be >= 0 and --save-total-limit "
+            f"{args.save_total_limit} >= 1 (or None)",
+        )
+    if args.stop_token is not None and args.stop_token_id is not None:
+        fail(
+            "stop_token_id",
+            f"both --stop-token {args.stop_token} and --stop-token-id {args.stop_token_id} are set; "
+            "pass --stop-token None to stop on the id, or drop --stop-token-id",
+        )
+    if args.push_to_hub:
+        check_push_to_hub(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)))
+    if args.missing_eos_penalty is not None and args.missing_eos_penalty < 0:
+        fail(
+            "missing_eos_penalty",
+            f"is {args.missing_eos_penalty}; it is subtracted from the score, so it must be >= 0",
+        )
+    for name in (
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "num_mini_batches",
+        "num_ppo_epochs",
+        "local_rollout_forward_batch_size",
+        "response_length",
+        "logging_steps",
+        "eval_steps",
+    ):
+        if getattr(args, name) <= 0:
+            fail(name, f"must be a positive integer, got {getattr(args, name)}")
+    if args.pad_to_multiple_of is not None and args.pad_to_multiple_of < 1:
+        fail("pad_to_multiple_of", f"must be a positive integer, got {args.pad_to_multiple_of}")
+    for name in ("temperature", "learning_rate", "eval_temperature", "cliprange", "cliprange_value"):
+        if not getattr(args, name) > 0:  # `not >` also catches nan
+            fail(name, f"must be positive, got {getattr(args, name)}")
+    for name in ("kl_coef", "vf_coef"):
+        if not getattr(args, name) >= 0:
+            fail(name, f"must be >= 0 (a negative weight rewards what it should penalise), got {getattr(args, name)}")
+    for name in ("gamma", "lam", "warmup_ratio"):
+        if not 0 <= getattr(args, name) <= 1:
+            fail(name, f"must be in [0, 1], got {getattr(args, name)}")
+    if not 0 <= args.seed < 2**32:
+        fail("seed", f"must be in [0, 2**32 - 1] (numpy's seed range), got {args.seed}")
+    if not args.adam_epsilon > 0:
+        fail("adam_epsilon", f"must be positive, got {args.adam_epsilon}")
+    if args.max_grad_norm is not None and not args.max_grad_norm > 0:
+        fail("max_grad_norm", f"must be positive, got {args.max_grad_norm} (None: no clipping)")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(args, name) < 1:
+            fail(name, f"must be in [0, 1), got {getattr(args, name)}")
+    if not args.weight_decay >= 0:
+        fail("weight_decay", f"must be >= 0, got {args.weight_decay}")
+    if local_batch_size % args.num_mini_batches != 0:
+        fail(
+            "num_mini_batches",
+            f"the per-process batch of {local_batch_size} rollouts (per_device_train_batch_size "
+            f"{args.per_device_train_batch_size} x gradient_accumulation_steps "
+            f"{args.gradient_accumulation_steps}) does not split into {args.num_mini_batches} "
+            "mini-batches",
+        )
+    if local_mini_batch_size % args.per_device_train_batch_size != 0:
+        fail(
+            "num_mini_batches",
+            f"a mini-batch of {local_mini_batch_size} rollouts does not split into micro-batches "
+            f"of {args.per_device_train_batch_size}; make gradient_accumulation_steps "
+            f"({args.gradient_accumulation_steps}) a multiple of num_mini_batches",
+        )
+    if args.total_episodes < batch_size:
+        fail(
+            "total_episodes",
+            f"{args.total_episodes} is less than one update's batch of {batch_size} episodes "
+            f"({local_batch_size} per process x {world_size} processes)",
+        )
+    if args.whiten_rewards and local_mini_batch_size < 8:
+        fail("whiten_rewards", f"needs at least 8 rollouts per mini-batch per process, got {local_mini_batch_size}")
+    for arg in ("model_name_or_path", "sft_model_path", "reward_model_path", "value_model_path"):
+        path = getattr(args, arg)
+        # A hub id is `name` or `org/name`; anything else that does not exist is a missing local folder.
+        looks_local = path is not None and (path.startswith((".", "/", "~")) or path.count("/") > 1)
+        if path is not None and not os.path.exists(path) and (looks_local or os.environ.get("HF_HUB_OFFLINE") == "1"):
+            fail(
+                arg,
+                f"{path!r} does not exist; pass a local folder or a hub id (the embedded task's models are "
+                "made by `python tiny_tldr.py --with-models`)",
+            )
+    sft_is_adapter = is_adapter_folder(args.sft_model_path)
+    model_adapter_name = args.model_adapter_name or "default"
+    lora_settings = args.model_adapter_name or args.ref_adapter_name or args.merge_adapter_on_save or sft_is_adapter
+    if not args.use_peft and lora_settings:
+        fail(
+            "use_peft",
+            "--model-adapter-name, --ref-adapter-name, --merge-adapter-on-save and an adapter folder as "
+            "--sft-model-path are LoRA settings; add --use-peft",
+        )
+    if sft_is_adapter and not args.ref_adapter_name:
+        fail(
+            "ref_adapter_name",
+            f"{args.sft_model_path!r} is a LoRA adapter: the reference must be that adapter, not "
+            "the base model; pass --ref-adapter-name reference (any name but the trained one's)",
+        )
+    if args.ref_adapter_name and not sft_is_adapter:
+        fail(
+            "ref_adapter_name",
+            f"{args.sft_model_path!r} is not a LoRA adapter folder (no adapter_config.json): the "
+            "reference is the policy with its adapter disabled; drop --ref-adapter-name",
+        )
+    if args.ref_adapter_name and args.ref_adapter_name == model_adapter_name:
+        fail("ref_adapter_name", f"is the trained adapter's name {model_adapter_name!r}; pick another")
+    return b
+
+
+# Resuming continues the checkpoint's run: these may differ from the arguments it was written with.
+MAY_CHANGE_ON_RESUME = {
+    "exp_name",
+    "track",
+    "wandb_project_name",
+    "wandb_entity",
+    "output_dir",
+    "overwrite_output_dir",
+    "push_to_hub",
+    "hub_model_id",
+    "trust_remote_code",
+    "logging_steps",
+    "save_steps",
+    "save_total_limit",
+    "resume_from_checkpoint",
+    "gradient_checkpointing",
+    "dataset_num_proc",
+    "merge_adapter_on_save",
+}
+
+
+def is_adapter_folder(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "adapter_config.json"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Helpers: small, pure, and each compared with a plain computation in tests/test_ppo_helpers.py
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum()
+
+
+def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    mean = masked_mean(values, mask)
+    variance = masked_mean((values - mean) ** 2, mask)
+    if unbiased:
+        n = mask.sum()
+        variance = variance * n / (n - 1)
+    return variance
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """Normalise to unit variance over the masked entries (and zero mean unless shift_mean=False)."""
+    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    return whitened if shift_mean else whitened + mean
+
+
+def first_true_indices(bools: torch.Tensor) -> torch.Tensor:
+    """Index of the first True in each row, or the row length if there is none."""
+    width = bools.shape[-1]
+    positions = torch.where(bools, torch.arange(width, device=bools.device), width)
+    return positions.min(-1).values
+
+
+def truncate_after_stop(responses: torch.Tensor, stop_token_id: Optional[int], pad_token_id: int) -> tuple:
+    """Keep each response up to and including its first stop token; pad the rest.
+    Returns (postprocessed responses, sequence_lengths = index of the last real token)."""
+    width = responses.shape[1]
+    if stop_token_id is None:
+        return responses, torch.full((len(responses),), width - 1, device=responses.device)
+    stop = first_true_indices(responses == stop_token_id)
+    after = torch.arange(width, device=responses.device) > stop[:, None]
+    return responses.masked_fill(after, pad_token_id), stop.clamp(max=width - 1)
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token KL estimate of the sampled tokens (k1 or k3 of Schulman's 'Approximating KL divergence')."""
+    logr = ref_logprobs - logprobs
+    return -logr if estimator == "k1" else torch.expm1(logr) - logr
+
+
+def place_scores(non_score_reward: torch.Tensor, scores: torch.Tensor, sequence_lengths: torch.Tensor) -> torch.Tensor:
+    """Add each sequence's score at sequence_length + 1 (just after the last token) when that position exists,
+    else at the last position, as the N+ recipe does."""
+    rewards = non_score_reward.clone()
+    width = rewards.shape[1]
+    end = torch.where(sequence_lengths + 1 < width, sequence_lengths + 1, sequence_lengths)
+    rewards[torch.arange(len(rewards), device=rewards.device), end] += scores
+    return rewards
+
+
+def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
+    """Generalised advantage estimation, A_t = sum_k (gamma*lam)^k delta_{t+k}, as one matrix product instead of
+    a Python loop over tokens. The value after the last position is 0."""
+    width = rewards.shape[1]
+    next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], dim=1)
+    deltas = rewards + gamma * next_values - values
+    k = torch.arange(width, device=rewards.device, dtype=torch.float64)
+    exponent = k[:, None] - k[None, :]  # [source step k, target step t]: weight (gamma*lam)^(k-t) for k >= t
+    discount = torch.where(exponent >= 0, (gamma * lam) ** exponent.clamp(min=0), 0.0)
+    return (deltas.double() @ discount).to(rewards.dtype)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    probs = logits.softmax(-1)
+    return torch.logsumexp(logits, -1) - (probs * logits).sum(-1)
+
+
+def sequence_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return torch.gather(logits.log_softmax(-1), 2, tokens[..., None]).squeeze(-1)
+
+
+def logit_transform(config) -> tuple:
+    """(scale, softcap): what the causal LM's own forward does to head(hidden) before it returns the logits,
+    logits = softcap * tanh(scale * x / softcap) (scale * x without softcap). Gemma-2/3 cap the logits with tanh,
+    Granite divides them by logits_scaling, Cohere multiplies them by logit_scale (MiniCPM3, HyperCLOVA X and Falcon-H1
+    scale them too); skipping this would sample, score and KL-penalise another distribution than the model's."""
+    text = config.get_text_config()
+    model_type = getattr(text, "model_type", None) or ""
+    scale = 1.0
+    if model_type.startswith("granite") or model_type == "minicpm3":  # MiniCPM3 divides the hidden states instead
+        scale = 1.0 / text.logits_scaling
+    elif model_type.startswith("cohere"):
+        scale = text.logit_scale
+    elif model_type == "hyperclovax":
+        scale = text.logits_scaling
+    elif model_type == "falcon_h1":
+        scale = text.lm_head_multiplier
+    return scale, getattr(text, "final_logit_softcapping", None)
+
+
+UNSUPPORTED_LOGIT_TRANSFORMS = ("inkling", "recurrent_gemma")
+"""Model types whose forward changes the logits in a way logit_transform does not reproduce (from transformers 5.23's
+modelling code: Inkling divides by logits_mup_width_multiplier, RecurrentGemma caps with logits_soft_cap; neither is
+tested here); the scripts refuse them before loading weights rather than train on another distribution."""
+
+
+def transform_logits(logits: torch.Tensor, scale: float, softcap: Optional[float]) -> torch.Tensor:
+    """The model's own logits from head(hidden) (see logit_transform)."""
+    logits = logits * scale if scale != 1.0 else logits
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
+
+
+def model_config(model: nn.Module):
+    """The transformers config of a model, also inside a DeepSpeed inference engine (whose own `.config` is
+    DeepSpeed's)."""
+    return getattr(model, "module", model).config
+
+
+def backbone_and_head(causal_lm: nn.Module) -> tuple:
+    """The transformer body and the LM head of a causal LM. For a PEFT model, `.base_model` is the LoRA wrapper, not
+    the body: unwrap it first (the LoRA layers sit inside the body, so they still apply)."""
+    model = causal_lm.get_base_model() if hasattr(causal_lm, "get_base_model") else causal_lm
+    return model.base_model, model.get_output_embeddings()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Speed and memory machinery: same numbers as the plain computation; `--no-length-grouping --no-chunked-logprobs`
+# runs the plain path; tests/test_ppo_helpers.py compares them
+
+
+def round_up(width: int, multiple: int) -> int:
+    return -(-width // multiple) * multiple
+
+
+def response_hidden(
+    backbone: nn.Module,
+    query_responses: torch.Tensor,
+    attention_mask: torch.Tensor,
+    context_length: int,
+    multiple: int = 1,
+) -> torch.Tensor:
+    """Final hidden states at the positions that predict the response tokens (context_length-1 ... -2).
+    Left-padding columns shared by the whole batch are trimmed first, keeping a width that is a multiple of
+    `multiple` where the padding allows; position ids count real tokens only, so trimming and padding do not change
+    the result."""
+    keep = int(first_true_indices(attention_mask.any(0, keepdim=True).bool())[0].clamp(max=context_length - 1))
+    keep = max(0, query_responses.shape[1] - round_up(query_responses.shape[1] - keep, multiple))
+    query_responses, attention_mask, context_length = (
+        query_responses[:, keep:],
+        attention_mask[:, keep:],
+        context_length - keep,
+    )
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    out = backbone(
+        input_ids=query_responses, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    )
+    return out.last_hidden_state[:, context_length - 1 : -1]
+
+
+GROUP_OVERHEAD = 32
+"""The cost of one more forward call, in token positions, for length_groups (measured: benchmark/README.md)."""
+
+
+def length_groups(lengths: list, overhead: Optional[int] = GROUP_OVERHEAD) -> list:
+    """Rows (indices) split into groups of similar length, longest first, to be forwarded one group at a time, each
+    trimmed to its own longest row: the split minimises sum over groups of (rows x longest row + overhead), the token
+    positions of the padded forwards plus a fixed cost per call. overhead None: one group, the plain padded batch."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    if overhead is None:
+        return [order]
+    best, cut = [0.0] + [math.inf] * len(order), [0] * (len(order) + 1)  # best[j]: cost of the first j rows
+    for j in range(1, len(order) + 1):
+        for i in range(j):  # last group = order[i:j], whose longest row is order[i]
+            cost = best[i] + overhead + (j - i) * lengths[order[i]]
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], len(order)
+    while j:
+        groups.append(order[cut[j] : j])
+        j = cut[j]
+    return groups[::-1]
+
+
+def grouped_response_hidden(
+    backbone: nn.Module,
+    query_responses: torch.Tensor,
+    attention_mask: torch.Tensor,
+    context_length: int,
+    needed: torch.Tensor,
+    overhead: Optional[int],
+    multiple: int = 1,
+) -> torch.Tensor:
+    """response_hidden for the first needed[i] response positions of row i, [batch, max(needed), hidden], computed
+    over length_groups: each group's columns end at its longest need (causal attention: later columns cannot change
+    earlier positions) and start at its first real token. Positions past a row's need are not meaningful (zeros or
+    computed); the caller masks them."""
+    start = first_true_indices(attention_mask.bool())
+    lengths = (context_length + needed - start).tolist()
+    width, parts, order = int(needed.max()), [], []
+    for rows in length_groups(lengths, overhead):
+        index = torch.tensor(rows, device=query_responses.device)
+        end = context_length + int(needed[index].max())
+        hidden = response_hidden(
+            backbone, query_responses[index, :end], attention_mask[index, :end], context_length, multiple
+        )
+        parts.append(F.pad(hidden, (0, 0, 0, width - hidden.shape[1])))
+        order += rows
+    return torch.cat(parts)[torch.argsort(torch.tensor(order, device=query_responses.device))]
+
+
+LOGITS_PER_CHUNK = 2**22
+"""Logits held at once by chunked log-probs (16 MB in fp32) whatever the batch; enough positions for fast matmuls."""
+
+
+def head_logprobs(
+    head: nn.Module, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float, scale: float, softcap
+) -> tuple:
+    """(log-probs of tokens, entropy) under logits = transform_logits(head(hidden), scale, softcap) / temperature; the
+    entropy is a statistic, without gradient."""
+    logits = transform_logits(head(hidden).float(), scale, softcap) / (temperature + 1e-7)
+    with torch.no_grad():
+        entropy = entropy_from_logits(logits)
+    return sequence_logprobs(logits, tokens), entropy
+
+
+def response_logprobs(
+    head: nn.Module,
+    hidden: torch.Tensor,
+    tokens: torch.Tensor,
+    temperature: float,
+    chunked: bool = True,
+    scale: float = 1.0,
+    softcap: Optional[float] = None,
+) -> tuple:
+    """head_logprobs; chunked: over chunks of positions, each recomputed in the backward pass
+    (torch.utils.checkpoint), so the [batch, response, vocab] logits and their gradient exist one chunk at a time."""
+    if not chunked:
+        return head_logprobs(head, hidden, tokens, temperature, scale, softcap)
+    rows = max(1, LOGITS_PER_CHUNK // head.weight.shape[0])
+    hidden_chunks = hidden.reshape(1, -1, hidden.shape[-1]).split(rows, dim=1)
+    chunks = [
+        torch.utils.checkpoint.checkpoint(head_logprobs, head, h, t, temperature, scale, softcap, use_reentrant=False)
+        for h, t in zip(hidden_chunks, tokens.reshape(1, -1).split(rows, dim=1))
+    ]
+    logprobs, entropy = (torch.cat(parts, 1).view(tokens.shape) for parts in zip(*chunks))
+    return logprobs, entropy
+
+
+def policy_logprobs(
+    policy: nn.Module,
+    query_responses: torch.Tensor,
+    attention_mask: torch.Tensor,
+    context_length: int,
+    temperature: float,
+    needed: torch.Tensor,
+    overhead: Optional[int],
+    chunked: bool,
+    multiple: int = 1,
+) -> tuple:
+    """(log-probs, entropy) of the response tokens, [batch, max(needed)]. The LM head runs on response positions
+    only: a 512-token prompt costs no vocabulary-sized logits."""
+    backbone, head = backbone_and_head(policy)
+    hidden = grouped_response_hidden(
+        backbone, query_responses, attention_mask, context_length, needed, overhead, multiple
+    )
+    tokens = query_responses[:, context_length : context_length + hidden.shape[1]]
+    return response_logprobs(head, hidden, tokens, temperature, chunked, *logit_transform(model_config(policy)))
+
+
+class PolicyAndValue(nn.Module):
+    """The two trained models behind one forward, so that accelerate/DeepSpeed wrap (and DDP syncs) them together.
+    Returns log-probs, entropy and values of the first needed[i] response positions of each row (default: all)."""
+
+    def __init__(
+        self,
+        policy: nn.Module,
+        value_model: nn.Module,
+        overhead: Optional[int] = GROUP_OVERHEAD,
+        chunked: bool = True,
+        multiple: int = 1,
+    ):
+        super().__init__()
+        self.policy, self.value_model, self.overhead, self.chunked = policy, value_model, overhead, chunked
+        self.multiple = multiple
+
+    def forward(self, query_responses, attention_mask, context_length: int, temperature: float, needed=None):
+        if needed is None:
+            needed = torch.full(
+                (len(query_responses),), query_responses.shape[1] - context_length, device=query_responses.device
+            )
+        return (
+            *self.policy_forward(query_responses, attention_mask, context_length, temperature, needed),
+            self.value_forward(query_responses, attention_mask, context_length, needed),
+        )
+
+    def policy_forward(
+        self, query_responses, attention_mask, context_length: int, temperature: float, needed
+    ) -> tuple:
+        return policy_logprobs(
+            self.policy,
+            query_responses,
+            attention_mask,
+            context_length,
+            temperature,
+            needed,
+            self.overhead,
+            self.chunked,
+            self.multiple,
+        )
+
+    def value_forward(self, query_responses, attention_mask, context_length: int, needed) -> torch.Tensor:
+        hidden = grouped_response_hidden(
+            self.value_model.base_model,
+            query_responses,
+            attention_mask,
+            context_length,
+            needed,
+            self.overhead,
+            self.multiple,
+        )
+        return self.value_model.score(hidden).squeeze(-1).float()
+
+
+def forward_in_chunks(
+    forward,
+    query_responses: torch.Tensor,
+    attention_mask: torch.Tensor,
+    context_length: int,
+    sequence_lengths: torch.Tensor,
+    chunk_size: int,
+) -> list:
+    """forward(query_responses, attention_mask, context_length, needed) -> [rows, max(needed)] tensors, run on chunks of
+    chunk_size rows of the whole padded rollout batch; the outputs right-padded with 0 to the response width and
+    stacked. needed = each row's stop token + 2 (the value at sequence_length + 1 receives the score), capped at the
+    width, so a row's numbers do not depend on the chunk it was generated in. Positions past the need: the caller
+    masks them."""
+    width = query_responses.shape[1] - context_length
+    outputs = []
+    for i in range(0, len(query_responses), chunk_size):
+        needed = (sequence_lengths[i : i + chunk_size] + 2).clamp(max=width)
+        chunk = forward(
+            query_responses[i : i + chunk_size], attention_mask[i : i + chunk_size], context_length, needed
+        )
+        outputs.append([F.pad(out, (0, width - out.shape[1])) for out in chunk])
+    return [torch.cat(parts) for parts in zip(*outputs)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generation and scoring
+
+
+def sample_tokens(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token per row of probs, [batch, 1], by inverse CDF: a uniform draw per row located in the cumulative sum.
+    The same distribution as torch.multinomial, which on CPU draws an exponential variate per vocabulary entry;
+    tokens of probability 0 are never drawn (right=True)."""
+    cdf = probs.cumsum(-1)
+    u = torch.rand(len(probs), 1, generator=generator, device=probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp(max=probs.shape[-1] - 1)
+
+
+@torch.no_grad()
+def generate(
+    policy: nn.Module,
+    queries: torch.Tensor,
+    query_mask: torch.Tensor,
+    response_length: int,
+    temperature: float,
+    stop_token_id: Optional[int],
+    generator: torch.Generator,
+    sync_processes: bool = False,
+) -> torch.Tensor:
+    """Sample up to response_length tokens (top_k 0, top_p 1) with a KV cache, computing the LM head on the last
+    position only, and stop as soon as every row has produced the stop token. With sync_processes (sharded ZeRO-3
+    weights: each forward is collective), stop only when every row of every process has."""
+    backbone, head = backbone_and_head(policy)
+    scale, softcap = logit_transform(model_config(policy))
+    attention_mask = query_mask.long()
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    out = backbone(input_ids=queries, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
+    next_position = position_ids[:, -1:] + 1
+    tokens, done = [], torch.zeros(len(queries), dtype=torch.bool, device=queries.device)
+    for step in range(response_length):
+        logits = transform_logits(head(out.last_hidden_state[:, -1]).float(), scale, softcap)
+        probs = (logits / (temperature + 1e-7)).softmax(-1)
+        token = sample_tokens(probs, generator)
+        tokens.append(token)
+        if stop_token_id is not None:
+            done |= token[:, 0] == stop_token_id
+            all_done = done.all().float()
+            if sync_processes:
+                torch.distributed.all_reduce(all_done, op=torch.distributed.ReduceOp.MIN)
+            if all_done:
+                break
+        if step + 1 < response_length:
+            attention_mask = torch.cat([attention_mask, torch.ones_like(token)], dim=1)
+            out = backbone(
+                input_ids=token,
+                attention_mask=attention_mask,
+                position_ids=next_position,
+                past_key_values=out.past_key_values,
+                use_cache=True,
+            )
+            next_position = next_position + 1
+    return torch.cat(tokens, dim=1)
+
+
+@torch.no_grad()
+def get_score(
+    reward_model: nn.Module,
+    query_responses: torch.Tensor,
+    attention_mask: torch.Tensor,
+    overhead: Optional[int] = None,
+    multiple: int = 1,
+) -> torch.Tensor:
+    """Reward-model score read at the last attended token (left-padded query, right-padded response), computed over
+    length_groups, each group trimmed to its first real token (less, to a width that is a multiple of `multiple`)
+    and its last attended one."""
+    columns = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    start, end = first_true_indices(attention_mask.bool()), (columns * attention_mask).argmax(1) + 1
+    scores = torch.empty(len(query_responses), device=query_responses.device)
+    for rows in length_groups((end - start).tolist(), overhead):
+        index = torch.tensor(rows, device=query_responses.device)
+        a, b = int(start[index].min()), int(end[index].max())
+        a = max(0, b - round_up(b - a, multiple))
+        mask = attention_mask[index, a:b]
+        position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+        hidden = reward_model.base_model(
+            input_ids=query_responses[index, a:b], attention_mask=mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+        scores[index] = (
+            reward_model.score(hidden[torch.arange(len(rows), device=hidden.device), end[index] - 1 - a])
+            .squeeze(-1)
+            .float()
+        )
+    return scores
+
+
+def left_pad(sequences: list, pad_token_id: int, multiple: int = 1) -> tuple:
+    """Left-pad token-id lists into (input_ids, attention_mask), to a width that is a multiple of `multiple`."""
+    width = round_up(max(len(s) for s in sequences), multiple)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    for i, s in enumerate(sequences):
+        input_ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+    attention_mask = torch.arange(width)[None, :] >= torch.tensor([width - len(s) for s in sequences])[:, None]
+    return input_ids, attention_mask.long()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plumbing: arguments, progress, the hub, datasets, tokenizers, random states and dropout
 
 
 def fail(argument: str, message: str) -> None:
@@ -433,538 +1056,6 @@ def prompt_token_ids(tokenizer, prompts: list) -> list:
     return [render_chat(tokenizer, p, add_generation_prompt=True) for p in prompts]
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (values * mask).sum() / mask.sum()
-
-
-def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    mean = masked_mean(values, mask)
-    variance = masked_mean((values - mean) ** 2, mask)
-    if unbiased:
-        n = mask.sum()
-        variance = variance * n / (n - 1)
-    return variance
-
-
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """Normalise to unit variance over the masked entries (and zero mean unless shift_mean=False)."""
-    mean, var = masked_mean(values, mask), masked_var(values, mask)
-    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
-    return whitened if shift_mean else whitened + mean
-
-
-def first_true_indices(bools: torch.Tensor) -> torch.Tensor:
-    """Index of the first True in each row, or the row length if there is none."""
-    width = bools.shape[-1]
-    positions = torch.where(bools, torch.arange(width, device=bools.device), width)
-    return positions.min(-1).values
-
-
-def truncate_after_stop(responses: torch.Tensor, stop_token_id: Optional[int], pad_token_id: int) -> tuple:
-    """Keep each response up to and including its first stop token; pad the rest.
-    Returns (postprocessed responses, sequence_lengths = index of the last real token)."""
-    width = responses.shape[1]
-    if stop_token_id is None:
-        return responses, torch.full((len(responses),), width - 1, device=responses.device)
-    stop = first_true_indices(responses == stop_token_id)
-    after = torch.arange(width, device=responses.device) > stop[:, None]
-    return responses.masked_fill(after, pad_token_id), stop.clamp(max=width - 1)
-
-
-def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
-    """Per-token KL estimate of the sampled tokens (k1 or k3 of Schulman's 'Approximating KL divergence')."""
-    logr = ref_logprobs - logprobs
-    return -logr if estimator == "k1" else torch.expm1(logr) - logr
-
-
-def place_scores(non_score_reward: torch.Tensor, scores: torch.Tensor, sequence_lengths: torch.Tensor) -> torch.Tensor:
-    """Add each sequence's score at sequence_length + 1 (just after the last token) when that position exists,
-    else at the last position, as the N+ recipe does."""
-    rewards = non_score_reward.clone()
-    width = rewards.shape[1]
-    end = torch.where(sequence_lengths + 1 < width, sequence_lengths + 1, sequence_lengths)
-    rewards[torch.arange(len(rewards), device=rewards.device), end] += scores
-    return rewards
-
-
-def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
-    """Generalised advantage estimation, A_t = sum_k (gamma*lam)^k delta_{t+k}, as one matrix product instead of
-    a Python loop over tokens. The value after the last position is 0."""
-    width = rewards.shape[1]
-    next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], dim=1)
-    deltas = rewards + gamma * next_values - values
-    k = torch.arange(width, device=rewards.device, dtype=torch.float64)
-    exponent = k[:, None] - k[None, :]  # [source step k, target step t]: weight (gamma*lam)^(k-t) for k >= t
-    discount = torch.where(exponent >= 0, (gamma * lam) ** exponent.clamp(min=0), 0.0)
-    return (deltas.double() @ discount).to(rewards.dtype)
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    probs = logits.softmax(-1)
-    return torch.logsumexp(logits, -1) - (probs * logits).sum(-1)
-
-
-def sequence_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    return torch.gather(logits.log_softmax(-1), 2, tokens[..., None]).squeeze(-1)
-
-
-class ChunkedLogprobs(torch.autograd.Function):
-    """log p(token) and entropy at each response position, straight from the hidden states and the LM head's weight,
-    one tile of (positions x vocabulary entries) at a time: the [batch, response, vocab] logits, their log-softmax and
-    their gradient never exist whole (a 50k-vocabulary position costs 0.2 MB per copy), and the backward recomputes
-    each tile's logits instead of keeping them. A tile spans all the positions of a block (up to BLOCK_ROWS) and a
-    slice of the vocabulary, so that the weight gradient of each slice is written once per block rather than
-    re-accumulated chunk after chunk (about 10% faster than chunks of positions at a 50k vocabulary); the forward
-    combines the slices with a running maximum (online log-sum-exp). Same values and gradients as head -> log_softmax
-    -> gather (tests/test_ppo_helpers.py)."""
-
-    BLOCK_ROWS, TILE_VALUES = 1024, 2**21  # positions per block; logits per tile (8 MB in fp32)
-
-    @staticmethod
-    def tiles(n: int, vocab: int):
-        rows = min(n, ChunkedLogprobs.BLOCK_ROWS)
-        width = max(1, ChunkedLogprobs.TILE_VALUES // rows)
-        return [
-            (slice(i, min(i + rows, n)), [slice(j, min(j + width, vocab)) for j in range(0, vocab, width)])
-            for i in range(0, n, rows)
-        ]
-
-    @staticmethod
-    def in_slice(tokens, v):
-        """Rows whose token lies in the vocabulary slice v, and its column in the slice."""
-        rows = ((tokens >= v.start) & (tokens < v.stop)).nonzero().squeeze(1)
-        return rows, tokens[rows] - v.start
-
-    @staticmethod
-    def capped(logits, softcap, post):
-        """The model's logit softcapping and the temperature on a tile: post * softcap * tanh(logits / softcap), and
-        the tanh (for the derivative). Without softcap, scale and temperature are linear and the caller folds them
-        into the hidden states instead."""
-        if softcap is None:
-            return logits, None
-        t = torch.tanh(logits / softcap)
-        return t * (softcap * post), t
-
-    @staticmethod
-    def forward(ctx, hidden, weight, tokens, dtype, softcap=None, post=1.0):
-        flat, tokens = hidden.reshape(-1, hidden.shape[-1]), tokens.reshape(-1)
-        logprobs, entropy, lse = (torch.empty(len(tokens), device=hidden.device) for _ in range(3))
-        w = weight.to(dtype)
-        for block, slices in ChunkedLogprobs.tiles(len(tokens), weight.shape[0]):
-            h, block_tokens = flat[block].to(dtype), tokens[block]
-            # Per row: top = running max logit, total = sum exp(logit - top),
-            # spread = sum exp(logit - top) * (logit - top)
-            target = torch.empty(len(block_tokens), device=hidden.device)
-            for k, v in enumerate(slices):
-                logits, _ = ChunkedLogprobs.capped((h @ w[v].T).float(), softcap, post)
-                rows, cols = ChunkedLogprobs.in_slice(block_tokens, v)
-                target[rows] = logits[rows, cols]
-                new_top = logits.amax(1)
-                if k == 0:
-                    top, total, spread = new_top, torch.zeros_like(new_top), torch.zeros_like(new_top)
-                else:
-                    new_top = torch.maximum(top, new_top)
-                rescale = (top - new_top).exp()  # re-express the sums so far relative to the new maximum
-                spread = rescale * (spread + total * (top - new_top))
-                total = rescale * total
-                shifted = logits.sub_(new_top[:, None])
-                exp = shifted.exp()
-                total += exp.sum(1)
-                spread += exp.mul_(shifted).sum(1)
-                top = new_top
-            lse[block] = top + total.log()
-            logprobs[block] = target - lse[block]
-            entropy[block] = total.log() - spread / total
-        ctx.save_for_backward(hidden, weight, tokens, lse)
-        ctx.dtype, ctx.softcap, ctx.post = dtype, softcap, post
-        logprobs, entropy = logprobs.view(hidden.shape[:-1]), entropy.view(hidden.shape[:-1])
-        ctx.mark_non_differentiable(entropy)  # a statistic only
-        return logprobs, entropy
-
-    @staticmethod
-    def backward(ctx, grad_logprobs, _):
-        hidden, weight, tokens, lse = ctx.saved_tensors
-        flat, grad = hidden.reshape(-1, hidden.shape[-1]), grad_logprobs.reshape(-1)
-        w = weight.to(ctx.dtype)
-        grad_hidden = torch.empty_like(flat) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, device=weight.device) if ctx.needs_input_grad[1] else None
-        for block, slices in ChunkedLogprobs.tiles(len(tokens), weight.shape[0]):
-            h, block_grad = flat[block].to(ctx.dtype), grad[block]
-            block_grad_hidden = torch.zeros(h.shape, device=h.device)
-            for v in slices:
-                # d logp / d logits = onehot(token) - softmax(logits); through the softcap, times post * (1 - tanh^2)
-                logits, t = ChunkedLogprobs.capped((h @ w[v].T).float(), ctx.softcap, ctx.post)
-                g = logits.sub_(lse[block, None]).exp_().mul_(-block_grad[:, None])
-                rows, cols = ChunkedLogprobs.in_slice(tokens[block], v)
-                g[rows, cols] += block_grad[rows]
-                if t is not None:
-                    g.mul_(t.square_().neg_().add_(1.0).mul_(ctx.post))
-                g = g.to(ctx.dtype)
-                if grad_hidden is not None:
-                    block_grad_hidden += (g @ w[v]).float()
-                if grad_weight is not None and g.dtype == torch.float32:
-                    grad_weight[v].addmm_(g.T, h)  # in place: no [slice, hidden] temporary
-                elif grad_weight is not None:
-                    grad_weight[v] += (g.T @ h).float()
-            if grad_hidden is not None:
-                grad_hidden[block] = block_grad_hidden
-        return (
-            grad_hidden.view(hidden.shape) if grad_hidden is not None else None,
-            grad_weight.to(weight.dtype) if grad_weight is not None else None,
-            None,
-            None,
-            None,
-            None,
-        )
-
-
-def logit_transform(config) -> tuple:
-    """(scale, softcap): what the causal LM's own forward does to head(hidden) before it returns the logits,
-    logits = softcap * tanh(scale * x / softcap) (scale * x without softcap). Gemma-2/3 cap the logits with tanh,
-    Granite divides them by logits_scaling, Cohere multiplies them by logit_scale (MiniCPM3, HyperCLOVA X and Falcon-H1
-    scale them too); skipping this would sample, score and KL-penalise another distribution than the model's."""
-    text = config.get_text_config()
-    model_type = getattr(text, "model_type", None) or ""
-    scale = 1.0
-    if model_type.startswith("granite") or model_type == "minicpm3":  # MiniCPM3 divides the hidden states instead
-        scale = 1.0 / text.logits_scaling
-    elif model_type.startswith("cohere"):
-        scale = text.logit_scale
-    elif model_type == "hyperclovax":
-        scale = text.logits_scaling
-    elif model_type == "falcon_h1":
-        scale = text.lm_head_multiplier
-    return scale, getattr(text, "final_logit_softcapping", None)
-
-
-UNSUPPORTED_LOGIT_TRANSFORMS = ("inkling", "recurrent_gemma")
-"""Model types whose forward changes the logits in a way logit_transform does not reproduce (from transformers 5.23's
-modelling code: Inkling divides by logits_mup_width_multiplier, RecurrentGemma caps with logits_soft_cap; neither is
-tested here); the scripts refuse them before loading weights rather than train on another distribution."""
-
-
-def transform_logits(logits: torch.Tensor, scale: float, softcap: Optional[float]) -> torch.Tensor:
-    """The model's own logits from head(hidden) (see logit_transform)."""
-    logits = logits * scale if scale != 1.0 else logits
-    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
-
-
-def response_logprobs(
-    head: nn.Module,
-    hidden: torch.Tensor,
-    tokens: torch.Tensor,
-    temperature: float,
-    chunked: bool = True,
-    scale: float = 1.0,
-    softcap: Optional[float] = None,
-) -> tuple:
-    """(log-probs of tokens, entropy) under logits = transform_logits(head(hidden), scale, softcap) / temperature; the
-    entropy is a statistic, without gradient. chunked: ChunkedLogprobs, when the head is a plain bias-free linear layer
-    (scaling its input scales the logits; a softcap is applied to each tile); else the plain computation."""
-    if chunked and type(head) is nn.Linear and head.bias is None:
-        device_type = hidden.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
-        with torch.autocast(device_type, enabled=False):
-            scaled = hidden * scale if scale != 1.0 else hidden
-            if softcap is None:
-                return ChunkedLogprobs.apply(scaled / (temperature + 1e-7), head.weight, tokens, dtype)
-            return ChunkedLogprobs.apply(scaled, head.weight, tokens, dtype, softcap, 1.0 / (temperature + 1e-7))
-    logits = transform_logits(head(hidden).float(), scale, softcap) / (temperature + 1e-7)
-    with torch.no_grad():
-        entropy = entropy_from_logits(logits)
-    return sequence_logprobs(logits, tokens), entropy
-
-
-def round_up(width: int, multiple: int) -> int:
-    return -(-width // multiple) * multiple
-
-
-def response_hidden(
-    backbone: nn.Module,
-    query_responses: torch.Tensor,
-    attention_mask: torch.Tensor,
-    context_length: int,
-    multiple: int = 1,
-) -> torch.Tensor:
-    """Final hidden states at the positions that predict the response tokens (context_length-1 ... -2).
-    Left-padding columns shared by the whole batch are trimmed first, keeping a width that is a multiple of
-    `multiple` where the padding allows; position ids count real tokens only, so trimming and padding do not change
-    the result."""
-    keep = int(first_true_indices(attention_mask.any(0, keepdim=True).bool())[0].clamp(max=context_length - 1))
-    keep = max(0, query_responses.shape[1] - round_up(query_responses.shape[1] - keep, multiple))
-    query_responses, attention_mask, context_length = (
-        query_responses[:, keep:],
-        attention_mask[:, keep:],
-        context_length - keep,
-    )
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    out = backbone(
-        input_ids=query_responses, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    )
-    return out.last_hidden_state[:, context_length - 1 : -1]
-
-
-GROUP_OVERHEAD = 32
-"""The cost of one more forward call, in token positions, for length_groups. Measured on this project's CPU with
-1 thread: ~45 positions for the embedded 0.5M-parameter model, ~20 for a hidden-128 x 4-layer one; larger models
-(and GPUs) pay relatively less per call, and splitting then pays off sooner."""
-
-
-def length_groups(lengths: list, overhead: Optional[int] = GROUP_OVERHEAD) -> list:
-    """Rows (indices) split into groups of similar length, longest first, to be forwarded one group at a time, each
-    trimmed to its own longest row: the split minimises sum over groups of (rows x longest row + overhead), the token
-    positions of the padded forwards plus a fixed cost per call. overhead None: one group, the plain padded batch."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    if overhead is None:
-        return [order]
-    best, cut = [0.0] + [math.inf] * len(order), [0] * (len(order) + 1)  # best[j]: cost of the first j rows
-    for j in range(1, len(order) + 1):
-        for i in range(j):  # last group = order[i:j], whose longest row is order[i]
-            cost = best[i] + overhead + (j - i) * lengths[order[i]]
-            if cost < best[j]:
-                best[j], cut[j] = cost, i
-    groups, j = [], len(order)
-    while j:
-        groups.append(order[cut[j] : j])
-        j = cut[j]
-    return groups[::-1]
-
-
-def grouped_response_hidden(
-    backbone: nn.Module,
-    query_responses: torch.Tensor,
-    attention_mask: torch.Tensor,
-    context_length: int,
-    needed: torch.Tensor,
-    overhead: Optional[int],
-    multiple: int = 1,
-) -> torch.Tensor:
-    """response_hidden for the first needed[i] response positions of row i, [batch, max(needed), hidden], computed
-    over length_groups: each group's columns end at its longest need (causal attention: later columns cannot change
-    earlier positions) and start at its first real token. Positions past a row's need are not meaningful (zeros or
-    computed); the caller masks them."""
-    start = first_true_indices(attention_mask.bool())
-    lengths = (context_length + needed - start).tolist()
-    width, parts, order = int(needed.max()), [], []
-    for rows in length_groups(lengths, overhead):
-        index = torch.tensor(rows, device=query_responses.device)
-        end = context_length + int(needed[index].max())
-        hidden = response_hidden(
-            backbone, query_responses[index, :end], attention_mask[index, :end], context_length, multiple
-        )
-        parts.append(F.pad(hidden, (0, 0, 0, width - hidden.shape[1])))
-        order += rows
-    return torch.cat(parts)[torch.argsort(torch.tensor(order, device=query_responses.device))]
-
-
-def policy_logprobs(
-    policy: nn.Module,
-    query_responses: torch.Tensor,
-    attention_mask: torch.Tensor,
-    context_length: int,
-    temperature: float,
-    needed: torch.Tensor,
-    overhead: Optional[int],
-    chunked: bool,
-    multiple: int = 1,
-) -> tuple:
-    """(log-probs, entropy) of the response tokens, [batch, max(needed)]. The LM head runs on response positions
-    only: a 512-token prompt costs no vocabulary-sized logits."""
-    backbone, head = backbone_and_head(policy)
-    hidden = grouped_response_hidden(
-        backbone, query_responses, attention_mask, context_length, needed, overhead, multiple
-    )
-    tokens = query_responses[:, context_length : context_length + hidden.shape[1]]
-    return response_logprobs(head, hidden, tokens, temperature, chunked, *logit_transform(model_config(policy)))
-
-
-def model_config(model: nn.Module):
-    """The transformers config of a model, also inside a DeepSpeed inference engine (whose own `.config` is
-    DeepSpeed's)."""
-    return getattr(model, "module", model).config
-
-
-def backbone_and_head(causal_lm: nn.Module) -> tuple:
-    """The transformer body and the LM head of a causal LM. For a PEFT model, `.base_model` is the LoRA wrapper, not
-    the body: unwrap it first (the LoRA layers sit inside the body, so they still apply)."""
-    model = causal_lm.get_base_model() if hasattr(causal_lm, "get_base_model") else causal_lm
-    return model.base_model, model.get_output_embeddings()
-
-
-class PolicyAndValue(nn.Module):
-    """The two trained models behind one forward, so that accelerate/DeepSpeed wrap (and DDP syncs) them together.
-    Returns log-probs, entropy and values of the first needed[i] response positions of each row (default: all)."""
-
-    def __init__(
-        self,
-        policy: nn.Module,
-        value_model: nn.Module,
-        overhead: Optional[int] = GROUP_OVERHEAD,
-        chunked: bool = True,
-        multiple: int = 1,
-    ):
-        super().__init__()
-        self.policy, self.value_model, self.overhead, self.chunked = policy, value_model, overhead, chunked
-        self.multiple = multiple
-
-    def forward(self, query_responses, attention_mask, context_length: int, temperature: float, needed=None):
-        if needed is None:
-            needed = torch.full(
-                (len(query_responses),), query_responses.shape[1] - context_length, device=query_responses.device
-            )
-        return (
-            *self.policy_forward(query_responses, attention_mask, context_length, temperature, needed),
-            self.value_forward(query_responses, attention_mask, context_length, needed),
-        )
-
-    def policy_forward(
-        self, query_responses, attention_mask, context_length: int, temperature: float, needed
-    ) -> tuple:
-        return policy_logprobs(
-            self.policy,
-            query_responses,
-            attention_mask,
-            context_length,
-            temperature,
-            needed,
-            self.overhead,
-            self.chunked,
-            self.multiple,
-        )
-
-    def value_forward(self, query_responses, attention_mask, context_length: int, needed) -> torch.Tensor:
-        hidden = grouped_response_hidden(
-            self.value_model.base_model,
-            query_responses,
-            attention_mask,
-            context_length,
-            needed,
-            self.overhead,
-            self.multiple,
-        )
-        return self.value_model.score(hidden).squeeze(-1).float()
-
-
-def forward_in_chunks(
-    forward,
-    query_responses: torch.Tensor,
-    attention_mask: torch.Tensor,
-    context_length: int,
-    sequence_lengths: torch.Tensor,
-    chunk_size: int,
-) -> list:
-    """forward(query_responses, attention_mask, context_length, needed) -> [rows, max(needed)] tensors, run on chunks of
-    chunk_size rows of the whole padded rollout batch; the outputs right-padded with 0 to the response width and
-    stacked. needed = each row's stop token + 2 (the value at sequence_length + 1 receives the score), capped at the
-    width, so a row's numbers do not depend on the chunk it was generated in. Positions past the need: the caller
-    masks them."""
-    width = query_responses.shape[1] - context_length
-    outputs = []
-    for i in range(0, len(query_responses), chunk_size):
-        needed = (sequence_lengths[i : i + chunk_size] + 2).clamp(max=width)
-        chunk = forward(
-            query_responses[i : i + chunk_size], attention_mask[i : i + chunk_size], context_length, needed
-        )
-        outputs.append([F.pad(out, (0, width - out.shape[1])) for out in chunk])
-    return [torch.cat(parts) for parts in zip(*outputs)]
-
-
-def sample_tokens(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One token per row of probs, [batch, 1], by inverse CDF: a uniform draw per row located in the cumulative sum.
-    The same distribution as torch.multinomial, which on CPU draws an exponential variate per vocabulary entry
-    (30% of generation time at a 50k vocabulary); tokens of probability 0 are never drawn (right=True)."""
-    cdf = probs.cumsum(-1)
-    u = torch.rand(len(probs), 1, generator=generator, device=probs.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).clamp(max=probs.shape[-1] - 1)
-
-
-@torch.no_grad()
-def generate(
-    policy: nn.Module,
-    queries: torch.Tensor,
-    query_mask: torch.Tensor,
-    response_length: int,
-    temperature: float,
-    stop_token_id: Optional[int],
-    generator: torch.Generator,
-    sync_processes: bool = False,
-) -> torch.Tensor:
-    """Sample up to response_length tokens (top_k 0, top_p 1) with a KV cache, computing the LM head on the last
-    position only, and stop as soon as every row has produced the stop token. With sync_processes (sharded ZeRO-3
-    weights: each forward is collective), stop only when every row of every process has."""
-    backbone, head = backbone_and_head(policy)
-    scale, softcap = logit_transform(model_config(policy))
-    attention_mask = query_mask.long()
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    out = backbone(input_ids=queries, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
-    next_position = position_ids[:, -1:] + 1
-    tokens, done = [], torch.zeros(len(queries), dtype=torch.bool, device=queries.device)
-    for step in range(response_length):
-        logits = transform_logits(head(out.last_hidden_state[:, -1]).float(), scale, softcap)
-        probs = (logits / (temperature + 1e-7)).softmax(-1)
-        token = sample_tokens(probs, generator)
-        tokens.append(token)
-        if stop_token_id is not None:
-            done |= token[:, 0] == stop_token_id
-            all_done = done.all().float()
-            if sync_processes:
-                torch.distributed.all_reduce(all_done, op=torch.distributed.ReduceOp.MIN)
-            if all_done:
-                break
-        if step + 1 < response_length:
-            attention_mask = torch.cat([attention_mask, torch.ones_like(token)], dim=1)
-            out = backbone(
-                input_ids=token,
-                attention_mask=attention_mask,
-                position_ids=next_position,
-                past_key_values=out.past_key_values,
-                use_cache=True,
-            )
-            next_position = next_position + 1
-    return torch.cat(tokens, dim=1)
-
-
-@torch.no_grad()
-def get_score(
-    reward_model: nn.Module,
-    query_responses: torch.Tensor,
-    attention_mask: torch.Tensor,
-    overhead: Optional[int] = None,
-    multiple: int = 1,
-) -> torch.Tensor:
-    """Reward-model score read at the last attended token (left-padded query, right-padded response), computed over
-    length_groups, each group trimmed to its first real token (less, to a width that is a multiple of `multiple`)
-    and its last attended one."""
-    columns = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    start, end = first_true_indices(attention_mask.bool()), (columns * attention_mask).argmax(1) + 1
-    scores = torch.empty(len(query_responses), device=query_responses.device)
-    for rows in length_groups((end - start).tolist(), overhead):
-        index = torch.tensor(rows, device=query_responses.device)
-        a, b = int(start[index].min()), int(end[index].max())
-        a = max(0, b - round_up(b - a, multiple))
-        mask = attention_mask[index, a:b]
-        position_ids = (mask.cumsum(1) - 1).clamp(min=0)
-        hidden = reward_model.base_model(
-            input_ids=query_responses[index, a:b], attention_mask=mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state
-        scores[index] = (
-            reward_model.score(hidden[torch.arange(len(rows), device=hidden.device), end[index] - 1 - a])
-            .squeeze(-1)
-            .float()
-        )
-    return scores
-
-
-def left_pad(sequences: list, pad_token_id: int, multiple: int = 1) -> tuple:
-    """Left-pad token-id lists into (input_ids, attention_mask), to a width that is a multiple of `multiple`."""
-    width = round_up(max(len(s) for s in sequences), multiple)
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    for i, s in enumerate(sequences):
-        input_ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-    attention_mask = torch.arange(width)[None, :] >= torch.tensor([width - len(s) for s in sequences])[:, None]
-    return input_ids, attention_mask.long()
-
-
 def prompt_order(num_prompts: int, seed: int, epoch: int) -> torch.Tensor:
     """The shuffle of one pass over the prompts: a function of (seed, epoch) only, identical on every process,
     so a resumed run draws exactly the prompts the uninterrupted run would."""
@@ -1006,6 +1097,17 @@ def disable_dropout_in_config(config) -> None:
             setattr(config, name, 0.0)
         elif hasattr(value, "to_dict") and hasattr(value, "get_text_config"):
             disable_dropout_in_config(value)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """nn.Dropout modules, and the float rates that transformers 5's attention modules keep as attributes and use in
+    train mode only (attention_dropout): any dropout makes the training log-probs differ from the rollout's."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if is_dropout_setting(name, value):
+                setattr(module, name, 0.0)
 
 
 def add_pad_token(tokenizer) -> Optional[str]:
@@ -1069,17 +1171,6 @@ def saved_tokenizer(path: str, trust_remote_code: bool):
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError):
         return None
-
-
-def disable_dropout(model: nn.Module) -> None:
-    """nn.Dropout modules, and the float rates that transformers 5's attention modules keep as attributes and use in
-    train mode only (attention_dropout): any dropout makes the training log-probs differ from the rollout's."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-        for name, value in list(vars(module).items()):
-            if is_dropout_setting(name, value):
-                setattr(module, name, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1349,193 +1440,24 @@ def changed_arguments(saved_args: str, args, may_change: set) -> list:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Setup, models, evaluation and saving: what the main block calls around the PPO loop
 
-if __name__ == "__main__":
-    args = tyro.cli(Args, args=bool_flags_as_switches(sys.argv[1:], Args))
-    explain_remote_code_errors()
 
-    # Batch arithmetic, derived once (the N+ recipe). WORLD_SIZE is set by every launcher before the script runs.
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps  # rollouts per process
-    micro_batch_size = args.per_device_train_batch_size * world_size
-    batch_size = local_batch_size * world_size  # episodes per update
-    mini_batch_size = batch_size // max(args.num_mini_batches, 1)
-    local_mini_batch_size = local_batch_size // max(args.num_mini_batches, 1)
-    micro_per_mini = local_mini_batch_size // args.per_device_train_batch_size  # backward passes per optimizer step
-    num_total_batches = math.ceil(args.total_episodes / batch_size)  # PPO updates
-    stop_token_id = args.stop_token_id  # resolved to EOS below once the tokenizer is loaded
-
-    # Validate everything cheap before loading a model: a typo should cost a second, not a model load.
-    if int(os.environ.get("RANK", "0")) == 0:  # the main process holds the output folder for the run
+def claim_output_dir(args: Args) -> tuple:
+    """Lock output_dir for this run (the main process), finish a save that a kill interrupted, and read the
+    checkpoint to resume from: (its folder, its state) or (None, None)."""
+    if int(os.environ.get("RANK", "0")) == 0:
         lock_output_dir(args.output_dir)
         repaired = finish_interrupted_save(args.output_dir)
         if repaired:
             print(repaired)
     resume_dir = resolve_resume(args.resume_from_checkpoint, args.output_dir)
-    resume_state = load_resume_state(resume_dir) if resume_dir else None
-    if resume_state is not None and resume_state.get("script", os.path.basename(__file__)) != os.path.basename(
-        __file__
-    ):
-        fail(
-            "resume_from_checkpoint",
-            f"{resume_dir!r} was written by {resume_state['script']}; pass a checkpoint of "
-            f"{os.path.basename(__file__)}",
-        )
-    if resume_state is not None:
-        # Resuming continues the checkpoint's run: only where and how often things are written, tracking and memory
-        # savers may differ; anything else would silently train another model (evaluation settings too: evaluation
-        # draws from the sampling generator).
-        changed = changed_arguments(
-            resume_state.get("args", "{}"),
-            args,
-            {
-                "exp_name",
-                "track",
-                "wandb_project_name",
-                "wandb_entity",
-                "output_dir",
-                "overwrite_output_dir",
-                "push_to_hub",
-                "hub_model_id",
-                "trust_remote_code",
-                "logging_steps",
-                "save_steps",
-                "save_total_limit",
-                "resume_from_checkpoint",
-                "gradient_checkpointing",
-                "dataset_num_proc",
-                "merge_adapter_on_save",
-            },
-        )
-        if changed:
-            fail(
-                "resume_from_checkpoint",
-                f"{resume_dir!r} was written by a run with {', '.join(changed)}; resume "
-                "with the same values, or start a new run",
-            )
-    if (
-        os.path.isdir(args.output_dir)
-        and os.listdir(args.output_dir)
-        and not (args.overwrite_output_dir or resume_dir)
-    ):
-        fail(
-            "output_dir",
-            f"{args.output_dir!r} exists and is not empty; pass --overwrite-output-dir, "
-            "--resume-from-checkpoint latest, or another path",
-        )
-    if args.save_steps < 0 or (args.save_total_limit is not None and args.save_total_limit < 1):
-        fail(
-            "save_steps",
-            f"--save-steps {args.save_steps} must be >= 0 and --save-total-limit "
-            f"{args.save_total_limit} >= 1 (or None)",
-        )
-    if args.stop_token is not None and args.stop_token_id is not None:
-        fail(
-            "stop_token_id",
-            f"both --stop-token {args.stop_token} and --stop-token-id {args.stop_token_id} are set; "
-            "pass --stop-token None to stop on the id, or drop --stop-token-id",
-        )
-    if args.push_to_hub:
-        check_push_to_hub(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)))
-    if args.missing_eos_penalty is not None and args.missing_eos_penalty < 0:
-        fail(
-            "missing_eos_penalty",
-            f"is {args.missing_eos_penalty}; it is subtracted from the score, so it must be >= 0",
-        )
-    for name in (
-        "per_device_train_batch_size",
-        "gradient_accumulation_steps",
-        "num_mini_batches",
-        "num_ppo_epochs",
-        "local_rollout_forward_batch_size",
-        "response_length",
-        "logging_steps",
-        "eval_steps",
-    ):
-        if getattr(args, name) <= 0:
-            fail(name, f"must be a positive integer, got {getattr(args, name)}")
-    if args.pad_to_multiple_of is not None and args.pad_to_multiple_of < 1:
-        fail("pad_to_multiple_of", f"must be a positive integer, got {args.pad_to_multiple_of}")
-    for name in ("temperature", "learning_rate", "eval_temperature", "cliprange", "cliprange_value"):
-        if not getattr(args, name) > 0:  # `not >` also catches nan
-            fail(name, f"must be positive, got {getattr(args, name)}")
-    for name in ("kl_coef", "vf_coef"):
-        if not getattr(args, name) >= 0:
-            fail(name, f"must be >= 0 (a negative weight rewards what it should penalise), got {getattr(args, name)}")
-    for name in ("gamma", "lam", "warmup_ratio"):
-        if not 0 <= getattr(args, name) <= 1:
-            fail(name, f"must be in [0, 1], got {getattr(args, name)}")
-    if not 0 <= args.seed < 2**32:
-        fail("seed", f"must be in [0, 2**32 - 1] (numpy's seed range), got {args.seed}")
-    for name in ("adam_epsilon", "max_grad_norm"):
-        if getattr(args, name) is not None and not getattr(args, name) > 0:
-            fail(
-                name,
-                f"must be positive, got {getattr(args, name)}"
-                + (" (None: no clipping)" if name == "max_grad_norm" else ""),
-            )
-    for name in ("adam_beta1", "adam_beta2"):
-        if not 0 <= getattr(args, name) < 1:
-            fail(name, f"must be in [0, 1), got {getattr(args, name)}")
-    if not args.weight_decay >= 0:
-        fail("weight_decay", f"must be >= 0, got {args.weight_decay}")
-    if local_batch_size % args.num_mini_batches != 0:
-        fail(
-            "num_mini_batches",
-            f"the per-process batch of {local_batch_size} rollouts (per_device_train_batch_size "
-            f"{args.per_device_train_batch_size} x gradient_accumulation_steps "
-            f"{args.gradient_accumulation_steps}) does not split into {args.num_mini_batches} "
-            "mini-batches",
-        )
-    if local_mini_batch_size % args.per_device_train_batch_size != 0:
-        fail(
-            "num_mini_batches",
-            f"a mini-batch of {local_mini_batch_size} rollouts does not split into micro-batches "
-            f"of {args.per_device_train_batch_size}; make gradient_accumulation_steps "
-            f"({args.gradient_accumulation_steps}) a multiple of num_mini_batches",
-        )
-    if args.total_episodes < batch_size:
-        fail(
-            "total_episodes",
-            f"{args.total_episodes} is less than one update's batch of {batch_size} episodes "
-            f"({local_batch_size} per process x {world_size} processes)",
-        )
-    if args.whiten_rewards and local_mini_batch_size < 8:
-        fail("whiten_rewards", f"needs at least 8 rollouts per mini-batch per process, got {local_mini_batch_size}")
-    for arg in ("model_name_or_path", "sft_model_path", "reward_model_path", "value_model_path"):
-        path = getattr(args, arg)
-        # A hub id is `name` or `org/name`; anything else that does not exist is a missing local folder.
-        looks_local = path is not None and (path.startswith((".", "/", "~")) or path.count("/") > 1)
-        if path is not None and not os.path.exists(path) and (looks_local or os.environ.get("HF_HUB_OFFLINE") == "1"):
-            fail(
-                arg,
-                f"{path!r} does not exist; pass a local folder or a hub id (the embedded task's models are "
-                "made by `python tiny_tldr.py --with-models`)",
-            )
-    sft_is_adapter = os.path.isfile(os.path.join(args.sft_model_path, "adapter_config.json"))
-    model_adapter_name = args.model_adapter_name or "default"
-    if not args.use_peft and (
-        args.model_adapter_name or args.ref_adapter_name or args.merge_adapter_on_save or sft_is_adapter
-    ):
-        fail(
-            "use_peft",
-            "--model-adapter-name, --ref-adapter-name, --merge-adapter-on-save and an adapter folder as "
-            "--sft-model-path are LoRA settings; add --use-peft",
-        )
-    if sft_is_adapter and not args.ref_adapter_name:
-        fail(
-            "ref_adapter_name",
-            f"{args.sft_model_path!r} is a LoRA adapter: the reference must be that adapter, not "
-            "the base model; pass --ref-adapter-name reference (any name but the trained one's)",
-        )
-    if args.ref_adapter_name and not sft_is_adapter:
-        fail(
-            "ref_adapter_name",
-            f"{args.sft_model_path!r} is not a LoRA adapter folder (no adapter_config.json): the "
-            "reference is the policy with its adapter disabled; drop --ref-adapter-name",
-        )
-    if args.ref_adapter_name and args.ref_adapter_name == model_adapter_name:
-        fail("ref_adapter_name", f"is the trained adapter's name {model_adapter_name!r}; pick another")
+    return resume_dir, load_resume_state(resume_dir) if resume_dir else None
+
+
+def load_prompts(args: Args, local_batch_size: int) -> tuple:
+    """The train and evaluation prompts, checked: (train rows, eval rows, "text" or "conversation", a note saying
+    which rows are evaluated)."""
     try:
         splits = load_any_dataset(args.dataset_name)
     except Exception as e:  # the datasets library has many failure types; all mean the same thing to the user
@@ -1589,19 +1511,13 @@ if __name__ == "__main__":
             "dataset_train_split",
             f"{len(train_data)} prompts cannot fill one per-process batch of {local_batch_size} ({split_note})",
         )
+    return train_data, eval_data, final_data, prompt_kind, split_note
 
-    from transformers import (
-        AutoConfig,
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-        get_scheduler,
-    )
 
-    tokenizer = AutoTokenizer.from_pretrained(
-        args.model_name_or_path, padding_side="left", trust_remote_code=args.trust_remote_code
-    )
-    added_pad = add_pad_token(tokenizer)  # logged below, once
+def check_model_configs(args: Args, tokenizer, prompt_kind: str) -> tuple:
+    """From the configs and saved tokenizers only, before any weights load: every model reads the policy
+    tokenizer's ids, and prompt + response fits every model's context. Returns (the smallest context or None,
+    the reward model's reward_shift)."""
     if prompt_kind == "conversation" and not tokenizer.chat_template:
         fail(
             "model_name_or_path",
@@ -1609,13 +1525,13 @@ if __name__ == "__main__":
             "conversational prompts need; use an instruct model's tokenizer, set "
             "tokenizer.chat_template and save it, or give the prompts as strings",
         )
+    from transformers import AutoConfig
+
     value_model_path = args.value_model_path or args.reward_model_path
     sft_config_path = args.sft_model_path
-    if sft_is_adapter:
+    if is_adapter_folder(args.sft_model_path):
         with open(os.path.join(args.sft_model_path, "adapter_config.json")) as f:
             sft_config_path = json.load(f)["base_model_name_or_path"]
-    # From the configs and saved tokenizers only, before any weights load: every model reads the policy tokenizer's
-    # ids, and prompt + response fits every model's context.
     contexts, reward_shift = [], 0.0
     for arg, path, config_path in (
         ("sft_model_path", args.sft_model_path, sft_config_path),
@@ -1658,20 +1574,17 @@ if __name__ == "__main__":
             "this script does not reproduce (it would train on another distribution than the "
             "model's); use another architecture",
         )
-    if args.stop_token == "eos":
-        stop_token_id = tokenizer.eos_token_id
-    # The EOS trick checks the configured stop token (TRL checked EOS even with a custom stop_token_id).
-    eos_check_id = stop_token_id if stop_token_id is not None else tokenizer.eos_token_id
+    return context, reward_shift
 
-    stop_on_signals()  # from here on, Ctrl-C or SIGTERM stops after the current update with a checkpoint
 
-    # TRY NOT TO MODIFY: processes, seeding, tracking
+def make_accelerator(args: Args, b: Batches):
+    """On a CPU-only host the processes talk over gloo: cpu=True joins the process group that torchrun (or
+    `accelerate launch --multi_gpu`) set up, where a plain Accelerator() would run independent copies; accelerate
+    ignores DeepSpeed under cpu=True, and DeepSpeed needs the backend named or each rank sees one process. GPUs:
+    NCCL."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType, GradientAccumulationPlugin, InitProcessGroupKwargs
+    from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
 
-    # On a CPU-only host the processes talk over gloo: cpu=True joins the process group that torchrun (or `accelerate
-    # launch --multi_gpu`) set up, where a plain Accelerator() would run independent copies; accelerate ignores
-    # DeepSpeed under cpu=True, and DeepSpeed needs the backend named or each rank sees one process. GPUs: NCCL.
     on_cpu = not torch.cuda.is_available()
     deepspeed_launch = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     accelerator = Accelerator(
@@ -1679,43 +1592,36 @@ if __name__ == "__main__":
         mixed_precision="bf16" if args.bf16 else "no",
         # One optimizer step per mini-batch: accelerate (and the DeepSpeed engine) accumulate micro_per_mini backward
         # passes, whatever gradient_accumulation_steps the launcher's config says.
-        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=micro_per_mini, sync_with_dataloader=False),
-        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if on_cpu and world_size > 1 else [],
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=b.micro_per_mini, sync_with_dataloader=False
+        ),
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if on_cpu and b.world_size > 1 else [],
     )
-    is_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-    if accelerator.num_processes != world_size:
+    if accelerator.num_processes != b.world_size:
         fail(
-            "num_processes", f"WORLD_SIZE says {world_size} processes but accelerate runs {accelerator.num_processes}"
+            "num_processes",
+            f"WORLD_SIZE says {b.world_size} processes but accelerate runs {accelerator.num_processes}",
         )
-    device = accelerator.device
-    if added_pad:
-        accelerator.print(added_pad)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    # Sampling differs per process; the data order and the PPO permutations are the same on every process.
-    sampling_generator = torch.Generator(device=device).manual_seed(args.seed + accelerator.process_index * 100003)
-    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
-    if args.track and accelerator.is_main_process:
-        import wandb
+    return accelerator
 
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            config=asdict(args),
-            name=run_name,
-            save_code=True,
-        )
-        wandb.define_metric("train/episode")
-        wandb.define_metric("train/*", step_metric="train/episode")
-        wandb.define_metric("eval/*", step_metric="train/episode")
-    # Data: tokenised once (conversations through the chat template); left padding happens per batch.
-    accelerator.print(split_note)
-    if prompt_kind == "text" and tokenizer.chat_template:
-        accelerator.print(
-            "note: the tokenizer has a chat template, but the prompts are plain text: they are used as "
-            "they are, as TRL's PPO did (give lists of {role, content} messages to have it applied)"
-        )
+
+def start_tracking(args: Args) -> None:
+    import wandb
+
+    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    wandb.init(
+        project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=run_name, save_code=True
+    )
+    wandb.define_metric("train/episode")
+    wandb.define_metric("train/*", step_metric="train/episode")
+    wandb.define_metric("eval/*", step_metric="train/episode")
+
+
+def tokenize_prompts(
+    args: Args, tokenizer, train_data, eval_data, final_data, context: Optional[int], b: Batches, say
+) -> tuple:
+    """Token ids of the train, evaluation and final evaluation prompts (left padding happens per batch), without
+    those longer than --max-prompt-length or the models' context, and the final split's reference completions."""
 
     def tokenize(batch):
         return {"input_ids": prompt_token_ids(tokenizer, batch["prompt"])}
@@ -1738,46 +1644,48 @@ if __name__ == "__main__":
             if limit == args.max_prompt_length
             else f"{limit} tokens (the models' context of {context} minus --response-length {args.response_length})"
         )
-        accelerator.print(
-            f"split {split!r}: dropped {len(ids) - len(keep)} of {len(ids)} prompts longer than {reason}"
-        )
+        say(f"split {split!r}: dropped {len(ids) - len(keep)} of {len(ids)} prompts longer than {reason}")
         if not keep:
             fail("max_prompt_length", f"every prompt of split {split!r} is longer than {limit} tokens")
         return [ids[i] for i in keep], [data[i]["completion"] for i in keep]
 
     train_ids, _ = tokenize_and_filter(train_data, args.dataset_train_split)
-    if len(train_ids) < local_batch_size:
+    if len(train_ids) < b.local_batch_size:
         fail(
             "max_prompt_length",
-            f"only {len(train_ids)} prompts fit, fewer than one per-process batch of {local_batch_size}",
+            f"only {len(train_ids)} prompts fit, fewer than one per-process batch of {b.local_batch_size}",
         )
     eval_data = eval_data.select(range(min(args.num_eval_prompts or len(eval_data), len(eval_data))))
     eval_ids, _ = tokenize_and_filter(eval_data, args.dataset_test_split)
     final_ids, final_references = (
         tokenize_and_filter(final_data, args.dataset_final_eval_split) if final_data else ([], [])
     )
+    return train_ids, eval_ids, final_ids, final_references
 
-    def prompts_for_update(update: int) -> list:
-        """This process's prompts for a PPO update (1-based). The loader repeats forever, reshuffling each pass;
-        the position in the data is a function of the update number, so resuming needs no loader state."""
-        per_pass = len(train_ids) // batch_size
-        if per_pass:
-            epoch, index = divmod(update - 1, per_pass)
-            order = prompt_order(len(train_ids), args.seed, epoch)[index * batch_size : (index + 1) * batch_size]
-        else:  # fewer prompts than one global batch: a fresh shuffle per update, repeated to fill it
-            order = prompt_order(len(train_ids), args.seed, update).repeat(math.ceil(batch_size / len(train_ids)))[
-                :batch_size
-            ]
-        mine = order[accelerator.process_index * local_batch_size : (accelerator.process_index + 1) * local_batch_size]
-        return [train_ids[i] for i in mine.tolist()]
 
-    # Only now, with every input checked, is anything written to output_dir.
+def prompts_for_update(train_ids: list, update: int, seed: int, b: Batches, process_index: int) -> list:
+    """This process's prompts for a PPO update (1-based). The loader repeats forever, reshuffling each pass; the
+    position in the data is a function of the update number, so resuming needs no loader state."""
+    per_pass = len(train_ids) // b.batch_size
+    if per_pass:
+        epoch, index = divmod(update - 1, per_pass)
+        order = prompt_order(len(train_ids), seed, epoch)[index * b.batch_size : (index + 1) * b.batch_size]
+    else:  # fewer prompts than one global batch: a fresh shuffle per update, repeated to fill it
+        repeats = math.ceil(b.batch_size / len(train_ids))
+        order = prompt_order(len(train_ids), seed, update).repeat(repeats)[: b.batch_size]
+    mine = order[process_index * b.local_batch_size : (process_index + 1) * b.local_batch_size]
+    return [train_ids[i] for i in mine.tolist()]
+
+
+def prepare_output_dir(args: Args, resume_state: Optional[dict], main_process: bool) -> str:
+    """Create output_dir (only now, with every input checked, is anything written there); a fresh run drops an
+    earlier run's checkpoints, a resumed one the metrics rows after its checkpoint. Returns metrics.jsonl's path."""
     os.makedirs(args.output_dir, exist_ok=True)
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    if accelerator.is_main_process and resume_state is None:
+    if main_process and resume_state is None:
         # A fresh run (e.g. --overwrite-output-dir): an earlier run's checkpoints must not mix with its own.
         shutil.rmtree(os.path.join(args.output_dir, "checkpoints"), ignore_errors=True)
-    if accelerator.is_main_process and os.path.exists(metrics_path):
+    if main_process and os.path.exists(metrics_path):
         # Resuming keeps the rows up to the checkpoint (a killed run may have logged later updates, or half a line).
         kept = []
         if resume_state is not None:
@@ -1792,89 +1700,627 @@ if __name__ == "__main__":
         with open(metrics_path + ".tmp", "w") as f:
             f.writelines(kept)
         os.replace(metrics_path + ".tmp", metrics_path)
+    return metrics_path
 
-    # Models: policy and reference from the SFT model; value model and reward model from the reward model.
-    def load(cls, path, **kwargs):
-        config = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
-        disable_dropout_in_config(config)
-        if cls is AutoModelForSequenceClassification:
-            config.num_labels, config.id2label, config.label2id = 1, {0: "LABEL_0"}, {"LABEL_0": 0}
-            config.pad_token_id = tokenizer.pad_token_id
-        model = cls.from_pretrained(path, config=config, trust_remote_code=args.trust_remote_code, **kwargs)
-        disable_dropout(model)  # dropout would make the rollout and training log-probs disagree
-        return model
 
-    # A resumed run takes the trained policy (or adapter) and value model from the checkpoint.
+def load_model(cls, path: str, tokenizer, trust_remote_code: bool) -> nn.Module:
+    """A model with dropout off (it would make the rollout and training log-probs disagree); a sequence classifier
+    gets one label."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    disable_dropout_in_config(config)
+    if cls is AutoModelForSequenceClassification:
+        config.num_labels, config.id2label, config.label2id = 1, {0: "LABEL_0"}, {"LABEL_0": 0}
+        config.pad_token_id = tokenizer.pad_token_id
+    model = cls.from_pretrained(path, config=config, trust_remote_code=trust_remote_code)
+    disable_dropout(model)
+    return model
+
+
+def load_policy(args: Args, tokenizer, resume_dir: Optional[str]) -> tuple:
+    """(policy, frozen reference or None, the base model's path). A resumed run takes the trained policy (or
+    adapter) from the checkpoint. LoRA: the base weights are frozen and shared with the reference, which is the
+    same model with the adapter disabled (or, for an SFT adapter, with that adapter loaded a second time, frozen):
+    no reference copy."""
+    from transformers import AutoModelForCausalLM
+
+    trained_path = os.path.join(resume_dir, "policy") if resume_dir else args.sft_model_path
     if not args.use_peft:
-        policy = load(AutoModelForCausalLM, os.path.join(resume_dir, "policy") if resume_dir else args.sft_model_path)
-        ref_policy = load(AutoModelForCausalLM, args.sft_model_path).eval().requires_grad_(False)
+        policy = load_model(AutoModelForCausalLM, trained_path, tokenizer, args.trust_remote_code)
+        ref_policy = load_model(AutoModelForCausalLM, args.sft_model_path, tokenizer, args.trust_remote_code)
+        return policy, ref_policy.eval().requires_grad_(False), args.sft_model_path
+    from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
+
+    sft_is_adapter = is_adapter_folder(args.sft_model_path)
+    adapter_name = args.model_adapter_name or "default"
+    base_path = args.sft_model_path
+    if sft_is_adapter:
+        base_path = PeftConfig.from_pretrained(args.sft_model_path).base_model_name_or_path
+    policy = load_model(AutoModelForCausalLM, base_path, tokenizer, args.trust_remote_code)
+    if resume_dir or sft_is_adapter:
+        policy = PeftModel.from_pretrained(policy, trained_path, adapter_name=adapter_name, is_trainable=True)
     else:
-        # LoRA: the base weights are frozen and shared with the reference, which is the same model with the adapter
-        # disabled (or, for an SFT adapter, with that adapter loaded a second time, frozen): no reference copy.
-        from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
-
-        base_path = (
-            PeftConfig.from_pretrained(args.sft_model_path).base_model_name_or_path
-            if sft_is_adapter
-            else args.sft_model_path
+        lora = LoraConfig(
+            task_type="CAUSAL_LM",
+            r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            target_modules=args.lora_target_modules,
         )
-        policy = load(AutoModelForCausalLM, base_path)
-        if resume_dir or sft_is_adapter:
-            policy = PeftModel.from_pretrained(
-                policy,
-                os.path.join(resume_dir, "policy") if resume_dir else args.sft_model_path,
-                adapter_name=model_adapter_name,
-                is_trainable=True,
-            )
-        else:
-            policy = get_peft_model(
-                policy,
-                LoraConfig(
-                    task_type="CAUSAL_LM",
-                    r=args.lora_r,
-                    lora_alpha=args.lora_alpha,
-                    lora_dropout=args.lora_dropout,
-                    target_modules=args.lora_target_modules,
-                ),
-                adapter_name=model_adapter_name,
-            )
-        if args.ref_adapter_name:
-            policy.load_adapter(args.sft_model_path, adapter_name=args.ref_adapter_name, is_trainable=False)
-            policy.set_adapter(model_adapter_name)
-        ref_policy = None
-    value_model = load(
-        AutoModelForSequenceClassification, os.path.join(resume_dir, "value_model") if resume_dir else value_model_path
-    )
-    reward_model = load(AutoModelForSequenceClassification, args.reward_model_path).eval().requires_grad_(False)
-    if args.gradient_checkpointing:
-        for m in (policy, value_model):
-            m.gradient_checkpointing_enable()
-    # oneDNN (bf16 on a CPU) keeps kernels per matmul shape: rounded widths keep the number of shapes, and memory, bounded.
-    pad_multiple = args.pad_to_multiple_of or (64 if args.bf16 and not torch.cuda.is_available() else 1)
-    model = PolicyAndValue(
-        policy, value_model, GROUP_OVERHEAD if args.length_grouping else None, args.chunked_logprobs, pad_multiple
-    )
+        policy = get_peft_model(policy, lora, adapter_name=adapter_name)
+    if args.ref_adapter_name:
+        policy.load_adapter(args.sft_model_path, adapter_name=args.ref_adapter_name, is_trainable=False)
+        policy.set_adapter(adapter_name)
+    return policy, None, base_path
 
-    def num_params(m, trainable=False):  # ZeRO-3 may already hold only a shard of each parameter: count full sizes
-        return (
-            sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters() if p.requires_grad or not trainable)
-            if m
-            else 0
-        )
 
-    reference = (
-        f"{num_params(ref_policy)}"
-        if ref_policy is not None
-        else f"0 (the policy with adapter {args.ref_adapter_name!r})"
-        if args.ref_adapter_name
-        else "0 (the policy with its adapter disabled)"
-    )
-    accelerator.print(
+def num_params(m: Optional[nn.Module], trainable: bool = False) -> int:
+    """ZeRO-3 may already hold only a shard of each parameter: full sizes are counted."""
+    if m is None:
+        return 0
+    return sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters() if p.requires_grad or not trainable)
+
+
+def parameter_counts(args: Args, policy, value_model, reward_model, ref_policy) -> str:
+    reference = f"{num_params(ref_policy)}"
+    if ref_policy is None:
+        adapter = f"adapter {args.ref_adapter_name!r}" if args.ref_adapter_name else "its adapter disabled"
+        reference = f"0 (the policy with {adapter})"
+    return (
         f"parameters: policy {num_params(policy)} ({num_params(policy, True)} trained), value model "
         f"{num_params(value_model)}, reward model {num_params(reward_model)}, reference {reference}"
     )
-    # fused: one kernel for all parameters (on CPU torch's default loops over them, ~5% of a TL;DR-shape update);
-    # DeepSpeed keeps its own optimizer path.
+
+
+def configure_deepspeed(accelerator, args: Args, b: Batches, model: "PolicyAndValue") -> int:
+    """The PPO loop relies on these, whatever the launcher's config file says: one engine step per mini-batch,
+    clipping at --max-grad-norm, and (ZeRO-3) full weights gathered for saving loadable models. Returns the ZeRO
+    stage."""
+    ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+    ds_config.update(
+        train_micro_batch_size_per_gpu=args.per_device_train_batch_size,
+        gradient_accumulation_steps=b.micro_per_mini,
+        gradient_clipping=args.max_grad_norm or 0.0,
+        train_batch_size=args.per_device_train_batch_size * b.micro_per_mini * b.world_size,
+    )
+    zero_stage = ds_config["zero_optimization"]["stage"]
+    if zero_stage == 3:
+        ds_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+        # ZeRO-3 holds a shard of each weight, gathered by a collective around each module call: every process must
+        # make the same calls (one forward per batch, not a group count of its own), and the LM head's weight is
+        # only whole inside the head's own forward.
+        model.overhead, model.chunked = None, False
+    return zero_stage
+
+
+def prepare_frozen(frozen: nn.Module, accelerator, args: Args, zero_stage: Optional[int]) -> nn.Module:
+    """The reference and reward models are never trained: a copy on every process, or, under DeepSpeed, an
+    inference engine from an eval config built here (no optimizer; ZeRO-3 shards them like the trained models when
+    training uses ZeRO-3, else stage 0 keeps a full copy on each process)."""
+    if zero_stage is None:
+        return frozen.to(accelerator.device)
+    import deepspeed
+
+    eval_config = {
+        "train_micro_batch_size_per_gpu": args.per_device_train_batch_size,
+        "bf16": {"enabled": args.bf16},
+        "zero_optimization": {"stage": 0},
+    }
+    if zero_stage == 3:
+        zero = accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"]
+        eval_config["zero_optimization"] = {
+            "stage": 3,
+            "stage3_param_persistence_threshold": zero.get("stage3_param_persistence_threshold", 1e5),
+            "offload_param": zero.get("offload_param", {"device": "none"}),
+        }
+    engine, *_ = deepspeed.initialize(model=frozen, config=eval_config)
+    engine.eval()
+    return engine
+
+
+@dataclass
+class Run:
+    """What rollouts, evaluation and saving share: the models as prepared, and settings resolved at setup."""
+
+    args: Args
+    accelerator: object
+    model: nn.Module  # PolicyAndValue as prepared: DDP-wrapped or a DeepSpeed engine (train/eval, backward, steps)
+    unwrapped: "PolicyAndValue"  # the same model, for forwards that bypass the wrapper
+    ref_policy: Optional[nn.Module]  # None with LoRA: see reference_policy
+    reward_model: nn.Module
+    tokenizer: object
+    sampling_generator: torch.Generator
+    stop_token_id: Optional[int]
+    eos_check_id: int  # the EOS trick's token: the configured stop token, else EOS
+    reward_shift: float
+    pad_multiple: int
+    zero_stage: Optional[int]  # None: no DeepSpeed
+    base_path: str  # the policy's base model (for --merge-adapter-on-save)
+    metrics_path: str
+
+
+def autocast(run: Run):
+    return torch.autocast(run.accelerator.device.type, dtype=torch.bfloat16, enabled=run.args.bf16)
+
+
+@contextlib.contextmanager
+def reference_policy(run: Run):
+    """The frozen SFT copy, or with LoRA the policy itself with its adapter disabled (or the SFT adapter set)."""
+    policy, adapter_name = run.unwrapped.policy, run.args.model_adapter_name or "default"
+    if run.ref_policy is not None:
+        yield run.ref_policy
+    elif run.args.ref_adapter_name:
+        policy.set_adapter(run.args.ref_adapter_name, inference_mode=True)
+        try:
+            yield policy
+        finally:
+            policy.set_adapter(adapter_name)
+    else:
+        with policy.disable_adapter():
+            yield policy
+
+
+@torch.no_grad()
+def reference_logprobs(run: Run, query_responses, attention_mask, context_length: int, temperature: float, needed):
+    u = run.unwrapped
+    with reference_policy(run) as ref:
+        return policy_logprobs(
+            ref,
+            query_responses,
+            attention_mask,
+            context_length,
+            temperature,
+            needed,
+            u.overhead,
+            u.chunked,
+            u.multiple,
+        )[0]
+
+
+@contextlib.contextmanager
+def generation_weights(run: Run):
+    """ZeRO-3: gather the policy's shards (not the value model's) once per generation, and lift DeepSpeed's
+    per-module hooks meanwhile: they would partition the gathered weights again after every layer and all-gather
+    them at every token (as deepspeed.runtime.zero.unwrap_model_for_generation does, for the policy only)."""
+    if run.zero_stage != 3 or not run.args.ds3_gather_for_generation:
+        yield
+        return
+    import deepspeed
+
+    hooks = run.model.optimizer.parameter_offload  # owns ZeRO-3's fetch/release hooks of the trained modules
+    with deepspeed.zero.GatheredParameters(list(run.unwrapped.policy.parameters())):
+        for hook in hooks.forward_hooks + hooks.backward_hooks:
+            hook.remove()
+        hooks.forward_hooks, hooks.backward_hooks = [], []
+        try:
+            yield
+        finally:
+            hooks._register_deepspeed_module(hooks.module)
+
+
+@torch.no_grad()
+def generate_responses(run: Run, queries, query_mask, temperature: float) -> torch.Tensor:
+    with autocast(run), generation_weights(run):
+        return generate(
+            run.unwrapped.policy,
+            queries,
+            query_mask,
+            run.args.response_length,
+            temperature,
+            run.stop_token_id,
+            run.sampling_generator,
+            sync_processes=run.zero_stage == 3 and not run.args.ds3_gather_for_generation,
+        )
+
+
+@torch.no_grad()
+def rollout_scores(run: Run, queries, query_mask, responses) -> tuple:
+    """Truncate after the stop token and score query + truncated response with the reward model."""
+    pad_id = run.tokenizer.pad_token_id
+    postprocessed, sequence_lengths = truncate_after_stop(responses, run.stop_token_id, pad_id)
+    response_mask = torch.arange(responses.shape[1], device=responses.device)[None, :] <= sequence_lengths[:, None]
+    query_responses = torch.cat([queries, postprocessed], 1)
+    attention_mask = torch.cat([query_mask, response_mask.long()], 1)
+    with autocast(run):
+        scores = get_score(
+            run.reward_model, query_responses, attention_mask, run.unwrapped.overhead, run.unwrapped.multiple
+        )
+    scores = scores + run.reward_shift  # 0 unless the reward model's config carries its normalisation
+    return postprocessed, sequence_lengths, scores
+
+
+@torch.no_grad()
+def rollout_forward(run: Run, query_responses, attention_mask, context_length: int, needed) -> tuple:
+    """Old log-probs, reference log-probs and values of the first needed[i] response positions."""
+    temperature = run.args.temperature
+    with autocast(run):
+        logprobs, _, values = run.unwrapped(query_responses, attention_mask, context_length, temperature, needed)
+        ref_logprobs = reference_logprobs(run, query_responses, attention_mask, context_length, temperature, needed)
+    return logprobs, ref_logprobs, values
+
+
+def right_pad_cat(chunks: list, width: int, fill: int) -> torch.Tensor:
+    """Chunks stop generating at different steps: right-pad them to the widest before stacking."""
+    return torch.cat([F.pad(c, (0, width - c.shape[1]), value=fill) for c in chunks])
+
+
+# The PPO epochs' statistics: sums over valid tokens, then token-weighted averages (the token counts are the last two).
+PPO_STATS = (
+    "approxkl",
+    "pg_clipfrac",
+    "pg_loss",
+    "vf_loss",
+    "vf_clipfrac",
+    "entropy",
+    "ratio",
+    "ratio_squared",
+    "pg_tokens",
+    "vf_tokens",
+)
+
+
+def reduce_stats(accelerator, stats: dict, op: str) -> dict:
+    """Named statistics summed or averaged over processes, in one all-reduce."""
+    return dict(zip(stats, accelerator.reduce(torch.stack(list(stats.values())), op)))
+
+
+@torch.no_grad()
+def evaluate(run: Run, prompt_ids: list) -> tuple:
+    """Near-greedy responses to the given prompts: mean score, KL to the reference (sum over the response of
+    logp - logp_ref at temperature 1), stop-token rate and length, gathered over processes."""
+    args, accelerator, tokenizer = run.args, run.accelerator, run.tokenizer
+    device, rank, processes = accelerator.device, accelerator.process_index, accelerator.num_processes
+    chunk = args.local_rollout_forward_batch_size
+    run.model.eval()  # gradient checkpointing (active in train mode) would drop the KV cache of generation
+    mine = prompt_ids[rank::processes]
+    # Every process runs the same number of batches (under ZeRO-3 each forward is collective): a process with one
+    # prompt fewer repeats its first one, with weight 0.
+    weight = torch.ones(math.ceil(len(prompt_ids) / processes), device=device)
+    weight[len(mine) :] = 0.0
+    mine = mine + mine[:1] * (len(weight) - len(mine))
+    rows, totals = [], {k: torch.zeros((), device=device) for k in ("score", "kl", "eos", "length", "count")}
+    for i in range(0, len(mine), chunk):
+        queries, query_mask = (
+            t.to(device) for t in left_pad(mine[i : i + chunk], tokenizer.pad_token_id, run.pad_multiple)
+        )
+        w = weight[i : i + chunk]
+        responses = generate_responses(run, queries, query_mask, args.eval_temperature)
+        postprocessed, sequence_lengths, scores = rollout_scores(run, queries, query_mask, responses)
+        query_responses = torch.cat([queries, responses], 1)
+        attention_mask = torch.cat([query_mask, torch.ones_like(responses)], 1)
+        context_length = queries.shape[1]
+        needed = (sequence_lengths + 1).clamp(max=responses.shape[1])  # up to the stop token
+        with autocast(run):
+            # the policy alone: the value model's forward would be thrown away
+            logprobs = run.unwrapped.policy_forward(query_responses, attention_mask, context_length, 1.0, needed)[0]
+            ref_logprobs = reference_logprobs(run, query_responses, attention_mask, context_length, 1.0, needed)
+        valid = torch.arange(logprobs.shape[1], device=device)[None, :] <= sequence_lengths[:, None]
+        kl = ((logprobs - ref_logprobs) * valid).sum(1)
+        has_stop = (responses == run.eos_check_id).any(1)
+        totals["score"] += (scores * w).sum()
+        totals["kl"] += (kl * w).sum()
+        totals["eos"] += (has_stop.float() * w).sum()
+        totals["length"] += (valid.float().sum(1) * w).sum()
+        totals["count"] += w.sum()
+        texts = tokenizer.batch_decode(postprocessed, skip_special_tokens=True)
+        first = rank + processes * i  # position of this chunk in prompt_ids
+        rows += [
+            {
+                "index": first + processes * j,
+                "query": tokenizer.decode(q, skip_special_tokens=True),
+                "response": r,
+                "score": s,
+            }
+            for j, (q, r, s, keep) in enumerate(zip(queries, texts, scores.tolist(), w))
+            if keep > 0
+        ]
+    totals = reduce_stats(accelerator, totals, "sum")
+    n = totals["count"]
+    return {
+        "eval/score": (totals["score"] / n).item(),
+        "eval/kl": (totals["kl"] / n).item(),
+        "eval/eos_rate": (totals["eos"] / n).item(),
+        "eval/response_length": (totals["length"] / n).item(),
+    }, rows
+
+
+def log(run: Run, row: dict) -> None:
+    if not run.accelerator.is_main_process:
+        return
+    with open(run.metrics_path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    if run.args.track:
+        import wandb
+
+        wandb.log({("train/" + k if not k.startswith("eval/") else k): v for k, v in row.items()})
+
+
+def print_samples(run: Run, rows: list, update: int) -> None:
+    if not run.accelerator.is_main_process:
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    columns = ("query", "model response", "score")
+    table = Table(title=f"sample completions after update {update}", show_lines=True)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["query"][-200:], row["response"], f"{row['score']:.3f}")
+    Console().print(table)
+    if run.args.track:
+        import wandb
+
+        data = [[r["query"], r["response"], r["score"]] for r in rows]
+        wandb.log({"samples": wandb.Table(columns=list(columns), data=data)})
+
+
+def split_state_dict(state_dict: dict) -> dict:
+    """PolicyAndValue's state dict as {"policy": ..., "value_model": ...}, each as its model saves it."""
+    return {
+        name: {k[len(name) + 1 :]: v for k, v in state_dict.items() if k.startswith(name + ".")}
+        for name in ("policy", "value_model")
+    }
+
+
+def save_policy(run: Run, path: str, state_dict: dict, merge: bool = False) -> None:
+    """The policy as from_pretrained loads it: its weights or, with LoRA, the trained adapter (and with merge, the
+    adapter merged into a plain copy of the base model, in path/merged)."""
+    policy = run.unwrapped.policy
+    if not run.args.use_peft:
+        policy.save_pretrained(path, state_dict=state_dict)
+        return
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    adapter_name = run.args.model_adapter_name or "default"
+    os.makedirs(path, exist_ok=True)
+    adapter = get_peft_model_state_dict(policy, state_dict, adapter_name)
+    save_file({k: v.contiguous() for k, v in adapter.items()}, os.path.join(path, "adapter_model.safetensors"))
+    policy.peft_config[adapter_name].save_pretrained(path)
+    if merge:
+        # A fresh copy of the base on this process only: under ZeRO-3 the live weights are shards, and transformers
+        # must not load it with zero.Init (a collective), so its DeepSpeed config is unset meanwhile.
+        from transformers import AutoModelForCausalLM
+        from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        base = AutoModelForCausalLM.from_pretrained(run.base_path, trust_remote_code=run.args.trust_remote_code)
+        if run.zero_stage is not None:
+            set_hf_deepspeed_config(run.accelerator.state.deepspeed_plugin.dschf)
+        PeftModel.from_pretrained(base, path).merge_and_unload().save_pretrained(os.path.join(path, "merged"))
+        run.tokenizer.save_pretrained(os.path.join(path, "merged"))
+
+
+def save_checkpoint(run: Run, optimizer, scheduler, update: int, global_episode: int, optimizer_steps: int) -> None:
+    """Policy and value model (safetensors), optimizer, scheduler, counters, args and every process's RNG states,
+    written to checkpoint-N.tmp and renamed into place: a kill at any moment leaves the previous checkpoints intact
+    and never a half-written one under a final name. Under DeepSpeed the optimizer state is partitioned: every
+    process writes its own part with the engine's save_checkpoint."""
+    args, accelerator = run.args, run.accelerator
+    is_deepspeed = run.zero_stage is not None
+    folder = os.path.join(args.output_dir, "checkpoints", f"checkpoint-{update}")
+    tmp = folder + ".tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(run.model)  # on every process: ZeRO-3 gathers the shards
+    if is_deepspeed:
+        run.model.save_checkpoint(tmp, tag="deepspeed", save_latest=False)
+    error = None
+    try:  # a full disk (or a quota) must cost this checkpoint only, with a message, not the earlier ones
+        rng_path = os.path.join(tmp, f"rng_rank{accelerator.process_index}.pt")
+        torch.save(rng_state(run.sampling_generator), rng_path)
+        if accelerator.is_main_process:
+            split = split_state_dict(state_dict)
+            save_policy(run, os.path.join(tmp, "policy"), split["policy"])
+            run.unwrapped.value_model.save_pretrained(
+                os.path.join(tmp, "value_model"), state_dict=split["value_model"]
+            )
+            state = {
+                "optimizer": None if is_deepspeed else optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "update": update,
+                "global_episode": global_episode,
+                "optimizer_steps": optimizer_steps,
+                "world_size": accelerator.num_processes,
+                "zero_stage": run.zero_stage,
+                "args": json.dumps(asdict(args)),
+                "script": os.path.basename(__file__),
+            }
+            torch.save(state, os.path.join(tmp, "state.pt"))
+    except Exception as e:  # torch and safetensors report a full disk as their own error types
+        error = f"{type(e).__name__}: {e}"
+    failed = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "sum").item()
+    if accelerator.is_main_process and not failed:
+        try:
+            seal_checkpoint(tmp, folder, args.save_total_limit)
+        except OSError as e:
+            error, failed = f"{type(e).__name__}: {e}", 1
+    if failed:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        sys.exit(
+            f"error: could not write checkpoint-{update} ({error or 'on another process'}); the run stops "
+            "here, its earlier checkpoints are intact: make room and resume with --resume-from-checkpoint latest"
+        )
+    accelerator.wait_for_everyone()
+
+
+def resume_training(run: Run, optimizer, scheduler, resume_dir: str, resume_state: dict) -> tuple:
+    """Load the optimizer, scheduler and RNG states of a checkpoint; returns (global_episode, optimizer_steps,
+    first_update)."""
+    accelerator = run.accelerator
+    if resume_state["world_size"] != accelerator.num_processes:
+        fail(
+            "resume_from_checkpoint",
+            f"the checkpoint was written by {resume_state['world_size']} processes; "
+            f"resume it with the same number, not {accelerator.num_processes}",
+        )
+    if resume_state.get("zero_stage") != run.zero_stage:
+        fail(
+            "resume_from_checkpoint",
+            f"the checkpoint was written with DeepSpeed ZeRO stage "
+            f"{resume_state.get('zero_stage')} (None: no DeepSpeed); resume it the same way",
+        )
+    if run.zero_stage is not None:
+        run.model.load_checkpoint(
+            resume_dir, tag="deepspeed", load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+    else:
+        optimizer.load_state_dict(resume_state["optimizer"])
+    scheduler.load_state_dict(resume_state["scheduler"])
+    rng_path = os.path.join(resume_dir, f"rng_rank{accelerator.process_index}.pt")
+    set_rng_state(torch.load(rng_path, weights_only=True), run.sampling_generator)
+    return resume_state["global_episode"], resume_state["optimizer_steps"], resume_state["update"] + 1
+
+
+def ppo_model_card(args: Args, metrics_path: str) -> str:
+    with open(metrics_path) as f:
+        rows = [json.loads(line) for line in f]
+    final = {k: v for row in rows for k, v in row.items()}  # each metric's last logged value
+    metrics = "".join(f"| {k} | {v:.4g} |\n" for k, v in final.items() if isinstance(v, (int, float)))
+    body = (
+        f"A PPO-RLHF policy trained with `{os.path.basename(__file__)}` from `{args.sft_model_path}` against "
+        f"`{args.reward_model_path}`.\n\n"
+        f"## Command\n\n```\npython {' '.join(sys.argv)}\n```\n\n"
+        f"## Arguments\n\n```json\n{json.dumps(asdict(args), indent=2)}\n```\n\n"
+        f"## Final metrics\n\n| metric | value |\n|---|---|\n{metrics}"
+        "\nThe value model is in `value_model/`; every logged row is in `metrics.jsonl`.\n"
+    )
+    name = os.path.basename(os.path.abspath(args.output_dir))
+    return model_card(name, args.sft_model_path, [args.dataset_name], ["ppo", "rlhf"], body)
+
+
+def write_output(run: Run, path: str, split: dict) -> None:
+    """The policy (+ tokenizer, model card, metrics, args) at path and the value model in path/value_model."""
+    args, tokenizer = run.args, run.tokenizer
+    save_policy(run, path, split["policy"], merge=args.merge_adapter_on_save)
+    tokenizer.save_pretrained(path)
+    run.unwrapped.value_model.save_pretrained(os.path.join(path, "value_model"), state_dict=split["value_model"])
+    tokenizer.save_pretrained(os.path.join(path, "value_model"))
+    shutil.copy(run.metrics_path, os.path.join(path, "metrics.jsonl"))
+    generations = os.path.join(args.output_dir, "eval_generations")
+    if os.path.isdir(generations):
+        shutil.copytree(generations, os.path.join(path, "eval_generations"))
+    with open(os.path.join(path, "README.md"), "w") as f:
+        f.write(ppo_model_card(args, run.metrics_path))
+    with open(os.path.join(path, "args.json"), "w") as f:
+        json.dump(asdict(args), f, indent=2)
+
+
+def save_output(run: Run, start_time: float) -> None:
+    """The trained models at output_dir, all or nothing (publish_output): a kill mid-save leaves the previous
+    output or this one; then the upload, with --push-to-hub."""
+    args, accelerator = run.args, run.accelerator
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(run.model)
+    nonfinite = []
+    if accelerator.is_main_process:
+        nonfinite = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if accelerator.reduce(torch.tensor(float(len(nonfinite)), device=accelerator.device), "sum").item():
+        sys.exit(
+            f"error: the trained weights are not finite ({', '.join(nonfinite[:3])}...); nothing was saved "
+            "(lower --learning-rate)"
+        )
+    if not accelerator.is_main_process:
+        return
+    split = split_state_dict(state_dict)
+    publish_output(args.output_dir, lambda path: write_output(run, path, split))
+    accelerator.print(f"saved policy and value model to {args.output_dir} ({time.time() - start_time:.0f}s)")
+    if args.push_to_hub:
+        repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+        url = push_folder_to_hub(args.output_dir, repo_id)
+        accelerator.print(f"uploaded {args.output_dir} to {url}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def save_generations(run: Run, name: str, final_ids: list, final_references: list) -> dict:
+    """Evaluate on the whole final split and write every generation, with the reference, for a judge."""
+    from accelerate.utils import gather_object
+
+    metrics, rows = evaluate(run, final_ids)
+    rows = sorted(gather_object(rows), key=lambda r: r["index"])
+    if run.accelerator.is_main_process:
+        folder = os.path.join(run.args.output_dir, "eval_generations")
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f"{name}.jsonl.tmp"), "w") as f:
+            for row in rows:
+                reference = final_references[row["index"]]
+                saved = {"query": row["query"], "response": row["response"], "reference": reference}
+                f.write(json.dumps({**saved, "score": row["score"]}) + "\n")
+        os.replace(os.path.join(folder, f"{name}.jsonl.tmp"), os.path.join(folder, f"{name}.jsonl"))
+    return {k.replace("eval/", f"{name}_eval/"): v for k, v in metrics.items()}
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args, args=bool_flags_as_switches(sys.argv[1:], Args))
+    explain_remote_code_errors()
+    resume_dir, resume_state = claim_output_dir(args)
+    b = check_args(args, resume_dir, resume_state)
+    train_data, eval_data, final_data, prompt_kind, split_note = load_prompts(args, b.local_batch_size)
+
+    from accelerate.utils import DistributedType
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        args.model_name_or_path, padding_side="left", trust_remote_code=args.trust_remote_code
+    )
+    added_pad = add_pad_token(tokenizer)  # logged below, once
+    context, reward_shift = check_model_configs(args, tokenizer, prompt_kind)
+    stop_token_id = tokenizer.eos_token_id if args.stop_token == "eos" else args.stop_token_id
+    # The EOS trick checks the configured stop token (TRL checked EOS even with a custom stop_token_id).
+    eos_check_id = stop_token_id if stop_token_id is not None else tokenizer.eos_token_id
+
+    stop_on_signals()  # from here on, Ctrl-C or SIGTERM stops after the current update with a checkpoint
+
+    # TRY NOT TO MODIFY: processes, seeding, tracking
+    accelerator = make_accelerator(args, b)
+    is_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    device = accelerator.device
+    if added_pad:
+        accelerator.print(added_pad)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    # Sampling differs per process; the data order and the PPO permutations are the same on every process.
+    sampling_generator = torch.Generator(device=device).manual_seed(args.seed + accelerator.process_index * 100003)
+    if args.track and accelerator.is_main_process:
+        start_tracking(args)
+    accelerator.print(split_note)
+    if prompt_kind == "text" and tokenizer.chat_template:
+        accelerator.print(
+            "note: the tokenizer has a chat template, but the prompts are plain text: they are used as "
+            "they are, as TRL's PPO did (give lists of {role, content} messages to have it applied)"
+        )
+    train_ids, eval_ids, final_ids, final_references = tokenize_prompts(
+        args, tokenizer, train_data, eval_data, final_data, context, b, accelerator.print
+    )
+    metrics_path = prepare_output_dir(args, resume_state, accelerator.is_main_process)
+
+    # Models: policy and reference from the SFT model; value model and reward model from the reward model.
+    policy, ref_policy, base_path = load_policy(args, tokenizer, resume_dir)
+    value_path = (
+        os.path.join(resume_dir, "value_model") if resume_dir else args.value_model_path or args.reward_model_path
+    )
+    value_model = load_model(AutoModelForSequenceClassification, value_path, tokenizer, args.trust_remote_code)
+    reward_model = load_model(
+        AutoModelForSequenceClassification, args.reward_model_path, tokenizer, args.trust_remote_code
+    )
+    reward_model = reward_model.eval().requires_grad_(False)
+    if args.gradient_checkpointing:
+        for m in (policy, value_model):
+            m.gradient_checkpointing_enable()
+    # oneDNN (bf16 on a CPU) keeps kernels per matmul shape: rounded widths keep the shapes, and memory, bounded.
+    pad_multiple = args.pad_to_multiple_of or (64 if args.bf16 and not torch.cuda.is_available() else 1)
+    overhead = GROUP_OVERHEAD if args.length_grouping else None
+    model = PolicyAndValue(policy, value_model, overhead, args.chunked_logprobs, pad_multiple)
+    accelerator.print(parameter_counts(args, policy, value_model, reward_model, ref_policy))
+    # fused: one kernel for all parameters (torch's default on CPU loops over them); DeepSpeed keeps its own path.
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
         lr=args.learning_rate,
@@ -1888,391 +2334,51 @@ if __name__ == "__main__":
     scheduler = get_scheduler(
         args.lr_scheduler_type,
         optimizer,
-        num_warmup_steps=int(args.warmup_ratio * num_total_batches),
-        num_training_steps=num_total_batches,
+        num_warmup_steps=int(args.warmup_ratio * b.num_total_batches),
+        num_training_steps=b.num_total_batches,
     )
-    zero_stage = 0
-    if is_deepspeed:
-        # The PPO loop relies on these, whatever the launcher's config file says: one engine step per mini-batch,
-        # clipping at --max-grad-norm, and (ZeRO-3) full weights gathered for saving loadable models.
-        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
-        ds_config.update(
-            train_micro_batch_size_per_gpu=args.per_device_train_batch_size,
-            gradient_accumulation_steps=micro_per_mini,
-            gradient_clipping=args.max_grad_norm or 0.0,
-            train_batch_size=args.per_device_train_batch_size * micro_per_mini * world_size,
-        )
-        zero_stage = ds_config["zero_optimization"]["stage"]
-        if zero_stage == 3:
-            ds_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
-            # ZeRO-3 holds a shard of each weight, gathered by a collective around each module call: every process
-            # must make the same calls (one forward per batch, not a group count of its own), and the LM head's
-            # weight is only whole inside the head's own forward.
-            model.overhead, model.chunked = None, False
+    zero_stage = configure_deepspeed(accelerator, args, b, model) if is_deepspeed else None
     model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
-    split_backward = args.split_backward and accelerator.num_processes == 1 and not is_deepspeed
-
-    def prepare_frozen(frozen: nn.Module) -> nn.Module:
-        """The reference and reward models are never trained: a copy on every process, or, under DeepSpeed, an
-        inference engine from an eval config built here (no optimizer; ZeRO-3 shards them like the trained models
-        when training uses ZeRO-3, else stage 0 keeps a full copy on each process)."""
-        if not is_deepspeed:
-            return frozen.to(device)
-        import deepspeed
-
-        eval_config = {
-            "train_micro_batch_size_per_gpu": args.per_device_train_batch_size,
-            "bf16": {"enabled": args.bf16},
-            "zero_optimization": {"stage": 0},
-        }
-        if zero_stage == 3:
-            zero = ds_config["zero_optimization"]
-            eval_config["zero_optimization"] = {
-                "stage": 3,
-                "stage3_param_persistence_threshold": zero.get("stage3_param_persistence_threshold", 1e5),
-                "offload_param": zero.get("offload_param", {"device": "none"}),
-            }
-        engine, *_ = deepspeed.initialize(model=frozen, config=eval_config)
-        engine.eval()
-        return engine
-
-    ref_policy = prepare_frozen(ref_policy) if ref_policy is not None else None
-    reward_model = prepare_frozen(reward_model)
-
-    @contextlib.contextmanager
-    def reference_policy():
-        """The frozen SFT copy, or with LoRA the policy itself with its adapter disabled (or the SFT adapter set)."""
-        if ref_policy is not None:
-            yield ref_policy
-        elif args.ref_adapter_name:
-            unwrapped.policy.set_adapter(args.ref_adapter_name, inference_mode=True)
-            try:
-                yield unwrapped.policy
-            finally:
-                unwrapped.policy.set_adapter(model_adapter_name)
-        else:
-            with unwrapped.policy.disable_adapter():
-                yield unwrapped.policy
-
-    @torch.no_grad()
-    def reference_logprobs(
-        query_responses, attention_mask, context_length: int, temperature: float, needed
-    ) -> torch.Tensor:
-        with reference_policy() as ref:
-            return policy_logprobs(
-                ref,
-                query_responses,
-                attention_mask,
-                context_length,
-                temperature,
-                needed,
-                unwrapped.overhead,
-                unwrapped.chunked,
-                unwrapped.multiple,
-            )[0]
-
-    @contextlib.contextmanager
-    def generation_weights():
-        """ZeRO-3: gather the policy's shards (not the value model's) once per generation, and lift DeepSpeed's
-        per-module hooks meanwhile: they would partition the gathered weights again after every layer and all-gather
-        them at every token (as deepspeed.runtime.zero.unwrap_model_for_generation does, for the policy only)."""
-        if zero_stage != 3 or not args.ds3_gather_for_generation:
-            yield
-            return
-        import deepspeed
-
-        hooks = model.optimizer.parameter_offload  # owns ZeRO-3's fetch/release hooks of the trained modules
-        with deepspeed.zero.GatheredParameters(list(unwrapped.policy.parameters())):
-            for hook in hooks.forward_hooks + hooks.backward_hooks:
-                hook.remove()
-            hooks.forward_hooks, hooks.backward_hooks = [], []
-            try:
-                yield
-            finally:
-                hooks._register_deepspeed_module(hooks.module)
-
-    sharded_generation = zero_stage == 3 and not args.ds3_gather_for_generation
+    run = Run(
+        args=args,
+        accelerator=accelerator,
+        model=model,
+        unwrapped=accelerator.unwrap_model(model),
+        ref_policy=prepare_frozen(ref_policy, accelerator, args, zero_stage) if ref_policy is not None else None,
+        reward_model=prepare_frozen(reward_model, accelerator, args, zero_stage),
+        tokenizer=tokenizer,
+        sampling_generator=sampling_generator,
+        stop_token_id=stop_token_id,
+        eos_check_id=eos_check_id,
+        reward_shift=reward_shift,
+        pad_multiple=pad_multiple,
+        zero_stage=zero_stage,
+        base_path=base_path,
+        metrics_path=metrics_path,
+    )
     pad_id = tokenizer.pad_token_id
+    batch_size, local_batch_size, local_mini_batch_size = b.batch_size, b.local_batch_size, b.local_mini_batch_size
+    micro_per_mini, num_total_batches = b.micro_per_mini, b.num_total_batches
     accelerator.print(
         f"{len(train_ids)} train / {len(eval_ids)} eval prompts; {num_total_batches} updates of "
-        f"{batch_size} episodes ({world_size} processes x {local_batch_size})"
+        f"{batch_size} episodes ({b.world_size} processes x {local_batch_size})"
     )
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
-
-    @torch.no_grad()
-    def rollout_scores(queries, query_mask, responses):
-        """Truncate after the stop token and score query + truncated response with the reward model."""
-        postprocessed, sequence_lengths = truncate_after_stop(responses, stop_token_id, pad_id)
-        response_mask = torch.arange(responses.shape[1], device=device)[None, :] <= sequence_lengths[:, None]
-        with autocast():
-            scores = get_score(
-                reward_model,
-                torch.cat([queries, postprocessed], 1),
-                torch.cat([query_mask, response_mask.long()], 1),
-                unwrapped.overhead,
-                unwrapped.multiple,
-            )
-        scores = scores + reward_shift  # 0 unless the reward model's config carries its normalisation
-        return postprocessed, sequence_lengths, scores
-
-    @torch.no_grad()
-    def rollout_forward(query_responses, attention_mask, context_length: int, needed) -> tuple:
-        """Old log-probs, reference log-probs and values of the first needed[i] response positions."""
-        with autocast():
-            logprobs, _, values = unwrapped(query_responses, attention_mask, context_length, args.temperature, needed)
-            ref_logprobs = reference_logprobs(
-                query_responses, attention_mask, context_length, args.temperature, needed
-            )
-        return logprobs, ref_logprobs, values
-
-    @torch.no_grad()
-    def evaluate(prompt_ids: list) -> tuple:
-        """Near-greedy responses to the given prompts: mean score, KL to the reference (sum over the response of
-        logp - logp_ref at temperature 1), stop-token rate and length, gathered over processes."""
-        model.eval()  # gradient checkpointing (active in train mode) would drop the KV cache of generation
-        mine = prompt_ids[accelerator.process_index :: accelerator.num_processes]
-        # Every process runs the same number of batches (under ZeRO-3 each forward is collective): a process with one
-        # prompt fewer repeats its first one, with weight 0.
-        weight = torch.ones(math.ceil(len(prompt_ids) / accelerator.num_processes), device=device)
-        weight[len(mine) :] = 0.0
-        mine = mine + mine[:1] * (len(weight) - len(mine))
-        rows, totals = [], torch.zeros(5, device=device)  # score, kl, has-stop, length, count
-        for i in range(0, len(mine), args.local_rollout_forward_batch_size):
-            queries, query_mask = (
-                t.to(device)
-                for t in left_pad(mine[i : i + args.local_rollout_forward_batch_size], pad_id, pad_multiple)
-            )
-            w = weight[i : i + args.local_rollout_forward_batch_size]
-            with autocast(), generation_weights():
-                responses = generate(
-                    unwrapped.policy,
-                    queries,
-                    query_mask,
-                    args.response_length,
-                    args.eval_temperature,
-                    stop_token_id,
-                    sampling_generator,
-                    sync_processes=sharded_generation,
-                )
-            postprocessed, sequence_lengths, scores = rollout_scores(queries, query_mask, responses)
-            query_responses = torch.cat([queries, responses], 1)
-            attention_mask = torch.cat([query_mask, torch.ones_like(responses)], 1)
-            context_length = queries.shape[1]
-            needed = (sequence_lengths + 1).clamp(max=responses.shape[1])  # up to the stop token
-            with autocast():
-                # the policy alone: the value model's forward would be thrown away
-                logprobs = unwrapped.policy_forward(query_responses, attention_mask, context_length, 1.0, needed)[0]
-                ref_logprobs = reference_logprobs(query_responses, attention_mask, context_length, 1.0, needed)
-            valid = torch.arange(logprobs.shape[1], device=device)[None, :] <= sequence_lengths[:, None]
-            kl = ((logprobs - ref_logprobs) * valid).sum(1)
-            has_stop = (responses == eos_check_id).any(1)
-            totals += torch.stack(
-                [
-                    (scores * w).sum(),
-                    (kl * w).sum(),
-                    (has_stop.float() * w).sum(),
-                    (valid.float().sum(1) * w).sum(),
-                    w.sum(),
-                ]
-            )
-            texts = tokenizer.batch_decode(postprocessed, skip_special_tokens=True)
-            first = accelerator.process_index + accelerator.num_processes * i  # position of this chunk in prompt_ids
-            rows += [
-                {
-                    "index": first + accelerator.num_processes * j,
-                    "query": tokenizer.decode(q, skip_special_tokens=True),
-                    "response": r,
-                    "score": s,
-                }
-                for j, (q, r, s, keep) in enumerate(zip(queries, texts, scores.tolist(), w))
-                if keep > 0
-            ]
-        totals = accelerator.reduce(totals, "sum")
-        n = totals[4]
-        return {
-            "eval/score": (totals[0] / n).item(),
-            "eval/kl": (totals[1] / n).item(),
-            "eval/eos_rate": (totals[2] / n).item(),
-            "eval/response_length": (totals[3] / n).item(),
-        }, rows
-
-    def log(row: dict) -> None:
-        if not accelerator.is_main_process:
-            return
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if args.track:
-            wandb.log({("train/" + k if not k.startswith("eval/") else k): v for k, v in row.items()})
-
-    def print_samples(rows: list, update: int) -> None:
-        if not accelerator.is_main_process:
-            return
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(title=f"sample completions after update {update}", show_lines=True)
-        for column in ("query", "model response", "score"):
-            table.add_column(column)
-        for row in rows:
-            table.add_row(row["query"][-200:], row["response"], f"{row['score']:.3f}")
-        Console().print(table)
-        if args.track:
-            wandb.log(
-                {
-                    "samples": wandb.Table(
-                        columns=["query", "model response", "score"],
-                        data=[[r["query"], r["response"], r["score"]] for r in rows],
-                    )
-                }
-            )
-
-    def save_policy(path: str, state_dict: dict, merge: bool = False) -> None:
-        """The policy as from_pretrained loads it: its weights or, with LoRA, the trained adapter (and with merge, the
-        adapter merged into a plain copy of the base model, in path/merged)."""
-        if not args.use_peft:
-            unwrapped.policy.save_pretrained(path, state_dict=state_dict)
-            return
-        from peft import get_peft_model_state_dict
-        from safetensors.torch import save_file
-
-        os.makedirs(path, exist_ok=True)
-        adapter = get_peft_model_state_dict(unwrapped.policy, state_dict, model_adapter_name)
-        save_file({k: v.contiguous() for k, v in adapter.items()}, os.path.join(path, "adapter_model.safetensors"))
-        unwrapped.policy.peft_config[model_adapter_name].save_pretrained(path)
-        if merge:
-            # A fresh copy of the base on this process only: under ZeRO-3 the live weights are shards, and transformers
-            # must not load it with zero.Init (a collective), so its DeepSpeed config is unset meanwhile.
-            from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
-
-            unset_hf_deepspeed_config()
-            base = AutoModelForCausalLM.from_pretrained(base_path, trust_remote_code=args.trust_remote_code)
-            if is_deepspeed:
-                set_hf_deepspeed_config(accelerator.state.deepspeed_plugin.dschf)
-            PeftModel.from_pretrained(base, path).merge_and_unload().save_pretrained(os.path.join(path, "merged"))
-            tokenizer.save_pretrained(os.path.join(path, "merged"))
-
-    def save_checkpoint(update: int) -> None:
-        """Policy and value model (safetensors), optimizer, scheduler, counters, args and every process's RNG
-        states, written to checkpoint-N.tmp and renamed into place: a kill at any moment leaves the previous
-        checkpoints intact and never a half-written one under a final name. Under DeepSpeed the optimizer state is
-        partitioned: every process writes its own part with the engine's save_checkpoint."""
-        folder = os.path.join(args.output_dir, "checkpoints", f"checkpoint-{update}")
-        tmp = folder + ".tmp"
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-        accelerator.wait_for_everyone()
-        state_dict = accelerator.get_state_dict(model)  # on every process: ZeRO-3 gathers the shards
-        if is_deepspeed:
-            model.save_checkpoint(tmp, tag="deepspeed", save_latest=False)
-        error = None
-        try:  # a full disk (or a quota) must cost this checkpoint only, with a message, not the earlier ones
-            torch.save(rng_state(sampling_generator), os.path.join(tmp, f"rng_rank{accelerator.process_index}.pt"))
-            if accelerator.is_main_process:
-                split = {
-                    name: {k[len(name) + 1 :]: v for k, v in state_dict.items() if k.startswith(name + ".")}
-                    for name in ("policy", "value_model")
-                }
-                save_policy(os.path.join(tmp, "policy"), split["policy"])
-                unwrapped.value_model.save_pretrained(
-                    os.path.join(tmp, "value_model"), state_dict=split["value_model"]
-                )
-                torch.save(
-                    {
-                        "optimizer": None if is_deepspeed else optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "update": update,
-                        "global_episode": global_episode,
-                        "optimizer_steps": optimizer_steps,
-                        "world_size": world_size,
-                        "zero_stage": zero_stage if is_deepspeed else None,
-                        "args": json.dumps(asdict(args)),
-                        "script": os.path.basename(__file__),
-                    },
-                    os.path.join(tmp, "state.pt"),
-                )
-        except Exception as e:  # torch and safetensors report a full disk as their own error types
-            error = f"{type(e).__name__}: {e}"
-        failed = accelerator.reduce(torch.tensor(float(error is not None), device=device), "sum").item()
-        if accelerator.is_main_process and not failed:
-            try:
-                seal_checkpoint(tmp, folder, args.save_total_limit)
-            except OSError as e:
-                error, failed = f"{type(e).__name__}: {e}", 1
-        if failed:
-            if accelerator.is_main_process:
-                shutil.rmtree(tmp, ignore_errors=True)
-            sys.exit(
-                f"error: could not write checkpoint-{update} ({error or 'on another process'}); the run stops "
-                "here, its earlier checkpoints are intact: make room and resume with --resume-from-checkpoint latest"
-            )
-        accelerator.wait_for_everyone()
 
     sample_every = max(num_total_batches // args.num_sample_generations, 1) if args.num_sample_generations else 0
     global_episode, optimizer_steps, first_update = 0, 0, 1
     if resume_state is not None:
-        if resume_state["world_size"] != world_size:
-            fail(
-                "resume_from_checkpoint",
-                f"the checkpoint was written by {resume_state['world_size']} processes; "
-                f"resume it with the same number, not {world_size}",
-            )
-        if resume_state.get("zero_stage") != (zero_stage if is_deepspeed else None):
-            fail(
-                "resume_from_checkpoint",
-                f"the checkpoint was written with DeepSpeed ZeRO stage "
-                f"{resume_state.get('zero_stage')} (None: no DeepSpeed); resume it the same way",
-            )
-        if is_deepspeed:
-            model.load_checkpoint(
-                resume_dir, tag="deepspeed", load_optimizer_states=True, load_lr_scheduler_states=False
-            )
-        else:
-            optimizer.load_state_dict(resume_state["optimizer"])
-        scheduler.load_state_dict(resume_state["scheduler"])
-        global_episode, optimizer_steps = resume_state["global_episode"], resume_state["optimizer_steps"]
-        first_update = resume_state["update"] + 1
-        set_rng_state(
-            torch.load(os.path.join(resume_dir, f"rng_rank{accelerator.process_index}.pt"), weights_only=True),
-            sampling_generator,
+        global_episode, optimizer_steps, first_update = resume_training(
+            run, optimizer, scheduler, resume_dir, resume_state
         )
         accelerator.print(f"resumed from {resume_dir}: continuing at update {first_update}, episode {global_episode}")
 
-    def save_generations(name: str) -> dict:
-        """Evaluate on the whole final split and write every generation, with the reference, for a judge."""
-        metrics, rows = evaluate(final_ids)
-        rows = sorted(gather_object(rows), key=lambda r: r["index"])
-        if accelerator.is_main_process:
-            folder = os.path.join(args.output_dir, "eval_generations")
-            os.makedirs(folder, exist_ok=True)
-            with open(os.path.join(folder, f"{name}.jsonl.tmp"), "w") as f:
-                for row in rows:
-                    f.write(
-                        json.dumps(
-                            {
-                                "query": row["query"],
-                                "response": row["response"],
-                                "reference": final_references[row["index"]],
-                                "score": row["score"],
-                            }
-                        )
-                        + "\n"
-                    )
-            os.replace(os.path.join(folder, f"{name}.jsonl.tmp"), os.path.join(folder, f"{name}.jsonl"))
-        return {k.replace("eval/", f"{name}_eval/"): v for k, v in metrics.items()}
-
-    from accelerate.utils import gather_object
-
     if final_ids and args.eval_initial_policy and resume_state is None:
-        log({**save_generations("initial"), "episode": 0, "update": 0})
+        log(run, {**save_generations(run, "initial", final_ids, final_references), "episode": 0, "update": 0})
     start_time, start_episode = time.time(), global_episode
     bar = progress_bar(num_total_batches * batch_size, "episode", accelerator.is_main_process, initial=global_episode)
     say = bar.write if bar is not None else accelerator.print  # printed lines stay above the bar
     for update in range(first_update, num_total_batches + 1):
-        prompts = prompts_for_update(update)
+        prompts = prompts_for_update(train_ids, update, args.seed, b, accelerator.process_index)
         global_episode += batch_size
         timer = {"generation": 0.0, "rollout_forward": 0.0, "training": 0.0}
         update_start = time.time()
@@ -2284,35 +2390,19 @@ if __name__ == "__main__":
         model.eval()
         with torch.no_grad():
             for i in range(0, local_batch_size, args.local_rollout_forward_batch_size):
-                q, qm = (
-                    queries[i : i + args.local_rollout_forward_batch_size],
-                    query_mask[i : i + args.local_rollout_forward_batch_size],
-                )
+                q = queries[i : i + args.local_rollout_forward_batch_size]
+                qm = query_mask[i : i + args.local_rollout_forward_batch_size]
                 t0 = time.time()
-                with autocast(), generation_weights():
-                    r = generate(
-                        unwrapped.policy,
-                        q,
-                        qm,
-                        args.response_length,
-                        args.temperature,
-                        stop_token_id,
-                        sampling_generator,
-                        sync_processes=sharded_generation,
-                    )
+                r = generate_responses(run, q, qm, args.temperature)
                 timer["generation"] += time.time() - t0
                 t0 = time.time()
                 responses.append(r)
-                pp, sl, s = rollout_scores(q, qm, r)
+                pp, sl, s = rollout_scores(run, q, qm, r)
                 postprocessed.append(pp), sequence_lengths.append(sl), scores.append(s)
                 timer["rollout_forward"] += time.time() - t0
-            # Chunks stop generating at different steps: right-pad them to the longest before stacking.
             width = max(r.shape[1] for r in responses)
-
-            def stack(chunks, fill):
-                return torch.cat([F.pad(c, (0, width - c.shape[1]), value=fill) for c in chunks])
-
-            responses, postprocessed = stack(responses, pad_id), stack(postprocessed, pad_id)
+            responses = right_pad_cat(responses, width, pad_id)
+            postprocessed = right_pad_cat(postprocessed, width, pad_id)
             scores, sequence_lengths = torch.cat(scores), torch.cat(sequence_lengths)
             query_responses = torch.cat([queries, responses], 1)
             attention_mask = torch.cat([query_mask, torch.ones_like(responses)], 1)
@@ -2321,7 +2411,7 @@ if __name__ == "__main__":
             # a row that stopped in its chunk's last column still gets its value at sequence_length + 1.
             t0 = time.time()
             logprobs, ref_logprobs, values = forward_in_chunks(
-                rollout_forward,
+                functools.partial(rollout_forward, run),
                 query_responses,
                 attention_mask,
                 context_length,
@@ -2364,9 +2454,8 @@ if __name__ == "__main__":
         # ALGO LOGIC: PPO epochs. Step 10: one optimizer step per mini-batch, whatever num_mini_batches is.
         t0 = time.time()
         model.train()
-        # Sums over valid tokens (weights) of: approxkl, pg clipfrac, pg loss, vf loss, vf clipfrac, entropy,
-        # ratio, ratio^2; and the token counts for the policy and the value terms.
-        stat_sums = torch.zeros(10, device=device, dtype=torch.float64)
+        # Sums over valid tokens of each statistic (the weights of the token-weighted averages logged below).
+        stats = {k: torch.zeros((), device=device, dtype=torch.float64) for k in PPO_STATS}
         micro_ratio_means = []  # for val/ratio_var, TRL's: the variance of the per-micro-batch mean ratios
         for ppo_epoch in range(args.num_ppo_epochs):
             permutation = torch.from_numpy(np.random.permutation(local_batch_size)).to(device)
@@ -2388,53 +2477,40 @@ if __name__ == "__main__":
                     # Gradients are all-reduced (DDP) or reduce-scattered (ZeRO) on the mini-batch's last micro-batch;
                     # the DeepSpeed engine takes its optimizer step inside that backward.
                     with accelerator.accumulate(model):
-                        batch = (
-                            query_responses[micro, : context_length + n],
-                            attention_mask[micro, : context_length + n],
-                            context_length,
-                        )
-                        with autocast():
-                            if split_backward:
-                                new_logprobs, entropy = unwrapped.policy_forward(*batch, args.temperature, needed)
-                            else:
-                                new_logprobs, entropy, vpred = model(*batch, args.temperature, needed)
+                        mb_query_responses = query_responses[micro, : context_length + n]
+                        mb_attention_mask = attention_mask[micro, : context_length + n]
+                        with autocast(run):
+                            new_logprobs, entropy, vpred = model(
+                                mb_query_responses, mb_attention_mask, context_length, args.temperature, needed
+                            )
                         new_logprobs = new_logprobs.masked_fill(~valid_pg, INVALID_LOGPROB)
                         logratio = new_logprobs - old_logprobs
                         ratio = torch.exp(logratio)
                         pg_unclipped = -mb_advantages * ratio
-                        pg_losses = torch.max(
-                            pg_unclipped, -mb_advantages * ratio.clamp(1 - args.cliprange, 1 + args.cliprange)
-                        )
-                        pg_loss = (pg_losses * valid_pg).sum() / n_pg
-                        if split_backward:  # the policy's activations are freed before the value model's exist
-                            accelerator.backward(pg_loss)
-                            with autocast():
-                                vpred = unwrapped.value_forward(*batch, needed)
+                        pg_clipped = -mb_advantages * ratio.clamp(1 - args.cliprange, 1 + args.cliprange)
+                        pg_losses = torch.max(pg_unclipped, pg_clipped)
                         vpred = vpred.masked_fill(~valid_vf, 0.0)
                         vpred_clipped = old_values + (vpred - old_values).clamp(
                             -args.cliprange_value, args.cliprange_value
                         )
                         vf_unclipped = (vpred - mb_returns) ** 2
                         vf_losses = torch.max(vf_unclipped, (vpred_clipped - mb_returns) ** 2)
+                        pg_loss = (pg_losses * valid_pg).sum() / n_pg
                         vf_loss = 0.5 * (vf_losses * valid_vf).sum() / n_vf
                         loss = pg_loss + args.vf_coef * vf_loss
-                        accelerator.backward(args.vf_coef * vf_loss if split_backward else loss)
+                        accelerator.backward(loss)
                     with torch.no_grad():
                         vp, vv = valid_pg.double(), valid_vf.double()
-                        stat_sums += torch.stack(
-                            [
-                                (0.5 * logratio**2 * vp).sum(),
-                                ((pg_losses > pg_unclipped).double() * vp).sum(),
-                                (pg_losses * vp).sum(),
-                                (0.5 * vf_losses * vv).sum(),
-                                ((vf_losses > vf_unclipped).double() * vv).sum(),
-                                (entropy * vp).sum(),
-                                (ratio * vp).sum(),
-                                (ratio**2 * vp).sum(),
-                                vp.sum(),
-                                vv.sum(),
-                            ]
-                        )
+                        stats["approxkl"] += (0.5 * logratio**2 * vp).sum()
+                        stats["pg_clipfrac"] += ((pg_losses > pg_unclipped).double() * vp).sum()
+                        stats["pg_loss"] += (pg_losses * vp).sum()
+                        stats["vf_loss"] += (0.5 * vf_losses * vv).sum()
+                        stats["vf_clipfrac"] += ((vf_losses > vf_unclipped).double() * vv).sum()
+                        stats["entropy"] += (entropy * vp).sum()
+                        stats["ratio"] += (ratio * vp).sum()
+                        stats["ratio_squared"] += (ratio**2 * vp).sum()
+                        stats["pg_tokens"] += vp.sum()
+                        stats["vf_tokens"] += vv.sum()
                         micro_ratio_means.append((ratio * vp).sum() / vp.sum().clamp(min=1))
                 if not torch.isfinite(loss):
                     sys.exit(
@@ -2457,51 +2533,48 @@ if __name__ == "__main__":
 
         # TRY NOT TO MODIFY: logging. Step 11. Token-weighted averages, gathered over processes.
         with torch.no_grad():
-            s = accelerator.reduce(stat_sums, "sum")
-            n_pg, n_vf = s[8].clamp(min=1), s[9].clamp(min=1)
-            ratio_mean = s[6] / n_pg
-            mean_kl = kl.masked_fill(padding_mask, 0).sum(1).mean()
-            per_process = torch.stack(
-                [
-                    mean_kl,
-                    (-logprobs).masked_fill(padding_mask, 0).sum(1).mean(),
-                    non_score_reward.sum(1).mean(),
-                    (scores + non_score_reward.sum(1)).mean(),
-                    scores.mean(),
-                    (sequence_lengths + 1).float().mean(),
-                ]
-            ).double()
-            objective = accelerator.reduce(per_process, "mean")
+            s = reduce_stats(accelerator, stats, "sum")
+            n_pg, n_vf = s["pg_tokens"].clamp(min=1), s["vf_tokens"].clamp(min=1)
+            ratio_mean = s["ratio"] / n_pg
+            per_process = {
+                "kl": kl.masked_fill(padding_mask, 0).sum(1).mean(),
+                "entropy": (-logprobs).masked_fill(padding_mask, 0).sum(1).mean(),
+                "non_score_reward": non_score_reward.sum(1).mean(),
+                "rlhf_reward": (scores + non_score_reward.sum(1)).mean(),
+                "scores": scores.mean(),
+                "response_length": (sequence_lengths + 1).float().mean(),
+            }
+            objective = reduce_stats(accelerator, {k: v.double() for k, v in per_process.items()}, "mean")
             num_eos = accelerator.reduce(contains_stop.sum().double(), "sum")
             micro_ratio_means = accelerator.gather(torch.stack(micro_ratio_means))
             ratio_var = micro_ratio_means.var() if len(micro_ratio_means) > 1 else torch.zeros((), device=device)
         if update % args.logging_steps == 0 or update == num_total_batches:
             row = {
                 "eps": int((global_episode - start_episode) / (time.time() - start_time)),
-                "objective/kl": objective[0].item(),
-                "objective/entropy": objective[1].item(),
-                "objective/non_score_reward": objective[2].item(),
-                "objective/rlhf_reward": objective[3].item(),
-                "objective/scores": objective[4].item(),
-                "policy/approxkl_avg": (s[0] / n_pg).item(),
-                "policy/clipfrac_avg": (s[1] / n_pg).item(),
-                "loss/policy_avg": (s[2] / n_pg).item(),
-                "loss/value_avg": (s[3] / n_vf).item(),
-                "val/clipfrac_avg": (s[4] / n_vf).item(),
-                "policy/entropy_avg": (s[5] / n_pg).item(),
+                "objective/kl": objective["kl"].item(),
+                "objective/entropy": objective["entropy"].item(),
+                "objective/non_score_reward": objective["non_score_reward"].item(),
+                "objective/rlhf_reward": objective["rlhf_reward"].item(),
+                "objective/scores": objective["scores"].item(),
+                "policy/approxkl_avg": (s["approxkl"] / n_pg).item(),
+                "policy/clipfrac_avg": (s["pg_clipfrac"] / n_pg).item(),
+                "loss/policy_avg": (s["pg_loss"] / n_pg).item(),
+                "loss/value_avg": (s["vf_loss"] / n_vf).item(),
+                "val/clipfrac_avg": (s["vf_clipfrac"] / n_vf).item(),
+                "policy/entropy_avg": (s["entropy"] / n_pg).item(),
                 "val/ratio": ratio_mean.item(),
                 "val/ratio_var": ratio_var.item(),
-                "val/ratio_token_var": (s[7] / n_pg - ratio_mean**2).clamp(min=0).item(),  # rounding: not < 0
+                "val/ratio_token_var": (s["ratio_squared"] / n_pg - ratio_mean**2).clamp(min=0).item(),  # not < 0
                 "val/num_eos_tokens": num_eos.item(),
                 "lr": scheduler.get_last_lr()[0],
                 "episode": global_episode,
                 "update": update,
                 "optimizer_steps": optimizer_steps,
-                "objective/response_length": objective[5].item(),
+                "objective/response_length": objective["response_length"].item(),
                 **{f"time/{k}": v for k, v in timer.items()},
                 "time/update": time.time() - update_start,
             }
-            log(row)
+            log(run, row)
             say(
                 f"update {update}/{num_total_batches} episode {global_episode} "
                 f"scores {row['objective/scores']:.3f} kl {row['objective/kl']:.3f} "
@@ -2512,15 +2585,15 @@ if __name__ == "__main__":
             bar.update(batch_size)
 
         if args.eval_strategy == "steps" and (update % args.eval_steps == 0 or update == num_total_batches):
-            metrics, _ = evaluate(eval_ids)
-            log({**metrics, "episode": global_episode, "update": update})
+            metrics, _ = evaluate(run, eval_ids)
+            log(run, {**metrics, "episode": global_episode, "update": update})
             say(f"eval after update {update}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
         if sample_every and (update % sample_every == 0 or update == num_total_batches):
-            _, rows = evaluate(eval_ids[: 8 * accelerator.num_processes])
-            print_samples(rows, update)
+            _, rows = evaluate(run, eval_ids[: 8 * accelerator.num_processes])
+            print_samples(run, rows, update)
         stop = stop_requested(accelerator)
         if (args.save_steps and update % args.save_steps == 0) or stop:
-            save_checkpoint(update)
+            save_checkpoint(run, optimizer, scheduler, update, global_episode, optimizer_steps)
         if stop:
             accelerator.print(
                 f"stopped by {signal.Signals(stop).name} after update {update}, with checkpoint-{update}: "
@@ -2532,68 +2605,10 @@ if __name__ == "__main__":
         bar.close()
 
     if final_ids:
-        final_metrics = save_generations("final")
-        log({**final_metrics, "episode": global_episode, "update": num_total_batches})
+        final_metrics = save_generations(run, "final", final_ids, final_references)
+        log(run, {**final_metrics, "episode": global_episode, "update": num_total_batches})
         accelerator.print("final evaluation: " + " ".join(f"{k} {v:.3f}" for k, v in final_metrics.items()))
-
-    # Save the policy (+ tokenizer, model card, metrics, args) at output_dir and the value model in
-    # output_dir/value_model, all or nothing (publish_output): a kill mid-save leaves the previous output or this one.
+    save_output(run, start_time)
     accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(model)
-    nonfinite = (
-        [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-        if accelerator.is_main_process
-        else []
-    )
-    if accelerator.reduce(torch.tensor(float(len(nonfinite)), device=device), "sum").item():
-        sys.exit(
-            f"error: the trained weights are not finite ({', '.join(nonfinite[:3])}...); nothing was saved "
-            "(lower --learning-rate)"
-        )
-    if accelerator.is_main_process:
-        split = {
-            name: {k[len(name) + 1 :]: v for k, v in state_dict.items() if k.startswith(name + ".")}
-            for name in ("policy", "value_model")
-        }
-
-        def write(path):
-            save_policy(path, split["policy"], merge=args.merge_adapter_on_save)
-            tokenizer.save_pretrained(path)
-            unwrapped.value_model.save_pretrained(os.path.join(path, "value_model"), state_dict=split["value_model"])
-            tokenizer.save_pretrained(os.path.join(path, "value_model"))
-            shutil.copy(metrics_path, os.path.join(path, "metrics.jsonl"))
-            if final_ids:
-                shutil.copytree(
-                    os.path.join(args.output_dir, "eval_generations"), os.path.join(path, "eval_generations")
-                )
-            with open(metrics_path) as f:
-                last = [json.loads(line) for line in f]
-            final = {k: v for row in last for k, v in row.items()}
-            with open(os.path.join(path, "README.md"), "w") as f:
-                f.write(
-                    model_card(
-                        os.path.basename(os.path.abspath(args.output_dir)),
-                        args.sft_model_path,
-                        [args.dataset_name],
-                        ["ppo", "rlhf"],
-                        f"A PPO-RLHF policy trained with "
-                        f"`{os.path.basename(__file__)}` from `{args.sft_model_path}` against `{args.reward_model_path}`.\n\n"
-                        f"## Command\n\n```\npython {' '.join(sys.argv)}\n```\n\n## Arguments\n\n```json\n"
-                        f"{json.dumps(asdict(args), indent=2)}\n```\n\n## Final metrics\n\n| metric | value |\n|---|---|\n"
-                        + "".join(f"| {k} | {v:.4g} |\n" for k, v in final.items() if isinstance(v, (int, float)))
-                        + "\nThe value model is in `value_model/`; every logged row is in `metrics.jsonl`.\n",
-                    )
-                )
-            with open(os.path.join(path, "args.json"), "w") as f:
-                json.dump(asdict(args), f, indent=2)
-
-        publish_output(args.output_dir, write)
-        accelerator.print(f"saved policy and value model to {args.output_dir} ({time.time() - start_time:.0f}s)")
-        if args.push_to_hub:
-            url = push_folder_to_hub(
-                args.output_dir, args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
-            )
-            accelerator.print(f"uploaded {args.output_dir} to {url}")
-    accelerator.wait_for_everyone()
-    del model, optimizer, ref_policy, reward_model  # before the process group goes: avoids gloo's abort at exit
+    del run, model, optimizer, ref_policy, reward_model  # before the process group goes: avoids gloo's abort at exit
     accelerator.end_training()
