@@ -2202,9 +2202,8 @@ def write_output(run: Run, path: str, split: dict) -> None:
     run.unwrapped.value_model.save_pretrained(os.path.join(path, "value_model"), state_dict=split["value_model"])
     tokenizer.save_pretrained(os.path.join(path, "value_model"))
     shutil.copy(run.metrics_path, os.path.join(path, "metrics.jsonl"))
-    generations = os.path.join(args.output_dir, "eval_generations")
-    if os.path.isdir(generations):
-        shutil.copytree(generations, os.path.join(path, "eval_generations"))
+    if args.dataset_final_eval_split is not None:  # this run wrote them (an earlier run's must not come along)
+        shutil.copytree(os.path.join(args.output_dir, "eval_generations"), os.path.join(path, "eval_generations"))
     with open(os.path.join(path, "README.md"), "w") as f:
         f.write(ppo_model_card(args, run.metrics_path))
     with open(os.path.join(path, "args.json"), "w") as f:
