@@ -1746,7 +1746,8 @@ def load_policy(args: Args, tokenizer, resume_dir: Optional[str]) -> tuple:
             r=args.lora_r,
             lora_alpha=args.lora_alpha,
             lora_dropout=args.lora_dropout,
-            target_modules=args.lora_target_modules,
+            # `all-linear` is PEFT's keyword only as a string; tyro parses the flag into a list
+            target_modules="all-linear" if args.lora_target_modules == ["all-linear"] else args.lora_target_modules,
         )
         policy = get_peft_model(policy, lora, adapter_name=adapter_name)
     if args.ref_adapter_name:

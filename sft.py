@@ -1024,12 +1024,13 @@ def load_model(args: Args, tokenizer, embedding_rows: int, resume_dir: Optional[
         if resume_dir:
             model = PeftModel.from_pretrained(model, trained_path, is_trainable=True)
         else:
+            targets = args.lora_target_modules  # `all-linear` is PEFT's keyword only as a string; tyro gives a list
             lora_config = LoraConfig(
                 task_type="CAUSAL_LM",
                 r=args.lora_r,
                 lora_alpha=args.lora_alpha,
                 lora_dropout=args.lora_dropout,
-                target_modules=args.lora_target_modules,
+                target_modules="all-linear" if targets == ["all-linear"] else targets,
             )
             model = get_peft_model(model, lora_config)
     if args.gradient_checkpointing:

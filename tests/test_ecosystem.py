@@ -440,3 +440,26 @@ def test_wandb_names_follow_one_convention(script, modules):
         "train/global_step": 4,
         "eval/loss": 2.0,
     }
+
+
+@pytest.mark.parametrize("script", ["sft.py", "ppo_rlhf.py", "ppo_rlhf_tldr.py"])
+def test_lora_all_linear_puts_an_adapter_on_every_linear_layer_but_the_head(script, modules):
+    """`--lora-target-modules all-linear` (TRL's usual flag) reaches PEFT as its keyword, not as a module name."""
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    module = modules[script]
+    model_flag = "--model-name-or-path" if script == "sft.py" else "--sft-model-path"
+    argv = ["--use-peft", "--lora-target-modules", "all-linear", model_flag, os.path.join(EMBEDDED, "sft_model")]
+    args = tyro.cli(module["Args"], args=argv)
+    assert args.lora_target_modules == ["all-linear"]  # what tyro hands the script
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(EMBEDDED, "tokenizer"))
+    if script == "sft.py":
+        model = module["load_model"](args, tokenizer, 10**9, None, None)
+    else:
+        model = module["load_policy"](args, tokenizer, None)[0]
+    plain = AutoModelForCausalLM.from_pretrained(os.path.join(EMBEDDED, "sft_model"))
+    head = {n for n, m in plain.named_modules() if m is plain.get_output_embeddings()}
+    linear = {n for n, m in plain.named_modules() if isinstance(m, torch.nn.Linear)} - head
+    adapted = {n.removeprefix("base_model.model.") for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    assert linear and adapted == linear
