@@ -1360,6 +1360,24 @@ def stop_requested(accelerator) -> Optional[int]:
     return (STOP["signal"] or signal.SIGTERM) if asked else None
 
 
+def end_run(accelerator, code: int = 0) -> None:
+    """Leave once everything is saved. Several processes leave without the interpreter's teardown: gloo's worker
+    threads can still be releasing the tensors of the last collectives then, and one that needs the GIL after
+    finalization has begun aborts the process ("terminate called without an active exception", exit -6) after a
+    complete run. destroy_process_group() does not stop those threads while something (DeepSpeed) still holds the
+    groups; tests/test_distributed.py shows the abort. What a normal exit does first (flush, the atexit handlers such
+    as the output folder's lock release and wandb's finish) is done here."""
+    accelerator.wait_for_everyone()
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    accelerator.end_training()
+    if not distributed:
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    atexit._run_exitfuncs()
+    os._exit(code)
+
+
 def resolve_resume(resume: Optional[str], output_dir: str) -> Optional[str]:
     """--resume-from-checkpoint as a checkpoint folder: `latest` skips damaged checkpoints, saying so; a damaged
     checkpoint passed by path is an error."""
@@ -2527,11 +2545,9 @@ if __name__ == "__main__":
                 "continue with --resume-from-checkpoint latest",
                 file=sys.stderr,
             )
-            sys.exit(128 + stop)
+            end_run(accelerator, 128 + stop)
     if bar is not None:
         bar.close()
 
     save_output(run, start_time)
-    accelerator.wait_for_everyone()
-    del run, model, optimizer, ref_policy, reward_model  # before the process group goes: avoids gloo's abort at exit
-    accelerator.end_training()
+    end_run(accelerator)

@@ -39,6 +39,7 @@ SHARED_HELPERS = (
     "resolve_resume",
     "load_resume_state",
     "explain_remote_code_errors",
+    "end_run",
 )
 
 
