@@ -13,9 +13,7 @@ checkpoints, then the training loop in the order of one PPO update: rollout, rew
 The numbered "implementation details" in the README say where this departs from TRL and why.
 """
 
-import atexit
 import contextlib
-import fcntl
 import functools
 import json
 import math
@@ -23,7 +21,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -34,6 +31,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
+
+from rlhf_utils.cli import fail, bool_flags_as_switches, explain_remote_code_errors
+from rlhf_utils.outputs import lock_output_dir, finish_interrupted_save, publish_output
+from rlhf_utils.checkpoints import seal_checkpoint, resolve_resume, load_resume_state, rng_state, set_rng_state
+from rlhf_utils.runs import stop_on_signals, stop_requested, end_run, progress_bar
+from rlhf_utils.hub import model_card, check_push_to_hub, push_folder_to_hub
+from rlhf_utils.data import load_any_dataset, pick_splits, hold_out, column_kind, render_chat
+from rlhf_utils.models import add_pad_token, context_length
 
 INVALID_LOGPROB = 1.0  # written at padded positions; both policy and reference get it, so their KL there is 0
 
@@ -838,206 +843,6 @@ def left_pad(sequences: list, pad_token_id: int, multiple: int = 1) -> tuple:
 # Plumbing: arguments, progress, the hub, datasets, tokenizers, random states and dropout
 
 
-def fail(argument: str, message: str) -> None:
-    """Stop before any expensive work, naming the argument and the fix."""
-    sys.exit(f"error: --{argument.replace('_', '-')}: {message}")
-
-
-def bool_flags_as_switches(argv: list, args_cls) -> list:
-    """TRL's command-line habit (HfArgumentParser): `--bf16 True`, `--gradient_checkpointing False`, `--bf16=true`
-    become tyro's `--bf16` / `--no-gradient-checkpointing` for the boolean fields of args_cls; other tokens pass as
-    is."""
-    import dataclasses
-    import typing
-
-    hints = typing.get_type_hints(args_cls)
-    switches = {f.name for f in dataclasses.fields(args_cls) if hints[f.name] is bool}
-    words = {
-        "true": True,
-        "yes": True,
-        "t": True,
-        "y": True,
-        "1": True,
-        "false": False,
-        "no": False,
-        "f": False,
-        "n": False,
-        "0": False,
-    }
-    out, i = [], 0
-    while i < len(argv):
-        flag, eq, value = argv[i].partition("=")
-        name = flag[2:].replace("-", "_") if flag.startswith("--") else None
-        if name in switches and not eq and i + 1 < len(argv) and argv[i + 1].lower() in words:
-            eq, value, i = "=", argv[i + 1], i + 1  # a boolean switch takes no value, so this word is its value
-        if name in switches and eq and value.lower() in words:
-            out.append(("--" if words[value.lower()] else "--no-") + name.replace("_", "-"))
-        else:
-            out.append(argv[i])
-        i += 1
-    return out
-
-
-def progress_bar(total: int, unit: str, main_process: bool, initial: int = 0):
-    """A bar with the rate and the time left, on the main process when stderr is a terminal; None otherwise, so piped
-    logs keep their one line per update instead of carriage-return redraws."""
-    if not (main_process and sys.stderr.isatty()):
-        return None
-    from tqdm import tqdm
-
-    # The size once, at the start (COLUMNS/LINES, else the terminal's, else 80x24): tqdm draws nothing on a terminal
-    # that reports 0 rows or columns (a fresh pseudo-terminal, some CI runners).
-    size = shutil.get_terminal_size()
-    return tqdm(
-        total=total, initial=initial, unit=unit, file=sys.stderr, ncols=max(size.columns, 60), nrows=max(size.lines, 2)
-    )
-
-
-def model_card(title: str, base_model: str, datasets: list, tags: list, body: str) -> str:
-    """README.md of a saved model: the Hub's YAML metadata (what it indexes and filters by), then the text. Only
-    hub ids go into the metadata (the Hub cannot resolve a local folder); the body names local ones."""
-    import yaml
-
-    def hub_id(name):
-        local = os.path.exists(name) or name.count("/") > 1 or name.startswith((".", "~"))
-        return None if not name or local else name
-
-    meta = {"library_name": "transformers", "tags": tags}
-    if hub_id(base_model):
-        meta["base_model"] = base_model
-    if [d for d in datasets if hub_id(d)]:
-        meta["datasets"] = [d for d in datasets if hub_id(d)]
-    return f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n\n# {title}\n\n{body}"
-
-
-def check_push_to_hub(repo_id: str) -> None:
-    """--push-to-hub fails here, before any model loads, rather than after the training: offline mode, the repo id,
-    the token and whether the Hub accepts it."""
-    from huggingface_hub import HfApi, get_token
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE"):
-        fail("push_to_hub", "HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it or drop --push-to-hub")
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as e:
-        fail(
-            "hub_model_id", f"{repo_id!r} is not a valid Hub repository id ({e}); pass --hub-model-id name or org/name"
-        )
-    if get_token() is None:
-        fail("push_to_hub", "no Hugging Face token; run `hf auth login` or set HF_TOKEN, or drop --push-to-hub")
-    try:
-        HfApi().whoami()
-    except Exception as e:  # unreachable Hub or a rejected token: both are found out now, not after training
-        fail(
-            "push_to_hub",
-            f"the Hub did not answer or refused the token ({type(e).__name__}: {e}); fix that or drop --push-to-hub",
-        )
-
-
-def push_folder_to_hub(folder: str, repo_id: str) -> str:
-    """Upload the saved output folder as written (models, subfolders, card, metrics.jsonl, args.json), without the
-    resumable checkpoints; returns the commit URL."""
-    from huggingface_hub import HfApi
-
-    api = HfApi()
-    api.create_repo(repo_id, exist_ok=True)
-    return api.upload_folder(
-        folder_path=folder,
-        repo_id=repo_id,
-        ignore_patterns=["checkpoints/**", ".*"],
-        commit_message=f"upload {os.path.basename(os.path.abspath(folder))}",
-    )
-
-
-HOLD_OUT_EVERY = 10  # with no test split, the last training row and every 10th row before it are held out
-
-
-def load_any_dataset(name: str) -> dict:
-    """Every split of a hub id (or a folder of data files), a `save_to_disk` folder (DatasetDict or Dataset), or a
-    json/jsonl/parquet/csv/tsv file, as {split: Dataset}; a file or a single saved Dataset has no splits:
-    {None: data}."""
-    from datasets import Dataset, load_dataset, load_from_disk
-
-    if os.path.isdir(name) and any(os.path.exists(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json")):
-        data = load_from_disk(name)
-        return {None: data} if isinstance(data, Dataset) else dict(data)
-    if os.path.isfile(name):
-        extension = name.lower().rsplit(".", 1)[-1]
-        kind = {"parquet": "parquet", "csv": "csv", "tsv": "csv"}.get(extension, "json")
-        options = {"delimiter": "\t"} if extension == "tsv" else {}
-        return {None: load_dataset(kind, data_files=name, split="train", **options)}
-    return dict(load_dataset(name))
-
-
-def pick_splits(splits: dict, name: str, train_split: str, test_split: str) -> tuple:
-    """The train split and the test split (None if there is none) of load_any_dataset's splits."""
-    if None in splits:
-        return splits[None], None
-    if train_split not in splits:
-        fail("dataset_train_split", f"{name!r} has no split {train_split!r}; it has {sorted(splits)}")
-    return splits[train_split], splits.get(test_split)
-
-
-def hold_out(train, name: str, train_split: str, test_split: str) -> tuple:
-    """The one rule of every script when there is no test split (always so for a file or a single saved Dataset): the
-    last row and every 10th row before it (10%, rounded up; the same whatever the seed) are held out for evaluation.
-    Returns the rest, the held-out rows and the line that says so in the log."""
-    held = list(range(len(train) - 1, -1, -HOLD_OUT_EVERY))[::-1]
-    note = f"held out {len(held)} of {len(train)} rows of {train_split!r} for evaluation (no {test_split!r} split)"
-    if len(held) >= len(train):
-        fail(
-            "dataset_test_split",
-            f"{name!r} has no split {test_split!r}, so it {note[: note.index(' (')]}, which "
-            "leaves none to train on; add rows, or name an existing split",
-        )
-    kept = sorted(set(range(len(train))) - set(held))
-    return train.select(kept), train.select(held), note
-
-
-def column_kind(data, column: str, where: str, allow_empty: bool = False, argument: str = "dataset_name") -> tuple:
-    """Check every row of a text column before any model loads. Each must be a string (`text`) or a list of
-    {"role", "content"} messages with string contents (`conversation`, TRL's conversational format), one kind per
-    column. Returns the kind and the empty rows (blank text, no message, or a blank last message), which are an
-    error unless allow_empty. Errors name `argument`."""
-    first, empty = {}, []
-    for i, value in enumerate(data[column]):
-        if isinstance(value, str):
-            kind, blank = "text", not value.strip()
-        elif isinstance(value, list) and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
-        ):
-            kind, blank = "conversation", not value or not value[-1]["content"].strip()
-        else:
-            fail(
-                argument,
-                f"row {i} of {where}: `{column}` is {repr(value)[:80]}; it must be a string or a list of "
-                "{'role': ..., 'content': ...} messages with string contents; fix or drop that row",
-            )
-        first.setdefault(kind, i)
-        if blank:
-            empty.append(i)
-    if len(first) > 1:
-        fail(
-            argument,
-            f"{where}: `{column}` mixes strings (row {first['text']}) and conversations (row "
-            f"{first['conversation']}); use one format per column",
-        )
-    if empty and not allow_empty:
-        fail(
-            argument,
-            f"row {empty[0]} of {where}: `{column}` is empty ({len(empty)} such rows of {len(data)}); "
-            "fill or drop those rows",
-        )
-    return next(iter(first), "text"), empty
-
-
-def render_chat(tokenizer, messages: list, add_generation_prompt: bool) -> list:
-    """Token ids of messages through the tokenizer's chat template (which writes any BOS itself)."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 def prompt_token_ids(tokenizer, prompts: list) -> list:
     """Token ids of a column of prompts: strings as they are, without special tokens (as TRL's PPO did), and
     conversations through the chat template with the assistant cue (add_generation_prompt=True)."""
@@ -1050,28 +855,6 @@ def prompt_order(num_prompts: int, seed: int, epoch: int) -> torch.Tensor:
     """The shuffle of one pass over the prompts: a function of (seed, epoch) only, identical on every process,
     so a resumed run draws exactly the prompts the uninterrupted run would."""
     return torch.randperm(num_prompts, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-
-
-def rng_state(sampling_generator: torch.Generator) -> dict:
-    """Every random state of this process, as tensors and ints so that torch.load(weights_only=True) reads it."""
-    version, mt, gauss = random.getstate()
-    np_state = np.random.get_state()
-    return {
-        "python": [version, torch.tensor(mt, dtype=torch.int64), gauss],
-        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
-        "numpy_rest": [np_state[0], np_state[2], np_state[3], np_state[4]],
-        "torch": torch.get_rng_state(),
-        "sampling": sampling_generator.get_state(),
-    }
-
-
-def set_rng_state(state: dict, sampling_generator: torch.Generator) -> None:
-    version, mt, gauss = state["python"]
-    random.setstate((version, tuple(mt.tolist()), gauss))
-    name, pos, has_gauss, cached = state["numpy_rest"]
-    np.random.set_state((name, state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    sampling_generator.set_state(state["sampling"])
 
 
 def is_dropout_setting(name: str, value) -> bool:
@@ -1098,31 +881,6 @@ def disable_dropout(model: nn.Module) -> None:
         for name, value in list(vars(module).items()):
             if is_dropout_setting(name, value):
                 setattr(module, name, 0.0)
-
-
-def add_pad_token(tokenizer) -> Optional[str]:
-    """A tokenizer without a pad token (Pythia, Llama, Mistral) or whose pad is EOS (GPT-2 setups, Qwen2 base) gets a
-    dedicated `[PAD]` special token, as TRL's example did: padding with EOS would make every real EOS look like padding
-    in the masks. Returns the line to log when one was added, else None."""
-    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
-        return None
-    before = tokenizer.pad_token
-    tokenizer.add_special_tokens({"pad_token": "[PAD]"})
-    return (
-        f"the tokenizer's pad token was {before!r} (EOS {tokenizer.eos_token!r}): added a dedicated pad token "
-        f"{tokenizer.pad_token!r} (id {tokenizer.pad_token_id}), saved with the output"
-    )
-
-
-def context_length(config) -> Optional[int]:
-    """The longest sequence the model covers: its position table (absolute positions index past it) or its rotary
-    training length (beyond it rotary models extrapolate); None when the config states neither."""
-    config = config.get_text_config()
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def vocabulary_mismatch(tokenizer, embedding_rows: int, model_tokenizer=None) -> Optional[str]:
@@ -1165,273 +923,6 @@ def saved_tokenizer(path: str, trust_remote_code: bool):
 
 # ---------------------------------------------------------------------------------------------------------------
 # The output folder and its checkpoints: one run at a time, each written whole or not at all (docs/faults.md)
-
-
-def lock_output_dir(output_dir: str) -> None:
-    """Hold `<output_dir>.lock` for the whole run, so that a second run into the same folder stops instead of
-    mixing its files with this one's. The kernel drops the lock when its process dies, however it dies: a lock
-    left by a killed run is taken over. Creating it is also the check that the folder can be written, done before
-    any model loads. At exit the lock goes, and so do the folders this run created and left empty."""
-    path = os.path.abspath(output_dir)
-    if os.path.exists(path) and not os.path.isdir(path):
-        fail("output_dir", f"{output_dir!r} is a file, not a folder; pass a folder path")
-    created, folder = [], path  # the folders this run makes, deepest first: removed at exit if it left them empty
-    while not os.path.exists(folder):
-        created.append(folder)
-        folder = os.path.dirname(folder)
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        while True:
-            fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                owner = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
-                os.close(fd)
-                fail(
-                    "output_dir",
-                    f"{output_dir!r} is in use by another run (process {owner}); wait for it to end or "
-                    "pick another --output-dir",
-                )
-            if os.path.exists(path + ".lock") and os.stat(path + ".lock").st_ino == os.fstat(fd).st_ino:
-                break  # else the previous holder removed the file while we waited for it: lock the new one
-            os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()} on {socket.gethostname()}".encode())
-        if os.path.isdir(path):  # the folder itself must take new files too (checkpoints, metrics)
-            os.close(os.open(os.path.join(path, ".write_test"), os.O_WRONLY | os.O_CREAT, 0o644))
-            os.remove(os.path.join(path, ".write_test"))
-    except OSError as e:
-        fail("output_dir", f"cannot write {output_dir!r} ({e.strerror}); pass a folder you can write")
-
-    def release():
-        with contextlib.suppress(OSError):
-            os.remove(path + ".lock")
-        os.close(fd)
-        for made in created:
-            with contextlib.suppress(OSError):
-                os.rmdir(made)  # only if empty
-
-    atexit.register(release)
-
-
-def finish_interrupted_save(output_dir: str) -> Optional[str]:
-    """Complete or undo a final save that was killed (see publish_output): an unfinished `.partial` is deleted, a
-    finished `.new` replaces the output. Returns what was done, if anything."""
-    path = os.path.abspath(output_dir)
-    partial, new, old = path + ".partial", path + ".new", path + ".old"
-    done = None
-    if os.path.isdir(partial):
-        shutil.rmtree(partial)
-        done = f"removed {partial}, the unfinished final save of a killed run ({output_dir!r} is as before it)"
-    if os.path.isdir(new):
-        if os.path.isdir(os.path.join(path, "checkpoints")):
-            os.replace(os.path.join(path, "checkpoints"), os.path.join(new, "checkpoints"))
-        if os.path.isdir(path):
-            shutil.rmtree(old, ignore_errors=True)  # the rest of a swap that had finished
-            os.replace(path, old)
-        os.replace(new, path)
-        done = f"completed the final save of a killed run into {output_dir!r}"
-    shutil.rmtree(old, ignore_errors=True)
-    return done
-
-
-def publish_output(output_dir: str, write) -> None:
-    """The final save, all or nothing: `write(folder)` fills `<output_dir>.partial`, which is renamed `.new` once
-    complete; the run's checkpoints move into it, then the old output becomes `.old`, `.new` becomes output_dir and
-    `.old` is deleted. Nothing of the old output but its checkpoints is kept, so no earlier file can change what
-    from_pretrained(output_dir) loads. A kill at any moment leaves the old output or the new one (between the two
-    renames: `.old` and `.new`, which the next start of any script into output_dir turns into the new one)."""
-    path = os.path.abspath(output_dir)
-    finish_interrupted_save(output_dir)
-    os.makedirs(path + ".partial")
-    try:
-        write(path + ".partial")
-    except Exception as e:  # e.g. a full disk: torch and safetensors report it as their own error types
-        shutil.rmtree(path + ".partial", ignore_errors=True)
-        sys.exit(
-            f"error: could not write the final output ({type(e).__name__}: {e}); {output_dir!r} holds what it "
-            "held before, with this run's checkpoints"
-        )
-    os.replace(path + ".partial", path + ".new")
-    finish_interrupted_save(output_dir)
-
-
-def seal_checkpoint(tmp: str, folder: str, keep: Optional[int]) -> None:
-    """Make a fully written `checkpoint-N.tmp` resumable: a manifest of its files' sizes, written last, is what
-    resuming verifies; the folder is renamed into place; then `checkpoints/latest` names it (written aside and
-    renamed, so it always names a complete checkpoint), and the checkpoints beyond --save-total-limit go: the
-    oldest by number among those before this one, and any numbered after it (left by a run it was resumed from
-    before them, so older than this one)."""
-    sizes = {
-        os.path.relpath(os.path.join(d, f), tmp): os.path.getsize(os.path.join(d, f))
-        for d, _, files in os.walk(tmp)
-        for f in files
-    }
-    with open(os.path.join(tmp, "manifest.json"), "w") as f:
-        json.dump(sizes, f, indent=0, sort_keys=True)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
-    parent, name = os.path.split(folder)
-    with open(os.path.join(parent, "latest.tmp"), "w") as f:
-        f.write(name)
-    os.replace(os.path.join(parent, "latest.tmp"), os.path.join(parent, "latest"))
-    number = int(name[len("checkpoint-") :])
-    others = [int(n[11:]) for n in os.listdir(parent) if n.startswith("checkpoint-") and n[11:].isdigit()]
-    before = sorted(n for n in others if n < number)
-    remove = [n for n in others if n > number] + (before[: max(len(before) - keep + 1, 0)] if keep else [])
-    for n in remove:
-        shutil.rmtree(os.path.join(parent, f"checkpoint-{n}"))
-
-
-def checkpoint_problem(folder: str) -> Optional[str]:
-    """Why a checkpoint cannot be resumed (a file missing or of another size than its manifest says), or None."""
-    if not os.path.isfile(os.path.join(folder, "state.pt")):
-        return "is not a checkpoint folder (no state.pt)" if os.path.isdir(folder) else "does not exist"
-    try:
-        with open(os.path.join(folder, "manifest.json")) as f:
-            sizes = json.load(f)
-    except FileNotFoundError:
-        return None  # written before checkpoints had manifests: nothing to verify against
-    except (OSError, ValueError) as e:
-        return f"is damaged: its manifest.json is unreadable ({e})"
-    for name, size in sizes.items():
-        file = os.path.join(folder, name)
-        if not os.path.isfile(file):
-            return f"is damaged: {name} is missing"
-        if os.path.getsize(file) != size:
-            return f"is damaged: {name} has {os.path.getsize(file)} bytes, {size} when written"
-    return None
-
-
-def latest_checkpoint(output_dir: str) -> tuple:
-    """The checkpoint that `--resume-from-checkpoint latest` continues: the one `checkpoints/latest` names, or if it
-    is damaged the newest intact one. Returns (its path or None, a note on each damaged one skipped)."""
-    folder = os.path.join(output_dir, "checkpoints")
-    names = (
-        sorted(
-            (n for n in os.listdir(folder) if n.startswith("checkpoint-") and n[11:].isdigit()),
-            key=lambda n: -int(n[11:]),
-        )
-        if os.path.isdir(folder)
-        else []
-    )
-    if os.path.isfile(os.path.join(folder, "latest")):
-        with open(os.path.join(folder, "latest")) as f:
-            pointed = f.read().strip()
-        names = [pointed] + [n for n in names if n != pointed]
-    skipped = []
-    for name in names:
-        problem = checkpoint_problem(os.path.join(folder, name))
-        if problem is None:
-            return os.path.join(folder, name), skipped
-        skipped.append(f"{name} {problem}")
-    return None, skipped
-
-
-STOP = {"signal": None}  # set by the handler below; the training loop reads it once per update
-
-
-def stop_on_signals() -> None:
-    """SIGINT (Ctrl-C) and SIGTERM (what clusters send before pre-empting a job) ask the run to stop after the
-    current update, with a checkpoint; a second signal stops it at once."""
-
-    def handler(signum, frame):
-        if STOP["signal"] is not None:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-        STOP["signal"] = signum
-        print(
-            f"{signal.Signals(signum).name} received: stopping after the current update with a checkpoint "
-            "(send it again to stop at once)",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, handler)
-
-
-def stop_requested(accelerator) -> Optional[int]:
-    """The signal that asked the run to stop, agreed by every process (one may get it before the others)."""
-    asked = STOP["signal"] is not None
-    if accelerator.num_processes > 1:
-        asked = accelerator.reduce(torch.tensor(float(asked), device=accelerator.device), "sum").item() > 0
-    return (STOP["signal"] or signal.SIGTERM) if asked else None
-
-
-def end_run(accelerator, code: int = 0) -> None:
-    """Leave once everything is saved. Several processes leave without the interpreter's teardown: gloo's worker
-    threads can still be releasing the tensors of the last collectives then, and one that needs the GIL after
-    finalization has begun aborts the process ("terminate called without an active exception", exit -6) after a
-    complete run. destroy_process_group() does not stop those threads while something (DeepSpeed) still holds the
-    groups; tests/test_distributed.py shows the abort. What a normal exit does first (flush, the atexit handlers such
-    as the output folder's lock release and wandb's finish) is done here."""
-    accelerator.wait_for_everyone()
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    accelerator.end_training()
-    if not distributed:
-        sys.exit(code)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    atexit._run_exitfuncs()
-    os._exit(code)
-
-
-def resolve_resume(resume: Optional[str], output_dir: str) -> Optional[str]:
-    """--resume-from-checkpoint as a checkpoint folder: `latest` skips damaged checkpoints, saying so; a damaged
-    checkpoint passed by path is an error."""
-    if resume is None:
-        return None
-    where = os.path.join(output_dir, "checkpoints")
-    if resume == "latest":
-        found, skipped = latest_checkpoint(output_dir)
-        if found is None:
-            fail(
-                "resume_from_checkpoint",
-                f"no {'intact ' if skipped else ''}checkpoint in {where!r}"
-                f"{' (' + '; '.join(skipped) + ')' if skipped else ''}; start without "
-                "--resume-from-checkpoint",
-            )
-        for note in skipped:
-            print(
-                f"warning: {note}: resuming from {os.path.basename(found)}, the newest intact checkpoint",
-                file=sys.stderr,
-            )
-        return found
-    problem = checkpoint_problem(resume)
-    if problem:
-        fail("resume_from_checkpoint", f"{resume!r} {problem}; pass another of {where}/checkpoint-* or `latest`")
-    return resume
-
-
-def load_resume_state(resume_dir: str) -> dict:
-    """The checkpoint's state.pt (counters, args, launch layout), or a clear error if it cannot be read."""
-    try:
-        return torch.load(os.path.join(resume_dir, "state.pt"), weights_only=True)
-    except Exception as e:  # truncated or overwritten: torch raises several types
-        fail(
-            "resume_from_checkpoint",
-            f"{os.path.join(resume_dir, 'state.pt')!r} cannot be read ({e}); pass another checkpoint",
-        )
-
-
-def explain_remote_code_errors() -> None:
-    """transformers refuses a model or tokenizer whose code lives in its repository unless it is trusted, with a
-    traceback: print that refusal as one line naming the flag instead."""
-    default = sys.excepthook
-
-    def hook(kind, error, traceback):
-        if issubclass(kind, ValueError) and "trust_remote_code=True" in str(error):
-            print(
-                f"error: --trust-remote-code: {str(error).splitlines()[0].strip()} Pass --trust-remote-code if you "
-                "trust that code.",
-                file=sys.stderr,
-            )
-        else:
-            default(kind, error, traceback)
-
-    sys.excepthook = hook
 
 
 def changed_arguments(saved_args: str, args, may_change: set) -> list:

@@ -8,12 +8,10 @@ architecture costs a few seconds rather than three interpreter starts."""
 import json
 import os
 import runpy
-import shutil
 import sys
 
 import pytest
 import torch
-
 from helpers import ROOT, SHARED, run_in_process
 from tiny_archs import MATRIX, save_tiny_causal_lm
 
@@ -71,8 +69,9 @@ def reference_sequences(tokenizer, data_dir, n=8, max_length=256):
 
 def stock_scores(path, sequences):
     """Scores of a saved reward model as a stock from_pretrained reads them, plus config.reward_shift if any."""
-    import reward_modeling as rm
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    import reward_modeling as rm
 
     model = AutoModelForSequenceClassification.from_pretrained(path).eval()
     pad = AutoTokenizer.from_pretrained(path).pad_token_id

@@ -13,8 +13,7 @@ import re
 import sys
 
 import pytest
-
-from helpers import ROOT, SHARED, run_script
+from helpers import ROOT, run_script
 
 sys.path.insert(0, os.path.join(ROOT, "benchmark"))
 import speed_compare  # noqa: E402

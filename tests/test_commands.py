@@ -16,7 +16,6 @@ import socket
 import sys
 
 import pytest
-
 from helpers import ROOT, Background, needs, start_wanted_runs
 
 EMBEDDED = os.path.join(ROOT, "embedded")

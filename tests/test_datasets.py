@@ -8,13 +8,13 @@ import os
 import shutil
 
 import pytest
-
 from helpers import ROOT, ReachedTraining, run_in_process, run_script, write_jsonl
 
 import ppo_rlhf  # noqa: E402
 import ppo_rlhf_tldr  # noqa: E402
 import reward_modeling  # noqa: E402
 import sft  # noqa: E402
+from rlhf_utils.data import hold_out, load_any_dataset, pick_splits, render_chat, tokenize_conversation
 
 EMBEDDED = os.path.join(ROOT, "embedded")
 SCRIPTS = {
@@ -109,9 +109,9 @@ def test_one_hold_out_rule_for_every_script_and_input_kind(script, tmp_path, mon
     module = SCRIPTS[script]
     rows = [{"prompt": f"p{i}", "completion": f" c{i}."} for i in range(23)]
     for kind, name in four_input_kinds(tmp_path, rows).items():
-        train, test = module.pick_splits(module.load_any_dataset(name), name, "train", "validation")
+        train, test = pick_splits(load_any_dataset(name), name, "train", "validation")
         assert test is None, kind
-        train, test, note = module.hold_out(train, name, "train", "validation")
+        train, test, note = hold_out(train, name, "train", "validation")
         # the last row and every 10th before it: 3 of 23, whatever the seed
         assert [r["prompt"] for r in test] == ["p2", "p12", "p22"], kind
         assert [r["prompt"] for r in train] == [f"p{i}" for i in range(23) if i not in (2, 12, 22)], kind
@@ -121,7 +121,7 @@ def test_one_hold_out_rule_for_every_script_and_input_kind(script, tmp_path, mon
 
     both = DatasetDict(train=Dataset.from_list(rows), validation=Dataset.from_list(rows[:2]))
     both.save_to_disk(str(tmp_path / "dd"))
-    train, test = module.pick_splits(module.load_any_dataset(str(tmp_path / "dd")), "dd", "train", "validation")
+    train, test = pick_splits(load_any_dataset(str(tmp_path / "dd")), "dd", "train", "validation")
     assert len(train) == 23 and test.to_list() == rows[:2]
 
 
@@ -131,7 +131,7 @@ def test_hold_out_that_takes_every_row_says_so(script):
 
     module = SCRIPTS[script]
     with pytest.raises(SystemExit) as info:
-        module.hold_out(Dataset.from_list([{"prompt": "p"}]), "one.jsonl", "train", "validation")
+        hold_out(Dataset.from_list([{"prompt": "p"}]), "one.jsonl", "train", "validation")
     assert info.value.code == (
         "error: --dataset-test-split: 'one.jsonl' has no split 'validation', so it held out 1 of "
         "1 rows of 'train' for evaluation, which leaves none to train on; add rows, or name an "
@@ -159,7 +159,7 @@ def test_tokenize_conversation_labels_exactly_every_assistant_turn(chat_tokenize
     tok = chat_tokenizer
     messages = [user("Hi there."), assistant(" Hello you."), user("And then?"), assistant(" We ate cake.")]
     for module in (sft, reward_modeling):
-        row = module.tokenize_conversation(tok, messages, 0)
+        row = tokenize_conversation(tok, messages, 0)
         ids, labels = row["input_ids"], row["labels"]
         assert all(label in (-100, token) for label, token in zip(labels, ids)) and len(labels) == len(ids)
         spans = labelled_spans(labels)
@@ -169,7 +169,7 @@ def test_tokenize_conversation_labels_exactly_every_assistant_turn(chat_tokenize
         assert tok.decode(ids[spans[0][1] : spans[1][0]]) == "\n<|user|>And then?\n<|assistant|>"
         assert spans[-1][1] == len(ids) and ids[-1] == tok.eos_token_id
         # from message 2 on: only the last turn is trained
-        later = module.tokenize_conversation(tok, messages, 2)
+        later = tokenize_conversation(tok, messages, 2)
         assert later["input_ids"] == ids and labelled_spans(later["labels"]) == spans[1:]
 
 
@@ -179,7 +179,7 @@ def test_tokenize_conversation_appends_eos_when_the_template_writes_none(tokeniz
         "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
         "{% if add_generation_prompt %}[assistant]{% endif %}"
     )
-    row = sft.tokenize_conversation(tok, [user("Hi."), assistant(" Yes.")], 0)
+    row = tokenize_conversation(tok, [user("Hi."), assistant(" Yes.")], 0)
     ((start, end),) = labelled_spans(row["labels"])
     assert tok.decode(row["input_ids"][start:end]) == " Yes.<|endoftext|>" and end == len(row["input_ids"])
 
@@ -193,7 +193,7 @@ def test_a_template_whose_prefix_tokenises_differently_is_an_error(tokenizer):
     )
     for module in (sft, reward_modeling):
         with pytest.raises(ValueError, match="tokens before it change"):
-            module.tokenize_conversation(tok, [user("Hi."), assistant(" Yes.")], 0)
+            tokenize_conversation(tok, [user("Hi."), assistant(" Yes.")], 0)
 
 
 def test_such_a_template_stops_the_script_with_one_line_and_writes_nothing(tmp_path):
@@ -220,7 +220,7 @@ def test_sft_every_format_masks_all_but_the_completion(tokenizer, chat_tokenizer
     messages = sft.tokenize_row(chat_tokenizer, {"messages": prompt + completion}, "messages")
     assert conversational == messages  # the same conversation in TRL's two conversational formats
     ((start, end),) = labelled_spans(messages["labels"])
-    assert messages["input_ids"][:start] == sft.render_chat(chat_tokenizer, prompt, add_generation_prompt=True)
+    assert messages["input_ids"][:start] == render_chat(chat_tokenizer, prompt, add_generation_prompt=True)
     assert chat_tokenizer.decode(messages["input_ids"][start:end]) == " We ate.<|endoftext|>"
     assert end == len(messages["input_ids"])
 
@@ -233,7 +233,7 @@ def test_reward_model_scores_every_format_at_the_eos_after_the_completion(tokeni
     prompt, chosen = [user("Sum up: we ate.")], [assistant(" We ate.")]
     conversation = encode(chat_tokenizer, prompt, chosen)
     assert encode(chat_tokenizer, None, prompt + chosen) == conversation
-    cue = sft.render_chat(chat_tokenizer, prompt, add_generation_prompt=True)
+    cue = render_chat(chat_tokenizer, prompt, add_generation_prompt=True)
     # the scored sequence: the prompt with the assistant cue, the assistant's tokens, and EOS (where the score is read)
     assert conversation[: len(cue)] == cue
     assert chat_tokenizer.decode(conversation[len(cue) :]) == " We ate.<|endoftext|>" and conversation[-1] == eos
@@ -532,7 +532,7 @@ def test_a_few_useless_pairs_are_dropped_with_a_count(tmp_path, monkeypatch):
     rows[5]["rejected"] = ""
     argv = rm_args(tmp_path, write_jsonl(tmp_path / "d.jsonl", rows))
     assert isinstance(run_in_process("reward_modeling.py", argv, tmp_path, monkeypatch), ReachedTraining)
-    data = reward_modeling.load_any_dataset(str(tmp_path / "d.jsonl"))[None]
+    data = load_any_dataset(str(tmp_path / "d.jsonl"))[None]
     assert reward_modeling.preference_format(data, "d")[2] == [3, 5, 8]
 
 

@@ -18,7 +18,6 @@ import sys
 
 import pytest
 import torch
-
 from helpers import ROOT, Background, Finished
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]

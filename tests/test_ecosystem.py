@@ -14,7 +14,6 @@ import pytest
 import torch
 import tyro
 import yaml
-
 from helpers import ROOT, ReachedTraining, run_in_process, run_script
 
 SCRIPTS = ["sft.py", "reward_modeling.py", "ppo_rlhf.py", "ppo_rlhf_tldr.py"]

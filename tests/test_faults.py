@@ -2,10 +2,9 @@
 folder, a folder that cannot be written, a full disk, non-finite gradients, Ctrl-C, a remote-code model. Each test
 names the issue's item; docs/faults.md has the table of faults and what each does now.
 
-The output-folder helpers are written out in each of the four scripts (CleanRL's rule); the first test checks that
-the copies are identical, so the in-process tests below, which use sft.py's copy, cover all four."""
+The output-folder helpers live once, in rlhf_utils (outputs, checkpoints, runs); the in-process tests below call them
+there, and the end-to-end tests run each script."""
 
-import ast
 import json
 import os
 import random
@@ -14,33 +13,18 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-
 from helpers import OFFLINE_ENV, ROOT, ReachedTraining, run_in_process, run_script
 
 import sft  # noqa: E402
+from rlhf_utils.checkpoints import checkpoint_problem, latest_checkpoint, seal_checkpoint
+from rlhf_utils.outputs import finish_interrupted_save, publish_output
 
 EMBEDDED = os.path.join(ROOT, "embedded")
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 SCRIPTS = ("sft.py", "reward_modeling.py", "ppo_rlhf.py", "ppo_rlhf_tldr.py")
-SHARED_HELPERS = (
-    "lock_output_dir",
-    "finish_interrupted_save",
-    "publish_output",
-    "seal_checkpoint",
-    "checkpoint_problem",
-    "latest_checkpoint",
-    "STOP",
-    "stop_on_signals",
-    "stop_requested",
-    "resolve_resume",
-    "load_resume_state",
-    "explain_remote_code_errors",
-    "end_run",
-)
 
 
 def files_under(path) -> dict:
@@ -66,22 +50,6 @@ def release_locks(monkeypatch):
         release()
 
 
-def test_the_output_folder_helpers_are_the_same_in_all_four_scripts():
-    def definitions(script):
-        text = open(os.path.join(ROOT, script)).read()
-        nodes = {
-            getattr(n, "name", None) or n.targets[0].id: n
-            for n in ast.parse(text).body
-            if isinstance(n, ast.FunctionDef) or (isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name))
-        }
-        return {name: ast.get_source_segment(text, nodes[name]) for name in SHARED_HELPERS if name in nodes}
-
-    reference = definitions("sft.py")
-    assert set(reference) == set(SHARED_HELPERS)
-    for script in SCRIPTS[1:]:
-        assert definitions(script) == reference, script
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # item 1: `latest` is the checkpoint the pointer names, written only once that checkpoint is complete
 
@@ -91,13 +59,13 @@ def test_a_new_runs_checkpoint_is_latest_and_an_older_runs_higher_numbers_go(tmp
     for n in (3, 4, 1):  # 3 and 4 from an earlier run (or a later point that a resume went back from), then 1
         (folder / f"checkpoint-{n}.tmp").mkdir(parents=True)
         torch.save({"step": n}, folder / f"checkpoint-{n}.tmp" / "state.pt")
-        sft.seal_checkpoint(str(folder / f"checkpoint-{n}.tmp"), str(folder / f"checkpoint-{n}"), 2)
+        seal_checkpoint(str(folder / f"checkpoint-{n}.tmp"), str(folder / f"checkpoint-{n}"), 2)
     assert sorted(os.listdir(folder)) == ["checkpoint-1", "latest"]
-    assert sft.latest_checkpoint(str(tmp_path)) == (str(folder / "checkpoint-1"), [])
+    assert latest_checkpoint(str(tmp_path)) == (str(folder / "checkpoint-1"), [])
     for n in (2, 3):
         (folder / f"checkpoint-{n}.tmp").mkdir()
         torch.save({"step": n}, folder / f"checkpoint-{n}.tmp" / "state.pt")
-        sft.seal_checkpoint(str(folder / f"checkpoint-{n}.tmp"), str(folder / f"checkpoint-{n}"), 2)
+        seal_checkpoint(str(folder / f"checkpoint-{n}.tmp"), str(folder / f"checkpoint-{n}"), 2)
     assert sorted(os.listdir(folder)) == ["checkpoint-2", "checkpoint-3", "latest"]  # --save-total-limit 2
     assert json.loads((folder / "checkpoint-3" / "manifest.json").read_text()) == {
         "state.pt": os.path.getsize(folder / "checkpoint-3" / "state.pt")
@@ -132,7 +100,7 @@ def sealed_checkpoint(out, n, **changes):
         tmp / "state.pt",
     )
     (tmp / "model" / "model.safetensors").write_bytes(b"weights" * 100)
-    sft.seal_checkpoint(str(tmp), str(folder / f"checkpoint-{n}"), None)
+    seal_checkpoint(str(tmp), str(folder / f"checkpoint-{n}"), None)
     return folder / f"checkpoint-{n}"
 
 
@@ -236,7 +204,7 @@ def test_a_final_save_stopped_after_any_step_leaves_the_old_or_the_new_output(tm
             (out / name).write_bytes(content)
         steps[0], kill_at[0] = 0, kill
         try:
-            sft.publish_output(str(out), write)
+            publish_output(str(out), write)
             outcomes.append("finished")
             break
         except Killed:
@@ -244,7 +212,7 @@ def test_a_final_save_stopped_after_any_step_leaves_the_old_or_the_new_output(tm
         seen = {k: v for k, v in files_under(out).items() if not k.startswith("checkpoints")} if out.exists() else None
         assert seen in (old, new) or (seen is None and files_under(str(out) + ".new") == {**new, **checkpoint}), kill
         kill_at[0] = None
-        sft.finish_interrupted_save(str(out))  # what the next start of any script does first
+        finish_interrupted_save(str(out))  # what the next start of any script does first
         after = files_under(out)
         assert after in ({**old, **checkpoint}, {**new, **checkpoint}), (kill, sorted(after))
         assert sorted(os.listdir(tmp_path)) == ["out"], (kill, os.listdir(tmp_path))
@@ -334,8 +302,8 @@ def test_a_second_run_into_the_same_folder_is_refused_until_the_first_one_dies(t
         [
             sys.executable,
             "-c",
-            f"import sys; sys.path.insert(0, {ROOT!r}); import sft; "
-            f"sft.lock_output_dir({str(out)!r}); print('locked', flush=True); import time; "
+            f"import sys; sys.path.insert(0, {ROOT!r}); from rlhf_utils.outputs import lock_output_dir; "
+            f"lock_output_dir({str(out)!r}); print('locked', flush=True); import time; "
             "time.sleep(300)",
         ],
         stdout=subprocess.PIPE,
@@ -488,7 +456,7 @@ def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_exits_with_one_line(tm
     assert last.startswith("stopped by SIGINT after optimizer step") and "--resume-from-checkpoint latest" in last
     step = int(last.split("optimizer step ")[1].split(",")[0])
     assert 1 <= step < 8 and (out / "checkpoints" / "latest").read_text() == f"checkpoint-{step}"
-    assert sft.checkpoint_problem(str(out / "checkpoints" / f"checkpoint-{step}")) is None
+    assert checkpoint_problem(str(out / "checkpoints" / f"checkpoint-{step}")) is None
     assert not os.path.exists(str(out) + ".lock")
 
 
@@ -545,7 +513,7 @@ def test_a_full_disk_during_the_final_save_keeps_the_previous_output(tmp_path):
         raise OSError(28, "No space left on device")
 
     with pytest.raises(SystemExit) as info:
-        sft.publish_output(str(out), write)
+        publish_output(str(out), write)
     assert str(info.value.code).startswith("error: could not write the final output (OSError: [Errno 28] No space")
     assert files_under(out) == {"model.safetensors": b"previous"} and sorted(os.listdir(tmp_path)) == ["out"]
     assert os.listdir(out / "checkpoints") == ["checkpoint-2"]

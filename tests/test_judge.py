@@ -12,7 +12,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-
 from helpers import run_script, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,7 +7,6 @@ models built from configs."""
 
 import pytest
 import torch
-
 from helpers import ROOT  # noqa: F401  (puts the repository root on sys.path)
 from tiny_archs import ARCHITECTURES, MATRIX, tiny_config
 
@@ -46,9 +45,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 def build(case: str, seed: int = 0):
     """The tiny model as the PPO scripts load it: dropout settings of the config zeroed, then the modules'."""
-    from transformers import AutoModelForCausalLM
-
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     arch = "llama" if case == "llama_dropout" else case
     extra = dict(attention_dropout=0.3) if case == "llama_dropout" else {}

@@ -6,9 +6,9 @@ import struct
 
 import numpy as np
 import pytest
+from helpers import run_script
 
 from benchmark import plot
-from helpers import run_script
 
 UPDATES = 5  # every synthetic run logs 5 updates of 64 episodes; its value at update u is final * u / UPDATES
 FINAL_SCORES = {"ours_s1": 1.0, "ours_s2": 2.0, "base_s1": 0.25, "base_s2": 0.75, "trl": -0.5}

@@ -9,10 +9,10 @@ import random
 import numpy as np
 import pytest
 import torch
-
 from helpers import ROOT
 
 import ppo_rlhf  # noqa: E402
+from rlhf_utils.checkpoints import latest_checkpoint, rng_state, set_rng_state
 
 EMBEDDED = os.path.join(ROOT, "embedded")
 
@@ -720,33 +720,33 @@ def test_rng_state_round_trips_through_torch_save_weights_only(tmp_path):
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     random.gauss(0, 1)  # leaves a cached gaussian in python's state
     np.random.standard_normal()  # and in numpy's
-    torch.save(ppo_rlhf.rng_state(generator), tmp_path / "rng.pt")
+    torch.save(rng_state(generator), tmp_path / "rng.pt")
     expected = draws(generator)
     random.seed(100), np.random.seed(100), torch.manual_seed(100), generator.manual_seed(100)
     other = draws(generator)
-    ppo_rlhf.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True), generator)
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True), generator)
     assert draws(generator) == expected != other
 
 
 def test_latest_checkpoint_ignores_tmp_folders_and_sorts_numerically(tmp_path):
-    assert ppo_rlhf.latest_checkpoint(str(tmp_path)) == (None, [])
+    assert latest_checkpoint(str(tmp_path)) == (None, [])
     folder = tmp_path / "checkpoints"
     folder.mkdir()
-    assert ppo_rlhf.latest_checkpoint(str(tmp_path)) == (None, [])
+    assert latest_checkpoint(str(tmp_path)) == (None, [])
     (folder / "checkpoint-11.tmp").mkdir()
     (folder / "checkpoint-11.tmp" / "state.pt").write_bytes(b"")
-    assert ppo_rlhf.latest_checkpoint(str(tmp_path)) == (None, [])
+    assert latest_checkpoint(str(tmp_path)) == (None, [])
     for n in (2, 9, 10):
         (folder / f"checkpoint-{n}").mkdir()
         (folder / f"checkpoint-{n}" / "state.pt").write_bytes(b"")
     (folder / "checkpoint-12.tmp").mkdir()
-    assert ppo_rlhf.latest_checkpoint(str(tmp_path)) == (str(folder / "checkpoint-10"), [])
+    assert latest_checkpoint(str(tmp_path)) == (str(folder / "checkpoint-10"), [])
     # the pointer, written once a checkpoint is complete, wins over the numbers (issue 15: a new run's checkpoint-2
     # is newer than an earlier run's checkpoint-10); if what it names is gone, the highest intact number is used
     (folder / "latest").write_text("checkpoint-2")
-    assert ppo_rlhf.latest_checkpoint(str(tmp_path)) == (str(folder / "checkpoint-2"), [])
+    assert latest_checkpoint(str(tmp_path)) == (str(folder / "checkpoint-2"), [])
     (folder / "latest").write_text("checkpoint-3")
-    assert ppo_rlhf.latest_checkpoint(str(tmp_path)) == (
+    assert latest_checkpoint(str(tmp_path)) == (
         str(folder / "checkpoint-10"),
         ["checkpoint-3 does not exist"],
     )

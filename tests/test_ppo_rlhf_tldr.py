@@ -22,7 +22,6 @@ import shutil
 import sys
 
 import pytest
-
 from helpers import ONE_THREAD, ROOT, Background, needs, run_script, start_wanted_runs
 
 EMBEDDED = os.path.join(ROOT, "embedded")

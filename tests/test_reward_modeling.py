@@ -12,7 +12,6 @@ import shutil
 
 import pytest
 import torch
-
 from helpers import (
     ROOT,
     ReachedTraining,

@@ -5,7 +5,6 @@ whose stop token is in the last column its chunk generated (issue 13, item 5: it
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import ROOT  # noqa: F401  (puts the repository root on sys.path)
 from tiny_archs import tiny_config
 

@@ -9,7 +9,6 @@ import re
 
 import pytest
 import torch
-
 from helpers import (
     ROOT,
     ReachedTraining,
@@ -24,6 +23,8 @@ from helpers import (
 )
 
 import sft  # noqa: E402
+from rlhf_utils.data import load_any_dataset
+from rlhf_utils.outputs import publish_output
 
 EMBEDDED = os.path.join(ROOT, "embedded")
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the 2 CPUs are shared: one uncontended thread is much faster than two
@@ -140,22 +141,22 @@ def test_load_any_dataset_file_and_folders(tmp_path, monkeypatch):
     rows = [{"prompt": "SUBREDDIT: r/x\n\nTITLE: t\n\nPOST: p\n\nTL;DR:", "completion": f" c{i}."} for i in range(3)]
     with open(tmp_path / "d.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    assert {k: v.to_list() for k, v in sft.load_any_dataset(str(tmp_path / "d.jsonl")).items()} == {
+    assert {k: v.to_list() for k, v in load_any_dataset(str(tmp_path / "d.jsonl")).items()} == {
         None: rows
     }  # no splits
     DatasetDict(train=Dataset.from_list(rows), validation=Dataset.from_list(rows[:1])).save_to_disk(
         str(tmp_path / "dd")
     )
-    assert sft.load_any_dataset(str(tmp_path / "dd"))["validation"].to_list() == rows[:1]
+    assert load_any_dataset(str(tmp_path / "dd"))["validation"].to_list() == rows[:1]
     Dataset.from_list(rows[1:]).save_to_disk(str(tmp_path / "ds"))
-    assert sft.load_any_dataset(str(tmp_path / "ds"))[None].to_list() == rows[1:]
+    assert load_any_dataset(str(tmp_path / "ds"))[None].to_list() == rows[1:]
 
 
 def test_atomic_save_replaces_the_folder_and_leaves_no_temporary(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
-    sft.publish_output(str(out) + "/", lambda path: open(os.path.join(path, "new.txt"), "w").close())
+    publish_output(str(out) + "/", lambda path: open(os.path.join(path, "new.txt"), "w").close())
     assert sorted(os.listdir(out)) == ["new.txt"] and sorted(os.listdir(tmp_path)) == ["out"]
 
 

@@ -9,7 +9,6 @@ import statistics
 
 import pytest
 import torch
-
 from helpers import ROOT, run_script
 
 import tiny_tldr  # noqa: E402

@@ -1,0 +1,147 @@
+"""Resumable checkpoints: sealed by a rename, found through `latest`, checked before a resume; random states."""
+
+import json
+import os
+import random
+import shutil
+import sys
+from typing import Optional
+
+import numpy as np
+import torch
+
+from rlhf_utils.cli import fail
+
+
+def seal_checkpoint(tmp: str, folder: str, keep: Optional[int]) -> None:
+    """Make a fully written `checkpoint-N.tmp` resumable: a manifest of its files' sizes, written last, is what
+    resuming verifies; the folder is renamed into place; then `checkpoints/latest` names it (written aside and
+    renamed, so it always names a complete checkpoint), and the checkpoints beyond --save-total-limit go: the
+    oldest by number among those before this one, and any numbered after it (left by a run it was resumed from
+    before them, so older than this one)."""
+    sizes = {
+        os.path.relpath(os.path.join(d, f), tmp): os.path.getsize(os.path.join(d, f))
+        for d, _, files in os.walk(tmp)
+        for f in files
+    }
+    with open(os.path.join(tmp, "manifest.json"), "w") as f:
+        json.dump(sizes, f, indent=0, sort_keys=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    parent, name = os.path.split(folder)
+    with open(os.path.join(parent, "latest.tmp"), "w") as f:
+        f.write(name)
+    os.replace(os.path.join(parent, "latest.tmp"), os.path.join(parent, "latest"))
+    number = int(name[len("checkpoint-") :])
+    others = [int(n[11:]) for n in os.listdir(parent) if n.startswith("checkpoint-") and n[11:].isdigit()]
+    before = sorted(n for n in others if n < number)
+    remove = [n for n in others if n > number] + (before[: max(len(before) - keep + 1, 0)] if keep else [])
+    for n in remove:
+        shutil.rmtree(os.path.join(parent, f"checkpoint-{n}"))
+
+
+def checkpoint_problem(folder: str) -> Optional[str]:
+    """Why a checkpoint cannot be resumed (a file missing or of another size than its manifest says), or None."""
+    if not os.path.isfile(os.path.join(folder, "state.pt")):
+        return "is not a checkpoint folder (no state.pt)" if os.path.isdir(folder) else "does not exist"
+    try:
+        with open(os.path.join(folder, "manifest.json")) as f:
+            sizes = json.load(f)
+    except FileNotFoundError:
+        return None  # written before checkpoints had manifests: nothing to verify against
+    except (OSError, ValueError) as e:
+        return f"is damaged: its manifest.json is unreadable ({e})"
+    for name, size in sizes.items():
+        file = os.path.join(folder, name)
+        if not os.path.isfile(file):
+            return f"is damaged: {name} is missing"
+        if os.path.getsize(file) != size:
+            return f"is damaged: {name} has {os.path.getsize(file)} bytes, {size} when written"
+    return None
+
+
+def latest_checkpoint(output_dir: str) -> tuple:
+    """The checkpoint that `--resume-from-checkpoint latest` continues: the one `checkpoints/latest` names, or if it
+    is damaged the newest intact one. Returns (its path or None, a note on each damaged one skipped)."""
+    folder = os.path.join(output_dir, "checkpoints")
+    names = (
+        sorted(
+            (n for n in os.listdir(folder) if n.startswith("checkpoint-") and n[11:].isdigit()),
+            key=lambda n: -int(n[11:]),
+        )
+        if os.path.isdir(folder)
+        else []
+    )
+    if os.path.isfile(os.path.join(folder, "latest")):
+        with open(os.path.join(folder, "latest")) as f:
+            pointed = f.read().strip()
+        names = [pointed] + [n for n in names if n != pointed]
+    skipped = []
+    for name in names:
+        problem = checkpoint_problem(os.path.join(folder, name))
+        if problem is None:
+            return os.path.join(folder, name), skipped
+        skipped.append(f"{name} {problem}")
+    return None, skipped
+
+
+def resolve_resume(resume: Optional[str], output_dir: str) -> Optional[str]:
+    """--resume-from-checkpoint as a checkpoint folder: `latest` skips damaged checkpoints, saying so; a damaged
+    checkpoint passed by path is an error."""
+    if resume is None:
+        return None
+    where = os.path.join(output_dir, "checkpoints")
+    if resume == "latest":
+        found, skipped = latest_checkpoint(output_dir)
+        if found is None:
+            fail(
+                "resume_from_checkpoint",
+                f"no {'intact ' if skipped else ''}checkpoint in {where!r}"
+                f"{' (' + '; '.join(skipped) + ')' if skipped else ''}; start without "
+                "--resume-from-checkpoint",
+            )
+        for note in skipped:
+            print(
+                f"warning: {note}: resuming from {os.path.basename(found)}, the newest intact checkpoint",
+                file=sys.stderr,
+            )
+        return found
+    problem = checkpoint_problem(resume)
+    if problem:
+        fail("resume_from_checkpoint", f"{resume!r} {problem}; pass another of {where}/checkpoint-* or `latest`")
+    return resume
+
+
+def load_resume_state(resume_dir: str) -> dict:
+    """The checkpoint's state.pt (counters, args, launch layout), or a clear error if it cannot be read."""
+    try:
+        return torch.load(os.path.join(resume_dir, "state.pt"), weights_only=True)
+    except Exception as e:  # truncated or overwritten: torch raises several types
+        fail(
+            "resume_from_checkpoint",
+            f"{os.path.join(resume_dir, 'state.pt')!r} cannot be read ({e}); pass another checkpoint",
+        )
+
+
+def rng_state(sampling_generator: Optional[torch.Generator] = None) -> dict:
+    """Every random state of this process (and of the sampling generator, if any), as tensors and ints so that
+    torch.load(weights_only=True) reads it."""
+    version, mt, gauss = random.getstate()
+    np_state = np.random.get_state()
+    return {
+        "python": [version, torch.tensor(mt, dtype=torch.int64), gauss],
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_rest": [np_state[0], np_state[2], np_state[3], np_state[4]],
+        "torch": torch.get_rng_state(),
+        **({"sampling": sampling_generator.get_state()} if sampling_generator is not None else {}),
+    }
+
+
+def set_rng_state(state: dict, sampling_generator: Optional[torch.Generator] = None) -> None:
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt.tolist()), gauss))
+    name, pos, has_gauss, cached = state["numpy_rest"]
+    np.random.set_state((name, state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if sampling_generator is not None:
+        sampling_generator.set_state(state["sampling"])

@@ -1,0 +1,133 @@
+"""Datasets: any hub id, saved folder or data file; held-out rows; TRL's standard and conversational formats."""
+
+import os
+
+from rlhf_utils.cli import fail
+
+HOLD_OUT_EVERY = 10  # with no test split, the last training row and every 10th row before it are held out
+
+
+def load_any_dataset(name: str) -> dict:
+    """Every split of a hub id (or a folder of data files), a `save_to_disk` folder (DatasetDict or Dataset), or a
+    json/jsonl/parquet/csv/tsv file, as {split: Dataset}; a file or a single saved Dataset has no splits:
+    {None: data}."""
+    from datasets import Dataset, load_dataset, load_from_disk
+
+    if os.path.isdir(name) and any(os.path.exists(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json")):
+        data = load_from_disk(name)
+        return {None: data} if isinstance(data, Dataset) else dict(data)
+    if os.path.isfile(name):
+        extension = name.lower().rsplit(".", 1)[-1]
+        kind = {"parquet": "parquet", "csv": "csv", "tsv": "csv"}.get(extension, "json")
+        options = {"delimiter": "\t"} if extension == "tsv" else {}
+        return {None: load_dataset(kind, data_files=name, split="train", **options)}
+    return dict(load_dataset(name))
+
+
+def pick_splits(splits: dict, name: str, train_split: str, test_split: str) -> tuple:
+    """The train split and the test split (None if there is none) of load_any_dataset's splits."""
+    if None in splits:
+        return splits[None], None
+    if train_split not in splits:
+        fail("dataset_train_split", f"{name!r} has no split {train_split!r}; it has {sorted(splits)}")
+    return splits[train_split], splits.get(test_split)
+
+
+def hold_out(train, name: str, train_split: str, test_split: str) -> tuple:
+    """The one rule of every script when there is no test split (always so for a file or a single saved Dataset): the
+    last row and every 10th row before it (10%, rounded up; the same whatever the seed) are held out for evaluation.
+    Returns the rest, the held-out rows and the line that says so in the log."""
+    held = list(range(len(train) - 1, -1, -HOLD_OUT_EVERY))[::-1]
+    note = f"held out {len(held)} of {len(train)} rows of {train_split!r} for evaluation (no {test_split!r} split)"
+    if len(held) >= len(train):
+        fail(
+            "dataset_test_split",
+            f"{name!r} has no split {test_split!r}, so it {note[: note.index(' (')]}, which "
+            "leaves none to train on; add rows, or name an existing split",
+        )
+    kept = sorted(set(range(len(train))) - set(held))
+    return train.select(kept), train.select(held), note
+
+
+def column_kind(data, column: str, where: str, allow_empty: bool = False, argument: str = "dataset_name") -> tuple:
+    """Check every row of a text column before any model loads. Each must be a string (`text`) or a list of
+    {"role", "content"} messages with string contents (`conversation`, TRL's conversational format), one kind per
+    column. Returns the kind and the empty rows (blank text, no message, or a blank last message), which are an
+    error unless allow_empty. Errors name `argument`."""
+    first, empty = {}, []
+    for i, value in enumerate(data[column]):
+        if isinstance(value, str):
+            kind, blank = "text", not value.strip()
+        elif isinstance(value, list) and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+        ):
+            kind, blank = "conversation", not value or not value[-1]["content"].strip()
+        else:
+            fail(
+                argument,
+                f"row {i} of {where}: `{column}` is {repr(value)[:80]}; it must be a string or a list of "
+                "{'role': ..., 'content': ...} messages with string contents; fix or drop that row",
+            )
+        first.setdefault(kind, i)
+        if blank:
+            empty.append(i)
+    if len(first) > 1:
+        fail(
+            argument,
+            f"{where}: `{column}` mixes strings (row {first['text']}) and conversations (row "
+            f"{first['conversation']}); use one format per column",
+        )
+    if empty and not allow_empty:
+        fail(
+            argument,
+            f"row {empty[0]} of {where}: `{column}` is empty ({len(empty)} such rows of {len(data)}); "
+            "fill or drop those rows",
+        )
+    return next(iter(first), "text"), empty
+
+
+def render_chat(tokenizer, messages: list, add_generation_prompt: bool) -> list:
+    """Token ids of messages through the tokenizer's chat template (which writes any BOS itself)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def require_assistant(data, column: str, where: str, last: bool = False, argument: str = "dataset_name") -> None:
+    """Every conversation of a column needs an assistant message (`last`: at its end) to learn from or to score."""
+    for i, messages in enumerate(data[column]):
+        roles = [m["role"] for m in messages]
+        if messages and ((roles[-1] != "assistant") if last else ("assistant" not in roles)):
+            fail(
+                argument,
+                f"row {i} of {where}: `{column}` has no assistant message{' at its end' if last else ''} "
+                f"(roles {roles}); add the assistant's answer or drop that row",
+            )
+
+
+def tokenize_conversation(tokenizer, messages: list, first_trained: int) -> dict:
+    """A conversation through the chat template; labels keep the assistant turns from message `first_trained` on.
+    A turn's tokens are the difference between the rendering up to it with the assistant cue
+    (add_generation_prompt=True) and the rendering with it, cut after the first EOS; the sequence ends with the last
+    trained turn and with EOS (appended if the template writes none), so the model learns to stop. A template that
+    tokenises a prefix differently inside the whole conversation is an error: the masks would be shifted."""
+    ids = render_chat(tokenizer, messages, add_generation_prompt=False)
+    labels, end, eos = [-100] * len(ids), None, tokenizer.eos_token_id
+    for i in range(first_trained, len(messages)):
+        if messages[i]["role"] != "assistant":
+            continue
+        before = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
+        upto = render_chat(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if upto[: len(before)] != before or ids[: len(upto)] != upto:
+            raise ValueError(
+                f"the chat template renders message {i} so that the tokens before it change when it is "
+                "added; the assistant tokens cannot be told apart"
+            )
+        turn = upto[len(before) :]
+        end = len(before) + (turn.index(eos) + 1 if eos in turn else len(turn))
+        labels[len(before) : end] = ids[len(before) : end]
+    if end is None:
+        raise ValueError(f"no assistant message from message {first_trained} on, so nothing to learn or score")
+    ids, labels = ids[:end], labels[:end]
+    if ids[-1] != eos:
+        ids, labels = ids + [eos], labels + [eos]
+    return {"input_ids": ids, "labels": labels}
