@@ -167,10 +167,17 @@ class Killed(BaseException):
     """Stands for SIGKILL at one point of the save: nothing after it runs."""
 
 
-def test_a_final_save_stopped_after_any_step_leaves_the_old_or_the_new_output(tmp_path, monkeypatch):
+@pytest.mark.parametrize("exchange", [True, False], ids=["one-step-swap", "two-renames"])
+def test_a_final_save_stopped_after_any_step_leaves_the_old_or_the_new_output(tmp_path, monkeypatch, exchange):
     """Every point between two file-system operations of publish_output, in turn: what from_pretrained would see is
     the old output or the new one, and the next start (finish_interrupted_save) leaves one of them, whole, with the
-    run's checkpoints and no leftover; a LoRA adapter of the old output never survives into the new one."""
+    run's checkpoints and no leftover; a LoRA adapter of the old output never survives into the new one. With the
+    one-step swap (Linux renameat2) the output folder is never missing, even between the old and the new one; with
+    two renames (elsewhere) it may be missing until the next start."""
+    from rlhf_utils import outputs
+
+    if exchange and not outputs.swap_folders(str(tmp_path), str(tmp_path)):
+        pytest.skip("this file system cannot swap two folders in one step")
     out = tmp_path / "out"
     old = {"adapter_config.json": b"old adapter", "adapter_model.safetensors": b"old", "README.md": b"old card"}
     new = {
@@ -194,8 +201,10 @@ def test_a_final_save_stopped_after_any_step_leaves_the_old_or_the_new_output(tm
             with open(os.path.join(path, name), "wb") as f:
                 f.write(content)
 
+    real_swap = outputs.swap_folders
     monkeypatch.setattr(os, "replace", lambda *a: (step(), real_replace(*a)))
     monkeypatch.setattr(shutil, "rmtree", lambda *a, **k: (step(), real_rmtree(*a, **k)))
+    monkeypatch.setattr(outputs, "swap_folders", lambda *a: step() or (exchange and real_swap(*a)))
     outcomes = []
     for kill in range(1, 100):
         real_rmtree(tmp_path, ignore_errors=True)
@@ -211,6 +220,7 @@ def test_a_final_save_stopped_after_any_step_leaves_the_old_or_the_new_output(tm
             pass
         seen = {k: v for k, v in files_under(out).items() if not k.startswith("checkpoints")} if out.exists() else None
         assert seen in (old, new) or (seen is None and files_under(str(out) + ".new") == {**new, **checkpoint}), kill
+        assert seen is not None or not exchange, kill
         kill_at[0] = None
         finish_interrupted_save(str(out))  # what the next start of any script does first
         after = files_under(out)
@@ -258,21 +268,25 @@ for _ in range(kills):
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     leftovers = sorted(n for n in os.listdir(os.path.dirname(out)) if n != os.path.basename(out))
+    found_before_repair = os.path.isdir(out)
     script.finish_interrupted_save(out)  # what the next start does
     loaded_policy = AutoModelForCausalLM.from_pretrained(out).state_dict()
     loaded_value = AutoModelForSequenceClassification.from_pretrained(os.path.join(out, "value_model")).state_dict()
     which = [i for i in range(2) if all(torch.equal(loaded_policy[k], v) for k, v in versions[i][0].items())
              and all(torch.equal(loaded_value[k], v) for k, v in versions[i][1].items())]
-    results.append({"leftovers": leftovers, "version": which, "files": sorted(os.listdir(out)),
+    results.append({"leftovers": leftovers, "found_before_repair": found_before_repair, "version": which, "files": sorted(os.listdir(out)),
                     "siblings": sorted(os.listdir(os.path.dirname(out)))})
 print(json.dumps(results))
 """
 
 
 def test_sigkill_at_random_points_of_real_final_saves_leaves_a_whole_model(tmp_path):
-    """Issue 15, item 5, as it happened: real save_pretrained of a policy and a value model, SIGKILLed at random
+    """As it happened once: real save_pretrained of a policy and a value model, SIGKILLed at random
     moments (a forked child saving over and over), then the next start's repair: from_pretrained loads one version,
-    the same for the policy and the value model, never the earlier run's LoRA adapter, and the checkpoints stay."""
+    the same for the policy and the value model, never the earlier run's LoRA adapter, and the checkpoints stay;
+    where folders can be swapped in one step, the output folder exists at every kill, before any repair."""
+    from rlhf_utils import outputs
+
     seed = int(os.environ.get("KILL_TEST_SEED", random.randrange(1 << 30)))
     out = tmp_path / "work" / "out"
     out.parent.mkdir()
@@ -289,6 +303,8 @@ def test_sigkill_at_random_points_of_real_final_saves_leaves_a_whole_model(tmp_p
         assert len(r["version"]) == 1, (seed, r)  # policy and value model of the same save, bit for bit
         assert "adapter_config.json" not in r["files"] and "checkpoints" in r["files"], (seed, r)
         assert r["siblings"] == ["out"], (seed, r)
+        # renameat2 swaps the old and new output in one step: the folder is there even when the kill fell between
+        assert r["found_before_repair"] or not outputs.swap_folders(str(out), str(out)), (seed, r)
     assert len(results) == 12
 
 
