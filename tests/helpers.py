@@ -1,6 +1,7 @@
 """What the test files share: the offline environment, the repository root on sys.path, one way to run a script as a
-user runs it (in the foreground, or in the background from a pool of worker threads), one kill-and-resume check, and
-the harness that runs a script's input checks in this process. Imported as `from helpers import ...` (the fixtures
+user runs it (in the foreground, or in the background from a pool of worker threads), one kill-and-resume check, the
+harness that runs a script's input checks in this process, and small pieces (files under a folder, a free port, chat
+messages and a chat template). Imported as `from helpers import ...` (the fixtures
 stay in conftest.py)."""
 
 import atexit
@@ -10,6 +11,7 @@ import random
 import runpy
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -399,3 +401,49 @@ def copy_model_with_pad(tmp_path, pad) -> str:
     reloaded = AutoTokenizer.from_pretrained(path)
     assert reloaded.pad_token_id == (reloaded.eos_token_id if pad == "eos" else None)  # the case is what it claims
     return path
+
+
+def files_under(path) -> dict:
+    """{relative path: content} of every file under path."""
+    out = {}
+    for folder, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                out[os.path.relpath(os.path.join(folder, name), path)] = f.read()
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# chat formats
+
+# Each assistant turn ends with EOS and a newline: the newline is the template's, after EOS, and never trained on.
+TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% if m['role'] == 'assistant' %}"
+    "{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+def labelled_spans(labels):
+    """The [start, end) runs of positions whose label is not -100."""
+    spans, start = [], None
+    for i, label in enumerate(labels + [-100]):
+        if label != -100 and start is None:
+            start = i
+        if label == -100 and start is not None:
+            spans.append((start, i))
+            start = None
+    return spans

@@ -1,6 +1,7 @@
-"""The datasets users bring, in all four scripts (issue 14): TRL's standard and conversational formats, json/jsonl/
-parquet/csv/tsv files, one hold-out rule, and bad rows stopped before any model loads with a one-line error that
-names the dataset, the column, the row and the fix.
+"""The datasets users bring, in all four scripts: TRL's standard and conversational formats, json/jsonl/parquet/csv/tsv
+files, held-out rows, and bad rows stopped before any model loads with a one-line error that names the dataset, the
+column, the row and the fix. Reading files, the hold-out rule and conversations through a chat template, called
+directly: tests/test_utils_data.py.
 
 The chat template is a tiny Jinja one set on the embedded tokenizer (which has none), saved with a copy of a model."""
 
@@ -8,52 +9,27 @@ import os
 import shutil
 
 import pytest
-from helpers import ROOT, ReachedTraining, run_in_process, run_script, write_jsonl
+from helpers import (
+    ROOT,
+    TEMPLATE,
+    ReachedTraining,
+    assistant,
+    labelled_spans,
+    run_in_process,
+    run_script,
+    user,
+    write_jsonl,
+)
 
 import ppo_rlhf  # noqa: E402
 import ppo_rlhf_tldr  # noqa: E402
 import reward_modeling  # noqa: E402
 import sft  # noqa: E402
-from rlhf_utils.data import hold_out, load_any_dataset, pick_splits, render_chat, tokenize_conversation
+from rlhf_utils.data import load_any_dataset, render_chat
 
 EMBEDDED = os.path.join(ROOT, "embedded")
-SCRIPTS = {
-    "sft.py": sft,
-    "reward_modeling.py": reward_modeling,
-    "ppo_rlhf.py": ppo_rlhf,
-    "ppo_rlhf_tldr.py": ppo_rlhf_tldr,
-}
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
-# Each assistant turn ends with EOS and a newline: the newline is the template's, after EOS, and never trained on.
-TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% if m['role'] == 'assistant' %}"
-    "{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
 PROMPT = "SUBREDDIT: r/x\n\nTITLE: t\n\nPOST: p\n\nTL;DR:"
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def assistant(text):
-    return {"role": "assistant", "content": text}
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(os.path.join(EMBEDDED, "tokenizer"))
-
-
-@pytest.fixture(scope="module")
-def chat_tokenizer():
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(os.path.join(EMBEDDED, "tokenizer"))
-    tok.chat_template = TEMPLATE
-    return tok
 
 
 def chat_model(tmp_path, model="sft_model", template=TEMPLATE) -> str:
@@ -69,131 +45,8 @@ def chat_model(tmp_path, model="sft_model", template=TEMPLATE) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# files and the hold-out rule
-
-
-@pytest.mark.parametrize("script", list(SCRIPTS))
-def test_csv_and_tsv_files_are_read_as_such(script, tmp_path, monkeypatch):
-    import datasets
-
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
-    rows = [{"prompt": "a, b", "completion": " c."}, {"prompt": 'd "e"', "completion": " f."}]
-    (tmp_path / "d.csv").write_text('prompt,completion\n"a, b", c.\n"d ""e""", f.\n')
-    (tmp_path / "d.tsv").write_text('prompt\tcompletion\na, b\t c.\nd "e"\t f.\n')
-    for name in ("d.csv", "d.tsv"):
-        splits = SCRIPTS[script].load_any_dataset(str(tmp_path / name))
-        assert list(splits) == [None] and splits[None].to_list() == rows, name
-
-
-def four_input_kinds(tmp_path, rows):
-    """The same rows as a jsonl file, a saved Dataset, a saved DatasetDict without the test split, and a folder of
-    data files (what load_dataset reads for a hub id) without the test split."""
-    from datasets import Dataset, DatasetDict
-
-    os.makedirs(tmp_path / "hub_like")
-    Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved_dataset"))
-    DatasetDict(train=Dataset.from_list(rows)).save_to_disk(str(tmp_path / "saved_dict"))
-    return {
-        "file": write_jsonl(tmp_path / "d.jsonl", rows),
-        "saved Dataset": str(tmp_path / "saved_dataset"),
-        "DatasetDict": str(tmp_path / "saved_dict"),
-        "hub": write_jsonl(tmp_path / "hub_like" / "train.jsonl", rows) and str(tmp_path / "hub_like"),
-    }
-
-
-@pytest.mark.parametrize("script", list(SCRIPTS))
-def test_one_hold_out_rule_for_every_script_and_input_kind(script, tmp_path, monkeypatch):
-    import datasets
-
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
-    module = SCRIPTS[script]
-    rows = [{"prompt": f"p{i}", "completion": f" c{i}."} for i in range(23)]
-    for kind, name in four_input_kinds(tmp_path, rows).items():
-        train, test = pick_splits(load_any_dataset(name), name, "train", "validation")
-        assert test is None, kind
-        train, test, note = hold_out(train, name, "train", "validation")
-        # the last row and every 10th before it: 3 of 23, whatever the seed
-        assert [r["prompt"] for r in test] == ["p2", "p12", "p22"], kind
-        assert [r["prompt"] for r in train] == [f"p{i}" for i in range(23) if i not in (2, 12, 22)], kind
-        assert note == "held out 3 of 23 rows of 'train' for evaluation (no 'validation' split)", kind
-    # an existing test split is used as it is
-    from datasets import Dataset, DatasetDict
-
-    both = DatasetDict(train=Dataset.from_list(rows), validation=Dataset.from_list(rows[:2]))
-    both.save_to_disk(str(tmp_path / "dd"))
-    train, test = pick_splits(load_any_dataset(str(tmp_path / "dd")), "dd", "train", "validation")
-    assert len(train) == 23 and test.to_list() == rows[:2]
-
-
-@pytest.mark.parametrize("script", list(SCRIPTS))
-def test_hold_out_that_takes_every_row_says_so(script):
-    from datasets import Dataset
-
-    module = SCRIPTS[script]
-    with pytest.raises(SystemExit) as info:
-        hold_out(Dataset.from_list([{"prompt": "p"}]), "one.jsonl", "train", "validation")
-    assert info.value.code == (
-        "error: --dataset-test-split: 'one.jsonl' has no split 'validation', so it held out 1 of "
-        "1 rows of 'train' for evaluation, which leaves none to train on; add rows, or name an "
-        "existing split"
-    )
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# tokenisation of every format: the masks cover exactly the completion / assistant tokens
-
-
-def labelled_spans(labels):
-    """The [start, end) runs of positions whose label is not -100."""
-    spans, start = [], None
-    for i, label in enumerate(labels + [-100]):
-        if label != -100 and start is None:
-            start = i
-        if label == -100 and start is not None:
-            spans.append((start, i))
-            start = None
-    return spans
-
-
-def test_tokenize_conversation_labels_exactly_every_assistant_turn(chat_tokenizer):
-    tok = chat_tokenizer
-    messages = [user("Hi there."), assistant(" Hello you."), user("And then?"), assistant(" We ate cake.")]
-    for module in (sft, reward_modeling):
-        row = tokenize_conversation(tok, messages, 0)
-        ids, labels = row["input_ids"], row["labels"]
-        assert all(label in (-100, token) for label, token in zip(labels, ids)) and len(labels) == len(ids)
-        spans = labelled_spans(labels)
-        assert [tok.decode(ids[a:b]) for a, b in spans] == [" Hello you.<|endoftext|>", " We ate cake.<|endoftext|>"]
-        # the rest is the template's: everything before each turn, the newline after its EOS; the sequence ends at EOS
-        assert tok.decode(ids[: spans[0][0]]) == "<|user|>Hi there.\n<|assistant|>"
-        assert tok.decode(ids[spans[0][1] : spans[1][0]]) == "\n<|user|>And then?\n<|assistant|>"
-        assert spans[-1][1] == len(ids) and ids[-1] == tok.eos_token_id
-        # from message 2 on: only the last turn is trained
-        later = tokenize_conversation(tok, messages, 2)
-        assert later["input_ids"] == ids and labelled_spans(later["labels"]) == spans[1:]
-
-
-def test_tokenize_conversation_appends_eos_when_the_template_writes_none(tokenizer):
-    tok = tokenizer.__class__.from_pretrained(os.path.join(EMBEDDED, "tokenizer"))
-    tok.chat_template = (
-        "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
-        "{% if add_generation_prompt %}[assistant]{% endif %}"
-    )
-    row = tokenize_conversation(tok, [user("Hi."), assistant(" Yes.")], 0)
-    ((start, end),) = labelled_spans(row["labels"])
-    assert tok.decode(row["input_ids"][start:end]) == " Yes.<|endoftext|>" and end == len(row["input_ids"])
-
-
-def test_a_template_whose_prefix_tokenises_differently_is_an_error(tokenizer):
-    tok = tokenizer.__class__.from_pretrained(os.path.join(EMBEDDED, "tokenizer"))
-    # the assistant cue of add_generation_prompt is not what the template writes before an assistant message
-    tok.chat_template = (
-        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
-        "{% if add_generation_prompt %}<bot>{% endif %}"
-    )
-    for module in (sft, reward_modeling):
-        with pytest.raises(ValueError, match="tokens before it change"):
-            tokenize_conversation(tok, [user("Hi."), assistant(" Yes.")], 0)
+# tokenisation of every format in the scripts: the masks cover exactly the completion / assistant tokens
+# (rlhf_utils.data's tokenize_conversation: tests/test_utils_data.py)
 
 
 def test_such_a_template_stops_the_script_with_one_line_and_writes_nothing(tmp_path):

@@ -12,13 +12,11 @@ import json
 import math
 import os
 import shutil
-import socket
-import subprocess
 import sys
 
 import pytest
 import torch
-from helpers import ROOT, Background, Finished
+from helpers import ROOT, Background, Finished, free_port
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -61,12 +59,6 @@ ROLLOUT_METRICS = [
     "objective/response_length",
     "val/num_eos_tokens",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Run(Finished):
@@ -554,55 +546,3 @@ def test_sft_and_reward_modeling_resume_mid_epoch_with_two_processes_bitwise(res
 
 # ---------------------------------------------------------------------------------------------------------------
 # the exit of a finished multi-process run
-
-EXIT_PROGRAM = """
-import atexit, os, sys
-import torch
-sys.path.insert(0, {root!r})
-from accelerate import Accelerator
-from sft import end_run
-
-accelerator = Accelerator(cpu=True)
-keep = [torch.distributed.group.WORLD]  # DeepSpeed's globals hold the groups like this
-for _ in range(50):
-    out = [torch.empty(1000) for _ in range(accelerator.num_processes)]
-    torch.distributed.all_gather(out, torch.full((1000,), float(accelerator.process_index)))
-marker = os.path.join({folder!r}, f"atexit_ran_{{accelerator.process_index}}")
-atexit.register(lambda: open(marker, "w").close())
-{ending}
-"""
-
-
-def test_a_finished_two_process_run_exits_0_not_with_gloos_teardown_abort(tmp_path):
-    """The scripts' end_run against the abort at interpreter teardown (gloo's threads releasing their last
-    collectives' tensors after finalization began): this program aborted in 8 of 8 runs when it ended with
-    accelerator.end_training() alone (EXIT_TEST_ENDING="accelerator.end_training()" shows it). The atexit handlers
-    (the output folder's lock release) still run."""
-    ending = os.environ.get("EXIT_TEST_ENDING", "end_run(accelerator)")  # to show the abort without end_run
-    failures = []
-    for i in range(4):
-        folder = tmp_path / str(i)
-        folder.mkdir()
-        program = folder / "program.py"
-        program.write_text(EXIT_PROGRAM.format(root=ROOT, folder=str(folder), ending=ending))
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(free_port()),
-        ]
-        proc = subprocess.run(
-            [*cmd, str(program)],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
-        if proc.returncode != 0 or "terminate called" in proc.stderr:
-            failures.append(f"run {i}: exit {proc.returncode}\n{proc.stderr[-1500:]}")
-        elif sorted(os.listdir(folder)) != ["atexit_ran_0", "atexit_ran_1", "program.py"]:
-            failures.append(f"run {i}: the atexit handlers did not run: {os.listdir(folder)}")
-    assert not failures, "\n".join(failures)

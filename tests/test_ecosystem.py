@@ -1,6 +1,7 @@
-"""Issue 18, the ecosystem's habits, in the four scripts: TRL's `--flag True/False`, AdamW's flags, the progress bar
-(a terminal only), --push-to-hub (checked before training, the saved folder uploaded as written) and the model card's
-Hub metadata."""
+"""The ecosystem's habits, in the four scripts: TRL's `--flag True/False`, AdamW's flags, the progress bar (a terminal
+only), --push-to-hub (checked before training, the saved folder uploaded as written), the model card's Hub metadata and
+LoRA's all-linear. The rlhf_utils functions behind them, called directly: tests/test_utils_cli.py, test_utils_runs.py,
+test_utils_hub.py."""
 
 import json
 import os
@@ -129,18 +130,6 @@ def test_boolean_flags_accept_trl_and_tyro_forms(script, argv, expected, tmp_pat
     )
     assert isinstance(outcome, ReachedTraining), outcome
     assert parsed[-1].bf16 is expected and parsed[-1].gradient_checkpointing is False
-
-
-def test_boolean_rewrite_leaves_values_of_other_flags_alone(modules):
-    rewrite, args_cls = modules["sft.py"]["bool_flags_as_switches"], modules["sft.py"]["Args"]
-    assert rewrite(["--exp-name", "True", "--bf16", "--seed", "1", "--track", "no"], args_cls) == [
-        "--exp-name",
-        "True",
-        "--bf16",
-        "--seed",
-        "1",
-        "--no-track",
-    ]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -389,56 +378,8 @@ def test_run_on_a_terminal_shows_progress_and_uploads_the_saved_folder(script, u
     assert "embedded/" in card.split("---\n", 2)[2]
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_model_card_metadata_names_hub_ids(script, modules):
-    card = modules[script]["model_card"](
-        "run", "EleutherAI/pythia-1b-deduped", ["trl-lib/tldr", "embedded/prompts"], ["ppo", "rlhf"], "text\n"
-    )
-    meta = yaml.safe_load(card.split("---\n")[1])
-    assert meta == {
-        "library_name": "transformers",
-        "tags": ["ppo", "rlhf"],
-        "base_model": "EleutherAI/pythia-1b-deduped",
-        "datasets": ["trl-lib/tldr"],
-    }
-    assert card.split("---\n", 2)[2] == "\n# run\n\ntext\n"
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# progress bar: a terminal only
-
-
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_progress_bar_only_on_a_terminal_of_the_main_process(script, modules, monkeypatch):
-    """The bar's decision; what a whole run writes on a real terminal is in the test above."""
-    make = modules[script]["progress_bar"]
-    master, slave = pty.openpty()
-    read_end, write_end = os.pipe()
-    try:
-        with open(slave, "w", closefd=False) as tty, open(write_end, "w", closefd=False) as pipe:
-            monkeypatch.setattr(sys, "stderr", tty)
-            bar = make(10, "episode", True, initial=2)
-            bar.update(3)
-            assert "5/10" in str(bar) and "episode/s" in str(bar)  # position, rate and time left
-            bar.close()
-            assert make(10, "episode", False) is None  # other processes never draw
-            monkeypatch.setattr(sys, "stderr", pipe)
-            assert make(10, "episode", True) is None  # piped logs keep one line per update
-    finally:
-        for fd in (master, slave, read_end, write_end):
-            os.close(fd)
-
-
-@pytest.mark.parametrize("script", ["sft.py", "reward_modeling.py"])
-def test_wandb_names_follow_one_convention(script, modules):
-    row = modules[script]["wandb_row"]({"train/loss": 1.0, "lr": 1e-3, "epoch": 0, "step": 4, "eval/loss": 2.0})
-    assert row == {
-        "train/loss": 1.0,
-        "train/learning_rate": 1e-3,
-        "train/epoch": 0,
-        "train/global_step": 4,
-        "eval/loss": 2.0,
-    }
+# LoRA
 
 
 @pytest.mark.parametrize("script", ["sft.py", "ppo_rlhf.py", "ppo_rlhf_tldr.py"])

@@ -1,13 +1,12 @@
-"""Faults an operator meets (issue 15): kills during the final save, damaged checkpoints, a second run into the same
-folder, a folder that cannot be written, a full disk, non-finite gradients, Ctrl-C, a remote-code model. Each test
-names the issue's item; docs/faults.md has the table of faults and what each does now.
+"""Faults an operator meets, through the scripts: damaged checkpoints, a second run into the same folder, a folder that
+cannot be written, a full disk, non-finite gradients, Ctrl-C, a remote-code model; docs/faults.md has the table of
+faults and what each does now. Each test's docstring says what the script did before.
 
-The output-folder helpers live once, in rlhf_utils (outputs, checkpoints, runs); the in-process tests below call them
-there, and the end-to-end tests run each script."""
+The output-folder helpers live once, in rlhf_utils; kills during the final save and the checkpoint rules, called
+directly, are in tests/test_utils_outputs.py and test_utils_checkpoints.py."""
 
 import json
 import os
-import random
 import resource
 import shutil
 import signal
@@ -16,25 +15,14 @@ import sys
 
 import pytest
 import torch
-from helpers import OFFLINE_ENV, ROOT, ReachedTraining, run_in_process, run_script
+from helpers import OFFLINE_ENV, ROOT, ReachedTraining, files_under, run_in_process, run_script
 
 import sft  # noqa: E402
-from rlhf_utils.checkpoints import checkpoint_problem, latest_checkpoint, seal_checkpoint
-from rlhf_utils.outputs import finish_interrupted_save, publish_output
+from rlhf_utils.checkpoints import checkpoint_problem, seal_checkpoint
 
 EMBEDDED = os.path.join(ROOT, "embedded")
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 SCRIPTS = ("sft.py", "reward_modeling.py", "ppo_rlhf.py", "ppo_rlhf_tldr.py")
-
-
-def files_under(path) -> dict:
-    """{relative path: content} of every file under path."""
-    out = {}
-    for folder, _, files in os.walk(path):
-        for name in files:
-            with open(os.path.join(folder, name), "rb") as f:
-                out[os.path.relpath(os.path.join(folder, name), path)] = f.read()
-    return out
 
 
 @pytest.fixture
@@ -51,29 +39,7 @@ def release_locks(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# item 1: `latest` is the checkpoint the pointer names, written only once that checkpoint is complete
-
-
-def test_a_new_runs_checkpoint_is_latest_and_an_older_runs_higher_numbers_go(tmp_path):
-    folder = tmp_path / "checkpoints"
-    for n in (3, 4, 1):  # 3 and 4 from an earlier run (or a later point that a resume went back from), then 1
-        (folder / f"checkpoint-{n}.tmp").mkdir(parents=True)
-        torch.save({"step": n}, folder / f"checkpoint-{n}.tmp" / "state.pt")
-        seal_checkpoint(str(folder / f"checkpoint-{n}.tmp"), str(folder / f"checkpoint-{n}"), 2)
-    assert sorted(os.listdir(folder)) == ["checkpoint-1", "latest"]
-    assert latest_checkpoint(str(tmp_path)) == (str(folder / "checkpoint-1"), [])
-    for n in (2, 3):
-        (folder / f"checkpoint-{n}.tmp").mkdir()
-        torch.save({"step": n}, folder / f"checkpoint-{n}.tmp" / "state.pt")
-        seal_checkpoint(str(folder / f"checkpoint-{n}.tmp"), str(folder / f"checkpoint-{n}"), 2)
-    assert sorted(os.listdir(folder)) == ["checkpoint-2", "checkpoint-3", "latest"]  # --save-total-limit 2
-    assert json.loads((folder / "checkpoint-3" / "manifest.json").read_text()) == {
-        "state.pt": os.path.getsize(folder / "checkpoint-3" / "state.pt")
-    }
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# item 3: a damaged checkpoint
+# a damaged checkpoint, resumed by a script
 
 
 def sealed_checkpoint(out, n, **changes):
@@ -160,156 +126,7 @@ def test_an_unreadable_state_file_is_a_clear_error(tmp_path, monkeypatch, releas
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# item 5: the final save is all or nothing
-
-
-class Killed(BaseException):
-    """Stands for SIGKILL at one point of the save: nothing after it runs."""
-
-
-@pytest.mark.parametrize("exchange", [True, False], ids=["one-step-swap", "two-renames"])
-def test_a_final_save_stopped_after_any_step_leaves_the_old_or_the_new_output(tmp_path, monkeypatch, exchange):
-    """Every point between two file-system operations of publish_output, in turn: what from_pretrained would see is
-    the old output or the new one, and the next start (finish_interrupted_save) leaves one of them, whole, with the
-    run's checkpoints and no leftover; a LoRA adapter of the old output never survives into the new one. With the
-    one-step swap (Linux renameat2) the output folder is never missing, even between the old and the new one; with
-    two renames (elsewhere) it may be missing until the next start."""
-    from rlhf_utils import outputs
-
-    if exchange and not outputs.swap_folders(str(tmp_path), str(tmp_path)):
-        pytest.skip("this file system cannot swap two folders in one step")
-    out = tmp_path / "out"
-    old = {"adapter_config.json": b"old adapter", "adapter_model.safetensors": b"old", "README.md": b"old card"}
-    new = {
-        "model.safetensors": b"new policy",
-        os.path.join("value_model", "model.safetensors"): b"new value",
-        "README.md": b"new card",
-    }
-    checkpoint = {os.path.join("checkpoints", "checkpoint-4", "state.pt"): b"state"}
-    real_replace, real_rmtree = os.replace, shutil.rmtree
-    steps, kill_at = [0], [None]
-
-    def step():
-        steps[0] += 1
-        if steps[0] == kill_at[0]:
-            raise Killed
-
-    def write(path):
-        for name, content in new.items():
-            step()
-            os.makedirs(os.path.dirname(os.path.join(path, name)), exist_ok=True)
-            with open(os.path.join(path, name), "wb") as f:
-                f.write(content)
-
-    real_swap = outputs.swap_folders
-    monkeypatch.setattr(os, "replace", lambda *a: (step(), real_replace(*a)))
-    monkeypatch.setattr(shutil, "rmtree", lambda *a, **k: (step(), real_rmtree(*a, **k)))
-    monkeypatch.setattr(outputs, "swap_folders", lambda *a: step() or (exchange and real_swap(*a)))
-    outcomes = []
-    for kill in range(1, 100):
-        real_rmtree(tmp_path, ignore_errors=True)
-        for name, content in {**old, **checkpoint}.items():
-            os.makedirs(os.path.dirname(out / name), exist_ok=True)
-            (out / name).write_bytes(content)
-        steps[0], kill_at[0] = 0, kill
-        try:
-            publish_output(str(out), write)
-            outcomes.append("finished")
-            break
-        except Killed:
-            pass
-        seen = {k: v for k, v in files_under(out).items() if not k.startswith("checkpoints")} if out.exists() else None
-        assert seen in (old, new) or (seen is None and files_under(str(out) + ".new") == {**new, **checkpoint}), kill
-        assert seen is not None or not exchange, kill
-        kill_at[0] = None
-        finish_interrupted_save(str(out))  # what the next start of any script does first
-        after = files_under(out)
-        assert after in ({**old, **checkpoint}, {**new, **checkpoint}), (kill, sorted(after))
-        assert sorted(os.listdir(tmp_path)) == ["out"], (kill, os.listdir(tmp_path))
-        outcomes.append("old" if after == {**old, **checkpoint} else "new")
-    assert outcomes[-1] == "finished" and files_under(out) == {**new, **checkpoint}
-    # the old output until the new one is complete (renamed to .new), the new one from then on
-    assert outcomes[:-1] == sorted(outcomes[:-1], key=lambda o: o == "new") and {"old", "new"} <= set(outcomes)
-
-
-KILL_HARNESS = r"""
-import json, os, random, signal, sys, time
-sys.path.insert(0, ROOT)
-import torch
-import ppo_rlhf as script
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-from transformers.utils import logging
-
-logging.disable_progress_bar()  # tqdm's lock is shared across fork: a child killed holding it blocks the parent
-
-out, kills, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-policy = AutoModelForCausalLM.from_pretrained(os.path.join(ROOT, "embedded", "sft_model"))
-value = AutoModelForSequenceClassification.from_pretrained(os.path.join(ROOT, "embedded", "reward_model"))
-versions = [({k: v + i for k, v in policy.state_dict().items()}, {k: v + i for k, v in value.state_dict().items()})
-            for i in range(2)]
-
-def write(path, i):
-    policy.save_pretrained(path, state_dict=versions[i][0])
-    value.save_pretrained(os.path.join(path, "value_model"), state_dict=versions[i][1])
-
-write(out, 0)
-with open(os.path.join(out, "adapter_config.json"), "w") as f:  # an earlier run's LoRA adapter
-    json.dump({"peft_type": "LORA", "base_model_name_or_path": "x", "r": 8, "target_modules": ["query_key_value"]}, f)
-os.makedirs(os.path.join(out, "checkpoints", "checkpoint-9"))
-rng, results = random.Random(seed), []
-for _ in range(kills):
-    pid = os.fork()
-    if pid == 0:  # the child saves version 1, 0, 1, ... until it is killed
-        i = 1
-        while True:
-            script.publish_output(out, lambda path: write(path, i))
-            i = 1 - i
-    time.sleep(rng.uniform(0.05, 0.5))
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    leftovers = sorted(n for n in os.listdir(os.path.dirname(out)) if n != os.path.basename(out))
-    found_before_repair = os.path.isdir(out)
-    script.finish_interrupted_save(out)  # what the next start does
-    loaded_policy = AutoModelForCausalLM.from_pretrained(out).state_dict()
-    loaded_value = AutoModelForSequenceClassification.from_pretrained(os.path.join(out, "value_model")).state_dict()
-    which = [i for i in range(2) if all(torch.equal(loaded_policy[k], v) for k, v in versions[i][0].items())
-             and all(torch.equal(loaded_value[k], v) for k, v in versions[i][1].items())]
-    results.append({"leftovers": leftovers, "found_before_repair": found_before_repair, "version": which, "files": sorted(os.listdir(out)),
-                    "siblings": sorted(os.listdir(os.path.dirname(out)))})
-print(json.dumps(results))
-"""
-
-
-def test_sigkill_at_random_points_of_real_final_saves_leaves_a_whole_model(tmp_path):
-    """As it happened once: real save_pretrained of a policy and a value model, SIGKILLed at random
-    moments (a forked child saving over and over), then the next start's repair: from_pretrained loads one version,
-    the same for the policy and the value model, never the earlier run's LoRA adapter, and the checkpoints stay;
-    where folders can be swapped in one step, the output folder exists at every kill, before any repair."""
-    from rlhf_utils import outputs
-
-    seed = int(os.environ.get("KILL_TEST_SEED", random.randrange(1 << 30)))
-    out = tmp_path / "work" / "out"
-    out.parent.mkdir()
-    proc = subprocess.run(
-        [sys.executable, "-c", f"ROOT = {ROOT!r}\n" + KILL_HARNESS, str(out), "12", str(seed)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, **OFFLINE_ENV, **ONE_THREAD},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
-    for r in results:
-        assert len(r["version"]) == 1, (seed, r)  # policy and value model of the same save, bit for bit
-        assert "adapter_config.json" not in r["files"] and "checkpoints" in r["files"], (seed, r)
-        assert r["siblings"] == ["out"], (seed, r)
-        # renameat2 swaps the old and new output in one step: the folder is there even when the kill fell between
-        assert r["found_before_repair"] or not outputs.swap_folders(str(out), str(out)), (seed, r)
-    assert len(results) == 12
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# item 6: the output folder is checked, and held, before any model loads
+# the output folder is checked, and held, before any model loads
 
 
 def test_a_second_run_into_the_same_folder_is_refused_until_the_first_one_dies(tmp_path, monkeypatch):
@@ -390,7 +207,7 @@ def test_a_failed_start_leaves_no_folder_and_no_lock(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# items 4, 8 and 10 on real runs (sft.py, a few seconds each)
+# non-finite gradients, Ctrl-C, full disks and remote code on real runs (sft.py, a few seconds each)
 
 
 @pytest.fixture(scope="module")
@@ -427,7 +244,7 @@ def small_sft(data, out, *extra, model=os.path.join(EMBEDDED, "base_model")):
 
 
 def test_a_finite_loss_with_a_non_finite_gradient_norm_stops_before_the_step(tmp_path, small_data):
-    """Item 4: sft.py checked the loss only; the step went on with inf gradient norms and checkpointed the result."""
+    """sft.py checked the loss only; the step went on with inf gradient norms and checkpointed the result."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(os.path.join(EMBEDDED, "base_model"))
@@ -449,7 +266,7 @@ def test_a_finite_loss_with_a_non_finite_gradient_norm_stops_before_the_step(tmp
 
 
 def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_exits_with_one_line(tmp_path, small_data):
-    """Item 8: SIGINT printed a KeyboardInterrupt traceback and lost everything since the last checkpoint."""
+    """SIGINT printed a KeyboardInterrupt traceback and lost everything since the last checkpoint."""
     out = tmp_path / "out"
     proc = subprocess.Popen(
         [sys.executable, *small_sft(small_data, out)],
@@ -477,7 +294,7 @@ def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_exits_with_one_line(tm
 
 
 def test_a_full_disk_during_a_checkpoint_stops_with_a_message_and_keeps_no_half_checkpoint(tmp_path, small_data):
-    """Item 10: a checkpoint that could not be written gave a traceback (here: files capped at 1 MB, the model is 2)."""
+    """A checkpoint that could not be written gave a traceback (here: files capped at 1 MB, the model is 2)."""
     out = tmp_path / "out"
 
     def cap_file_size():
@@ -498,7 +315,7 @@ def test_a_full_disk_during_a_checkpoint_stops_with_a_message_and_keeps_no_half_
 
 
 def test_a_remote_code_model_without_the_flag_is_a_one_line_error(tmp_path, small_data):
-    """Item 10: transformers' refusal came with a traceback."""
+    """transformers' refusal came with a traceback."""
     model = tmp_path / "custom"
     shutil.copytree(os.path.join(EMBEDDED, "base_model"), model)
     config = json.loads((model / "config.json").read_text())
@@ -516,20 +333,3 @@ def test_a_remote_code_model_without_the_flag_is_a_one_line_error(tmp_path, smal
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("error: --trust-remote-code: The repository")
     assert sorted(os.listdir(tmp_path)) == ["custom"]  # no output folder, no lock
-
-
-def test_a_full_disk_during_the_final_save_keeps_the_previous_output(tmp_path):
-    """Item 10: the final save failing half-way (a full disk) must leave the previous output whole, with a message."""
-    out = tmp_path / "out"
-    (out / "checkpoints" / "checkpoint-2").mkdir(parents=True)
-    (out / "model.safetensors").write_bytes(b"previous")
-
-    def write(path):
-        (tmp_path / "out.partial" / "model.safetensors").write_bytes(b"half")
-        raise OSError(28, "No space left on device")
-
-    with pytest.raises(SystemExit) as info:
-        publish_output(str(out), write)
-    assert str(info.value.code).startswith("error: could not write the final output (OSError: [Errno 28] No space")
-    assert files_under(out) == {"model.safetensors": b"previous"} and sorted(os.listdir(tmp_path)) == ["out"]
-    assert os.listdir(out / "checkpoints") == ["checkpoint-2"]

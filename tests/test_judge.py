@@ -465,7 +465,7 @@ def test_cli_gold(tmp_path):
     "case", ["missing file", "empty file", "null response", "row not an object", "negative max examples"]
 )
 def test_cli_user_errors_are_one_line_messages(case, tmp_path):
-    """Issue 15, item 9: each of these gave a traceback or a `nan` win rate."""
+    """Each of these once gave a traceback or a `nan` win rate."""
     good = write_jsonl(tmp_path / "good.jsonl", [{"query": query(i), "response": "x"} for i in range(3)])
     a, extra, word = good, [], None
     if case == "missing file":

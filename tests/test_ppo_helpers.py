@@ -12,7 +12,6 @@ import torch
 from helpers import ROOT
 
 import ppo_rlhf  # noqa: E402
-from rlhf_utils.checkpoints import latest_checkpoint, rng_state, set_rng_state
 
 EMBEDDED = os.path.join(ROOT, "embedded")
 
@@ -701,55 +700,7 @@ def test_get_score_matches_hf_sequence_classification_and_ignores_padding(tiny_v
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# checkpoint helpers
-
-
-def draws(generator):
-    return (
-        random.random(),
-        float(np.random.rand()),
-        np.random.randint(0, 1 << 30),
-        torch.rand(3).tolist(),
-        torch.rand(3, generator=generator).tolist(),
-        random.gauss(0, 1),
-    )
-
-
-def test_rng_state_round_trips_through_torch_save_weights_only(tmp_path):
-    generator = torch.Generator().manual_seed(5)
-    random.seed(1), np.random.seed(2), torch.manual_seed(3)
-    random.gauss(0, 1)  # leaves a cached gaussian in python's state
-    np.random.standard_normal()  # and in numpy's
-    torch.save(rng_state(generator), tmp_path / "rng.pt")
-    expected = draws(generator)
-    random.seed(100), np.random.seed(100), torch.manual_seed(100), generator.manual_seed(100)
-    other = draws(generator)
-    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True), generator)
-    assert draws(generator) == expected != other
-
-
-def test_latest_checkpoint_ignores_tmp_folders_and_sorts_numerically(tmp_path):
-    assert latest_checkpoint(str(tmp_path)) == (None, [])
-    folder = tmp_path / "checkpoints"
-    folder.mkdir()
-    assert latest_checkpoint(str(tmp_path)) == (None, [])
-    (folder / "checkpoint-11.tmp").mkdir()
-    (folder / "checkpoint-11.tmp" / "state.pt").write_bytes(b"")
-    assert latest_checkpoint(str(tmp_path)) == (None, [])
-    for n in (2, 9, 10):
-        (folder / f"checkpoint-{n}").mkdir()
-        (folder / f"checkpoint-{n}" / "state.pt").write_bytes(b"")
-    (folder / "checkpoint-12.tmp").mkdir()
-    assert latest_checkpoint(str(tmp_path)) == (str(folder / "checkpoint-10"), [])
-    # the pointer, written once a checkpoint is complete, wins over the numbers (issue 15: a new run's checkpoint-2
-    # is newer than an earlier run's checkpoint-10); if what it names is gone, the highest intact number is used
-    (folder / "latest").write_text("checkpoint-2")
-    assert latest_checkpoint(str(tmp_path)) == (str(folder / "checkpoint-2"), [])
-    (folder / "latest").write_text("checkpoint-3")
-    assert latest_checkpoint(str(tmp_path)) == (
-        str(folder / "checkpoint-10"),
-        ["checkpoint-3 does not exist"],
-    )
+# the optimizer
 
 
 def test_fused_adamw_the_script_uses_matches_the_plain_loop():
@@ -786,7 +737,7 @@ def test_resume_treats_a_flag_newer_than_the_checkpoint_as_its_default():
 
 
 def test_resume_ignores_a_flag_the_checkpoint_has_and_the_script_dropped():
-    """--split-backward was dropped (issue 17): a checkpoint whose saved args carry it, with either value, resumes."""
+    """--split-backward was dropped: a checkpoint whose saved args carry it, with either value, resumes."""
     args = ppo_rlhf.Args()
     saved = json.loads(json.dumps(dataclasses.asdict(args)))
     for value in (True, False):

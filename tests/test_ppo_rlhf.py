@@ -337,7 +337,7 @@ BAD_INPUTS = {
         lambda t: ["--resume-from-checkpoint", "latest"],
         "--resume-from-checkpoint",
     ),
-    # numbers out of range (issue 15, item 7)
+    # numbers out of range
     "negative kl coef": (lambda t: ["--kl-coef", "-0.1"], "--kl-coef"),
     "negative cliprange": (lambda t: ["--cliprange", "-0.2"], "--cliprange"),
     "negative cliprange value": (lambda t: ["--cliprange-value", "-0.2"], "--cliprange-value"),
@@ -345,7 +345,7 @@ BAD_INPUTS = {
     "negative lam": (lambda t: ["--lam", "-0.1"], "--lam"),
     "warmup ratio above 1": (lambda t: ["--warmup-ratio", "2"], "--warmup-ratio"),
     "negative seed": (lambda t: ["--seed", "-1"], "--seed"),
-    # resuming another run (issue 15, items 2 and 10)
+    # resuming another run
     "resume with another learning rate": (
         lambda t: ["--resume-from-checkpoint", ppo_checkpoint(t, learning_rate=1e-3)],
         "--resume-from-checkpoint",
@@ -464,7 +464,7 @@ def test_good_input_passes_validation(tmp_path, monkeypatch, capsys):
 
 
 def test_resume_names_each_changed_training_setting_and_allows_output_and_logging_flags(tmp_path, monkeypatch, capsys):
-    """Issue 15, item 2: a resumed PPO run with another learning rate or KL coefficient was accepted (and the new
+    """A resumed PPO run once with another learning rate or KL coefficient was accepted (and the new
     learning rate silently ignored)."""
     checkpoint = ppo_checkpoint(tmp_path, learning_rate=1e-3, kl_coef=0.2)
     status, stderr = run_in_process(
@@ -744,7 +744,7 @@ def test_sigkill_then_resume_latest_is_bitwise_identical_to_an_uninterrupted_run
 @pytest.mark.slow
 @needs("base", "sigterm")
 def test_sigterm_writes_a_checkpoint_and_the_resumed_run_is_bitwise_identical(runs):
-    """Issue 15, item 8: SIGTERM killed the run with only the last periodic checkpoint (here: none)."""
+    """SIGTERM once killed the run with only the last periodic checkpoint (here: none)."""
     base, result = runs["base"]().check(), runs["sigterm"]()
     stopped, resumed = result["stopped"], result["resumed"]
     assert stopped.returncode == 128 + signal.SIGTERM, (stopped.returncode, stopped.stderr[-2000:])
@@ -766,8 +766,8 @@ def test_sigterm_writes_a_checkpoint_and_the_resumed_run_is_bitwise_identical(ru
 @pytest.mark.slow
 @needs("overwrite")
 def test_overwrite_output_dir_starts_the_checkpoints_afresh_and_drops_the_old_output(runs):
-    """Issue 15, item 1: the earlier run's checkpoints were kept, the new run's pruned as soon as written, and
-    `latest` resumed the earlier run; its LoRA adapter shadowed the new full model."""
+    """--overwrite-output-dir once kept the earlier run's checkpoints and pruned the new run's as soon as written,
+    `latest` resumed the earlier run, and its LoRA adapter shadowed the new full model."""
     run = runs["overwrite"]().check()
     folder = os.path.join(run.out, "checkpoints")
     assert sorted(os.listdir(folder)) == ["checkpoint-1", "checkpoint-2", "latest"], os.listdir(folder)
@@ -780,7 +780,7 @@ def test_overwrite_output_dir_starts_the_checkpoints_afresh_and_drops_the_old_ou
 @pytest.mark.slow
 @needs("base")
 def test_resume_latest_skips_a_truncated_checkpoint_and_still_ends_bitwise_identical(runs, tmp_path):
-    """Issue 15, item 3: a truncated newest checkpoint gave a traceback; now `latest` resumes the one before."""
+    """A truncated newest checkpoint once gave a traceback; now `latest` resumes the one before."""
     base = runs["base"]().check()
     out = tmp_path / "copy"
     shutil.copytree(base.out, out)

@@ -372,7 +372,7 @@ BAD_INPUTS = {
     ),
     "non-empty output dir": (lambda t: {}, "--output-dir", "--overwrite-output-dir"),
     **resume_bad_inputs(checkpoint_of),
-    # numbers out of range (issue 15, items 4 and 7)
+    # numbers out of range
     "negative seed": (lambda t: {"--seed": "-1"}, "--seed", "[0, 2**32 - 1]"),
     "warmup ratio above 1": (lambda t: {"--warmup-ratio": "1.5"}, "--warmup-ratio", "[0, 1]"),
     "normalize num examples 0": (lambda t: {"--normalize-num-examples": "0"}, "--normalize-num-examples", "positive"),

@@ -1,6 +1,6 @@
 """The rollout's no-grad forwards in chunks of --local-rollout-forward-batch-size give every row the numbers of one plain
 padded forward over the whole batch, including the value at sequence_length + 1 (where the score lands) of a row
-whose stop token is in the last column its chunk generated (issue 13, item 5: it was 0)."""
+whose stop token is in the last column its chunk generated (it was once 0)."""
 
 import pytest
 import torch

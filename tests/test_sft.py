@@ -23,8 +23,6 @@ from helpers import (
 )
 
 import sft  # noqa: E402
-from rlhf_utils.data import load_any_dataset
-from rlhf_utils.outputs import publish_output
 
 EMBEDDED = os.path.join(ROOT, "embedded")
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the 2 CPUs are shared: one uncontended thread is much faster than two
@@ -130,34 +128,6 @@ def test_completion_loss_matches_the_hf_causal_lm_loss(tokenizer, examples):
     assert sft.completion_loss(out.logits, batch["labels"]).item() == pytest.approx(out.loss.item(), rel=1e-5)
     # the trained SFT model has learned the completions: far below the uniform ln(vocab)
     assert out.loss.item() < 0.5 * math.log(len(tokenizer))
-
-
-def test_load_any_dataset_file_and_folders(tmp_path, monkeypatch):
-    import datasets
-    from datasets import Dataset, DatasetDict
-
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
-
-    rows = [{"prompt": "SUBREDDIT: r/x\n\nTITLE: t\n\nPOST: p\n\nTL;DR:", "completion": f" c{i}."} for i in range(3)]
-    with open(tmp_path / "d.jsonl", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    assert {k: v.to_list() for k, v in load_any_dataset(str(tmp_path / "d.jsonl")).items()} == {
-        None: rows
-    }  # no splits
-    DatasetDict(train=Dataset.from_list(rows), validation=Dataset.from_list(rows[:1])).save_to_disk(
-        str(tmp_path / "dd")
-    )
-    assert load_any_dataset(str(tmp_path / "dd"))["validation"].to_list() == rows[:1]
-    Dataset.from_list(rows[1:]).save_to_disk(str(tmp_path / "ds"))
-    assert load_any_dataset(str(tmp_path / "ds"))[None].to_list() == rows[1:]
-
-
-def test_atomic_save_replaces_the_folder_and_leaves_no_temporary(tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
-    publish_output(str(out) + "/", lambda path: open(os.path.join(path, "new.txt"), "w").close())
-    assert sorted(os.listdir(out)) == ["new.txt"] and sorted(os.listdir(tmp_path)) == ["out"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -329,7 +299,7 @@ BAD_INPUTS = {
     "non-positive learning rate": (lambda t: {"--learning-rate": "0"}, "--learning-rate", "positive"),
     "non-empty output dir": (lambda t: {}, "--output-dir", "--overwrite-output-dir"),
     **resume_bad_inputs(checkpoint_of),
-    # numbers out of range (issue 15, items 4 and 7)
+    # numbers out of range
     "negative seed": (lambda t: {"--seed": "-1"}, "--seed", "[0, 2**32 - 1]"),
     "warmup ratio above 1": (lambda t: {"--warmup-ratio": "1.5"}, "--warmup-ratio", "[0, 1]"),
     "resume with another batch size": (

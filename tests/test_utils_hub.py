@@ -1,0 +1,73 @@
+"""rlhf_utils.hub: the model card's Hub metadata, --push-to-hub checked before any model loads, and the upload of the
+saved folder as written. Whole runs that upload to a fake Hub: tests/test_ecosystem.py."""
+
+import huggingface_hub
+import pytest
+import yaml
+
+from rlhf_utils.hub import check_push_to_hub, model_card, push_folder_to_hub
+
+
+def test_model_card_metadata_names_hub_ids():
+    card = model_card(
+        "run", "EleutherAI/pythia-1b-deduped", ["trl-lib/tldr", "embedded/prompts"], ["ppo", "rlhf"], "text\n"
+    )
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta == {
+        "library_name": "transformers",
+        "tags": ["ppo", "rlhf"],
+        "base_model": "EleutherAI/pythia-1b-deduped",
+        "datasets": ["trl-lib/tldr"],
+    }
+    assert card.split("---\n", 2)[2] == "\n# run\n\ntext\n"
+
+
+def test_model_card_of_local_folders_has_no_base_model_or_datasets(tmp_path):
+    local = str(tmp_path / "sft_model")
+    card = model_card("run", local, ["./data.jsonl", "~/d", "a/b/c", ""], ["sft"], f"Fine-tuned from {local}.\n")
+    assert card == f"---\nlibrary_name: transformers\ntags:\n- sft\n---\n\n# run\n\nFine-tuned from {local}.\n"
+
+
+@pytest.mark.parametrize(
+    "offline,repo_id,argument,words",
+    [
+        ("1", "me/model", "--push-to-hub", "HF_HUB_OFFLINE is set"),
+        ("0", "me/my model", "--hub-model-id", "'me/my model' is not a valid Hub repository id"),
+        ("0", "me/model", "--push-to-hub", "no Hugging Face token"),
+    ],
+)
+def test_push_to_hub_stops_before_any_model_loads(offline, repo_id, argument, words, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # no stored token either
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    with pytest.raises(SystemExit) as info:
+        check_push_to_hub(repo_id)
+    assert info.value.code.startswith(f"error: {argument}: {words}"), info.value.code
+
+
+def test_the_upload_is_the_folder_as_written_without_checkpoints(monkeypatch, tmp_path):
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, **options):
+            calls.append(("create_repo", repo_id, options))
+
+        def upload_folder(self, **options):
+            calls.append(("upload_folder", options))
+            return "https://hub/commit/1"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    assert push_folder_to_hub(str(tmp_path / "out") + "/", "me/model") == "https://hub/commit/1"
+    assert calls == [
+        ("create_repo", "me/model", {"exist_ok": True}),
+        (
+            "upload_folder",
+            {
+                "folder_path": str(tmp_path / "out") + "/",
+                "repo_id": "me/model",
+                "ignore_patterns": ["checkpoints/**", ".*"],
+                "commit_message": "upload out",
+            },
+        ),
+    ]

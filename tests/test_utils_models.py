@@ -1,0 +1,30 @@
+"""rlhf_utils.models: a dedicated pad token for tokenizers without one (or whose pad is EOS), and the context length a
+model's config states. The scripts with such tokenizers, end to end: tests/test_sft.py and tests/test_ppo_rlhf.py."""
+
+import pytest
+from helpers import EMBEDDED
+from transformers import AutoTokenizer, GPT2Config, GPTNeoXConfig, LlamaConfig, PretrainedConfig
+
+from rlhf_utils.models import add_pad_token, context_length
+
+
+@pytest.mark.parametrize("pad", [None, "eos"])
+def test_a_tokenizer_without_its_own_pad_token_gets_one(pad):
+    tok = AutoTokenizer.from_pretrained(f"{EMBEDDED}/tokenizer")
+    tok.pad_token = tok.eos_token if pad == "eos" else None
+    line = add_pad_token(tok)
+    assert tok.pad_token == "[PAD]" and tok.pad_token_id not in (None, tok.eos_token_id)
+    before = repr(tok.eos_token) if pad == "eos" else "None"
+    assert line == (
+        f"the tokenizer's pad token was {before} (EOS {tok.eos_token!r}): added a dedicated pad token '[PAD]' "
+        f"(id {tok.pad_token_id}), saved with the output"
+    )
+    size = len(tok)
+    assert add_pad_token(tok) is None and len(tok) == size and tok.pad_token == "[PAD]"  # dedicated: nothing more
+
+
+def test_context_length_is_the_position_table_or_the_rotary_training_length():
+    assert context_length(GPT2Config(n_positions=77)) == 77
+    assert context_length(GPTNeoXConfig(max_position_embeddings=99)) == 99
+    assert context_length(LlamaConfig(max_position_embeddings=4096)) == 4096
+    assert context_length(PretrainedConfig()) is None  # a config that states neither
