@@ -10,15 +10,14 @@ the judge's format (query, response, reference, score).
 
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from judge import judge_gold  # noqa: E402
-from tiny_tldr import gold_score  # noqa: E402
+import common  # noqa: F401  (puts the repository root on sys.path)
+from judge import judge_gold
+from tiny_tldr import gold_score
 
 
 @dataclass

@@ -20,18 +20,13 @@ import os
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import List, Optional
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "benchmark"))
-
-from speed_compare import OFFLINE_ENV, cpu_model, default_trl_python, git_state, snapshot_script, trl_available  # noqa: E402
+import common
+from common import default_trl_python, fail, snapshot_script, trl_available
 
 
 @dataclass
@@ -106,71 +101,33 @@ class Args:
 LABELS = {"sft": "SFT policy (start)", "ours": "ours (ppo_rlhf.py)", "trl": "TRL 1.12.0 PPOTrainer"}
 
 
-def fail(message: str) -> None:
-    sys.exit(f"error: {message}")
-
-
 def train_commands(args: Args, seed: int, prompts: str, ours_script: str) -> dict:
-    common = {
-        "--total-episodes": args.total_episodes,
-        "--per-device-train-batch-size": args.per_device_train_batch_size,
-        "--gradient-accumulation-steps": args.gradient_accumulation_steps,
-        "--local-rollout-forward-batch-size": args.local_rollout_forward_batch_size,
-        "--num-ppo-epochs": args.num_ppo_epochs,
-        "--num-mini-batches": args.num_mini_batches,
-        "--response-length": args.response_length,
-        "--learning-rate": args.learning_rate,
-        "--temperature": args.temperature,
-        "--kl-coef": args.kl_coef,
-        "--seed": seed,
-        "--sft-model-path": args.sft_model_path,
-        "--reward-model-path": args.reward_model_path,
+    """Both implementations' training commands for one seed, from one set of settings (common.FLAGS spells them)."""
+    same = (*common.PPO_SETTINGS, "total_episodes", "kl_coef", "sft_model_path", "reward_model_path")
+    settings = {
+        **{k: getattr(args, k) for k in same},
+        "seed": seed,
+        "stop_token": "eos",
+        "tokenizer": args.sft_model_path,
+        "prompts": prompts,
+        "train_split": "train",
+        # ours only: its test split is not judged here, so no evaluation or samples during training
+        "test_split": "validation",
+        "overwrite_output_dir": True,
+        "eval_strategy": "no",
+        "num_sample_generations": 0,
+        # TRL only: the runner writes its metrics and saves the policy on request
+        "save_policy": True,
+        "quiet": True,
     }
-    flat = [str(x) for kv in common.items() for x in kv] + ["--stop-token", "eos"]
     ours_dir, trl_dir = (os.path.join(args.work_dir, f"{impl}_s{seed}") for impl in ("ours", "trl"))
-    ours = [
-        sys.executable,
-        ours_script,
-        *flat,
-        "--output-dir",
-        ours_dir,
-        "--overwrite-output-dir",
-        "--model-name-or-path",
-        args.sft_model_path,
-        "--dataset-name",
-        prompts,
-        "--dataset-train-split",
-        "train",
-        "--dataset-test-split",
-        "validation",
-        "--missing-eos-penalty",
-        str(args.missing_eos_penalty),
-        "--eval-strategy",
-        "no",
-        "--num-sample-generations",
-        "0",
-    ] + shlex.split(args.ours_extra_args)
-    trl = [
-        args.trl_python,
-        os.path.join(ROOT, "benchmark", "trl_ppo_runner.py"),
-        *flat,
-        "--output-dir",
-        trl_dir,
-        "--results-json",
-        os.path.join(trl_dir, "trl_results.json"),
-        "--tokenizer-path",
-        args.sft_model_path,
-        "--dataset-path",
-        prompts,
-        "--dataset-split",
-        "train",
-        "--num-threads",
-        str(args.num_threads),
-        "--save-policy",
-        "--quiet",
-    ]
-    if args.missing_eos_penalty is not None:
-        trl += ["--missing-eos-penalty", str(args.missing_eos_penalty)]
+    ours = common.command("ours", [sys.executable, ours_script], {**settings, "output_dir": ours_dir})
+    trl = common.command(
+        "trl",
+        [args.trl_python, common.TRL_RUNNER],
+        {**settings, "output_dir": trl_dir, "results_json": os.path.join(trl_dir, "trl_results.json")},
+    )
+    ours += shlex.split(args.ours_extra_args)
     return {"ours": (ours, ours_dir, ours_dir), "trl": (trl, trl_dir, os.path.join(trl_dir, "policy"))}
 
 
@@ -184,30 +141,14 @@ def train(impl: str, cmd: List[str], out_dir: str, policy_dir: str, args: Args, 
     if not (args.reuse and done):
         shutil.rmtree(out_dir, ignore_errors=True)
         os.makedirs(os.path.dirname(log_path), exist_ok=True)
-        env = {
-            **os.environ,
-            **OFFLINE_ENV,
-            "OMP_NUM_THREADS": str(args.num_threads),
-            "MKL_NUM_THREADS": str(args.num_threads),
-            "WANDB_DIR": os.path.abspath(args.work_dir),
-        }
         print(f"[learning_compare] training {tag} ...", flush=True)
-        t0 = time.perf_counter()
-        with open(log_path, "w") as log:
-            log.write("$ " + shlex.join(cmd) + "\n")
-            log.flush()
-            rc = subprocess.run(
-                cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout
-            ).returncode
-        wall = time.perf_counter() - t0
+        env = common.run_env(args.num_threads, args.work_dir)
+        rc, wall = common.run_logged(cmd, env, log_path, args.timeout)
         if rc != 0:
-            with open(log_path) as f:
-                raise RuntimeError(f"{tag} failed ({rc}); log {log_path}:\n{f.read()[-3000:]}")
+            raise RuntimeError(f"{tag} failed ({rc}); log {log_path}:\n{common.log_tail(log_path)}")
         print(f"[learning_compare] {tag} trained in {wall:.0f} s", flush=True)
     if impl == "ours":
-        with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        train_rows = [r for r in rows if "objective/scores" in r]
+        train_rows = [r for r in common.read_jsonl(os.path.join(out_dir, "metrics.jsonl")) if "objective/scores" in r]
     else:
         with open(os.path.join(out_dir, "trl_results.json")) as f:
             train_rows = [r for r in json.load(f)["metrics_history"] if "objective/scores" in r]
@@ -236,8 +177,7 @@ def markdown(results: dict) -> str:
         f"### Learning, embedded task ({m['date']})",
         "",
         f"Machine: {m['nproc']} CPUs ({m['cpu_model']}), {a['num_threads']} thread(s) per run, torch {m['torch']}, "
-        f"TRL {results.get('trl_version') or 'not run'}; commit {(m['commit'] or '?')[:10]}"
-        f"{' + uncommitted ppo_rlhf.py changes' if m['ppo_rlhf_py_uncommitted_changes'] else ''}.",
+        f"TRL {results.get('trl_version') or 'not run'}; commit {common.commit_note(m)}.",
         "",
         f"Both: {a['total_episodes']} episodes, batch {a['per_device_train_batch_size']}x"
         f"{a['gradient_accumulation_steps']}, {a['num_ppo_epochs']} PPO epochs, {a['num_mini_batches']} mini-batch(es), "
@@ -286,7 +226,6 @@ def markdown(results: dict) -> str:
 
 def main(args: Args) -> dict:
     import torch
-    import transformers
     from datasets import DatasetDict, load_from_disk
 
     from gold_eval import generate_completions
@@ -373,29 +312,14 @@ def main(args: Args) -> dict:
 
     results = {
         "kind": "learning",
-        "machine": {
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "nproc": len(os.sched_getaffinity(0)),
-            "cpu_model": cpu_model(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            **git_state(),
-            "ours_script_sha256": ours_sha,
-        },
+        "machine": {**common.machine_info(), "ours_script_sha256": ours_sha},
         "settings": asdict(args),
         "trl_version": trl_version,
         "implementations": impls,
         "reference_gold_score": statistics.fmean(gold_score(p, c) for p, c in zip(prompts, references)),
         "per_seed": per_seed,
     }
-    text = markdown(results)
-    os.makedirs(args.results_dir, exist_ok=True)
-    with open(os.path.join(args.results_dir, args.name + ".json"), "w") as f:
-        json.dump(results, f, indent=2, default=str)
-    with open(os.path.join(args.results_dir, args.name + ".md"), "w") as f:
-        f.write(text)
-    print(text)
-    print(f"[learning_compare] wrote {os.path.join(args.results_dir, args.name)}.md and .json")
+    common.write_results(args.results_dir, args.name, results, markdown(results), "learning_compare")
     return results
 
 

@@ -1,5 +1,5 @@
-"""Print the shape measures of issue 17 for the four scripts: lines, characters, median width of non-blank lines,
-main-block lines before the training loop, and functions defined inside the main block.
+"""Print the shape measures the style guide compares for the four scripts: lines, characters, median width of
+non-blank lines, main-block lines before the training loop, and functions defined inside the main block.
 
 The training loop is the longest `for`/`while` statement directly in the `if __name__ == "__main__":` block.
 Usage: python benchmark/readability.py [files...]"""

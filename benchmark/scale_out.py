@@ -17,16 +17,16 @@ The `wide` models (random weights, the embedded tokenizer) are built once in mod
 import argparse
 import json
 import os
-import resource
 import runpy
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import common
+from common import ROOT
+
 CONFIGS = os.path.join(ROOT, "benchmark", "accelerate_configs")
 
 
@@ -122,12 +122,9 @@ def run_mode(name, size, out_root, repeat):
             "--reward-model-path",
             os.path.join(wide, "reward_model"),
         ]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
     cmd = [sys.executable, *launcher(kind)]
     if kind != "python":
-        cmd += ["--main_process_port", port]
+        cmd += ["--main_process_port", common.free_port()]
     cmd += [
         os.path.abspath(__file__),
         "--worker",
@@ -141,25 +138,14 @@ def run_mode(name, size, out_root, repeat):
         "--output-dir",
         out,
     ]
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "WANDB_MODE": "offline",
-        "TOKENIZERS_PARALLELISM": "false",
-        "OMP_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
-        "SCALE_OUT_RSS_FILE": rss_file,
-    }
+    env = common.run_env(1, SCALE_OUT_RSS_FILE=rss_file)
     start = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.time() - start
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    with open(rss_file) as f:
-        rss = sorted((json.loads(line) for line in f), key=lambda r: r["rank"])
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f if "objective/kl" in line]
+    rss = sorted(common.read_jsonl(rss_file), key=lambda r: r["rank"])
+    rows = [r for r in common.read_jsonl(os.path.join(out, "metrics.jsonl")) if "objective/kl" in r]
     params = next(line for line in proc.stdout.splitlines() if line.startswith("parameters:"))
     return {
         "mode": name,
@@ -194,7 +180,7 @@ def main():
                 f"{', '.join(f'{m:.0f}' for m in r['peak_rss_mb'])} MB",
                 flush=True,
             )
-    lines = [f"| mode | processes | wall time (s) | s/update | peak RSS per process (MB) |", "|---|---|---|---|---|"]
+    lines = ["| mode | processes | wall time (s) | s/update | peak RSS per process (MB) |", "|---|---|---|---|---|"]
     for name in args.modes:
         mine = [r for r in runs if r["mode"] == name]
         lines.append(
@@ -205,14 +191,9 @@ def main():
             )
             + " |"
         )
-    table = "\n".join(lines)
-    print(table)
-    os.makedirs(args.results_dir, exist_ok=True)
-    stem = os.path.join(args.results_dir, args.results_name or f"scale_out_{args.size}")
-    with open(stem + ".md", "w") as f:
-        f.write(table + "\n")
-    with open(stem + ".json", "w") as f:
-        json.dump({"load_average_at_end": os.getloadavg(), "runs": runs}, f, indent=2)
+    results = {"load_average_at_end": os.getloadavg(), "runs": runs}
+    stem = args.results_name or f"scale_out_{args.size}"
+    common.write_results(args.results_dir, stem, results, "\n".join(lines) + "\n", "scale_out")
 
 
 def worker():
@@ -221,15 +202,7 @@ def worker():
 
     def record():
         with open(os.environ["SCALE_OUT_RSS_FILE"], "a") as f:
-            f.write(
-                json.dumps(
-                    {
-                        "rank": int(os.environ.get("RANK", "0")),
-                        "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                    }
-                )
-                + "\n"
-            )
+            f.write(json.dumps({"rank": int(os.environ.get("RANK", "0")), "maxrss_mb": common.peak_rss_mib()}) + "\n")
 
     atexit.register(record)
     sys.argv = sys.argv[2:]

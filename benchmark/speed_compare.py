@@ -28,34 +28,20 @@ Results: a markdown table printed and written with a JSON of every run to --resu
 scaling_tldr.md/.json).
 """
 
-import hashlib
 import json
 import math
 import os
-import platform
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from typing import List, Literal, Optional
 
+import common
 import tyro
+from common import NEOX_TOKENIZER, ROOT, TLDR_PROMPTS, default_trl_python, fail, run_measured, trl_available
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
-TLDR_PROMPTS = os.path.join(SHARED_DATA, "tldr", "tldr_valid_subset_prompt_completion.jsonl")
-NEOX_TOKENIZER = os.path.join(SHARED_DATA, "tokenizers", "gpt-neox-20b_tokenizer.json")
-OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "WANDB_MODE": "offline",
-    "TOKENIZERS_PARALLELISM": "false",
-    "PYTHONUNBUFFERED": "1",
-}
 PHASES = ("generation", "rollout_forwards", "training", "other")
 
 # Settings that differ between the shapes (the rest are Args defaults shared by all).
@@ -197,10 +183,8 @@ class Args:
     """keep each run's output folder (default: delete it once parsed; logs are kept)"""
     timeout: int = 7200
     """seconds before a run is killed"""
-
-
-def fail(message: str) -> None:
-    sys.exit(f"error: {message}")
+    targets: str = os.path.join(ROOT, "benchmark", "targets.json")
+    """a JSON file of speed and memory targets per shape, checked under the table (none if absent)"""
 
 
 def resolve(args: Args) -> Args:
@@ -233,95 +217,15 @@ def resolve(args: Args) -> Args:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Machine and environment
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def git_state() -> dict:
-    def git(*a):
-        try:
-            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return None
-
-    with open(os.path.join(ROOT, "ppo_rlhf.py"), "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
-    return {
-        "commit": git("rev-parse", "HEAD"),
-        "ppo_rlhf_py_uncommitted_changes": bool(git("status", "--porcelain", "ppo_rlhf.py")),
-        "ppo_rlhf_py_sha256": digest,
-    }
-
-
-def machine_info() -> dict:
-    import torch
-    import transformers
-
-    return {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "nproc": len(os.sched_getaffinity(0)),
-        "cpu_count": os.cpu_count(),
-        "cpu_model": cpu_model(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "load_average_at_start": os.getloadavg(),
-        **git_state(),
-    }
-
-
-def default_trl_python() -> str:
-    """The repository's own TRL venv (git-ignored); any other python is passed with --trl-python."""
-    return os.path.join(ROOT, ".venv-trl", "bin", "python")
-
-
-def trl_available(python: Optional[str]) -> tuple:
-    """(True, version) if `python` exists and can import trl, else (False, why)."""
-    if not python or not os.path.exists(python):
-        return (
-            False,
-            f"no TRL python at {python!r} (make a venv with benchmark/requirements-trl.txt, pass --trl-python)",
-        )
-    try:
-        proc = subprocess.run(
-            [
-                python,
-                "-c",
-                "import importlib.util, sys\nif importlib.util.find_spec('trl') is None: "
-                "sys.exit(3)\nfrom importlib.metadata import version; print(version('trl'))",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-    except (OSError, subprocess.SubprocessError) as e:
-        return False, f"{python} does not run: {e}"
-    if proc.returncode != 0:
-        return False, f"trl is not installed in {python}"
-    return True, proc.stdout.strip()
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Task data and models
 
 
 def tiny_task(args: Args) -> dict:
     paths = {
-        "sft": os.path.join(ROOT, "embedded", "sft_model"),
-        "reward": os.path.join(ROOT, "embedded", "reward_model"),
-        "tokenizer": os.path.join(ROOT, "embedded", "sft_model"),
-        "prompts": os.path.join(ROOT, "embedded", "prompts"),
+        "sft": os.path.join(common.EMBEDDED, "sft_model"),
+        "reward": os.path.join(common.EMBEDDED, "reward_model"),
+        "tokenizer": os.path.join(common.EMBEDDED, "sft_model"),
+        "prompts": os.path.join(common.EMBEDDED, "prompts"),
     }
     info = {"prompts": "embedded/prompts train split"}
     if args.max_prompts:
@@ -559,7 +463,6 @@ def equal_work_ceiling(
     ours would show if both ran at the same FLOP/s (the equal-work ceiling of the measured ratio)."""
     import random
 
-    sys.path.insert(0, ROOT)
     import ppo_rlhf
 
     def groups(lengths):
@@ -588,183 +491,43 @@ def equal_work_ceiling(
 # Running and parsing
 
 
-def snapshot_script(script: str, work_dir: str) -> tuple:
-    """Copy the script under test to work_dir/snapshot/ (same file name) and return (copy, sha256)."""
-    source = script if os.path.isabs(script) else os.path.join(ROOT, script)
-    if not os.path.isfile(source):
-        fail(f"--ours-script {script!r} does not exist")
-    copy = os.path.join(os.path.abspath(work_dir), "snapshot", os.path.basename(source))
-    os.makedirs(os.path.dirname(copy), exist_ok=True)
-    shutil.copyfile(source, copy)
-    with open(copy, "rb") as f:
-        return copy, hashlib.sha256(f.read()).hexdigest()
+def run_settings(args: Args, task: dict, out_dir: str, **overrides) -> dict:
+    """What both implementations are given for one run (common.FLAGS spells it for each); overrides: Args fields
+    changed for this run (the scaling table's batch and response length)."""
+    s = {**asdict(args), **overrides}
+    batch = s["per_device_train_batch_size"] * s["gradient_accumulation_steps"]
+    return {
+        **{k: s[k] for k in (*common.PPO_SETTINGS, "seed", "bf16")},
+        "output_dir": out_dir,
+        "sft_model_path": task["sft"],
+        "reward_model_path": task["reward"],
+        "tokenizer": task["tokenizer"],
+        "prompts": task["prompts"],
+        "train_split": "train",
+        "total_episodes": s["num_updates"] * batch,
+        "stop_token": "eos",
+        # ours only: no evaluation, samples or checkpoints, whose time TRL's runner does not spend
+        "test_split": "validation",
+        "overwrite_output_dir": True,
+        "eval_strategy": "no",
+        "num_sample_generations": 0,
+        "save_steps": 0,
+        # TRL only: where the runner writes its timings
+        "results_json": os.path.join(out_dir, "trl_results.json"),
+        "quiet": True,
+    }
 
 
 def ours_command(args: Args, task: dict, out_dir: str, **overrides) -> List[str]:
-    s = {**asdict(args), **overrides}
-    batch = s["per_device_train_batch_size"] * s["gradient_accumulation_steps"]
-    cmd = [
-        sys.executable,
-        s["ours_snapshot"],
-        "--output-dir",
-        out_dir,
-        "--overwrite-output-dir",
-        "--seed",
-        str(s["seed"]),
-        "--sft-model-path",
-        task["sft"],
-        "--reward-model-path",
-        task["reward"],
-        "--model-name-or-path",
-        task["tokenizer"],
-        "--dataset-name",
-        task["prompts"],
-        "--dataset-train-split",
-        "train",
-        "--dataset-test-split",
-        "validation",
-        "--total-episodes",
-        str(s["num_updates"] * batch),
-        "--per-device-train-batch-size",
-        str(s["per_device_train_batch_size"]),
-        "--gradient-accumulation-steps",
-        str(s["gradient_accumulation_steps"]),
-        "--local-rollout-forward-batch-size",
-        str(s["local_rollout_forward_batch_size"]),
-        "--num-ppo-epochs",
-        str(s["num_ppo_epochs"]),
-        "--num-mini-batches",
-        str(s["num_mini_batches"]),
-        "--response-length",
-        str(s["response_length"]),
-        "--stop-token",
-        "eos",
-        "--temperature",
-        str(s["temperature"]),
-        "--learning-rate",
-        str(s["learning_rate"]),
-        "--missing-eos-penalty",
-        str(s["missing_eos_penalty"]),
-        "--eval-strategy",
-        "no",
-        "--num-sample-generations",
-        "0",
-        "--save-steps",
-        "0",
-        "--bf16" if s["bf16"] else "--no-bf16",
-    ]
-    return cmd + shlex.split(s["ours_extra_args"])
+    program = [sys.executable, args.ours_snapshot]
+    return common.command("ours", program, run_settings(args, task, out_dir, **overrides)) + shlex.split(
+        args.ours_extra_args
+    )
 
 
 def trl_command(args: Args, task: dict, out_dir: str, gc_freeze: bool) -> List[str]:
-    batch = args.per_device_train_batch_size * args.gradient_accumulation_steps
-    cmd = [
-        args.trl_python,
-        os.path.join(ROOT, "benchmark", "trl_ppo_runner.py"),
-        "--sft-model-path",
-        task["sft"],
-        "--reward-model-path",
-        task["reward"],
-        "--tokenizer-path",
-        task["tokenizer"],
-        "--dataset-path",
-        task["prompts"],
-        "--dataset-split",
-        "train",
-        "--output-dir",
-        out_dir,
-        "--results-json",
-        os.path.join(out_dir, "trl_results.json"),
-        "--total-episodes",
-        str(args.num_updates * batch),
-        "--per-device-train-batch-size",
-        str(args.per_device_train_batch_size),
-        "--gradient-accumulation-steps",
-        str(args.gradient_accumulation_steps),
-        "--local-rollout-forward-batch-size",
-        str(args.local_rollout_forward_batch_size),
-        "--num-ppo-epochs",
-        str(args.num_ppo_epochs),
-        "--num-mini-batches",
-        str(args.num_mini_batches),
-        "--response-length",
-        str(args.response_length),
-        "--stop-token",
-        "eos",
-        "--temperature",
-        str(args.temperature),
-        "--learning-rate",
-        str(args.learning_rate),
-        "--seed",
-        str(args.seed),
-        "--num-threads",
-        str(args.num_threads),
-        "--quiet",
-    ]
-    if args.missing_eos_penalty is not None:
-        cmd += ["--missing-eos-penalty", str(args.missing_eos_penalty)]
-    if args.bf16:
-        cmd.append("--bf16")
-    if gc_freeze:
-        cmd.append("--gc-freeze")
-    return cmd
-
-
-# Used when /usr/bin/time is missing: a fresh process whose only child is the run, so the children's ru_maxrss is
-# the run's own peak (ru_maxrss of children is the maximum over all waited-for descendants).
-RUSAGE_WRAPPER = (
-    "import resource, subprocess, sys, json\n"
-    "rc = subprocess.call(sys.argv[2:])\n"
-    "ru = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
-    "json.dump({'rc': rc, 'max_rss_kib': ru.ru_maxrss, 'cpu_s': ru.ru_utime + ru.ru_stime}, "
-    "open(sys.argv[1], 'w'))\nsys.exit(rc)\n"
-)
-
-
-def run_measured(cmd: List[str], env: dict, log_path: str, timeout: int) -> dict:
-    """Run cmd, its output to log_path; return wall seconds, the peak resident memory of the whole process, and its
-    CPU seconds (user + system; CPU seconds / wall seconds below the thread count means the run waited for a core)."""
-    os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    rss_file = log_path + ".rss"
-    if os.path.exists(rss_file):
-        os.remove(rss_file)
-    gnu_time = shutil.which("time", path="/usr/bin:/bin")
-    wrapped = (
-        [gnu_time, "-v", "-o", rss_file, *cmd] if gnu_time else [sys.executable, "-c", RUSAGE_WRAPPER, rss_file, *cmd]
-    )
-    load = os.getloadavg()[0]
-    t0 = time.perf_counter()
-    with open(log_path, "w") as log:
-        log.write("$ " + shlex.join(cmd) + "\n")
-        log.flush()
-        try:
-            rc = subprocess.run(
-                wrapped, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout
-            ).returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
-    wall = time.perf_counter() - t0
-    max_rss_kib = cpu_s = None
-    if os.path.exists(rss_file):
-        with open(rss_file) as f:
-            text = f.read()
-        if gnu_time:
-            fields = dict(line.strip().rsplit(": ", 1) for line in text.splitlines() if ": " in line)
-            max_rss_kib = int(fields["Maximum resident set size (kbytes)"])
-            cpu_s = float(fields["User time (seconds)"]) + float(fields["System time (seconds)"])
-        else:
-            measured = json.loads(text)
-            max_rss_kib, cpu_s = measured["max_rss_kib"], measured["cpu_s"]
-    return {
-        "returncode": rc,
-        "wall_s": wall,
-        "peak_rss_mib": max_rss_kib / 1024 if max_rss_kib else None,
-        "cpu_s": cpu_s,
-        "cpu_share": cpu_s / wall if cpu_s is not None else None,
-        "rss_method": "/usr/bin/time -v" if gnu_time else "getrusage(RUSAGE_CHILDREN) in a fresh wrapper",
-        "load_average_1min_before": load,
-        "log": log_path,
-    }
+    settings = {**run_settings(args, task, out_dir), "gc_freeze": gc_freeze}
+    return common.command("trl", [args.trl_python, common.TRL_RUNNER], settings)
 
 
 def ours_updates(out_dir: str) -> List[dict]:
@@ -844,8 +607,7 @@ def run_one(impl: str, args: Args, task: dict, env: dict, tag: str, **overrides)
         **run_measured(cmd, env, os.path.join(args.work_dir, "logs", tag + ".log"), args.timeout),
     }
     if rec["returncode"] != 0:
-        with open(rec["log"]) as f:
-            tail = f.read()[-3000:]
+        tail = common.log_tail(rec["log"])
         raise RuntimeError(f"{impl} run {tag} failed ({rec['returncode']}); log {rec['log']}:\n{tail}")
     s = {**asdict(args), **overrides}
     batch = s["per_device_train_batch_size"] * s["gradient_accumulation_steps"]
@@ -865,17 +627,6 @@ def run_one(impl: str, args: Args, task: dict, env: dict, tag: str, **overrides)
         flush=True,
     )
     return rec
-
-
-def subprocess_env(args: Args) -> dict:
-    threads = str(args.num_threads)
-    return {
-        **os.environ,
-        **OFFLINE_ENV,
-        "OMP_NUM_THREADS": threads,
-        "MKL_NUM_THREADS": threads,
-        "WANDB_DIR": os.path.abspath(args.work_dir),
-    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -956,6 +707,28 @@ def fmt(value: float, metric: str) -> str:
     return f"{value:.3f}"
 
 
+def targets_lines(a: dict, speed: float, mem: float, cpu_note: str, ceiling: Optional[dict]) -> List[str]:
+    """Each target of --targets for this shape, met or not, with the measured ratio."""
+    if not a.get("targets") or not os.path.isfile(a["targets"]):
+        return []
+    with open(a["targets"]) as f:
+        shape = json.load(f).get(a["shape"])
+    if not shape:
+        return []
+    of_ceiling = speed / ceiling["ceiling"] if ceiling else None
+    measured = {
+        "episodes_per_s": (speed, f"{speed:.2f}x{cpu_note}"),
+        "peak_rss_mib": (mem, f"{mem:.2f}x"),
+        "of_ceiling": (of_ceiling, "n/a" if of_ceiling is None else f"{of_ceiling:.0%}"),
+    }
+    checks = []
+    for target in shape["targets"]:
+        value, shown = measured[target["ratio"]]
+        met = value is not None and target.get("at_least", -math.inf) <= value <= target.get("at_most", math.inf)
+        checks.append(f"{target['text']}: **{'met' if met else 'not met'}** ({shown})")
+    return ["", f"{shape['title']} at this shape: " + "; ".join(checks) + "."]
+
+
 def speed_markdown(results: dict) -> str:
     a, m, agg = results["settings"], results["machine"], results["aggregate"]
     lines = [
@@ -1021,28 +794,7 @@ def speed_markdown(results: dict) -> str:
                 f"**{ceiling['ceiling']:.2f}x**; measured/ceiling **{speed / ceiling['ceiling']:.0%}**. The LM "
                 f"head is {ceiling['head_share_per_position']:.0%} of the FLOPs of a position.",
             ]
-        if a["shape"] == "pythia160m":
-            lines += [
-                "",
-                f"Issue 16 targets at this shape: episodes/s >= 1.5x TRL: **{'met' if speed >= 1.5 else 'not met'}** "
-                f"({speed:.2f}x); >= 90% of the ceiling: **{'met' if ceiling and speed >= 0.9 * ceiling['ceiling'] else 'not met'}**;"
-                f" peak memory <= 0.75x TRL: **{'met' if mem <= 0.75 else 'not met'}** ({mem:.2f}x).",
-            ]
-        elif a["shape"] == "qwen05b":
-            lines += ["", f"Issue 16 at this shape (reported, no target): {speed:.2f}x episodes/s, {mem:.2f}x memory."]
-        elif a["shape"] == "tldr":
-            lines += [
-                "",
-                f"Issue 8 targets at this shape: episodes/s >= 5x TRL: **{'met' if speed >= 5 else 'not met'}** "
-                f"({speed:.2f}x{cpu_note}); peak memory <= 1/3 of TRL: **{'met' if mem <= 1 / 3 else 'not met'}** "
-                f"({mem:.2f}x).",
-            ]
-        else:
-            lines += [
-                "",
-                f"Issue 8 target at this shape: episodes/s >= 2x TRL: **{'met' if speed >= 2 else 'not met'}** "
-                f"({speed:.2f}x{cpu_note}).",
-            ]
+        lines += targets_lines(a, speed, mem, cpu_note, ceiling)
     lines += [
         "",
         "Per run, in the order run (CPU share = the process's CPU seconds / its wall seconds, setup included: "
@@ -1122,16 +874,6 @@ def scaling_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(args: Args, stem: str, results: dict, markdown: str) -> None:
-    os.makedirs(args.results_dir, exist_ok=True)
-    with open(os.path.join(args.results_dir, stem + ".json"), "w") as f:
-        json.dump(results, f, indent=2, default=str)
-    with open(os.path.join(args.results_dir, stem + ".md"), "w") as f:
-        f.write(markdown)
-    print(markdown)
-    print(f"[speed_compare] wrote {os.path.join(args.results_dir, stem)}.md and .json")
-
-
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -1148,9 +890,9 @@ def main(args: Args) -> Optional[dict]:
                 "next to the repository); it is absent here."
             )
             return None
-    env = subprocess_env(args)
-    machine = machine_info()
-    args.ours_snapshot, machine["ours_script_sha256"] = snapshot_script(args.ours_script, args.work_dir)
+    env = common.run_env(args.num_threads, args.work_dir)
+    machine = common.machine_info()
+    args.ours_snapshot, machine["ours_script_sha256"] = common.snapshot_script(args.ours_script, args.work_dir)
     settings = asdict(args)
 
     if args.scaling:
@@ -1183,7 +925,8 @@ def main(args: Args) -> Optional[dict]:
             "table": table,
             "runs": runs,
         }
-        write_results(args, args.name or f"scaling_{args.shape}", results, scaling_markdown(results))
+        stem = args.name or f"scaling_{args.shape}"
+        common.write_results(args.results_dir, stem, results, scaling_markdown(results), "speed_compare")
         return results
 
     ceiling = None
@@ -1230,7 +973,8 @@ def main(args: Args) -> Optional[dict]:
         "aggregate": aggregate(runs, impls),
         "runs": runs,
     }
-    write_results(args, args.name or f"speed_{args.shape}", results, speed_markdown(results))
+    stem = args.name or f"speed_{args.shape}"
+    common.write_results(args.results_dir, stem, results, speed_markdown(results), "speed_compare")
     return results
 
 

@@ -13,12 +13,9 @@ with one thread, so other load on the machine costs little; peak memory is the p
 """
 
 import importlib.util
-import json
 import os
 import random
-import resource
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -26,9 +23,9 @@ from typing import Literal
 import torch
 import tyro
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "benchmark"))
-import speed_compare  # noqa: E402
+import common
+import speed_compare
+from common import ROOT
 
 
 @dataclass
@@ -63,9 +60,8 @@ def prompt_lengths() -> list:
     """Token counts of the real TL;DR prompts of at most 512 tokens (GPT-NeoX-20B tokenizer), in file order."""
     from tokenizers import Tokenizer
 
-    tokenizer = Tokenizer.from_file(speed_compare.NEOX_TOKENIZER)
-    with open(speed_compare.TLDR_PROMPTS) as f:
-        prompts = [json.loads(line)["prompt"] for line in f if line.strip()]
+    tokenizer = Tokenizer.from_file(common.NEOX_TOKENIZER)
+    prompts = [row["prompt"] for row in common.read_jsonl(common.TLDR_PROMPTS)]
     lengths = [len(e.ids) for e in tokenizer.encode_batch(prompts, add_special_tokens=False)]
     return [n for n in lengths if n <= 512]
 
@@ -140,7 +136,7 @@ def train(args: Args, ppo) -> None:
     needed = torch.full((args.batch_size,), args.response_length)
     overhead = ppo.GROUP_OVERHEAD if args.variant in ("chunked", "grouped") else None
     chunked = args.variant in ("chunked", "padded")
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base_rss = common.peak_rss_mib()
     times = []
     for _ in range(2):  # the first one warms up
         policy.zero_grad(set_to_none=True)
@@ -148,7 +144,7 @@ def train(args: Args, ppo) -> None:
         logprobs, _ = ppo.policy_logprobs(policy, ids, mask, max(lengths), 0.7, needed, overhead, chunked)
         logprobs.sum().backward()
         times.append(time.process_time() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = common.peak_rss_mib()
     print(
         f"train {args.variant}: prompts {sorted(lengths)}; {times[-1]:.2f} CPU s (warm-up {times[0]:.2f}); "
         f"peak RSS {peak:.0f} MiB ({peak - base_rss:+.0f} over the model)"

@@ -31,9 +31,9 @@ from typing import Literal
 import torch
 import tyro
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmark")]
-import ppo_rlhf  # noqa: E402
+import common  # noqa: F401  (puts the repository root on sys.path)
+import ppo_rlhf
+from common import ROOT
 
 
 @dataclass

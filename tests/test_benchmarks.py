@@ -16,6 +16,7 @@ import pytest
 from helpers import ROOT, run_script
 
 sys.path.insert(0, os.path.join(ROOT, "benchmark"))
+import common  # noqa: E402
 import speed_compare  # noqa: E402
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -140,7 +141,7 @@ def test_shape_defaults_and_validation():
 
 def test_default_trl_python_is_the_repositorys_own_venv_only(monkeypatch, tmp_path):
     """No machine-specific fallback: without the repository's .venv-trl the default names it (and TRL is skipped)."""
-    monkeypatch.setattr(speed_compare, "ROOT", str(tmp_path))
+    monkeypatch.setattr(common, "ROOT", str(tmp_path))
     assert speed_compare.default_trl_python() == os.path.join(str(tmp_path), ".venv-trl", "bin", "python")
     assert (
         "trl-venv"
