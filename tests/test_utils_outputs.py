@@ -1,5 +1,6 @@
-"""rlhf_utils.outputs: one run at a time in an output folder (the lock), and the final save all or nothing (publish_output,
-finish_interrupted_save), however the run is stopped. The scripts' use of them, end to end: tests/test_faults.py."""
+"""rlhf_utils.outputs: one run at a time in an output folder (the lock), and the final save all or nothing
+(publish_output, finish_interrupted_save), however the run is stopped. The scripts' use of them, end to end:
+tests/test_faults.py."""
 
 import json
 import os

@@ -74,10 +74,10 @@ atexit.register(lambda: open(marker, "w").close())
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_a_finished_two_process_run_exits_0_not_with_gloos_teardown_abort(tmp_path):
-    """end_run against the abort at interpreter teardown (gloo's threads releasing their last
-    collectives' tensors after finalization began): this program aborted in 8 of 8 runs when it ended with
-    accelerator.end_training() alone (EXIT_TEST_ENDING="accelerator.end_training()" shows it). The atexit handlers
-    (the output folder's lock release) still run."""
+    """end_run against the abort at interpreter teardown (gloo's threads releasing their last collectives' tensors
+    after finalization began): this program aborted in 8 of 8 runs when it ended with accelerator.end_training()
+    alone (EXIT_TEST_ENDING="accelerator.end_training()" shows it). The atexit handlers (the output folder's lock
+    release) still run."""
     ending = os.environ.get("EXIT_TEST_ENDING", "end_run(accelerator)")  # to show the abort without end_run
     failures = []
     for i in range(4):
