@@ -187,13 +187,18 @@ def commit_note(machine: dict) -> str:
 
 
 def snapshot_script(script: str, work_dir: str) -> tuple:
-    """Copy the script under test to work_dir/snapshot/ (same file name) and return (copy, sha256)."""
+    """Copy the script under test to work_dir/snapshot/ (same file name), with the rlhf_utils package it imports
+    beside it (the copy runs with its own folder first on sys.path), and return (copy, sha256 of the script)."""
     source = script if os.path.isabs(script) else os.path.join(ROOT, script)
     if not os.path.isfile(source):
         fail(f"--ours-script {script!r} does not exist")
-    copy = os.path.join(os.path.abspath(work_dir), "snapshot", os.path.basename(source))
-    os.makedirs(os.path.dirname(copy), exist_ok=True)
+    folder = os.path.join(os.path.abspath(work_dir), "snapshot")
+    copy = os.path.join(folder, os.path.basename(source))
+    os.makedirs(folder, exist_ok=True)
     shutil.copyfile(source, copy)
+    shutil.rmtree(os.path.join(folder, "rlhf_utils"), ignore_errors=True)
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(os.path.join(ROOT, "rlhf_utils"), os.path.join(folder, "rlhf_utils"), ignore=ignore)
     with open(copy, "rb") as f:
         return copy, hashlib.sha256(f.read()).hexdigest()
 
