@@ -150,6 +150,35 @@ def test_default_trl_python_is_the_repositorys_own_venv_only(monkeypatch, tmp_pa
     )
 
 
+def test_both_commands_come_from_one_set_of_settings():
+    """common.FLAGS spells each setting for ppo_rlhf.py and for TRL's runner: every setting both take has the same
+    value on both command lines; booleans and None follow each command line's own spelling."""
+
+    def flags(cmd):
+        out, i = {}, 2
+        while i < len(cmd):
+            takes_value = i + 1 < len(cmd) and not cmd[i + 1].startswith("--")
+            out[cmd[i]] = cmd[i + 1] if takes_value else True
+            i += 2 if takes_value else 1
+        return out
+
+    args = speed_compare.resolve(speed_compare.Args(shape="tldr", missing_eos_penalty=None, seed=7))
+    args.ours_snapshot, args.trl_python = "ppo_rlhf.py", "python"
+    task = {"sft": "/sft", "reward": "/rm", "tokenizer": "/tok", "prompts": "/prompts"}
+    ours = flags(speed_compare.ours_command(args, task, "/out"))
+    trl = flags(speed_compare.trl_command(args, task, "/out", gc_freeze=False))
+    both = [(o, t) for _, o, t in common.FLAGS if o and t and (o in ours or t in trl)]
+    both = [(o, t) for o, t in both if o not in ("--bf16", "--missing-eos-penalty")]  # spelled apart, below
+    assert len(both) == 17 and [ours.get(o) for o, t in both] == [trl.get(t) for o, t in both]
+    assert ours["--seed"] == "7" and ours["--total-episodes"] == str(args.num_updates * 8)
+    assert ours["--no-bf16"] and "--bf16" not in trl  # off: tyro's --no- switch; the runner's default
+    assert ours["--missing-eos-penalty"] == "None" and "--missing-eos-penalty" not in trl
+    assert trl["--num-threads"] == "1" and trl["--results-json"] == "/out/trl_results.json" and trl["--quiet"]
+    assert ours["--eval-strategy"] == "no" and ours["--save-steps"] == "0" and "--eval-strategy" not in trl
+    with pytest.raises(KeyError, match="kl_coeff"):
+        common.command("ours", [], {"kl_coeff": 0.1})
+
+
 def test_trl_missing_is_reported_not_raised(tmp_path):
     ok, why = speed_compare.trl_available(str(tmp_path / "no" / "python"))
     assert not ok and "no TRL python" in why
