@@ -6,11 +6,17 @@
         --sft-model-path EleutherAI/pythia-1b-deduped --reward-model-path EleutherAI/pythia-1b-deduped \
         --learning-rate 3e-6 --total-episodes 10000 --per-device-train-batch-size 64 --missing-eos-penalty 1.0
 
-The N+ implementation details recipe, with TRL's PPOTrainer flags. Read top to bottom: the arguments, the algorithm's
-helpers (each small and tested), the speed and memory machinery (same numbers as the plain computation, which
-`--no-length-grouping --no-chunked-logprobs` runs), generation and scoring, plumbing, the output folder and its
-checkpoints, then the training loop in the order of one PPO update: rollout, reward, advantages, PPO epochs, logging.
-The numbered "implementation details" in the README say where this departs from TRL and why.
+The N+ implementation details recipe, with TRL's PPOTrainer flags. One PPO update, in the main block at the end:
+1. rollout: the policy samples a response to each prompt; the reward model scores prompt + response;
+2. reward: minus kl_coef x the per-token KL to the frozen SFT reference, plus the score at the response's end;
+3. advantages: GAE over the value model's values, whitened over the valid tokens;
+4. PPO epochs: clipped policy and value losses over random mini-batches, one optimizer step per mini-batch;
+5. logging, evaluation and checkpoints.
+Read top to bottom: the arguments and their checks, the algorithm's helpers (each small and tested), the policy and
+value model (the plain log-prob computation; rlhf_utils.speed gets the same numbers with less work, and
+`--no-length-grouping --no-chunked-logprobs` switches it off), generation and scoring, the setup the main block calls,
+then the main block. Plumbing that no fork changes (output folder, checkpoints, Hub, datasets, model loading and
+checks) lives in rlhf_utils/. The numbered "implementation details" in the README say where this departs from TRL.
 """
 
 import contextlib
@@ -38,27 +44,12 @@ from rlhf_utils.checkpoints import seal_checkpoint, resolve_resume, load_resume_
 from rlhf_utils.runs import stop_on_signals, stop_requested, end_run, progress_bar, Timer, stop_if_not_finite
 from rlhf_utils.hub import model_card, check_push_to_hub, push_folder_to_hub
 from rlhf_utils.data import load_any_dataset, pick_splits, hold_out, column_kind, render_chat
-from rlhf_utils.models import (
-    UNSUPPORTED_LOGIT_TRANSFORMS,
-    add_pad_token,
-    backbone_and_head,
-    checked_config,
-    context_length,
-    is_adapter_folder,
-    load_model,
-    logit_transform,
-    model_config,
-    num_params,
-    transform_logits,
-)
-from rlhf_utils.speed import (
-    GROUP_OVERHEAD,
-    forward_in_chunks,
-    grouped_response_hidden,
-    in_position_chunks,
-    length_groups,
-    round_up,
-)
+from rlhf_utils.models import UNSUPPORTED_LOGIT_TRANSFORMS, add_pad_token, backbone_and_head, checked_config
+from rlhf_utils.models import context_length, is_adapter_folder, load_model, logit_transform, model_config, num_params
+from rlhf_utils.models import gathered_for_generation, transform_logits
+from rlhf_utils.speed import GROUP_OVERHEAD, forward_in_chunks, grouped_response_hidden, in_position_chunks
+from rlhf_utils.speed import length_groups, round_up
+
 
 INVALID_LOGPROB = 1.0  # written at padded positions; both policy and reference get it, so their KL there is 0
 
@@ -1098,30 +1089,10 @@ def reference_logprobs(run: Run, query_responses, attention_mask, context_length
         )[0]
 
 
-@contextlib.contextmanager
-def generation_weights(run: Run):
-    """ZeRO-3: gather the policy's shards (not the value model's) once per generation, and lift DeepSpeed's
-    per-module hooks meanwhile: they would partition the gathered weights again after every layer and all-gather
-    them at every token (as deepspeed.runtime.zero.unwrap_model_for_generation does, for the policy only)."""
-    if run.zero_stage != 3 or not run.args.ds3_gather_for_generation:
-        yield
-        return
-    import deepspeed
-
-    hooks = run.model.optimizer.parameter_offload  # owns ZeRO-3's fetch/release hooks of the trained modules
-    with deepspeed.zero.GatheredParameters(list(run.unwrapped.policy.parameters())):
-        for hook in hooks.forward_hooks + hooks.backward_hooks:
-            hook.remove()
-        hooks.forward_hooks, hooks.backward_hooks = [], []
-        try:
-            yield
-        finally:
-            hooks._register_deepspeed_module(hooks.module)
-
-
 @torch.no_grad()
 def generate_responses(run: Run, queries, query_mask, temperature: float) -> torch.Tensor:
-    with autocast(run), generation_weights(run):
+    gather = run.zero_stage == 3 and run.args.ds3_gather_for_generation  # whole weights once, not at every token
+    with autocast(run), gathered_for_generation(run.model, run.unwrapped.policy, gather):
         return generate(
             run.unwrapped.policy,
             queries,

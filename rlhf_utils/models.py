@@ -2,6 +2,7 @@
 counts, the logit transforms of architectures whose forward changes head(hidden), and the checks that every model
 reads the policy tokenizer's ids."""
 
+import contextlib
 import os
 from typing import Optional
 
@@ -194,3 +195,24 @@ def checked_config(
             "(sft.py and reward_modeling.py save it, adding [PAD] and resizing the embeddings if needed)",
         )
     return config
+
+
+@contextlib.contextmanager
+def gathered_for_generation(engine, module: nn.Module, gather: bool):
+    """With gather (ZeRO-3): gather module's shards (not the rest of the engine's) once per generation, and lift
+    DeepSpeed's per-module hooks meanwhile: they would partition the gathered weights again after every layer and
+    all-gather them at every token (as deepspeed.runtime.zero.unwrap_model_for_generation does, for module only)."""
+    if not gather:
+        yield
+        return
+    import deepspeed
+
+    hooks = engine.optimizer.parameter_offload  # owns ZeRO-3's fetch/release hooks of the trained modules
+    with deepspeed.zero.GatheredParameters(list(module.parameters())):
+        for hook in hooks.forward_hooks + hooks.backward_hooks:
+            hook.remove()
+        hooks.forward_hooks, hooks.backward_hooks = [], []
+        try:
+            yield
+        finally:
+            hooks._register_deepspeed_module(hooks.module)
