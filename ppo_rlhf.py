@@ -482,8 +482,9 @@ def sequence_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tenso
 
 # ---------------------------------------------------------------------------------------------------------------
 # The policy and the value model: log-probs, entropy and values of the response tokens. The plain computation is one
-# forward of the padded batch and the LM head on every response position; rlhf_utils.speed gets the same numbers with
-# less work (`--no-length-grouping --no-chunked-logprobs` switches it off)
+# forward of the padded batch, hidden = last_hidden_state[:, context_length - 1 : -1] (the positions that predict the
+# response tokens), logits = head(hidden) / temperature, values = score(hidden). rlhf_utils.speed gets the same numbers
+# with less work; `--no-length-grouping --no-chunked-logprobs` switches it off.
 
 
 def head_logprobs(

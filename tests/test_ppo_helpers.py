@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import random
+import time
 
 import numpy as np
 import pytest
@@ -794,3 +795,30 @@ def test_resume_ignores_a_flag_the_checkpoint_has_and_the_script_dropped():
     for value in (True, False):
         saved["split_backward"] = value
         assert ppo_rlhf.changed_arguments(json.dumps(saved), args, set()) == []
+
+
+def test_timer_sums_the_seconds_of_each_named_phase():
+    """Timer adds up every block of the same name (the rollout times generation chunk by chunk) and keeps the names
+    it starts with, in their order, for the metrics row."""
+    from rlhf_utils.runs import Timer
+
+    timer = Timer(generation=0.0, training=0.0)
+    for _ in range(2):
+        with timer("generation"):
+            time.sleep(0.01)
+    with timer("scoring"):
+        pass
+    assert list(timer) == ["generation", "training", "scoring"]
+    assert 0.02 <= timer["generation"] < 1 and timer["training"] == 0.0 and timer["scoring"] >= 0
+
+
+def test_stop_if_not_finite_stops_on_inf_or_nan_in_any_value_with_the_message():
+    from rlhf_utils.runs import stop_if_not_finite
+
+    stop_if_not_finite("loss", [torch.ones(3), 2.5, torch.tensor(1.0)], "update 1", " (lower --learning-rate)")
+    for bad in (torch.tensor([1.0, float("nan")]), float("inf")):
+        with pytest.raises(SystemExit) as stopped:
+            stop_if_not_finite("gradient norm", [torch.ones(2), bad], "update 3, PPO epoch 1", " (advice)")
+        assert str(stopped.value) == (
+            "error: non-finite gradient norm at update 3, PPO epoch 1; the run stops here (advice)"
+        )
