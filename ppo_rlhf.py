@@ -564,10 +564,11 @@ class PolicyAndValue(nn.Module):
         )
 
     def policy_forward(
-        self, query_responses, attention_mask, context_length: int, temperature: float, needed
-    ) -> tuple:
+        self, query_responses, attention_mask, context_length: int, temperature: float, needed, policy=None
+    ):
+        """(log-probs, entropy) under the trained policy, or with the same settings under another (the reference)."""
         return policy_logprobs(
-            self.policy,
+            self.policy if policy is None else policy,
             query_responses,
             attention_mask,
             context_length,
@@ -1075,19 +1076,9 @@ def reference_policy(run: Run):
 
 @torch.no_grad()
 def reference_logprobs(run: Run, query_responses, attention_mask, context_length: int, temperature: float, needed):
-    u = run.unwrapped
+    inputs = (query_responses, attention_mask, context_length, temperature, needed)
     with reference_policy(run) as ref:
-        return policy_logprobs(
-            ref,
-            query_responses,
-            attention_mask,
-            context_length,
-            temperature,
-            needed,
-            u.overhead,
-            u.chunked,
-            u.multiple,
-        )[0]
+        return run.unwrapped.policy_forward(*inputs, policy=ref)[0]
 
 
 @torch.no_grad()
