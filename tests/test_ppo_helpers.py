@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 import torch
 from helpers import ROOT
+from rlhf_utils import models, speed  # noqa: E402  (helpers puts the repository root on sys.path)
 
 import ppo_rlhf  # noqa: E402
-from rlhf_utils import models  # noqa: E402
-from rlhf_utils import speed  # noqa: E402
 from rlhf_utils.checkpoints import latest_checkpoint, rng_state, set_rng_state
 
 EMBEDDED = os.path.join(ROOT, "embedded")
