@@ -6,11 +6,17 @@
         --sft-model-path EleutherAI/pythia-1b-deduped --reward-model-path EleutherAI/pythia-1b-deduped \
         --learning-rate 3e-6 --total-episodes 10000 --per-device-train-batch-size 64 --missing-eos-penalty 1.0
 
-The N+ implementation details recipe, with TRL's PPOTrainer flags. Read top to bottom: the arguments, the algorithm's
-helpers (each small and tested), the speed and memory machinery (same numbers as the plain computation, which
-`--no-length-grouping --no-chunked-logprobs` runs), generation and scoring, plumbing, the output folder and its
-checkpoints, then the training loop in the order of one PPO update: rollout, reward, advantages, PPO epochs, logging.
-The numbered "implementation details" in the README say where this departs from TRL and why.
+The N+ implementation details recipe, with TRL's PPOTrainer flags. One PPO update, in the main block at the end:
+1. rollout: the policy samples a response to each prompt; the reward model scores prompt + response;
+2. reward: minus kl_coef x the per-token KL to the frozen SFT reference, plus the score at the response's end;
+3. advantages: GAE over the value model's values, whitened over the valid tokens;
+4. PPO epochs: clipped policy and value losses over random mini-batches, one optimizer step per mini-batch;
+5. logging, evaluation and checkpoints.
+Read top to bottom: the arguments and their checks, the algorithm's helpers (each small and tested), the policy and
+value model (the plain log-prob computation; rlhf_utils.speed gets the same numbers with less work, and
+`--no-length-grouping --no-chunked-logprobs` switches it off), generation and scoring, the setup the main block calls,
+then the main block. Plumbing that no fork changes (output folder, checkpoints, Hub, datasets, model loading and
+checks) lives in rlhf_utils/. The numbered "implementation details" in the README say where this departs from TRL.
 """
 
 import contextlib
@@ -35,10 +41,15 @@ import tyro
 from rlhf_utils.cli import fail, bool_flags_as_switches, explain_remote_code_errors
 from rlhf_utils.outputs import lock_output_dir, finish_interrupted_save, publish_output
 from rlhf_utils.checkpoints import seal_checkpoint, resolve_resume, load_resume_state, rng_state, set_rng_state
-from rlhf_utils.runs import stop_on_signals, stop_requested, end_run, progress_bar
+from rlhf_utils.runs import stop_on_signals, stop_requested, end_run, progress_bar, Timer, stop_if_not_finite
 from rlhf_utils.hub import model_card, check_push_to_hub, push_folder_to_hub
 from rlhf_utils.data import load_any_dataset, pick_splits, hold_out, column_kind, render_chat
-from rlhf_utils.models import add_pad_token, context_length
+from rlhf_utils.models import UNSUPPORTED_LOGIT_TRANSFORMS, add_pad_token, backbone_and_head, checked_config
+from rlhf_utils.models import context_length, is_adapter_folder, load_model, logit_transform, model_config, num_params
+from rlhf_utils.models import gathered_for_generation, transform_logits
+from rlhf_utils.speed import GROUP_OVERHEAD, forward_in_chunks, grouped_response_hidden, in_position_chunks
+from rlhf_utils.speed import length_groups, round_up
+
 
 INVALID_LOGPROB = 1.0  # written at padded positions; both policy and reference get it, so their KL there is 0
 
@@ -390,10 +401,6 @@ MAY_CHANGE_ON_RESUME = {
 }
 
 
-def is_adapter_folder(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "adapter_config.json"))
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Helpers: small, pure, and each compared with a plain computation in tests/test_ppo_helpers.py
 
@@ -473,143 +480,18 @@ def sequence_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tenso
     return torch.gather(logits.log_softmax(-1), 2, tokens[..., None]).squeeze(-1)
 
 
-def logit_transform(config) -> tuple:
-    """(scale, softcap): what the causal LM's own forward does to head(hidden) before it returns the logits,
-    logits = softcap * tanh(scale * x / softcap) (scale * x without softcap). Gemma-2/3 cap the logits with tanh,
-    Granite divides them by logits_scaling, Cohere multiplies them by logit_scale (MiniCPM3, HyperCLOVA X and Falcon-H1
-    scale them too); skipping this would sample, score and KL-penalise another distribution than the model's."""
-    text = config.get_text_config()
-    model_type = getattr(text, "model_type", None) or ""
-    scale = 1.0
-    if model_type.startswith("granite") or model_type == "minicpm3":  # MiniCPM3 divides the hidden states instead
-        scale = 1.0 / text.logits_scaling
-    elif model_type.startswith("cohere"):
-        scale = text.logit_scale
-    elif model_type == "hyperclovax":
-        scale = text.logits_scaling
-    elif model_type == "falcon_h1":
-        scale = text.lm_head_multiplier
-    return scale, getattr(text, "final_logit_softcapping", None)
-
-
-UNSUPPORTED_LOGIT_TRANSFORMS = ("inkling", "recurrent_gemma")
-"""Model types whose forward changes the logits in a way logit_transform does not reproduce (from transformers 5.23's
-modelling code: Inkling divides by logits_mup_width_multiplier, RecurrentGemma caps with logits_soft_cap; neither is
-tested here); the scripts refuse them before loading weights rather than train on another distribution."""
-
-
-def transform_logits(logits: torch.Tensor, scale: float, softcap: Optional[float]) -> torch.Tensor:
-    """The model's own logits from head(hidden) (see logit_transform)."""
-    logits = logits * scale if scale != 1.0 else logits
-    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
-
-
-def model_config(model: nn.Module):
-    """The transformers config of a model, also inside a DeepSpeed inference engine (whose own `.config` is
-    DeepSpeed's)."""
-    return getattr(model, "module", model).config
-
-
-def backbone_and_head(causal_lm: nn.Module) -> tuple:
-    """The transformer body and the LM head of a causal LM. For a PEFT model, `.base_model` is the LoRA wrapper, not
-    the body: unwrap it first (the LoRA layers sit inside the body, so they still apply)."""
-    model = causal_lm.get_base_model() if hasattr(causal_lm, "get_base_model") else causal_lm
-    return model.base_model, model.get_output_embeddings()
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# Speed and memory machinery: same numbers as the plain computation; `--no-length-grouping --no-chunked-logprobs`
-# runs the plain path; tests/test_ppo_helpers.py compares them
-
-
-def round_up(width: int, multiple: int) -> int:
-    return -(-width // multiple) * multiple
-
-
-def response_hidden(
-    backbone: nn.Module,
-    query_responses: torch.Tensor,
-    attention_mask: torch.Tensor,
-    context_length: int,
-    multiple: int = 1,
-) -> torch.Tensor:
-    """Final hidden states at the positions that predict the response tokens (context_length-1 ... -2).
-    Left-padding columns shared by the whole batch are trimmed first, keeping a width that is a multiple of
-    `multiple` where the padding allows; position ids count real tokens only, so trimming and padding do not change
-    the result."""
-    keep = int(first_true_indices(attention_mask.any(0, keepdim=True).bool())[0].clamp(max=context_length - 1))
-    keep = max(0, query_responses.shape[1] - round_up(query_responses.shape[1] - keep, multiple))
-    query_responses, attention_mask, context_length = (
-        query_responses[:, keep:],
-        attention_mask[:, keep:],
-        context_length - keep,
-    )
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    out = backbone(
-        input_ids=query_responses, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    )
-    return out.last_hidden_state[:, context_length - 1 : -1]
-
-
-GROUP_OVERHEAD = 32
-"""The cost of one more forward call, in token positions, for length_groups (measured: benchmark/README.md)."""
-
-
-def length_groups(lengths: list, overhead: Optional[int] = GROUP_OVERHEAD) -> list:
-    """Rows (indices) split into groups of similar length, longest first, to be forwarded one group at a time, each
-    trimmed to its own longest row: the split minimises sum over groups of (rows x longest row + overhead), the token
-    positions of the padded forwards plus a fixed cost per call. overhead None: one group, the plain padded batch."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    if overhead is None:
-        return [order]
-    best, cut = [0.0] + [math.inf] * len(order), [0] * (len(order) + 1)  # best[j]: cost of the first j rows
-    for j in range(1, len(order) + 1):
-        for i in range(j):  # last group = order[i:j], whose longest row is order[i]
-            cost = best[i] + overhead + (j - i) * lengths[order[i]]
-            if cost < best[j]:
-                best[j], cut[j] = cost, i
-    groups, j = [], len(order)
-    while j:
-        groups.append(order[cut[j] : j])
-        j = cut[j]
-    return groups[::-1]
-
-
-def grouped_response_hidden(
-    backbone: nn.Module,
-    query_responses: torch.Tensor,
-    attention_mask: torch.Tensor,
-    context_length: int,
-    needed: torch.Tensor,
-    overhead: Optional[int],
-    multiple: int = 1,
-) -> torch.Tensor:
-    """response_hidden for the first needed[i] response positions of row i, [batch, max(needed), hidden], computed
-    over length_groups: each group's columns end at its longest need (causal attention: later columns cannot change
-    earlier positions) and start at its first real token. Positions past a row's need are not meaningful (zeros or
-    computed); the caller masks them."""
-    start = first_true_indices(attention_mask.bool())
-    lengths = (context_length + needed - start).tolist()
-    width, parts, order = int(needed.max()), [], []
-    for rows in length_groups(lengths, overhead):
-        index = torch.tensor(rows, device=query_responses.device)
-        end = context_length + int(needed[index].max())
-        hidden = response_hidden(
-            backbone, query_responses[index, :end], attention_mask[index, :end], context_length, multiple
-        )
-        parts.append(F.pad(hidden, (0, 0, 0, width - hidden.shape[1])))
-        order += rows
-    return torch.cat(parts)[torch.argsort(torch.tensor(order, device=query_responses.device))]
-
-
-LOGITS_PER_CHUNK = 2**22
-"""Logits held at once by chunked log-probs (16 MB in fp32) whatever the batch; enough positions for fast matmuls."""
+# The policy and the value model: log-probs, entropy and values of the response tokens. The plain computation is one
+# forward of the padded batch, hidden = last_hidden_state[:, context_length - 1 : -1] (the positions that predict the
+# response tokens), logits = head(hidden) / temperature, values = score(hidden). rlhf_utils.speed gets the same numbers
+# with less work; `--no-length-grouping --no-chunked-logprobs` switches it off.
 
 
 def head_logprobs(
     head: nn.Module, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float, scale: float, softcap
 ) -> tuple:
-    """(log-probs of tokens, entropy) under logits = transform_logits(head(hidden), scale, softcap) / temperature; the
+    """(log-probs of tokens, entropy) under logits = transform_logits(head(hidden), scale, softcap) / temperature, the
+    model's own logits (Gemma's softcap, Granite's scaling, ...: see logit_transform) at the sampling temperature; the
     entropy is a statistic, without gradient."""
     logits = transform_logits(head(hidden).float(), scale, softcap) / (temperature + 1e-7)
     with torch.no_grad():
@@ -626,18 +508,11 @@ def response_logprobs(
     scale: float = 1.0,
     softcap: Optional[float] = None,
 ) -> tuple:
-    """head_logprobs; chunked: over chunks of positions, each recomputed in the backward pass
-    (torch.utils.checkpoint), so the [batch, response, vocab] logits and their gradient exist one chunk at a time."""
-    if not chunked:
-        return head_logprobs(head, hidden, tokens, temperature, scale, softcap)
-    rows = max(1, LOGITS_PER_CHUNK // head.weight.shape[0])
-    hidden_chunks = hidden.reshape(1, -1, hidden.shape[-1]).split(rows, dim=1)
-    chunks = [
-        torch.utils.checkpoint.checkpoint(head_logprobs, head, h, t, temperature, scale, softcap, use_reentrant=False)
-        for h, t in zip(hidden_chunks, tokens.reshape(1, -1).split(rows, dim=1))
-    ]
-    logprobs, entropy = (torch.cat(parts, 1).view(tokens.shape) for parts in zip(*chunks))
-    return logprobs, entropy
+    """head_logprobs; chunked: the same numbers over chunks of positions, so that the [batch, response, vocab] logits
+    and their gradient never exist whole."""
+    if chunked:
+        return in_position_chunks(head_logprobs, head, hidden, tokens, temperature, scale, softcap)
+    return head_logprobs(head, hidden, tokens, temperature, scale, softcap)
 
 
 def policy_logprobs(
@@ -651,8 +526,9 @@ def policy_logprobs(
     chunked: bool,
     multiple: int = 1,
 ) -> tuple:
-    """(log-probs, entropy) of the response tokens, [batch, max(needed)]. The LM head runs on response positions
-    only: a 512-token prompt costs no vocabulary-sized logits."""
+    """(log-probs, entropy) of the response tokens, [batch, max(needed)], from the final hidden states at the positions
+    that predict them (overhead None: one forward of the batch; else in length groups). The LM head runs on response
+    positions only: a 512-token prompt costs no vocabulary-sized logits."""
     backbone, head = backbone_and_head(policy)
     hidden = grouped_response_hidden(
         backbone, query_responses, attention_mask, context_length, needed, overhead, multiple
@@ -688,10 +564,11 @@ class PolicyAndValue(nn.Module):
         )
 
     def policy_forward(
-        self, query_responses, attention_mask, context_length: int, temperature: float, needed
-    ) -> tuple:
+        self, query_responses, attention_mask, context_length: int, temperature: float, needed, policy=None
+    ):
+        """(log-probs, entropy) under the trained policy, or with the same settings under another (the reference)."""
         return policy_logprobs(
-            self.policy,
+            self.policy if policy is None else policy,
             query_responses,
             attention_mask,
             context_length,
@@ -713,30 +590,6 @@ class PolicyAndValue(nn.Module):
             self.multiple,
         )
         return self.value_model.score(hidden).squeeze(-1).float()
-
-
-def forward_in_chunks(
-    forward,
-    query_responses: torch.Tensor,
-    attention_mask: torch.Tensor,
-    context_length: int,
-    sequence_lengths: torch.Tensor,
-    chunk_size: int,
-) -> list:
-    """forward(query_responses, attention_mask, context_length, needed) -> [rows, max(needed)] tensors, run on chunks of
-    chunk_size rows of the whole padded rollout batch; the outputs right-padded with 0 to the response width and
-    stacked. needed = each row's stop token + 2 (the value at sequence_length + 1 receives the score), capped at the
-    width, so a row's numbers do not depend on the chunk it was generated in. Positions past the need: the caller
-    masks them."""
-    width = query_responses.shape[1] - context_length
-    outputs = []
-    for i in range(0, len(query_responses), chunk_size):
-        needed = (sequence_lengths[i : i + chunk_size] + 2).clamp(max=width)
-        chunk = forward(
-            query_responses[i : i + chunk_size], attention_mask[i : i + chunk_size], context_length, needed
-        )
-        outputs.append([F.pad(out, (0, width - out.shape[1])) for out in chunk])
-    return [torch.cat(parts) for parts in zip(*outputs)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -840,7 +693,7 @@ def left_pad(sequences: list, pad_token_id: int, multiple: int = 1) -> tuple:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Plumbing: arguments, progress, the hub, datasets, tokenizers, random states and dropout
+# Prompts: their tokens and their order
 
 
 def prompt_token_ids(tokenizer, prompts: list) -> list:
@@ -855,70 +708,6 @@ def prompt_order(num_prompts: int, seed: int, epoch: int) -> torch.Tensor:
     """The shuffle of one pass over the prompts: a function of (seed, epoch) only, identical on every process,
     so a resumed run draws exactly the prompts the uninterrupted run would."""
     return torch.randperm(num_prompts, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-
-
-def is_dropout_setting(name: str, value) -> bool:
-    """A dropout probability among a config's or a module's attributes (attention_dropout, hidden_dropout, resid_pdrop,
-    classifier_dropout, OPT's layerdrop, ...)."""
-    return "drop" in name and isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def disable_dropout_in_config(config) -> None:
-    """Zero every dropout setting of a config and of its sub-configs (text_config, ...), before the model is built."""
-    for name, value in list(vars(config).items()):
-        if is_dropout_setting(name, value):
-            setattr(config, name, 0.0)
-        elif hasattr(value, "to_dict") and hasattr(value, "get_text_config"):
-            disable_dropout_in_config(value)
-
-
-def disable_dropout(model: nn.Module) -> None:
-    """nn.Dropout modules, and the float rates that transformers 5's attention modules keep as attributes and use in
-    train mode only (attention_dropout): any dropout makes the training log-probs differ from the rollout's."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-        for name, value in list(vars(module).items()):
-            if is_dropout_setting(name, value):
-                setattr(module, name, 0.0)
-
-
-def vocabulary_mismatch(tokenizer, embedding_rows: int, model_tokenizer=None) -> Optional[str]:
-    """Why a model with `embedding_rows` input rows (and `model_tokenizer`, the tokenizer saved with it, if any) cannot
-    read the policy tokenizer's ids, or None. Fewer rows crash mid-run on an id past them; another tokenizer of the same
-    size scores other words. The pad tokens are left out: a pad is only ever read where the attention mask is 0."""
-    if len(tokenizer) > embedding_rows:
-        return (
-            f"has {embedding_rows} embedding rows, fewer than the {len(tokenizer)} tokens of the policy's tokenizer "
-            f"(pad {tokenizer.pad_token!r} is id {tokenizer.pad_token_id})"
-        )
-    if model_tokenizer is None:
-        return None
-    ours, theirs = tokenizer.get_vocab(), model_tokenizer.get_vocab()
-    pads = {tokenizer.pad_token, model_tokenizer.pad_token}
-    differ = sorted(t for t in ours.keys() | theirs.keys() if t not in pads and ours.get(t) != theirs.get(t))
-    if differ:
-        examples = ", ".join(f"{t!r}: {ours.get(t)} vs {theirs.get(t)}" for t in differ[:3])
-        return f"was saved with another tokenizer: {len(differ)} tokens have other ids (policy vs its own: {examples})"
-    if model_tokenizer.eos_token_id is not None and model_tokenizer.eos_token_id != tokenizer.eos_token_id:
-        return (
-            f"was saved with EOS {model_tokenizer.eos_token!r} (id {model_tokenizer.eos_token_id}), the policy's "
-            f"tokenizer has {tokenizer.eos_token!r} (id {tokenizer.eos_token_id})"
-        )
-    return None
-
-
-def saved_tokenizer(path: str, trust_remote_code: bool):
-    """The tokenizer saved with a model (a local folder or a hub id), or None if it has none."""
-    from transformers import AutoTokenizer
-
-    files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in files):
-        return None
-    try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError):
-        return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1002,48 +791,31 @@ def check_model_configs(args: Args, tokenizer, prompt_kind: str) -> tuple:
             "conversational prompts need; use an instruct model's tokenizer, set "
             "tokenizer.chat_template and save it, or give the prompts as strings",
         )
-    from transformers import AutoConfig
-
     value_model_path = args.value_model_path or args.reward_model_path
     sft_config_path = args.sft_model_path
     if is_adapter_folder(args.sft_model_path):
         with open(os.path.join(args.sft_model_path, "adapter_config.json")) as f:
             sft_config_path = json.load(f)["base_model_name_or_path"]
-    contexts, reward_shift = [], 0.0
+    configs = {}
     for arg, path, config_path in (
         ("sft_model_path", args.sft_model_path, sft_config_path),
         ("reward_model_path", args.reward_model_path, args.reward_model_path),
         ("value_model_path", value_model_path, value_model_path),
     ):
-        config = AutoConfig.from_pretrained(config_path, trust_remote_code=args.trust_remote_code)
-        # A trained classifier must have one label; a plain LM (TRL's get-started uses Pythia itself) gets a new
-        # one-output head, as TRL did.
-        is_classifier = any("ForSequenceClassification" in a for a in config.architectures or [])
-        if arg != "sft_model_path" and is_classifier and config.num_labels != 1:
-            fail(
-                arg, f"{path!r} has {config.num_labels} labels; a reward/value model outputs one scalar (num_labels=1)"
-            )
-        model_tokenizer = saved_tokenizer(path, args.trust_remote_code) if path != args.model_name_or_path else None
-        problem = vocabulary_mismatch(tokenizer, config.get_text_config().vocab_size, model_tokenizer)
-        if problem:
-            fail(
-                arg,
-                f"{path!r} {problem}; every model must be trained with the tokenizer of --model-name-or-path "
-                "(sft.py and reward_modeling.py save it, adding [PAD] and resizing the embeddings if needed)",
-            )
-        contexts.append(context_length(config))
-        if arg == "sft_model_path":
-            sft_config = config
-        if arg == "reward_model_path":  # reward_modeling.py's normalisation, for architectures without a norm bias
-            reward_shift = float(getattr(config, "reward_shift", 0.0))
-    context = min((c for c in contexts if c), default=None)
+        scalar = arg != "sft_model_path"
+        configs[arg] = checked_config(
+            arg, path, config_path, tokenizer, args.model_name_or_path, args.trust_remote_code, scalar
+        )
+    # reward_modeling.py's normalisation, for architectures without a norm bias
+    reward_shift = float(getattr(configs["reward_model_path"], "reward_shift", 0.0))
+    context = min((c for c in map(context_length, configs.values()) if c), default=None)
     if context is not None and args.response_length >= context:
         fail(
             "response_length",
             f"{args.response_length} tokens leave no room for a prompt in the models' context of "
             f"{context} tokens (max_position_embeddings); lower it",
         )
-    model_type = sft_config.get_text_config().model_type
+    model_type = configs["sft_model_path"].get_text_config().model_type
     if model_type in UNSUPPORTED_LOGIT_TRANSFORMS:
         fail(
             "sft_model_path",
@@ -1165,21 +937,6 @@ def prepare_output_dir(args: Args, resume_state: Optional[dict], main_process: b
     return metrics_path
 
 
-def load_model(cls, path: str, tokenizer, trust_remote_code: bool) -> nn.Module:
-    """A model with dropout off (it would make the rollout and training log-probs disagree); a sequence classifier
-    gets one label."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    disable_dropout_in_config(config)
-    if cls is AutoModelForSequenceClassification:
-        config.num_labels, config.id2label, config.label2id = 1, {0: "LABEL_0"}, {"LABEL_0": 0}
-        config.pad_token_id = tokenizer.pad_token_id
-    model = cls.from_pretrained(path, config=config, trust_remote_code=trust_remote_code)
-    disable_dropout(model)
-    return model
-
-
 def load_policy(args: Args, tokenizer, resume_dir: Optional[str]) -> tuple:
     """(policy, frozen reference or None, the base model's path). A resumed run takes the trained policy (or
     adapter) from the checkpoint. LoRA: the base weights are frozen and shared with the reference, which is the
@@ -1216,13 +973,6 @@ def load_policy(args: Args, tokenizer, resume_dir: Optional[str]) -> tuple:
         policy.load_adapter(args.sft_model_path, adapter_name=args.ref_adapter_name, is_trainable=False)
         policy.set_adapter(adapter_name)
     return policy, None, base_path
-
-
-def num_params(m: Optional[nn.Module], trainable: bool = False) -> int:
-    """ZeRO-3 may already hold only a shard of each parameter: full sizes are counted."""
-    if m is None:
-        return 0
-    return sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters() if p.requires_grad or not trainable)
 
 
 def parameter_counts(args: Args, policy, value_model, reward_model, ref_policy) -> str:
@@ -1326,45 +1076,15 @@ def reference_policy(run: Run):
 
 @torch.no_grad()
 def reference_logprobs(run: Run, query_responses, attention_mask, context_length: int, temperature: float, needed):
-    u = run.unwrapped
+    inputs = (query_responses, attention_mask, context_length, temperature, needed)
     with reference_policy(run) as ref:
-        return policy_logprobs(
-            ref,
-            query_responses,
-            attention_mask,
-            context_length,
-            temperature,
-            needed,
-            u.overhead,
-            u.chunked,
-            u.multiple,
-        )[0]
-
-
-@contextlib.contextmanager
-def generation_weights(run: Run):
-    """ZeRO-3: gather the policy's shards (not the value model's) once per generation, and lift DeepSpeed's
-    per-module hooks meanwhile: they would partition the gathered weights again after every layer and all-gather
-    them at every token (as deepspeed.runtime.zero.unwrap_model_for_generation does, for the policy only)."""
-    if run.zero_stage != 3 or not run.args.ds3_gather_for_generation:
-        yield
-        return
-    import deepspeed
-
-    hooks = run.model.optimizer.parameter_offload  # owns ZeRO-3's fetch/release hooks of the trained modules
-    with deepspeed.zero.GatheredParameters(list(run.unwrapped.policy.parameters())):
-        for hook in hooks.forward_hooks + hooks.backward_hooks:
-            hook.remove()
-        hooks.forward_hooks, hooks.backward_hooks = [], []
-        try:
-            yield
-        finally:
-            hooks._register_deepspeed_module(hooks.module)
+        return run.unwrapped.policy_forward(*inputs, policy=ref)[0]
 
 
 @torch.no_grad()
 def generate_responses(run: Run, queries, query_mask, temperature: float) -> torch.Tensor:
-    with autocast(run), generation_weights(run):
+    gather = run.zero_stage == 3 and run.args.ds3_gather_for_generation  # whole weights once, not at every token
+    with autocast(run), gathered_for_generation(run.model, run.unwrapped.policy, gather):
         return generate(
             run.unwrapped.policy,
             queries,
@@ -1796,14 +1516,12 @@ if __name__ == "__main__":
         metrics_path=metrics_path,
     )
     pad_id = tokenizer.pad_token_id
-    batch_size, local_batch_size, local_mini_batch_size = b.batch_size, b.local_batch_size, b.local_mini_batch_size
-    micro_per_mini, num_total_batches = b.micro_per_mini, b.num_total_batches
     accelerator.print(
-        f"{len(train_ids)} train / {len(eval_ids)} eval prompts; {num_total_batches} updates of "
-        f"{batch_size} episodes ({b.world_size} processes x {local_batch_size})"
+        f"{len(train_ids)} train / {len(eval_ids)} eval prompts; {b.num_total_batches} updates of "
+        f"{b.batch_size} episodes ({b.world_size} processes x {b.local_batch_size})"
     )
 
-    sample_every = max(num_total_batches // args.num_sample_generations, 1) if args.num_sample_generations else 0
+    sample_every = max(b.num_total_batches // args.num_sample_generations, 1) if args.num_sample_generations else 0
     global_episode, optimizer_steps, first_update = 0, 0, 1
     if resume_state is not None:
         global_episode, optimizer_steps, first_update = resume_training(
@@ -1811,12 +1529,14 @@ if __name__ == "__main__":
         )
         accelerator.print(f"resumed from {resume_dir}: continuing at update {first_update}, episode {global_episode}")
     start_time, start_episode = time.time(), global_episode
-    bar = progress_bar(num_total_batches * batch_size, "episode", accelerator.is_main_process, initial=global_episode)
+    bar = progress_bar(
+        b.num_total_batches * b.batch_size, "episode", accelerator.is_main_process, initial=global_episode
+    )
     say = bar.write if bar is not None else accelerator.print  # printed lines stay above the bar
-    for update in range(first_update, num_total_batches + 1):
+    for update in range(first_update, b.num_total_batches + 1):
         prompts = prompts_for_update(train_ids, update, args.seed, b, accelerator.process_index)
-        global_episode += batch_size
-        timer = {"generation": 0.0, "rollout_forward": 0.0, "training": 0.0}
+        global_episode += b.batch_size
+        timer = Timer(generation=0.0, rollout_forward=0.0, training=0.0)
         update_start = time.time()
 
         # ALGO LOGIC: rollout. Steps 1-5 of the recipe, in chunks of local_rollout_forward_batch_size.
@@ -1825,17 +1545,14 @@ if __name__ == "__main__":
         responses, scores, sequence_lengths, postprocessed = [], [], [], []
         model.eval()
         with torch.no_grad():
-            for i in range(0, local_batch_size, args.local_rollout_forward_batch_size):
+            for i in range(0, b.local_batch_size, args.local_rollout_forward_batch_size):
                 q = queries[i : i + args.local_rollout_forward_batch_size]
                 qm = query_mask[i : i + args.local_rollout_forward_batch_size]
-                t0 = time.time()
-                r = generate_responses(run, q, qm, args.temperature)
-                timer["generation"] += time.time() - t0
-                t0 = time.time()
-                responses.append(r)
-                pp, sl, s = rollout_scores(run, q, qm, r)
-                postprocessed.append(pp), sequence_lengths.append(sl), scores.append(s)
-                timer["rollout_forward"] += time.time() - t0
+                with timer("generation"):
+                    r = generate_responses(run, q, qm, args.temperature)
+                with timer("rollout_forward"):
+                    pp, sl, s = rollout_scores(run, q, qm, r)
+                responses.append(r), postprocessed.append(pp), sequence_lengths.append(sl), scores.append(s)
             width = max(r.shape[1] for r in responses)
             responses = right_pad_cat(responses, width, pad_id)
             postprocessed = right_pad_cat(postprocessed, width, pad_id)
@@ -1845,16 +1562,15 @@ if __name__ == "__main__":
             # The old log-probs come from the same forward the training uses (not from generation scores), so the
             # first PPO mini-batch has ratio 1; the values come from that same call. They run on the padded batch:
             # a row that stopped in its chunk's last column still gets its value at sequence_length + 1.
-            t0 = time.time()
-            logprobs, ref_logprobs, values = forward_in_chunks(
-                functools.partial(rollout_forward, run),
-                query_responses,
-                attention_mask,
-                context_length,
-                sequence_lengths,
-                args.local_rollout_forward_batch_size,
-            )
-            timer["rollout_forward"] += time.time() - t0
+            with timer("rollout_forward"):
+                logprobs, ref_logprobs, values = forward_in_chunks(
+                    functools.partial(rollout_forward, run),
+                    query_responses,
+                    attention_mask,
+                    context_length,
+                    sequence_lengths,
+                    args.local_rollout_forward_batch_size,
+                )
 
             # Step 6, the EOS trick: responses that never produced the stop token lose missing_eos_penalty.
             contains_stop = (postprocessed == eos_check_id).any(1)
@@ -1881,91 +1597,85 @@ if __name__ == "__main__":
             advantages = gae_advantages(rewards, values, args.gamma, args.lam)
             returns = advantages + values
             advantages = masked_whiten(advantages, ~padding_mask).masked_fill(padding_mask, 0.0)
-            if not (torch.isfinite(scores).all() and torch.isfinite(advantages).all()):
-                sys.exit(
-                    f"error: non-finite reward or advantage at update {update}; the run stops here "
-                    "(lower --learning-rate, or check the reward model)"
-                )
+            advice = " (lower --learning-rate, or check the reward model)"
+            stop_if_not_finite("reward or advantage", [scores, advantages], f"update {update}", advice)
 
         # ALGO LOGIC: PPO epochs. Step 10: one optimizer step per mini-batch, whatever num_mini_batches is.
-        t0 = time.time()
+        training_start = time.time()
         model.train()
         # Sums over valid tokens of each statistic (the weights of the token-weighted averages logged below).
         stats = {k: torch.zeros((), device=device, dtype=torch.float64) for k in PPO_STATS}
         micro_ratio_means = []  # for val/ratio_var, TRL's: the variance of the per-micro-batch mean ratios
-        for ppo_epoch in range(args.num_ppo_epochs):
-            permutation = torch.from_numpy(np.random.permutation(local_batch_size)).to(device)
-            for mb_start in range(0, local_batch_size, local_mini_batch_size):
-                mini = permutation[mb_start : mb_start + local_mini_batch_size]
-                # Gradient = token sum / valid tokens of the whole mini-batch: the split into micro-batches does not
-                # change it (TRL averaged per-micro-batch means instead). accelerate (or DeepSpeed) divides each
-                # micro-batch loss by micro_per_mini, so the token sums are divided by the mean count per micro-batch.
-                n_pg = (~padding_mask[mini]).sum().clamp(min=1) / micro_per_mini
-                n_vf = (~padding_mask_p1[mini]).sum().clamp(min=1) / micro_per_mini
-                for mc_start in range(0, local_mini_batch_size, args.per_device_train_batch_size):
-                    micro = mini[mc_start : mc_start + args.per_device_train_batch_size]
-                    # Response columns past every row's stop token + 1 are masked everywhere: not computed at all.
-                    needed = (sequence_lengths[micro] + 2).clamp(max=width)
-                    n = int(needed.max())
-                    valid_pg, valid_vf = ~padding_mask[micro, :n], ~padding_mask_p1[micro, :n]
-                    old_logprobs, old_values = logprobs[micro, :n], values[micro, :n]
-                    mb_advantages, mb_returns = advantages[micro, :n], returns[micro, :n]
-                    # Gradients are all-reduced (DDP) or reduce-scattered (ZeRO) on the mini-batch's last micro-batch;
-                    # the DeepSpeed engine takes its optimizer step inside that backward.
-                    with accelerator.accumulate(model):
-                        mb_query_responses = query_responses[micro, : context_length + n]
-                        mb_attention_mask = attention_mask[micro, : context_length + n]
-                        with autocast(run):
-                            new_logprobs, entropy, vpred = model(
-                                mb_query_responses, mb_attention_mask, context_length, args.temperature, needed
-                            )
-                        new_logprobs = new_logprobs.masked_fill(~valid_pg, INVALID_LOGPROB)
-                        logratio = new_logprobs - old_logprobs
-                        ratio = torch.exp(logratio)
-                        pg_unclipped = -mb_advantages * ratio
-                        pg_clipped = -mb_advantages * ratio.clamp(1 - args.cliprange, 1 + args.cliprange)
-                        pg_losses = torch.max(pg_unclipped, pg_clipped)
-                        vpred = vpred.masked_fill(~valid_vf, 0.0)
-                        vpred_clipped = old_values + (vpred - old_values).clamp(
-                            -args.cliprange_value, args.cliprange_value
+        # Each epoch passes over a fresh random permutation of the rollouts, split into mini-batches.
+        permutations = [np.random.permutation(b.local_batch_size) for _ in range(args.num_ppo_epochs)]
+        mini_batches = [
+            (ppo_epoch, mini)
+            for ppo_epoch, permutation in enumerate(permutations)
+            for mini in torch.from_numpy(permutation).to(device).split(b.local_mini_batch_size)
+        ]
+        for ppo_epoch, mini in mini_batches:
+            # Gradient = token sum / valid tokens of the whole mini-batch: the split into micro-batches does not
+            # change it (TRL averaged per-micro-batch means instead). accelerate (or DeepSpeed) divides each
+            # micro-batch loss by micro_per_mini, so the token sums are divided by the mean count per micro-batch.
+            n_pg = (~padding_mask[mini]).sum().clamp(min=1) / b.micro_per_mini
+            n_vf = (~padding_mask_p1[mini]).sum().clamp(min=1) / b.micro_per_mini
+            for micro in mini.split(args.per_device_train_batch_size):
+                # Response columns past every row's stop token + 1 are masked everywhere: not computed at all.
+                needed = (sequence_lengths[micro] + 2).clamp(max=width)
+                n = int(needed.max())
+                valid_pg, valid_vf = ~padding_mask[micro, :n], ~padding_mask_p1[micro, :n]
+                old_logprobs, old_values = logprobs[micro, :n], values[micro, :n]
+                mb_advantages, mb_returns = advantages[micro, :n], returns[micro, :n]
+                # Gradients are all-reduced (DDP) or reduce-scattered (ZeRO) on the mini-batch's last micro-batch;
+                # the DeepSpeed engine takes its optimizer step inside that backward.
+                with accelerator.accumulate(model):
+                    mb_query_responses = query_responses[micro, : context_length + n]
+                    mb_attention_mask = attention_mask[micro, : context_length + n]
+                    with autocast(run):
+                        new_logprobs, entropy, vpred = model(
+                            mb_query_responses, mb_attention_mask, context_length, args.temperature, needed
                         )
-                        vf_unclipped = (vpred - mb_returns) ** 2
-                        vf_losses = torch.max(vf_unclipped, (vpred_clipped - mb_returns) ** 2)
-                        pg_loss = (pg_losses * valid_pg).sum() / n_pg
-                        vf_loss = 0.5 * (vf_losses * valid_vf).sum() / n_vf
-                        loss = pg_loss + args.vf_coef * vf_loss
-                        accelerator.backward(loss)
-                    with torch.no_grad():
-                        vp, vv = valid_pg.double(), valid_vf.double()
-                        stats["approxkl"] += (0.5 * logratio**2 * vp).sum()
-                        stats["pg_clipfrac"] += ((pg_losses > pg_unclipped).double() * vp).sum()
-                        stats["pg_loss"] += (pg_losses * vp).sum()
-                        stats["vf_loss"] += (0.5 * vf_losses * vv).sum()
-                        stats["vf_clipfrac"] += ((vf_losses > vf_unclipped).double() * vv).sum()
-                        stats["entropy"] += (entropy * vp).sum()
-                        stats["ratio"] += (ratio * vp).sum()
-                        stats["ratio_squared"] += (ratio**2 * vp).sum()
-                        stats["pg_tokens"] += vp.sum()
-                        stats["vf_tokens"] += vv.sum()
-                        micro_ratio_means.append((ratio * vp).sum() / vp.sum().clamp(min=1))
-                if not torch.isfinite(loss):
-                    sys.exit(
-                        f"error: non-finite loss at update {update}, PPO epoch {ppo_epoch}; the run stops here "
-                        "(lower --learning-rate)"
+                    new_logprobs = new_logprobs.masked_fill(~valid_pg, INVALID_LOGPROB)
+                    logratio = new_logprobs - old_logprobs
+                    ratio = torch.exp(logratio)
+                    pg_unclipped = -mb_advantages * ratio
+                    pg_clipped = -mb_advantages * ratio.clamp(1 - args.cliprange, 1 + args.cliprange)
+                    pg_losses = torch.max(pg_unclipped, pg_clipped)
+                    vpred = vpred.masked_fill(~valid_vf, 0.0)
+                    vpred_clipped = old_values + (vpred - old_values).clamp(
+                        -args.cliprange_value, args.cliprange_value
                     )
-                grad_norm = accelerator.clip_grad_norm_(  # DeepSpeed: its norm; an infinite max only measures
-                    model.parameters(), math.inf if args.max_grad_norm is None else args.max_grad_norm
-                )
-                if not math.isfinite(float(grad_norm)):
-                    sys.exit(
-                        f"error: non-finite gradient norm at update {update}, PPO epoch {ppo_epoch}; the run "
-                        "stops here, so the last checkpoint is intact (lower --learning-rate)"
-                    )
-                optimizer.step()
-                optimizer.zero_grad()
-                # Under DeepSpeed, count the engine's own steps: a mismatch with the mini-batches would show here.
-                optimizer_steps = model.global_steps if is_deepspeed else optimizer_steps + 1
-        timer["training"] = time.time() - t0
+                    vf_unclipped = (vpred - mb_returns) ** 2
+                    vf_losses = torch.max(vf_unclipped, (vpred_clipped - mb_returns) ** 2)
+                    pg_loss = (pg_losses * valid_pg).sum() / n_pg
+                    vf_loss = 0.5 * (vf_losses * valid_vf).sum() / n_vf
+                    loss = pg_loss + args.vf_coef * vf_loss
+                    accelerator.backward(loss)
+                with torch.no_grad():
+                    vp, vv = valid_pg.double(), valid_vf.double()
+                    stats["approxkl"] += (0.5 * logratio**2 * vp).sum()
+                    stats["pg_clipfrac"] += ((pg_losses > pg_unclipped).double() * vp).sum()
+                    stats["pg_loss"] += (pg_losses * vp).sum()
+                    stats["vf_loss"] += (0.5 * vf_losses * vv).sum()
+                    stats["vf_clipfrac"] += ((vf_losses > vf_unclipped).double() * vv).sum()
+                    stats["entropy"] += (entropy * vp).sum()
+                    stats["ratio"] += (ratio * vp).sum()
+                    stats["ratio_squared"] += (ratio**2 * vp).sum()
+                    stats["pg_tokens"] += vp.sum()
+                    stats["vf_tokens"] += vv.sum()
+                    micro_ratio_means.append((ratio * vp).sum() / vp.sum().clamp(min=1))
+            where = f"update {update}, PPO epoch {ppo_epoch}"
+            stop_if_not_finite("loss", [loss], where, " (lower --learning-rate)")
+            grad_norm = accelerator.clip_grad_norm_(  # DeepSpeed: its norm; an infinite max only measures
+                model.parameters(), math.inf if args.max_grad_norm is None else args.max_grad_norm
+            )
+            advice = ", so the last checkpoint is intact (lower --learning-rate)"
+            stop_if_not_finite("gradient norm", [grad_norm], where, advice)
+            optimizer.step()
+            optimizer.zero_grad()
+            # Under DeepSpeed, count the engine's own steps: a mismatch with the mini-batches would show here.
+            optimizer_steps = model.global_steps if is_deepspeed else optimizer_steps + 1
+        timer["training"] = time.time() - training_start
 
         # TRY NOT TO MODIFY: logging. Step 11. Token-weighted averages, gathered over processes.
         with torch.no_grad():
@@ -1984,7 +1694,7 @@ if __name__ == "__main__":
             num_eos = accelerator.reduce(contains_stop.sum().double(), "sum")
             micro_ratio_means = accelerator.gather(torch.stack(micro_ratio_means))
             ratio_var = micro_ratio_means.var() if len(micro_ratio_means) > 1 else torch.zeros((), device=device)
-        if update % args.logging_steps == 0 or update == num_total_batches:
+        if update % args.logging_steps == 0 or update == b.num_total_batches:
             row = {
                 "eps": int((global_episode - start_episode) / (time.time() - start_time)),
                 "objective/kl": objective["kl"].item(),
@@ -2012,19 +1722,19 @@ if __name__ == "__main__":
             }
             log(run, row)
             say(
-                f"update {update}/{num_total_batches} episode {global_episode} "
+                f"update {update}/{b.num_total_batches} episode {global_episode} "
                 f"scores {row['objective/scores']:.3f} kl {row['objective/kl']:.3f} "
                 f"ratio {row['val/ratio']:.4f} eps {row['eps']}"
             )
         scheduler.step()
         if bar is not None:
-            bar.update(batch_size)
+            bar.update(b.batch_size)
 
-        if args.eval_strategy == "steps" and (update % args.eval_steps == 0 or update == num_total_batches):
+        if args.eval_strategy == "steps" and (update % args.eval_steps == 0 or update == b.num_total_batches):
             metrics, _ = evaluate(run, eval_ids)
             log(run, {**metrics, "episode": global_episode, "update": update})
             say(f"eval after update {update}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-        if sample_every and (update % sample_every == 0 or update == num_total_batches):
+        if sample_every and (update % sample_every == 0 or update == b.num_total_batches):
             _, rows = evaluate(run, eval_ids[: 8 * accelerator.num_processes])
             print_samples(run, rows, update)
         stop = stop_requested(accelerator)

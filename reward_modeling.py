@@ -52,7 +52,7 @@ from rlhf_utils.data import (
     require_assistant,
     tokenize_conversation,
 )
-from rlhf_utils.models import add_pad_token, context_length
+from rlhf_utils.models import add_pad_token, context_length, disable_dropout, disable_dropout_in_config
 
 
 @dataclass
@@ -526,9 +526,7 @@ def load_reward_model(args: Args, config, tokenizer, resume_dir: Optional[str], 
     resumed run takes the trained weights, head included, from the checkpoint."""
     from transformers import AutoModelForSequenceClassification
 
-    for key in ("hidden_dropout", "attention_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
-        if hasattr(config, key):
-            setattr(config, key, 0.0)
+    disable_dropout_in_config(config)
     config.num_labels, config.id2label, config.label2id = 1, {0: "LABEL_0"}, {"LABEL_0": 0}
     config.pad_token_id = tokenizer.pad_token_id
     # A new [PAD] past the embedding rows (Llama-3, Mistral: no spare rows) resizes them after loading, the new rows
@@ -542,6 +540,7 @@ def load_reward_model(args: Args, config, tokenizer, resume_dir: Optional[str], 
         config=config,
         trust_remote_code=args.trust_remote_code,
     )
+    disable_dropout(model)  # what the config does not reach: rates kept as module attributes
     if resize and not resume_dir:
         model.resize_token_embeddings(len(tokenizer))
         accelerator.print(f"resized the embeddings from {embedding_rows} to {len(tokenizer)} rows for the tokenizer")

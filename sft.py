@@ -39,7 +39,7 @@ from rlhf_utils.data import (
     require_assistant,
     tokenize_conversation,
 )
-from rlhf_utils.models import add_pad_token, context_length
+from rlhf_utils.models import add_pad_token, context_length, disable_dropout, disable_dropout_in_config
 
 
 @dataclass
@@ -470,9 +470,7 @@ def load_model(args: Args, tokenizer, embedding_rows: int, resume_dir: Optional[
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
-    for key in ("hidden_dropout", "attention_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
-        if hasattr(config, key):
-            setattr(config, key, 0.0)
+    disable_dropout_in_config(config)
     resize = (
         len(tokenizer) > embedding_rows
     )  # for the new [PAD]: rows for every token id, the new ones mean-initialised
@@ -484,6 +482,7 @@ def load_model(args: Args, tokenizer, embedding_rows: int, resume_dir: Optional[
         config=config,
         trust_remote_code=args.trust_remote_code,
     )
+    disable_dropout(model)  # what the config does not reach: rates kept as module attributes
     if resize and not resume_dir:
         model.resize_token_embeddings(len(tokenizer))
         accelerator.print(f"resized the embeddings from {embedding_rows} to {len(tokenizer)} rows for the tokenizer")

@@ -1,6 +1,13 @@
-"""Tokenizer and model checks shared by every script."""
+"""Tokenizer and model plumbing shared by the scripts: pad tokens, context lengths, dropout off, loading, parameter
+counts, the logit transforms of architectures whose forward changes head(hidden), and the checks that every model
+reads the policy tokenizer's ids."""
 
+import contextlib
+import os
 from typing import Optional
+
+import torch
+import torch.nn as nn
 
 
 def add_pad_token(tokenizer) -> Optional[str]:
@@ -26,3 +33,186 @@ def context_length(config) -> Optional[int]:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def is_adapter_folder(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "adapter_config.json"))
+
+
+def is_dropout_setting(name: str, value) -> bool:
+    """A dropout probability among a config's or a module's attributes (attention_dropout, hidden_dropout, resid_pdrop,
+    classifier_dropout, OPT's layerdrop, ...)."""
+    return "drop" in name and isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def disable_dropout_in_config(config) -> None:
+    """Zero every dropout setting of a config and of its sub-configs (text_config, ...), before the model is built."""
+    for name, value in list(vars(config).items()):
+        if is_dropout_setting(name, value):
+            setattr(config, name, 0.0)
+        elif hasattr(value, "to_dict") and hasattr(value, "get_text_config"):
+            disable_dropout_in_config(value)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """nn.Dropout modules, and the float rates that transformers 5's attention modules keep as attributes and use in
+    train mode only (attention_dropout): any dropout makes the training log-probs differ from the rollout's."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if is_dropout_setting(name, value):
+                setattr(module, name, 0.0)
+
+
+def load_model(cls, path: str, tokenizer, trust_remote_code: bool) -> nn.Module:
+    """A model with dropout off (it would make the rollout and training log-probs disagree); a sequence classifier
+    gets one label."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    disable_dropout_in_config(config)
+    if cls is AutoModelForSequenceClassification:
+        config.num_labels, config.id2label, config.label2id = 1, {0: "LABEL_0"}, {"LABEL_0": 0}
+        config.pad_token_id = tokenizer.pad_token_id
+    model = cls.from_pretrained(path, config=config, trust_remote_code=trust_remote_code)
+    disable_dropout(model)
+    return model
+
+
+def num_params(m: Optional[nn.Module], trainable: bool = False) -> int:
+    """ZeRO-3 may already hold only a shard of each parameter: full sizes are counted."""
+    if m is None:
+        return 0
+    return sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters() if p.requires_grad or not trainable)
+
+
+def logit_transform(config) -> tuple:
+    """(scale, softcap): what the causal LM's own forward does to head(hidden) before it returns the logits,
+    logits = softcap * tanh(scale * x / softcap) (scale * x without softcap). Gemma-2/3 cap the logits with tanh,
+    Granite divides them by logits_scaling, Cohere multiplies them by logit_scale (MiniCPM3, HyperCLOVA X and Falcon-H1
+    scale them too); skipping this would sample, score and KL-penalise another distribution than the model's."""
+    text = config.get_text_config()
+    model_type = getattr(text, "model_type", None) or ""
+    scale = 1.0
+    if model_type.startswith("granite") or model_type == "minicpm3":  # MiniCPM3 divides the hidden states instead
+        scale = 1.0 / text.logits_scaling
+    elif model_type.startswith("cohere"):
+        scale = text.logit_scale
+    elif model_type == "hyperclovax":
+        scale = text.logits_scaling
+    elif model_type == "falcon_h1":
+        scale = text.lm_head_multiplier
+    return scale, getattr(text, "final_logit_softcapping", None)
+
+
+UNSUPPORTED_LOGIT_TRANSFORMS = ("inkling", "recurrent_gemma")
+"""Model types whose forward changes the logits in a way logit_transform does not reproduce (from transformers 5.23's
+modelling code: Inkling divides by logits_mup_width_multiplier, RecurrentGemma caps with logits_soft_cap; neither is
+tested here); the scripts refuse them before loading weights rather than train on another distribution."""
+
+
+def transform_logits(logits: torch.Tensor, scale: float, softcap: Optional[float]) -> torch.Tensor:
+    """The model's own logits from head(hidden) (see logit_transform)."""
+    logits = logits * scale if scale != 1.0 else logits
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
+
+
+def model_config(model: nn.Module):
+    """The transformers config of a model, also inside a DeepSpeed inference engine (whose own `.config` is
+    DeepSpeed's)."""
+    return getattr(model, "module", model).config
+
+
+def backbone_and_head(causal_lm: nn.Module) -> tuple:
+    """The transformer body and the LM head of a causal LM. For a PEFT model, `.base_model` is the LoRA wrapper, not
+    the body: unwrap it first (the LoRA layers sit inside the body, so they still apply)."""
+    model = causal_lm.get_base_model() if hasattr(causal_lm, "get_base_model") else causal_lm
+    return model.base_model, model.get_output_embeddings()
+
+
+def saved_tokenizer(path: str, trust_remote_code: bool):
+    """The tokenizer saved with a model (a local folder or a hub id), or None if it has none."""
+    from transformers import AutoTokenizer
+
+    files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in files):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return None
+
+
+def vocabulary_mismatch(tokenizer, embedding_rows: int, model_tokenizer=None) -> Optional[str]:
+    """Why a model with `embedding_rows` input rows (and `model_tokenizer`, the tokenizer saved with it, if any) cannot
+    read the policy tokenizer's ids, or None. Fewer rows crash mid-run on an id past them; another tokenizer of the same
+    size scores other words. The pad tokens are left out: a pad is only ever read where the attention mask is 0."""
+    if len(tokenizer) > embedding_rows:
+        return (
+            f"has {embedding_rows} embedding rows, fewer than the {len(tokenizer)} tokens of the policy's tokenizer "
+            f"(pad {tokenizer.pad_token!r} is id {tokenizer.pad_token_id})"
+        )
+    if model_tokenizer is None:
+        return None
+    ours, theirs = tokenizer.get_vocab(), model_tokenizer.get_vocab()
+    pads = {tokenizer.pad_token, model_tokenizer.pad_token}
+    differ = sorted(t for t in ours.keys() | theirs.keys() if t not in pads and ours.get(t) != theirs.get(t))
+    if differ:
+        examples = ", ".join(f"{t!r}: {ours.get(t)} vs {theirs.get(t)}" for t in differ[:3])
+        return f"was saved with another tokenizer: {len(differ)} tokens have other ids (policy vs its own: {examples})"
+    if model_tokenizer.eos_token_id is not None and model_tokenizer.eos_token_id != tokenizer.eos_token_id:
+        return (
+            f"was saved with EOS {model_tokenizer.eos_token!r} (id {model_tokenizer.eos_token_id}), the policy's "
+            f"tokenizer has {tokenizer.eos_token!r} (id {tokenizer.eos_token_id})"
+        )
+    return None
+
+
+def checked_config(
+    arg: str, path: str, config_path: str, tokenizer, tokenizer_path: str, trust_remote_code: bool, scalar: bool
+):
+    """The config at config_path (for a LoRA adapter folder: its base model's) of the model given as --arg path,
+    checked before any weights load: a trained classifier that must output a scalar (a reward or value model) has one
+    label, and the model reads the policy tokenizer's ids (a model saved at tokenizer_path, where that tokenizer comes
+    from, is not compared with itself)."""
+    from transformers import AutoConfig
+
+    from rlhf_utils.cli import fail
+
+    config = AutoConfig.from_pretrained(config_path, trust_remote_code=trust_remote_code)
+    # A trained classifier must have one label; a plain LM (TRL's get-started uses Pythia itself) gets a new
+    # one-output head, as TRL did.
+    is_classifier = any("ForSequenceClassification" in a for a in config.architectures or [])
+    if scalar and is_classifier and config.num_labels != 1:
+        fail(arg, f"{path!r} has {config.num_labels} labels; a reward/value model outputs one scalar (num_labels=1)")
+    model_tokenizer = saved_tokenizer(path, trust_remote_code) if path != tokenizer_path else None
+    problem = vocabulary_mismatch(tokenizer, config.get_text_config().vocab_size, model_tokenizer)
+    if problem:
+        fail(
+            arg,
+            f"{path!r} {problem}; every model must be trained with the tokenizer of --model-name-or-path "
+            "(sft.py and reward_modeling.py save it, adding [PAD] and resizing the embeddings if needed)",
+        )
+    return config
+
+
+@contextlib.contextmanager
+def gathered_for_generation(engine, module: nn.Module, gather: bool):
+    """With gather (ZeRO-3): gather module's shards (not the rest of the engine's) once per generation, and lift
+    DeepSpeed's per-module hooks meanwhile: they would partition the gathered weights again after every layer and
+    all-gather them at every token (as deepspeed.runtime.zero.unwrap_model_for_generation does, for module only)."""
+    if not gather:
+        yield
+        return
+    import deepspeed
+
+    hooks = engine.optimizer.parameter_offload  # owns ZeRO-3's fetch/release hooks of the trained modules
+    with deepspeed.zero.GatheredParameters(list(module.parameters())):
+        for hook in hooks.forward_hooks + hooks.backward_hooks:
+            hook.remove()
+        hooks.forward_hooks, hooks.backward_hooks = [], []
+        try:
+            yield
+        finally:
+            hooks._register_deepspeed_module(hooks.module)

@@ -1,10 +1,13 @@
-"""The life of a run: stopping on signals at an update's end, ending processes cleanly, progress, W&B rows."""
+"""The life of a run: stopping on signals at an update's end, ending processes cleanly, progress, W&B rows, timers
+and the stop on non-finite numbers."""
 
 import atexit
+import contextlib
 import os
 import shutil
 import signal
 import sys
+import time
 from typing import Optional
 
 import torch
@@ -78,3 +81,22 @@ def wandb_row(row: dict) -> dict:
     train/global_step (every chart's x-axis, defined at wandb.init). metrics.jsonl keeps the short names."""
     names = {"lr": "train/learning_rate", "epoch": "train/epoch", "step": "train/global_step"}
     return {names.get(k, k if k.startswith(("train/", "eval/")) else "train/" + k): v for k, v in row.items()}
+
+
+class Timer(dict):
+    """Seconds per named phase of an update, summed over its blocks: `with timer("generation"): ...`."""
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = time.time()
+        try:
+            yield
+        finally:
+            self[name] = self.get(name, 0.0) + time.time() - start
+
+
+def stop_if_not_finite(what: str, values: list, where: str, advice: str) -> None:
+    """Stop the run when any of values (tensors or numbers) is inf or nan: one such number spreads to every weight at
+    the next optimizer step, so stopping first keeps the last checkpoint usable."""
+    if not all(torch.isfinite(torch.as_tensor(v)).all() for v in values):
+        sys.exit(f"error: non-finite {what} at {where}; the run stops here{advice}")

@@ -11,6 +11,8 @@ from helpers import ROOT  # noqa: F401  (puts the repository root on sys.path)
 from tiny_archs import ARCHITECTURES, MATRIX, tiny_config
 
 import ppo_rlhf  # noqa: E402
+from rlhf_utils import models  # noqa: E402
+from rlhf_utils import speed  # noqa: E402
 
 VOCAB, PAD, EOS, T = 97, 1, 0, 0.7
 # Three more architectures whose forward scales the logits, built here (tiny_archs holds the matrix of every test).
@@ -55,10 +57,10 @@ def build(case: str, seed: int = 0):
         )
     else:
         config = tiny_config(arch, VOCAB, bos_token_id=EOS, eos_token_id=EOS, pad_token_id=PAD, **extra)
-    ppo_rlhf.disable_dropout_in_config(config)
+    models.disable_dropout_in_config(config)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
-    ppo_rlhf.disable_dropout(model)
+    models.disable_dropout(model)
     # Logits of a few units (random init gives near-zero ones): a skipped transform shows, and no distribution is
     # saturated to one token, where every transform gives the same probabilities.
     # The head gets a weight of its own (tied ones would make each input token's own logit dominate).
@@ -86,11 +88,11 @@ def own_logprobs(model, ids, temperature=T):
 
 def test_the_cases_have_the_transforms_they_are_meant_to_test():
     scales = {
-        case: ppo_rlhf.logit_transform(tiny_config(case, VOCAB)) for case in ("gemma2", "gemma3", "granite", "cohere")
+        case: models.logit_transform(tiny_config(case, VOCAB)) for case in ("gemma2", "gemma3", "granite", "cohere")
     }
     assert scales == {"gemma2": (1.0, 30.0), "gemma3": (1.0, 30.0), "granite": (0.25, None), "cohere": (0.25, None)}
-    assert ppo_rlhf.logit_transform(tiny_config("llama", VOCAB)) == (1.0, None)
-    assert all(ppo_rlhf.logit_transform(build(case).config) == (0.25, None) for case in MORE)
+    assert models.logit_transform(tiny_config("llama", VOCAB)) == (1.0, None)
+    assert all(models.logit_transform(build(case).config) == (0.25, None) for case in MORE)
     assert set(MATRIX) | {"granite", "cohere"} == set(ARCHITECTURES)
 
 
@@ -105,7 +107,7 @@ def test_training_and_rollout_logprobs_are_the_models_own(case):
     seqs, mask = torch.cat([q_ids, responses], 1), torch.cat([q_mask, torch.ones_like(responses)], 1)
     needed = torch.tensor([6, 3, 5, 6])
     results = {}
-    for overhead in (None, ppo_rlhf.GROUP_OVERHEAD, 0):
+    for overhead in (None, speed.GROUP_OVERHEAD, 0):
         for chunked in (False, True):
             for train in (False, True):
                 model.train(train)
@@ -124,7 +126,7 @@ def test_training_and_rollout_logprobs_are_the_models_own(case):
             torch.testing.assert_close(
                 entropy[i, :n], -(own.exp() * own).sum(-1), atol=2e-5, rtol=1e-5, msg=f"{case} {key}"
             )
-    for overhead in (None, ppo_rlhf.GROUP_OVERHEAD, 0):
+    for overhead in (None, speed.GROUP_OVERHEAD, 0):
         for chunked in (False, True):
             assert torch.equal(results[overhead, chunked, True][0], results[overhead, chunked, False][0]), case
 
@@ -163,7 +165,7 @@ def test_attention_dropout_of_the_config_is_off_in_train_mode():
     with torch.no_grad():
         eval_logits = model.eval()(input_ids=ids).logits
         assert not torch.allclose(model.train()(input_ids=ids).logits, eval_logits)  # dropout is really on
-        ppo_rlhf.disable_dropout(model)
+        models.disable_dropout(model)
         assert torch.equal(model.train()(input_ids=ids).logits, eval_logits)
     # The policy and the value model (GPT-NeoX: nn.Dropout for hidden states, a float for attention, a classifier
     # dropout) through the scripts' PolicyAndValue: train mode (PPO epochs) equals eval mode (rollout).
@@ -178,7 +180,7 @@ def test_attention_dropout_of_the_config_is_off_in_train_mode():
     with torch.no_grad():
         eval_out = model.eval()(ids, mask, 4, T)
         assert not torch.allclose(model.train()(ids, mask, 4, T)[2], eval_out[2])  # dropout is really on
-        ppo_rlhf.disable_dropout(policy), ppo_rlhf.disable_dropout(value)
+        models.disable_dropout(policy), models.disable_dropout(value)
         for a, b in zip(model.train()(ids, mask, 4, T), eval_out):
             assert torch.equal(a, b)
     for name in (
@@ -193,7 +195,7 @@ def test_attention_dropout_of_the_config_is_off_in_train_mode():
     ):
         config = tiny_config("gpt_neox", VOCAB, **{name: 0.2})
         config.text_config_like = tiny_config("opt", VOCAB, layerdrop=0.1, dropout=0.1)
-        ppo_rlhf.disable_dropout_in_config(config)
+        models.disable_dropout_in_config(config)
         assert getattr(config, name) == 0.0, name
         assert config.text_config_like.layerdrop == config.text_config_like.dropout == 0.0
 
@@ -205,7 +207,7 @@ def test_chunked_logprobs_with_softcap_and_scale_match_autograd(dtype, small_chu
     weight), in fp32 and under bf16 autocast as --bf16 runs them."""
     vocab = 300
     if small_chunks:
-        monkeypatch.setattr(ppo_rlhf, "LOGITS_PER_CHUNK", 4 * vocab)
+        monkeypatch.setattr(speed, "LOGITS_PER_CHUNK", 4 * vocab)
     g = torch.Generator().manual_seed(5)
     hidden = torch.randn(2, 7, 8, generator=g)
     head = torch.nn.Linear(8, vocab, bias=False)
@@ -222,7 +224,7 @@ def test_chunked_logprobs_with_softcap_and_scale_match_autograd(dtype, small_chu
                 logprobs, entropy = ppo_rlhf.response_logprobs(head, h, tokens, 0.7, chunked, scale, softcap)
             (logprobs * weights).sum().backward()
             out[chunked] = logprobs.detach(), entropy, h.grad, head.weight.grad.clone()
-        logits = ppo_rlhf.transform_logits(head(hidden), scale, softcap) / 0.7
+        logits = models.transform_logits(head(hidden), scale, softcap) / 0.7
         expected = logits.log_softmax(-1).gather(2, tokens[..., None]).squeeze(-1)
         # bf16 matmuls: gradients of about 10 differ by up to ~0.06
         tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-1, rtol=3e-2)

@@ -5,11 +5,13 @@ import dataclasses
 import json
 import os
 import random
+import time
 
 import numpy as np
 import pytest
 import torch
 from helpers import ROOT
+from rlhf_utils import models, speed  # noqa: E402  (helpers puts the repository root on sys.path)
 
 import ppo_rlhf  # noqa: E402
 
@@ -294,7 +296,7 @@ def test_response_hidden_equals_a_plain_forward_sliced_at_the_response(tiny_lm):
     seqs = torch.randint(2, 40, (3, context_length + response_length), generator=g)
     mask = torch.ones_like(seqs)
     with torch.no_grad():
-        out = ppo_rlhf.response_hidden(backbone, seqs, mask, context_length)
+        out = speed.response_hidden(backbone, seqs, mask, context_length)
         plain = backbone(input_ids=seqs).last_hidden_state[:, context_length - 1 : -1]
     assert out.shape == (3, response_length, 32)
     torch.testing.assert_close(out, plain, atol=1e-5, rtol=1e-5)
@@ -314,14 +316,14 @@ def test_response_hidden_is_invariant_to_left_padding(tiny_lm):
         seqs = torch.cat([q_ids, responses], 1)
         mask = torch.cat([q_mask, torch.ones_like(responses)], 1)
         with torch.no_grad():
-            out = ppo_rlhf.response_hidden(backbone, seqs, mask, context_length)
+            out = speed.response_hidden(backbone, seqs, mask, context_length)
             for i, q in enumerate(queries):
                 alone = torch.tensor([q + responses[i].tolist()])
                 plain = backbone(input_ids=alone).last_hidden_state[0, len(q) - 1 : -1]
                 torch.testing.assert_close(out[i], plain, atol=1e-5, rtol=1e-5)
 
 
-PLAIN, OPTIMISED, ONE_ROW_PER_FORWARD = (None, False), (ppo_rlhf.GROUP_OVERHEAD, True), (0, True)
+PLAIN, OPTIMISED, ONE_ROW_PER_FORWARD = (None, False), (speed.GROUP_OVERHEAD, True), (0, True)
 
 
 @pytest.mark.parametrize("overhead,chunked", [PLAIN, OPTIMISED, ONE_ROW_PER_FORWARD])
@@ -412,8 +414,8 @@ def test_chunked_logprobs_match_log_softmax_gather_with_gradients(vocab, dtype, 
     positions, so the head's weight gradient is accumulated over chunks; bf16 runs under autocast as the script's
     --bf16 does."""
     if small_chunks:
-        monkeypatch.setattr(ppo_rlhf, "LOGITS_PER_CHUNK", 4 * vocab)
-        assert len(range(0, 14, ppo_rlhf.LOGITS_PER_CHUNK // vocab)) == 4
+        monkeypatch.setattr(speed, "LOGITS_PER_CHUNK", 4 * vocab)
+        assert len(range(0, 14, speed.LOGITS_PER_CHUNK // vocab)) == 4
     g = torch.Generator().manual_seed(5)
     hidden = torch.randn(2, 11 if vocab > 1000 else 7, 8, generator=g)
     head = torch.nn.Linear(8, vocab, bias=False)
@@ -466,11 +468,11 @@ def test_length_groups_is_the_cheapest_split(seed):
     rng = random.Random(seed)
     lengths = [rng.randint(1, 60) for _ in range(rng.randint(1, 7))]
     overhead = rng.choice([0, 5, 32, 200])
-    groups = ppo_rlhf.length_groups(lengths, overhead)
+    groups = speed.length_groups(lengths, overhead)
     assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
     best = min(group_cost(p, lengths, overhead) for p in partitions(list(range(len(lengths)))))
     assert group_cost(groups, lengths, overhead) == best
-    assert ppo_rlhf.length_groups(lengths, None) == [sorted(range(len(lengths)), key=lambda i: -lengths[i])]
+    assert speed.length_groups(lengths, None) == [sorted(range(len(lengths)), key=lambda i: -lengths[i])]
 
 
 @pytest.mark.parametrize("overhead", [None, 0, 4])
@@ -483,8 +485,8 @@ def test_grouped_response_hidden_equals_the_padded_batch(tiny_lm, overhead):
     seqs, mask = torch.cat([q_ids, responses], 1), torch.cat([q_mask, torch.ones_like(responses)], 1)
     needed = torch.tensor([2, 5, 1, 3])
     with torch.no_grad():
-        padded = ppo_rlhf.response_hidden(backbone, seqs, mask, q_ids.shape[1])
-        grouped = ppo_rlhf.grouped_response_hidden(backbone, seqs, mask, q_ids.shape[1], needed, overhead)
+        padded = speed.response_hidden(backbone, seqs, mask, q_ids.shape[1])
+        grouped = speed.grouped_response_hidden(backbone, seqs, mask, q_ids.shape[1], needed, overhead)
     assert grouped.shape == (4, 5, 32)
     for i, n in enumerate(needed.tolist()):
         torch.testing.assert_close(grouped[i, :n], padded[i, :n], atol=1e-5, rtol=1e-5)
@@ -575,7 +577,7 @@ def sft():
 
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(EMBEDDED, "sft_model"))
     model = AutoModelForCausalLM.from_pretrained(os.path.join(EMBEDDED, "sft_model")).eval()
-    ppo_rlhf.disable_dropout(model)
+    models.disable_dropout(model)
     return model, tokenizer
 
 
@@ -743,3 +745,30 @@ def test_resume_ignores_a_flag_the_checkpoint_has_and_the_script_dropped():
     for value in (True, False):
         saved["split_backward"] = value
         assert ppo_rlhf.changed_arguments(json.dumps(saved), args, set()) == []
+
+
+def test_timer_sums_the_seconds_of_each_named_phase():
+    """Timer adds up every block of the same name (the rollout times generation chunk by chunk) and keeps the names
+    it starts with, in their order, for the metrics row."""
+    from rlhf_utils.runs import Timer
+
+    timer = Timer(generation=0.0, training=0.0)
+    for _ in range(2):
+        with timer("generation"):
+            time.sleep(0.01)
+    with timer("scoring"):
+        pass
+    assert list(timer) == ["generation", "training", "scoring"]
+    assert 0.02 <= timer["generation"] < 1 and timer["training"] == 0.0 and timer["scoring"] >= 0
+
+
+def test_stop_if_not_finite_stops_on_inf_or_nan_in_any_value_with_the_message():
+    from rlhf_utils.runs import stop_if_not_finite
+
+    stop_if_not_finite("loss", [torch.ones(3), 2.5, torch.tensor(1.0)], "update 1", " (lower --learning-rate)")
+    for bad in (torch.tensor([1.0, float("nan")]), float("inf")):
+        with pytest.raises(SystemExit) as stopped:
+            stop_if_not_finite("gradient norm", [torch.ones(2), bad], "update 3, PPO epoch 1", " (advice)")
+        assert str(stopped.value) == (
+            "error: non-finite gradient norm at update 3, PPO epoch 1; the run stops here (advice)"
+        )

@@ -9,6 +9,7 @@ from helpers import ROOT  # noqa: F401  (puts the repository root on sys.path)
 from tiny_archs import tiny_config
 
 import ppo_rlhf  # noqa: E402
+from rlhf_utils import speed  # noqa: E402
 
 VOCAB, PAD, EOS, T = 60, 1, 0, 0.7
 
@@ -55,9 +56,7 @@ def test_chunked_rollout_forward_equals_the_plain_padded_forward(policy_and_valu
         return logprobs, values
 
     with torch.no_grad():
-        logprobs, values = ppo_rlhf.forward_in_chunks(
-            forward, seqs, mask, context_length, sequence_lengths, chunk_size
-        )
+        logprobs, values = speed.forward_in_chunks(forward, seqs, mask, context_length, sequence_lengths, chunk_size)
         plain_logprobs, _, plain_values = policy_and_value(seqs, mask, context_length, T)
     columns = torch.arange(width)[None, :]
     valid, valid_p1 = columns <= sequence_lengths[:, None], columns <= sequence_lengths[:, None] + 1
