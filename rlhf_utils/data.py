@@ -1,8 +1,10 @@
-"""Datasets: any hub id, saved folder or data file; held-out rows; TRL's standard and conversational formats."""
+"""Datasets: any hub id, saved folder or data file; held-out rows; TRL's standard and conversational formats; the
+tokenizer the data goes through, checked against it."""
 
 import os
 
 from rlhf_utils.cli import fail
+from rlhf_utils.models import add_pad_token, context_length
 
 HOLD_OUT_EVERY = 10  # with no test split, the last training row and every 10th row before it are held out
 
@@ -131,3 +133,31 @@ def tokenize_conversation(tokenizer, messages: list, first_trained: int) -> dict
     if ids[-1] != eos:
         ids, labels = ids + [eos], labels + [eos]
     return {"input_ids": ids, "labels": labels}
+
+
+def load_tokenizer(args, kind: str, columns: str) -> tuple:
+    """The model's config and the tokenizer (--tokenizer-name-or-path, else the model's), given a dedicated [PAD] if
+    it has no pad distinct from EOS (add_pad_token), checked against the data: --max-length within the model's
+    context, and a chat template for conversations (`kind`; `columns` names the data's columns in the message).
+    Returns (config, tokenizer, the line to log for an added pad, or None)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+    tokenizer_path = args.tokenizer_name_or_path or args.model_name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=args.trust_remote_code)
+    added_pad = add_pad_token(tokenizer)
+    context = context_length(config)
+    if context is not None and args.max_length > context:
+        fail(
+            "max_length",
+            f"{args.max_length} is longer than the model's context of {context} tokens "
+            "(max_position_embeddings); lower it",
+        )
+    if kind != "text" and not tokenizer.chat_template:
+        fail(
+            "tokenizer_name_or_path",
+            f"{tokenizer_path!r} has no chat template, which conversational data needs; "
+            "use an instruct model's tokenizer, set tokenizer.chat_template and save it, "
+            f"or give {columns} as strings",
+        )
+    return config, tokenizer, added_pad

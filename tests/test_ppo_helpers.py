@@ -12,7 +12,7 @@ import torch
 from helpers import ROOT
 
 import ppo_rlhf  # noqa: E402
-from rlhf_utils.checkpoints import latest_checkpoint, rng_state, set_rng_state
+from rlhf_utils.checkpoints import changed_arguments, latest_checkpoint, rng_state, set_rng_state
 
 EMBEDDED = os.path.join(ROOT, "embedded")
 
@@ -780,9 +780,9 @@ def test_resume_treats_a_flag_newer_than_the_checkpoint_as_its_default():
     args = ppo_rlhf.Args()
     saved = json.loads(json.dumps(dataclasses.asdict(args)))
     del saved["adam_epsilon"]
-    assert ppo_rlhf.changed_arguments(json.dumps(saved), args, set()) == []
+    assert changed_arguments(json.dumps(saved), args, set()) == []
     other = dataclasses.replace(args, adam_epsilon=1e-8)
-    assert ppo_rlhf.changed_arguments(json.dumps(saved), other, set()) == ["--adam-epsilon 1e-05 (now 1e-08)"]
+    assert changed_arguments(json.dumps(saved), other, set()) == ["--adam-epsilon 1e-05 (now 1e-08)"]
 
 
 def test_resume_ignores_a_flag_the_checkpoint_has_and_the_script_dropped():
@@ -791,4 +791,4 @@ def test_resume_ignores_a_flag_the_checkpoint_has_and_the_script_dropped():
     saved = json.loads(json.dumps(dataclasses.asdict(args)))
     for value in (True, False):
         saved["split_backward"] = value
-        assert ppo_rlhf.changed_arguments(json.dumps(saved), args, set()) == []
+        assert changed_arguments(json.dumps(saved), args, set()) == []
