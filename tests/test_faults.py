@@ -226,7 +226,7 @@ KILL_HARNESS = r"""
 import json, os, random, signal, sys, time
 sys.path.insert(0, ROOT)
 import torch
-import ppo_rlhf as script
+import rlhf_utils.outputs as script
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 from transformers.utils import logging
 
