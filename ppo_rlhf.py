@@ -31,7 +31,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
-from rlhf_utils.cli import TRAINING_RANGES, fail, bool_flags_as_switches, check_ranges, explain_remote_code_errors
+from rlhf_utils.cli import (
+    TRAINING_RANGES,
+    fail,
+    bool_flags_as_switches,
+    check_paths,
+    check_ranges,
+    explain_remote_code_errors,
+)
 from rlhf_utils.outputs import claim_output_dir, prepare_output_dir, save_output, write_run_files
 from rlhf_utils.checkpoints import check_resume, write_checkpoint, load_checkpoint
 from rlhf_utils.processes import make_accelerator, start_tracking
@@ -277,16 +284,11 @@ def check_args(args: Args) -> Batches:
         )
     if args.whiten_rewards and local_mini_batch_size < 8:
         fail("whiten_rewards", f"needs at least 8 rollouts per mini-batch per process, got {local_mini_batch_size}")
-    for arg in ("model_name_or_path", "sft_model_path", "reward_model_path", "value_model_path"):
-        path = getattr(args, arg)
-        # A hub id is `name` or `org/name`; anything else that does not exist is a missing local folder.
-        looks_local = path is not None and (path.startswith((".", "/", "~")) or path.count("/") > 1)
-        if path is not None and not os.path.exists(path) and (looks_local or os.environ.get("HF_HUB_OFFLINE") == "1"):
-            fail(
-                arg,
-                f"{path!r} does not exist; pass a local folder or a hub id (the embedded task's models are "
-                "made by `python tiny_tldr.py --with-models`)",
-            )
+    models = ("model_name_or_path", "sft_model_path", "reward_model_path", "value_model_path")
+    check_paths(
+        {arg: getattr(args, arg) for arg in models},
+        "pass a local folder or a hub id (the embedded task's models are made by `python tiny_tldr.py --with-models`)",
+    )
     sft_is_adapter = is_adapter_folder(args.sft_model_path)
     model_adapter_name = args.model_adapter_name or "default"
     lora_settings = args.model_adapter_name or args.ref_adapter_name or args.merge_adapter_on_save or sft_is_adapter

@@ -16,7 +16,6 @@ import math
 import os
 import random
 import shutil
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -27,11 +26,18 @@ import torch
 import torch.nn.functional as F
 import tyro
 
-from rlhf_utils.cli import TRAINING_RANGES, fail, bool_flags_as_switches, check_ranges, explain_remote_code_errors
+from rlhf_utils.cli import (
+    TRAINING_RANGES,
+    fail,
+    bool_flags_as_switches,
+    check_paths,
+    check_ranges,
+    explain_remote_code_errors,
+)
 from rlhf_utils.outputs import claim_output_dir, save_output, write_run_files
 from rlhf_utils.checkpoints import check_resume, write_checkpoint, load_checkpoint
 from rlhf_utils.processes import make_accelerator, start_tracking
-from rlhf_utils.runs import stop_on_signals, stop_requested, end_run, progress_bar, wandb_row
+from rlhf_utils.runs import stop_on_signals, stop_requested, stop_run, end_run, progress_bar, wandb_row
 from rlhf_utils.hub import model_card, check_push_to_hub
 from rlhf_utils.data import (
     load_any_dataset,
@@ -143,14 +149,8 @@ def check_args(args: Args) -> None:
     if args.merge_adapter_on_save and not args.use_peft:
         fail("merge_adapter_on_save", "merges a LoRA adapter into the model; add --use-peft")
     tokenizer_path = args.tokenizer_name_or_path or args.model_name_or_path
-    for arg, path in (("model_name_or_path", args.model_name_or_path), ("tokenizer_name_or_path", tokenizer_path)):
-        # A hub id is `name` or `org/name`; anything else that does not exist is a missing local folder.
-        looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1
-        if not os.path.exists(path) and (looks_local or os.environ.get("HF_HUB_OFFLINE") == "1"):
-            fail(
-                arg,
-                f"{path!r} does not exist; build the embedded task with `python tiny_tldr.py` or pass a path/hub id",
-            )
+    paths = {"model_name_or_path": args.model_name_or_path, "tokenizer_name_or_path": tokenizer_path}
+    check_paths(paths, "build the embedded task with `python tiny_tldr.py` or pass a path/hub id")
     if args.push_to_hub:  # asks the Hub: last, after every local check
         check_push_to_hub(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)))
 
@@ -620,12 +620,7 @@ if __name__ == "__main__":
                     )
                     write_checkpoint(args, step, state, accelerator, model, optimizer, scheduler, zero_stage)
                 if stop:
-                    accelerator.print(
-                        f"stopped by {signal.Signals(stop).name} after optimizer step {step}, with "
-                        f"checkpoint-{step}: continue with --resume-from-checkpoint latest",
-                        file=sys.stderr,
-                    )
-                    end_run(accelerator, 128 + stop)
+                    stop_run(accelerator, stop, f"optimizer step {step}", step)
         skip_batches = 0
         eval_loss = evaluate(model, eval_loader, accelerator)
         row = {"eval/loss": eval_loss, "epoch": epoch, "step": step}

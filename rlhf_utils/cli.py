@@ -1,11 +1,24 @@
 """Command line: TRL-style boolean flags, argument errors that name the argument, remote-code errors explained."""
 
+import os
 import sys
 
 
 def fail(argument: str, message: str) -> None:
     """Stop before any expensive work, naming the argument and the fix."""
     sys.exit(f"error: --{argument.replace('_', '-')}: {message}")
+
+
+def check_paths(paths: dict, hint: str) -> None:
+    """Each {argument: path} (None: unset) names a hub id or a local folder; a local one that does not exist stops
+    the run, with `hint` on how to get it. A hub id is `name` or `org/name`: anything else is local, and so is
+    every path under HF_HUB_OFFLINE=1."""
+    for argument, path in paths.items():
+        if path is None:
+            continue
+        looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1
+        if not os.path.exists(path) and (looks_local or os.environ.get("HF_HUB_OFFLINE") == "1"):
+            fail(argument, f"{path!r} does not exist; {hint}")
 
 
 def bool_flags_as_switches(argv: list, args_cls) -> list:

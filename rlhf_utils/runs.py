@@ -40,6 +40,17 @@ def stop_requested(accelerator) -> Optional[int]:
     return (STOP["signal"] or signal.SIGTERM) if asked else None
 
 
+def stop_run(accelerator, stop: int, where: str, checkpoint: int) -> None:
+    """End a run that signal `stop` asked to stop, once checkpoint-N is written after `where` (e.g. "optimizer step
+    12"): with the signal's exit status, saying how to continue."""
+    accelerator.print(
+        f"stopped by {signal.Signals(stop).name} after {where}, with checkpoint-{checkpoint}: continue with "
+        "--resume-from-checkpoint latest",
+        file=sys.stderr,
+    )
+    end_run(accelerator, 128 + stop)
+
+
 def end_run(accelerator, code: int = 0) -> None:
     """Leave once everything is saved. Several processes leave without the interpreter's teardown: gloo's worker
     threads can still be releasing the tensors of the last collectives then, and one that needs the GIL after
