@@ -42,9 +42,9 @@ from rlhf_utils.cli import (
 from rlhf_utils.outputs import claim_output_dir, prepare_output_dir, save_output, write_run_files
 from rlhf_utils.checkpoints import check_resume, write_checkpoint, load_checkpoint
 from rlhf_utils.processes import make_accelerator, start_tracking
-from rlhf_utils.runs import stop_on_signals, stop_requested, end_run, progress_bar
+from rlhf_utils.runs import stop_on_signals, stop_requested, end_run, progress_bar, show_samples
 from rlhf_utils.hub import model_card, check_push_to_hub
-from rlhf_utils.data import load_any_dataset, pick_splits, hold_out, column_kind, render_chat
+from rlhf_utils.data import load_splits, column_kind, render_chat
 from rlhf_utils.models import add_pad_token, context_length
 
 INVALID_LOGPROB = 1.0  # written at padded positions; both policy and reference get it, so their KL there is 0
@@ -875,35 +875,20 @@ def saved_tokenizer(path: str, trust_remote_code: bool):
 # Setup, models, evaluation and saving: what the main block calls around the PPO loop
 
 
+def prompt_format(data, where: str) -> tuple:
+    """A split's prompts, every row checked: their format (`text` or `conversation`), the rows and no note."""
+    if "prompt" not in data.column_names:
+        fail(
+            "dataset_name",
+            f"{where} has no `prompt` column (it has {data.column_names}); rename the prompt column to `prompt`",
+        )
+    return column_kind(data, "prompt", where)[0], data, None
+
+
 def load_prompts(args: Args, local_batch_size: int) -> tuple:
     """The train and evaluation prompts, checked: (train rows, eval rows, "text" or "conversation", a note saying
     which rows are evaluated)."""
-    try:
-        splits = load_any_dataset(args.dataset_name)
-    except Exception as e:  # the datasets library has many failure types; all mean the same thing to the user
-        fail("dataset_name", f"could not load {args.dataset_name!r} (is it empty, or not a dataset?): {e}")
-    train_data, eval_data = pick_splits(splits, args.dataset_name, args.dataset_train_split, args.dataset_test_split)
-    prompt_kinds = set()
-    for data, split in ((train_data, args.dataset_train_split), (eval_data, args.dataset_test_split)):
-        where = repr(args.dataset_name) if None in splits else f"split {split!r} of {args.dataset_name!r}"
-        if data is None:
-            continue
-        if "prompt" not in data.column_names:
-            fail(
-                "dataset_name",
-                f"{where} has no `prompt` column (it has {data.column_names}); rename the prompt column to `prompt`",
-            )
-        if len(data) == 0:
-            fail("dataset_name", f"{where} is empty")
-        prompt_kinds.add(column_kind(data, "prompt", where)[0])
-    if len(prompt_kinds) > 1:
-        fail("dataset_name", f"the train and test prompts of {args.dataset_name!r} mix strings and conversations")
-    prompt_kind = prompt_kinds.pop()
-    split_note = f"evaluating on split {args.dataset_test_split!r}"
-    if eval_data is None:
-        train_data, eval_data, split_note = hold_out(
-            train_data, args.dataset_name, args.dataset_train_split, args.dataset_test_split
-        )
+    train_data, eval_data, prompt_kind, split_note = load_splits(args, prompt_format)
     if len(train_data) < local_batch_size:
         fail(
             "dataset_train_split",
@@ -1357,21 +1342,9 @@ def log(run: Run, row: dict) -> None:
 def print_samples(run: Run, rows: list, update: int) -> None:
     if not run.accelerator.is_main_process:
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    columns = ("query", "model response", "score")
-    table = Table(title=f"sample completions after update {update}", show_lines=True)
-    for column in columns:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(row["query"][-200:], row["response"], f"{row['score']:.3f}")
-    Console().print(table)
-    if run.args.track:
-        import wandb
-
-        data = [[r["query"], r["response"], r["score"]] for r in rows]
-        wandb.log({"samples": wandb.Table(columns=list(columns), data=data)})
+    columns = ["query", "model response", "score"]
+    table = [[r["query"], r["response"], r["score"]] for r in rows]
+    show_samples(f"sample completions after update {update}", columns, table, run.args.track, {"query": 200})
 
 
 def split_state_dict(state_dict: dict) -> dict:

@@ -53,8 +53,7 @@ from rlhf_utils.runs import stop_on_signals, stop_requested, stop_run, end_run, 
 from rlhf_utils.hub import model_card, check_push_to_hub
 from rlhf_utils.data import (
     load_any_dataset,
-    pick_splits,
-    hold_out,
+    load_splits,
     column_kind,
     require_assistant,
     tokenize_conversation,
@@ -270,47 +269,20 @@ def encode_completion(tokenizer, prompt, completion) -> list:
 # Setup, evaluation, normalisation and saving: what the main block calls, in the order it runs
 
 
-def load_pairs(args: Args) -> tuple:
-    """The train and test splits of --dataset-name, every row checked, without the pairs that teach nothing; with no
-    test split, rows held out of the train split. Returns ({"train": ..., "test": ...}, the format (`text` or
-    `conversation`), whether the prompt is explicit, and the lines that say what was dropped or held out)."""
-    try:
-        splits = load_any_dataset(args.dataset_name)
-    except Exception as e:  # the datasets library has many failure types; all mean the same thing to the user
-        fail("dataset_name", f"could not load {args.dataset_name!r} (is it empty, or not a dataset?): {e}")
-    picked = pick_splits(splits, args.dataset_name, args.dataset_train_split, args.dataset_test_split)
-    data_splits = dict(zip(("train", "test"), picked))
-    formats, split_notes = set(), []
-    for role, split in (("train", args.dataset_train_split), ("test", args.dataset_test_split)):
-        data = data_splits[role]
-        where = repr(args.dataset_name) if None in splits else f"split {split!r} of {args.dataset_name!r}"
-        if data is None:
-            continue
-        if len(data) == 0:
-            fail("dataset_name", f"{where} is empty")
-        kind, has_prompt, useless = preference_format(data, where)
-        formats.add((kind, has_prompt))
-        if len(useless) * 2 > len(data):
-            fail(
-                "dataset_name",
-                f"{len(useless)} of {len(data)} pairs of {where} have an empty side or chosen == "
-                f"rejected (e.g. row {useless[0]}); most of the data teaches nothing: fix it",
-            )
-        if useless:
-            split_notes.append(
-                f"dropped {len(useless)} of {len(data)} pairs of {where} with an empty side or chosen "
-                f"== rejected (e.g. row {useless[0]})"
-            )
-            data_splits[role] = data.select(sorted(set(range(len(data))) - set(useless)))
-    if len(formats) > 1:
-        fail("dataset_name", f"the train and test splits of {args.dataset_name!r} have different formats")
-    kind, has_prompt = formats.pop()
-    split_notes.append(f"evaluating on split {args.dataset_test_split!r}")
-    if data_splits["test"] is None:
-        data_splits["train"], data_splits["test"], split_notes[-1] = hold_out(
-            data_splits["train"], args.dataset_name, args.dataset_train_split, args.dataset_test_split
+def useful_pairs(data, where: str) -> tuple:
+    """A split's format ((`text` or `conversation`, whether the prompt is explicit): preference_format) and its pairs
+    without those that teach nothing, with the line that says how many were dropped (None: none)."""
+    kind, has_prompt, useless = preference_format(data, where)
+    if len(useless) * 2 > len(data):
+        fail(
+            "dataset_name",
+            f"{len(useless)} of {len(data)} pairs of {where} have an empty side or chosen == "
+            f"rejected (e.g. row {useless[0]}); most of the data teaches nothing: fix it",
         )
-    return data_splits, kind, has_prompt, split_notes
+    if not useless:
+        return (kind, has_prompt), data, None
+    note = f"dropped {len(useless)} of {len(data)} pairs of {where} with an empty side or chosen == rejected (e.g. row {useless[0]})"
+    return (kind, has_prompt), data.select(sorted(set(range(len(data))) - set(useless))), note
 
 
 def load_references(args: Args, kind: str):
@@ -522,7 +494,7 @@ if __name__ == "__main__":
     check_args(args)
     resume_dir = claim_output_dir(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
     resume_state = check_resume(resume_dir, args, MAY_CHANGE_ON_RESUME, os.path.basename(__file__))
-    data_splits, kind, has_prompt, split_notes = load_pairs(args)
+    train_data, test_data, (kind, has_prompt), split_note = load_splits(args, useful_pairs)
     refs = load_references(args, kind) if args.normalize_reward else None
     config, tokenizer, added_pad = load_tokenizer(args, kind, "`prompt`/`chosen`/`rejected`")
     check_reward_config(args, config)
@@ -544,11 +516,11 @@ if __name__ == "__main__":
         start_tracking(args, "train/global_step")
 
     # Data: prompt + completion + EOS, so that the score is read at EOS, as in PPO where responses end with it.
-    train_rows, dropped_train = tokenize_pairs(data_splits["train"], tokenizer, args.max_length)
-    eval_rows, dropped_eval = tokenize_pairs(data_splits["test"], tokenizer, args.max_length)
+    train_rows, dropped_train = tokenize_pairs(train_data, tokenizer, args.max_length)
+    eval_rows, dropped_eval = tokenize_pairs(test_data, tokenizer, args.max_length)
     references = zip(refs["prompt"], refs["completion"]) if args.normalize_reward else []
     reference_ids = [encode_checked(tokenizer, prompt, completion) for prompt, completion in references]
-    accelerator.print("; ".join(split_notes))
+    accelerator.print(split_note)
     accelerator.print(
         f"{len(train_rows)} train / {len(eval_rows)} eval pairs ({kind} format, "
         f"{'explicit' if has_prompt else 'implicit'} prompt); dropped as longer than --max-length "

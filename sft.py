@@ -37,12 +37,10 @@ from rlhf_utils.cli import (
 from rlhf_utils.outputs import claim_output_dir, save_output, write_run_files
 from rlhf_utils.checkpoints import check_resume, write_checkpoint, load_checkpoint
 from rlhf_utils.processes import make_accelerator, start_tracking
-from rlhf_utils.runs import stop_on_signals, stop_requested, stop_run, end_run, progress_bar, wandb_row
+from rlhf_utils.runs import stop_on_signals, stop_requested, stop_run, end_run, progress_bar, wandb_row, show_samples
 from rlhf_utils.hub import model_card, check_push_to_hub
 from rlhf_utils.data import (
-    load_any_dataset,
-    pick_splits,
-    hold_out,
+    load_splits,
     column_kind,
     require_assistant,
     tokenize_conversation,
@@ -268,36 +266,6 @@ def step_groups(batches, size: int):
 # Setup, evaluation, samples, saving and checkpointing, in the order the main block calls them
 
 
-def load_splits(args: Args) -> tuple:
-    """The train and eval splits, every row checked, and their SFT format; with no test split, rows held out of the
-    train split. Returns (train, eval, format, the log line that names the eval rows)."""
-    try:
-        splits = load_any_dataset(args.dataset_name)
-    except Exception as e:  # the datasets library has many failure types; all mean the same thing to the user
-        fail("dataset_name", f"could not load {args.dataset_name!r} (is it empty, or not a dataset?): {e}")
-    train_data, eval_data = pick_splits(splits, args.dataset_name, args.dataset_train_split, args.dataset_test_split)
-    kinds = set()
-    for split, data in ((args.dataset_train_split, train_data), (args.dataset_test_split, eval_data)):
-        if data is None:
-            continue
-        where = repr(args.dataset_name) if None in splits else f"split {split!r} of {args.dataset_name!r}"
-        if len(data) == 0:
-            fail("dataset_name", f"{where} is empty")
-        kinds.add(sft_format(data, where))
-    if len(kinds) > 1:
-        fail(
-            "dataset_name",
-            f"the train and test splits of {args.dataset_name!r} have different formats {sorted(kinds)}",
-        )
-    kind = kinds.pop()
-    split_note = f"evaluating on split {args.dataset_test_split!r}"
-    if eval_data is None:
-        train_data, eval_data, split_note = hold_out(
-            train_data, args.dataset_name, args.dataset_train_split, args.dataset_test_split
-        )
-    return train_data, eval_data, kind, split_note
-
-
 def check_embedding_rows(args: Args, config, tokenizer) -> int:
     """The model's embedding rows. A new [PAD] past them (Llama-3, Mistral: no spare rows) resizes them: the saved
     model and tokenizer then agree, and the PPO scripts take both as they are. A LoRA adapter would not save the new
@@ -393,9 +361,6 @@ def evaluate(model, eval_loader, accelerator) -> float:
 def print_samples(args: Args, model, tokenizer, eval_data, kind: str, zero_stage: Optional[int], accelerator) -> None:
     """Greedy completions of held-out prompts, next to the dataset's reference. Every process generates (under ZeRO-3
     each forward is collective, and synced_gpus keeps them stepping together); the main one prints them."""
-    from rich.console import Console
-    from rich.table import Table
-
     rows = eval_data.select(range(min(args.num_sample_completions, len(eval_data))))
     samples = [prompt_and_reference(tokenizer, row, kind) for row in rows]
     prompts, references = [p for p, _ in samples], [r for _, r in samples]
@@ -414,18 +379,8 @@ def print_samples(args: Args, model, tokenizer, eval_data, kind: str, zero_stage
     responses = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     if not accelerator.is_main_process:
         return
-    columns = ["query", "model response", "reference"]
-    table = Table(title="sample completions", show_lines=True)
-    for column in columns:
-        table.add_column(column)
-    for p, r, ref in zip(prompts, responses, references):
-        table.add_row(p[-300:], r, ref)
-    Console().print(table)
-    if args.track:
-        import wandb
-
-        data = [list(x) for x in zip(prompts, responses, references)]
-        wandb.log({"samples": wandb.Table(columns=columns, data=data)})
+    rows = list(zip(prompts, responses, references))
+    show_samples("sample completions", ["query", "model response", "reference"], rows, args.track, {"query": 300})
 
 
 def write_output(path: str, state_dict: dict, args: Args, model, tokenizer, metrics_log: list, deepspeed) -> None:
@@ -469,7 +424,9 @@ if __name__ == "__main__":
     check_args(args)
     resume_dir = claim_output_dir(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
     resume_state = check_resume(resume_dir, args, MAY_CHANGE_ON_RESUME, os.path.basename(__file__))
-    train_data, eval_data, kind, split_note = load_splits(args)
+    train_data, eval_data, kind, split_note = load_splits(
+        args, lambda data, where: (sft_format(data, where), data, None)
+    )
     config, tokenizer, added_pad = load_tokenizer(args, kind, "`prompt`/`completion`")
     embedding_rows = check_embedding_rows(args, config, tokenizer)
     stop_on_signals()  # from here on, Ctrl-C or SIGTERM stops after the current step with a checkpoint

@@ -26,6 +26,39 @@ def load_any_dataset(name: str) -> dict:
     return dict(load_dataset(name))
 
 
+def load_splits(args, check) -> tuple:
+    """The train and test splits of --dataset-name, each non-empty and checked by check(data, where), which returns
+    the split's format, the rows to keep and a line saying what it dropped (or None); the two splits must have one
+    format. With no test split, rows of the train split are held out (hold_out). Returns (train, test, the format,
+    the lines saying what was dropped and which rows are evaluated, joined by "; ")."""
+    try:
+        splits = load_any_dataset(args.dataset_name)
+    except Exception as e:  # the datasets library has many failure types; all mean the same thing to the user
+        fail("dataset_name", f"could not load {args.dataset_name!r} (is it empty, or not a dataset?): {e}")
+    picked = list(pick_splits(splits, args.dataset_name, args.dataset_train_split, args.dataset_test_split))
+    formats, notes = set(), []
+    for i, split in enumerate((args.dataset_train_split, args.dataset_test_split)):
+        where = repr(args.dataset_name) if None in splits else f"split {split!r} of {args.dataset_name!r}"
+        if picked[i] is None:
+            continue
+        if len(picked[i]) == 0:
+            fail("dataset_name", f"{where} is empty")
+        kind, picked[i], note = check(picked[i], where)
+        formats.add(kind)
+        notes += [note] if note else []
+    if len(formats) > 1:
+        fail(
+            "dataset_name",
+            f"the train and test splits of {args.dataset_name!r} have different formats: "
+            f"{', '.join(map(str, sorted(formats)))}",
+        )
+    train, test = picked
+    note = f"evaluating on split {args.dataset_test_split!r}"
+    if test is None:
+        train, test, note = hold_out(train, args.dataset_name, args.dataset_train_split, args.dataset_test_split)
+    return train, test, formats.pop(), "; ".join(notes + [note])
+
+
 def pick_splits(splits: dict, name: str, train_split: str, test_split: str) -> tuple:
     """The train split and the test split (None if there is none) of load_any_dataset's splits."""
     if None in splits:

@@ -89,3 +89,26 @@ def wandb_row(row: dict) -> dict:
     train/global_step (every chart's x-axis, defined at wandb.init). metrics.jsonl keeps the short names."""
     names = {"lr": "train/learning_rate", "epoch": "train/epoch", "step": "train/global_step"}
     return {names.get(k, k if k.startswith(("train/", "eval/")) else "train/" + k): v for k, v in row.items()}
+
+
+def show_samples(title: str, columns: list, rows: list, track: bool, widths: dict) -> None:
+    """Sample completions as a table on the terminal (numbers to 3 decimals, each column in `widths` cut to its last
+    that many characters: the end of a long prompt is what the response follows), and whole in W&B's `samples` table
+    under --track."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_lines=True)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        cells = []
+        for column, value in zip(columns, row):
+            text = f"{value:.3f}" if isinstance(value, float) else str(value)
+            cells.append(text[-widths[column] :] if column in widths else text)
+        table.add_row(*cells)
+    Console().print(table)
+    if track:
+        import wandb
+
+        wandb.log({"samples": wandb.Table(columns=list(columns), data=[list(row) for row in rows])})

@@ -81,7 +81,7 @@ def test_csv_and_tsv_files_are_read_as_such(script, tmp_path, monkeypatch):
     (tmp_path / "d.csv").write_text('prompt,completion\n"a, b", c.\n"d ""e""", f.\n')
     (tmp_path / "d.tsv").write_text('prompt\tcompletion\na, b\t c.\nd "e"\t f.\n')
     for name in ("d.csv", "d.tsv"):
-        splits = SCRIPTS[script].load_any_dataset(str(tmp_path / name))
+        splits = load_any_dataset(str(tmp_path / name))
         assert list(splits) == [None] and splits[None].to_list() == rows, name
 
 
