@@ -1,4 +1,5 @@
-"""Resumable checkpoints: sealed by a rename, found through `latest`, checked before a resume; random states."""
+"""Resumable checkpoints: written and sealed by a rename, found through `latest`, checked (its arguments too) before a
+resume, loaded; random states."""
 
 import json
 import os
@@ -159,13 +160,12 @@ def write_checkpoint(
     write_models=None,
     sampling_generator=None,
 ) -> None:
-    """checkpoint-`number` in output_dir/checkpoints: the weights, the optimizer, the
-    scheduler, `state` (the script's counters and name), the arguments, the launch layout and every process's RNG
-    states (with the sampling generator's), written to checkpoint-N.tmp and sealed into place: a kill at any moment
-    leaves the earlier checkpoints intact and never a half-written one under a final name. The main process writes
-    the weights with write_models(folder, state_dict) (default: the model as from_pretrained loads it, in model/).
-    Under DeepSpeed the optimizer state is partitioned: every process writes its own part with the engine's
-    save_checkpoint. A full disk costs this checkpoint only, and stops the run with a message."""
+    """checkpoint-`number` in output_dir/checkpoints: the weights, the optimizer, the scheduler, `state` (the
+    script's counters and name), the arguments, the launch layout and every process's RNG states (with the sampling
+    generator's), written to checkpoint-N.tmp and sealed into place: a kill at any moment leaves the earlier
+    checkpoints intact and never a half-written one under a final name. The main process writes the weights with
+    write_models(folder, state_dict) (default: the model as from_pretrained loads it, in model/). Under DeepSpeed the
+    optimizer state is partitioned: every process writes its own part with the engine's save_checkpoint."""
     folder = os.path.join(args.output_dir, "checkpoints", f"checkpoint-{number}")
     tmp = folder + ".tmp"
     if accelerator.is_main_process:
@@ -176,7 +176,7 @@ def write_checkpoint(
     if zero_stage is not None:
         model.save_checkpoint(tmp, tag="deepspeed", save_latest=False)
     error = None
-    try:
+    try:  # a full disk (or a quota) must cost this checkpoint only, with a message, not the earlier ones
         torch.save(rng_state(sampling_generator), os.path.join(tmp, f"rng_rank{accelerator.process_index}.pt"))
         if accelerator.is_main_process:
             if write_models is None:

@@ -77,7 +77,7 @@ def explain_remote_code_errors() -> None:
 def check_ranges(args, ranges: dict) -> None:
     """The range of each numeric argument, from a table {name: (rule, *bounds[, note])}: (">", 0) reads "must be
     positive", (">=", b) "must be >= b", ("[]", lo, hi) "must be in [lo, hi]", ("[)", lo, hi) "must be in [lo, hi)";
-    a note (what the value means) follows in brackets. None passes (an Optional argument's "off"), nan never does."""
+    a note (what the value means) follows in parentheses. None passes (an Optional argument's "off"), nan never does."""
     for name, (rule, *bounds) in ranges.items():
         note = f" ({bounds.pop()})" if isinstance(bounds[-1], str) else ""
         value = getattr(args, name)
