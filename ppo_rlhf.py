@@ -25,7 +25,6 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 import time
@@ -39,17 +38,25 @@ import torch.nn.functional as F
 import tyro
 
 from rlhf_utils.cli import fail, bool_flags_as_switches, explain_remote_code_errors
-from rlhf_utils.outputs import lock_output_dir, finish_interrupted_save, publish_output
-from rlhf_utils.checkpoints import seal_checkpoint, resolve_resume, load_resume_state, rng_state, set_rng_state
 from rlhf_utils.runs import stop_on_signals, stop_requested, end_run, progress_bar, Timer, stop_if_not_finite
-from rlhf_utils.hub import model_card, check_push_to_hub, push_folder_to_hub
-from rlhf_utils.data import load_any_dataset, pick_splits, hold_out, column_kind, render_chat
+from rlhf_utils.hub import model_card, check_push_to_hub
+from rlhf_utils.data import column_kind, render_chat
 from rlhf_utils.models import UNSUPPORTED_LOGIT_TRANSFORMS, add_pad_token, backbone_and_head, checked_config
 from rlhf_utils.models import context_length, is_adapter_folder, load_model, logit_transform, model_config, num_params
 from rlhf_utils.models import gathered_for_generation, transform_logits
 from rlhf_utils.speed import GROUP_OVERHEAD, forward_in_chunks, grouped_response_hidden, in_position_chunks
 from rlhf_utils.speed import length_groups, round_up
 
+from rlhf_utils.cli import (
+    TRAINING_RANGES,
+    check_paths,
+    check_ranges,
+)
+from rlhf_utils.outputs import claim_output_dir, prepare_output_dir, save_output, write_run_files
+from rlhf_utils.checkpoints import check_resume, write_checkpoint, load_checkpoint
+from rlhf_utils.processes import make_accelerator, start_tracking
+from rlhf_utils.runs import show_samples
+from rlhf_utils.data import load_splits
 
 INVALID_LOGPROB = 1.0  # written at padded positions; both policy and reference get it, so their KL there is 0
 
@@ -227,9 +234,26 @@ class Batches:
     num_total_batches: int  # PPO updates
 
 
-def check_args(args: Args, resume_dir: Optional[str], resume_state: Optional[dict]) -> Batches:
+# The range of every numeric argument (check_ranges): each must hold before anything loads.
+RANGES = {
+    **TRAINING_RANGES,
+    **dict.fromkeys(
+        "num_mini_batches num_ppo_epochs local_rollout_forward_batch_size response_length logging_steps eval_steps "
+        "pad_to_multiple_of temperature eval_temperature cliprange cliprange_value".split(),
+        (">", 0),
+    ),
+    "kl_coef": (">=", 0, "a negative weight rewards what it should penalise"),
+    "vf_coef": (">=", 0, "a negative weight rewards what it should penalise"),
+    "gamma": ("[]", 0, 1),
+    "lam": ("[]", 0, 1),
+    "missing_eos_penalty": (">=", 0, "it is subtracted from the score"),
+}
+
+
+def check_args(args: Args) -> Batches:
     """Every check that needs no model, before any loads (a typo should cost a second, not a model load); returns
     the batch arithmetic. WORLD_SIZE is set by every launcher before the script runs."""
+    check_ranges(args, RANGES)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps
     batch_size = local_batch_size * world_size
@@ -242,85 +266,12 @@ def check_args(args: Args, resume_dir: Optional[str], resume_state: Optional[dic
         micro_per_mini=local_mini_batch_size // args.per_device_train_batch_size,
         num_total_batches=math.ceil(args.total_episodes / batch_size),
     )
-    script = os.path.basename(__file__)
-    if resume_state is not None and resume_state.get("script", script) != script:
-        fail(
-            "resume_from_checkpoint",
-            f"{resume_dir!r} was written by {resume_state['script']}; pass a checkpoint of {script}",
-        )
-    if resume_state is not None:
-        # Only where and how often things are written, tracking and memory savers may differ; anything else would
-        # silently train another model (evaluation settings too: evaluation draws from the sampling generator).
-        changed = changed_arguments(resume_state.get("args", "{}"), args, MAY_CHANGE_ON_RESUME)
-        if changed:
-            fail(
-                "resume_from_checkpoint",
-                f"{resume_dir!r} was written by a run with {', '.join(changed)}; resume "
-                "with the same values, or start a new run",
-            )
-    if (
-        os.path.isdir(args.output_dir)
-        and os.listdir(args.output_dir)
-        and not (args.overwrite_output_dir or resume_dir)
-    ):
-        fail(
-            "output_dir",
-            f"{args.output_dir!r} exists and is not empty; pass --overwrite-output-dir, "
-            "--resume-from-checkpoint latest, or another path",
-        )
-    if args.save_steps < 0 or (args.save_total_limit is not None and args.save_total_limit < 1):
-        fail(
-            "save_steps",
-            f"--save-steps {args.save_steps} must be >= 0 and --save-total-limit "
-            f"{args.save_total_limit} >= 1 (or None)",
-        )
     if args.stop_token is not None and args.stop_token_id is not None:
         fail(
             "stop_token_id",
             f"both --stop-token {args.stop_token} and --stop-token-id {args.stop_token_id} are set; "
             "pass --stop-token None to stop on the id, or drop --stop-token-id",
         )
-    if args.push_to_hub:
-        check_push_to_hub(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)))
-    if args.missing_eos_penalty is not None and args.missing_eos_penalty < 0:
-        fail(
-            "missing_eos_penalty",
-            f"is {args.missing_eos_penalty}; it is subtracted from the score, so it must be >= 0",
-        )
-    for name in (
-        "per_device_train_batch_size",
-        "gradient_accumulation_steps",
-        "num_mini_batches",
-        "num_ppo_epochs",
-        "local_rollout_forward_batch_size",
-        "response_length",
-        "logging_steps",
-        "eval_steps",
-    ):
-        if getattr(args, name) <= 0:
-            fail(name, f"must be a positive integer, got {getattr(args, name)}")
-    if args.pad_to_multiple_of is not None and args.pad_to_multiple_of < 1:
-        fail("pad_to_multiple_of", f"must be a positive integer, got {args.pad_to_multiple_of}")
-    for name in ("temperature", "learning_rate", "eval_temperature", "cliprange", "cliprange_value"):
-        if not getattr(args, name) > 0:  # `not >` also catches nan
-            fail(name, f"must be positive, got {getattr(args, name)}")
-    for name in ("kl_coef", "vf_coef"):
-        if not getattr(args, name) >= 0:
-            fail(name, f"must be >= 0 (a negative weight rewards what it should penalise), got {getattr(args, name)}")
-    for name in ("gamma", "lam", "warmup_ratio"):
-        if not 0 <= getattr(args, name) <= 1:
-            fail(name, f"must be in [0, 1], got {getattr(args, name)}")
-    if not 0 <= args.seed < 2**32:
-        fail("seed", f"must be in [0, 2**32 - 1] (numpy's seed range), got {args.seed}")
-    if not args.adam_epsilon > 0:
-        fail("adam_epsilon", f"must be positive, got {args.adam_epsilon}")
-    if args.max_grad_norm is not None and not args.max_grad_norm > 0:
-        fail("max_grad_norm", f"must be positive, got {args.max_grad_norm} (None: no clipping)")
-    for name in ("adam_beta1", "adam_beta2"):
-        if not 0 <= getattr(args, name) < 1:
-            fail(name, f"must be in [0, 1), got {getattr(args, name)}")
-    if not args.weight_decay >= 0:
-        fail("weight_decay", f"must be >= 0, got {args.weight_decay}")
     if local_batch_size % args.num_mini_batches != 0:
         fail(
             "num_mini_batches",
@@ -344,16 +295,11 @@ def check_args(args: Args, resume_dir: Optional[str], resume_state: Optional[dic
         )
     if args.whiten_rewards and local_mini_batch_size < 8:
         fail("whiten_rewards", f"needs at least 8 rollouts per mini-batch per process, got {local_mini_batch_size}")
-    for arg in ("model_name_or_path", "sft_model_path", "reward_model_path", "value_model_path"):
-        path = getattr(args, arg)
-        # A hub id is `name` or `org/name`; anything else that does not exist is a missing local folder.
-        looks_local = path is not None and (path.startswith((".", "/", "~")) or path.count("/") > 1)
-        if path is not None and not os.path.exists(path) and (looks_local or os.environ.get("HF_HUB_OFFLINE") == "1"):
-            fail(
-                arg,
-                f"{path!r} does not exist; pass a local folder or a hub id (the embedded task's models are "
-                "made by `python tiny_tldr.py --with-models`)",
-            )
+    models = ("model_name_or_path", "sft_model_path", "reward_model_path", "value_model_path")
+    check_paths(
+        {arg: getattr(args, arg) for arg in models},
+        "pass a local folder or a hub id (the embedded task's models are made by `python tiny_tldr.py --with-models`)",
+    )
     sft_is_adapter = is_adapter_folder(args.sft_model_path)
     model_adapter_name = args.model_adapter_name or "default"
     lora_settings = args.model_adapter_name or args.ref_adapter_name or args.merge_adapter_on_save or sft_is_adapter
@@ -377,10 +323,14 @@ def check_args(args: Args, resume_dir: Optional[str], resume_state: Optional[dic
         )
     if args.ref_adapter_name and args.ref_adapter_name == model_adapter_name:
         fail("ref_adapter_name", f"is the trained adapter's name {model_adapter_name!r}; pick another")
+    if args.push_to_hub:  # asks the Hub: last, after every local check
+        check_push_to_hub(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)))
     return b
 
 
-# Resuming continues the checkpoint's run: these may differ from the arguments it was written with.
+# Resuming continues the checkpoint's run: only where and how often things are written, tracking and memory savers
+# may differ from the arguments it was written with; anything else would silently train another model (evaluation
+# settings too: evaluation draws from the sampling generator).
 MAY_CHANGE_ON_RESUME = {
     "exp_name",
     "track",
@@ -711,67 +661,23 @@ def prompt_order(num_prompts: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The output folder and its checkpoints: one run at a time, each written whole or not at all (docs/faults.md)
-
-
-def changed_arguments(saved_args: str, args, may_change: set) -> list:
-    """The arguments of a resumed run that differ from those its checkpoint was written with (`--name saved (now
-    current)`), but for those in may_change."""
-    saved, now = json.loads(saved_args), json.loads(json.dumps(asdict(args)))  # as saved: lists, not tuples
-    # A flag newer than the checkpoint was not there to set: that run had today's default.
-    saved = {**json.loads(json.dumps(asdict(type(args)()))), **saved}
-    return [
-        f"--{k.replace('_', '-')} {saved.get(k)!r} (now {v!r})"
-        for k, v in now.items()
-        if k not in may_change and saved.get(k) != v
-    ]
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Setup, models, evaluation and saving: what the main block calls around the PPO loop
 
 
-def claim_output_dir(args: Args) -> tuple:
-    """Lock output_dir for this run (the main process), finish a save that a kill interrupted, and read the
-    checkpoint to resume from: (its folder, its state) or (None, None)."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        lock_output_dir(args.output_dir)
-        repaired = finish_interrupted_save(args.output_dir)
-        if repaired:
-            print(repaired)
-    resume_dir = resolve_resume(args.resume_from_checkpoint, args.output_dir)
-    return resume_dir, load_resume_state(resume_dir) if resume_dir else None
+def prompt_format(data, where: str) -> tuple:
+    """A split's prompts, every row checked: their format (`text` or `conversation`), the rows and no note."""
+    if "prompt" not in data.column_names:
+        fail(
+            "dataset_name",
+            f"{where} has no `prompt` column (it has {data.column_names}); rename the prompt column to `prompt`",
+        )
+    return column_kind(data, "prompt", where)[0], data, None
 
 
 def load_prompts(args: Args, local_batch_size: int) -> tuple:
     """The train and evaluation prompts, checked: (train rows, eval rows, "text" or "conversation", a note saying
     which rows are evaluated)."""
-    try:
-        splits = load_any_dataset(args.dataset_name)
-    except Exception as e:  # the datasets library has many failure types; all mean the same thing to the user
-        fail("dataset_name", f"could not load {args.dataset_name!r} (is it empty, or not a dataset?): {e}")
-    train_data, eval_data = pick_splits(splits, args.dataset_name, args.dataset_train_split, args.dataset_test_split)
-    prompt_kinds = set()
-    for data, split in ((train_data, args.dataset_train_split), (eval_data, args.dataset_test_split)):
-        where = repr(args.dataset_name) if None in splits else f"split {split!r} of {args.dataset_name!r}"
-        if data is None:
-            continue
-        if "prompt" not in data.column_names:
-            fail(
-                "dataset_name",
-                f"{where} has no `prompt` column (it has {data.column_names}); rename the prompt column to `prompt`",
-            )
-        if len(data) == 0:
-            fail("dataset_name", f"{where} is empty")
-        prompt_kinds.add(column_kind(data, "prompt", where)[0])
-    if len(prompt_kinds) > 1:
-        fail("dataset_name", f"the train and test prompts of {args.dataset_name!r} mix strings and conversations")
-    prompt_kind = prompt_kinds.pop()
-    split_note = f"evaluating on split {args.dataset_test_split!r}"
-    if eval_data is None:
-        train_data, eval_data, split_note = hold_out(
-            train_data, args.dataset_name, args.dataset_train_split, args.dataset_test_split
-        )
+    train_data, eval_data, prompt_kind, split_note = load_splits(args, prompt_format)
     if len(train_data) < local_batch_size:
         fail(
             "dataset_train_split",
@@ -826,46 +732,6 @@ def check_model_configs(args: Args, tokenizer, prompt_kind: str) -> tuple:
     return context, reward_shift
 
 
-def make_accelerator(args: Args, b: Batches):
-    """On a CPU-only host the processes talk over gloo: cpu=True joins the process group that torchrun (or
-    `accelerate launch --multi_gpu`) set up, where a plain Accelerator() would run independent copies; accelerate
-    ignores DeepSpeed under cpu=True, and DeepSpeed needs the backend named or each rank sees one process. GPUs:
-    NCCL."""
-    from accelerate import Accelerator
-    from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
-
-    on_cpu = not torch.cuda.is_available()
-    deepspeed_launch = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    accelerator = Accelerator(
-        cpu=on_cpu and not deepspeed_launch,
-        mixed_precision="bf16" if args.bf16 else "no",
-        # One optimizer step per mini-batch: accelerate (and the DeepSpeed engine) accumulate micro_per_mini backward
-        # passes, whatever gradient_accumulation_steps the launcher's config says.
-        gradient_accumulation_plugin=GradientAccumulationPlugin(
-            num_steps=b.micro_per_mini, sync_with_dataloader=False
-        ),
-        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if on_cpu and b.world_size > 1 else [],
-    )
-    if accelerator.num_processes != b.world_size:
-        fail(
-            "num_processes",
-            f"WORLD_SIZE says {b.world_size} processes but accelerate runs {accelerator.num_processes}",
-        )
-    return accelerator
-
-
-def start_tracking(args: Args) -> None:
-    import wandb
-
-    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
-    wandb.init(
-        project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=run_name, save_code=True
-    )
-    wandb.define_metric("train/episode")
-    wandb.define_metric("train/*", step_metric="train/episode")
-    wandb.define_metric("eval/*", step_metric="train/episode")
-
-
 def tokenize_prompts(args: Args, tokenizer, train_data, eval_data, context: Optional[int], b: Batches, say) -> tuple:
     """Token ids of the train and evaluation prompts (conversations through the chat template; left padding
     happens per batch), without those too long for the models' context."""
@@ -909,32 +775,6 @@ def prompts_for_update(train_ids: list, update: int, seed: int, b: Batches, proc
         order = prompt_order(len(train_ids), seed, update).repeat(repeats)[: b.batch_size]
     mine = order[process_index * b.local_batch_size : (process_index + 1) * b.local_batch_size]
     return [train_ids[i] for i in mine.tolist()]
-
-
-def prepare_output_dir(args: Args, resume_state: Optional[dict], main_process: bool) -> str:
-    """Create output_dir (only now, with every input checked, is anything written there); a fresh run drops an
-    earlier run's checkpoints, a resumed one the metrics rows after its checkpoint. Returns metrics.jsonl's path."""
-    os.makedirs(args.output_dir, exist_ok=True)
-    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    if main_process and resume_state is None:
-        # A fresh run (e.g. --overwrite-output-dir): an earlier run's checkpoints must not mix with its own.
-        shutil.rmtree(os.path.join(args.output_dir, "checkpoints"), ignore_errors=True)
-    if main_process and os.path.exists(metrics_path):
-        # Resuming keeps the rows up to the checkpoint (a killed run may have logged later updates, or half a line).
-        kept = []
-        if resume_state is not None:
-            with open(metrics_path) as f:
-                for line in f:
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue
-                    if row.get("update", 0) <= resume_state["update"]:
-                        kept.append(line if line.endswith("\n") else line + "\n")
-        with open(metrics_path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(metrics_path + ".tmp", metrics_path)
-    return metrics_path
 
 
 def load_policy(args: Args, tokenizer, resume_dir: Optional[str]) -> tuple:
@@ -1222,21 +1062,9 @@ def log(run: Run, row: dict) -> None:
 def print_samples(run: Run, rows: list, update: int) -> None:
     if not run.accelerator.is_main_process:
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    columns = ("query", "model response", "score")
-    table = Table(title=f"sample completions after update {update}", show_lines=True)
-    for column in columns:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(row["query"][-200:], row["response"], f"{row['score']:.3f}")
-    Console().print(table)
-    if run.args.track:
-        import wandb
-
-        data = [[r["query"], r["response"], r["score"]] for r in rows]
-        wandb.log({"samples": wandb.Table(columns=list(columns), data=data)})
+    columns = ["query", "model response", "score"]
+    table = [[r["query"], r["response"], r["score"]] for r in rows]
+    show_samples(f"sample completions after update {update}", columns, table, run.args.track, {"query": 200})
 
 
 def split_state_dict(state_dict: dict) -> dict:
@@ -1277,92 +1105,33 @@ def save_policy(run: Run, path: str, state_dict: dict, merge: bool = False) -> N
 
 
 def save_checkpoint(run: Run, optimizer, scheduler, update: int, global_episode: int, optimizer_steps: int) -> None:
-    """Policy and value model (safetensors), optimizer, scheduler, counters, args and every process's RNG states,
-    written to checkpoint-N.tmp and renamed into place: a kill at any moment leaves the previous checkpoints intact
-    and never a half-written one under a final name. Under DeepSpeed the optimizer state is partitioned: every
-    process writes its own part with the engine's save_checkpoint."""
-    args, accelerator = run.args, run.accelerator
-    is_deepspeed = run.zero_stage is not None
-    folder = os.path.join(args.output_dir, "checkpoints", f"checkpoint-{update}")
-    tmp = folder + ".tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(run.model)  # on every process: ZeRO-3 gathers the shards
-    if is_deepspeed:
-        run.model.save_checkpoint(tmp, tag="deepspeed", save_latest=False)
-    error = None
-    try:  # a full disk (or a quota) must cost this checkpoint only, with a message, not the earlier ones
-        rng_path = os.path.join(tmp, f"rng_rank{accelerator.process_index}.pt")
-        torch.save(rng_state(run.sampling_generator), rng_path)
-        if accelerator.is_main_process:
-            split = split_state_dict(state_dict)
-            save_policy(run, os.path.join(tmp, "policy"), split["policy"])
-            run.unwrapped.value_model.save_pretrained(
-                os.path.join(tmp, "value_model"), state_dict=split["value_model"]
-            )
-            state = {
-                "optimizer": None if is_deepspeed else optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "update": update,
-                "global_episode": global_episode,
-                "optimizer_steps": optimizer_steps,
-                "world_size": accelerator.num_processes,
-                "zero_stage": run.zero_stage,
-                "args": json.dumps(asdict(args)),
-                "script": os.path.basename(__file__),
-            }
-            torch.save(state, os.path.join(tmp, "state.pt"))
-    except Exception as e:  # torch and safetensors report a full disk as their own error types
-        error = f"{type(e).__name__}: {e}"
-    failed = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "sum").item()
-    if accelerator.is_main_process and not failed:
-        try:
-            seal_checkpoint(tmp, folder, args.save_total_limit)
-        except OSError as e:
-            error, failed = f"{type(e).__name__}: {e}", 1
-    if failed:
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        sys.exit(
-            f"error: could not write checkpoint-{update} ({error or 'on another process'}); the run stops "
-            "here, its earlier checkpoints are intact: make room and resume with --resume-from-checkpoint latest"
-        )
-    accelerator.wait_for_everyone()
+    """checkpoint-`update` (write_checkpoint): the policy (or its adapter), the value model and the counters."""
+    counters = {"update": update, "global_episode": global_episode, "optimizer_steps": optimizer_steps}
+    state = {**counters, "script": os.path.basename(__file__)}
+    write = functools.partial(write_models, run)
+    write_checkpoint(
+        run.args,
+        update,
+        state,
+        run.accelerator,
+        run.model,
+        optimizer,
+        scheduler,
+        run.zero_stage,
+        write,
+        run.sampling_generator,
+    )
 
 
-def resume_training(run: Run, optimizer, scheduler, resume_dir: str, resume_state: dict) -> tuple:
-    """Load the optimizer, scheduler and RNG states of a checkpoint; returns (global_episode, optimizer_steps,
-    first_update)."""
-    accelerator = run.accelerator
-    if resume_state["world_size"] != accelerator.num_processes:
-        fail(
-            "resume_from_checkpoint",
-            f"the checkpoint was written by {resume_state['world_size']} processes; "
-            f"resume it with the same number, not {accelerator.num_processes}",
-        )
-    if resume_state.get("zero_stage") != run.zero_stage:
-        fail(
-            "resume_from_checkpoint",
-            f"the checkpoint was written with DeepSpeed ZeRO stage "
-            f"{resume_state.get('zero_stage')} (None: no DeepSpeed); resume it the same way",
-        )
-    if run.zero_stage is not None:
-        run.model.load_checkpoint(
-            resume_dir, tag="deepspeed", load_optimizer_states=True, load_lr_scheduler_states=False
-        )
-    else:
-        optimizer.load_state_dict(resume_state["optimizer"])
-    scheduler.load_state_dict(resume_state["scheduler"])
-    rng_path = os.path.join(resume_dir, f"rng_rank{accelerator.process_index}.pt")
-    set_rng_state(torch.load(rng_path, weights_only=True), run.sampling_generator)
-    return resume_state["global_episode"], resume_state["optimizer_steps"], resume_state["update"] + 1
+def write_models(run: Run, folder: str, state_dict: dict) -> None:
+    """The policy (as from_pretrained loads it, or its adapter) in folder/policy and the value model in
+    folder/value_model."""
+    split = split_state_dict(state_dict)
+    save_policy(run, os.path.join(folder, "policy"), split["policy"])
+    run.unwrapped.value_model.save_pretrained(os.path.join(folder, "value_model"), state_dict=split["value_model"])
 
 
-def ppo_model_card(args: Args, metrics_path: str) -> str:
-    with open(metrics_path) as f:
-        rows = [json.loads(line) for line in f]
+def ppo_model_card(args: Args, rows: list) -> str:
     final = {k: v for row in rows for k, v in row.items()}  # each metric's last logged value
     metrics = "".join(f"| {k} | {v:.4g} |\n" for k, v in final.items() if isinstance(v, (int, float)))
     body = (
@@ -1377,43 +1146,17 @@ def ppo_model_card(args: Args, metrics_path: str) -> str:
     return model_card(name, args.sft_model_path, [args.dataset_name], ["ppo", "rlhf"], body)
 
 
-def write_output(run: Run, path: str, split: dict) -> None:
+def write_output(run: Run, path: str, state_dict: dict) -> None:
     """The policy (+ tokenizer, model card, metrics, args) at path and the value model in path/value_model."""
     args, tokenizer = run.args, run.tokenizer
+    split = split_state_dict(state_dict)
     save_policy(run, path, split["policy"], merge=args.merge_adapter_on_save)
     tokenizer.save_pretrained(path)
     run.unwrapped.value_model.save_pretrained(os.path.join(path, "value_model"), state_dict=split["value_model"])
     tokenizer.save_pretrained(os.path.join(path, "value_model"))
-    shutil.copy(run.metrics_path, os.path.join(path, "metrics.jsonl"))
-    with open(os.path.join(path, "README.md"), "w") as f:
-        f.write(ppo_model_card(args, run.metrics_path))
-    with open(os.path.join(path, "args.json"), "w") as f:
-        json.dump(asdict(args), f, indent=2)
-
-
-def save_output(run: Run, start_time: float) -> None:
-    """The trained models at output_dir, all or nothing (publish_output): a kill mid-save leaves the previous
-    output or this one; then the upload, with --push-to-hub."""
-    args, accelerator = run.args, run.accelerator
-    accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(run.model)
-    nonfinite = []
-    if accelerator.is_main_process:
-        nonfinite = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if accelerator.reduce(torch.tensor(float(len(nonfinite)), device=accelerator.device), "sum").item():
-        sys.exit(
-            f"error: the trained weights are not finite ({', '.join(nonfinite[:3])}...); nothing was saved "
-            "(lower --learning-rate)"
-        )
-    if not accelerator.is_main_process:
-        return
-    split = split_state_dict(state_dict)
-    publish_output(args.output_dir, lambda path: write_output(run, path, split))
-    accelerator.print(f"saved policy and value model to {args.output_dir} ({time.time() - start_time:.0f}s)")
-    if args.push_to_hub:
-        repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
-        url = push_folder_to_hub(args.output_dir, repo_id)
-        accelerator.print(f"uploaded {args.output_dir} to {url}")
+    with open(run.metrics_path) as f:
+        rows = [json.loads(line) for line in f]
+    write_run_files(path, args, rows, ppo_model_card(args, rows))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1421,8 +1164,9 @@ def save_output(run: Run, start_time: float) -> None:
 if __name__ == "__main__":
     args = tyro.cli(Args, args=bool_flags_as_switches(sys.argv[1:], Args))
     explain_remote_code_errors()
-    resume_dir, resume_state = claim_output_dir(args)
-    b = check_args(args, resume_dir, resume_state)
+    b = check_args(args)
+    resume_dir = claim_output_dir(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
+    resume_state = check_resume(resume_dir, args, MAY_CHANGE_ON_RESUME, os.path.basename(__file__))
     train_data, eval_data, prompt_kind, split_note = load_prompts(args, b.local_batch_size)
 
     from accelerate.utils import DistributedType
@@ -1440,7 +1184,9 @@ if __name__ == "__main__":
     stop_on_signals()  # from here on, Ctrl-C or SIGTERM stops after the current update with a checkpoint
 
     # TRY NOT TO MODIFY: processes, seeding, tracking
-    accelerator = make_accelerator(args, b)
+    # One optimizer step per mini-batch: accelerate (and the DeepSpeed engine) accumulate micro_per_mini backward
+    # passes, whatever gradient_accumulation_steps the launcher's config says.
+    accelerator, zero_stage = make_accelerator(b.micro_per_mini, args.bf16, args.max_grad_norm, resume_state)
     is_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     device = accelerator.device
     if added_pad:
@@ -1451,7 +1197,7 @@ if __name__ == "__main__":
     # Sampling differs per process; the data order and the PPO permutations are the same on every process.
     sampling_generator = torch.Generator(device=device).manual_seed(args.seed + accelerator.process_index * 100003)
     if args.track and accelerator.is_main_process:
-        start_tracking(args)
+        start_tracking(args, "train/episode", ("train/*", "eval/*"))
     accelerator.print(split_note)
     if prompt_kind == "text" and tokenizer.chat_template:
         accelerator.print(
@@ -1459,7 +1205,7 @@ if __name__ == "__main__":
             "they are, as TRL's PPO did (give lists of {role, content} messages to have it applied)"
         )
     train_ids, eval_ids = tokenize_prompts(args, tokenizer, train_data, eval_data, context, b, accelerator.print)
-    metrics_path = prepare_output_dir(args, resume_state, accelerator.is_main_process)
+    metrics_path = prepare_output_dir(args.output_dir, resume_state, accelerator.is_main_process)
 
     # Models: policy and reference from the SFT model; value model and reward model from the reward model.
     policy, ref_policy, base_path = load_policy(args, tokenizer, resume_dir)
@@ -1524,9 +1270,11 @@ if __name__ == "__main__":
     sample_every = max(b.num_total_batches // args.num_sample_generations, 1) if args.num_sample_generations else 0
     global_episode, optimizer_steps, first_update = 0, 0, 1
     if resume_state is not None:
-        global_episode, optimizer_steps, first_update = resume_training(
-            run, optimizer, scheduler, resume_dir, resume_state
+        load_checkpoint(
+            resume_dir, resume_state, accelerator, model, optimizer, scheduler, zero_stage, sampling_generator
         )
+        global_episode, optimizer_steps = resume_state["global_episode"], resume_state["optimizer_steps"]
+        first_update = resume_state["update"] + 1
         accelerator.print(f"resumed from {resume_dir}: continuing at update {first_update}, episode {global_episode}")
     start_time, start_episode = time.time(), global_episode
     bar = progress_bar(
@@ -1750,5 +1498,5 @@ if __name__ == "__main__":
     if bar is not None:
         bar.close()
 
-    save_output(run, start_time)
+    save_output(args, accelerator, model, functools.partial(write_output, run), start_time, "policy and value model ")
     end_run(accelerator)

@@ -28,10 +28,9 @@ import math
 import os
 import random
 import shutil
-import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 import numpy as np
@@ -39,20 +38,28 @@ import torch
 import torch.nn.functional as F
 import tyro
 
-from rlhf_utils.cli import fail, bool_flags_as_switches, explain_remote_code_errors
-from rlhf_utils.outputs import lock_output_dir, finish_interrupted_save, publish_output
-from rlhf_utils.checkpoints import seal_checkpoint, resolve_resume, load_resume_state, rng_state, set_rng_state
-from rlhf_utils.runs import stop_on_signals, stop_requested, end_run, progress_bar, wandb_row
-from rlhf_utils.hub import model_card, check_push_to_hub, push_folder_to_hub
+from rlhf_utils.cli import (
+    TRAINING_RANGES,
+    fail,
+    bool_flags_as_switches,
+    check_paths,
+    check_ranges,
+    explain_remote_code_errors,
+)
+from rlhf_utils.outputs import claim_output_dir, save_output, write_run_files
+from rlhf_utils.checkpoints import check_resume, write_checkpoint, load_checkpoint
+from rlhf_utils.processes import make_accelerator, start_tracking
+from rlhf_utils.runs import stop_on_signals, stop_requested, stop_run, end_run, progress_bar, wandb_row
+from rlhf_utils.hub import model_card, check_push_to_hub
 from rlhf_utils.data import (
     load_any_dataset,
-    pick_splits,
-    hold_out,
+    load_splits,
     column_kind,
     require_assistant,
     tokenize_conversation,
+    load_tokenizer,
 )
-from rlhf_utils.models import add_pad_token, context_length, disable_dropout, disable_dropout_in_config
+from rlhf_utils.models import disable_dropout, disable_dropout_in_config
 
 
 @dataclass
@@ -146,81 +153,20 @@ MAY_CHANGE_ON_RESUME = (
 ).split()
 
 
-def check_args(args: Args) -> tuple:
-    """Every check that needs no data and no model, before anything loads; the main process also takes the output
-    folder for the run. Returns the checkpoint folder to resume (None: a fresh run) and its state.pt."""
-    if int(os.environ.get("RANK", "0")) == 0:  # the main process holds the output folder for the run
-        lock_output_dir(args.output_dir)
-        repaired = finish_interrupted_save(args.output_dir)
-        if repaired:
-            print(repaired)
-    resume_dir = resolve_resume(args.resume_from_checkpoint, args.output_dir)
-    not_empty = os.path.isdir(args.output_dir) and os.listdir(args.output_dir)
-    if not_empty and not (args.overwrite_output_dir or resume_dir):
-        fail(
-            "output_dir",
-            f"{args.output_dir!r} exists and is not empty; pass --overwrite-output-dir, "
-            "--resume-from-checkpoint latest, or another path",
-        )
-    if args.save_steps < 0:
-        fail("save_steps", f"must be >= 0 (0: no checkpoints), got {args.save_steps}")
-    if args.save_total_limit is not None and args.save_total_limit < 1:
-        fail("save_total_limit", f"must be >= 1 (or None: keep every checkpoint), got {args.save_total_limit}")
-    # state.pt is small (the optimizer has its own file), so reading it here costs nothing.
-    resume_state = load_resume_state(resume_dir) if resume_dir else None
-    script = os.path.basename(__file__)
-    if resume_state is not None and resume_state.get("script", script) != script:
-        fail(
-            "resume_from_checkpoint",
-            f"{resume_dir!r} was written by {resume_state['script']}; pass a checkpoint of {script}",
-        )
-    if resume_state is not None:
-        saved = json.loads(resume_state["args"])
-        saved = {**json.loads(json.dumps(asdict(Args()))), **saved}  # a flag newer than the checkpoint: its default
-        now = json.loads(json.dumps(asdict(args)))  # as saved: lists, not tuples
-        changed = [
-            f"--{k.replace('_', '-')} {saved.get(k)!r} (now {v!r})"
-            for k, v in now.items()
-            if k not in MAY_CHANGE_ON_RESUME and saved.get(k) != v
-        ]
-        if changed:
-            fail(
-                "resume_from_checkpoint",
-                f"{resume_dir!r} was written by a run with {', '.join(changed)}; resume "
-                "with the same values, or start a new run",
-            )
-    if args.push_to_hub:
-        check_push_to_hub(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)))
-    positive = "learning_rate per_device_train_batch_size num_train_epochs gradient_accumulation_steps max_length"
-    for name in positive.split():
-        if not getattr(args, name) > 0:  # `not >` also catches nan
-            fail(name, f"must be positive, got {getattr(args, name)}")
-    if not 0 <= args.seed < 2**32:
-        fail("seed", f"must be in [0, 2**32 - 1] (numpy's seed range), got {args.seed}")
-    if not 0 <= args.warmup_ratio <= 1:
-        fail("warmup_ratio", f"is a fraction of the optimizer steps, so in [0, 1]; got {args.warmup_ratio}")
+def check_args(args: Args) -> None:
+    """Every check that needs no data and no model, before anything loads: a typo should cost a second."""
+    check_ranges(args, {**TRAINING_RANGES, "num_train_epochs": (">", 0), "max_length": (">", 0)})
     if args.normalize_reward and args.normalize_num_examples <= 0:
         fail(
             "normalize_num_examples",
             f"must be positive to normalise (the mean of no scores is nan), got {args.normalize_num_examples}; "
             "or pass --no-normalize-reward",
         )
-    if not args.adam_epsilon > 0:
-        fail("adam_epsilon", f"must be positive, got {args.adam_epsilon}")
-    if args.max_grad_norm is not None and not args.max_grad_norm > 0:
-        fail("max_grad_norm", f"must be positive, got {args.max_grad_norm} (None: no clipping)")
-    for name in ("adam_beta1", "adam_beta2"):
-        if not 0 <= getattr(args, name) < 1:
-            fail(name, f"must be in [0, 1), got {getattr(args, name)}")
-    if not args.weight_decay >= 0:
-        fail("weight_decay", f"must be >= 0, got {args.weight_decay}")
     tokenizer_path = args.tokenizer_name_or_path or args.model_name_or_path
-    for arg, path in (("model_name_or_path", args.model_name_or_path), ("tokenizer_name_or_path", tokenizer_path)):
-        # A hub id is `name` or `org/name`; anything else that does not exist is a missing local folder.
-        looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1
-        if not os.path.exists(path) and (looks_local or os.environ.get("HF_HUB_OFFLINE") == "1"):
-            fail(arg, f"{path!r} does not exist; train it with `python sft.py` or pass a path/hub id")
-    return resume_dir, resume_state
+    paths = {"model_name_or_path": args.model_name_or_path, "tokenizer_name_or_path": tokenizer_path}
+    check_paths(paths, "train it with `python sft.py` or pass a path/hub id")
+    if args.push_to_hub:  # asks the Hub: last, after every local check
+        check_push_to_hub(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -321,58 +267,23 @@ def encode_completion(tokenizer, prompt, completion) -> list:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The command line, the progress bar, tracking, the Hub and random states
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The output folder and its checkpoints: one run at a time, each written whole or not at all (docs/faults.md)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Setup, evaluation, normalisation and saving: what the main block calls, in the order it runs
 
 
-def load_pairs(args: Args) -> tuple:
-    """The train and test splits of --dataset-name, every row checked, without the pairs that teach nothing; with no
-    test split, rows held out of the train split. Returns ({"train": ..., "test": ...}, the format (`text` or
-    `conversation`), whether the prompt is explicit, and the lines that say what was dropped or held out)."""
-    try:
-        splits = load_any_dataset(args.dataset_name)
-    except Exception as e:  # the datasets library has many failure types; all mean the same thing to the user
-        fail("dataset_name", f"could not load {args.dataset_name!r} (is it empty, or not a dataset?): {e}")
-    picked = pick_splits(splits, args.dataset_name, args.dataset_train_split, args.dataset_test_split)
-    data_splits = dict(zip(("train", "test"), picked))
-    formats, split_notes = set(), []
-    for role, split in (("train", args.dataset_train_split), ("test", args.dataset_test_split)):
-        data = data_splits[role]
-        where = repr(args.dataset_name) if None in splits else f"split {split!r} of {args.dataset_name!r}"
-        if data is None:
-            continue
-        if len(data) == 0:
-            fail("dataset_name", f"{where} is empty")
-        kind, has_prompt, useless = preference_format(data, where)
-        formats.add((kind, has_prompt))
-        if len(useless) * 2 > len(data):
-            fail(
-                "dataset_name",
-                f"{len(useless)} of {len(data)} pairs of {where} have an empty side or chosen == "
-                f"rejected (e.g. row {useless[0]}); most of the data teaches nothing: fix it",
-            )
-        if useless:
-            split_notes.append(
-                f"dropped {len(useless)} of {len(data)} pairs of {where} with an empty side or chosen "
-                f"== rejected (e.g. row {useless[0]})"
-            )
-            data_splits[role] = data.select(sorted(set(range(len(data))) - set(useless)))
-    if len(formats) > 1:
-        fail("dataset_name", f"the train and test splits of {args.dataset_name!r} have different formats")
-    kind, has_prompt = formats.pop()
-    split_notes.append(f"evaluating on split {args.dataset_test_split!r}")
-    if data_splits["test"] is None:
-        data_splits["train"], data_splits["test"], split_notes[-1] = hold_out(
-            data_splits["train"], args.dataset_name, args.dataset_train_split, args.dataset_test_split
+def useful_pairs(data, where: str) -> tuple:
+    """A split's format ((`text` or `conversation`, whether the prompt is explicit): preference_format) and its pairs
+    without those that teach nothing, with the line that says how many were dropped (None: none)."""
+    kind, has_prompt, useless = preference_format(data, where)
+    if len(useless) * 2 > len(data):
+        fail(
+            "dataset_name",
+            f"{len(useless)} of {len(data)} pairs of {where} have an empty side or chosen == "
+            f"rejected (e.g. row {useless[0]}); most of the data teaches nothing: fix it",
         )
-    return data_splits, kind, has_prompt, split_notes
+    if not useless:
+        return (kind, has_prompt), data, None
+    note = f"dropped {len(useless)} of {len(data)} pairs of {where} with an empty side or chosen == rejected (e.g. row {useless[0]})"
+    return (kind, has_prompt), data.select(sorted(set(range(len(data))) - set(useless))), note
 
 
 def load_references(args: Args, kind: str):
@@ -400,12 +311,8 @@ def load_references(args: Args, kind: str):
     return refs
 
 
-def load_config_and_tokenizer(args: Args, kind: str) -> tuple:
-    """The SFT model's config and the tokenizer, with the checks that need them. A tokenizer without a pad token
-    distinct from EOS gets [PAD]. Returns (config, tokenizer, the line that says a pad token was added, or None)."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    config = AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+def check_reward_config(args: Args, config) -> None:
+    """The model to start from: a causal LM (the SFT model), or a classifier with one label."""
     classifier = any("ForSequenceClassification" in a for a in config.architectures or [])
     if getattr(config, "num_labels", 1) != 1 and classifier:
         fail(
@@ -413,70 +320,6 @@ def load_config_and_tokenizer(args: Args, kind: str) -> tuple:
             f"{args.model_name_or_path!r} is a classifier with {config.num_labels} labels; "
             "a reward model has one (start from the SFT model instead)",
         )
-    tokenizer_path = args.tokenizer_name_or_path or args.model_name_or_path
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=args.trust_remote_code)
-    added_pad = add_pad_token(tokenizer)  # logged once, by the main process
-    context = context_length(config)
-    if context is not None and args.max_length > context:
-        fail(
-            "max_length",
-            f"{args.max_length} is longer than the model's context of {context} tokens "
-            "(max_position_embeddings); lower it",
-        )
-    if kind != "text" and not tokenizer.chat_template:
-        fail(
-            "tokenizer_name_or_path",
-            f"{tokenizer_path!r} has no chat template, which conversational data needs; "
-            "use an instruct model's tokenizer, set tokenizer.chat_template and save it, "
-            "or give `prompt`/`chosen`/`rejected` as strings",
-        )
-    return config, tokenizer, added_pad
-
-
-def make_accelerator(args: Args, resume_state: Optional[dict]) -> tuple:
-    """The Accelerator of this launch and its DeepSpeed ZeRO stage (None: no DeepSpeed). A checkpoint resumes only in
-    the launch layout that wrote it: each process's data position and RNG state, and DeepSpeed's optimizer shards,
-    belong to one."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedType, InitProcessGroupKwargs
-
-    # On a CPU-only host the processes talk over gloo: cpu=True joins the process group that torchrun (or `accelerate
-    # launch --multi_gpu`) set up, where a plain Accelerator() would run independent copies; accelerate ignores
-    # DeepSpeed under cpu=True, and DeepSpeed needs the backend named or each rank sees one process. GPUs: NCCL.
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    on_cpu = not torch.cuda.is_available()
-    deepspeed_launch = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    accelerator = Accelerator(
-        cpu=on_cpu and not deepspeed_launch,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision="bf16" if args.bf16 else "no",
-        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if on_cpu and world_size > 1 else [],
-    )
-    if accelerator.num_processes != world_size:
-        fail(
-            "num_processes", f"WORLD_SIZE says {world_size} processes but accelerate runs {accelerator.num_processes}"
-        )
-    zero_stage = None
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        # Clip at --max-grad-norm whatever the config file says; ZeRO-3 gathers full weights to save a loadable model.
-        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
-        ds_config["gradient_clipping"] = args.max_grad_norm or 0.0  # 0: off
-        zero_stage = ds_config["zero_optimization"]["stage"]
-        if zero_stage == 3:
-            ds_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
-    if resume_state is not None and resume_state["world_size"] != world_size:
-        fail(
-            "resume_from_checkpoint",
-            f"the checkpoint was written by {resume_state['world_size']} processes; "
-            f"resume it with the same number, not {world_size}",
-        )
-    if resume_state is not None and resume_state["zero_stage"] != zero_stage:
-        fail(
-            "resume_from_checkpoint",
-            f"the checkpoint was written with DeepSpeed ZeRO stage {resume_state['zero_stage']}, this launch has "
-            f"{zero_stage} (None: no DeepSpeed); resume it the same way",
-        )
-    return accelerator, zero_stage
 
 
 def gathered(params: list, zero_stage: Optional[int]):
@@ -624,79 +467,11 @@ def normalize_scores(model, sequences: list, batch_size: int, pad_token_id: int,
     )
 
 
-# TRY NOT TO MODIFY: checkpoints (--save-steps), resuming (--resume-from-checkpoint) and the final save
-def save_checkpoint(args: Args, accelerator, zero_stage, model, optimizer, scheduler, metrics: list, position: dict):
-    """The weights (safetensors), optimizer, scheduler, data position (`position`: step, epoch, batches_done and the
-    epoch's shuffle state), metrics so far, args and every process's RNG states, written to checkpoint-N.tmp and
-    renamed into place: a kill at any moment leaves the earlier checkpoints intact and never a half-written one
-    under a final name. Under DeepSpeed the optimizer state is partitioned: every process writes its own part with
-    the engine's save_checkpoint."""
-    step = position["step"]
-    folder = os.path.join(args.output_dir, "checkpoints", f"checkpoint-{step}")
-    tmp = folder + ".tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(model)  # on every process: ZeRO-3 gathers the shards
-    if zero_stage is not None:
-        model.save_checkpoint(tmp, tag="deepspeed", save_latest=False)
-    error = None
-    try:  # a full disk (or a quota) must cost this checkpoint only, with a message, not the earlier ones
-        torch.save(rng_state(), os.path.join(tmp, f"rng_rank{accelerator.process_index}.pt"))
-        if accelerator.is_main_process:
-            accelerator.unwrap_model(model).save_pretrained(os.path.join(tmp, "model"), state_dict=state_dict)
-            if zero_stage is None:
-                torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-            state = {
-                "scheduler": scheduler.state_dict(),
-                **position,
-                "metrics": json.dumps(metrics),
-                "args": json.dumps(asdict(args)),
-                "world_size": accelerator.num_processes,
-                "zero_stage": zero_stage,
-                "script": os.path.basename(__file__),
-            }
-            torch.save(state, os.path.join(tmp, "state.pt"))
-    except Exception as e:  # torch and safetensors report a full disk as their own error types
-        error = f"{type(e).__name__}: {e}"
-    failed = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "sum").item()
-    if accelerator.is_main_process and not failed:
-        try:
-            seal_checkpoint(tmp, folder, args.save_total_limit)
-        except OSError as e:
-            error, failed = f"{type(e).__name__}: {e}", 1
-    if failed:
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        sys.exit(
-            f"error: could not write checkpoint-{step} ({error or 'on another process'}); the run stops "
-            "here, its earlier checkpoints are intact: make room and resume with --resume-from-checkpoint latest"
-        )
-    accelerator.wait_for_everyone()
-
-
-def restore_checkpoint(resume_dir: str, resume_state: dict, accelerator, zero_stage, model, optimizer, scheduler):
-    """What a checkpoint holds besides the weights (which came with the model) and its counters (in resume_state):
-    the optimizer, the schedule and this process's RNG states."""
-    if zero_stage is not None:
-        model.load_checkpoint(resume_dir, tag="deepspeed", load_optimizer_states=True, load_lr_scheduler_states=False)
-    else:
-        optimizer.load_state_dict(torch.load(os.path.join(resume_dir, "optimizer.pt"), weights_only=True))
-    scheduler.load_state_dict(resume_state["scheduler"])
-    rng_file = os.path.join(resume_dir, f"rng_rank{accelerator.process_index}.pt")
-    set_rng_state(torch.load(rng_file, weights_only=True))
-
-
-def write_output(path: str, args: Args, model, state_dict: dict, tokenizer, metrics: list) -> None:
+def write_output(path: str, state_dict: dict, args: Args, model, tokenizer, metrics: list) -> None:
     """The saved folder: the model (its config keeps num_labels=1 and the pad id, so the HF forward reads the same
     token), the tokenizer, metrics.jsonl, args.json and a model card."""
     model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(path)
-    with open(os.path.join(path, "metrics.jsonl"), "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in metrics)
-    with open(os.path.join(path, "args.json"), "w") as f:
-        json.dump(asdict(args), f, indent=2)
     datasets = [args.dataset_name] + ([args.normalize_dataset_name] if args.normalize_reward else [])
     body = (
         "A reward model (one score per sequence, read at its last token) trained with `reward_modeling.py` from "
@@ -705,37 +480,9 @@ def write_output(path: str, args: Args, model, state_dict: dict, tokenizer, metr
         "Every logged row is in `metrics.jsonl`, the arguments in `args.json`.\n"
     )
     title = os.path.basename(os.path.abspath(args.output_dir))
-    with open(os.path.join(path, "README.md"), "w") as f:
-        f.write(model_card(title, args.model_name_or_path, datasets, ["reward-model", "rlhf"], body))
-
-
-def save_reward_model(args: Args, accelerator, model, tokenizer, metrics: list, start: float) -> None:
-    """The final save, atomic (publish_output: the previous output or this one, never a mix), of finite weights only;
-    then the upload for --push-to-hub."""
-    accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(model)
-    nonfinite = (
-        [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-        if accelerator.is_main_process
-        else []
+    write_run_files(
+        path, args, metrics, model_card(title, args.model_name_or_path, datasets, ["reward-model", "rlhf"], body)
     )
-    if accelerator.reduce(torch.tensor(float(len(nonfinite)), device=accelerator.device), "sum").item():
-        sys.exit(
-            f"error: the trained weights are not finite ({', '.join(nonfinite[:3])}...); nothing was saved "
-            "(lower --learning-rate)"
-        )
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        write = functools.partial(
-            write_output, args=args, model=unwrapped, state_dict=state_dict, tokenizer=tokenizer, metrics=metrics
-        )
-        publish_output(args.output_dir, write)
-        accelerator.print(f"saved to {args.output_dir} after {time.time() - start:.0f}s")
-        if args.push_to_hub:
-            url = push_folder_to_hub(
-                args.output_dir, args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
-            )
-            accelerator.print(f"uploaded {args.output_dir} to {url}")
 
 
 if __name__ == "__main__":
@@ -744,33 +491,36 @@ if __name__ == "__main__":
     from transformers import get_scheduler
 
     # Validate everything cheap before loading a model.
-    resume_dir, resume_state = check_args(args)
-    data_splits, kind, has_prompt, split_notes = load_pairs(args)
+    check_args(args)
+    resume_dir = claim_output_dir(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
+    resume_state = check_resume(resume_dir, args, MAY_CHANGE_ON_RESUME, os.path.basename(__file__))
+    train_data, test_data, (kind, has_prompt), split_note = load_splits(args, useful_pairs)
     refs = load_references(args, kind) if args.normalize_reward else None
-    config, tokenizer, added_pad = load_config_and_tokenizer(args, kind)
+    config, tokenizer, added_pad = load_tokenizer(args, kind, "`prompt`/`chosen`/`rejected`")
+    check_reward_config(args, config)
     stop_on_signals()  # from here on, Ctrl-C or SIGTERM stops after the current step with a checkpoint
 
     # TRY NOT TO MODIFY: seeding, processes, tracking
-    accelerator, zero_stage = make_accelerator(args, resume_state)
+    # An optimizer step every gradient_accumulation_steps batches, and at the end of each epoch.
+    accelerator, zero_stage = make_accelerator(
+        args.gradient_accumulation_steps, args.bf16, args.max_grad_norm, resume_state, sync_with_dataloader=True
+    )
     if added_pad:
         accelerator.print(added_pad)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
     if args.track and accelerator.is_main_process:
         import wandb
 
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=run_name)
-        wandb.define_metric("train/global_step")
-        wandb.define_metric("*", step_metric="train/global_step")
+        start_tracking(args, "train/global_step")
 
     # Data: prompt + completion + EOS, so that the score is read at EOS, as in PPO where responses end with it.
-    train_rows, dropped_train = tokenize_pairs(data_splits["train"], tokenizer, args.max_length)
-    eval_rows, dropped_eval = tokenize_pairs(data_splits["test"], tokenizer, args.max_length)
+    train_rows, dropped_train = tokenize_pairs(train_data, tokenizer, args.max_length)
+    eval_rows, dropped_eval = tokenize_pairs(test_data, tokenizer, args.max_length)
     references = zip(refs["prompt"], refs["completion"]) if args.normalize_reward else []
     reference_ids = [encode_checked(tokenizer, prompt, completion) for prompt, completion in references]
-    accelerator.print("; ".join(split_notes))
+    accelerator.print(split_note)
     accelerator.print(
         f"{len(train_rows)} train / {len(eval_rows)} eval pairs ({kind} format, "
         f"{'explicit' if has_prompt else 'implicit'} prompt); dropped as longer than --max-length "
@@ -815,7 +565,7 @@ if __name__ == "__main__":
 
     metrics_log, step, first_epoch, skip_batches, start = [], 0, 0, 0, time.time()
     if resume_dir:
-        restore_checkpoint(resume_dir, resume_state, accelerator, zero_stage, model, optimizer, scheduler)
+        load_checkpoint(resume_dir, resume_state, accelerator, model, optimizer, scheduler, zero_stage)
         step, first_epoch, skip_batches = resume_state["step"], resume_state["epoch"], resume_state["batches_done"]
         shuffle_generator.set_state(resume_state["shuffle"])
         metrics_log = json.loads(resume_state["metrics"])
@@ -878,15 +628,14 @@ if __name__ == "__main__":
                         wandb.log(wandb_row(row))
                 stop = stop_requested(accelerator)
                 if (args.save_steps and step % args.save_steps == 0) or stop:
-                    position = dict(step=step, epoch=epoch, batches_done=batch_index + 1, shuffle=shuffle_state)
-                    save_checkpoint(args, accelerator, zero_stage, model, optimizer, scheduler, metrics_log, position)
-                if stop:
-                    accelerator.print(
-                        f"stopped by {signal.Signals(stop).name} after optimizer step {step}, with "
-                        f"checkpoint-{step}: continue with --resume-from-checkpoint latest",
-                        file=sys.stderr,
+                    # The data position (the epoch's shuffle, the batches done in it) and the metrics so far.
+                    position = dict(epoch=epoch, batches_done=batch_index + 1, shuffle=shuffle_state)
+                    state = dict(
+                        step=step, **position, metrics=json.dumps(metrics_log), script=os.path.basename(__file__)
                     )
-                    end_run(accelerator, 128 + stop)
+                    write_checkpoint(args, step, state, accelerator, model, optimizer, scheduler, zero_stage)
+                if stop:
+                    stop_run(accelerator, stop, f"optimizer step {step}", step)
         skip_batches = 0
         row = {**evaluate(model, eval_loader, accelerator), "epoch": epoch, "step": step}
         metrics_log.append(row)
@@ -906,5 +655,8 @@ if __name__ == "__main__":
         )
         metrics_log.append({"normalization/reference_mean_before": mean_before, "step": step})
 
-    save_reward_model(args, accelerator, model, tokenizer, metrics_log, start)
+    write = functools.partial(
+        write_output, args=args, model=accelerator.unwrap_model(model), tokenizer=tokenizer, metrics=metrics_log
+    )
+    save_output(args, accelerator, model, write, start)
     end_run(accelerator)

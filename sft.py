@@ -10,15 +10,15 @@ and the completion ends with EOS so that the policy learns to stop. Conversation
 assistant turns only.
 """
 
+import functools
 import json
 import math
 import os
 import random
 import shutil
-import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 import numpy as np
@@ -26,20 +26,27 @@ import torch
 import torch.nn.functional as F
 import tyro
 
-from rlhf_utils.cli import fail, bool_flags_as_switches, explain_remote_code_errors
-from rlhf_utils.outputs import lock_output_dir, finish_interrupted_save, publish_output
-from rlhf_utils.checkpoints import seal_checkpoint, resolve_resume, load_resume_state, rng_state, set_rng_state
-from rlhf_utils.runs import stop_on_signals, stop_requested, end_run, progress_bar, wandb_row
-from rlhf_utils.hub import model_card, check_push_to_hub, push_folder_to_hub
+from rlhf_utils.cli import (
+    TRAINING_RANGES,
+    fail,
+    bool_flags_as_switches,
+    check_paths,
+    check_ranges,
+    explain_remote_code_errors,
+)
+from rlhf_utils.outputs import claim_output_dir, save_output, write_run_files
+from rlhf_utils.checkpoints import check_resume, write_checkpoint, load_checkpoint
+from rlhf_utils.processes import make_accelerator, start_tracking
+from rlhf_utils.runs import stop_on_signals, stop_requested, stop_run, end_run, progress_bar, wandb_row, show_samples
+from rlhf_utils.hub import model_card, check_push_to_hub
 from rlhf_utils.data import (
-    load_any_dataset,
-    pick_splits,
-    hold_out,
+    load_splits,
     column_kind,
     require_assistant,
     tokenize_conversation,
+    load_tokenizer,
 )
-from rlhf_utils.models import add_pad_token, context_length, disable_dropout, disable_dropout_in_config
+from rlhf_utils.models import disable_dropout, disable_dropout_in_config
 
 
 @dataclass
@@ -137,38 +144,12 @@ class Args:
 
 def check_args(args: Args) -> None:
     """Every check that needs only the arguments, before any data or model loads: a typo should cost a second."""
-    if args.save_steps < 0:
-        fail("save_steps", f"must be >= 0 (0: no checkpoints), got {args.save_steps}")
-    if args.save_total_limit is not None and args.save_total_limit < 1:
-        fail("save_total_limit", f"must be >= 1 (or None: keep every checkpoint), got {args.save_total_limit}")
+    check_ranges(args, {**TRAINING_RANGES, "num_train_epochs": (">", 0), "max_length": (">", 0)})
     if args.merge_adapter_on_save and not args.use_peft:
         fail("merge_adapter_on_save", "merges a LoRA adapter into the model; add --use-peft")
-    positive = ("learning_rate", "per_device_train_batch_size", "num_train_epochs", "gradient_accumulation_steps")
-    for name in (*positive, "max_length"):
-        if not getattr(args, name) > 0:  # `not >` also catches nan
-            fail(name, f"must be positive, got {getattr(args, name)}")
-    if not 0 <= args.seed < 2**32:
-        fail("seed", f"must be in [0, 2**32 - 1] (numpy's seed range), got {args.seed}")
-    if not 0 <= args.warmup_ratio <= 1:
-        fail("warmup_ratio", f"is a fraction of the optimizer steps, so in [0, 1]; got {args.warmup_ratio}")
-    for name in ("adam_epsilon", "max_grad_norm"):
-        if getattr(args, name) is not None and not getattr(args, name) > 0:
-            no_clipping = " (None: no clipping)" if name == "max_grad_norm" else ""
-            fail(name, f"must be positive, got {getattr(args, name)}{no_clipping}")
-    for name in ("adam_beta1", "adam_beta2"):
-        if not 0 <= getattr(args, name) < 1:
-            fail(name, f"must be in [0, 1), got {getattr(args, name)}")
-    if not args.weight_decay >= 0:
-        fail("weight_decay", f"must be >= 0, got {args.weight_decay}")
     tokenizer_path = args.tokenizer_name_or_path or args.model_name_or_path
-    for arg, path in (("model_name_or_path", args.model_name_or_path), ("tokenizer_name_or_path", tokenizer_path)):
-        # A hub id is `name` or `org/name`; anything else that does not exist is a missing local folder.
-        looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1
-        if not os.path.exists(path) and (looks_local or os.environ.get("HF_HUB_OFFLINE") == "1"):
-            fail(
-                arg,
-                f"{path!r} does not exist; build the embedded task with `python tiny_tldr.py` or pass a path/hub id",
-            )
+    paths = {"model_name_or_path": args.model_name_or_path, "tokenizer_name_or_path": tokenizer_path}
+    check_paths(paths, "build the embedded task with `python tiny_tldr.py` or pass a path/hub id")
     if args.push_to_hub:  # asks the Hub: last, after every local check
         check_push_to_hub(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)))
 
@@ -283,95 +264,14 @@ def step_groups(batches, size: int):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The output folder and its checkpoints: one run at a time, each written whole or not at all (docs/faults.md)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Setup, evaluation, samples, saving and checkpointing, in the order the main block calls them
 
 
-def check_output_dir(args: Args, resume_dir: Optional[str]) -> Optional[dict]:
-    """A fresh run needs an empty output_dir (or --overwrite-output-dir); a resumed one gets its checkpoint's state
-    (small: the optimizer has its own file), checked to come from this script with the same arguments, except
-    MAY_CHANGE_ON_RESUME. Returns that state, or None for a fresh run."""
-    if (
-        os.path.isdir(args.output_dir)
-        and os.listdir(args.output_dir)
-        and not (args.overwrite_output_dir or resume_dir)
-    ):
-        fail(
-            "output_dir",
-            f"{args.output_dir!r} exists and is not empty; pass --overwrite-output-dir, "
-            "--resume-from-checkpoint latest, or another path",
-        )
-    if not resume_dir:
-        return None
-    resume_state = load_resume_state(resume_dir)
-    script = os.path.basename(__file__)
-    if resume_state.get("script", script) != script:
-        fail(
-            "resume_from_checkpoint",
-            f"{resume_dir!r} was written by {resume_state['script']}; pass a checkpoint of {script}",
-        )
-    defaults = json.loads(json.dumps(asdict(Args())))  # as saved: lists, not tuples
-    saved = {**defaults, **json.loads(resume_state["args"])}  # a flag newer than the checkpoint: its default
-    now = json.loads(json.dumps(asdict(args)))
-    changed = [
-        f"--{k.replace('_', '-')} {saved.get(k)!r} (now {v!r})"
-        for k, v in now.items()
-        if k not in MAY_CHANGE_ON_RESUME and saved.get(k) != v
-    ]
-    if changed:
-        fail(
-            "resume_from_checkpoint",
-            f"{resume_dir!r} was written by a run with {', '.join(changed)}; resume "
-            "with the same values, or start a new run",
-        )
-    return resume_state
-
-
-def load_splits(args: Args) -> tuple:
-    """The train and eval splits, every row checked, and their SFT format; with no test split, rows held out of the
-    train split. Returns (train, eval, format, the log line that names the eval rows)."""
-    try:
-        splits = load_any_dataset(args.dataset_name)
-    except Exception as e:  # the datasets library has many failure types; all mean the same thing to the user
-        fail("dataset_name", f"could not load {args.dataset_name!r} (is it empty, or not a dataset?): {e}")
-    train_data, eval_data = pick_splits(splits, args.dataset_name, args.dataset_train_split, args.dataset_test_split)
-    kinds = set()
-    for split, data in ((args.dataset_train_split, train_data), (args.dataset_test_split, eval_data)):
-        if data is None:
-            continue
-        where = repr(args.dataset_name) if None in splits else f"split {split!r} of {args.dataset_name!r}"
-        if len(data) == 0:
-            fail("dataset_name", f"{where} is empty")
-        kinds.add(sft_format(data, where))
-    if len(kinds) > 1:
-        fail(
-            "dataset_name",
-            f"the train and test splits of {args.dataset_name!r} have different formats {sorted(kinds)}",
-        )
-    kind = kinds.pop()
-    split_note = f"evaluating on split {args.dataset_test_split!r}"
-    if eval_data is None:
-        train_data, eval_data, split_note = hold_out(
-            train_data, args.dataset_name, args.dataset_train_split, args.dataset_test_split
-        )
-    return train_data, eval_data, kind, split_note
-
-
-def load_tokenizer(args: Args, kind: str) -> tuple:
-    """The tokenizer, with a dedicated [PAD] if it has no pad distinct from EOS, checked against the model's config
-    and the data. Returns the tokenizer, the line to log for an added pad (or None) and the model's embedding rows."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    tokenizer_path = args.tokenizer_name_or_path or args.model_name_or_path
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=args.trust_remote_code)
-    added_pad = add_pad_token(tokenizer)
-    # A new [PAD] past the embedding rows (Llama-3, Mistral: no spare rows) resizes them: the saved model and tokenizer
-    # then agree, and the PPO scripts take both as they are. A LoRA adapter would not save the new row.
-    model_config = AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
-    embedding_rows = model_config.get_text_config().vocab_size
+def check_embedding_rows(args: Args, config, tokenizer) -> int:
+    """The model's embedding rows. A new [PAD] past them (Llama-3, Mistral: no spare rows) resizes them: the saved
+    model and tokenizer then agree, and the PPO scripts take both as they are. A LoRA adapter would not save the new
+    row."""
+    embedding_rows = config.get_text_config().vocab_size
     if len(tokenizer) > embedding_rows and args.use_peft:
         fail(
             "use_peft",
@@ -380,72 +280,7 @@ def load_tokenizer(args: Args, kind: str) -> tuple:
             "and a LoRA adapter does not save new rows; train without --use-peft once, or give the "
             "tokenizer a pad token inside its vocabulary (tokenizer.pad_token = <an unused token>)",
         )
-    context = context_length(model_config)
-    if context is not None and args.max_length > context:
-        fail(
-            "max_length",
-            f"{args.max_length} is longer than the model's context of {context} tokens "
-            "(max_position_embeddings); lower it",
-        )
-    if kind != "text" and not tokenizer.chat_template:
-        fail(
-            "tokenizer_name_or_path",
-            f"{tokenizer_path!r} has no chat template, which conversational data needs; "
-            "use an instruct model's tokenizer, set tokenizer.chat_template and save it, "
-            "or give `prompt`/`completion` as strings",
-        )
-    return tokenizer, added_pad, embedding_rows
-
-
-def make_accelerator(args: Args, resume_state: Optional[dict]) -> tuple:
-    """The Accelerator of this launch (processes, mixed precision, DeepSpeed) and its ZeRO stage (None: no
-    DeepSpeed); a resumed run must have its checkpoint's launch layout."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedType, GradientAccumulationPlugin, InitProcessGroupKwargs
-
-    # On a CPU-only host the processes talk over gloo: cpu=True joins the process group that torchrun (or `accelerate
-    # launch --multi_gpu`) set up, where a plain Accelerator() would run independent copies; accelerate ignores
-    # DeepSpeed under cpu=True, and DeepSpeed needs the backend named or each rank sees one process. GPUs: NCCL.
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    on_cpu = not torch.cuda.is_available()
-    deepspeed_launch = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    # The training loop ends each optimizer step itself (step_groups), including the shorter last one of an epoch.
-    accelerator = Accelerator(
-        cpu=on_cpu and not deepspeed_launch,
-        mixed_precision="bf16" if args.bf16 else "no",
-        gradient_accumulation_plugin=GradientAccumulationPlugin(
-            num_steps=args.gradient_accumulation_steps, sync_with_dataloader=False
-        ),
-        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if on_cpu and world_size > 1 else [],
-    )
-    if accelerator.num_processes != world_size:
-        fail(
-            "num_processes", f"WORLD_SIZE says {world_size} processes but accelerate runs {accelerator.num_processes}"
-        )
-    zero_stage = None
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        # Clip at --max-grad-norm whatever the config file says; ZeRO-3 gathers full weights to save a loadable model.
-        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
-        ds_config["gradient_clipping"] = args.max_grad_norm or 0.0  # 0: off
-        zero_stage = ds_config["zero_optimization"]["stage"]
-        if zero_stage == 3:
-            ds_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
-    if resume_state is not None:
-        # Each process's data position and RNG state, and DeepSpeed's optimizer shards, belong to one launch layout.
-        if resume_state["world_size"] != world_size:
-            fail(
-                "resume_from_checkpoint",
-                f"the checkpoint was written by {resume_state['world_size']} processes; "
-                f"resume it with the same number, not {world_size}",
-            )
-        if resume_state["zero_stage"] != zero_stage:
-            fail(
-                "resume_from_checkpoint",
-                f"the checkpoint was written with DeepSpeed ZeRO stage "
-                f"{resume_state['zero_stage']}, this launch has "
-                f"{zero_stage} (None: no DeepSpeed); resume it the same way",
-            )
-    return accelerator, zero_stage
+    return embedding_rows
 
 
 def tokenize_split(data, tokenizer, kind: str, max_length: int) -> tuple:
@@ -526,9 +361,6 @@ def evaluate(model, eval_loader, accelerator) -> float:
 def print_samples(args: Args, model, tokenizer, eval_data, kind: str, zero_stage: Optional[int], accelerator) -> None:
     """Greedy completions of held-out prompts, next to the dataset's reference. Every process generates (under ZeRO-3
     each forward is collective, and synced_gpus keeps them stepping together); the main one prints them."""
-    from rich.console import Console
-    from rich.table import Table
-
     rows = eval_data.select(range(min(args.num_sample_completions, len(eval_data))))
     samples = [prompt_and_reference(tokenizer, row, kind) for row in rows]
     prompts, references = [p for p, _ in samples], [r for _, r in samples]
@@ -547,21 +379,11 @@ def print_samples(args: Args, model, tokenizer, eval_data, kind: str, zero_stage
     responses = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     if not accelerator.is_main_process:
         return
-    columns = ["query", "model response", "reference"]
-    table = Table(title="sample completions", show_lines=True)
-    for column in columns:
-        table.add_column(column)
-    for p, r, ref in zip(prompts, responses, references):
-        table.add_row(p[-300:], r, ref)
-    Console().print(table)
-    if args.track:
-        import wandb
-
-        data = [list(x) for x in zip(prompts, responses, references)]
-        wandb.log({"samples": wandb.Table(columns=columns, data=data)})
+    rows = list(zip(prompts, responses, references))
+    show_samples("sample completions", ["query", "model response", "reference"], rows, args.track, {"query": 300})
 
 
-def write_output(path: str, args: Args, model, state_dict: dict, tokenizer, metrics_log: list, deepspeed) -> None:
+def write_output(path: str, state_dict: dict, args: Args, model, tokenizer, metrics_log: list, deepspeed) -> None:
     """The output folder's files: the model (with LoRA: the adapter, and under --merge-adapter-on-save the merged
     model in merged/), the tokenizer, metrics.jsonl, args.json and the model card. `deepspeed`: the transformers
     DeepSpeed config to restore after the merge, or None."""
@@ -580,10 +402,6 @@ def write_output(path: str, args: Args, model, state_dict: dict, tokenizer, metr
             set_hf_deepspeed_config(deepspeed)
         PeftModel.from_pretrained(base, path).merge_and_unload().save_pretrained(os.path.join(path, "merged"))
         tokenizer.save_pretrained(os.path.join(path, "merged"))
-    with open(os.path.join(path, "metrics.jsonl"), "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in metrics_log)
-    with open(os.path.join(path, "args.json"), "w") as f:
-        json.dump(asdict(args), f, indent=2)
     if args.merge_adapter_on_save:
         what = " (a LoRA adapter; `merged/` holds it merged into the base)"
     else:
@@ -595,145 +413,38 @@ def write_output(path: str, args: Args, model, state_dict: dict, tokenizer, metr
     )
     title = os.path.basename(os.path.abspath(args.output_dir))
     tags = ["sft", "rlhf"] + (["lora"] if args.use_peft else [])
-    with open(os.path.join(path, "README.md"), "w") as f:
-        f.write(model_card(title, args.model_name_or_path, [args.dataset_name], tags, body))
-
-
-def save_output(args: Args, model, tokenizer, metrics_log: list, start: float, zero_stage, accelerator) -> None:
-    """Save atomically (publish_output): a kill mid-save leaves the previous output or this one, never a mix. Weights
-    that are not finite are not saved at all. Then the upload under --push-to-hub."""
-    accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(model)
-    nonfinite = (
-        [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-        if accelerator.is_main_process
-        else []
+    write_run_files(
+        path, args, metrics_log, model_card(title, args.model_name_or_path, [args.dataset_name], tags, body)
     )
-    if accelerator.reduce(torch.tensor(float(len(nonfinite)), device=accelerator.device), "sum").item():
-        sys.exit(
-            f"error: the trained weights are not finite ({', '.join(nonfinite[:3])}...); nothing was saved "
-            "(lower --learning-rate)"
-        )
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        deepspeed = accelerator.state.deepspeed_plugin.dschf if zero_stage is not None else None
-        publish_output(
-            args.output_dir,
-            lambda path: write_output(path, args, unwrapped, state_dict, tokenizer, metrics_log, deepspeed),
-        )
-        accelerator.print(f"saved to {args.output_dir} after {time.time() - start:.0f}s")
-        if args.push_to_hub:
-            repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
-            url = push_folder_to_hub(args.output_dir, repo_id)
-            accelerator.print(f"uploaded {args.output_dir} to {url}")
-    accelerator.wait_for_everyone()
-
-
-# TRY NOT TO MODIFY: checkpoints (--save-steps) and resuming (--resume-from-checkpoint)
-def save_checkpoint(
-    args: Args, model, optimizer, scheduler, position: dict, metrics_log: list, zero_stage, accelerator
-) -> None:
-    """The weights (safetensors; with LoRA the adapter), optimizer, scheduler, data position (`position`: the
-    optimizer step, epoch, batches done in it and the epoch's shuffle state), metrics so far, args and every process's
-    RNG states, written to checkpoint-N.tmp and renamed into place: a kill at any moment leaves the earlier
-    checkpoints intact and never a half-written one under a final name. Under DeepSpeed the optimizer state is
-    partitioned: every process writes its own part with the engine's save_checkpoint."""
-    step = position["step"]
-    folder = os.path.join(args.output_dir, "checkpoints", f"checkpoint-{step}")
-    tmp = folder + ".tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(model)  # on every process: ZeRO-3 gathers the shards
-    if zero_stage is not None:
-        model.save_checkpoint(tmp, tag="deepspeed", save_latest=False)
-    error = None
-    try:  # a full disk (or a quota) must cost this checkpoint only, with a message, not the earlier ones
-        torch.save(rng_state(), os.path.join(tmp, f"rng_rank{accelerator.process_index}.pt"))
-        if accelerator.is_main_process:
-            accelerator.unwrap_model(model).save_pretrained(os.path.join(tmp, "model"), state_dict=state_dict)
-            if zero_stage is None:
-                torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-            state = {
-                "scheduler": scheduler.state_dict(),
-                "step": step,
-                "epoch": position["epoch"],
-                "batches_done": position["batches_done"],
-                "shuffle": position["shuffle"],
-                "metrics": json.dumps(metrics_log),
-                "args": json.dumps(asdict(args)),
-                "world_size": accelerator.num_processes,
-                "zero_stage": zero_stage,
-                "script": os.path.basename(__file__),
-            }
-            torch.save(state, os.path.join(tmp, "state.pt"))
-    except Exception as e:  # torch and safetensors report a full disk as their own error types
-        error = f"{type(e).__name__}: {e}"
-    failed = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "sum").item()
-    if accelerator.is_main_process and not failed:
-        try:
-            seal_checkpoint(tmp, folder, args.save_total_limit)
-        except OSError as e:
-            error, failed = f"{type(e).__name__}: {e}", 1
-    if failed:
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        sys.exit(
-            f"error: could not write checkpoint-{step} ({error or 'on another process'}); the run stops "
-            "here, its earlier checkpoints are intact: make room and resume with --resume-from-checkpoint latest"
-        )
-    accelerator.wait_for_everyone()
-
-
-def load_checkpoint(
-    resume_dir: str, resume_state: dict, model, optimizer, scheduler, shuffle_generator, zero_stage, accelerator
-) -> tuple:
-    """What a resumed run takes from its checkpoint besides the weights (loaded with the model): the optimizer,
-    schedule, data position, metrics and RNG states. Returns (metrics so far, step, epoch, batches done in it)."""
-    if zero_stage is not None:
-        model.load_checkpoint(resume_dir, tag="deepspeed", load_optimizer_states=True, load_lr_scheduler_states=False)
-    else:
-        optimizer.load_state_dict(torch.load(os.path.join(resume_dir, "optimizer.pt"), weights_only=True))
-    scheduler.load_state_dict(resume_state["scheduler"])
-    shuffle_generator.set_state(resume_state["shuffle"])
-    set_rng_state(torch.load(os.path.join(resume_dir, f"rng_rank{accelerator.process_index}.pt"), weights_only=True))
-    step, epoch, batches_done = resume_state["step"], resume_state["epoch"], resume_state["batches_done"]
-    accelerator.print(
-        f"resumed from {resume_dir}: continuing after optimizer step {step} (epoch {epoch}, {batches_done} batches in)"
-    )
-    return json.loads(resume_state["metrics"]), step, epoch, batches_done
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args, args=bool_flags_as_switches(sys.argv[1:], Args), description=__doc__.split("\n")[0])
     explain_remote_code_errors()
     check_args(args)
-    if int(os.environ.get("RANK", "0")) == 0:  # the main process holds the output folder for the run
-        lock_output_dir(args.output_dir)
-        repaired = finish_interrupted_save(args.output_dir)
-        if repaired:
-            print(repaired)
-    resume_dir = resolve_resume(args.resume_from_checkpoint, args.output_dir)
-    resume_state = check_output_dir(args, resume_dir)
-    train_data, eval_data, kind, split_note = load_splits(args)
-    tokenizer, added_pad, embedding_rows = load_tokenizer(args, kind)
+    resume_dir = claim_output_dir(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
+    resume_state = check_resume(resume_dir, args, MAY_CHANGE_ON_RESUME, os.path.basename(__file__))
+    train_data, eval_data, kind, split_note = load_splits(
+        args, lambda data, where: (sft_format(data, where), data, None)
+    )
+    config, tokenizer, added_pad = load_tokenizer(args, kind, "`prompt`/`completion`")
+    embedding_rows = check_embedding_rows(args, config, tokenizer)
     stop_on_signals()  # from here on, Ctrl-C or SIGTERM stops after the current step with a checkpoint
 
     # TRY NOT TO MODIFY: seeding, processes, tracking
-    accelerator, zero_stage = make_accelerator(args, resume_state)
+    # The training loop ends each optimizer step itself (step_groups), including the shorter last one of an epoch.
+    accelerator, zero_stage = make_accelerator(
+        args.gradient_accumulation_steps, args.bf16, args.max_grad_norm, resume_state, sync_with_dataloader=False
+    )
     if added_pad:
         accelerator.print(added_pad)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
     if args.track and accelerator.is_main_process:
         import wandb
 
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=run_name)
-        wandb.define_metric("train/global_step")
-        wandb.define_metric("*", step_metric="train/global_step")
+        start_tracking(args, "train/global_step")
 
     # Data: tokenise, drop (and count) over-long examples.
     train_rows, dropped_train = tokenize_split(train_data, tokenizer, kind, args.max_length)
@@ -789,8 +500,13 @@ if __name__ == "__main__":
 
     metrics_log, step, first_epoch, skip_batches, start = [], 0, 0, 0, time.time()
     if resume_dir:
-        metrics_log, step, first_epoch, skip_batches = load_checkpoint(
-            resume_dir, resume_state, model, optimizer, scheduler, shuffle_generator, zero_stage, accelerator
+        load_checkpoint(resume_dir, resume_state, accelerator, model, optimizer, scheduler, zero_stage)
+        shuffle_generator.set_state(resume_state["shuffle"])
+        metrics_log, step = json.loads(resume_state["metrics"]), resume_state["step"]
+        first_epoch, skip_batches = resume_state["epoch"], resume_state["batches_done"]
+        accelerator.print(
+            f"resumed from {resume_dir}: continuing after optimizer step {step} (epoch {first_epoch}, "
+            f"{skip_batches} batches in)"
         )
     elif accelerator.is_main_process:
         # A fresh run: the checkpoints of a run that --overwrite-output-dir replaces must not mix with its own.
@@ -854,20 +570,14 @@ if __name__ == "__main__":
                         wandb.log(wandb_row(row))
                 stop = stop_requested(accelerator)
                 if (args.save_steps and step % args.save_steps == 0) or stop:
-                    position = {
-                        "step": step,
-                        "epoch": epoch,
-                        "batches_done": batch_index + 1,
-                        "shuffle": shuffle_state,
-                    }
-                    save_checkpoint(args, model, optimizer, scheduler, position, metrics_log, zero_stage, accelerator)
-                if stop:
-                    accelerator.print(
-                        f"stopped by {signal.Signals(stop).name} after optimizer step {step}, with "
-                        f"checkpoint-{step}: continue with --resume-from-checkpoint latest",
-                        file=sys.stderr,
+                    # The data position (the epoch's shuffle, the batches done in it) and the metrics so far.
+                    position = dict(epoch=epoch, batches_done=batch_index + 1, shuffle=shuffle_state)
+                    state = dict(
+                        step=step, **position, metrics=json.dumps(metrics_log), script=os.path.basename(__file__)
                     )
-                    end_run(accelerator, 128 + stop)
+                    write_checkpoint(args, step, state, accelerator, model, optimizer, scheduler, zero_stage)
+                if stop:
+                    stop_run(accelerator, stop, f"optimizer step {step}", step)
         skip_batches = 0
         eval_loss = evaluate(model, eval_loader, accelerator)
         row = {"eval/loss": eval_loss, "epoch": epoch, "step": step}
@@ -880,5 +590,14 @@ if __name__ == "__main__":
         bar.close()
     if args.num_sample_completions > 0:
         print_samples(args, model, tokenizer, eval_data, kind, zero_stage, accelerator)
-    save_output(args, model, tokenizer, metrics_log, start, zero_stage, accelerator)
+    deepspeed = accelerator.state.deepspeed_plugin.dschf if zero_stage is not None else None
+    write = functools.partial(
+        write_output,
+        args=args,
+        model=accelerator.unwrap_model(model),
+        tokenizer=tokenizer,
+        metrics_log=metrics_log,
+        deepspeed=deepspeed,
+    )
+    save_output(args, accelerator, model, write, start)
     end_run(accelerator)

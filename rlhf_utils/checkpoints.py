@@ -1,10 +1,12 @@
-"""Resumable checkpoints: sealed by a rename, found through `latest`, checked before a resume; random states."""
+"""Resumable checkpoints: written and sealed by a rename, found through `latest`, checked (its arguments too) before a
+resume, loaded; random states."""
 
 import json
 import os
 import random
 import shutil
 import sys
+from dataclasses import asdict
 from typing import Optional
 
 import numpy as np
@@ -110,6 +112,114 @@ def resolve_resume(resume: Optional[str], output_dir: str) -> Optional[str]:
     if problem:
         fail("resume_from_checkpoint", f"{resume!r} {problem}; pass another of {where}/checkpoint-* or `latest`")
     return resume
+
+
+def changed_arguments(saved_args: str, args, may_change) -> list:
+    """The arguments of a resumed run that differ from those its checkpoint was written with (`--name saved (now
+    current)`), but for those in may_change."""
+    saved, now = json.loads(saved_args), json.loads(json.dumps(asdict(args)))  # as saved: lists, not tuples
+    # A flag newer than the checkpoint was not there to set: that run had today's default.
+    saved = {**json.loads(json.dumps(asdict(type(args)()))), **saved}
+    return [
+        f"--{k.replace('_', '-')} {saved.get(k)!r} (now {v!r})"
+        for k, v in now.items()
+        if k not in may_change and saved.get(k) != v
+    ]
+
+
+def check_resume(resume_dir: Optional[str], args, may_change, script: str) -> Optional[dict]:
+    """The state.pt of the checkpoint to resume (None for a fresh run), checked to come from `script` with the same
+    arguments, except those in may_change: anything else would silently train a different model."""
+    if resume_dir is None:
+        return None
+    resume_state = load_resume_state(resume_dir)
+    if resume_state.get("script", script) != script:
+        fail(
+            "resume_from_checkpoint",
+            f"{resume_dir!r} was written by {resume_state['script']}; pass a checkpoint of {script}",
+        )
+    changed = changed_arguments(resume_state.get("args", "{}"), args, may_change)
+    if changed:
+        fail(
+            "resume_from_checkpoint",
+            f"{resume_dir!r} was written by a run with {', '.join(changed)}; resume "
+            "with the same values, or start a new run",
+        )
+    return resume_state
+
+
+def write_checkpoint(
+    args,
+    number: int,
+    state: dict,
+    accelerator,
+    model,
+    optimizer,
+    scheduler,
+    zero_stage,
+    write_models=None,
+    sampling_generator=None,
+) -> None:
+    """checkpoint-`number` in output_dir/checkpoints: the weights, the optimizer, the scheduler, `state` (the
+    script's counters and name), the arguments, the launch layout and every process's RNG states (with the sampling
+    generator's), written to checkpoint-N.tmp and sealed into place: a kill at any moment leaves the earlier
+    checkpoints intact and never a half-written one under a final name. The main process writes the weights with
+    write_models(folder, state_dict) (default: the model as from_pretrained loads it, in model/). Under DeepSpeed the
+    optimizer state is partitioned: every process writes its own part with the engine's save_checkpoint."""
+    folder = os.path.join(args.output_dir, "checkpoints", f"checkpoint-{number}")
+    tmp = folder + ".tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)  # on every process: ZeRO-3 gathers the shards
+    if zero_stage is not None:
+        model.save_checkpoint(tmp, tag="deepspeed", save_latest=False)
+    error = None
+    try:  # a full disk (or a quota) must cost this checkpoint only, with a message, not the earlier ones
+        torch.save(rng_state(sampling_generator), os.path.join(tmp, f"rng_rank{accelerator.process_index}.pt"))
+        if accelerator.is_main_process:
+            if write_models is None:
+                accelerator.unwrap_model(model).save_pretrained(os.path.join(tmp, "model"), state_dict=state_dict)
+            else:
+                write_models(tmp, state_dict)
+            if zero_stage is None:
+                torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+            layout = {"world_size": accelerator.num_processes, "zero_stage": zero_stage}
+            full_state = {"scheduler": scheduler.state_dict(), **state, "args": json.dumps(asdict(args)), **layout}
+            torch.save(full_state, os.path.join(tmp, "state.pt"))
+    except Exception as e:  # torch and safetensors report a full disk as their own error types
+        error = f"{type(e).__name__}: {e}"
+    failed = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "sum").item()
+    if accelerator.is_main_process and not failed:
+        try:
+            seal_checkpoint(tmp, folder, args.save_total_limit)
+        except OSError as e:
+            error, failed = f"{type(e).__name__}: {e}", 1
+    if failed:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        sys.exit(
+            f"error: could not write checkpoint-{number} ({error or 'on another process'}); the run stops "
+            "here, its earlier checkpoints are intact: make room and resume with --resume-from-checkpoint latest"
+        )
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(
+    resume_dir: str, resume_state: dict, accelerator, model, optimizer, scheduler, zero_stage, sampling_generator=None
+) -> None:
+    """What a resumed run takes from its checkpoint besides the weights (loaded with the models) and the counters
+    (in resume_state): the optimizer, the schedule and this process's RNG states (and the sampling generator's)."""
+    if zero_stage is not None:
+        model.load_checkpoint(resume_dir, tag="deepspeed", load_optimizer_states=True, load_lr_scheduler_states=False)
+    elif "optimizer" in resume_state:  # written before the optimizer state had a file of its own
+        optimizer.load_state_dict(resume_state["optimizer"])
+    else:
+        optimizer.load_state_dict(torch.load(os.path.join(resume_dir, "optimizer.pt"), weights_only=True))
+    scheduler.load_state_dict(resume_state["scheduler"])
+    rng_file = os.path.join(resume_dir, f"rng_rank{accelerator.process_index}.pt")
+    set_rng_state(torch.load(rng_file, weights_only=True), sampling_generator)
 
 
 def load_resume_state(resume_dir: str) -> dict:

@@ -1,11 +1,24 @@
 """Command line: TRL-style boolean flags, argument errors that name the argument, remote-code errors explained."""
 
+import os
 import sys
 
 
 def fail(argument: str, message: str) -> None:
     """Stop before any expensive work, naming the argument and the fix."""
     sys.exit(f"error: --{argument.replace('_', '-')}: {message}")
+
+
+def check_paths(paths: dict, hint: str) -> None:
+    """Each {argument: path} (None: unset) names a hub id or a local folder; a local one that does not exist stops
+    the run, with `hint` on how to get it. A hub id is `name` or `org/name`: anything else is local, and so is
+    every path under HF_HUB_OFFLINE=1."""
+    for argument, path in paths.items():
+        if path is None:
+            continue
+        looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1
+        if not os.path.exists(path) and (looks_local or os.environ.get("HF_HUB_OFFLINE") == "1"):
+            fail(argument, f"{path!r} does not exist; {hint}")
 
 
 def bool_flags_as_switches(argv: list, args_cls) -> list:
@@ -59,3 +72,48 @@ def explain_remote_code_errors() -> None:
             default(kind, error, traceback)
 
     sys.excepthook = hook
+
+
+def check_ranges(args, ranges: dict) -> None:
+    """The range of each numeric argument, from a table {name: (rule, *bounds[, note])}: (">", 0) reads "must be
+    positive", (">=", b) "must be >= b", ("[]", lo, hi) "must be in [lo, hi]", ("[)", lo, hi) "must be in [lo, hi)";
+    a note (what the value means) follows in parentheses. None passes (an Optional argument's "off"), nan never does."""
+    for name, (rule, *bounds) in ranges.items():
+        note = f" ({bounds.pop()})" if isinstance(bounds[-1], str) else ""
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if rule == ">":
+            ok, wanted = value > bounds[0], "positive" if bounds[0] == 0 else f"> {bounds[0]}"
+        elif rule == ">=":
+            ok, wanted = value >= bounds[0], f">= {bounds[0]}"
+        else:
+            low, high = bounds
+            ok = low <= value and (value <= high if rule == "[]" else value < high)
+            wanted = f"in [{low}, {shown(high)}{rule[1]}"
+        if not ok:  # `not ok` rather than a reversed comparison: nan fails every comparison
+            fail(name, f"must be {wanted}{note}, got {value}")
+
+
+def shown(bound) -> str:
+    """A bound as a message writes it: 4294967295 as 2**32 - 1."""
+    if isinstance(bound, int) and bound > 2**16 and bound & (bound + 1) == 0:
+        return f"2**{bound.bit_length()} - 1"
+    return str(bound)
+
+
+# The ranges of the training flags every script has (transformers' TrainingArguments names), for check_ranges.
+TRAINING_RANGES = {
+    "learning_rate": (">", 0),
+    "per_device_train_batch_size": (">", 0),
+    "gradient_accumulation_steps": (">", 0),
+    "warmup_ratio": ("[]", 0, 1, "a fraction of the training steps"),
+    "adam_epsilon": (">", 0),
+    "adam_beta1": ("[)", 0, 1),
+    "adam_beta2": ("[)", 0, 1),
+    "weight_decay": (">=", 0),
+    "max_grad_norm": (">", 0, "None: no clipping"),
+    "seed": ("[]", 0, 2**32 - 1, "numpy's seed range"),
+    "save_steps": (">=", 0, "0: no checkpoints"),
+    "save_total_limit": (">=", 1, "or None: keep every checkpoint"),
+}

@@ -1,8 +1,10 @@
-"""Datasets: any hub id, saved folder or data file; held-out rows; TRL's standard and conversational formats."""
+"""Datasets: any hub id, saved folder or data file; held-out rows; TRL's standard and conversational formats; the
+tokenizer the data goes through, checked against it."""
 
 import os
 
 from rlhf_utils.cli import fail
+from rlhf_utils.models import add_pad_token, context_length
 
 HOLD_OUT_EVERY = 10  # with no test split, the last training row and every 10th row before it are held out
 
@@ -22,6 +24,39 @@ def load_any_dataset(name: str) -> dict:
         options = {"delimiter": "\t"} if extension == "tsv" else {}
         return {None: load_dataset(kind, data_files=name, split="train", **options)}
     return dict(load_dataset(name))
+
+
+def load_splits(args, check) -> tuple:
+    """The train and test splits of --dataset-name, each non-empty and checked by check(data, where), which returns
+    the split's format, the rows to keep and a line saying what it dropped (or None); the two splits must have one
+    format. With no test split, rows of the train split are held out (hold_out). Returns (train, test, the format,
+    the lines saying what was dropped and which rows are evaluated, joined by "; ")."""
+    try:
+        splits = load_any_dataset(args.dataset_name)
+    except Exception as e:  # the datasets library has many failure types; all mean the same thing to the user
+        fail("dataset_name", f"could not load {args.dataset_name!r} (is it empty, or not a dataset?): {e}")
+    picked = list(pick_splits(splits, args.dataset_name, args.dataset_train_split, args.dataset_test_split))
+    formats, notes = set(), []
+    for i, split in enumerate((args.dataset_train_split, args.dataset_test_split)):
+        where = repr(args.dataset_name) if None in splits else f"split {split!r} of {args.dataset_name!r}"
+        if picked[i] is None:
+            continue
+        if len(picked[i]) == 0:
+            fail("dataset_name", f"{where} is empty")
+        kind, picked[i], note = check(picked[i], where)
+        formats.add(kind)
+        notes += [note] if note else []
+    if len(formats) > 1:
+        fail(
+            "dataset_name",
+            f"the train and test splits of {args.dataset_name!r} have different formats: "
+            f"{', '.join(map(str, sorted(formats)))}",
+        )
+    train, test = picked
+    note = f"evaluating on split {args.dataset_test_split!r}"
+    if test is None:
+        train, test, note = hold_out(train, args.dataset_name, args.dataset_train_split, args.dataset_test_split)
+    return train, test, formats.pop(), "; ".join(notes + [note])
 
 
 def pick_splits(splits: dict, name: str, train_split: str, test_split: str) -> tuple:
@@ -131,3 +166,31 @@ def tokenize_conversation(tokenizer, messages: list, first_trained: int) -> dict
     if ids[-1] != eos:
         ids, labels = ids + [eos], labels + [eos]
     return {"input_ids": ids, "labels": labels}
+
+
+def load_tokenizer(args, kind: str, columns: str) -> tuple:
+    """The model's config and the tokenizer (--tokenizer-name-or-path, else the model's), given a dedicated [PAD] if
+    it has no pad distinct from EOS (add_pad_token), checked against the data: --max-length within the model's
+    context, and a chat template for conversations (`kind`; `columns` names the data's columns in the message).
+    Returns (config, tokenizer, the line to log for an added pad, or None)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+    tokenizer_path = args.tokenizer_name_or_path or args.model_name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=args.trust_remote_code)
+    added_pad = add_pad_token(tokenizer)
+    context = context_length(config)
+    if context is not None and args.max_length > context:
+        fail(
+            "max_length",
+            f"{args.max_length} is longer than the model's context of {context} tokens "
+            "(max_position_embeddings); lower it",
+        )
+    if kind != "text" and not tokenizer.chat_template:
+        fail(
+            "tokenizer_name_or_path",
+            f"{tokenizer_path!r} has no chat template, which conversational data needs; "
+            "use an instruct model's tokenizer, set tokenizer.chat_template and save it, "
+            f"or give {columns} as strings",
+        )
+    return config, tokenizer, added_pad

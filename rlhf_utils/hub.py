@@ -8,18 +8,17 @@ from rlhf_utils.cli import fail
 def model_card(title: str, base_model: str, datasets: list, tags: list, body: str) -> str:
     """README.md of a saved model: the Hub's YAML metadata (what it indexes and filters by), then the text. Only
     hub ids go into the metadata (the Hub cannot resolve a local folder); the body names local ones."""
-    import yaml
+    from huggingface_hub import ModelCardData
 
     def hub_id(name):
         local = os.path.exists(name) or name.count("/") > 1 or name.startswith((".", "~"))
         return None if not name or local else name
 
-    meta = {"library_name": "transformers", "tags": tags}
-    if hub_id(base_model):
-        meta["base_model"] = base_model
-    if [d for d in datasets if hub_id(d)]:
-        meta["datasets"] = [d for d in datasets if hub_id(d)]
-    return f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n\n# {title}\n\n{body}"
+    hub_datasets = [d for d in datasets if hub_id(d)]
+    meta = ModelCardData(
+        library_name="transformers", tags=tags, base_model=hub_id(base_model), datasets=hub_datasets or None
+    )
+    return f"---\n{meta.to_yaml()}\n---\n\n# {title}\n\n{body}"
 
 
 def check_push_to_hub(repo_id: str) -> None:

@@ -1,17 +1,25 @@
-"""The output folder: one run at a time (a lock), and a final save that a reader never sees half-written."""
+"""The output folder: one run at a time (a lock), claimed and prepared for a fresh or resumed run, and a final save
+that a reader never sees half-written, then uploaded."""
 
 import atexit
 import contextlib
 import ctypes
 import errno
 import fcntl
+import json
 import os
 import shutil
 import socket
 import sys
+import time
+from dataclasses import asdict
 from typing import Optional
 
+import torch
+
+from rlhf_utils.checkpoints import resolve_resume
 from rlhf_utils.cli import fail
+from rlhf_utils.hub import push_folder_to_hub
 
 
 def lock_output_dir(output_dir: str) -> None:
@@ -138,3 +146,83 @@ def publish_output(output_dir: str, write) -> None:
         )
     os.replace(path + ".partial", path + ".new")
     finish_interrupted_save(output_dir)
+
+
+def claim_output_dir(output_dir: str, resume: Optional[str], overwrite: bool) -> Optional[str]:
+    """Lock output_dir for this run (the main process) and finish a final save that a kill interrupted; a fresh run
+    needs the folder empty (or --overwrite-output-dir). Returns the checkpoint folder to resume, or None."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        lock_output_dir(output_dir)
+        repaired = finish_interrupted_save(output_dir)
+        if repaired:
+            print(repaired)
+    resume_dir = resolve_resume(resume, output_dir)
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not (overwrite or resume_dir):
+        fail(
+            "output_dir",
+            f"{output_dir!r} exists and is not empty; pass --overwrite-output-dir, "
+            "--resume-from-checkpoint latest, or another path",
+        )
+    return resume_dir
+
+
+def prepare_output_dir(output_dir: str, resume_state: Optional[dict], main_process: bool) -> str:
+    """Create output_dir (only now, with every input checked, is anything written there); a fresh run drops an
+    earlier run's checkpoints, a resumed one the metrics rows logged after its checkpoint's update. Returns the path
+    of metrics.jsonl, which the run appends to."""
+    os.makedirs(output_dir, exist_ok=True)
+    metrics_path = os.path.join(output_dir, "metrics.jsonl")
+    if main_process and resume_state is None:
+        # A fresh run (e.g. --overwrite-output-dir): an earlier run's checkpoints must not mix with its own.
+        shutil.rmtree(os.path.join(output_dir, "checkpoints"), ignore_errors=True)
+    if main_process and os.path.exists(metrics_path):
+        # Resuming keeps the rows up to the checkpoint (a killed run may have logged later updates, or half a line).
+        kept = []
+        if resume_state is not None:
+            with open(metrics_path) as f:
+                for line in f:
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    if row.get("update", 0) <= resume_state["update"]:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+        with open(metrics_path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(metrics_path + ".tmp", metrics_path)
+    return metrics_path
+
+
+def write_run_files(folder: str, args, metrics: list, card: str) -> None:
+    """What goes next to the saved model: metrics.jsonl (a row a line), args.json and the model card, README.md."""
+    with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in metrics)
+    with open(os.path.join(folder, "args.json"), "w") as f:
+        json.dump(asdict(args), f, indent=2)
+    with open(os.path.join(folder, "README.md"), "w") as f:
+        f.write(card)
+
+
+def save_output(args, accelerator, model, write, start_time: float, what: str = "") -> None:
+    """The final save, of finite weights only: write(folder, state_dict) fills the folder on the main process, which
+    publish_output makes output_dir all or nothing (a kill mid-save leaves the previous output or this one, never a
+    mix); then the upload, with --push-to-hub."""
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)  # on every process: ZeRO-3 gathers the shards
+    nonfinite = []
+    if accelerator.is_main_process:
+        nonfinite = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if accelerator.reduce(torch.tensor(float(len(nonfinite)), device=accelerator.device), "sum").item():
+        sys.exit(
+            f"error: the trained weights are not finite ({', '.join(nonfinite[:3])}...); nothing was saved "
+            "(lower --learning-rate)"
+        )
+    if accelerator.is_main_process:
+        publish_output(args.output_dir, lambda folder: write(folder, state_dict))
+        accelerator.print(f"saved {what}to {args.output_dir} after {time.time() - start_time:.0f}s")
+        if args.push_to_hub:
+            url = push_folder_to_hub(
+                args.output_dir, args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+            )
+            accelerator.print(f"uploaded {args.output_dir} to {url}")
+    accelerator.wait_for_everyone()

@@ -43,6 +43,17 @@ def stop_requested(accelerator) -> Optional[int]:
     return (STOP["signal"] or signal.SIGTERM) if asked else None
 
 
+def stop_run(accelerator, stop: int, where: str, checkpoint: int) -> None:
+    """End a run that signal `stop` asked to stop, once checkpoint-N is written after `where` (e.g. "optimizer step
+    12"): with the signal's exit status, saying how to continue."""
+    accelerator.print(
+        f"stopped by {signal.Signals(stop).name} after {where}, with checkpoint-{checkpoint}: continue with "
+        "--resume-from-checkpoint latest",
+        file=sys.stderr,
+    )
+    end_run(accelerator, 128 + stop)
+
+
 def end_run(accelerator, code: int = 0) -> None:
     """Leave once everything is saved. Several processes leave without the interpreter's teardown: gloo's worker
     threads can still be releasing the tensors of the last collectives then, and one that needs the GIL after
@@ -100,3 +111,26 @@ def stop_if_not_finite(what: str, values: list, where: str, advice: str) -> None
     the next optimizer step, so stopping first keeps the last checkpoint usable."""
     if not all(torch.isfinite(torch.as_tensor(v)).all() for v in values):
         sys.exit(f"error: non-finite {what} at {where}; the run stops here{advice}")
+
+
+def show_samples(title: str, columns: list, rows: list, track: bool, widths: dict) -> None:
+    """Sample completions as a table on the terminal (numbers to 3 decimals, each column in `widths` cut to its last
+    that many characters: the end of a long prompt is what the response follows), and whole in W&B's `samples` table
+    under --track."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_lines=True)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        cells = []
+        for column, value in zip(columns, row):
+            text = f"{value:.3f}" if isinstance(value, float) else str(value)
+            cells.append(text[-widths[column] :] if column in widths else text)
+        table.add_row(*cells)
+    Console().print(table)
+    if track:
+        import wandb
+
+        wandb.log({"samples": wandb.Table(columns=list(columns), data=[list(row) for row in rows])})

@@ -14,6 +14,7 @@ from helpers import ROOT
 from rlhf_utils import models, speed  # noqa: E402  (helpers puts the repository root on sys.path)
 
 import ppo_rlhf  # noqa: E402
+from rlhf_utils.checkpoints import changed_arguments
 
 EMBEDDED = os.path.join(ROOT, "embedded")
 
@@ -733,9 +734,9 @@ def test_resume_treats_a_flag_newer_than_the_checkpoint_as_its_default():
     args = ppo_rlhf.Args()
     saved = json.loads(json.dumps(dataclasses.asdict(args)))
     del saved["adam_epsilon"]
-    assert ppo_rlhf.changed_arguments(json.dumps(saved), args, set()) == []
+    assert changed_arguments(json.dumps(saved), args, set()) == []
     other = dataclasses.replace(args, adam_epsilon=1e-8)
-    assert ppo_rlhf.changed_arguments(json.dumps(saved), other, set()) == ["--adam-epsilon 1e-05 (now 1e-08)"]
+    assert changed_arguments(json.dumps(saved), other, set()) == ["--adam-epsilon 1e-05 (now 1e-08)"]
 
 
 def test_resume_ignores_a_flag_the_checkpoint_has_and_the_script_dropped():
@@ -744,7 +745,7 @@ def test_resume_ignores_a_flag_the_checkpoint_has_and_the_script_dropped():
     saved = json.loads(json.dumps(dataclasses.asdict(args)))
     for value in (True, False):
         saved["split_backward"] = value
-        assert ppo_rlhf.changed_arguments(json.dumps(saved), args, set()) == []
+        assert changed_arguments(json.dumps(saved), args, set()) == []
 
 
 def test_timer_sums_the_seconds_of_each_named_phase():

@@ -1,0 +1,80 @@
+"""Processes and tracking: the Accelerator of a launch, checked against a resumed checkpoint's layout; the W&B run."""
+
+import os
+import time
+from dataclasses import asdict
+from typing import Optional
+
+import torch
+
+from rlhf_utils.cli import fail
+
+
+def make_accelerator(
+    accumulation_steps: int,
+    bf16: bool,
+    max_grad_norm: Optional[float],
+    resume_state: Optional[dict] = None,
+    sync_with_dataloader: bool = False,
+) -> tuple:
+    """The Accelerator of this launch (processes, mixed precision, DeepSpeed) and its ZeRO stage (None: no
+    DeepSpeed). An optimizer step takes `accumulation_steps` backward passes (and, with sync_with_dataloader, ends
+    with the data loader too), whatever the launcher's config says. A resumed run must have the launch layout of its
+    checkpoint (resume_state): each process's data position and RNG state, and DeepSpeed's optimizer shards, belong
+    to one."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, GradientAccumulationPlugin, InitProcessGroupKwargs
+
+    # On a CPU-only host the processes talk over gloo: cpu=True joins the process group that torchrun (or `accelerate
+    # launch --multi_gpu`) set up, where a plain Accelerator() would run independent copies; accelerate ignores
+    # DeepSpeed under cpu=True, and DeepSpeed needs the backend named or each rank sees one process. GPUs: NCCL.
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    on_cpu = not torch.cuda.is_available()
+    deepspeed_launch = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    accelerator = Accelerator(
+        cpu=on_cpu and not deepspeed_launch,
+        mixed_precision="bf16" if bf16 else "no",
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=accumulation_steps, sync_with_dataloader=sync_with_dataloader
+        ),
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if on_cpu and world_size > 1 else [],
+    )
+    if accelerator.num_processes != world_size:
+        fail(
+            "num_processes", f"WORLD_SIZE says {world_size} processes but accelerate runs {accelerator.num_processes}"
+        )
+    zero_stage = None
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # Clip at --max-grad-norm whatever the config file says; ZeRO-3 gathers full weights to save a loadable model.
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds_config["gradient_clipping"] = max_grad_norm or 0.0  # 0: off
+        zero_stage = ds_config["zero_optimization"]["stage"]
+        if zero_stage == 3:
+            ds_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    if resume_state is not None and resume_state["world_size"] != world_size:
+        fail(
+            "resume_from_checkpoint",
+            f"the checkpoint was written by {resume_state['world_size']} processes; "
+            f"resume it with the same number, not {world_size}",
+        )
+    if resume_state is not None and resume_state.get("zero_stage") != zero_stage:
+        fail(
+            "resume_from_checkpoint",
+            f"the checkpoint was written with DeepSpeed ZeRO stage {resume_state.get('zero_stage')}, this launch has "
+            f"{zero_stage} (None: no DeepSpeed); resume it the same way",
+        )
+    return accelerator, zero_stage
+
+
+def start_tracking(args, step_metric: str, charts: tuple = ("*",)) -> None:
+    """A W&B run named as CleanRL names them (exp_name__seed__time), with the arguments as its config and the
+    script's code; every chart matching `charts` has step_metric as its x-axis."""
+    import wandb
+
+    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    wandb.init(
+        project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=run_name, save_code=True
+    )
+    wandb.define_metric(step_metric)
+    for pattern in charts:
+        wandb.define_metric(pattern, step_metric=step_metric)
