@@ -37,26 +37,50 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
-from rlhf_utils.cli import fail, bool_flags_as_switches, explain_remote_code_errors
-from rlhf_utils.runs import stop_on_signals, stop_requested, end_run, progress_bar, Timer, stop_if_not_finite
-from rlhf_utils.hub import model_card, check_push_to_hub
-from rlhf_utils.data import column_kind, render_chat
-from rlhf_utils.models import UNSUPPORTED_LOGIT_TRANSFORMS, add_pad_token, backbone_and_head, checked_config
-from rlhf_utils.models import context_length, is_adapter_folder, load_model, logit_transform, model_config, num_params
-from rlhf_utils.models import gathered_for_generation, transform_logits
-from rlhf_utils.speed import GROUP_OVERHEAD, forward_in_chunks, grouped_response_hidden, in_position_chunks
-from rlhf_utils.speed import length_groups, round_up
-
+from rlhf_utils.checkpoints import check_resume, load_checkpoint, write_checkpoint
 from rlhf_utils.cli import (
     TRAINING_RANGES,
+    bool_flags_as_switches,
     check_paths,
     check_ranges,
+    explain_remote_code_errors,
+    fail,
+)
+from rlhf_utils.data import column_kind, load_splits, render_chat
+from rlhf_utils.hub import check_push_to_hub, model_card
+from rlhf_utils.models import (
+    UNSUPPORTED_LOGIT_TRANSFORMS,
+    add_pad_token,
+    backbone_and_head,
+    checked_config,
+    context_length,
+    gathered_for_generation,
+    is_adapter_folder,
+    load_model,
+    logit_transform,
+    model_config,
+    num_params,
+    transform_logits,
 )
 from rlhf_utils.outputs import claim_output_dir, prepare_output_dir, save_output, write_run_files
-from rlhf_utils.checkpoints import check_resume, write_checkpoint, load_checkpoint
 from rlhf_utils.processes import make_accelerator, start_tracking
-from rlhf_utils.runs import show_samples
-from rlhf_utils.data import load_splits
+from rlhf_utils.runs import (
+    Timer,
+    end_run,
+    progress_bar,
+    show_samples,
+    stop_if_not_finite,
+    stop_on_signals,
+    stop_requested,
+)
+from rlhf_utils.speed import (
+    GROUP_OVERHEAD,
+    forward_in_chunks,
+    grouped_response_hidden,
+    in_position_chunks,
+    length_groups,
+    round_up,
+)
 
 INVALID_LOGPROB = 1.0  # written at padded positions; both policy and reference get it, so their KL there is 0
 

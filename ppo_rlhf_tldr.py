@@ -36,13 +36,50 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
-from rlhf_utils.cli import fail, bool_flags_as_switches, explain_remote_code_errors
-from rlhf_utils.outputs import lock_output_dir, finish_interrupted_save, publish_output
-from rlhf_utils.checkpoints import seal_checkpoint, resolve_resume, load_resume_state, rng_state, set_rng_state
-from rlhf_utils.runs import stop_on_signals, stop_requested, end_run, progress_bar
-from rlhf_utils.hub import model_card, check_push_to_hub, push_folder_to_hub
-from rlhf_utils.data import load_any_dataset, pick_splits, hold_out, column_kind, render_chat
-from rlhf_utils.models import add_pad_token, context_length
+from rlhf_utils.checkpoints import check_resume, load_checkpoint, write_checkpoint
+from rlhf_utils.cli import (
+    TRAINING_RANGES,
+    bool_flags_as_switches,
+    check_paths,
+    check_ranges,
+    explain_remote_code_errors,
+    fail,
+)
+from rlhf_utils.data import column_kind, load_any_dataset, load_splits, render_chat
+from rlhf_utils.hub import check_push_to_hub, model_card
+from rlhf_utils.models import (
+    UNSUPPORTED_LOGIT_TRANSFORMS,
+    add_pad_token,
+    backbone_and_head,
+    checked_config,
+    context_length,
+    gathered_for_generation,
+    is_adapter_folder,
+    load_model,
+    logit_transform,
+    model_config,
+    num_params,
+    transform_logits,
+)
+from rlhf_utils.outputs import claim_output_dir, prepare_output_dir, save_output, write_run_files
+from rlhf_utils.processes import make_accelerator, start_tracking
+from rlhf_utils.runs import (
+    Timer,
+    end_run,
+    progress_bar,
+    show_samples,
+    stop_if_not_finite,
+    stop_on_signals,
+    stop_requested,
+)
+from rlhf_utils.speed import (
+    GROUP_OVERHEAD,
+    forward_in_chunks,
+    grouped_response_hidden,
+    in_position_chunks,
+    length_groups,
+    round_up,
+)
 
 INVALID_LOGPROB = 1.0  # written at padded positions; both policy and reference get it, so their KL there is 0
 
@@ -226,9 +263,26 @@ class Batches:
     num_total_batches: int  # PPO updates
 
 
-def check_args(args: Args, resume_dir: Optional[str], resume_state: Optional[dict]) -> Batches:
+# The range of every numeric argument (check_ranges): each must hold before anything loads.
+RANGES = {
+    **TRAINING_RANGES,
+    **dict.fromkeys(
+        "num_mini_batches num_ppo_epochs local_rollout_forward_batch_size response_length logging_steps eval_steps "
+        "pad_to_multiple_of temperature eval_temperature cliprange cliprange_value".split(),
+        (">", 0),
+    ),
+    "kl_coef": (">=", 0, "a negative weight rewards what it should penalise"),
+    "vf_coef": (">=", 0, "a negative weight rewards what it should penalise"),
+    "gamma": ("[]", 0, 1),
+    "lam": ("[]", 0, 1),
+    "missing_eos_penalty": (">=", 0, "it is subtracted from the score"),
+}
+
+
+def check_args(args: Args) -> Batches:
     """Every check that needs no model, before any loads (a typo should cost a second, not a model load); returns
     the batch arithmetic. WORLD_SIZE is set by every launcher before the script runs."""
+    check_ranges(args, RANGES)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps
     batch_size = local_batch_size * world_size
@@ -241,85 +295,12 @@ def check_args(args: Args, resume_dir: Optional[str], resume_state: Optional[dic
         micro_per_mini=local_mini_batch_size // args.per_device_train_batch_size,
         num_total_batches=math.ceil(args.total_episodes / batch_size),
     )
-    script = os.path.basename(__file__)
-    if resume_state is not None and resume_state.get("script", script) != script:
-        fail(
-            "resume_from_checkpoint",
-            f"{resume_dir!r} was written by {resume_state['script']}; pass a checkpoint of {script}",
-        )
-    if resume_state is not None:
-        # Only where and how often things are written, tracking and memory savers may differ; anything else would
-        # silently train another model (evaluation settings too: evaluation draws from the sampling generator).
-        changed = changed_arguments(resume_state.get("args", "{}"), args, MAY_CHANGE_ON_RESUME)
-        if changed:
-            fail(
-                "resume_from_checkpoint",
-                f"{resume_dir!r} was written by a run with {', '.join(changed)}; resume "
-                "with the same values, or start a new run",
-            )
-    if (
-        os.path.isdir(args.output_dir)
-        and os.listdir(args.output_dir)
-        and not (args.overwrite_output_dir or resume_dir)
-    ):
-        fail(
-            "output_dir",
-            f"{args.output_dir!r} exists and is not empty; pass --overwrite-output-dir, "
-            "--resume-from-checkpoint latest, or another path",
-        )
-    if args.save_steps < 0 or (args.save_total_limit is not None and args.save_total_limit < 1):
-        fail(
-            "save_steps",
-            f"--save-steps {args.save_steps} must be >= 0 and --save-total-limit "
-            f"{args.save_total_limit} >= 1 (or None)",
-        )
     if args.stop_token is not None and args.stop_token_id is not None:
         fail(
             "stop_token_id",
             f"both --stop-token {args.stop_token} and --stop-token-id {args.stop_token_id} are set; "
             "pass --stop-token None to stop on the id, or drop --stop-token-id",
         )
-    if args.push_to_hub:
-        check_push_to_hub(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)))
-    if args.missing_eos_penalty is not None and args.missing_eos_penalty < 0:
-        fail(
-            "missing_eos_penalty",
-            f"is {args.missing_eos_penalty}; it is subtracted from the score, so it must be >= 0",
-        )
-    for name in (
-        "per_device_train_batch_size",
-        "gradient_accumulation_steps",
-        "num_mini_batches",
-        "num_ppo_epochs",
-        "local_rollout_forward_batch_size",
-        "response_length",
-        "logging_steps",
-        "eval_steps",
-    ):
-        if getattr(args, name) <= 0:
-            fail(name, f"must be a positive integer, got {getattr(args, name)}")
-    if args.pad_to_multiple_of is not None and args.pad_to_multiple_of < 1:
-        fail("pad_to_multiple_of", f"must be a positive integer, got {args.pad_to_multiple_of}")
-    for name in ("temperature", "learning_rate", "eval_temperature", "cliprange", "cliprange_value"):
-        if not getattr(args, name) > 0:  # `not >` also catches nan
-            fail(name, f"must be positive, got {getattr(args, name)}")
-    for name in ("kl_coef", "vf_coef"):
-        if not getattr(args, name) >= 0:
-            fail(name, f"must be >= 0 (a negative weight rewards what it should penalise), got {getattr(args, name)}")
-    for name in ("gamma", "lam", "warmup_ratio"):
-        if not 0 <= getattr(args, name) <= 1:
-            fail(name, f"must be in [0, 1], got {getattr(args, name)}")
-    if not 0 <= args.seed < 2**32:
-        fail("seed", f"must be in [0, 2**32 - 1] (numpy's seed range), got {args.seed}")
-    if not args.adam_epsilon > 0:
-        fail("adam_epsilon", f"must be positive, got {args.adam_epsilon}")
-    if args.max_grad_norm is not None and not args.max_grad_norm > 0:
-        fail("max_grad_norm", f"must be positive, got {args.max_grad_norm} (None: no clipping)")
-    for name in ("adam_beta1", "adam_beta2"):
-        if not 0 <= getattr(args, name) < 1:
-            fail(name, f"must be in [0, 1), got {getattr(args, name)}")
-    if not args.weight_decay >= 0:
-        fail("weight_decay", f"must be >= 0, got {args.weight_decay}")
     if local_batch_size % args.num_mini_batches != 0:
         fail(
             "num_mini_batches",
@@ -343,16 +324,11 @@ def check_args(args: Args, resume_dir: Optional[str], resume_state: Optional[dic
         )
     if args.whiten_rewards and local_mini_batch_size < 8:
         fail("whiten_rewards", f"needs at least 8 rollouts per mini-batch per process, got {local_mini_batch_size}")
-    for arg in ("model_name_or_path", "sft_model_path", "reward_model_path", "value_model_path"):
-        path = getattr(args, arg)
-        # A hub id is `name` or `org/name`; anything else that does not exist is a missing local folder.
-        looks_local = path is not None and (path.startswith((".", "/", "~")) or path.count("/") > 1)
-        if path is not None and not os.path.exists(path) and (looks_local or os.environ.get("HF_HUB_OFFLINE") == "1"):
-            fail(
-                arg,
-                f"{path!r} does not exist; pass a local folder or a hub id (the embedded task's models are "
-                "made by `python tiny_tldr.py --with-models`)",
-            )
+    models = ("model_name_or_path", "sft_model_path", "reward_model_path", "value_model_path")
+    check_paths(
+        {arg: getattr(args, arg) for arg in models},
+        "pass a local folder or a hub id (the embedded task's models are made by `python tiny_tldr.py --with-models`)",
+    )
     sft_is_adapter = is_adapter_folder(args.sft_model_path)
     model_adapter_name = args.model_adapter_name or "default"
     lora_settings = args.model_adapter_name or args.ref_adapter_name or args.merge_adapter_on_save or sft_is_adapter
@@ -376,10 +352,14 @@ def check_args(args: Args, resume_dir: Optional[str], resume_state: Optional[dic
         )
     if args.ref_adapter_name and args.ref_adapter_name == model_adapter_name:
         fail("ref_adapter_name", f"is the trained adapter's name {model_adapter_name!r}; pick another")
+    if args.push_to_hub:  # asks the Hub: last, after every local check
+        check_push_to_hub(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)))
     return b
 
 
-# Resuming continues the checkpoint's run: these may differ from the arguments it was written with.
+# Resuming continues the checkpoint's run: only where and how often things are written, tracking and memory savers
+# may differ from the arguments it was written with; anything else would silently train another model (evaluation
+# settings too: evaluation draws from the sampling generator).
 MAY_CHANGE_ON_RESUME = {
     "exp_name",
     "track",
@@ -398,10 +378,6 @@ MAY_CHANGE_ON_RESUME = {
     "dataset_num_proc",
     "merge_adapter_on_save",
 }
-
-
-def is_adapter_folder(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "adapter_config.json"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -483,143 +459,18 @@ def sequence_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tenso
     return torch.gather(logits.log_softmax(-1), 2, tokens[..., None]).squeeze(-1)
 
 
-def logit_transform(config) -> tuple:
-    """(scale, softcap): what the causal LM's own forward does to head(hidden) before it returns the logits,
-    logits = softcap * tanh(scale * x / softcap) (scale * x without softcap). Gemma-2/3 cap the logits with tanh,
-    Granite divides them by logits_scaling, Cohere multiplies them by logit_scale (MiniCPM3, HyperCLOVA X and Falcon-H1
-    scale them too); skipping this would sample, score and KL-penalise another distribution than the model's."""
-    text = config.get_text_config()
-    model_type = getattr(text, "model_type", None) or ""
-    scale = 1.0
-    if model_type.startswith("granite") or model_type == "minicpm3":  # MiniCPM3 divides the hidden states instead
-        scale = 1.0 / text.logits_scaling
-    elif model_type.startswith("cohere"):
-        scale = text.logit_scale
-    elif model_type == "hyperclovax":
-        scale = text.logits_scaling
-    elif model_type == "falcon_h1":
-        scale = text.lm_head_multiplier
-    return scale, getattr(text, "final_logit_softcapping", None)
-
-
-UNSUPPORTED_LOGIT_TRANSFORMS = ("inkling", "recurrent_gemma")
-"""Model types whose forward changes the logits in a way logit_transform does not reproduce (from transformers 5.23's
-modelling code: Inkling divides by logits_mup_width_multiplier, RecurrentGemma caps with logits_soft_cap; neither is
-tested here); the scripts refuse them before loading weights rather than train on another distribution."""
-
-
-def transform_logits(logits: torch.Tensor, scale: float, softcap: Optional[float]) -> torch.Tensor:
-    """The model's own logits from head(hidden) (see logit_transform)."""
-    logits = logits * scale if scale != 1.0 else logits
-    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
-
-
-def model_config(model: nn.Module):
-    """The transformers config of a model, also inside a DeepSpeed inference engine (whose own `.config` is
-    DeepSpeed's)."""
-    return getattr(model, "module", model).config
-
-
-def backbone_and_head(causal_lm: nn.Module) -> tuple:
-    """The transformer body and the LM head of a causal LM. For a PEFT model, `.base_model` is the LoRA wrapper, not
-    the body: unwrap it first (the LoRA layers sit inside the body, so they still apply)."""
-    model = causal_lm.get_base_model() if hasattr(causal_lm, "get_base_model") else causal_lm
-    return model.base_model, model.get_output_embeddings()
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# Speed and memory machinery: same numbers as the plain computation; `--no-length-grouping --no-chunked-logprobs`
-# runs the plain path; tests/test_ppo_helpers.py compares them
-
-
-def round_up(width: int, multiple: int) -> int:
-    return -(-width // multiple) * multiple
-
-
-def response_hidden(
-    backbone: nn.Module,
-    query_responses: torch.Tensor,
-    attention_mask: torch.Tensor,
-    context_length: int,
-    multiple: int = 1,
-) -> torch.Tensor:
-    """Final hidden states at the positions that predict the response tokens (context_length-1 ... -2).
-    Left-padding columns shared by the whole batch are trimmed first, keeping a width that is a multiple of
-    `multiple` where the padding allows; position ids count real tokens only, so trimming and padding do not change
-    the result."""
-    keep = int(first_true_indices(attention_mask.any(0, keepdim=True).bool())[0].clamp(max=context_length - 1))
-    keep = max(0, query_responses.shape[1] - round_up(query_responses.shape[1] - keep, multiple))
-    query_responses, attention_mask, context_length = (
-        query_responses[:, keep:],
-        attention_mask[:, keep:],
-        context_length - keep,
-    )
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    out = backbone(
-        input_ids=query_responses, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    )
-    return out.last_hidden_state[:, context_length - 1 : -1]
-
-
-GROUP_OVERHEAD = 32
-"""The cost of one more forward call, in token positions, for length_groups (measured: benchmark/README.md)."""
-
-
-def length_groups(lengths: list, overhead: Optional[int] = GROUP_OVERHEAD) -> list:
-    """Rows (indices) split into groups of similar length, longest first, to be forwarded one group at a time, each
-    trimmed to its own longest row: the split minimises sum over groups of (rows x longest row + overhead), the token
-    positions of the padded forwards plus a fixed cost per call. overhead None: one group, the plain padded batch."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    if overhead is None:
-        return [order]
-    best, cut = [0.0] + [math.inf] * len(order), [0] * (len(order) + 1)  # best[j]: cost of the first j rows
-    for j in range(1, len(order) + 1):
-        for i in range(j):  # last group = order[i:j], whose longest row is order[i]
-            cost = best[i] + overhead + (j - i) * lengths[order[i]]
-            if cost < best[j]:
-                best[j], cut[j] = cost, i
-    groups, j = [], len(order)
-    while j:
-        groups.append(order[cut[j] : j])
-        j = cut[j]
-    return groups[::-1]
-
-
-def grouped_response_hidden(
-    backbone: nn.Module,
-    query_responses: torch.Tensor,
-    attention_mask: torch.Tensor,
-    context_length: int,
-    needed: torch.Tensor,
-    overhead: Optional[int],
-    multiple: int = 1,
-) -> torch.Tensor:
-    """response_hidden for the first needed[i] response positions of row i, [batch, max(needed), hidden], computed
-    over length_groups: each group's columns end at its longest need (causal attention: later columns cannot change
-    earlier positions) and start at its first real token. Positions past a row's need are not meaningful (zeros or
-    computed); the caller masks them."""
-    start = first_true_indices(attention_mask.bool())
-    lengths = (context_length + needed - start).tolist()
-    width, parts, order = int(needed.max()), [], []
-    for rows in length_groups(lengths, overhead):
-        index = torch.tensor(rows, device=query_responses.device)
-        end = context_length + int(needed[index].max())
-        hidden = response_hidden(
-            backbone, query_responses[index, :end], attention_mask[index, :end], context_length, multiple
-        )
-        parts.append(F.pad(hidden, (0, 0, 0, width - hidden.shape[1])))
-        order += rows
-    return torch.cat(parts)[torch.argsort(torch.tensor(order, device=query_responses.device))]
-
-
-LOGITS_PER_CHUNK = 2**22
-"""Logits held at once by chunked log-probs (16 MB in fp32) whatever the batch; enough positions for fast matmuls."""
+# The policy and the value model: log-probs, entropy and values of the response tokens. The plain computation is one
+# forward of the padded batch, hidden = last_hidden_state[:, context_length - 1 : -1] (the positions that predict the
+# response tokens), logits = head(hidden) / temperature, values = score(hidden). rlhf_utils.speed gets the same numbers
+# with less work; `--no-length-grouping --no-chunked-logprobs` switches it off.
 
 
 def head_logprobs(
     head: nn.Module, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float, scale: float, softcap
 ) -> tuple:
-    """(log-probs of tokens, entropy) under logits = transform_logits(head(hidden), scale, softcap) / temperature; the
+    """(log-probs of tokens, entropy) under logits = transform_logits(head(hidden), scale, softcap) / temperature, the
+    model's own logits (Gemma's softcap, Granite's scaling, ...: see logit_transform) at the sampling temperature; the
     entropy is a statistic, without gradient."""
     logits = transform_logits(head(hidden).float(), scale, softcap) / (temperature + 1e-7)
     with torch.no_grad():
@@ -636,18 +487,11 @@ def response_logprobs(
     scale: float = 1.0,
     softcap: Optional[float] = None,
 ) -> tuple:
-    """head_logprobs; chunked: over chunks of positions, each recomputed in the backward pass
-    (torch.utils.checkpoint), so the [batch, response, vocab] logits and their gradient exist one chunk at a time."""
-    if not chunked:
-        return head_logprobs(head, hidden, tokens, temperature, scale, softcap)
-    rows = max(1, LOGITS_PER_CHUNK // head.weight.shape[0])
-    hidden_chunks = hidden.reshape(1, -1, hidden.shape[-1]).split(rows, dim=1)
-    chunks = [
-        torch.utils.checkpoint.checkpoint(head_logprobs, head, h, t, temperature, scale, softcap, use_reentrant=False)
-        for h, t in zip(hidden_chunks, tokens.reshape(1, -1).split(rows, dim=1))
-    ]
-    logprobs, entropy = (torch.cat(parts, 1).view(tokens.shape) for parts in zip(*chunks))
-    return logprobs, entropy
+    """head_logprobs; chunked: the same numbers over chunks of positions, so that the [batch, response, vocab] logits
+    and their gradient never exist whole."""
+    if chunked:
+        return in_position_chunks(head_logprobs, head, hidden, tokens, temperature, scale, softcap)
+    return head_logprobs(head, hidden, tokens, temperature, scale, softcap)
 
 
 def policy_logprobs(
@@ -661,8 +505,9 @@ def policy_logprobs(
     chunked: bool,
     multiple: int = 1,
 ) -> tuple:
-    """(log-probs, entropy) of the response tokens, [batch, max(needed)]. The LM head runs on response positions
-    only: a 512-token prompt costs no vocabulary-sized logits."""
+    """(log-probs, entropy) of the response tokens, [batch, max(needed)], from the final hidden states at the positions
+    that predict them (overhead None: one forward of the batch; else in length groups). The LM head runs on response
+    positions only: a 512-token prompt costs no vocabulary-sized logits."""
     backbone, head = backbone_and_head(policy)
     hidden = grouped_response_hidden(
         backbone, query_responses, attention_mask, context_length, needed, overhead, multiple
@@ -698,10 +543,11 @@ class PolicyAndValue(nn.Module):
         )
 
     def policy_forward(
-        self, query_responses, attention_mask, context_length: int, temperature: float, needed
-    ) -> tuple:
+        self, query_responses, attention_mask, context_length: int, temperature: float, needed, policy=None
+    ):
+        """(log-probs, entropy) under the trained policy, or with the same settings under another (the reference)."""
         return policy_logprobs(
-            self.policy,
+            self.policy if policy is None else policy,
             query_responses,
             attention_mask,
             context_length,
@@ -723,30 +569,6 @@ class PolicyAndValue(nn.Module):
             self.multiple,
         )
         return self.value_model.score(hidden).squeeze(-1).float()
-
-
-def forward_in_chunks(
-    forward,
-    query_responses: torch.Tensor,
-    attention_mask: torch.Tensor,
-    context_length: int,
-    sequence_lengths: torch.Tensor,
-    chunk_size: int,
-) -> list:
-    """forward(query_responses, attention_mask, context_length, needed) -> [rows, max(needed)] tensors, run on chunks of
-    chunk_size rows of the whole padded rollout batch; the outputs right-padded with 0 to the response width and
-    stacked. needed = each row's stop token + 2 (the value at sequence_length + 1 receives the score), capped at the
-    width, so a row's numbers do not depend on the chunk it was generated in. Positions past the need: the caller
-    masks them."""
-    width = query_responses.shape[1] - context_length
-    outputs = []
-    for i in range(0, len(query_responses), chunk_size):
-        needed = (sequence_lengths[i : i + chunk_size] + 2).clamp(max=width)
-        chunk = forward(
-            query_responses[i : i + chunk_size], attention_mask[i : i + chunk_size], context_length, needed
-        )
-        outputs.append([F.pad(out, (0, width - out.shape[1])) for out in chunk])
-    return [torch.cat(parts) for parts in zip(*outputs)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -850,7 +672,7 @@ def left_pad(sequences: list, pad_token_id: int, multiple: int = 1) -> tuple:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Plumbing: arguments, progress, the hub, datasets, tokenizers, random states and dropout
+# Prompts: their tokens and their order
 
 
 def prompt_token_ids(tokenizer, prompts: list) -> list:
@@ -867,154 +689,54 @@ def prompt_order(num_prompts: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(num_prompts, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
-def is_dropout_setting(name: str, value) -> bool:
-    """A dropout probability among a config's or a module's attributes (attention_dropout, hidden_dropout, resid_pdrop,
-    classifier_dropout, OPT's layerdrop, ...)."""
-    return "drop" in name and isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def disable_dropout_in_config(config) -> None:
-    """Zero every dropout setting of a config and of its sub-configs (text_config, ...), before the model is built."""
-    for name, value in list(vars(config).items()):
-        if is_dropout_setting(name, value):
-            setattr(config, name, 0.0)
-        elif hasattr(value, "to_dict") and hasattr(value, "get_text_config"):
-            disable_dropout_in_config(value)
-
-
-def disable_dropout(model: nn.Module) -> None:
-    """nn.Dropout modules, and the float rates that transformers 5's attention modules keep as attributes and use in
-    train mode only (attention_dropout): any dropout makes the training log-probs differ from the rollout's."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-        for name, value in list(vars(module).items()):
-            if is_dropout_setting(name, value):
-                setattr(module, name, 0.0)
-
-
-def vocabulary_mismatch(tokenizer, embedding_rows: int, model_tokenizer=None) -> Optional[str]:
-    """Why a model with `embedding_rows` input rows (and `model_tokenizer`, the tokenizer saved with it, if any) cannot
-    read the policy tokenizer's ids, or None. Fewer rows crash mid-run on an id past them; another tokenizer of the same
-    size scores other words. The pad tokens are left out: a pad is only ever read where the attention mask is 0."""
-    if len(tokenizer) > embedding_rows:
-        return (
-            f"has {embedding_rows} embedding rows, fewer than the {len(tokenizer)} tokens of the policy's tokenizer "
-            f"(pad {tokenizer.pad_token!r} is id {tokenizer.pad_token_id})"
-        )
-    if model_tokenizer is None:
-        return None
-    ours, theirs = tokenizer.get_vocab(), model_tokenizer.get_vocab()
-    pads = {tokenizer.pad_token, model_tokenizer.pad_token}
-    differ = sorted(t for t in ours.keys() | theirs.keys() if t not in pads and ours.get(t) != theirs.get(t))
-    if differ:
-        examples = ", ".join(f"{t!r}: {ours.get(t)} vs {theirs.get(t)}" for t in differ[:3])
-        return f"was saved with another tokenizer: {len(differ)} tokens have other ids (policy vs its own: {examples})"
-    if model_tokenizer.eos_token_id is not None and model_tokenizer.eos_token_id != tokenizer.eos_token_id:
-        return (
-            f"was saved with EOS {model_tokenizer.eos_token!r} (id {model_tokenizer.eos_token_id}), the policy's "
-            f"tokenizer has {tokenizer.eos_token!r} (id {tokenizer.eos_token_id})"
-        )
-    return None
-
-
-def saved_tokenizer(path: str, trust_remote_code: bool):
-    """The tokenizer saved with a model (a local folder or a hub id), or None if it has none."""
-    from transformers import AutoTokenizer
-
-    files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in files):
-        return None
-    try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError):
-        return None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The output folder and its checkpoints: one run at a time, each written whole or not at all (docs/faults.md)
-
-
-def changed_arguments(saved_args: str, args, may_change: set) -> list:
-    """The arguments of a resumed run that differ from those its checkpoint was written with (`--name saved (now
-    current)`), but for those in may_change."""
-    saved, now = json.loads(saved_args), json.loads(json.dumps(asdict(args)))  # as saved: lists, not tuples
-    # A flag newer than the checkpoint was not there to set: that run had today's default.
-    saved = {**json.loads(json.dumps(asdict(type(args)()))), **saved}
-    return [
-        f"--{k.replace('_', '-')} {saved.get(k)!r} (now {v!r})"
-        for k, v in now.items()
-        if k not in may_change and saved.get(k) != v
-    ]
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Setup, models, evaluation and saving: what the main block calls around the PPO loop
 
 
-def claim_output_dir(args: Args) -> tuple:
-    """Lock output_dir for this run (the main process), finish a save that a kill interrupted, and read the
-    checkpoint to resume from: (its folder, its state) or (None, None)."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        lock_output_dir(args.output_dir)
-        repaired = finish_interrupted_save(args.output_dir)
-        if repaired:
-            print(repaired)
-    resume_dir = resolve_resume(args.resume_from_checkpoint, args.output_dir)
-    return resume_dir, load_resume_state(resume_dir) if resume_dir else None
+def prompt_format(data, where: str) -> tuple:
+    """A split's TL;DR rows, every row checked: `prompt` + reference `completion`, text prompts in the TL;DR format.
+    Returns the format, the rows and no note."""
+    missing = {"prompt", "completion"} - set(data.column_names)
+    if missing:
+        fail(
+            "dataset_name",
+            f"{where} lacks columns {sorted(missing)} (it has {data.column_names}); the TL;DR "
+            "format is `prompt` + reference `completion`",
+        )
+    # Conversational prompts are refused here: the saved generations are for judges that read TL;DR text.
+    if column_kind(data, "prompt", where)[0] == "conversation":
+        fail(
+            "dataset_name",
+            f"{where} has conversational prompts; this TL;DR variant takes TL;DR text prompts: "
+            "use ppo_rlhf.py for conversations",
+        )
+    # The TL;DR prompt format: "SUBREDDIT: r/...\n\nTITLE: ...\n\nPOST: ...\n\nTL;DR:" (no trailing space).
+    bad = [p for p in data["prompt"] if not (p.startswith("SUBREDDIT: r/") and p.endswith("\n\nTL;DR:"))]
+    if bad:
+        fail(
+            "dataset_name",
+            f"{len(bad)} of {len(data)} prompts in {where} are not in the TL;DR format "
+            f"'SUBREDDIT: r/...\\n\\nTITLE: ...\\n\\nPOST: ...\\n\\nTL;DR:', e.g. {bad[0][-80:]!r}; "
+            "use ppo_rlhf.py for other prompt formats",
+        )
+    return "text", data, None
 
 
 def load_prompts(args: Args, local_batch_size: int) -> tuple:
     """The train and evaluation prompts, checked: (train rows, eval rows, "text" or "conversation", a note saying
     which rows are evaluated)."""
-    try:
+    train_data, eval_data, prompt_kind, split_note = load_splits(args, prompt_format)
+    final_data = None
+    if args.dataset_final_eval_split is not None:
         splits = load_any_dataset(args.dataset_name)
-    except Exception as e:  # the datasets library has many failure types; all mean the same thing to the user
-        fail("dataset_name", f"could not load {args.dataset_name!r} (is it empty, or not a dataset?): {e}")
-    train_data, eval_data = pick_splits(splits, args.dataset_name, args.dataset_train_split, args.dataset_test_split)
-    final_data = splits.get(args.dataset_final_eval_split) if args.dataset_final_eval_split is not None else None
-    for data, split in (
-        (train_data, args.dataset_train_split),
-        (eval_data, args.dataset_test_split),
-        (final_data, args.dataset_final_eval_split),
-    ):
-        where = repr(args.dataset_name) if None in splits else f"split {split!r} of {args.dataset_name!r}"
-        if data is None:
-            continue
-        missing = {"prompt", "completion"} - set(data.column_names)
-        if missing:
-            fail(
-                "dataset_name",
-                f"{where} lacks columns {sorted(missing)} (it has {data.column_names}); the TL;DR "
-                "format is `prompt` + reference `completion`",
-            )
-        if len(data) == 0:
-            fail("dataset_name", f"{where} is empty")
-        # Conversational prompts are refused here: the saved generations are for judges that read TL;DR text.
-        if column_kind(data, "prompt", where)[0] == "conversation":
-            fail(
-                "dataset_name",
-                f"{where} has conversational prompts; this TL;DR variant takes TL;DR text prompts: "
-                "use ppo_rlhf.py for conversations",
-            )
-        # The TL;DR prompt format: "SUBREDDIT: r/...\n\nTITLE: ...\n\nPOST: ...\n\nTL;DR:" (no trailing space).
-        bad = [p for p in data["prompt"] if not (p.startswith("SUBREDDIT: r/") and p.endswith("\n\nTL;DR:"))]
-        if bad:
-            fail(
-                "dataset_name",
-                f"{len(bad)} of {len(data)} prompts in split {split!r} are not in the TL;DR format "
-                f"'SUBREDDIT: r/...\\n\\nTITLE: ...\\n\\nPOST: ...\\n\\nTL;DR:', e.g. {bad[0][-80:]!r}; "
-                "use ppo_rlhf.py for other prompt formats",
-            )
-    prompt_kind = "text"  # conversations were refused above
-    split_note = f"evaluating on split {args.dataset_test_split!r}"
-    if eval_data is None:
-        train_data, eval_data, split_note = hold_out(
-            train_data, args.dataset_name, args.dataset_train_split, args.dataset_test_split
-        )
-    if args.dataset_final_eval_split is not None and final_data is None:  # the same rule: the held-out rows
-        final_data = eval_data
-        split_note += f"; the final evaluation uses them too (no {args.dataset_final_eval_split!r} split)"
+        final_data = splits.get(args.dataset_final_eval_split)
+        if final_data is None:  # the same rule as for evaluation: the held-out rows
+            final_data = eval_data
+            split_note += f"; the final evaluation uses them too (no {args.dataset_final_eval_split!r} split)"
+        elif len(final_data) == 0:
+            fail("dataset_name", f"split {args.dataset_final_eval_split!r} of {args.dataset_name!r} is empty")
+        else:
+            prompt_format(final_data, f"split {args.dataset_final_eval_split!r} of {args.dataset_name!r}")
     if len(train_data) < local_batch_size:
         fail(
             "dataset_train_split",
@@ -1034,48 +756,31 @@ def check_model_configs(args: Args, tokenizer, prompt_kind: str) -> tuple:
             "conversational prompts need; use an instruct model's tokenizer, set "
             "tokenizer.chat_template and save it, or give the prompts as strings",
         )
-    from transformers import AutoConfig
-
     value_model_path = args.value_model_path or args.reward_model_path
     sft_config_path = args.sft_model_path
     if is_adapter_folder(args.sft_model_path):
         with open(os.path.join(args.sft_model_path, "adapter_config.json")) as f:
             sft_config_path = json.load(f)["base_model_name_or_path"]
-    contexts, reward_shift = [], 0.0
+    configs = {}
     for arg, path, config_path in (
         ("sft_model_path", args.sft_model_path, sft_config_path),
         ("reward_model_path", args.reward_model_path, args.reward_model_path),
         ("value_model_path", value_model_path, value_model_path),
     ):
-        config = AutoConfig.from_pretrained(config_path, trust_remote_code=args.trust_remote_code)
-        # A trained classifier must have one label; a plain LM (TRL's get-started uses Pythia itself) gets a new
-        # one-output head, as TRL did.
-        is_classifier = any("ForSequenceClassification" in a for a in config.architectures or [])
-        if arg != "sft_model_path" and is_classifier and config.num_labels != 1:
-            fail(
-                arg, f"{path!r} has {config.num_labels} labels; a reward/value model outputs one scalar (num_labels=1)"
-            )
-        model_tokenizer = saved_tokenizer(path, args.trust_remote_code) if path != args.model_name_or_path else None
-        problem = vocabulary_mismatch(tokenizer, config.get_text_config().vocab_size, model_tokenizer)
-        if problem:
-            fail(
-                arg,
-                f"{path!r} {problem}; every model must be trained with the tokenizer of --model-name-or-path "
-                "(sft.py and reward_modeling.py save it, adding [PAD] and resizing the embeddings if needed)",
-            )
-        contexts.append(context_length(config))
-        if arg == "sft_model_path":
-            sft_config = config
-        if arg == "reward_model_path":  # reward_modeling.py's normalisation, for architectures without a norm bias
-            reward_shift = float(getattr(config, "reward_shift", 0.0))
-    context = min((c for c in contexts if c), default=None)
+        scalar = arg != "sft_model_path"
+        configs[arg] = checked_config(
+            arg, path, config_path, tokenizer, args.model_name_or_path, args.trust_remote_code, scalar
+        )
+    # reward_modeling.py's normalisation, for architectures without a norm bias
+    reward_shift = float(getattr(configs["reward_model_path"], "reward_shift", 0.0))
+    context = min((c for c in map(context_length, configs.values()) if c), default=None)
     if context is not None and args.response_length >= context:
         fail(
             "response_length",
             f"{args.response_length} tokens leave no room for a prompt in the models' context of "
             f"{context} tokens (max_position_embeddings); lower it",
         )
-    model_type = sft_config.get_text_config().model_type
+    model_type = configs["sft_model_path"].get_text_config().model_type
     if model_type in UNSUPPORTED_LOGIT_TRANSFORMS:
         fail(
             "sft_model_path",
@@ -1084,46 +789,6 @@ def check_model_configs(args: Args, tokenizer, prompt_kind: str) -> tuple:
             "model's); use another architecture",
         )
     return context, reward_shift
-
-
-def make_accelerator(args: Args, b: Batches):
-    """On a CPU-only host the processes talk over gloo: cpu=True joins the process group that torchrun (or
-    `accelerate launch --multi_gpu`) set up, where a plain Accelerator() would run independent copies; accelerate
-    ignores DeepSpeed under cpu=True, and DeepSpeed needs the backend named or each rank sees one process. GPUs:
-    NCCL."""
-    from accelerate import Accelerator
-    from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
-
-    on_cpu = not torch.cuda.is_available()
-    deepspeed_launch = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    accelerator = Accelerator(
-        cpu=on_cpu and not deepspeed_launch,
-        mixed_precision="bf16" if args.bf16 else "no",
-        # One optimizer step per mini-batch: accelerate (and the DeepSpeed engine) accumulate micro_per_mini backward
-        # passes, whatever gradient_accumulation_steps the launcher's config says.
-        gradient_accumulation_plugin=GradientAccumulationPlugin(
-            num_steps=b.micro_per_mini, sync_with_dataloader=False
-        ),
-        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if on_cpu and b.world_size > 1 else [],
-    )
-    if accelerator.num_processes != b.world_size:
-        fail(
-            "num_processes",
-            f"WORLD_SIZE says {b.world_size} processes but accelerate runs {accelerator.num_processes}",
-        )
-    return accelerator
-
-
-def start_tracking(args: Args) -> None:
-    import wandb
-
-    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
-    wandb.init(
-        project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=run_name, save_code=True
-    )
-    wandb.define_metric("train/episode")
-    wandb.define_metric("train/*", step_metric="train/episode")
-    wandb.define_metric("eval/*", step_metric="train/episode")
 
 
 def tokenize_prompts(
@@ -1186,47 +851,6 @@ def prompts_for_update(train_ids: list, update: int, seed: int, b: Batches, proc
     return [train_ids[i] for i in mine.tolist()]
 
 
-def prepare_output_dir(args: Args, resume_state: Optional[dict], main_process: bool) -> str:
-    """Create output_dir (only now, with every input checked, is anything written there); a fresh run drops an
-    earlier run's checkpoints, a resumed one the metrics rows after its checkpoint. Returns metrics.jsonl's path."""
-    os.makedirs(args.output_dir, exist_ok=True)
-    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    if main_process and resume_state is None:
-        # A fresh run (e.g. --overwrite-output-dir): an earlier run's checkpoints must not mix with its own.
-        shutil.rmtree(os.path.join(args.output_dir, "checkpoints"), ignore_errors=True)
-    if main_process and os.path.exists(metrics_path):
-        # Resuming keeps the rows up to the checkpoint (a killed run may have logged later updates, or half a line).
-        kept = []
-        if resume_state is not None:
-            with open(metrics_path) as f:
-                for line in f:
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue
-                    if row.get("update", 0) <= resume_state["update"]:
-                        kept.append(line if line.endswith("\n") else line + "\n")
-        with open(metrics_path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(metrics_path + ".tmp", metrics_path)
-    return metrics_path
-
-
-def load_model(cls, path: str, tokenizer, trust_remote_code: bool) -> nn.Module:
-    """A model with dropout off (it would make the rollout and training log-probs disagree); a sequence classifier
-    gets one label."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    disable_dropout_in_config(config)
-    if cls is AutoModelForSequenceClassification:
-        config.num_labels, config.id2label, config.label2id = 1, {0: "LABEL_0"}, {"LABEL_0": 0}
-        config.pad_token_id = tokenizer.pad_token_id
-    model = cls.from_pretrained(path, config=config, trust_remote_code=trust_remote_code)
-    disable_dropout(model)
-    return model
-
-
 def load_policy(args: Args, tokenizer, resume_dir: Optional[str]) -> tuple:
     """(policy, frozen reference or None, the base model's path). A resumed run takes the trained policy (or
     adapter) from the checkpoint. LoRA: the base weights are frozen and shared with the reference, which is the
@@ -1263,13 +887,6 @@ def load_policy(args: Args, tokenizer, resume_dir: Optional[str]) -> tuple:
         policy.load_adapter(args.sft_model_path, adapter_name=args.ref_adapter_name, is_trainable=False)
         policy.set_adapter(adapter_name)
     return policy, None, base_path
-
-
-def num_params(m: Optional[nn.Module], trainable: bool = False) -> int:
-    """ZeRO-3 may already hold only a shard of each parameter: full sizes are counted."""
-    if m is None:
-        return 0
-    return sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters() if p.requires_grad or not trainable)
 
 
 def parameter_counts(args: Args, policy, value_model, reward_model, ref_policy) -> str:
@@ -1373,45 +990,15 @@ def reference_policy(run: Run):
 
 @torch.no_grad()
 def reference_logprobs(run: Run, query_responses, attention_mask, context_length: int, temperature: float, needed):
-    u = run.unwrapped
+    inputs = (query_responses, attention_mask, context_length, temperature, needed)
     with reference_policy(run) as ref:
-        return policy_logprobs(
-            ref,
-            query_responses,
-            attention_mask,
-            context_length,
-            temperature,
-            needed,
-            u.overhead,
-            u.chunked,
-            u.multiple,
-        )[0]
-
-
-@contextlib.contextmanager
-def generation_weights(run: Run):
-    """ZeRO-3: gather the policy's shards (not the value model's) once per generation, and lift DeepSpeed's
-    per-module hooks meanwhile: they would partition the gathered weights again after every layer and all-gather
-    them at every token (as deepspeed.runtime.zero.unwrap_model_for_generation does, for the policy only)."""
-    if run.zero_stage != 3 or not run.args.ds3_gather_for_generation:
-        yield
-        return
-    import deepspeed
-
-    hooks = run.model.optimizer.parameter_offload  # owns ZeRO-3's fetch/release hooks of the trained modules
-    with deepspeed.zero.GatheredParameters(list(run.unwrapped.policy.parameters())):
-        for hook in hooks.forward_hooks + hooks.backward_hooks:
-            hook.remove()
-        hooks.forward_hooks, hooks.backward_hooks = [], []
-        try:
-            yield
-        finally:
-            hooks._register_deepspeed_module(hooks.module)
+        return run.unwrapped.policy_forward(*inputs, policy=ref)[0]
 
 
 @torch.no_grad()
 def generate_responses(run: Run, queries, query_mask, temperature: float) -> torch.Tensor:
-    with autocast(run), generation_weights(run):
+    gather = run.zero_stage == 3 and run.args.ds3_gather_for_generation  # whole weights once, not at every token
+    with autocast(run), gathered_for_generation(run.model, run.unwrapped.policy, gather):
         return generate(
             run.unwrapped.policy,
             queries,
@@ -1549,21 +1136,9 @@ def log(run: Run, row: dict) -> None:
 def print_samples(run: Run, rows: list, update: int) -> None:
     if not run.accelerator.is_main_process:
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    columns = ("query", "model response", "score")
-    table = Table(title=f"sample completions after update {update}", show_lines=True)
-    for column in columns:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(row["query"][-200:], row["response"], f"{row['score']:.3f}")
-    Console().print(table)
-    if run.args.track:
-        import wandb
-
-        data = [[r["query"], r["response"], r["score"]] for r in rows]
-        wandb.log({"samples": wandb.Table(columns=list(columns), data=data)})
+    columns = ["query", "model response", "score"]
+    table = [[r["query"], r["response"], r["score"]] for r in rows]
+    show_samples(f"sample completions after update {update}", columns, table, run.args.track, {"query": 200})
 
 
 def split_state_dict(state_dict: dict) -> dict:
@@ -1604,92 +1179,33 @@ def save_policy(run: Run, path: str, state_dict: dict, merge: bool = False) -> N
 
 
 def save_checkpoint(run: Run, optimizer, scheduler, update: int, global_episode: int, optimizer_steps: int) -> None:
-    """Policy and value model (safetensors), optimizer, scheduler, counters, args and every process's RNG states,
-    written to checkpoint-N.tmp and renamed into place: a kill at any moment leaves the previous checkpoints intact
-    and never a half-written one under a final name. Under DeepSpeed the optimizer state is partitioned: every
-    process writes its own part with the engine's save_checkpoint."""
-    args, accelerator = run.args, run.accelerator
-    is_deepspeed = run.zero_stage is not None
-    folder = os.path.join(args.output_dir, "checkpoints", f"checkpoint-{update}")
-    tmp = folder + ".tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(run.model)  # on every process: ZeRO-3 gathers the shards
-    if is_deepspeed:
-        run.model.save_checkpoint(tmp, tag="deepspeed", save_latest=False)
-    error = None
-    try:  # a full disk (or a quota) must cost this checkpoint only, with a message, not the earlier ones
-        rng_path = os.path.join(tmp, f"rng_rank{accelerator.process_index}.pt")
-        torch.save(rng_state(run.sampling_generator), rng_path)
-        if accelerator.is_main_process:
-            split = split_state_dict(state_dict)
-            save_policy(run, os.path.join(tmp, "policy"), split["policy"])
-            run.unwrapped.value_model.save_pretrained(
-                os.path.join(tmp, "value_model"), state_dict=split["value_model"]
-            )
-            state = {
-                "optimizer": None if is_deepspeed else optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "update": update,
-                "global_episode": global_episode,
-                "optimizer_steps": optimizer_steps,
-                "world_size": accelerator.num_processes,
-                "zero_stage": run.zero_stage,
-                "args": json.dumps(asdict(args)),
-                "script": os.path.basename(__file__),
-            }
-            torch.save(state, os.path.join(tmp, "state.pt"))
-    except Exception as e:  # torch and safetensors report a full disk as their own error types
-        error = f"{type(e).__name__}: {e}"
-    failed = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "sum").item()
-    if accelerator.is_main_process and not failed:
-        try:
-            seal_checkpoint(tmp, folder, args.save_total_limit)
-        except OSError as e:
-            error, failed = f"{type(e).__name__}: {e}", 1
-    if failed:
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        sys.exit(
-            f"error: could not write checkpoint-{update} ({error or 'on another process'}); the run stops "
-            "here, its earlier checkpoints are intact: make room and resume with --resume-from-checkpoint latest"
-        )
-    accelerator.wait_for_everyone()
+    """checkpoint-`update` (write_checkpoint): the policy (or its adapter), the value model and the counters."""
+    counters = {"update": update, "global_episode": global_episode, "optimizer_steps": optimizer_steps}
+    state = {**counters, "script": os.path.basename(__file__)}
+    write = functools.partial(write_models, run)
+    write_checkpoint(
+        run.args,
+        update,
+        state,
+        run.accelerator,
+        run.model,
+        optimizer,
+        scheduler,
+        run.zero_stage,
+        write,
+        run.sampling_generator,
+    )
 
 
-def resume_training(run: Run, optimizer, scheduler, resume_dir: str, resume_state: dict) -> tuple:
-    """Load the optimizer, scheduler and RNG states of a checkpoint; returns (global_episode, optimizer_steps,
-    first_update)."""
-    accelerator = run.accelerator
-    if resume_state["world_size"] != accelerator.num_processes:
-        fail(
-            "resume_from_checkpoint",
-            f"the checkpoint was written by {resume_state['world_size']} processes; "
-            f"resume it with the same number, not {accelerator.num_processes}",
-        )
-    if resume_state.get("zero_stage") != run.zero_stage:
-        fail(
-            "resume_from_checkpoint",
-            f"the checkpoint was written with DeepSpeed ZeRO stage "
-            f"{resume_state.get('zero_stage')} (None: no DeepSpeed); resume it the same way",
-        )
-    if run.zero_stage is not None:
-        run.model.load_checkpoint(
-            resume_dir, tag="deepspeed", load_optimizer_states=True, load_lr_scheduler_states=False
-        )
-    else:
-        optimizer.load_state_dict(resume_state["optimizer"])
-    scheduler.load_state_dict(resume_state["scheduler"])
-    rng_path = os.path.join(resume_dir, f"rng_rank{accelerator.process_index}.pt")
-    set_rng_state(torch.load(rng_path, weights_only=True), run.sampling_generator)
-    return resume_state["global_episode"], resume_state["optimizer_steps"], resume_state["update"] + 1
+def write_models(run: Run, folder: str, state_dict: dict) -> None:
+    """The policy (as from_pretrained loads it, or its adapter) in folder/policy and the value model in
+    folder/value_model."""
+    split = split_state_dict(state_dict)
+    save_policy(run, os.path.join(folder, "policy"), split["policy"])
+    run.unwrapped.value_model.save_pretrained(os.path.join(folder, "value_model"), state_dict=split["value_model"])
 
 
-def ppo_model_card(args: Args, metrics_path: str) -> str:
-    with open(metrics_path) as f:
-        rows = [json.loads(line) for line in f]
+def ppo_model_card(args: Args, rows: list) -> str:
     final = {k: v for row in rows for k, v in row.items()}  # each metric's last logged value
     metrics = "".join(f"| {k} | {v:.4g} |\n" for k, v in final.items() if isinstance(v, (int, float)))
     body = (
@@ -1704,45 +1220,19 @@ def ppo_model_card(args: Args, metrics_path: str) -> str:
     return model_card(name, args.sft_model_path, [args.dataset_name], ["ppo", "rlhf"], body)
 
 
-def write_output(run: Run, path: str, split: dict) -> None:
+def write_output(run: Run, path: str, state_dict: dict) -> None:
     """The policy (+ tokenizer, model card, metrics, args) at path and the value model in path/value_model."""
     args, tokenizer = run.args, run.tokenizer
+    split = split_state_dict(state_dict)
     save_policy(run, path, split["policy"], merge=args.merge_adapter_on_save)
     tokenizer.save_pretrained(path)
     run.unwrapped.value_model.save_pretrained(os.path.join(path, "value_model"), state_dict=split["value_model"])
     tokenizer.save_pretrained(os.path.join(path, "value_model"))
-    shutil.copy(run.metrics_path, os.path.join(path, "metrics.jsonl"))
+    with open(run.metrics_path) as f:
+        rows = [json.loads(line) for line in f]
+    write_run_files(path, args, rows, ppo_model_card(args, rows))
     if args.dataset_final_eval_split is not None:  # this run wrote them (an earlier run's must not come along)
         shutil.copytree(os.path.join(args.output_dir, "eval_generations"), os.path.join(path, "eval_generations"))
-    with open(os.path.join(path, "README.md"), "w") as f:
-        f.write(ppo_model_card(args, run.metrics_path))
-    with open(os.path.join(path, "args.json"), "w") as f:
-        json.dump(asdict(args), f, indent=2)
-
-
-def save_output(run: Run, start_time: float) -> None:
-    """The trained models at output_dir, all or nothing (publish_output): a kill mid-save leaves the previous
-    output or this one; then the upload, with --push-to-hub."""
-    args, accelerator = run.args, run.accelerator
-    accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(run.model)
-    nonfinite = []
-    if accelerator.is_main_process:
-        nonfinite = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if accelerator.reduce(torch.tensor(float(len(nonfinite)), device=accelerator.device), "sum").item():
-        sys.exit(
-            f"error: the trained weights are not finite ({', '.join(nonfinite[:3])}...); nothing was saved "
-            "(lower --learning-rate)"
-        )
-    if not accelerator.is_main_process:
-        return
-    split = split_state_dict(state_dict)
-    publish_output(args.output_dir, lambda path: write_output(run, path, split))
-    accelerator.print(f"saved policy and value model to {args.output_dir} ({time.time() - start_time:.0f}s)")
-    if args.push_to_hub:
-        repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
-        url = push_folder_to_hub(args.output_dir, repo_id)
-        accelerator.print(f"uploaded {args.output_dir} to {url}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1769,8 +1259,9 @@ def save_generations(run: Run, name: str, final_ids: list, final_references: lis
 if __name__ == "__main__":
     args = tyro.cli(Args, args=bool_flags_as_switches(sys.argv[1:], Args))
     explain_remote_code_errors()
-    resume_dir, resume_state = claim_output_dir(args)
-    b = check_args(args, resume_dir, resume_state)
+    b = check_args(args)
+    resume_dir = claim_output_dir(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
+    resume_state = check_resume(resume_dir, args, MAY_CHANGE_ON_RESUME, os.path.basename(__file__))
     train_data, eval_data, final_data, prompt_kind, split_note = load_prompts(args, b.local_batch_size)
 
     from accelerate.utils import DistributedType
@@ -1788,7 +1279,9 @@ if __name__ == "__main__":
     stop_on_signals()  # from here on, Ctrl-C or SIGTERM stops after the current update with a checkpoint
 
     # TRY NOT TO MODIFY: processes, seeding, tracking
-    accelerator = make_accelerator(args, b)
+    # One optimizer step per mini-batch: accelerate (and the DeepSpeed engine) accumulate micro_per_mini backward
+    # passes, whatever gradient_accumulation_steps the launcher's config says.
+    accelerator, zero_stage = make_accelerator(b.micro_per_mini, args.bf16, args.max_grad_norm, resume_state)
     is_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     device = accelerator.device
     if added_pad:
@@ -1799,7 +1292,7 @@ if __name__ == "__main__":
     # Sampling differs per process; the data order and the PPO permutations are the same on every process.
     sampling_generator = torch.Generator(device=device).manual_seed(args.seed + accelerator.process_index * 100003)
     if args.track and accelerator.is_main_process:
-        start_tracking(args)
+        start_tracking(args, "train/episode", ("train/*", "eval/*"))
     accelerator.print(split_note)
     if prompt_kind == "text" and tokenizer.chat_template:
         accelerator.print(
@@ -1809,7 +1302,7 @@ if __name__ == "__main__":
     train_ids, eval_ids, final_ids, final_references = tokenize_prompts(
         args, tokenizer, train_data, eval_data, final_data, context, b, accelerator.print
     )
-    metrics_path = prepare_output_dir(args, resume_state, accelerator.is_main_process)
+    metrics_path = prepare_output_dir(args.output_dir, resume_state, accelerator.is_main_process)
 
     # Models: policy and reference from the SFT model; value model and reward model from the reward model.
     policy, ref_policy, base_path = load_policy(args, tokenizer, resume_dir)
@@ -1866,30 +1359,32 @@ if __name__ == "__main__":
         metrics_path=metrics_path,
     )
     pad_id = tokenizer.pad_token_id
-    batch_size, local_batch_size, local_mini_batch_size = b.batch_size, b.local_batch_size, b.local_mini_batch_size
-    micro_per_mini, num_total_batches = b.micro_per_mini, b.num_total_batches
     accelerator.print(
-        f"{len(train_ids)} train / {len(eval_ids)} eval prompts; {num_total_batches} updates of "
-        f"{batch_size} episodes ({b.world_size} processes x {local_batch_size})"
+        f"{len(train_ids)} train / {len(eval_ids)} eval prompts; {b.num_total_batches} updates of "
+        f"{b.batch_size} episodes ({b.world_size} processes x {b.local_batch_size})"
     )
 
-    sample_every = max(num_total_batches // args.num_sample_generations, 1) if args.num_sample_generations else 0
+    sample_every = max(b.num_total_batches // args.num_sample_generations, 1) if args.num_sample_generations else 0
     global_episode, optimizer_steps, first_update = 0, 0, 1
     if resume_state is not None:
-        global_episode, optimizer_steps, first_update = resume_training(
-            run, optimizer, scheduler, resume_dir, resume_state
+        load_checkpoint(
+            resume_dir, resume_state, accelerator, model, optimizer, scheduler, zero_stage, sampling_generator
         )
+        global_episode, optimizer_steps = resume_state["global_episode"], resume_state["optimizer_steps"]
+        first_update = resume_state["update"] + 1
         accelerator.print(f"resumed from {resume_dir}: continuing at update {first_update}, episode {global_episode}")
 
     if final_ids and args.eval_initial_policy and resume_state is None:
         log(run, {**save_generations(run, "initial", final_ids, final_references), "episode": 0, "update": 0})
     start_time, start_episode = time.time(), global_episode
-    bar = progress_bar(num_total_batches * batch_size, "episode", accelerator.is_main_process, initial=global_episode)
+    bar = progress_bar(
+        b.num_total_batches * b.batch_size, "episode", accelerator.is_main_process, initial=global_episode
+    )
     say = bar.write if bar is not None else accelerator.print  # printed lines stay above the bar
-    for update in range(first_update, num_total_batches + 1):
+    for update in range(first_update, b.num_total_batches + 1):
         prompts = prompts_for_update(train_ids, update, args.seed, b, accelerator.process_index)
-        global_episode += batch_size
-        timer = {"generation": 0.0, "rollout_forward": 0.0, "training": 0.0}
+        global_episode += b.batch_size
+        timer = Timer(generation=0.0, rollout_forward=0.0, training=0.0)
         update_start = time.time()
 
         # ALGO LOGIC: rollout. Steps 1-5 of the recipe, in chunks of local_rollout_forward_batch_size.
@@ -1898,17 +1393,14 @@ if __name__ == "__main__":
         responses, scores, sequence_lengths, postprocessed = [], [], [], []
         model.eval()
         with torch.no_grad():
-            for i in range(0, local_batch_size, args.local_rollout_forward_batch_size):
+            for i in range(0, b.local_batch_size, args.local_rollout_forward_batch_size):
                 q = queries[i : i + args.local_rollout_forward_batch_size]
                 qm = query_mask[i : i + args.local_rollout_forward_batch_size]
-                t0 = time.time()
-                r = generate_responses(run, q, qm, args.temperature)
-                timer["generation"] += time.time() - t0
-                t0 = time.time()
-                responses.append(r)
-                pp, sl, s = rollout_scores(run, q, qm, r)
-                postprocessed.append(pp), sequence_lengths.append(sl), scores.append(s)
-                timer["rollout_forward"] += time.time() - t0
+                with timer("generation"):
+                    r = generate_responses(run, q, qm, args.temperature)
+                with timer("rollout_forward"):
+                    pp, sl, s = rollout_scores(run, q, qm, r)
+                responses.append(r), postprocessed.append(pp), sequence_lengths.append(sl), scores.append(s)
             width = max(r.shape[1] for r in responses)
             responses = right_pad_cat(responses, width, pad_id)
             postprocessed = right_pad_cat(postprocessed, width, pad_id)
@@ -1918,16 +1410,15 @@ if __name__ == "__main__":
             # The old log-probs come from the same forward the training uses (not from generation scores), so the
             # first PPO mini-batch has ratio 1; the values come from that same call. They run on the padded batch:
             # a row that stopped in its chunk's last column still gets its value at sequence_length + 1.
-            t0 = time.time()
-            logprobs, ref_logprobs, values = forward_in_chunks(
-                functools.partial(rollout_forward, run),
-                query_responses,
-                attention_mask,
-                context_length,
-                sequence_lengths,
-                args.local_rollout_forward_batch_size,
-            )
-            timer["rollout_forward"] += time.time() - t0
+            with timer("rollout_forward"):
+                logprobs, ref_logprobs, values = forward_in_chunks(
+                    functools.partial(rollout_forward, run),
+                    query_responses,
+                    attention_mask,
+                    context_length,
+                    sequence_lengths,
+                    args.local_rollout_forward_batch_size,
+                )
 
             # Step 6, the EOS trick: responses that never produced the stop token lose missing_eos_penalty.
             contains_stop = (postprocessed == eos_check_id).any(1)
@@ -1954,91 +1445,85 @@ if __name__ == "__main__":
             advantages = gae_advantages(rewards, values, args.gamma, args.lam)
             returns = advantages + values
             advantages = masked_whiten(advantages, ~padding_mask).masked_fill(padding_mask, 0.0)
-            if not (torch.isfinite(scores).all() and torch.isfinite(advantages).all()):
-                sys.exit(
-                    f"error: non-finite reward or advantage at update {update}; the run stops here "
-                    "(lower --learning-rate, or check the reward model)"
-                )
+            advice = " (lower --learning-rate, or check the reward model)"
+            stop_if_not_finite("reward or advantage", [scores, advantages], f"update {update}", advice)
 
         # ALGO LOGIC: PPO epochs. Step 10: one optimizer step per mini-batch, whatever num_mini_batches is.
-        t0 = time.time()
+        training_start = time.time()
         model.train()
         # Sums over valid tokens of each statistic (the weights of the token-weighted averages logged below).
         stats = {k: torch.zeros((), device=device, dtype=torch.float64) for k in PPO_STATS}
         micro_ratio_means = []  # for val/ratio_var, TRL's: the variance of the per-micro-batch mean ratios
-        for ppo_epoch in range(args.num_ppo_epochs):
-            permutation = torch.from_numpy(np.random.permutation(local_batch_size)).to(device)
-            for mb_start in range(0, local_batch_size, local_mini_batch_size):
-                mini = permutation[mb_start : mb_start + local_mini_batch_size]
-                # Gradient = token sum / valid tokens of the whole mini-batch: the split into micro-batches does not
-                # change it (TRL averaged per-micro-batch means instead). accelerate (or DeepSpeed) divides each
-                # micro-batch loss by micro_per_mini, so the token sums are divided by the mean count per micro-batch.
-                n_pg = (~padding_mask[mini]).sum().clamp(min=1) / micro_per_mini
-                n_vf = (~padding_mask_p1[mini]).sum().clamp(min=1) / micro_per_mini
-                for mc_start in range(0, local_mini_batch_size, args.per_device_train_batch_size):
-                    micro = mini[mc_start : mc_start + args.per_device_train_batch_size]
-                    # Response columns past every row's stop token + 1 are masked everywhere: not computed at all.
-                    needed = (sequence_lengths[micro] + 2).clamp(max=width)
-                    n = int(needed.max())
-                    valid_pg, valid_vf = ~padding_mask[micro, :n], ~padding_mask_p1[micro, :n]
-                    old_logprobs, old_values = logprobs[micro, :n], values[micro, :n]
-                    mb_advantages, mb_returns = advantages[micro, :n], returns[micro, :n]
-                    # Gradients are all-reduced (DDP) or reduce-scattered (ZeRO) on the mini-batch's last micro-batch;
-                    # the DeepSpeed engine takes its optimizer step inside that backward.
-                    with accelerator.accumulate(model):
-                        mb_query_responses = query_responses[micro, : context_length + n]
-                        mb_attention_mask = attention_mask[micro, : context_length + n]
-                        with autocast(run):
-                            new_logprobs, entropy, vpred = model(
-                                mb_query_responses, mb_attention_mask, context_length, args.temperature, needed
-                            )
-                        new_logprobs = new_logprobs.masked_fill(~valid_pg, INVALID_LOGPROB)
-                        logratio = new_logprobs - old_logprobs
-                        ratio = torch.exp(logratio)
-                        pg_unclipped = -mb_advantages * ratio
-                        pg_clipped = -mb_advantages * ratio.clamp(1 - args.cliprange, 1 + args.cliprange)
-                        pg_losses = torch.max(pg_unclipped, pg_clipped)
-                        vpred = vpred.masked_fill(~valid_vf, 0.0)
-                        vpred_clipped = old_values + (vpred - old_values).clamp(
-                            -args.cliprange_value, args.cliprange_value
+        # Each epoch passes over a fresh random permutation of the rollouts, split into mini-batches.
+        permutations = [np.random.permutation(b.local_batch_size) for _ in range(args.num_ppo_epochs)]
+        mini_batches = [
+            (ppo_epoch, mini)
+            for ppo_epoch, permutation in enumerate(permutations)
+            for mini in torch.from_numpy(permutation).to(device).split(b.local_mini_batch_size)
+        ]
+        for ppo_epoch, mini in mini_batches:
+            # Gradient = token sum / valid tokens of the whole mini-batch: the split into micro-batches does not
+            # change it (TRL averaged per-micro-batch means instead). accelerate (or DeepSpeed) divides each
+            # micro-batch loss by micro_per_mini, so the token sums are divided by the mean count per micro-batch.
+            n_pg = (~padding_mask[mini]).sum().clamp(min=1) / b.micro_per_mini
+            n_vf = (~padding_mask_p1[mini]).sum().clamp(min=1) / b.micro_per_mini
+            for micro in mini.split(args.per_device_train_batch_size):
+                # Response columns past every row's stop token + 1 are masked everywhere: not computed at all.
+                needed = (sequence_lengths[micro] + 2).clamp(max=width)
+                n = int(needed.max())
+                valid_pg, valid_vf = ~padding_mask[micro, :n], ~padding_mask_p1[micro, :n]
+                old_logprobs, old_values = logprobs[micro, :n], values[micro, :n]
+                mb_advantages, mb_returns = advantages[micro, :n], returns[micro, :n]
+                # Gradients are all-reduced (DDP) or reduce-scattered (ZeRO) on the mini-batch's last micro-batch;
+                # the DeepSpeed engine takes its optimizer step inside that backward.
+                with accelerator.accumulate(model):
+                    mb_query_responses = query_responses[micro, : context_length + n]
+                    mb_attention_mask = attention_mask[micro, : context_length + n]
+                    with autocast(run):
+                        new_logprobs, entropy, vpred = model(
+                            mb_query_responses, mb_attention_mask, context_length, args.temperature, needed
                         )
-                        vf_unclipped = (vpred - mb_returns) ** 2
-                        vf_losses = torch.max(vf_unclipped, (vpred_clipped - mb_returns) ** 2)
-                        pg_loss = (pg_losses * valid_pg).sum() / n_pg
-                        vf_loss = 0.5 * (vf_losses * valid_vf).sum() / n_vf
-                        loss = pg_loss + args.vf_coef * vf_loss
-                        accelerator.backward(loss)
-                    with torch.no_grad():
-                        vp, vv = valid_pg.double(), valid_vf.double()
-                        stats["approxkl"] += (0.5 * logratio**2 * vp).sum()
-                        stats["pg_clipfrac"] += ((pg_losses > pg_unclipped).double() * vp).sum()
-                        stats["pg_loss"] += (pg_losses * vp).sum()
-                        stats["vf_loss"] += (0.5 * vf_losses * vv).sum()
-                        stats["vf_clipfrac"] += ((vf_losses > vf_unclipped).double() * vv).sum()
-                        stats["entropy"] += (entropy * vp).sum()
-                        stats["ratio"] += (ratio * vp).sum()
-                        stats["ratio_squared"] += (ratio**2 * vp).sum()
-                        stats["pg_tokens"] += vp.sum()
-                        stats["vf_tokens"] += vv.sum()
-                        micro_ratio_means.append((ratio * vp).sum() / vp.sum().clamp(min=1))
-                if not torch.isfinite(loss):
-                    sys.exit(
-                        f"error: non-finite loss at update {update}, PPO epoch {ppo_epoch}; the run stops here "
-                        "(lower --learning-rate)"
+                    new_logprobs = new_logprobs.masked_fill(~valid_pg, INVALID_LOGPROB)
+                    logratio = new_logprobs - old_logprobs
+                    ratio = torch.exp(logratio)
+                    pg_unclipped = -mb_advantages * ratio
+                    pg_clipped = -mb_advantages * ratio.clamp(1 - args.cliprange, 1 + args.cliprange)
+                    pg_losses = torch.max(pg_unclipped, pg_clipped)
+                    vpred = vpred.masked_fill(~valid_vf, 0.0)
+                    vpred_clipped = old_values + (vpred - old_values).clamp(
+                        -args.cliprange_value, args.cliprange_value
                     )
-                grad_norm = accelerator.clip_grad_norm_(  # DeepSpeed: its norm; an infinite max only measures
-                    model.parameters(), math.inf if args.max_grad_norm is None else args.max_grad_norm
-                )
-                if not math.isfinite(float(grad_norm)):
-                    sys.exit(
-                        f"error: non-finite gradient norm at update {update}, PPO epoch {ppo_epoch}; the run "
-                        "stops here, so the last checkpoint is intact (lower --learning-rate)"
-                    )
-                optimizer.step()
-                optimizer.zero_grad()
-                # Under DeepSpeed, count the engine's own steps: a mismatch with the mini-batches would show here.
-                optimizer_steps = model.global_steps if is_deepspeed else optimizer_steps + 1
-        timer["training"] = time.time() - t0
+                    vf_unclipped = (vpred - mb_returns) ** 2
+                    vf_losses = torch.max(vf_unclipped, (vpred_clipped - mb_returns) ** 2)
+                    pg_loss = (pg_losses * valid_pg).sum() / n_pg
+                    vf_loss = 0.5 * (vf_losses * valid_vf).sum() / n_vf
+                    loss = pg_loss + args.vf_coef * vf_loss
+                    accelerator.backward(loss)
+                with torch.no_grad():
+                    vp, vv = valid_pg.double(), valid_vf.double()
+                    stats["approxkl"] += (0.5 * logratio**2 * vp).sum()
+                    stats["pg_clipfrac"] += ((pg_losses > pg_unclipped).double() * vp).sum()
+                    stats["pg_loss"] += (pg_losses * vp).sum()
+                    stats["vf_loss"] += (0.5 * vf_losses * vv).sum()
+                    stats["vf_clipfrac"] += ((vf_losses > vf_unclipped).double() * vv).sum()
+                    stats["entropy"] += (entropy * vp).sum()
+                    stats["ratio"] += (ratio * vp).sum()
+                    stats["ratio_squared"] += (ratio**2 * vp).sum()
+                    stats["pg_tokens"] += vp.sum()
+                    stats["vf_tokens"] += vv.sum()
+                    micro_ratio_means.append((ratio * vp).sum() / vp.sum().clamp(min=1))
+            where = f"update {update}, PPO epoch {ppo_epoch}"
+            stop_if_not_finite("loss", [loss], where, " (lower --learning-rate)")
+            grad_norm = accelerator.clip_grad_norm_(  # DeepSpeed: its norm; an infinite max only measures
+                model.parameters(), math.inf if args.max_grad_norm is None else args.max_grad_norm
+            )
+            advice = ", so the last checkpoint is intact (lower --learning-rate)"
+            stop_if_not_finite("gradient norm", [grad_norm], where, advice)
+            optimizer.step()
+            optimizer.zero_grad()
+            # Under DeepSpeed, count the engine's own steps: a mismatch with the mini-batches would show here.
+            optimizer_steps = model.global_steps if is_deepspeed else optimizer_steps + 1
+        timer["training"] = time.time() - training_start
 
         # TRY NOT TO MODIFY: logging. Step 11. Token-weighted averages, gathered over processes.
         with torch.no_grad():
@@ -2057,7 +1542,7 @@ if __name__ == "__main__":
             num_eos = accelerator.reduce(contains_stop.sum().double(), "sum")
             micro_ratio_means = accelerator.gather(torch.stack(micro_ratio_means))
             ratio_var = micro_ratio_means.var() if len(micro_ratio_means) > 1 else torch.zeros((), device=device)
-        if update % args.logging_steps == 0 or update == num_total_batches:
+        if update % args.logging_steps == 0 or update == b.num_total_batches:
             row = {
                 "eps": int((global_episode - start_episode) / (time.time() - start_time)),
                 "objective/kl": objective["kl"].item(),
@@ -2085,19 +1570,19 @@ if __name__ == "__main__":
             }
             log(run, row)
             say(
-                f"update {update}/{num_total_batches} episode {global_episode} "
+                f"update {update}/{b.num_total_batches} episode {global_episode} "
                 f"scores {row['objective/scores']:.3f} kl {row['objective/kl']:.3f} "
                 f"ratio {row['val/ratio']:.4f} eps {row['eps']}"
             )
         scheduler.step()
         if bar is not None:
-            bar.update(batch_size)
+            bar.update(b.batch_size)
 
-        if args.eval_strategy == "steps" and (update % args.eval_steps == 0 or update == num_total_batches):
+        if args.eval_strategy == "steps" and (update % args.eval_steps == 0 or update == b.num_total_batches):
             metrics, _ = evaluate(run, eval_ids)
             log(run, {**metrics, "episode": global_episode, "update": update})
             say(f"eval after update {update}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-        if sample_every and (update % sample_every == 0 or update == num_total_batches):
+        if sample_every and (update % sample_every == 0 or update == b.num_total_batches):
             _, rows = evaluate(run, eval_ids[: 8 * accelerator.num_processes])
             print_samples(run, rows, update)
         stop = stop_requested(accelerator)
@@ -2115,7 +1600,7 @@ if __name__ == "__main__":
 
     if final_ids:
         final_metrics = save_generations(run, "final", final_ids, final_references)
-        log(run, {**final_metrics, "episode": global_episode, "update": num_total_batches})
+        log(run, {**final_metrics, "episode": global_episode, "update": b.num_total_batches})
         accelerator.print("final evaluation: " + " ".join(f"{k} {v:.3f}" for k, v in final_metrics.items()))
-    save_output(run, start_time)
+    save_output(args, accelerator, model, functools.partial(write_output, run), start_time, "policy and value model ")
     end_run(accelerator)

@@ -38,28 +38,28 @@ import torch
 import torch.nn.functional as F
 import tyro
 
+from rlhf_utils.checkpoints import check_resume, load_checkpoint, write_checkpoint
 from rlhf_utils.cli import (
     TRAINING_RANGES,
-    fail,
     bool_flags_as_switches,
     check_paths,
     check_ranges,
     explain_remote_code_errors,
+    fail,
 )
-from rlhf_utils.outputs import claim_output_dir, save_output, write_run_files
-from rlhf_utils.checkpoints import check_resume, write_checkpoint, load_checkpoint
-from rlhf_utils.processes import make_accelerator, start_tracking
-from rlhf_utils.runs import stop_on_signals, stop_requested, stop_run, end_run, progress_bar, wandb_row
-from rlhf_utils.hub import model_card, check_push_to_hub
 from rlhf_utils.data import (
+    column_kind,
     load_any_dataset,
     load_splits,
-    column_kind,
+    load_tokenizer,
     require_assistant,
     tokenize_conversation,
-    load_tokenizer,
 )
+from rlhf_utils.hub import check_push_to_hub, model_card
 from rlhf_utils.models import disable_dropout, disable_dropout_in_config
+from rlhf_utils.outputs import claim_output_dir, save_output, write_run_files
+from rlhf_utils.processes import make_accelerator, start_tracking
+from rlhf_utils.runs import end_run, progress_bar, stop_on_signals, stop_requested, stop_run, wandb_row
 
 
 @dataclass

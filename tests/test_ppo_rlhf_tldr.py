@@ -404,7 +404,7 @@ def args_fields(text, node):
 
 
 # The TL;DR part lives in these: the arguments, loading and tokenising its data format, and saving its generations.
-TLDR_FUNCTIONS = {"Args", "load_prompts", "tokenize_prompts", "write_output"}
+TLDR_FUNCTIONS = {"Args", "prompt_format", "load_prompts", "tokenize_prompts", "write_output"}
 
 
 def test_every_helper_of_ppo_rlhf_is_in_the_tldr_variant_unchanged():
