@@ -1,6 +1,7 @@
 """Processes and tracking: the Accelerator of a launch, checked against a resumed checkpoint's layout; the W&B run."""
 
 import os
+import sys
 import time
 from dataclasses import asdict
 from typing import Optional
@@ -29,6 +30,7 @@ def make_accelerator(
     # launch --multi_gpu`) set up, where a plain Accelerator() would run independent copies; accelerate ignores
     # DeepSpeed under cpu=True, and DeepSpeed needs the backend named or each rank sees one process. GPUs: NCCL.
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    check_launcher_processes(world_size)
     on_cpu = not torch.cuda.is_available()
     deepspeed_launch = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     accelerator = Accelerator(
@@ -78,3 +80,41 @@ def start_tracking(args, step_metric: str, charts: tuple = ("*",)) -> None:
     wandb.define_metric(step_metric)
     for pattern in charts:
         wandb.define_metric(pattern, step_metric=step_metric)
+
+
+def launcher_asked_processes(parent_cmdline: list) -> int:
+    """How many processes an `accelerate launch` command line asked for (--num_processes / --num-processes, before
+    the script's name); 1 when it is not such a command or does not say."""
+    words = parent_cmdline[parent_cmdline.index("launch") + 1 :] if "launch" in parent_cmdline else []
+    if not any(os.path.basename(w) == "accelerate" for w in parent_cmdline):
+        return 1
+    for i, word in enumerate(words):
+        if word.endswith(".py") or word == "-m":
+            break  # the script's own arguments follow
+        flag, _, value = word.partition("=")
+        if flag in ("--num_processes", "--num-processes"):
+            value = value or (words[i + 1] if i + 1 < len(words) else "")
+            return int(value) if value.isdigit() else 1
+    return 1
+
+
+def check_launcher_processes(num_processes: int) -> None:
+    """`accelerate launch --num_processes N script.py` on a machine without GPUs and without a config file starts ONE
+    process (accelerate's CPU mode needs mpirun or --multi_gpu for more): stop, instead of training silently with
+    1/N of the batch per update and N times the updates."""
+    if num_processes != 1 or not sys.platform.startswith("linux"):
+        return
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            parent = f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return
+    asked = launcher_asked_processes(parent)
+    if asked > 1:
+        fail(
+            "num_processes",
+            f"accelerate launch was asked for {asked} processes but started one (on a CPU, accelerate starts several "
+            f"only with --multi_gpu or a config file); use `torchrun --nproc_per_node {asked} SCRIPT` or `accelerate "
+            f"launch --multi_gpu --num_processes {asked} --num_machines 1 --mixed_precision no --dynamo_backend no "
+            "SCRIPT` (docs/scale_out.md)",
+        )
