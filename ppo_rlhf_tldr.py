@@ -48,7 +48,6 @@ from rlhf_utils.cli import (
 from rlhf_utils.data import column_kind, load_any_dataset, load_splits, render_chat
 from rlhf_utils.hub import check_push_to_hub, model_card
 from rlhf_utils.models import (
-    UNSUPPORTED_LOGIT_TRANSFORMS,
     add_pad_token,
     backbone_and_head,
     checked_config,
@@ -60,6 +59,7 @@ from rlhf_utils.models import (
     model_config,
     num_params,
     transform_logits,
+    unsupported_logit_transform,
 )
 from rlhf_utils.outputs import claim_output_dir, prepare_output_dir, save_output, write_run_files
 from rlhf_utils.processes import make_accelerator, start_tracking
@@ -780,8 +780,8 @@ def check_model_configs(args: Args, tokenizer, prompt_kind: str) -> tuple:
             f"{args.response_length} tokens leave no room for a prompt in the models' context of "
             f"{context} tokens (max_position_embeddings); lower it",
         )
-    model_type = configs["sft_model_path"].get_text_config().model_type
-    if model_type in UNSUPPORTED_LOGIT_TRANSFORMS:
+    model_type = unsupported_logit_transform(configs["sft_model_path"])
+    if model_type is not None:
         fail(
             "sft_model_path",
             f"{sft_config_path!r} is a {model_type} model, whose forward transforms its logits in a way "

@@ -94,15 +94,17 @@ def logit_transform(config) -> tuple:
     scale them too); skipping this would sample, score and KL-penalise another distribution than the model's."""
     text = config.get_text_config()
     model_type = getattr(text, "model_type", None) or ""
-    scale = 1.0
+    factor, divide = None, False
     if model_type.startswith("granite") or model_type == "minicpm3":  # MiniCPM3 divides the hidden states instead
-        scale = 1.0 / text.logits_scaling
+        factor, divide = getattr(text, "logits_scaling", None), True
     elif model_type.startswith("cohere"):
-        scale = text.logit_scale
+        factor = getattr(text, "logit_scale", None)
     elif model_type == "hyperclovax":
-        scale = text.logits_scaling
+        factor = getattr(text, "logits_scaling", None)
     elif model_type == "falcon_h1":
-        scale = text.lm_head_multiplier
+        factor = getattr(text, "lm_head_multiplier", None)
+    # A scale the config leaves unset (None, as Cohere Compass's text config does) is not applied by the model either.
+    scale = 1.0 if factor is None else (1.0 / factor if divide else factor)
     return scale, getattr(text, "final_logit_softcapping", None)
 
 
@@ -216,3 +218,12 @@ def gathered_for_generation(engine, module: nn.Module, gather: bool):
             yield
         finally:
             hooks._register_deepspeed_module(hooks.module)
+
+
+def unsupported_logit_transform(config) -> Optional[str]:
+    """The model type of a config (read from its text model, as a multimodal config nests it: Inkling's is
+    `inkling_text`) whose forward transforms the logits in a way logit_transform does not reproduce; None if
+    supported."""
+    model_type = getattr(config.get_text_config(), "model_type", None) or ""
+    family = model_type.removesuffix("_text")
+    return model_type if family in UNSUPPORTED_LOGIT_TRANSFORMS else None

@@ -5,7 +5,7 @@ import pytest
 from helpers import EMBEDDED
 from transformers import AutoTokenizer, GPT2Config, GPTNeoXConfig, LlamaConfig, PretrainedConfig
 
-from rlhf_utils.models import add_pad_token, context_length
+from rlhf_utils.models import add_pad_token, context_length, logit_transform, unsupported_logit_transform
 
 
 @pytest.mark.parametrize("pad", [None, "eos"])
@@ -28,3 +28,31 @@ def test_context_length_is_the_position_table_or_the_rotary_training_length():
     assert context_length(GPTNeoXConfig(max_position_embeddings=99)) == 99
     assert context_length(LlamaConfig(max_position_embeddings=4096)) == 4096
     assert context_length(PretrainedConfig()) is None  # a config that states neither
+
+
+@pytest.mark.parametrize(
+    "model_type, refused",
+    [
+        ("inkling_text", "inkling_text"),  # divides the hidden states by logits_mup_width_multiplier
+        ("inkling_mm_model", "inkling_text"),  # a multimodal config: its text model decides
+        ("recurrent_gemma", "recurrent_gemma"),  # caps with logits_soft_cap
+        ("inkling2_text", None),  # dropped the multiplier
+        ("llama", None),
+        ("cohere_compass", None),
+    ],
+)
+def test_architectures_whose_logits_are_not_reproduced_are_found_by_their_text_config(model_type, refused):
+    from transformers import AutoConfig
+
+    assert unsupported_logit_transform(AutoConfig.for_model(model_type)) == refused
+
+
+def test_a_logit_scale_left_unset_is_one_not_a_crash():
+    """Cohere Compass's text config leaves logit_scale None, and its forward then does not scale (as Cohere's would)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model("cohere_compass")
+    assert config.get_text_config().logit_scale is None
+    assert logit_transform(config) == (1.0, None)
+    assert logit_transform(AutoConfig.for_model("cohere", logit_scale=0.5)) == (0.5, None)
+    assert logit_transform(AutoConfig.for_model("granite", logits_scaling=4.0)) == (0.25, None)
