@@ -53,6 +53,7 @@ from rlhf_utils.models import (
     backbone_and_head,
     checked_config,
     context_length,
+    eos_token_ids,
     gathered_for_generation,
     is_adapter_folder,
     load_model,
@@ -185,7 +186,8 @@ class Args:
     response_length: int = 53
     """maximum new tokens per response"""
     stop_token: Optional[Literal["eos"]] = "eos"
-    """truncate responses after EOS and stop generating once every row has it; None: never stop"""
+    """truncate responses after EOS and stop generating once every row has it; None (TRL's default): the SFT model's
+    generation-config EOS ids, where TRL's generate() stopped"""
     stop_token_id: Optional[int] = None
     """truncate after this token id instead (needs --stop-token None)"""
     temperature: float = 0.7
@@ -406,13 +408,18 @@ def first_true_indices(bools: torch.Tensor) -> torch.Tensor:
     return positions.min(-1).values
 
 
-def truncate_after_stop(responses: torch.Tensor, stop_token_id: Optional[int], pad_token_id: int) -> tuple:
-    """Keep each response up to and including its first stop token; pad the rest.
+def is_stop(tokens: torch.Tensor, stop_token_id) -> torch.Tensor:
+    """Where tokens are the stop token (an id, or a list of ids: some models end a turn with any of several)."""
+    return torch.isin(tokens, torch.as_tensor(stop_token_id, device=tokens.device))
+
+
+def truncate_after_stop(responses: torch.Tensor, stop_token_id, pad_token_id: int) -> tuple:
+    """Keep each response up to and including its first stop token (an id or a list of ids); pad the rest.
     Returns (postprocessed responses, sequence_lengths = index of the last real token)."""
     width = responses.shape[1]
     if stop_token_id is None:
         return responses, torch.full((len(responses),), width - 1, device=responses.device)
-    stop = first_true_indices(responses == stop_token_id)
+    stop = first_true_indices(is_stop(responses, stop_token_id))
     after = torch.arange(width, device=responses.device) > stop[:, None]
     return responses.masked_fill(after, pad_token_id), stop.clamp(max=width - 1)
 
@@ -586,7 +593,7 @@ def generate(
     query_mask: torch.Tensor,
     response_length: int,
     temperature: float,
-    stop_token_id: Optional[int],
+    stop_token_id,
     generator: torch.Generator,
     sync_processes: bool = False,
 ) -> torch.Tensor:
@@ -606,7 +613,7 @@ def generate(
         token = sample_tokens(probs, generator)
         tokens.append(token)
         if stop_token_id is not None:
-            done |= token[:, 0] == stop_token_id
+            done |= is_stop(token[:, 0], stop_token_id)
             all_done = done.all().float()
             if sync_processes:
                 torch.distributed.all_reduce(all_done, op=torch.distributed.ReduceOp.MIN)
@@ -908,8 +915,8 @@ class Run:
     reward_model: nn.Module
     tokenizer: object
     sampling_generator: torch.Generator
-    stop_token_id: Optional[int]
-    eos_check_id: int  # the EOS trick's token: the configured stop token, else EOS
+    stop_token_id: list  # the token ids that end a response
+    eos_check_id: list  # the EOS trick's tokens: the stop tokens
     reward_shift: float
     pad_multiple: int
     zero_stage: Optional[int]  # None: no DeepSpeed
@@ -1044,7 +1051,7 @@ def evaluate(run: Run, prompt_ids: list) -> tuple:
             ref_logprobs = reference_logprobs(run, query_responses, attention_mask, context_length, 1.0, needed)
         valid = torch.arange(logprobs.shape[1], device=device)[None, :] <= sequence_lengths[:, None]
         kl = ((logprobs - ref_logprobs) * valid).sum(1)
-        has_stop = (responses == run.eos_check_id).any(1)
+        has_stop = is_stop(responses, run.eos_check_id).any(1)
         totals["score"] += (scores * w).sum()
         totals["kl"] += (kl * w).sum()
         totals["eos"] += (has_stop.float() * w).sum()
@@ -1201,9 +1208,13 @@ if __name__ == "__main__":
     )
     added_pad = add_pad_token(tokenizer)  # logged below, once
     context, reward_shift = check_model_configs(args, tokenizer, prompt_kind)
-    stop_token_id = tokenizer.eos_token_id if args.stop_token == "eos" else args.stop_token_id
+    stop_token_id = [tokenizer.eos_token_id] if args.stop_token == "eos" else [args.stop_token_id]
+    if args.stop_token is None and args.stop_token_id is None:
+        # TRL's default: its generate() still stopped at the model's EOS, which transformers takes from the SFT
+        # model's generation config (every id of it), else from the tokenizer.
+        stop_token_id = eos_token_ids(args.sft_model_path, tokenizer, args.trust_remote_code)
     # The EOS trick checks the configured stop token (TRL checked EOS even with a custom stop_token_id).
-    eos_check_id = stop_token_id if stop_token_id is not None else tokenizer.eos_token_id
+    eos_check_id = stop_token_id
 
     stop_on_signals()  # from here on, Ctrl-C or SIGTERM stops after the current update with a checkpoint
 
@@ -1345,7 +1356,7 @@ if __name__ == "__main__":
                 )
 
             # Step 6, the EOS trick: responses that never produced the stop token lose missing_eos_penalty.
-            contains_stop = (postprocessed == eos_check_id).any(1)
+            contains_stop = is_stop(postprocessed, eos_check_id).any(1)
             if args.missing_eos_penalty is not None:
                 scores = scores - args.missing_eos_penalty * (~contains_stop).float()
 

@@ -227,3 +227,21 @@ def unsupported_logit_transform(config) -> Optional[str]:
     model_type = getattr(config.get_text_config(), "model_type", None) or ""
     family = model_type.removesuffix("_text")
     return model_type if family in UNSUPPORTED_LOGIT_TRANSFORMS else None
+
+
+def eos_token_ids(model_path: str, tokenizer, trust_remote_code: bool) -> list:
+    """The ids that end a generation for transformers' generate(): the model's generation config's eos_token_id (one
+    id or several), else its config's, else the tokenizer's EOS."""
+    from transformers import AutoConfig, GenerationConfig
+
+    try:
+        ids = GenerationConfig.from_pretrained(model_path).eos_token_id
+    except OSError:  # no generation_config.json
+        ids = None
+    if ids is None:
+        ids = (
+            AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code).get_text_config().eos_token_id
+        )
+    if ids is None:
+        ids = tokenizer.eos_token_id
+    return sorted(set(ids)) if isinstance(ids, (list, tuple)) else [ids]

@@ -146,6 +146,29 @@ def test_truncate_after_stop_keeps_the_stop_token_and_pads_the_rest():
         assert n == cut  # index of the last real token
 
 
+def test_truncate_after_any_of_several_stop_tokens():
+    """Some models end a turn with any of several ids (Llama 3's generation config lists three): the first of any."""
+    responses = torch.tensor([[5, 4, 3, 8], [5, 6, 7, 4], [5, 6, 7, 8]])
+    out, lengths = ppo_rlhf.truncate_after_stop(responses, [3, 4], 99)
+    assert out.tolist() == [[5, 4, 99, 99], [5, 6, 7, 4], [5, 6, 7, 8]]
+    assert lengths.tolist() == [1, 3, 3]
+    assert ppo_rlhf.is_stop(responses, [3, 4]).any(1).tolist() == [True, True, False]
+
+
+def test_the_models_eos_ids_come_from_its_generation_config_then_its_config_then_the_tokenizer(tmp_path):
+    from transformers import AutoTokenizer, GenerationConfig, GPTNeoXConfig
+
+    from rlhf_utils.models import eos_token_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(ROOT, "embedded", "tokenizer"))
+    GPTNeoXConfig(eos_token_id=7).save_pretrained(tmp_path)
+    assert eos_token_ids(str(tmp_path), tokenizer, False) == [7]
+    GenerationConfig(eos_token_id=[9, 5, 9]).save_pretrained(tmp_path)
+    assert eos_token_ids(str(tmp_path), tokenizer, False) == [5, 9]
+    GPTNeoXConfig(eos_token_id=None).save_pretrained(tmp_path / "none")
+    assert eos_token_ids(str(tmp_path / "none"), tokenizer, False) == [tokenizer.eos_token_id]
+
+
 def test_truncate_without_stop_token_id_changes_nothing():
     responses = torch.randint(0, 6, (4, 7), generator=torch.Generator().manual_seed(2))
     out, lengths = ppo_rlhf.truncate_after_stop(responses, None, 99)

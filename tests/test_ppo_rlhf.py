@@ -159,6 +159,7 @@ def plan(runner):
         ),
         "checkpointing": lambda: ppo(runner, "checkpointing", [*TINY, *SAVE, "--gradient-checkpointing"]),
         "plain": lambda: ppo(runner, "plain", [*TINY, *SAVE, "--no-length-grouping", "--no-chunked-logprobs"]),
+        "stop_none": lambda: ppo(runner, "stop_none", [*TINY, *SAVE, "--stop-token", "None"]),
         "multiple": lambda: ppo(runner, "multiple", [*TINY, *SAVE, "--pad-to-multiple-of", "32"]),
         "sigterm": lambda: sigterm_and_resume(runner),
         "overwrite": lambda: overwrite_an_earlier_run(runner),
@@ -648,6 +649,17 @@ def test_speed_optimisations_give_the_plain_computations_metrics(runs):
     """Length groups and the tiled LM head (on by default) against one padded forward and the full-vocabulary
     log-softmax: every logged row, training and evaluation, matches over the whole run."""
     assert_same_metrics(runs["base"]().check().rows, runs["plain"]().check().rows, tol=1e-4)
+
+
+@pytest.mark.slow
+@needs("base", "stop_none")
+def test_stop_token_none_ends_responses_at_the_models_eos_as_trls_generate_did(runs):
+    """TRL's default --stop-token None still ended each response at the model's EOS (its generate() read it from the
+    generation config); the embedded SFT model's generation-config EOS is the tokenizer's, so the run equals the
+    default --stop-token eos run, scores and lengths included."""
+    base, stop_none = runs["base"]().check().rows, runs["stop_none"]().check().rows
+    assert_same_metrics(base, stop_none, tol=0)
+    assert any(row.get("objective/response_length", 24) < 24 for row in stop_none)
 
 
 @pytest.mark.slow
