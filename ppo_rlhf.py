@@ -21,6 +21,7 @@ checks) lives in rlhf_utils/. The numbered "implementation details" in the READM
 
 import contextlib
 import functools
+import inspect
 import json
 import math
 import os
@@ -602,6 +603,8 @@ def generate(
     weights: each forward is collective), stop only when every row of every process has."""
     backbone, head = backbone_and_head(policy)
     scale, softcap = logit_transform(model_config(policy))
+    # transformers 5.2x names the KV cache `cache` (and warns on past_key_values); earlier 5.x, past_key_values.
+    cache = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
     attention_mask = query_mask.long()
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
     out = backbone(input_ids=queries, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
@@ -625,7 +628,7 @@ def generate(
                 input_ids=token,
                 attention_mask=attention_mask,
                 position_ids=next_position,
-                past_key_values=out.past_key_values,
+                **{cache: out[cache]},
                 use_cache=True,
             )
             next_position = next_position + 1
