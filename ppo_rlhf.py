@@ -7,7 +7,7 @@
         --learning-rate 3e-6 --total-episodes 10000 --per-device-train-batch-size 64 --missing-eos-penalty 1.0
 
 The N+ implementation details recipe, with TRL's PPOTrainer flags. One PPO update, in the main block at the end:
-1. rollout: the policy samples a response to each prompt; the reward model scores prompt + response;
+1. rollout: the policy samples a response to each prompt; the reward model (or --reward-funcs) scores it;
 2. reward: minus kl_coef x the per-token KL to the frozen SFT reference, plus the score at the response's end;
 3. advantages: GAE over the value model's values, whitened over the valid tokens;
 4. PPO epochs: clipped policy and value losses over random mini-batches, one optimizer step per mini-batch;
