@@ -1348,7 +1348,8 @@ if __name__ == "__main__":
     )
     metrics_path = prepare_output_dir(args.output_dir, resume_state, accelerator.is_main_process)
 
-    # Models: policy and reference from the SFT model; value model and reward model from the reward model.
+    # Models: policy and reference from the SFT model; value model and reward model from the reward model (without
+    # one, the value model is the SFT model with a new head).
     policy, ref_policy, base_path = load_policy(args, tokenizer, resume_dir)
     value_path = args.value_model_path or args.reward_model_path or base_path
     if resume_dir:
