@@ -7,7 +7,7 @@
         --learning-rate 3e-6 --total-episodes 10000 --per-device-train-batch-size 64 --missing-eos-penalty 1.0
 
 The N+ implementation details recipe, with TRL's PPOTrainer flags. One PPO update, in the main block at the end:
-1. rollout: the policy samples a response to each prompt; the reward model scores prompt + response;
+1. rollout: the policy samples a response to each prompt; the reward model (or --reward-funcs) scores it;
 2. reward: minus kl_coef x the per-token KL to the frozen SFT reference, plus the score at the response's end;
 3. advantages: GAE over the value model's values, whitened over the valid tokens;
 4. PPO epochs: clipped policy and value losses over random mini-batches, one optimizer step per mini-batch;
@@ -66,6 +66,7 @@ from rlhf_utils.models import (
 )
 from rlhf_utils.outputs import claim_output_dir, prepare_output_dir, save_output, write_run_files
 from rlhf_utils.processes import make_accelerator, start_tracking
+from rlhf_utils.rewards import call_reward_funcs, load_reward_funcs, weighted_sum
 from rlhf_utils.runs import (
     Timer,
     end_run,
@@ -136,10 +137,15 @@ class Args:
     """the tokenizer (as in TRL's example); without a pad token distinct from EOS, a dedicated [PAD] is added"""
     sft_model_path: str = "embedded/sft_model"
     """the SFT policy: the starting point of the policy and the frozen reference"""
-    reward_model_path: str = "embedded/reward_model"
-    """the reward model (a one-label sequence classifier)"""
+    reward_model_path: Optional[str] = "embedded/reward_model"
+    """the reward model (a one-label sequence classifier); None: rewards from --reward-funcs only"""
+    reward_funcs: Optional[list[str]] = None
+    """reward functions, each `path/to/file.py:function` or `package.module:function`: f(prompts, completions,
+    **columns) -> one float per completion (README: Rewards as code)"""
+    reward_weights: Optional[list[float]] = None
+    """one weight per reward source, the reward model first (if any), then each function; None: all 1.0"""
     value_model_path: Optional[str] = None
-    """the value model's initialisation; None: reward_model_path"""
+    """the value model's initialisation; None: reward_model_path, else the SFT model with a new one-output head"""
 
     # batch sizes (see the batch arithmetic below)
     total_episodes: int = 3072
@@ -322,6 +328,17 @@ def check_args(args: Args) -> Batches:
         )
     if args.whiten_rewards and local_mini_batch_size < 8:
         fail("whiten_rewards", f"needs at least 8 rollouts per mini-batch per process, got {local_mini_batch_size}")
+    sources = (args.reward_model_path is not None) + len(args.reward_funcs or [])
+    if sources == 0:
+        fail("reward_model_path", "is None and no --reward-funcs are given: nothing would score the responses")
+    if args.reward_weights is not None and len(args.reward_weights) != sources:
+        fail(
+            "reward_weights",
+            f"{len(args.reward_weights)} weights for {sources} reward sources (the reward model first, if any, then "
+            "each of --reward-funcs)",
+        )
+    if args.reward_weights is not None and not all(map(math.isfinite, args.reward_weights)):
+        fail("reward_weights", f"must be finite, got {args.reward_weights}")
     models = ("model_name_or_path", "sft_model_path", "reward_model_path", "value_model_path")
     check_paths(
         {arg: getattr(args, arg) for arg in models},
@@ -451,6 +468,19 @@ def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, gamma: float, la
     exponent = k[:, None] - k[None, :]  # [source step k, target step t]: weight (gamma*lam)^(k-t) for k >= t
     discount = torch.where(exponent >= 0, (gamma * lam) ** exponent.clamp(min=0), 0.0)
     return (deltas.double() @ discount).to(rewards.dtype)
+
+
+def token_mean_divisors(valid_pg: torch.Tensor, valid_vf: torch.Tensor, micro_per_mini: int, world_size: int) -> tuple:
+    """What each micro-batch divides its policy and value token sums by, so that the gradient is the token mean over
+    the whole global mini-batch: accelerate (or DeepSpeed) divides each micro-batch loss by micro_per_mini and DDP
+    (or ZeRO) averages the processes' gradients, so the valid tokens of the mini-batch on every process, summed in one
+    all-reduce, are divided by both. Neither the micro-batch split nor the number of processes changes the gradient
+    (TRL averaged per-micro-batch means; dividing by this process's own count would weigh a token of a process with
+    short responses more)."""
+    counts = torch.stack([valid_pg.sum(), valid_vf.sum()])
+    if world_size > 1:
+        torch.distributed.all_reduce(counts)
+    return tuple(counts.clamp(min=1) / (micro_per_mini * world_size))
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -731,23 +761,25 @@ def check_model_configs(args: Args, tokenizer, prompt_kind: str) -> tuple:
             "conversational prompts need; use an instruct model's tokenizer, set "
             "tokenizer.chat_template and save it, or give the prompts as strings",
         )
-    value_model_path = args.value_model_path or args.reward_model_path
     sft_config_path = args.sft_model_path
     if is_adapter_folder(args.sft_model_path):
         with open(os.path.join(args.sft_model_path, "adapter_config.json")) as f:
             sft_config_path = json.load(f)["base_model_name_or_path"]
+    value_model_path = args.value_model_path or args.reward_model_path or sft_config_path
     configs = {}
     for arg, path, config_path in (
         ("sft_model_path", args.sft_model_path, sft_config_path),
         ("reward_model_path", args.reward_model_path, args.reward_model_path),
         ("value_model_path", value_model_path, value_model_path),
     ):
+        if path is None:  # no reward model: rewards from --reward-funcs only
+            continue
         scalar = arg != "sft_model_path"
         configs[arg] = checked_config(
             arg, path, config_path, tokenizer, args.model_name_or_path, args.trust_remote_code, scalar
         )
     # reward_modeling.py's normalisation, for architectures without a norm bias
-    reward_shift = float(getattr(configs["reward_model_path"], "reward_shift", 0.0))
+    reward_shift = float(getattr(configs.get("reward_model_path"), "reward_shift", 0.0))
     context = min((c for c in map(context_length, configs.values()) if c), default=None)
     if context is not None and args.response_length >= context:
         fail(
@@ -767,34 +799,36 @@ def check_model_configs(args: Args, tokenizer, prompt_kind: str) -> tuple:
 
 
 def tokenize_prompts(args: Args, tokenizer, train_data, eval_data, context: Optional[int], b: Batches, say) -> tuple:
-    """Token ids of the train and evaluation prompts (conversations through the chat template; left padding
-    happens per batch), without those too long for the models' context."""
+    """The train and evaluation rows, each a dict of its columns (for reward functions) and the prompt's token ids
+    `input_ids` (conversations through the chat template; left padding happens per batch), without the prompts too
+    long for the models' context."""
 
     def tokenize(batch):
         return {"input_ids": prompt_token_ids(tokenizer, batch["prompt"])}
 
-    train_ids = train_data.map(tokenize, batched=True, num_proc=args.dataset_num_proc, keep_in_memory=True)
-    train_ids = train_ids["input_ids"]
+    train_rows = train_data.map(tokenize, batched=True, num_proc=args.dataset_num_proc, keep_in_memory=True)
+    train_rows = train_rows.to_list()
     eval_data = eval_data.select(range(min(args.num_eval_prompts or len(eval_data), len(eval_data))))
-    eval_ids = eval_data.map(tokenize, batched=True, num_proc=args.dataset_num_proc, keep_in_memory=True)["input_ids"]
+    eval_rows = eval_data.map(tokenize, batched=True, num_proc=args.dataset_num_proc, keep_in_memory=True).to_list()
     if context is None:
-        return train_ids, eval_ids
+        return train_rows, eval_rows
     # Prompt + response must fit the models' context (absolute positions would index past their table, rotary
     # ones extrapolate): longer prompts are dropped and counted, as ppo_rlhf_tldr.py does for --max-prompt-length.
-    room, counts = context - args.response_length, (len(train_ids), len(eval_ids))
-    train_ids, eval_ids = [x for x in train_ids if len(x) <= room], [x for x in eval_ids if len(x) <= room]
+    room, counts = context - args.response_length, (len(train_rows), len(eval_rows))
+    train_rows = [r for r in train_rows if len(r["input_ids"]) <= room]
+    eval_rows = [r for r in eval_rows if len(r["input_ids"]) <= room]
     say(
-        f"dropped {counts[0] - len(train_ids)} of {counts[0]} train and {counts[1] - len(eval_ids)} of "
+        f"dropped {counts[0] - len(train_rows)} of {counts[0]} train and {counts[1] - len(eval_rows)} of "
         f"{counts[1]} eval prompts longer than {room} tokens (the models' context of {context} "
         f"minus --response-length {args.response_length})"
     )
-    if len(train_ids) < b.local_batch_size or not eval_ids:
+    if len(train_rows) < b.local_batch_size or not eval_rows:
         fail(
             "response_length",
-            f"only {len(train_ids)} train / {len(eval_ids)} eval prompts fit in {room} tokens "
+            f"only {len(train_rows)} train / {len(eval_rows)} eval prompts fit in {room} tokens "
             f"(context {context} minus the response); lower --response-length or use shorter prompts",
         )
-    return train_ids, eval_ids
+    return train_rows, eval_rows
 
 
 def prompts_for_update(train_ids: list, update: int, seed: int, b: Batches, process_index: int) -> list:
@@ -915,7 +949,9 @@ class Run:
     model: nn.Module  # PolicyAndValue as prepared: DDP-wrapped or a DeepSpeed engine (train/eval, backward, steps)
     unwrapped: "PolicyAndValue"  # the same model, for forwards that bypass the wrapper
     ref_policy: Optional[nn.Module]  # None with LoRA: see reference_policy
-    reward_model: nn.Module
+    reward_model: Optional[nn.Module]  # None: rewards from functions only
+    reward_funcs: list  # rlhf_utils.rewards.RewardFunction of each --reward-funcs
+    reward_weights: list  # one per reward source: the reward model first (if any), then each function
     tokenizer: object
     sampling_generator: torch.Generator
     stop_token_id: list  # the token ids that end a response
@@ -972,19 +1008,27 @@ def generate_responses(run: Run, queries, query_mask, temperature: float) -> tor
 
 
 @torch.no_grad()
-def rollout_scores(run: Run, queries, query_mask, responses) -> tuple:
-    """Truncate after the stop token and score query + truncated response with the reward model."""
+def rollout_scores(run: Run, queries, query_mask, responses, rows: list, where: str) -> tuple:
+    """Truncate after the stop token and score query + truncated response by each reward source (the reward model,
+    each --reward-funcs function on the texts and the dataset rows' columns). Returns the truncated responses, their
+    sequence lengths, the weighted sum of the scores and {source: scores}."""
     pad_id = run.tokenizer.pad_token_id
     postprocessed, sequence_lengths = truncate_after_stop(responses, run.stop_token_id, pad_id)
-    response_mask = torch.arange(responses.shape[1], device=responses.device)[None, :] <= sequence_lengths[:, None]
-    query_responses = torch.cat([queries, postprocessed], 1)
-    attention_mask = torch.cat([query_mask, response_mask.long()], 1)
-    with autocast(run):
-        scores = get_score(
-            run.reward_model, query_responses, attention_mask, run.unwrapped.overhead, run.unwrapped.multiple
-        )
-    scores = scores + run.reward_shift  # 0 unless the reward model's config carries its normalisation
-    return postprocessed, sequence_lengths, scores
+    sources = {}
+    if run.reward_model is not None:
+        response_mask = torch.arange(responses.shape[1], device=responses.device)[None, :] <= sequence_lengths[:, None]
+        query_responses = torch.cat([queries, postprocessed], 1)
+        attention_mask = torch.cat([query_mask, response_mask.long()], 1)
+        with autocast(run):
+            scores = get_score(
+                run.reward_model, query_responses, attention_mask, run.unwrapped.overhead, run.unwrapped.multiple
+            )
+        sources["reward_model"] = scores + run.reward_shift  # 0 unless the model's config carries its normalisation
+    if run.reward_funcs:
+        completions = run.tokenizer.batch_decode(postprocessed, skip_special_tokens=True)
+        for name, scores in call_reward_funcs(run.reward_funcs, rows, completions, run.tokenizer, where).items():
+            sources[name] = torch.tensor(scores, device=responses.device)
+    return postprocessed, sequence_lengths, weighted_sum(sources, run.reward_weights), sources
 
 
 @torch.no_grad()
@@ -1023,27 +1067,29 @@ def reduce_stats(accelerator, stats: dict, op: str) -> dict:
 
 
 @torch.no_grad()
-def evaluate(run: Run, prompt_ids: list) -> tuple:
-    """Near-greedy responses to the given prompts: mean score, KL to the reference (sum over the response of
-    logp - logp_ref at temperature 1), stop-token rate and length, gathered over processes."""
+def evaluate(run: Run, prompt_rows: list) -> tuple:
+    """Near-greedy responses to the prompts of the given rows: mean score (the weighted sum of the reward sources), KL
+    to the reference (sum over the response of logp - logp_ref at temperature 1), stop-token rate and length, gathered
+    over processes."""
     args, accelerator, tokenizer = run.args, run.accelerator, run.tokenizer
     device, rank, processes = accelerator.device, accelerator.process_index, accelerator.num_processes
     chunk = args.local_rollout_forward_batch_size
     run.model.eval()  # gradient checkpointing (active in train mode) would drop the KV cache of generation
-    mine = prompt_ids[rank::processes]
+    mine = prompt_rows[rank::processes]
     # Every process runs the same number of batches (under ZeRO-3 each forward is collective): a process with one
     # prompt fewer repeats its first one, with weight 0.
-    weight = torch.ones(math.ceil(len(prompt_ids) / processes), device=device)
+    weight = torch.ones(math.ceil(len(prompt_rows) / processes), device=device)
     weight[len(mine) :] = 0.0
     mine = mine + mine[:1] * (len(weight) - len(mine))
     rows, totals = [], {k: torch.zeros((), device=device) for k in ("score", "kl", "eos", "length", "count")}
     for i in range(0, len(mine), chunk):
-        queries, query_mask = (
-            t.to(device) for t in left_pad(mine[i : i + chunk], tokenizer.pad_token_id, run.pad_multiple)
-        )
+        prompts = [r["input_ids"] for r in mine[i : i + chunk]]
+        queries, query_mask = (t.to(device) for t in left_pad(prompts, tokenizer.pad_token_id, run.pad_multiple))
         w = weight[i : i + chunk]
         responses = generate_responses(run, queries, query_mask, args.eval_temperature)
-        postprocessed, sequence_lengths, scores = rollout_scores(run, queries, query_mask, responses)
+        postprocessed, sequence_lengths, scores, _ = rollout_scores(
+            run, queries, query_mask, responses, mine[i : i + chunk], "evaluation"
+        )
         query_responses = torch.cat([queries, responses], 1)
         attention_mask = torch.cat([query_mask, torch.ones_like(responses)], 1)
         context_length = queries.shape[1]
@@ -1061,7 +1107,7 @@ def evaluate(run: Run, prompt_ids: list) -> tuple:
         totals["length"] += (valid.float().sum(1) * w).sum()
         totals["count"] += w.sum()
         texts = tokenizer.batch_decode(postprocessed, skip_special_tokens=True)
-        first = rank + processes * i  # position of this chunk in prompt_ids
+        first = rank + processes * i  # position of this chunk in prompt_rows
         rows += [
             {
                 "index": first + processes * j,
@@ -1199,6 +1245,7 @@ if __name__ == "__main__":
     args = tyro.cli(Args, args=bool_flags_as_switches(sys.argv[1:], Args))
     explain_remote_code_errors()
     b = check_args(args)
+    reward_funcs = load_reward_funcs(args.reward_funcs or [], ("reward_model",) if args.reward_model_path else ())
     resume_dir = claim_output_dir(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
     resume_state = check_resume(resume_dir, args, MAY_CHANGE_ON_RESUME, os.path.basename(__file__))
     train_data, eval_data, prompt_kind, split_note = load_prompts(args, b.local_batch_size)
@@ -1242,19 +1289,26 @@ if __name__ == "__main__":
             "note: the tokenizer has a chat template, but the prompts are plain text: they are used as "
             "they are, as TRL's PPO did (give lists of {role, content} messages to have it applied)"
         )
-    train_ids, eval_ids = tokenize_prompts(args, tokenizer, train_data, eval_data, context, b, accelerator.print)
+    train_rows, eval_rows = tokenize_prompts(args, tokenizer, train_data, eval_data, context, b, accelerator.print)
     metrics_path = prepare_output_dir(args.output_dir, resume_state, accelerator.is_main_process)
 
-    # Models: policy and reference from the SFT model; value model and reward model from the reward model.
+    # Models: policy and reference from the SFT model; value model and reward model from the reward model (without
+    # one, the value model is the SFT model with a new head).
     policy, ref_policy, base_path = load_policy(args, tokenizer, resume_dir)
-    value_path = (
-        os.path.join(resume_dir, "value_model") if resume_dir else args.value_model_path or args.reward_model_path
-    )
+    value_path = args.value_model_path or args.reward_model_path or base_path
+    if resume_dir:
+        value_path = os.path.join(resume_dir, "value_model")
+    elif not (args.value_model_path or args.reward_model_path):
+        accelerator.print(
+            f"value model: {base_path} with a new one-output head (no --reward-model-path to start from)"
+        )
     value_model = load_model(AutoModelForSequenceClassification, value_path, tokenizer, args.trust_remote_code)
-    reward_model = load_model(
-        AutoModelForSequenceClassification, args.reward_model_path, tokenizer, args.trust_remote_code
-    )
-    reward_model = reward_model.eval().requires_grad_(False)
+    reward_model = None
+    if args.reward_model_path is not None:
+        reward_model = load_model(
+            AutoModelForSequenceClassification, args.reward_model_path, tokenizer, args.trust_remote_code
+        )
+        reward_model = reward_model.eval().requires_grad_(False)
     if args.gradient_checkpointing:
         for m in (policy, value_model):
             m.gradient_checkpointing_enable()
@@ -1288,7 +1342,9 @@ if __name__ == "__main__":
         model=model,
         unwrapped=accelerator.unwrap_model(model),
         ref_policy=prepare_frozen(ref_policy, accelerator, args, zero_stage) if ref_policy is not None else None,
-        reward_model=prepare_frozen(reward_model, accelerator, args, zero_stage),
+        reward_model=prepare_frozen(reward_model, accelerator, args, zero_stage) if reward_model is not None else None,
+        reward_funcs=reward_funcs,
+        reward_weights=args.reward_weights or [1.0] * ((reward_model is not None) + len(reward_funcs)),
         tokenizer=tokenizer,
         sampling_generator=sampling_generator,
         stop_token_id=stop_token_id,
@@ -1301,7 +1357,7 @@ if __name__ == "__main__":
     )
     pad_id = tokenizer.pad_token_id
     accelerator.print(
-        f"{len(train_ids)} train / {len(eval_ids)} eval prompts; {b.num_total_batches} updates of "
+        f"{len(train_rows)} train / {len(eval_rows)} eval prompts; {b.num_total_batches} updates of "
         f"{b.batch_size} episodes ({b.world_size} processes x {b.local_batch_size})"
     )
 
@@ -1320,15 +1376,15 @@ if __name__ == "__main__":
     )
     say = bar.write if bar is not None else accelerator.print  # printed lines stay above the bar
     for update in range(first_update, b.num_total_batches + 1):
-        prompts = prompts_for_update(train_ids, update, args.seed, b, accelerator.process_index)
+        rows = prompts_for_update(train_rows, update, args.seed, b, accelerator.process_index)
         global_episode += b.batch_size
         timer = Timer(generation=0.0, rollout_forward=0.0, training=0.0)
         update_start = time.time()
 
         # ALGO LOGIC: rollout. Steps 1-5 of the recipe, in chunks of local_rollout_forward_batch_size.
-        queries, query_mask = (t.to(device) for t in left_pad(prompts, pad_id, pad_multiple))
+        queries, query_mask = (t.to(device) for t in left_pad([r["input_ids"] for r in rows], pad_id, pad_multiple))
         context_length = queries.shape[1]
-        responses, scores, sequence_lengths, postprocessed = [], [], [], []
+        responses, scores, sequence_lengths, postprocessed, source_scores = [], [], [], [], []
         model.eval()
         with torch.no_grad():
             for i in range(0, b.local_batch_size, args.local_rollout_forward_batch_size):
@@ -1337,12 +1393,16 @@ if __name__ == "__main__":
                 with timer("generation"):
                     r = generate_responses(run, q, qm, args.temperature)
                 with timer("rollout_forward"):
-                    pp, sl, s = rollout_scores(run, q, qm, r)
+                    chunk_rows = rows[i : i + args.local_rollout_forward_batch_size]
+                    pp, sl, s, by_source = rollout_scores(run, q, qm, r, chunk_rows, f"update {update}")
                 responses.append(r), postprocessed.append(pp), sequence_lengths.append(sl), scores.append(s)
+                source_scores.append(by_source)
             width = max(r.shape[1] for r in responses)
             responses = right_pad_cat(responses, width, pad_id)
             postprocessed = right_pad_cat(postprocessed, width, pad_id)
             scores, sequence_lengths = torch.cat(scores), torch.cat(sequence_lengths)
+            # each reward source's scores, before weighting and the EOS trick (logged as objective/scores/<name>)
+            source_scores = {k: torch.cat([c[k] for c in source_scores]) for k in source_scores[0]}
             query_responses = torch.cat([queries, responses], 1)
             attention_mask = torch.cat([query_mask, torch.ones_like(responses)], 1)
             # The old log-probs come from the same forward the training uses (not from generation scores), so the
@@ -1400,11 +1460,11 @@ if __name__ == "__main__":
             for mini in torch.from_numpy(permutation).to(device).split(b.local_mini_batch_size)
         ]
         for ppo_epoch, mini in mini_batches:
-            # Gradient = token sum / valid tokens of the whole mini-batch: the split into micro-batches does not
-            # change it (TRL averaged per-micro-batch means instead). accelerate (or DeepSpeed) divides each
-            # micro-batch loss by micro_per_mini, so the token sums are divided by the mean count per micro-batch.
-            n_pg = (~padding_mask[mini]).sum().clamp(min=1) / b.micro_per_mini
-            n_vf = (~padding_mask_p1[mini]).sum().clamp(min=1) / b.micro_per_mini
+            # Gradient = token sum / valid tokens of the whole mini-batch, all processes together: neither the split
+            # into micro-batches nor the number of processes changes it (token_mean_divisors).
+            n_pg, n_vf = token_mean_divisors(
+                ~padding_mask[mini], ~padding_mask_p1[mini], b.micro_per_mini, accelerator.num_processes
+            )
             for micro in mini.split(args.per_device_train_batch_size):
                 # Response columns past every row's stop token + 1 are masked everywhere: not computed at all.
                 needed = (sequence_lengths[micro] + 2).clamp(max=width)
@@ -1476,6 +1536,8 @@ if __name__ == "__main__":
                 "scores": scores.mean(),
                 "response_length": (sequence_lengths + 1).float().mean(),
             }
+            if args.reward_funcs:  # each source's mean score, when there is more than the reward model
+                per_process.update({f"scores/{k}": v.mean() for k, v in source_scores.items()})
             objective = reduce_stats(accelerator, {k: v.double() for k, v in per_process.items()}, "mean")
             num_eos = accelerator.reduce(contains_stop.sum().double(), "sum")
             micro_ratio_means = accelerator.gather(torch.stack(micro_ratio_means))
@@ -1488,6 +1550,7 @@ if __name__ == "__main__":
                 "objective/non_score_reward": objective["non_score_reward"].item(),
                 "objective/rlhf_reward": objective["rlhf_reward"].item(),
                 "objective/scores": objective["scores"].item(),
+                **{f"objective/{k}": v.item() for k, v in objective.items() if k.startswith("scores/")},
                 "policy/approxkl_avg": (s["approxkl"] / n_pg).item(),
                 "policy/clipfrac_avg": (s["pg_clipfrac"] / n_pg).item(),
                 "loss/policy_avg": (s["pg_loss"] / n_pg).item(),
@@ -1517,12 +1580,12 @@ if __name__ == "__main__":
             bar.update(b.batch_size)
 
         if args.eval_strategy == "steps" and (update % args.eval_steps == 0 or update == b.num_total_batches):
-            metrics, _ = evaluate(run, eval_ids)
+            metrics, _ = evaluate(run, eval_rows)
             log(run, {**metrics, "episode": global_episode, "update": update})
             say(f"eval after update {update}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
         if sample_every and (update % sample_every == 0 or update == b.num_total_batches):
-            _, rows = evaluate(run, eval_ids[: 8 * accelerator.num_processes])
-            print_samples(run, rows, update)
+            _, samples = evaluate(run, eval_rows[: 8 * accelerator.num_processes])
+            print_samples(run, samples, update)
         stop = stop_requested(accelerator)
         if (args.save_steps and update % args.save_steps == 0) or stop:
             save_checkpoint(run, optimizer, scheduler, update, global_episode, optimizer_steps)

@@ -545,4 +545,94 @@ def test_sft_and_reward_modeling_resume_mid_epoch_with_two_processes_bitwise(res
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# the gradient does not depend on the number of processes
+
+# One PPO mini-batch as the main loop computes its gradient: micro-batches whose token sums are divided by
+# ppo_rlhf.token_mean_divisors, each loss divided by the micro-batches per mini-batch (what accelerate does under
+# gradient accumulation), gradients synchronised on the last micro-batch and averaged over the processes by DDP. The
+# same 16 rollouts on 1 process, or 8 on each of 2 whose responses have very different lengths.
+MINI_BATCH_PROGRAM = """
+import contextlib, json, os, sys
+
+import torch
+
+sys.path.insert(0, {root!r})
+from ppo_rlhf import token_mean_divisors
+
+data, micro_size, out = torch.load(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+world = int(os.environ.get("WORLD_SIZE", "1"))
+model = torch.nn.Linear(data["x"].shape[-1], 2)
+model.load_state_dict(data["init"])
+wrapped, rank = model, 0
+if world > 1:
+    torch.distributed.init_process_group("gloo")
+    rank = torch.distributed.get_rank()
+    wrapped = torch.nn.parallel.DistributedDataParallel(model)
+rows = torch.arange(len(data["x"])).chunk(world)[rank]
+micro_per_mini = len(rows) // micro_size
+n_pg, n_vf = token_mean_divisors(data["valid_pg"][rows], data["valid_vf"][rows], micro_per_mini, world)
+for k, micro in enumerate(rows.split(micro_size)):
+    last = k == micro_per_mini - 1
+    with contextlib.nullcontext() if world == 1 or last else wrapped.no_sync():
+        out_pg, out_vf = wrapped(data["x"][micro]).unbind(-1)
+        pg_losses = -data["advantages"][micro] * torch.exp(out_pg)
+        vf_losses = (out_vf - data["returns"][micro]) ** 2
+        pg_loss = (pg_losses * data["valid_pg"][micro]).sum() / n_pg
+        vf_loss = 0.5 * (vf_losses * data["valid_vf"][micro]).sum() / n_vf
+        ((pg_loss + 0.1 * vf_loss) / micro_per_mini).backward()
+if rank == 0:
+    with open(out, "w") as f:
+        json.dump({{name: p.grad.flatten().tolist() for name, p in model.named_parameters()}}, f)
+if world > 1:  # leave as the scripts do (rlhf_utils.runs.end_run): gloo's threads can abort the interpreter's teardown
+    torch.distributed.barrier()
+    os._exit(0)
+"""
+
+
+def mini_batch_rollouts(path):
+    """16 rollouts of 12 response tokens: the first 8 (process 0's) end after 1 to 3 tokens, the last 8 after 9 to
+    12, so that the two processes hold very different numbers of valid tokens."""
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.cat([torch.randint(1, 4, (8,), generator=g), torch.randint(9, 13, (8,), generator=g)])
+    positions = torch.arange(12)[None, :]
+    torch.manual_seed(0)
+    torch.save(
+        {
+            "x": torch.randn(16, 12, 5, generator=g),
+            "advantages": torch.randn(16, 12, generator=g),
+            "returns": torch.randn(16, 12, generator=g),
+            "valid_pg": positions < lengths[:, None],
+            "valid_vf": positions < lengths[:, None] + 1,
+            "init": torch.nn.Linear(5, 2).state_dict(),
+        },
+        path,
+    )
+
+
+def test_the_same_rollouts_on_one_or_two_processes_give_the_same_gradient(tmp_path):
+    """Each process dividing by its own token count (and DDP averaging the processes) gave the short-response process's
+    tokens 3-10 times the weight of the other's: checked to fail that way with token_mean_divisors reverted."""
+    import subprocess
+
+    program, data = tmp_path / "mini_batch.py", tmp_path / "rollouts.pt"
+    program.write_text(MINI_BATCH_PROGRAM.format(root=ROOT))
+    mini_batch_rollouts(data)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    one = [sys.executable, str(program), str(data), "4", str(tmp_path / "one.json")]
+    port = str(free_port())
+    two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+    two += [str(program), str(data), "4", str(tmp_path / "two.json")]
+    for cmd in (one, two):
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(tmp_path / "one.json") as f, open(tmp_path / "two.json") as g:
+        one, two = json.load(f), json.load(g)
+    assert one.keys() == two.keys() == {"weight", "bias"}
+    for name in one:
+        assert max(abs(a) for a in one[name]) > 1e-3  # a real gradient
+        torch.testing.assert_close(torch.tensor(two[name]), torch.tensor(one[name]), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # the exit of a finished multi-process run
