@@ -141,8 +141,8 @@ class Args:
     """TRL: where to log: wandb or all (= --track; W&B is the only tracker here), none; None: --track decides"""
     run_name: Optional[str] = None
     """TRL: the W&B run's name; None: exp_name__seed__time"""
-    warmup_steps: int = 0
-    """TRL: warmup steps of the learning-rate schedule; > 0 overrides --warmup-ratio (as in transformers)"""
+    warmup_steps: float = 0
+    """TRL: warmup steps of the schedule (below 1: a fraction of them); > 0 overrides --warmup-ratio (transformers)"""
     torch_dtype: Optional[str] = None
     """TRL: the dtype the models' weights load in (auto, float32, bfloat16, float16), apart from --bf16 autocast"""
     dtype: Optional[str] = None

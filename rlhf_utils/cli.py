@@ -196,6 +196,8 @@ def check_trl_flags(args) -> None:
 
 
 def warmup_steps(args, total_steps: int) -> int:
-    """Warmup steps of the schedule: --warmup-steps when > 0 (it overrides --warmup-ratio, as in transformers), else
-    warmup_ratio x the total."""
-    return args.warmup_steps if args.warmup_steps > 0 else int(args.warmup_ratio * total_steps)
+    """Warmup steps of the schedule: --warmup-steps when > 0 (it overrides --warmup-ratio, as in transformers; below 1
+    it is a fraction of the total, as transformers 5 reads it), else warmup_ratio x the total."""
+    if 0 < args.warmup_steps < 1:
+        return int(args.warmup_steps * total_steps)
+    return int(args.warmup_steps) if args.warmup_steps > 0 else int(args.warmup_ratio * total_steps)

@@ -27,6 +27,7 @@ APPLIED = {
     "report_to none": (["--report_to", "none"], lambda a: a.track is False),
     "run_name": (["--run_name", "my-run"], lambda a: a.run_name == "my-run"),
     "warmup_steps": (["--warmup_steps", "3", "--warmup_ratio", "0.5"], lambda a: warmup_steps(a, 100) == 3),
+    "warmup_steps as a fraction": (["--warmup_steps", "0.1"], lambda a: warmup_steps(a, 100) == 10),
     "warmup_ratio without warmup_steps": (["--warmup_ratio", "0.5"], lambda a: warmup_steps(a, 100) == 50),
     "torch_dtype": (["--torch_dtype", "bfloat16"], lambda a: load_options(a) == {"dtype": torch.bfloat16}),
     "dtype": (["--dtype", "float32"], lambda a: load_options(a) == {"dtype": torch.float32}),
