@@ -1387,7 +1387,7 @@ if __name__ == "__main__":
         eps=args.adam_epsilon,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.weight_decay,
-        fused=args.optim == "adamw_torch_fused" and not is_deepspeed,
+        fused=not is_deepspeed and args.optim == "adamw_torch_fused",
     )
     # Stepped by hand once per PPO update (accelerate's wrapper would step it once per process, DeepSpeed once per
     # optimizer step), so it is not prepared.
