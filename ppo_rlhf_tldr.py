@@ -772,7 +772,7 @@ def load_prompts(args: Args, local_batch_size: int) -> tuple:
     train_data, eval_data, prompt_kind, split_note = load_splits(args, prompt_format)
     final_data = None
     if args.dataset_final_eval_split is not None:
-        splits = load_any_dataset(args.dataset_name)
+        splits = load_any_dataset(args.dataset_name, args.dataset_config)
         final_data = splits.get(args.dataset_final_eval_split)
         if final_data is None:  # the same rule as for evaluation: the held-out rows
             final_data = eval_data
