@@ -1,4 +1,5 @@
-"""Command line: TRL-style boolean flags, argument errors that name the argument, remote-code errors explained."""
+"""Command line: TRL-style boolean flags, TRL's flags (accepted with their meaning, or refused with what to use instead),
+argument errors that name the argument, remote-code errors explained."""
 
 import os
 import sys
@@ -167,12 +168,22 @@ def parse_args(args_cls, argv: Optional[list] = None, description: Optional[str]
 
     argv = sys.argv[1:] if argv is None else argv
     known = {f.name for f in dataclasses.fields(args_cls)}
-    for token in argv:
-        name = token[2:].partition("=")[0].replace("-", "_") if token.startswith("--") and len(token) > 2 else None
+    kept, i = [], 0
+    while i < len(argv):
+        token = argv[i]
+        flag, eq, value = token.partition("=")
+        name = flag[2:].replace("-", "_") if token.startswith("--") and len(token) > 2 else None
         if name is None or name in known or name == "help" or (name.startswith("no_") and name[3:] in known):
+            kept.append(token)
+            i += 1
+            continue
+        # `--fp16 False` (TRL's way of saying off) asks for what happens here anyway: dropped, not refused.
+        value = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+        if name in REFUSED_TRL_FLAGS and value.lower() in ("false", "no", "f", "n", "0"):
+            i += 1 if eq else 2
             continue
         fail(name, unknown_flag_message(name, known))
-    return tyro.cli(args_cls, args=bool_flags_as_switches(argv, args_cls), description=description)
+    return tyro.cli(args_cls, args=bool_flags_as_switches(kept, args_cls), description=description)
 
 
 def check_trl_flags(args) -> None:

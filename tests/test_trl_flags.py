@@ -43,6 +43,7 @@ APPLIED = {
     "optim adamw_torch": (["--optim", "adamw_torch"], lambda a: a.optim == "adamw_torch"),
     "optim adamw_torch_fused": (["--optim", "adamw_torch_fused"], lambda a: a.optim == "adamw_torch_fused"),
     "save_strategy no": (["--save_strategy", "no", "--save_steps", "5"], lambda a: a.save_steps == 0),
+    "fp16 False": (["--fp16", "False", "--use_vllm=false", "--torch_compile", "0"], lambda a: a.bf16 is False),
     "save_strategy steps": (["--save_strategy", "steps", "--save_steps", "5"], lambda a: a.save_steps == 5),
 }
 
