@@ -35,16 +35,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import tyro
 
 from rlhf_utils.checkpoints import check_resume, load_checkpoint, write_checkpoint
 from rlhf_utils.cli import (
     TRAINING_RANGES,
-    bool_flags_as_switches,
     check_paths,
     check_ranges,
+    check_trl_flags,
     explain_remote_code_errors,
     fail,
+    parse_args,
+    warmup_steps,
 )
 from rlhf_utils.data import column_kind, load_any_dataset, load_splits, render_chat
 from rlhf_utils.hub import check_push_to_hub, model_card
@@ -57,6 +58,7 @@ from rlhf_utils.models import (
     gathered_for_generation,
     is_adapter_folder,
     load_model,
+    load_options,
     logit_transform,
     model_config,
     num_params,
@@ -259,6 +261,34 @@ class Args:
     merge_adapter_on_save: bool = False
     """also save the policy with the adapter merged into its weights, in output_dir/merged"""
 
+    # TRL's flags: TRL's names with TRL's meaning, mapped onto the settings above (README: "TRL's flags")
+    report_to: Optional[str] = None
+    """TRL: where to log: wandb or all (= --track; W&B is the only tracker here), none; None: --track decides"""
+    run_name: Optional[str] = None
+    """TRL: the W&B run's name; None: exp_name__seed__time"""
+    num_train_epochs: Optional[float] = None
+    """TRL: passes over the train prompts; given, total_episodes = int(epochs x train prompts) (TRL's rule)"""
+    warmup_steps: float = 0
+    """TRL: warmup steps of the schedule (below 1: a fraction of them); > 0 overrides --warmup-ratio (transformers)"""
+    torch_dtype: Optional[str] = None
+    """TRL: the dtype the models' weights load in (auto, float32, bfloat16, float16), apart from --bf16 autocast"""
+    dtype: Optional[str] = None
+    """TRL: the newer name of --torch-dtype (either may be given)"""
+    attn_implementation: Optional[str] = None
+    """TRL: the attention kernel the models load with (eager, sdpa, ...); None: transformers' choice"""
+    model_revision: Optional[str] = None
+    """TRL: the hub revision (branch, tag or commit) of the models and tokenizer; None: main"""
+    dataset_config: Optional[str] = None
+    """TRL: the configuration name of a hub dataset (load_dataset's second argument)"""
+    per_device_eval_batch_size: Optional[int] = None
+    """TRL: prompts per evaluation generation batch on each process; None: local_rollout_forward_batch_size"""
+    logging_first_step: bool = False
+    """TRL: also log the first PPO update"""
+    optim: str = "adamw_torch_fused"
+    """TRL: the optimizer: adamw_torch or adamw_torch_fused (one kernel for all parameters; DeepSpeed keeps its own)"""
+    save_strategy: str = "steps"
+    """TRL: steps (a checkpoint every --save-steps) or no (no checkpoints)"""
+
 
 @dataclass
 class Batches:
@@ -288,10 +318,19 @@ RANGES = {
 }
 
 
-def check_args(args: Args) -> Batches:
+def check_args(args: Args, train_prompts: Optional[int] = None) -> Batches:
     """Every check that needs no model, before any loads (a typo should cost a second, not a model load); returns
-    the batch arithmetic. WORLD_SIZE is set by every launcher before the script runs."""
+    the batch arithmetic. WORLD_SIZE is set by every launcher before the script runs. With --num-train-epochs it runs
+    again once the train prompts are counted (train_prompts), which sets total_episodes by TRL's rule."""
     check_ranges(args, RANGES)
+    check_trl_flags(args)
+    if args.num_train_epochs is not None and train_prompts is None and args.total_episodes != Args.total_episodes:
+        fail(
+            "num_train_epochs",
+            "and --total-episodes both set the budget (TRL takes --total-episodes when both are given); drop one",
+        )
+    if args.num_train_epochs is not None and train_prompts is not None:
+        args.total_episodes = int(args.num_train_epochs * train_prompts)  # TRL's rule
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps
     batch_size = local_batch_size * world_size
@@ -327,7 +366,7 @@ def check_args(args: Args) -> Batches:
         )
     if args.total_episodes < batch_size:
         fail(
-            "total_episodes",
+            "total_episodes" if args.num_train_epochs is None else "num_train_epochs",
             f"{args.total_episodes} is less than one update's batch of {batch_size} episodes "
             f"({local_batch_size} per process x {world_size} processes)",
         )
@@ -372,7 +411,7 @@ def check_args(args: Args) -> Batches:
         )
     if args.ref_adapter_name and args.ref_adapter_name == model_adapter_name:
         fail("ref_adapter_name", f"is the trained adapter's name {model_adapter_name!r}; pick another")
-    if args.push_to_hub:  # asks the Hub: last, after every local check
+    if args.push_to_hub and train_prompts is None:  # asks the Hub: last, after every local check
         check_push_to_hub(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)))
     return b
 
@@ -397,6 +436,11 @@ MAY_CHANGE_ON_RESUME = {
     "gradient_checkpointing",
     "dataset_num_proc",
     "merge_adapter_on_save",
+    "report_to",
+    "run_name",
+    "logging_first_step",
+    "save_strategy",
+    "num_train_epochs",  # what it sets, total_episodes, is checked: the budget may grow (budget_growth_problem)
 }
 
 
@@ -768,7 +812,7 @@ def load_prompts(args: Args, local_batch_size: int) -> tuple:
     train_data, eval_data, prompt_kind, split_note = load_splits(args, prompt_format)
     final_data = None
     if args.dataset_final_eval_split is not None:
-        splits = load_any_dataset(args.dataset_name)
+        splits = load_any_dataset(args.dataset_name, args.dataset_config)
         final_data = splits.get(args.dataset_final_eval_split)
         if final_data is None:  # the same rule as for evaluation: the held-out rows
             final_data = eval_data
@@ -901,8 +945,10 @@ def load_policy(args: Args, tokenizer, resume_dir: Optional[str]) -> tuple:
 
     trained_path = os.path.join(resume_dir, "policy") if resume_dir else args.sft_model_path
     if not args.use_peft:
-        policy = load_model(AutoModelForCausalLM, trained_path, tokenizer, args.trust_remote_code)
-        ref_policy = load_model(AutoModelForCausalLM, args.sft_model_path, tokenizer, args.trust_remote_code)
+        policy = load_model(AutoModelForCausalLM, trained_path, tokenizer, args.trust_remote_code, load_options(args))
+        ref_policy = load_model(
+            AutoModelForCausalLM, args.sft_model_path, tokenizer, args.trust_remote_code, load_options(args)
+        )
         return policy, ref_policy.eval().requires_grad_(False), args.sft_model_path
     from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 
@@ -911,7 +957,7 @@ def load_policy(args: Args, tokenizer, resume_dir: Optional[str]) -> tuple:
     base_path = args.sft_model_path
     if sft_is_adapter:
         base_path = PeftConfig.from_pretrained(args.sft_model_path).base_model_name_or_path
-    policy = load_model(AutoModelForCausalLM, base_path, tokenizer, args.trust_remote_code)
+    policy = load_model(AutoModelForCausalLM, base_path, tokenizer, args.trust_remote_code, load_options(args))
     if resume_dir or sft_is_adapter:
         policy = PeftModel.from_pretrained(policy, trained_path, adapter_name=adapter_name, is_trainable=True)
     else:
@@ -1120,7 +1166,7 @@ def evaluate(run: Run, prompt_rows: list) -> tuple:
     over processes."""
     args, accelerator, tokenizer = run.args, run.accelerator, run.tokenizer
     device, rank, processes = accelerator.device, accelerator.process_index, accelerator.num_processes
-    chunk = args.local_rollout_forward_batch_size
+    chunk = args.per_device_eval_batch_size or args.local_rollout_forward_batch_size
     run.model.eval()  # gradient checkpointing (active in train mode) would drop the KV cache of generation
     mine = prompt_rows[rank::processes]
     # Every process runs the same number of batches (under ZeRO-3 each forward is collective): a process with one
@@ -1310,19 +1356,25 @@ def save_generations(run: Run, name: str, final_rows: list, final_references: li
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args, args=bool_flags_as_switches(sys.argv[1:], Args))
+    args = parse_args(Args)
     explain_remote_code_errors()
     b = check_args(args)
     reward_funcs = load_reward_funcs(args.reward_funcs or [], ("reward_model",) if args.reward_model_path else ())
     resume_dir = claim_output_dir(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
-    resume_state = check_resume(resume_dir, args, MAY_CHANGE_ON_RESUME, os.path.basename(__file__))
     train_data, eval_data, final_data, prompt_kind, split_note = load_prompts(args, b.local_batch_size)
+    if args.num_train_epochs is not None:  # TRL's rule: the budget is the epochs over the train prompts
+        b = check_args(args, len(train_data))
+    may_grow = ("total_episodes",)  # only where the training so far stays the same (see budget_growth_problem)
+    resume_state = check_resume(resume_dir, args, MAY_CHANGE_ON_RESUME, os.path.basename(__file__), may_grow)
 
     from accelerate.utils import DistributedType
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
 
     tokenizer = AutoTokenizer.from_pretrained(
-        args.model_name_or_path, padding_side="left", trust_remote_code=args.trust_remote_code
+        args.model_name_or_path,
+        padding_side="left",
+        trust_remote_code=args.trust_remote_code,
+        revision=args.model_revision,
     )
     added_pad = add_pad_token(tokenizer)  # logged below, once
     context, reward_shift = check_model_configs(args, tokenizer, prompt_kind)
@@ -1372,11 +1424,14 @@ if __name__ == "__main__":
         accelerator.print(
             f"value model: {base_path} with a new one-output head (no --reward-model-path to start from)"
         )
-    value_model = load_model(AutoModelForSequenceClassification, value_path, tokenizer, args.trust_remote_code)
+    options = load_options(args)
+    value_model = load_model(
+        AutoModelForSequenceClassification, value_path, tokenizer, args.trust_remote_code, options
+    )
     reward_model = None
     if args.reward_model_path is not None:
         reward_model = load_model(
-            AutoModelForSequenceClassification, args.reward_model_path, tokenizer, args.trust_remote_code
+            AutoModelForSequenceClassification, args.reward_model_path, tokenizer, args.trust_remote_code, options
         )
         reward_model = reward_model.eval().requires_grad_(False)
     if args.gradient_checkpointing:
@@ -1394,14 +1449,14 @@ if __name__ == "__main__":
         eps=args.adam_epsilon,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.weight_decay,
-        fused=not is_deepspeed,
+        fused=not is_deepspeed and args.optim == "adamw_torch_fused",
     )
     # Stepped by hand once per PPO update (accelerate's wrapper would step it once per process, DeepSpeed once per
     # optimizer step), so it is not prepared.
     scheduler = get_scheduler(
         args.lr_scheduler_type,
         optimizer,
-        num_warmup_steps=int(args.warmup_ratio * b.num_total_batches),
+        num_warmup_steps=warmup_steps(args, b.num_total_batches),
         num_training_steps=b.num_total_batches,
     )
     zero_stage = configure_deepspeed(accelerator, args, b, model) if is_deepspeed else None
@@ -1615,7 +1670,8 @@ if __name__ == "__main__":
             num_eos = accelerator.reduce(contains_stop.sum().double(), "sum")
             micro_ratio_means = accelerator.gather(torch.stack(micro_ratio_means))
             ratio_var = micro_ratio_means.var() if len(micro_ratio_means) > 1 else torch.zeros((), device=device)
-        if update % args.logging_steps == 0 or update == b.num_total_batches:
+        first = args.logging_first_step and update == 1
+        if update % args.logging_steps == 0 or update == b.num_total_batches or first:
             row = {
                 "eps": int((global_episode - start_episode) / (time.time() - start_time)),
                 "objective/kl": objective["kl"].item(),

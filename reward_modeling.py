@@ -36,16 +36,17 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-import tyro
 
 from rlhf_utils.checkpoints import check_resume, load_checkpoint, write_checkpoint
 from rlhf_utils.cli import (
     TRAINING_RANGES,
-    bool_flags_as_switches,
     check_paths,
     check_ranges,
+    check_trl_flags,
     explain_remote_code_errors,
     fail,
+    parse_args,
+    warmup_steps,
 )
 from rlhf_utils.data import (
     column_kind,
@@ -56,7 +57,7 @@ from rlhf_utils.data import (
     tokenize_conversation,
 )
 from rlhf_utils.hub import check_push_to_hub, model_card
-from rlhf_utils.models import disable_dropout, disable_dropout_in_config
+from rlhf_utils.models import disable_dropout, disable_dropout_in_config, load_options
 from rlhf_utils.outputs import claim_output_dir, save_output, write_run_files
 from rlhf_utils.processes import make_accelerator, start_tracking
 from rlhf_utils.runs import end_run, progress_bar, stop_on_signals, stop_requested, stop_run, wandb_row
@@ -144,18 +145,46 @@ class Args:
     logging_steps: int = 20
     """print/log the train loss and accuracy every this many optimizer steps"""
 
+    # TRL's flags: TRL's names with TRL's meaning, mapped onto the settings above (README: "TRL's flags")
+    report_to: Optional[str] = None
+    """TRL: where to log: wandb or all (= --track; W&B is the only tracker here), none; None: --track decides"""
+    run_name: Optional[str] = None
+    """TRL: the W&B run's name; None: exp_name__seed__time"""
+    warmup_steps: float = 0
+    """TRL: warmup steps of the schedule (below 1: a fraction of them); > 0 overrides --warmup-ratio (transformers)"""
+    torch_dtype: Optional[str] = None
+    """TRL: the dtype the models' weights load in (auto, float32, bfloat16, float16), apart from --bf16 autocast"""
+    dtype: Optional[str] = None
+    """TRL: the newer name of --torch-dtype (either may be given)"""
+    attn_implementation: Optional[str] = None
+    """TRL: the attention kernel the models load with (eager, sdpa, ...); None: transformers' choice"""
+    model_revision: Optional[str] = None
+    """TRL: the hub revision (branch, tag or commit) of the models and tokenizer; None: main"""
+    dataset_config: Optional[str] = None
+    """TRL: the configuration name of a hub dataset (load_dataset's second argument)"""
+    per_device_eval_batch_size: Optional[int] = None
+    """TRL: examples per evaluation forward on each process; None: per_device_train_batch_size"""
+    logging_first_step: bool = False
+    """TRL: also log the first optimizer step"""
+    optim: str = "adamw_torch"
+    """TRL: the optimizer: adamw_torch or adamw_torch_fused (one kernel for all parameters)"""
+    save_strategy: str = "steps"
+    """TRL: steps (a checkpoint every --save-steps) or no (no checkpoints)"""
+
 
 # Resuming continues the checkpoint's run: only where and how often things are written, tracking and memory savers
 # may differ; anything else would silently train a different model.
 MAY_CHANGE_ON_RESUME = (
     "exp_name track wandb_project_name wandb_entity output_dir overwrite_output_dir push_to_hub hub_model_id "
-    "trust_remote_code save_steps save_total_limit resume_from_checkpoint logging_steps gradient_checkpointing"
+    "trust_remote_code save_steps save_total_limit resume_from_checkpoint logging_steps gradient_checkpointing "
+    "report_to run_name logging_first_step save_strategy per_device_eval_batch_size"
 ).split()
 
 
 def check_args(args: Args) -> None:
     """Every check that needs no data and no model, before anything loads: a typo should cost a second."""
     check_ranges(args, {**TRAINING_RANGES, "num_train_epochs": (">", 0), "max_length": (">", 0)})
+    check_trl_flags(args)
     if args.normalize_reward and args.normalize_num_examples <= 0:
         fail(
             "normalize_num_examples",
@@ -382,6 +411,7 @@ def load_reward_model(args: Args, config, tokenizer, resume_dir: Optional[str], 
         os.path.join(resume_dir, "model") if resume_dir else args.model_name_or_path,
         config=config,
         trust_remote_code=args.trust_remote_code,
+        **load_options(args),
     )
     disable_dropout(model)  # what the config does not reach: rates kept as module attributes
     if resize and not resume_dir:
@@ -486,14 +516,16 @@ def write_output(path: str, state_dict: dict, args: Args, model, tokenizer, metr
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args, args=bool_flags_as_switches(sys.argv[1:], Args), description=__doc__.split("\n")[0])
+    args = parse_args(Args, description=__doc__.split("\n")[0])
     explain_remote_code_errors()
     from transformers import get_scheduler
 
     # Validate everything cheap before loading a model.
     check_args(args)
     resume_dir = claim_output_dir(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
-    resume_state = check_resume(resume_dir, args, MAY_CHANGE_ON_RESUME, os.path.basename(__file__))
+    # the epochs may grow only where the training so far stays the same (see budget_growth_problem)
+    may_grow = ("num_train_epochs",)
+    resume_state = check_resume(resume_dir, args, MAY_CHANGE_ON_RESUME, os.path.basename(__file__), may_grow)
     train_data, test_data, (kind, has_prompt), split_note = load_splits(args, useful_pairs)
     refs = load_references(args, kind) if args.normalize_reward else None
     config, tokenizer, added_pad = load_tokenizer(args, kind, "`prompt`/`chosen`/`rejected`")
@@ -539,7 +571,9 @@ if __name__ == "__main__":
     train_loader = torch.utils.data.DataLoader(
         train_rows, batch_size, shuffle=True, collate_fn=collate, generator=shuffle_generator
     )
-    eval_loader = torch.utils.data.DataLoader(eval_rows, batch_size, collate_fn=collate)
+    eval_loader = torch.utils.data.DataLoader(
+        eval_rows, args.per_device_eval_batch_size or batch_size, collate_fn=collate
+    )
 
     # Model, optimizer and learning-rate schedule
     model = load_reward_model(args, config, tokenizer, resume_dir, zero_stage, accelerator)
@@ -549,6 +583,7 @@ if __name__ == "__main__":
         eps=args.adam_epsilon,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.weight_decay,
+        fused=args.optim == "adamw_torch_fused" or None,  # None: torch's default
     )
     # The schedule counts this process's optimizer steps (accelerate gives each process ceil(batches / processes)
     # batches) and is stepped by hand once per optimizer step, so it is not prepared: accelerate's wrapper would step
@@ -558,7 +593,7 @@ if __name__ == "__main__":
     scheduler = get_scheduler(
         args.lr_scheduler_type,
         optimizer,
-        num_warmup_steps=int(args.warmup_ratio * num_update_steps),
+        num_warmup_steps=warmup_steps(args, num_update_steps),
         num_training_steps=num_update_steps,
     )
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
@@ -611,7 +646,7 @@ if __name__ == "__main__":
                 step += 1
                 if bar is not None:
                     bar.update(1)
-                if step % args.logging_steps == 0:
+                if step % args.logging_steps == 0 or (args.logging_first_step and step == 1):
                     row = {
                         "train/loss": accelerator.reduce(loss.detach(), "mean").item(),
                         "train/accuracy": accelerator.reduce(accuracy, "mean").item(),

@@ -24,20 +24,21 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-import tyro
 
 from rlhf_utils.checkpoints import check_resume, load_checkpoint, write_checkpoint
 from rlhf_utils.cli import (
     TRAINING_RANGES,
-    bool_flags_as_switches,
     check_paths,
     check_ranges,
+    check_trl_flags,
     explain_remote_code_errors,
     fail,
+    parse_args,
+    warmup_steps,
 )
 from rlhf_utils.data import column_kind, load_splits, load_tokenizer, require_assistant, tokenize_conversation
 from rlhf_utils.hub import check_push_to_hub, model_card
-from rlhf_utils.models import disable_dropout, disable_dropout_in_config
+from rlhf_utils.models import disable_dropout, disable_dropout_in_config, load_options
 from rlhf_utils.outputs import claim_output_dir, save_output, write_run_files
 from rlhf_utils.processes import make_accelerator, start_tracking
 from rlhf_utils.runs import end_run, progress_bar, show_samples, stop_on_signals, stop_requested, stop_run, wandb_row
@@ -135,10 +136,37 @@ class Args:
     merge_adapter_on_save: bool = False
     """also save the adapter merged into the base, in output_dir/merged (a plain model, e.g. for reward_modeling.py)"""
 
+    # TRL's flags: TRL's names with TRL's meaning, mapped onto the settings above (README: "TRL's flags")
+    report_to: Optional[str] = None
+    """TRL: where to log: wandb or all (= --track; W&B is the only tracker here), none; None: --track decides"""
+    run_name: Optional[str] = None
+    """TRL: the W&B run's name; None: exp_name__seed__time"""
+    warmup_steps: float = 0
+    """TRL: warmup steps of the schedule (below 1: a fraction of them); > 0 overrides --warmup-ratio (transformers)"""
+    torch_dtype: Optional[str] = None
+    """TRL: the dtype the models' weights load in (auto, float32, bfloat16, float16), apart from --bf16 autocast"""
+    dtype: Optional[str] = None
+    """TRL: the newer name of --torch-dtype (either may be given)"""
+    attn_implementation: Optional[str] = None
+    """TRL: the attention kernel the models load with (eager, sdpa, ...); None: transformers' choice"""
+    model_revision: Optional[str] = None
+    """TRL: the hub revision (branch, tag or commit) of the models and tokenizer; None: main"""
+    dataset_config: Optional[str] = None
+    """TRL: the configuration name of a hub dataset (load_dataset's second argument)"""
+    per_device_eval_batch_size: Optional[int] = None
+    """TRL: examples per evaluation forward on each process; None: per_device_train_batch_size"""
+    logging_first_step: bool = False
+    """TRL: also log the first optimizer step"""
+    optim: str = "adamw_torch"
+    """TRL: the optimizer: adamw_torch or adamw_torch_fused (one kernel for all parameters)"""
+    save_strategy: str = "steps"
+    """TRL: steps (a checkpoint every --save-steps) or no (no checkpoints)"""
+
 
 def check_args(args: Args) -> None:
     """Every check that needs only the arguments, before any data or model loads: a typo should cost a second."""
     check_ranges(args, {**TRAINING_RANGES, "num_train_epochs": (">", 0), "max_length": (">", 0)})
+    check_trl_flags(args)
     if args.merge_adapter_on_save and not args.use_peft:
         fail("merge_adapter_on_save", "merges a LoRA adapter into the model; add --use-peft")
     tokenizer_path = args.tokenizer_name_or_path or args.model_name_or_path
@@ -168,6 +196,11 @@ MAY_CHANGE_ON_RESUME = (
     "num_sample_completions",
     "sample_max_new_tokens",
     "merge_adapter_on_save",
+    "report_to",
+    "run_name",
+    "logging_first_step",
+    "save_strategy",
+    "per_device_eval_batch_size",
 )
 
 
@@ -298,7 +331,9 @@ def load_model(args: Args, tokenizer, embedding_rows: int, resume_dir: Optional[
     adapter) from the checkpoint."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+    config = AutoConfig.from_pretrained(
+        args.model_name_or_path, trust_remote_code=args.trust_remote_code, revision=args.model_revision
+    )
     disable_dropout_in_config(config)
     resize = (
         len(tokenizer) > embedding_rows
@@ -310,6 +345,7 @@ def load_model(args: Args, tokenizer, embedding_rows: int, resume_dir: Optional[
         args.model_name_or_path if args.use_peft or not resume_dir else trained_path,
         config=config,
         trust_remote_code=args.trust_remote_code,
+        **load_options(args),
     )
     disable_dropout(model)  # what the config does not reach: rates kept as module attributes
     if resize and not resume_dir:
@@ -413,11 +449,13 @@ def write_output(path: str, state_dict: dict, args: Args, model, tokenizer, metr
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args, args=bool_flags_as_switches(sys.argv[1:], Args), description=__doc__.split("\n")[0])
+    args = parse_args(Args, description=__doc__.split("\n")[0])
     explain_remote_code_errors()
     check_args(args)
     resume_dir = claim_output_dir(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
-    resume_state = check_resume(resume_dir, args, MAY_CHANGE_ON_RESUME, os.path.basename(__file__))
+    # the epochs may grow only where the training so far stays the same (see budget_growth_problem)
+    may_grow = ("num_train_epochs",)
+    resume_state = check_resume(resume_dir, args, MAY_CHANGE_ON_RESUME, os.path.basename(__file__), may_grow)
     train_data, eval_data, kind, split_note = load_splits(
         args, lambda data, where: (sft_format(data, where), data, None)
     )
@@ -465,7 +503,9 @@ if __name__ == "__main__":
         generator=shuffle_generator,
     )
     eval_loader = torch.utils.data.DataLoader(
-        eval_rows, batch_size=args.per_device_train_batch_size, collate_fn=lambda b: collate(b, pad)
+        eval_rows,
+        batch_size=args.per_device_eval_batch_size or args.per_device_train_batch_size,
+        collate_fn=lambda b: collate(b, pad),
     )
 
     # Model, optimizer and learning-rate schedule
@@ -478,6 +518,7 @@ if __name__ == "__main__":
         eps=args.adam_epsilon,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.weight_decay,
+        fused=args.optim == "adamw_torch_fused" or None,  # None: torch's default
     )
     # The schedule counts this process's optimizer steps (accelerate gives each process ceil(batches / processes)
     # batches) and is stepped by hand once per optimizer step, so it is not prepared: accelerate's wrapper would step
@@ -487,7 +528,7 @@ if __name__ == "__main__":
     scheduler = get_scheduler(
         args.lr_scheduler_type,
         optimizer,
-        num_warmup_steps=int(args.warmup_ratio * num_update_steps),
+        num_warmup_steps=warmup_steps(args, num_update_steps),
         num_training_steps=num_update_steps,
     )
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
@@ -551,7 +592,7 @@ if __name__ == "__main__":
                 step += 1
                 if bar is not None:
                     bar.update(1)
-                if step % args.logging_steps == 0:
+                if step % args.logging_steps == 0 or (args.logging_first_step and step == 1):
                     row = {
                         "train/loss": (accelerator.reduce(step_loss, "sum") / step_tokens).item(),
                         "lr": scheduler.get_last_lr()[0],

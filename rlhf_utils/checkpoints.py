@@ -114,22 +114,28 @@ def resolve_resume(resume: Optional[str], output_dir: str) -> Optional[str]:
     return resume
 
 
-def changed_arguments(saved_args: str, args, may_change) -> list:
+def changed_arguments(saved_args: str, args, may_change, may_grow=(), grow_problem: Optional[str] = None) -> list:
     """The arguments of a resumed run that differ from those its checkpoint was written with (`--name saved (now
-    current)`), but for those in may_change."""
+    current)`), but for those in may_change, and those in may_grow (the budget) that grew while grow_problem is None
+    (else it is said after the argument: why growing it would change the training so far)."""
     saved, now = json.loads(saved_args), json.loads(json.dumps(asdict(args)))  # as saved: lists, not tuples
     # A flag newer than the checkpoint was not there to set: that run had today's default.
     saved = {**json.loads(json.dumps(asdict(type(args)()))), **saved}
-    return [
-        f"--{k.replace('_', '-')} {saved.get(k)!r} (now {v!r})"
-        for k, v in now.items()
-        if k not in may_change and saved.get(k) != v
-    ]
+    changed = []
+    for k, v in now.items():
+        if k in may_change or saved.get(k) == v:
+            continue
+        grew = k in may_grow and v is not None and saved.get(k) is not None and v > saved[k]
+        if grew and grow_problem is None:
+            continue
+        changed.append(f"--{k.replace('_', '-')} {saved.get(k)!r} (now {v!r}{': ' + grow_problem if grew else ''})")
+    return changed
 
 
-def check_resume(resume_dir: Optional[str], args, may_change, script: str) -> Optional[dict]:
+def check_resume(resume_dir: Optional[str], args, may_change, script: str, may_grow=()) -> Optional[dict]:
     """The state.pt of the checkpoint to resume (None for a fresh run), checked to come from `script` with the same
-    arguments, except those in may_change: anything else would silently train a different model."""
+    arguments, except those in may_change, and the budget arguments in may_grow, which may grow when that leaves the
+    training so far unchanged (budget_growth_problem): anything else would silently train a different model."""
     if resume_dir is None:
         return None
     resume_state = load_resume_state(resume_dir)
@@ -138,7 +144,8 @@ def check_resume(resume_dir: Optional[str], args, may_change, script: str) -> Op
             "resume_from_checkpoint",
             f"{resume_dir!r} was written by {resume_state['script']}; pass a checkpoint of {script}",
         )
-    changed = changed_arguments(resume_state.get("args", "{}"), args, may_change)
+    problem = budget_growth_problem(args) if may_grow else None
+    changed = changed_arguments(resume_state.get("args", "{}"), args, may_change, may_grow, problem)
     if changed:
         fail(
             "resume_from_checkpoint",
@@ -255,3 +262,20 @@ def set_rng_state(state: dict, sampling_generator: Optional[torch.Generator] = N
     torch.set_rng_state(state["torch"])
     if sampling_generator is not None:
         sampling_generator.set_state(state["sampling"])
+
+
+def budget_growth_problem(args) -> Optional[str]:
+    """Why a larger budget (--total-episodes, --num-train-epochs) would change the updates a checkpoint already made,
+    or None when it leaves them as they were: a linear or cosine learning rate decays over the whole budget, and PPO's
+    sample tables, spaced over the whole budget, draw from the sampling generator."""
+    if args.lr_scheduler_type != "constant":
+        return (
+            f"the {args.lr_scheduler_type} learning-rate schedule spans the whole budget, so a larger one changes the "
+            "steps already taken; extend only runs trained with --lr-scheduler-type constant"
+        )
+    if getattr(args, "num_sample_generations", 0):
+        return (
+            "the sample tables are spaced over the whole budget and draw from the sampling generator; extend only "
+            "runs trained with --num-sample-generations 0"
+        )
+    return None

@@ -1,7 +1,9 @@
-"""Command line: TRL-style boolean flags, argument errors that name the argument, remote-code errors explained."""
+"""Command line: TRL-style boolean flags, TRL's flags (accepted with their meaning, or refused with what to use instead),
+argument errors that name the argument, remote-code errors explained."""
 
 import os
 import sys
+from typing import Optional
 
 
 def fail(argument: str, message: str) -> None:
@@ -117,3 +119,96 @@ TRAINING_RANGES = {
     "save_steps": (">=", 0, "0: no checkpoints"),
     "save_total_limit": (">=", 1, "or None: keep every checkpoint"),
 }
+
+
+# TRL flags that cannot mean here what they mean in TRL, each with the one line saying what to use instead.
+REFUSED_TRL_FLAGS = {
+    "fp16": "fp16 mixed precision is not supported here; use --bf16 (bf16 autocast)",
+    "half_precision_backend": "fp16 mixed precision is not supported here; use --bf16 (bf16 autocast)",
+    "deepspeed": "DeepSpeed is set up by the launcher here, not the script: "
+    "accelerate launch --config_file benchmark/accelerate_configs/deepspeed_zero2.yaml <script> ...",
+    "fsdp": "FSDP is not supported; shard with DeepSpeed ZeRO-3: "
+    "accelerate launch --config_file benchmark/accelerate_configs/deepspeed_zero3.yaml <script> ...",
+    "fsdp_config": "FSDP is not supported; shard with DeepSpeed ZeRO-3: "
+    "accelerate launch --config_file benchmark/accelerate_configs/deepspeed_zero3.yaml <script> ...",
+    "use_vllm": "vLLM is not supported; generation runs in the policy's own generate() (drop --use-vllm)",
+    "torch_compile": "torch.compile is not supported here (drop --torch-compile)",
+    "local_rank": "processes come from the launcher: accelerate launch --num_processes N <script> ...",
+}
+
+# The values TRL's flags take here (others would mean something this code does not do).
+TRL_CHOICES = {
+    "report_to": ("wandb", "none", "all"),
+    "optim": ("adamw_torch", "adamw_torch_fused"),
+    "save_strategy": ("steps", "no"),
+    "torch_dtype": ("auto", "float32", "bfloat16", "float16"),
+    "dtype": ("auto", "float32", "bfloat16", "float16"),
+}
+
+
+def unknown_flag_message(name: str, known) -> str:
+    """The one line for a flag args_cls does not have: what to use instead for TRL's flags that mean nothing here,
+    else the nearest known flag name."""
+    if name in REFUSED_TRL_FLAGS:
+        return REFUSED_TRL_FLAGS[name]
+    import difflib
+
+    near = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    if near:
+        return f"is not a flag of this script; did you mean --{near[0].replace('_', '-')}?"
+    return "is not a flag of this script (--help lists them; flags marked TRL: are TRL's)"
+
+
+def parse_args(args_cls, argv: Optional[list] = None, description: Optional[str] = None):
+    """The script's Args from the command line (default sys.argv[1:]): TRL's `--flag True` booleans as switches
+    (bool_flags_as_switches), and an unknown flag stopped with one line (unknown_flag_message) before tyro sees it."""
+    import dataclasses
+
+    import tyro
+
+    argv = sys.argv[1:] if argv is None else argv
+    known = {f.name for f in dataclasses.fields(args_cls)}
+    kept, i = [], 0
+    while i < len(argv):
+        token = argv[i]
+        flag, eq, value = token.partition("=")
+        name = flag[2:].replace("-", "_") if token.startswith("--") and len(token) > 2 else None
+        if name is None or name in known or name == "help" or (name.startswith("no_") and name[3:] in known):
+            kept.append(token)
+            i += 1
+            continue
+        # `--fp16 False` (TRL's way of saying off) asks for what happens here anyway: dropped, not refused.
+        value = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+        if name in REFUSED_TRL_FLAGS and value.lower() in ("false", "no", "f", "n", "0"):
+            i += 1 if eq else 2
+            continue
+        fail(name, unknown_flag_message(name, known))
+    return tyro.cli(args_cls, args=bool_flags_as_switches(kept, args_cls), description=description)
+
+
+def check_trl_flags(args) -> None:
+    """TRL's flags (the `# TRL's flags` block of each Args) checked and folded into this script's own settings:
+    --report-to wandb/all is --track, --save-strategy no is --save-steps 0; a value that means something this code
+    does not do stops the run naming the supported ones."""
+    for name, choices in TRL_CHOICES.items():
+        value = getattr(args, name, None)
+        if value is not None and value not in choices:
+            fail(name, f"{value!r} is not supported here; use one of {', '.join(choices)}")
+    if args.torch_dtype is not None and args.dtype is not None and args.torch_dtype != args.dtype:
+        fail("dtype", f"--torch-dtype {args.torch_dtype} and --dtype {args.dtype} disagree; pass one of them")
+    if args.report_to == "none" and args.track:
+        fail("report_to", "none turns tracking off, --track turns it on; drop one")
+    if args.report_to in ("wandb", "all"):
+        args.track = True  # `all`: W&B is the only tracker here
+    if args.save_strategy == "no":
+        args.save_steps = 0
+    if args.warmup_steps < 0:
+        fail("warmup_steps", f"must be >= 0, got {args.warmup_steps}")
+
+
+def warmup_steps(args, total_steps: int) -> int:
+    """Warmup steps of the schedule: --warmup-steps when > 0 (it overrides --warmup-ratio, as in transformers; below 1
+    it is a fraction of the total, as transformers 5 reads it), else warmup_ratio x the total."""
+    if 0 < args.warmup_steps < 1:
+        return int(args.warmup_steps * total_steps)
+    return int(args.warmup_steps) if args.warmup_steps > 0 else int(args.warmup_ratio * total_steps)

@@ -2,6 +2,7 @@
 tokenizer the data goes through, checked against it."""
 
 import os
+from typing import Optional
 
 from rlhf_utils.cli import fail
 from rlhf_utils.models import add_pad_token, context_length
@@ -9,10 +10,10 @@ from rlhf_utils.models import add_pad_token, context_length
 HOLD_OUT_EVERY = 10  # with no test split, the last training row and every 10th row before it are held out
 
 
-def load_any_dataset(name: str) -> dict:
+def load_any_dataset(name: str, config: Optional[str] = None) -> dict:
     """Every split of a hub id (or a folder of data files), a `save_to_disk` folder (DatasetDict or Dataset), or a
     json/jsonl/parquet/csv/tsv file, as {split: Dataset}; a file or a single saved Dataset has no splits:
-    {None: data}."""
+    {None: data}. config: a hub dataset's configuration name (TRL's --dataset-config)."""
     from datasets import Dataset, load_dataset, load_from_disk
 
     if os.path.isdir(name) and any(os.path.exists(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json")):
@@ -23,7 +24,7 @@ def load_any_dataset(name: str) -> dict:
         kind = {"parquet": "parquet", "csv": "csv", "tsv": "csv"}.get(extension, "json")
         options = {"delimiter": "\t"} if extension == "tsv" else {}
         return {None: load_dataset(kind, data_files=name, split="train", **options)}
-    return dict(load_dataset(name))
+    return dict(load_dataset(name, config))
 
 
 def load_splits(args, check) -> tuple:
@@ -32,7 +33,7 @@ def load_splits(args, check) -> tuple:
     format. With no test split, rows of the train split are held out (hold_out). Returns (train, test, the format,
     the lines saying what was dropped and which rows are evaluated, joined by "; ")."""
     try:
-        splits = load_any_dataset(args.dataset_name)
+        splits = load_any_dataset(args.dataset_name, getattr(args, "dataset_config", None))
     except Exception as e:  # the datasets library has many failure types; all mean the same thing to the user
         fail("dataset_name", f"could not load {args.dataset_name!r} (is it empty, or not a dataset?): {e}")
     picked = list(pick_splits(splits, args.dataset_name, args.dataset_train_split, args.dataset_test_split))
@@ -175,9 +176,16 @@ def load_tokenizer(args, kind: str, columns: str) -> tuple:
     Returns (config, tokenizer, the line to log for an added pad, or None)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    config = AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+    revision = getattr(args, "model_revision", None)  # TRL's --model-revision: the model's, not another tokenizer's
+    config = AutoConfig.from_pretrained(
+        args.model_name_or_path, trust_remote_code=args.trust_remote_code, revision=revision
+    )
     tokenizer_path = args.tokenizer_name_or_path or args.model_name_or_path
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=args.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(
+        tokenizer_path,
+        trust_remote_code=args.trust_remote_code,
+        revision=revision if args.tokenizer_name_or_path is None else None,
+    )
     added_pad = add_pad_token(tokenizer)
     context = context_length(config)
     if context is not None and args.max_length > context:

@@ -65,17 +65,19 @@ def disable_dropout(model: nn.Module) -> None:
                 setattr(module, name, 0.0)
 
 
-def load_model(cls, path: str, tokenizer, trust_remote_code: bool) -> nn.Module:
+def load_model(cls, path: str, tokenizer, trust_remote_code: bool, options: Optional[dict] = None) -> nn.Module:
     """A model with dropout off (it would make the rollout and training log-probs disagree); a sequence classifier
-    gets one label."""
+    gets one label. options: from_pretrained's dtype / attn_implementation / revision (load_options)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    options = options or {}
+    revision = {"revision": options["revision"]} if "revision" in options else {}
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **revision)
     disable_dropout_in_config(config)
     if cls is AutoModelForSequenceClassification:
         config.num_labels, config.id2label, config.label2id = 1, {0: "LABEL_0"}, {"LABEL_0": 0}
         config.pad_token_id = tokenizer.pad_token_id
-    model = cls.from_pretrained(path, config=config, trust_remote_code=trust_remote_code)
+    model = cls.from_pretrained(path, config=config, trust_remote_code=trust_remote_code, **options)
     disable_dropout(model)
     return model
 
@@ -245,3 +247,17 @@ def eos_token_ids(model_path: str, tokenizer, trust_remote_code: bool) -> list:
     if ids is None:
         ids = tokenizer.eos_token_id
     return sorted(set(ids)) if isinstance(ids, (list, tuple)) else [ids]
+
+
+def load_options(args) -> dict:
+    """from_pretrained's options from TRL's model flags: --torch-dtype/--dtype (the dtype the weights load in;
+    --bf16 autocast is separate), --attn-implementation and --model-revision; unset flags are left out."""
+    options = {}
+    dtype = args.dtype or args.torch_dtype
+    if dtype is not None:
+        options["dtype"] = dtype if dtype == "auto" else getattr(torch, dtype)
+    if args.attn_implementation is not None:
+        options["attn_implementation"] = args.attn_implementation
+    if args.model_revision is not None:
+        options["revision"] = args.model_revision
+    return options

@@ -69,11 +69,11 @@ def make_accelerator(
 
 
 def start_tracking(args, step_metric: str, charts: tuple = ("*",)) -> None:
-    """A W&B run named as CleanRL names them (exp_name__seed__time), with the arguments as its config and the
-    script's code; every chart matching `charts` has step_metric as its x-axis."""
+    """A W&B run named --run-name (TRL's flag) or as CleanRL names them (exp_name__seed__time), with the arguments
+    as its config and the script's code; every chart matching `charts` has step_metric as its x-axis."""
     import wandb
 
-    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = getattr(args, "run_name", None) or f"{args.exp_name}__{args.seed}__{int(time.time())}"
     wandb.init(
         project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=run_name, save_code=True
     )
