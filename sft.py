@@ -11,11 +11,9 @@ assistant turns only.
 """
 
 import functools
-import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -26,52 +24,41 @@ import torch
 import torch.nn.functional as F
 import tyro
 
-from rlhf_utils.checkpoints import check_resume, load_checkpoint, write_checkpoint
-from rlhf_utils.cli import (
-    TRAINING_RANGES,
-    bool_flags_as_switches,
-    check_paths,
-    check_ranges,
-    explain_remote_code_errors,
-    fail,
+from rlhf_utils.checkpoints import check_resume
+from rlhf_utils.cli import TRAINING_RANGES, bool_flags_as_switches, check_ranges, explain_remote_code_errors, fail
+from rlhf_utils.data import (
+    PLAIN_TEXT_NOTE,
+    column_kind,
+    load_splits,
+    load_tokenizer,
+    require_assistant,
+    tokenize_conversation,
 )
-from rlhf_utils.data import column_kind, load_splits, load_tokenizer, require_assistant, tokenize_conversation
-from rlhf_utils.hub import check_push_to_hub, model_card
+from rlhf_utils.epochs import (
+    EPOCH_MAY_CHANGE_ON_RESUME,
+    EpochArgs,
+    adamw_and_schedule,
+    check_model_and_hub,
+    checkpoint_or_stop,
+    data_loaders,
+    log_row,
+    optimizer_step,
+    resume_position,
+)
+from rlhf_utils.hub import model_card
 from rlhf_utils.models import disable_dropout, disable_dropout_in_config
 from rlhf_utils.outputs import claim_output_dir, save_output, write_run_files
 from rlhf_utils.processes import make_accelerator, start_tracking
-from rlhf_utils.runs import end_run, progress_bar, show_samples, stop_on_signals, stop_requested, stop_run, wandb_row
+from rlhf_utils.runs import end_run, progress_bar, show_samples, stop_on_signals
 
 
 @dataclass
-class Args:
+class Args(EpochArgs):  # EpochArgs: seed, tracking, checkpoints, Hub upload, AdamW and its schedule (rlhf_utils)
     # common settings
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment (W&B run names start with it)"""
-    seed: int = 1
-    """seed of python, numpy and torch"""
-    track: bool = False
-    """log to Weights and Biases"""
-    wandb_project_name: str = "rlhf"
-    """the W&B project"""
-    wandb_entity: Optional[str] = None
-    """the W&B entity (team)"""
     output_dir: str = "models/sft_tiny"
     """where the model and tokenizer are saved (written atomically at the end)"""
-    overwrite_output_dir: bool = False
-    """replace an existing non-empty output_dir"""
-    save_steps: int = 0
-    """write a resumable checkpoint every this many optimizer steps (0: never)"""
-    save_total_limit: Optional[int] = 2
-    """keep only the newest this many checkpoints (None: keep all)"""
-    resume_from_checkpoint: Optional[str] = None
-    """a checkpoint folder, or `latest` for the newest one in output_dir/checkpoints; the run continues exactly"""
-    push_to_hub: bool = False
-    """upload the saved model and tokenizer to the Hugging Face hub"""
-    hub_model_id: Optional[str] = None
-    """the hub repository for --push-to-hub (None: the output_dir's name)"""
-    trust_remote_code: bool = False
-    """allow models and tokenizers that run code from their repository"""
 
     # data and model
     model_name_or_path: str = "embedded/base_model"
@@ -87,35 +74,19 @@ class Args:
     max_length: int = 256
     """examples whose prompt + completion is longer (in tokens) are dropped and counted"""
 
-    # optimisation
+    # optimisation (the rest of AdamW and its schedule: EpochArgs)
     learning_rate: float = 3e-3
     """peak learning rate (tiny models trained from scratch like it high; ~3e-5 for Pythia-1B)"""
-    num_train_epochs: int = 3
-    """passes over the training split"""
+    num_train_epochs: float = 3
+    """passes over the training split; a fraction (e.g. 0.5) trains on that share of the optimizer steps"""
     per_device_train_batch_size: int = 32
     """examples per forward pass on each process"""
-    gradient_accumulation_steps: int = 1
-    """micro-batches per optimizer step"""
-    lr_scheduler_type: Literal["cosine", "linear", "constant"] = "cosine"
-    """learning-rate schedule after warmup"""
-    warmup_ratio: float = 0.05
-    """fraction of the optimizer steps spent warming up linearly"""
-    weight_decay: float = 0.0
-    """AdamW's decoupled weight decay"""
-    adam_epsilon: float = 1e-5
-    """AdamW's epsilon"""
-    adam_beta1: float = 0.9
-    """AdamW's beta1"""
-    adam_beta2: float = 0.999
-    """AdamW's beta2"""
-    max_grad_norm: Optional[float] = 1.0
-    """gradient clipping norm; None: no clipping"""
-    bf16: bool = False
-    """bf16 autocast (faster matmuls on GPUs and on CPUs with avx512_bf16)"""
-    gradient_checkpointing: bool = False
-    """recompute activations in the backward pass to save memory"""
     logging_steps: int = 20
     """print/log the train loss every this many optimizer steps"""
+    eval_strategy: Literal["epoch", "steps", "no"] = "epoch"
+    """when the held-out loss is computed: after each epoch, every --eval-steps optimizer steps, or never"""
+    eval_steps: Optional[int] = None
+    """with --eval-strategy steps: evaluate every this many optimizer steps (None: --logging-steps)"""
     num_sample_completions: int = 6
     """validation prompts shown with the model's greedy completion at the end"""
     sample_max_new_tokens: int = 53
@@ -138,42 +109,27 @@ class Args:
 
 def check_args(args: Args) -> None:
     """Every check that needs only the arguments, before any data or model loads: a typo should cost a second."""
-    check_ranges(args, {**TRAINING_RANGES, "num_train_epochs": (">", 0), "max_length": (">", 0)})
+    ranges = {**TRAINING_RANGES, "num_train_epochs": (">", 0), "max_length": (">", 0), "eval_steps": (">", 0)}
+    check_ranges(args, ranges)
     if args.merge_adapter_on_save and not args.use_peft:
         fail("merge_adapter_on_save", "merges a LoRA adapter into the model; add --use-peft")
-    tokenizer_path = args.tokenizer_name_or_path or args.model_name_or_path
-    paths = {"model_name_or_path": args.model_name_or_path, "tokenizer_name_or_path": tokenizer_path}
-    check_paths(paths, "build the embedded task with `python tiny_tldr.py` or pass a path/hub id")
-    if args.push_to_hub:  # asks the Hub: last, after every local check
-        check_push_to_hub(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)))
+    if args.eval_steps is not None and args.eval_strategy != "steps":
+        fail("eval_steps", f"applies to --eval-strategy steps (now {args.eval_strategy}); add it or drop --eval-steps")
+    check_model_and_hub(args, "build the embedded task with `python tiny_tldr.py` or pass a path/hub id")
 
 
-# Arguments a resumed run may change: where and how often things are written, tracking and memory savers. Anything
-# else would silently train a different model.
-MAY_CHANGE_ON_RESUME = (
-    "exp_name",
-    "track",
-    "wandb_project_name",
-    "wandb_entity",
-    "output_dir",
-    "overwrite_output_dir",
-    "push_to_hub",
-    "hub_model_id",
-    "trust_remote_code",
-    "save_steps",
-    "save_total_limit",
-    "resume_from_checkpoint",
-    "logging_steps",
-    "gradient_checkpointing",
+# Arguments a resumed run may change besides those of rlhf_utils' list: what is shown at the end, and the merge.
+MAY_CHANGE_ON_RESUME = EPOCH_MAY_CHANGE_ON_RESUME + [
     "num_sample_completions",
     "sample_max_new_tokens",
     "merge_adapter_on_save",
-)
+]
 
 
 def sft_format(data, where: str) -> str:
     """Which of TRL's SFT formats a split is, every row checked: `text` (`prompt`/`completion` strings),
-    `conversation` (`prompt`/`completion` lists of messages) or `messages` (whole conversations)."""
+    `conversation` (`prompt`/`completion` lists of messages), `messages` (whole conversations) or `language modeling`
+    (a `text` column: every token is trained on)."""
     if {"prompt", "completion"} <= set(data.column_names):
         kind = column_kind(data, "prompt", where)[0]
         if column_kind(data, "completion", where)[0] != kind:
@@ -186,15 +142,23 @@ def sft_format(data, where: str) -> str:
             fail("dataset_name", f"{where}: `messages` must hold lists of {{'role', 'content'}} messages, not strings")
         require_assistant(data, "messages", where)
         return "messages"
+    if "text" in data.column_names:
+        if column_kind(data, "text", where)[0] != "text":
+            fail("dataset_name", f"{where}: `text` must hold strings (conversations go in a `messages` column)")
+        return "language modeling"
     fail(
         "dataset_name",
         f"{where} has columns {data.column_names}; SFT needs `prompt` and `completion` (strings or "
-        "lists of messages) or `messages` (conversations)",
+        "lists of messages), `messages` (conversations) or `text` (language modelling on every token)",
     )
 
 
 def tokenize_row(tokenizer, row: dict, kind: str) -> dict:
-    """One example of any sft_format: input ids and labels with everything but the completion masked."""
+    """One example of any sft_format: input ids and labels with everything but the completion masked (a `text` row:
+    nothing masked; EOS appended, as to a completion)."""
+    if kind == "language modeling":
+        ids = tokenizer(row["text"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        return {"input_ids": ids, "labels": list(ids)}
     if kind == "text":
         return tokenize_example(tokenizer, row["prompt"], row["completion"])
     if kind == "messages":
@@ -204,7 +168,10 @@ def tokenize_row(tokenizer, row: dict, kind: str) -> dict:
 
 def prompt_and_reference(tokenizer, row: dict, kind: str) -> tuple:
     """For the sample table: the prompt as text (a conversation up to its last assistant turn, with the assistant
-    cue) and the reference answer."""
+    cue; a `text` row's first half of words) and the reference answer."""
+    if kind == "language modeling":
+        words, half = row["text"].split(" "), max(1, len(row["text"].split(" ")) // 2)
+        return " ".join(words[:half]), " " + " ".join(words[half:])
     if kind == "text":
         return row["prompt"], row["completion"]
     messages = row["messages"] if kind == "messages" else row["prompt"] + row["completion"]
@@ -421,7 +388,9 @@ if __name__ == "__main__":
     train_data, eval_data, kind, split_note = load_splits(
         args, lambda data, where: (sft_format(data, where), data, None)
     )
-    config, tokenizer, added_pad = load_tokenizer(args, kind, "`prompt`/`completion`")
+    # a `text` column needs no chat template, as prompt/completion strings
+    template_kind = "text" if kind == "language modeling" else kind
+    config, tokenizer, added_pad = load_tokenizer(args, template_kind, "`prompt`/`completion`")
     embedding_rows = check_embedding_rows(args, config, tokenizer)
     stop_on_signals()  # from here on, Ctrl-C or SIGTERM stops after the current step with a checkpoint
 
@@ -436,8 +405,6 @@ if __name__ == "__main__":
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     if args.track and accelerator.is_main_process:
-        import wandb
-
         start_tracking(args, "train/global_step")
 
     # Data: tokenise, drop (and count) over-long examples.
@@ -445,77 +412,44 @@ if __name__ == "__main__":
     eval_rows, dropped_eval = tokenize_split(eval_data, tokenizer, kind, args.max_length)
     accelerator.print(
         f"{split_note}; {len(train_rows)} train / {len(eval_rows)} eval examples ({kind} format); "
-        f"dropped as longer than --max-length {args.max_length}: {dropped_train} train, "
-        f"{dropped_eval} eval"
+        f"dropped as longer than --max-length {args.max_length}: {dropped_train} train, {dropped_eval} eval"
     )
-    if kind == "text" and tokenizer.chat_template:
-        accelerator.print(
-            "note: the tokenizer has a chat template, but the data is plain text: it is used as it is, "
-            "without the template (give lists of {role, content} messages to have it applied)"
-        )
+    if template_kind == "text" and tokenizer.chat_template:
+        accelerator.print(PLAIN_TEXT_NOTE)
     if not train_rows:
         fail("max_length", f"every training example is longer than {args.max_length} tokens")
-    pad = tokenizer.pad_token_id
-    shuffle_generator = torch.Generator().manual_seed(args.seed)  # its state at each epoch's start goes in checkpoints
-    train_loader = torch.utils.data.DataLoader(
+    train_loader, eval_loader, shuffle_generator = data_loaders(
         train_rows,
-        batch_size=args.per_device_train_batch_size,
-        shuffle=True,
-        collate_fn=lambda b: collate(b, pad),
-        generator=shuffle_generator,
-    )
-    eval_loader = torch.utils.data.DataLoader(
-        eval_rows, batch_size=args.per_device_train_batch_size, collate_fn=lambda b: collate(b, pad)
+        eval_rows,
+        args.per_device_train_batch_size,
+        lambda b: collate(b, tokenizer.pad_token_id),
+        args.seed,
     )
 
     # Model, optimizer and learning-rate schedule
-    from transformers import get_scheduler
-
     model = load_model(args, tokenizer, embedding_rows, resume_dir, accelerator)
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=args.learning_rate,
-        eps=args.adam_epsilon,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.weight_decay,
-    )
-    # The schedule counts this process's optimizer steps (accelerate gives each process ceil(batches / processes)
-    # batches) and is stepped by hand once per optimizer step, so it is not prepared: accelerate's wrapper would step
-    # it once per process instead, which overshoots the schedule when the batches do not split evenly.
-    batches_per_process = math.ceil(len(train_loader) / accelerator.num_processes)
-    num_update_steps = math.ceil(batches_per_process / args.gradient_accumulation_steps) * args.num_train_epochs
-    scheduler = get_scheduler(
-        args.lr_scheduler_type,
-        optimizer,
-        num_warmup_steps=int(args.warmup_ratio * num_update_steps),
-        num_training_steps=num_update_steps,
+    optimizer, scheduler, num_update_steps = adamw_and_schedule(
+        args, model, len(train_loader), accelerator.num_processes
     )
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
-
-    metrics_log, step, first_epoch, skip_batches, start = [], 0, 0, 0, time.time()
-    if resume_dir:
-        load_checkpoint(resume_dir, resume_state, accelerator, model, optimizer, scheduler, zero_stage)
-        shuffle_generator.set_state(resume_state["shuffle"])
-        metrics_log, step = json.loads(resume_state["metrics"]), resume_state["step"]
-        first_epoch, skip_batches = resume_state["epoch"], resume_state["batches_done"]
-        accelerator.print(
-            f"resumed from {resume_dir}: continuing after optimizer step {step} (epoch {first_epoch}, "
-            f"{skip_batches} batches in)"
-        )
-    elif accelerator.is_main_process:
-        # A fresh run: the checkpoints of a run that --overwrite-output-dir replaces must not mix with its own.
-        shutil.rmtree(os.path.join(args.output_dir, "checkpoints"), ignore_errors=True)
+    training = (model, optimizer, scheduler, zero_stage)
+    metrics_log, step, first_epoch, skip_batches = resume_position(
+        args, resume_dir, resume_state, shuffle_generator, accelerator, *training
+    )
+    eval_steps, start = args.eval_steps or args.logging_steps, time.time()
 
     # ALGO LOGIC: the training loop
     model.train()
     bar = progress_bar(num_update_steps, "step", accelerator.is_main_process, initial=step)
     log = bar.write if bar is not None else accelerator.print
-    for epoch in range(first_epoch, args.num_train_epochs):
+    for epoch in range(first_epoch, math.ceil(args.num_train_epochs)):
         # The epoch's shuffle is drawn from this generator state: checkpoints keep it, so a resumed run draws the same
         # shuffle and skips the batches already trained on.
         shuffle_state = shuffle_generator.get_state()
         batches = accelerator.skip_first_batches(train_loader, skip_batches) if skip_batches else train_loader
         for group in step_groups(enumerate(batches, start=skip_batches), args.gradient_accumulation_steps):
+            if step >= num_update_steps:  # the end of a fractional last epoch (--num-train-epochs 0.5)
+                break
             # The loss of an optimizer step is the token sum of its micro-batches over the completion tokens of the
             # whole step, all processes together (not a mean of per-micro-batch means): how the data is split into
             # micro-batches and processes does not change it. accelerate (or DeepSpeed) divides each backward by
@@ -531,67 +465,36 @@ if __name__ == "__main__":
                     if not torch.isfinite(token_sum):
                         sys.exit(f"error: non-finite loss at optimizer step {step + 1}; lower --learning-rate")
                     accelerator.backward(token_sum * loss_scale)
-                    if accelerator.sync_gradients:
-                        # --max-grad-norm None: no clipping (an infinite bound), but the norm is still checked
-                        max_norm = args.max_grad_norm if args.max_grad_norm is not None else math.inf
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-                        # A finite loss can still give inf/nan gradients; the step would write them into the weights,
-                        # and into every later checkpoint.
-                        if grad_norm is not None and not math.isfinite(float(grad_norm)):
-                            sys.exit(
-                                f"error: non-finite gradient norm at optimizer step {step + 1}; the run stops "
-                                "before that step, so the last checkpoint is intact (lower --learning-rate)"
-                            )
-                    optimizer.step()
-                    if accelerator.sync_gradients:
-                        scheduler.step()
-                    optimizer.zero_grad()
+                    optimizer_step(args, accelerator, model, optimizer, scheduler, step)
                 step_loss += token_sum.detach()
-            if accelerator.sync_gradients:
-                step += 1
-                if bar is not None:
-                    bar.update(1)
-                if step % args.logging_steps == 0:
-                    row = {
-                        "train/loss": (accelerator.reduce(step_loss, "sum") / step_tokens).item(),
-                        "lr": scheduler.get_last_lr()[0],
-                        "epoch": epoch,
-                        "step": step,
-                    }
-                    metrics_log.append(row)
-                    log(f"step {step}/{num_update_steps} loss {row['train/loss']:.4f} lr {row['lr']:.2e}")
-                    if args.track and accelerator.is_main_process:
-                        wandb.log(wandb_row(row))
-                stop = stop_requested(accelerator)
-                if (args.save_steps and step % args.save_steps == 0) or stop:
-                    # The data position (the epoch's shuffle, the batches done in it) and the metrics so far.
-                    position = dict(epoch=epoch, batches_done=batch_index + 1, shuffle=shuffle_state)
-                    state = dict(
-                        step=step, **position, metrics=json.dumps(metrics_log), script=os.path.basename(__file__)
-                    )
-                    write_checkpoint(args, step, state, accelerator, model, optimizer, scheduler, zero_stage)
-                if stop:
-                    stop_run(accelerator, stop, f"optimizer step {step}", step)
+            step += 1
+            if bar is not None:
+                bar.update(1)
+            if step % args.logging_steps == 0:
+                loss = (accelerator.reduce(step_loss, "sum") / step_tokens).item()
+                row = {"train/loss": loss, "lr": scheduler.get_last_lr()[0], "epoch": epoch, "step": step}
+                log_row(row, metrics_log, args.track, accelerator)
+                log(f"step {step}/{num_update_steps} loss {loss:.4f} lr {row['lr']:.2e}")
+            if args.eval_strategy == "steps" and step % eval_steps == 0:
+                row = {"eval/loss": evaluate(model, eval_loader, accelerator), "epoch": epoch, "step": step}
+                log_row(row, metrics_log, args.track, accelerator)
+                log(f"step {step}: eval loss {row['eval/loss']:.4f} ({time.time() - start:.0f}s)")
+            position = dict(epoch=epoch, batches_done=batch_index + 1, shuffle=shuffle_state)
+            checkpoint_or_stop(args, step, position, metrics_log, os.path.basename(__file__), accelerator, *training)
         skip_batches = 0
-        eval_loss = evaluate(model, eval_loader, accelerator)
-        row = {"eval/loss": eval_loss, "epoch": epoch, "step": step}
-        metrics_log.append(row)
-        log(f"epoch {epoch}: eval loss {eval_loss:.4f} ({time.time() - start:.0f}s)")
-        if args.track and accelerator.is_main_process:
-            wandb.log(wandb_row(row))
+        if args.eval_strategy == "epoch":
+            row = {"eval/loss": evaluate(model, eval_loader, accelerator), "epoch": epoch, "step": step}
+            log_row(row, metrics_log, args.track, accelerator)
+            log(f"epoch {epoch}: eval loss {row['eval/loss']:.4f} ({time.time() - start:.0f}s)")
 
     if bar is not None:
         bar.close()
     if args.num_sample_completions > 0:
         print_samples(args, model, tokenizer, eval_data, kind, zero_stage, accelerator)
     deepspeed = accelerator.state.deepspeed_plugin.dschf if zero_stage is not None else None
+    unwrapped = accelerator.unwrap_model(model)
     write = functools.partial(
-        write_output,
-        args=args,
-        model=accelerator.unwrap_model(model),
-        tokenizer=tokenizer,
-        metrics_log=metrics_log,
-        deepspeed=deepspeed,
+        write_output, args=args, model=unwrapped, tokenizer=tokenizer, metrics_log=metrics_log, deepspeed=deepspeed
     )
     save_output(args, accelerator, model, write, start)
     end_run(accelerator)
