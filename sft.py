@@ -13,50 +13,32 @@ assistant turns only.
 import functools
 import math
 import os
-import random
 import sys
 import time
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import tyro
 
+from rlhf_utils import epochs
 from rlhf_utils.checkpoints import check_resume
 from rlhf_utils.cli import TRAINING_RANGES, bool_flags_as_switches, check_ranges, explain_remote_code_errors, fail
 from rlhf_utils.data import (
-    PLAIN_TEXT_NOTE,
     column_kind,
     load_splits,
     load_tokenizer,
     require_assistant,
     tokenize_conversation,
 )
-from rlhf_utils.epochs import (
-    EPOCH_MAY_CHANGE_ON_RESUME,
-    EpochArgs,
-    adamw_and_schedule,
-    check_model_and_hub,
-    checkpoint_or_stop,
-    data_loaders,
-    log_row,
-    optimizer_step,
-    resume_position,
-)
 from rlhf_utils.hub import model_card
-from rlhf_utils.models import disable_dropout, disable_dropout_in_config
 from rlhf_utils.outputs import claim_output_dir, save_output, write_run_files
-from rlhf_utils.processes import make_accelerator, start_tracking
 from rlhf_utils.runs import end_run, progress_bar, show_samples, stop_on_signals
 
 
 @dataclass
-class Args(EpochArgs):  # EpochArgs: seed, tracking, checkpoints, Hub upload, AdamW and its schedule (rlhf_utils)
-    # common settings
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment (W&B run names start with it)"""
+class Args(epochs.EpochArgs):  # seed, tracking, checkpoints, Hub, AdamW and its schedule, LoRA: rlhf_utils
     output_dir: str = "models/sft_tiny"
     """where the model and tokenizer are saved (written atomically at the end)"""
 
@@ -79,10 +61,6 @@ class Args(EpochArgs):  # EpochArgs: seed, tracking, checkpoints, Hub upload, Ad
     """peak learning rate (tiny models trained from scratch like it high; ~3e-5 for Pythia-1B)"""
     num_train_epochs: float = 3
     """passes over the training split; a fraction (e.g. 0.5) trains on that share of the optimizer steps"""
-    per_device_train_batch_size: int = 32
-    """examples per forward pass on each process"""
-    logging_steps: int = 20
-    """print/log the train loss every this many optimizer steps"""
     eval_strategy: Literal["epoch", "steps", "no"] = "epoch"
     """when the held-out loss is computed: after each epoch, every --eval-steps optimizer steps, or never"""
     eval_steps: Optional[int] = None
@@ -92,17 +70,9 @@ class Args(EpochArgs):  # EpochArgs: seed, tracking, checkpoints, Hub upload, Ad
     sample_max_new_tokens: int = 53
     """generation length of the sample completions"""
 
-    # LoRA (PEFT)
+    # LoRA (PEFT; rank, alpha, dropout and target modules: EpochArgs)
     use_peft: bool = False
     """train a LoRA adapter instead of the model's weights; output_dir then holds the adapter"""
-    lora_r: int = 16
-    """LoRA rank"""
-    lora_alpha: int = 32
-    """LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)"""
-    lora_dropout: float = 0.0
-    """dropout on the adapter's input (0, like every dropout in the RLHF pipeline)"""
-    lora_target_modules: Optional[list[str]] = None
-    """modules that get an adapter (None: PEFT's choice for the architecture; `all-linear`: every linear layer)"""
     merge_adapter_on_save: bool = False
     """also save the adapter merged into the base, in output_dir/merged (a plain model, e.g. for reward_modeling.py)"""
 
@@ -115,11 +85,11 @@ def check_args(args: Args) -> None:
         fail("merge_adapter_on_save", "merges a LoRA adapter into the model; add --use-peft")
     if args.eval_steps is not None and args.eval_strategy != "steps":
         fail("eval_steps", f"applies to --eval-strategy steps (now {args.eval_strategy}); add it or drop --eval-steps")
-    check_model_and_hub(args, "build the embedded task with `python tiny_tldr.py` or pass a path/hub id")
+    epochs.check_model_and_hub(args, "build the embedded task with `python tiny_tldr.py` or pass a path/hub id")
 
 
 # Arguments a resumed run may change besides those of rlhf_utils' list: what is shown at the end, and the merge.
-MAY_CHANGE_ON_RESUME = EPOCH_MAY_CHANGE_ON_RESUME + [
+MAY_CHANGE_ON_RESUME = epochs.MAY_CHANGE_ON_RESUME + [
     "num_sample_completions",
     "sample_max_new_tokens",
     "merge_adapter_on_save",
@@ -228,22 +198,6 @@ def step_groups(batches, size: int):
 # Setup, evaluation, samples, saving and checkpointing, in the order the main block calls them
 
 
-def check_embedding_rows(args: Args, config, tokenizer) -> int:
-    """The model's embedding rows. A new [PAD] past them (Llama-3, Mistral: no spare rows) resizes them: the saved
-    model and tokenizer then agree, and the PPO scripts take both as they are. A LoRA adapter would not save the new
-    row."""
-    embedding_rows = config.get_text_config().vocab_size
-    if len(tokenizer) > embedding_rows and args.use_peft:
-        fail(
-            "use_peft",
-            f"the tokenizer has {len(tokenizer)} tokens (pad {tokenizer.pad_token!r} is id "
-            f"{tokenizer.pad_token_id}) but {args.model_name_or_path!r} has {embedding_rows} embedding rows, "
-            "and a LoRA adapter does not save new rows; train without --use-peft once, or give the "
-            "tokenizer a pad token inside its vocabulary (tokenizer.pad_token = <an unused token>)",
-        )
-    return embedding_rows
-
-
 def tokenize_split(data, tokenizer, kind: str, max_length: int) -> tuple:
     """The rows of a split tokenised (tokenize_row), those longer than max_length dropped; returns (kept, dropped)."""
     rows = []
@@ -259,44 +213,14 @@ def tokenize_split(data, tokenizer, kind: str, max_length: int) -> tuple:
     return kept, len(rows) - len(kept)
 
 
-def load_model(args: Args, tokenizer, embedding_rows: int, resume_dir: Optional[str], accelerator):
-    """The model to train, dropout off as in the whole RLHF pipeline (the N+ recipe), its embeddings resized for a new
-    [PAD], with a LoRA adapter under --use-peft. A resumed run takes the trained weights (with LoRA: the trained
-    adapter) from the checkpoint."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def load_model(args: Args, config, tokenizer, resume_dir: Optional[str], accelerator):
+    """The model to train (dropout off, embeddings resized for a new [PAD]: epochs.load_for_training), with a LoRA
+    adapter under --use-peft. A resumed run takes the trained weights (with LoRA: the trained adapter) from the
+    checkpoint."""
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
-    disable_dropout_in_config(config)
-    resize = (
-        len(tokenizer) > embedding_rows
-    )  # for the new [PAD]: rows for every token id, the new ones mean-initialised
-    if resize and resume_dir:
-        config.get_text_config().vocab_size = len(tokenizer)  # the checkpoint holds the resized embeddings
-    trained_path = os.path.join(resume_dir, "model") if resume_dir else None
-    model = AutoModelForCausalLM.from_pretrained(
-        args.model_name_or_path if args.use_peft or not resume_dir else trained_path,
-        config=config,
-        trust_remote_code=args.trust_remote_code,
-    )
-    disable_dropout(model)  # what the config does not reach: rates kept as module attributes
-    if resize and not resume_dir:
-        model.resize_token_embeddings(len(tokenizer))
-        accelerator.print(f"resized the embeddings from {embedding_rows} to {len(tokenizer)} rows for the tokenizer")
-    if args.use_peft:
-        from peft import LoraConfig, PeftModel, get_peft_model
-
-        if resume_dir:
-            model = PeftModel.from_pretrained(model, trained_path, is_trainable=True)
-        else:
-            targets = args.lora_target_modules  # `all-linear` is PEFT's keyword only as a string; tyro gives a list
-            lora_config = LoraConfig(
-                task_type="CAUSAL_LM",
-                r=args.lora_r,
-                lora_alpha=args.lora_alpha,
-                lora_dropout=args.lora_dropout,
-                target_modules="all-linear" if targets == ["all-linear"] else targets,
-            )
-            model = get_peft_model(model, lora_config)
+    model = epochs.load_for_training(AutoModelForCausalLM, args, config, tokenizer, resume_dir, accelerator)
+    model = epochs.with_lora(model, args, resume_dir, "CAUSAL_LM")
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
@@ -391,34 +315,22 @@ if __name__ == "__main__":
     # a `text` column needs no chat template, as prompt/completion strings
     template_kind = "text" if kind == "language modeling" else kind
     config, tokenizer, added_pad = load_tokenizer(args, template_kind, "`prompt`/`completion`")
-    embedding_rows = check_embedding_rows(args, config, tokenizer)
+    epochs.check_lora_rows(args, config, tokenizer)
     stop_on_signals()  # from here on, Ctrl-C or SIGTERM stops after the current step with a checkpoint
 
-    # TRY NOT TO MODIFY: seeding, processes, tracking
+    # TRY NOT TO MODIFY: processes, seeding, tracking
     # The training loop ends each optimizer step itself (step_groups), including the shorter last one of an epoch.
-    accelerator, zero_stage = make_accelerator(
-        args.gradient_accumulation_steps, args.bf16, args.max_grad_norm, resume_state, sync_with_dataloader=False
-    )
-    if added_pad:
-        accelerator.print(added_pad)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    if args.track and accelerator.is_main_process:
-        start_tracking(args, "train/global_step")
+    accelerator, zero_stage = epochs.start_run(args, resume_state, added_pad, sync_with_dataloader=False)
 
     # Data: tokenise, drop (and count) over-long examples.
     train_rows, dropped_train = tokenize_split(train_data, tokenizer, kind, args.max_length)
     eval_rows, dropped_eval = tokenize_split(eval_data, tokenizer, kind, args.max_length)
-    accelerator.print(
+    summary = (
         f"{split_note}; {len(train_rows)} train / {len(eval_rows)} eval examples ({kind} format); "
         f"dropped as longer than --max-length {args.max_length}: {dropped_train} train, {dropped_eval} eval"
     )
-    if template_kind == "text" and tokenizer.chat_template:
-        accelerator.print(PLAIN_TEXT_NOTE)
-    if not train_rows:
-        fail("max_length", f"every training example is longer than {args.max_length} tokens")
-    train_loader, eval_loader, shuffle_generator = data_loaders(
+    epochs.report_data(accelerator, summary, template_kind == "text", tokenizer, len(train_rows), args.max_length)
+    train_loader, eval_loader, shuffle_generator = epochs.data_loaders(
         train_rows,
         eval_rows,
         args.per_device_train_batch_size,
@@ -427,13 +339,11 @@ if __name__ == "__main__":
     )
 
     # Model, optimizer and learning-rate schedule
-    model = load_model(args, tokenizer, embedding_rows, resume_dir, accelerator)
-    optimizer, scheduler, num_update_steps = adamw_and_schedule(
-        args, model, len(train_loader), accelerator.num_processes
-    )
+    model = load_model(args, config, tokenizer, resume_dir, accelerator)
+    optimizer, scheduler, num_update_steps = epochs.adamw_and_schedule(args, model, train_loader, accelerator)
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
     training = (model, optimizer, scheduler, zero_stage)
-    metrics_log, step, first_epoch, skip_batches = resume_position(
+    metrics_log, step, first_epoch, skip_batches = epochs.resume_position(
         args, resume_dir, resume_state, shuffle_generator, accelerator, *training
     )
     eval_steps, start = args.eval_steps or args.logging_steps, time.time()
@@ -465,7 +375,7 @@ if __name__ == "__main__":
                     if not torch.isfinite(token_sum):
                         sys.exit(f"error: non-finite loss at optimizer step {step + 1}; lower --learning-rate")
                     accelerator.backward(token_sum * loss_scale)
-                    optimizer_step(args, accelerator, model, optimizer, scheduler, step)
+                    epochs.optimizer_step(args, accelerator, model, optimizer, scheduler, step)
                 step_loss += token_sum.detach()
             step += 1
             if bar is not None:
@@ -473,18 +383,20 @@ if __name__ == "__main__":
             if step % args.logging_steps == 0:
                 loss = (accelerator.reduce(step_loss, "sum") / step_tokens).item()
                 row = {"train/loss": loss, "lr": scheduler.get_last_lr()[0], "epoch": epoch, "step": step}
-                log_row(row, metrics_log, args.track, accelerator)
+                epochs.log_row(row, metrics_log, args.track, accelerator)
                 log(f"step {step}/{num_update_steps} loss {loss:.4f} lr {row['lr']:.2e}")
             if args.eval_strategy == "steps" and step % eval_steps == 0:
                 row = {"eval/loss": evaluate(model, eval_loader, accelerator), "epoch": epoch, "step": step}
-                log_row(row, metrics_log, args.track, accelerator)
+                epochs.log_row(row, metrics_log, args.track, accelerator)
                 log(f"step {step}: eval loss {row['eval/loss']:.4f} ({time.time() - start:.0f}s)")
             position = dict(epoch=epoch, batches_done=batch_index + 1, shuffle=shuffle_state)
-            checkpoint_or_stop(args, step, position, metrics_log, os.path.basename(__file__), accelerator, *training)
+            epochs.checkpoint_or_stop(
+                args, step, position, metrics_log, os.path.basename(__file__), accelerator, *training
+            )
         skip_batches = 0
         if args.eval_strategy == "epoch":
             row = {"eval/loss": evaluate(model, eval_loader, accelerator), "epoch": epoch, "step": step}
-            log_row(row, metrics_log, args.track, accelerator)
+            epochs.log_row(row, metrics_log, args.track, accelerator)
             log(f"epoch {epoch}: eval loss {row['eval/loss']:.4f} ({time.time() - start:.0f}s)")
 
     if bar is not None:

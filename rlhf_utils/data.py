@@ -194,10 +194,3 @@ def load_tokenizer(args, kind: str, columns: str) -> tuple:
             f"or give {columns} as strings",
         )
     return config, tokenizer, added_pad
-
-
-# Said when a tokenizer with a chat template meets data of plain strings, which it is not applied to.
-PLAIN_TEXT_NOTE = (
-    "note: the tokenizer has a chat template, but the data is plain text: it is used as it is, without the template "
-    "(give lists of {role, content} messages to have it applied)"
-)

@@ -5,15 +5,20 @@ end of an optimizer step. The losses and what a step computes stay in the script
 import json
 import math
 import os
+import random
 import shutil
+import sys
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+import numpy as np
 import torch
 
 from rlhf_utils.checkpoints import load_checkpoint, write_checkpoint
-from rlhf_utils.cli import check_paths
+from rlhf_utils.cli import check_paths, fail
 from rlhf_utils.hub import check_push_to_hub
+from rlhf_utils.models import disable_dropout, disable_dropout_in_config
+from rlhf_utils.processes import make_accelerator, start_tracking
 from rlhf_utils.runs import stop_requested, stop_run, wandb_row
 
 
@@ -22,6 +27,8 @@ class EpochArgs:
     """The arguments sft.py and reward_modeling.py share (their Args add the data, the model and the algorithm's)."""
 
     # common settings
+    exp_name: str = os.path.splitext(os.path.basename(sys.argv[0]))[0]
+    """the name of this experiment (W&B run names start with it; default: the script's name)"""
     seed: int = 1
     """seed of python, numpy and torch"""
     track: bool = False
@@ -45,7 +52,9 @@ class EpochArgs:
     trust_remote_code: bool = False
     """allow models and tokenizers that run code from their repository"""
 
-    # AdamW and its schedule
+    # AdamW and its schedule (the scripts' Args: learning_rate, num_train_epochs)
+    per_device_train_batch_size: int = 32
+    """examples (sft.py) or pairs (reward_modeling.py) per forward pass on each process"""
     gradient_accumulation_steps: int = 1
     """micro-batches per optimizer step"""
     lr_scheduler_type: Literal["cosine", "linear", "constant"] = "cosine"
@@ -66,11 +75,23 @@ class EpochArgs:
     """bf16 autocast (faster matmuls on GPUs and on CPUs with avx512_bf16)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
+    logging_steps: int = 20
+    """print/log the train loss (and the reward model's accuracy) every this many optimizer steps"""
+
+    # LoRA (PEFT), under the script's --use-peft
+    lora_r: int = 16
+    """LoRA rank"""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)"""
+    lora_dropout: float = 0.0
+    """dropout on the adapter's input (0, like every dropout in the RLHF pipeline)"""
+    lora_target_modules: Optional[list[str]] = None
+    """modules that get an adapter (None: PEFT's choice for the architecture; `all-linear`: every linear layer)"""
 
 
 # Arguments of EpochArgs (and the scripts' output_dir, exp_name, logging_steps) a resumed run may change: where and
 # how often things are written, tracking and memory savers. Anything else would silently train a different model.
-EPOCH_MAY_CHANGE_ON_RESUME = (
+MAY_CHANGE_ON_RESUME = (
     "exp_name track wandb_project_name wandb_entity output_dir overwrite_output_dir push_to_hub hub_model_id "
     "trust_remote_code save_steps save_total_limit resume_from_checkpoint logging_steps gradient_checkpointing"
 ).split()
@@ -85,6 +106,91 @@ def check_model_and_hub(args, hint: str) -> None:
         check_push_to_hub(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)))
 
 
+def check_lora_rows(args, config, tokenizer) -> None:
+    """Under --use-peft, the tokenizer's ids must fit the model's embedding rows: a new [PAD] past them would resize
+    the embeddings (load_for_training), and a LoRA adapter does not save the new row."""
+    embedding_rows = config.get_text_config().vocab_size
+    if len(tokenizer) > embedding_rows and args.use_peft:
+        fail(
+            "use_peft",
+            f"the tokenizer has {len(tokenizer)} tokens (pad {tokenizer.pad_token!r} is id "
+            f"{tokenizer.pad_token_id}) but {args.model_name_or_path!r} has {embedding_rows} embedding rows, "
+            "and a LoRA adapter does not save new rows; train without --use-peft once, or give the "
+            "tokenizer a pad token inside its vocabulary (tokenizer.pad_token = <an unused token>)",
+        )
+
+
+def load_for_training(model_class, args, config, tokenizer, resume_dir: Optional[str], accelerator):
+    """The model to train, of model_class from --model-name-or-path with `config`, dropout off as in the whole RLHF
+    pipeline (the N+ recipe); a resumed run takes the trained weights from its checkpoint (with LoRA: the base, whose
+    adapter with_lora loads). A new [PAD] past the embedding rows (Llama-3, Mistral: no spare rows) resizes them, the
+    new rows mean-initialised: the saved model and tokenizer then agree, and the PPO scripts take both as they are."""
+    disable_dropout_in_config(config)
+    embedding_rows = config.get_text_config().vocab_size
+    resize = len(tokenizer) > embedding_rows
+    if resize and resume_dir:
+        config.get_text_config().vocab_size = len(tokenizer)  # the checkpoint holds the resized embeddings
+    path = os.path.join(resume_dir, "model") if resume_dir and not args.use_peft else args.model_name_or_path
+    model = model_class.from_pretrained(path, config=config, trust_remote_code=args.trust_remote_code)
+    disable_dropout(model)  # what the config does not reach: rates kept as module attributes
+    if resize and not resume_dir:
+        model.resize_token_embeddings(len(tokenizer))
+        accelerator.print(f"resized the embeddings from {embedding_rows} to {len(tokenizer)} rows for the tokenizer")
+    return model
+
+
+def with_lora(model, args, resume_dir: Optional[str], task_type: str, modules_to_save: Optional[list] = None):
+    """Under --use-peft, the model with a LoRA adapter of --lora-r, --lora-alpha, --lora-dropout and
+    --lora-target-modules (modules_to_save are trained and saved whole next to it); a resumed run loads the trained
+    adapter from its checkpoint. Without --use-peft, the model as it is."""
+    if not args.use_peft:
+        return model
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if resume_dir:
+        return PeftModel.from_pretrained(model, os.path.join(resume_dir, "model"), is_trainable=True)
+    targets = args.lora_target_modules  # `all-linear` is PEFT's keyword only as a string; tyro gives a list
+    config = LoraConfig(
+        task_type=task_type,
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        modules_to_save=modules_to_save,
+    )
+    return get_peft_model(model, config)
+
+
+def start_run(args, resume_state: Optional[dict], added_pad: Optional[str], sync_with_dataloader: bool) -> tuple:
+    """The Accelerator of this launch and its ZeRO stage (make_accelerator: an optimizer step every
+    --gradient-accumulation-steps micro-batches, and with sync_with_dataloader at each epoch's end), the line on an
+    added [PAD], the seeds of python, numpy and torch, and the W&B run under --track."""
+    accelerator, zero_stage = make_accelerator(
+        args.gradient_accumulation_steps, args.bf16, args.max_grad_norm, resume_state, sync_with_dataloader
+    )
+    if added_pad:
+        accelerator.print(added_pad)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    if args.track and accelerator.is_main_process:
+        start_tracking(args, "train/global_step")
+    return accelerator, zero_stage
+
+
+def report_data(accelerator, summary: str, plain_text: bool, tokenizer, num_train: int, max_length: int) -> None:
+    """The log line on the tokenised data, with a note when a tokenizer with a chat template meets plain strings
+    (used as they are); a stop when no training example fits --max-length."""
+    accelerator.print(summary)
+    if plain_text and tokenizer.chat_template:
+        accelerator.print(
+            "note: the tokenizer has a chat template, but the data is plain text: it is used as it is, without the "
+            "template (give lists of {role, content} messages to have it applied)"
+        )
+    if not num_train:
+        fail("max_length", f"every training example is longer than {max_length} tokens")
+
+
 def data_loaders(train_rows: list, eval_rows: list, batch_size: int, collate, seed: int) -> tuple:
     """The shuffled train loader, the eval loader and the train loader's generator: its state at each epoch's start
     goes in checkpoints, so that a resumed run draws the same shuffle."""
@@ -96,7 +202,7 @@ def data_loaders(train_rows: list, eval_rows: list, batch_size: int, collate, se
     return train_loader, eval_loader, shuffle_generator
 
 
-def adamw_and_schedule(args, model, num_batches: int, num_processes: int) -> tuple:
+def adamw_and_schedule(args, model, train_loader, accelerator) -> tuple:
     """AdamW over the trainable parameters, the learning-rate schedule, the optimizer steps of one epoch and of the
     run (--num-train-epochs may be a fraction: that share of the steps, rounded up). The schedule counts this
     process's optimizer steps (accelerate gives each process ceil(batches / processes) batches) and is stepped by
@@ -111,7 +217,8 @@ def adamw_and_schedule(args, model, num_batches: int, num_processes: int) -> tup
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.weight_decay,
     )
-    steps_per_epoch = math.ceil(math.ceil(num_batches / num_processes) / args.gradient_accumulation_steps)
+    batches_per_process = math.ceil(len(train_loader) / accelerator.num_processes)
+    steps_per_epoch = math.ceil(batches_per_process / args.gradient_accumulation_steps)
     num_update_steps = math.ceil(steps_per_epoch * args.num_train_epochs)
     scheduler = get_scheduler(
         args.lr_scheduler_type,
