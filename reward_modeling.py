@@ -253,7 +253,7 @@ def load_references(args: Args, kind: str, test_data) -> tuple:
         fail("normalize_dataset_name", f"{where} must be in the format of --dataset-name ({kind}), in both columns")
     if kind == "conversation":
         require_assistant(refs, "completion", where, argument="normalize_dataset_name")
-    return list(zip(refs["prompt"], refs["completion"])), f"the reference completions of {where}"
+    return list(zip(refs["prompt"], refs["completion"])), where
 
 
 def check_reward_config(args: Args, config) -> None:

@@ -61,8 +61,8 @@ class Args(epochs.EpochArgs):  # seed, tracking, checkpoints, Hub, AdamW and its
     """peak learning rate (tiny models trained from scratch like it high; ~3e-5 for Pythia-1B)"""
     num_train_epochs: float = 3
     """passes over the training split; a fraction (e.g. 0.5) trains on that share of the optimizer steps"""
-    eval_strategy: Literal["epoch", "steps", "no"] = "epoch"
-    """when the held-out loss is computed: after each epoch, every --eval-steps optimizer steps, or never"""
+    eval_strategy: Literal["epoch", "steps"] = "epoch"
+    """when the held-out loss is computed: after each epoch, or every --eval-steps optimizer steps"""
     eval_steps: Optional[int] = None
     """with --eval-strategy steps: evaluate every this many optimizer steps (None: --logging-steps)"""
     num_sample_completions: int = 6
