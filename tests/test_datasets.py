@@ -294,7 +294,7 @@ BAD_ROWS = {
     ),
     "sft no known columns": (
         "sft.py",
-        [{"text": "hi"}] * 20,
+        [{"content": "hi"}] * 20,  # (a `text` column is the language-modelling format)
         "--dataset-name",
         ["`prompt` and `completion`", "`messages`"],
     ),
