@@ -7,7 +7,7 @@
 The loss is the next-token cross-entropy on completion tokens only (prompt and padding positions are masked),
 and the completion ends with EOS so that the policy learns to stop. Conversational data (TRL's `messages`, or
 `prompt`/`completion` as lists of messages) goes through the tokenizer's chat template, with the loss on the
-assistant turns only.
+assistant turns only. A `text` column (TRL's language-modelling format) trains on every token.
 """
 
 import functools
