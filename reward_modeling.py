@@ -23,30 +23,25 @@ training loop.
 
 import contextlib
 import functools
-import json
 import math
 import os
-import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rlhf_utils.checkpoints import check_resume, load_checkpoint, write_checkpoint
+from rlhf_utils import epochs
+from rlhf_utils.checkpoints import check_resume
 from rlhf_utils.cli import (
     TRAINING_RANGES,
-    check_paths,
     check_ranges,
     check_trl_flags,
     explain_remote_code_errors,
     fail,
     parse_args,
-    warmup_steps,
 )
 from rlhf_utils.data import (
     column_kind,
@@ -56,49 +51,24 @@ from rlhf_utils.data import (
     require_assistant,
     tokenize_conversation,
 )
-from rlhf_utils.hub import check_push_to_hub, model_card
-from rlhf_utils.models import disable_dropout, disable_dropout_in_config, load_options
+from rlhf_utils.hub import model_card
 from rlhf_utils.outputs import claim_output_dir, save_output, write_run_files
-from rlhf_utils.processes import make_accelerator, start_tracking
-from rlhf_utils.runs import end_run, progress_bar, stop_on_signals, stop_requested, stop_run, wandb_row
+from rlhf_utils.runs import end_run, progress_bar, stop_on_signals
+
+EMBEDDED_PAIRS = "embedded/preference_data"  # the embedded task, normalised on its SFT data (embedded/sft_data)
 
 
 @dataclass
-class Args:
-    # common settings
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment (W&B run names start with it)"""
-    seed: int = 1
-    """seed of python, numpy and torch"""
-    track: bool = False
-    """log to Weights and Biases"""
-    wandb_project_name: str = "rlhf"
-    """the W&B project"""
-    wandb_entity: Optional[str] = None
-    """the W&B entity (team)"""
+class Args(epochs.EpochArgs):  # seed, tracking, checkpoints, Hub, AdamW and its schedule, LoRA: rlhf_utils
     output_dir: str = "models/rm_tiny"
     """where the reward model and tokenizer are saved (written atomically at the end)"""
-    overwrite_output_dir: bool = False
-    """replace an existing non-empty output_dir"""
-    save_steps: int = 0
-    """write a resumable checkpoint every this many optimizer steps (0: never)"""
-    save_total_limit: Optional[int] = 2
-    """keep only the newest this many checkpoints (None: keep all)"""
-    resume_from_checkpoint: Optional[str] = None
-    """a checkpoint folder, or `latest` for the newest one in output_dir/checkpoints; the run continues exactly"""
-    push_to_hub: bool = False
-    """upload the saved model and tokenizer to the Hugging Face hub"""
-    hub_model_id: Optional[str] = None
-    """the hub repository for --push-to-hub (None: the output_dir's name)"""
-    trust_remote_code: bool = False
-    """allow models and tokenizers that run code from their repository"""
 
     # data and model
     model_name_or_path: str = "embedded/sft_model"
     """the SFT model the reward model starts from: a hub id or a local folder"""
     tokenizer_name_or_path: Optional[str] = None
     """the tokenizer (None: the model's); without a pad token distinct from EOS, a dedicated [PAD] is added"""
-    dataset_name: str = "embedded/preference_data"
+    dataset_name: str = EMBEDDED_PAIRS
     """`chosen`/`rejected` pairs (optional `prompt`): a hub id, save_to_disk folder or json/jsonl/parquet/csv/tsv"""
     dataset_train_split: str = "train"
     """the split to train on"""
@@ -108,81 +78,28 @@ class Args:
     """pairs whose prompt + completion is longer (in tokens) are dropped and counted"""
     normalize_reward: bool = True
     """shift the scores so that the reference completions score 0 on average (N+ normalisation)"""
-    normalize_dataset_name: str = "embedded/sft_data"
-    """dataset with `prompt`/`completion` reference pairs used for the normalisation (same format as the pairs)"""
+    normalize_dataset_name: Optional[str] = None
+    """`prompt`/`completion` reference pairs for the normalisation, in the format of the pairs (None: for the embedded
+    task its SFT data, embedded/sft_data; for other data the preferred completions of its held-out pairs)"""
     normalize_split: str = "validation"
-    """its split"""
+    """the split of --normalize-dataset-name"""
     normalize_num_examples: int = 256
     """how many reference completions are scored for the normalisation"""
 
-    # optimisation
+    # optimisation (the rest of AdamW and its schedule: EpochArgs)
     learning_rate: float = 1e-3
     """peak learning rate (~3e-6 for Pythia-1B)"""
     num_train_epochs: int = 1
     """passes over the training split (the N+ recipe uses one)"""
-    per_device_train_batch_size: int = 32
-    """pairs per forward pass on each process"""
-    gradient_accumulation_steps: int = 1
-    """micro-batches per optimizer step"""
-    lr_scheduler_type: Literal["cosine", "linear", "constant"] = "cosine"
-    """learning-rate schedule after warmup"""
-    warmup_ratio: float = 0.05
-    """fraction of the optimizer steps spent warming up linearly"""
-    weight_decay: float = 0.0
-    """AdamW's decoupled weight decay"""
-    adam_epsilon: float = 1e-5
-    """AdamW's epsilon"""
-    adam_beta1: float = 0.9
-    """AdamW's beta1"""
-    adam_beta2: float = 0.999
-    """AdamW's beta2"""
-    max_grad_norm: Optional[float] = 1.0
-    """gradient clipping norm; None: no clipping"""
-    bf16: bool = False
-    """bf16 autocast"""
-    gradient_checkpointing: bool = False
-    """recompute activations in the backward pass to save memory"""
-    logging_steps: int = 20
-    """print/log the train loss and accuracy every this many optimizer steps"""
 
-    # TRL's flags: TRL's names with TRL's meaning, mapped onto the settings above (README: "TRL's flags")
-    report_to: Optional[str] = None
-    """TRL: where to log: wandb or all (= --track; W&B is the only tracker here), none; None: --track decides"""
-    run_name: Optional[str] = None
-    """TRL: the W&B run's name; None: exp_name__seed__time"""
-    warmup_steps: float = 0
-    """TRL: warmup steps of the schedule (below 1: a fraction of them); > 0 overrides --warmup-ratio (transformers)"""
-    torch_dtype: Optional[str] = None
-    """TRL: the dtype the models' weights load in (auto, float32, bfloat16, float16), apart from --bf16 autocast"""
-    dtype: Optional[str] = None
-    """TRL: the newer name of --torch-dtype (either may be given)"""
-    attn_implementation: Optional[str] = None
-    """TRL: the attention kernel the models load with (eager, sdpa, ...); None: transformers' choice"""
-    model_revision: Optional[str] = None
-    """TRL: the hub revision (branch, tag or commit) of the models and tokenizer; None: main"""
-    dataset_config: Optional[str] = None
-    """TRL: the configuration name of a hub dataset (load_dataset's second argument)"""
-    per_device_eval_batch_size: Optional[int] = None
-    """TRL: examples per evaluation forward on each process; None: per_device_train_batch_size"""
-    logging_first_step: bool = False
-    """TRL: also log the first optimizer step"""
-    optim: str = "adamw_torch"
-    """TRL: the optimizer: adamw_torch or adamw_torch_fused (one kernel for all parameters)"""
-    save_strategy: str = "steps"
-    """TRL: steps (a checkpoint every --save-steps) or no (no checkpoints)"""
-
-
-# Resuming continues the checkpoint's run: only where and how often things are written, tracking and memory savers
-# may differ; anything else would silently train a different model.
-MAY_CHANGE_ON_RESUME = (
-    "exp_name track wandb_project_name wandb_entity output_dir overwrite_output_dir push_to_hub hub_model_id "
-    "trust_remote_code save_steps save_total_limit resume_from_checkpoint logging_steps gradient_checkpointing "
-    "report_to run_name logging_first_step save_strategy per_device_eval_batch_size"
-).split()
+    # LoRA (PEFT; rank, alpha, dropout and target modules: EpochArgs)
+    use_peft: bool = False
+    """train a LoRA adapter and the score head instead of every weight; the adapter is merged into the saved model"""
 
 
 def check_args(args: Args) -> None:
-    """Every check that needs no data and no model, before anything loads: a typo should cost a second."""
+    """Every check that needs no data and no model, before anything loads: a typo should cost a second. Fills in the
+    embedded task's reference data (args.json then names the data the scores were normalised on)."""
     check_ranges(args, {**TRAINING_RANGES, "num_train_epochs": (">", 0), "max_length": (">", 0)})
     check_trl_flags(args)
     if args.normalize_reward and args.normalize_num_examples <= 0:
@@ -191,11 +108,9 @@ def check_args(args: Args) -> None:
             f"must be positive to normalise (the mean of no scores is nan), got {args.normalize_num_examples}; "
             "or pass --no-normalize-reward",
         )
-    tokenizer_path = args.tokenizer_name_or_path or args.model_name_or_path
-    paths = {"model_name_or_path": args.model_name_or_path, "tokenizer_name_or_path": tokenizer_path}
-    check_paths(paths, "train it with `python sft.py` or pass a path/hub id")
-    if args.push_to_hub:  # asks the Hub: last, after every local check
-        check_push_to_hub(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)))
+    if args.normalize_dataset_name is None and args.dataset_name == EMBEDDED_PAIRS:
+        args.normalize_dataset_name = "embedded/sft_data"
+    epochs.check_model_and_hub(args, "train it with `python sft.py` or pass a path/hub id")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -315,8 +230,16 @@ def useful_pairs(data, where: str) -> tuple:
     return (kind, has_prompt), data.select(sorted(set(range(len(data))) - set(useless))), note
 
 
-def load_references(args: Args, kind: str):
-    """The reference `prompt`/`completion` pairs that the normalisation scores, in the format of the pairs."""
+def load_references(args: Args, kind: str, test_data) -> tuple:
+    """The (prompt, completion) pairs that the normalisation scores, in the format of the pairs, and what they are:
+    --normalize-dataset-name's `prompt`/`completion` pairs, or by default the preferred completions of the held-out
+    pairs (an implicit prompt is inside them: prompt None)."""
+    if args.normalize_dataset_name is None:
+        rows = test_data.select(range(min(args.normalize_num_examples, len(test_data))))
+        prompts = rows["prompt"] if "prompt" in rows.column_names else [None] * len(rows)
+        return list(
+            zip(prompts, rows["chosen"])
+        ), f"the preferred completions of the held-out pairs of {args.dataset_name!r}"
     try:
         normalize_splits = load_any_dataset(args.normalize_dataset_name)
         refs = normalize_splits[None] if None in normalize_splits else normalize_splits[args.normalize_split]
@@ -337,7 +260,7 @@ def load_references(args: Args, kind: str):
         fail("normalize_dataset_name", f"{where} must be in the format of --dataset-name ({kind}), in both columns")
     if kind == "conversation":
         require_assistant(refs, "completion", where, argument="normalize_dataset_name")
-    return refs
+    return list(zip(refs["prompt"], refs["completion"])), where
 
 
 def check_reward_config(args: Args, config) -> None:
@@ -394,32 +317,20 @@ def collate_pairs(batch: list, pad_token_id: int) -> dict:
 
 
 def load_reward_model(args: Args, config, tokenizer, resume_dir: Optional[str], zero_stage, accelerator):
-    """The SFT backbone with a fresh one-output head, N(0, 1/sqrt(d_model + 1)) as in the N+ recipe, dropout off. A
-    resumed run takes the trained weights, head included, from the checkpoint."""
+    """The SFT backbone (dropout off, embeddings resized for a new [PAD]: epochs.load_for_training) with a fresh
+    one-output head, N(0, 1/sqrt(d_model + 1)) as in the N+ recipe; under --use-peft a LoRA adapter, the head trained
+    whole next to it. A resumed run takes the trained weights (with LoRA: the adapter and head) from the checkpoint."""
     from transformers import AutoModelForSequenceClassification
 
-    disable_dropout_in_config(config)
     config.num_labels, config.id2label, config.label2id = 1, {0: "LABEL_0"}, {"LABEL_0": 0}
     config.pad_token_id = tokenizer.pad_token_id
-    # A new [PAD] past the embedding rows (Llama-3, Mistral: no spare rows) resizes them after loading, the new rows
-    # mean-initialised: the saved model and tokenizer then agree, and the PPO scripts take both as they are.
-    embedding_rows = config.get_text_config().vocab_size
-    resize = len(tokenizer) > embedding_rows
-    if resize and resume_dir:
-        config.get_text_config().vocab_size = len(tokenizer)  # the checkpoint holds the resized embeddings
-    model = AutoModelForSequenceClassification.from_pretrained(
-        os.path.join(resume_dir, "model") if resume_dir else args.model_name_or_path,
-        config=config,
-        trust_remote_code=args.trust_remote_code,
-        **load_options(args),
+    model = epochs.load_for_training(
+        AutoModelForSequenceClassification, args, config, tokenizer, resume_dir, accelerator
     )
-    disable_dropout(model)  # what the config does not reach: rates kept as module attributes
-    if resize and not resume_dir:
-        model.resize_token_embeddings(len(tokenizer))
-        accelerator.print(f"resized the embeddings from {embedding_rows} to {len(tokenizer)} rows for the tokenizer")
     if not resume_dir:
         with gathered([model.score.weight], zero_stage):
             torch.nn.init.normal_(model.score.weight, std=1 / math.sqrt(config.hidden_size + 1))
+    model = epochs.with_lora(model, args, resume_dir, "SEQ_CLS", modules_to_save=["score"])
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model
@@ -497,124 +408,77 @@ def normalize_scores(model, sequences: list, batch_size: int, pad_token_id: int,
     )
 
 
-def write_output(path: str, state_dict: dict, args: Args, model, tokenizer, metrics: list) -> None:
+def write_output(path: str, state_dict: dict, args: Args, model, tokenizer, metrics: list, normalized: str) -> None:
     """The saved folder: the model (its config keeps num_labels=1 and the pad id, so the HF forward reads the same
-    token), the tokenizer, metrics.jsonl, args.json and a model card."""
+    token), the tokenizer, metrics.jsonl, args.json and a model card that says how the scores were normalised."""
     model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(path)
-    datasets = [args.dataset_name] + ([args.normalize_dataset_name] if args.normalize_reward else [])
+    datasets = [args.dataset_name] + ([args.normalize_dataset_name] if args.normalize_dataset_name else [])
+    lora = f", with a LoRA adapter (rank {args.lora_r}) merged into the weights" if args.use_peft else ""
     body = (
         "A reward model (one score per sequence, read at its last token) trained with `reward_modeling.py` from "
-        f"`{args.model_name_or_path}` on the preference pairs of `{args.dataset_name}`.\n\n"
+        f"`{args.model_name_or_path}` on the preference pairs of `{args.dataset_name}`{lora}.\n\n"
+        f"## Normalisation\n\n{normalized}\n\n"
         f"## Command\n\n```\npython {' '.join(sys.argv)}\n```\n\n"
         "Every logged row is in `metrics.jsonl`, the arguments in `args.json`.\n"
     )
     title = os.path.basename(os.path.abspath(args.output_dir))
-    write_run_files(
-        path, args, metrics, model_card(title, args.model_name_or_path, datasets, ["reward-model", "rlhf"], body)
-    )
+    tags = ["reward-model", "rlhf"] + (["lora"] if args.use_peft else [])
+    write_run_files(path, args, metrics, model_card(title, args.model_name_or_path, datasets, tags, body))
 
 
 if __name__ == "__main__":
     args = parse_args(Args, description=__doc__.split("\n")[0])
     explain_remote_code_errors()
-    from transformers import get_scheduler
-
-    # Validate everything cheap before loading a model.
-    check_args(args)
+    check_args(args)  # everything cheap before loading a model
     resume_dir = claim_output_dir(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
     # the epochs may grow only where the training so far stays the same (see budget_growth_problem)
     may_grow = ("num_train_epochs",)
-    resume_state = check_resume(resume_dir, args, MAY_CHANGE_ON_RESUME, os.path.basename(__file__), may_grow)
+    resume_state = check_resume(resume_dir, args, epochs.MAY_CHANGE_ON_RESUME, os.path.basename(__file__), may_grow)
     train_data, test_data, (kind, has_prompt), split_note = load_splits(args, useful_pairs)
-    refs = load_references(args, kind) if args.normalize_reward else None
+    refs, refs_name = load_references(args, kind, test_data) if args.normalize_reward else ([], None)
     config, tokenizer, added_pad = load_tokenizer(args, kind, "`prompt`/`chosen`/`rejected`")
     check_reward_config(args, config)
+    epochs.check_lora_rows(args, config, tokenizer)
     stop_on_signals()  # from here on, Ctrl-C or SIGTERM stops after the current step with a checkpoint
 
-    # TRY NOT TO MODIFY: seeding, processes, tracking
+    # TRY NOT TO MODIFY: processes, seeding, tracking
     # An optimizer step every gradient_accumulation_steps batches, and at the end of each epoch.
-    accelerator, zero_stage = make_accelerator(
-        args.gradient_accumulation_steps, args.bf16, args.max_grad_norm, resume_state, sync_with_dataloader=True
-    )
-    if added_pad:
-        accelerator.print(added_pad)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    if args.track and accelerator.is_main_process:
-        import wandb
-
-        start_tracking(args, "train/global_step")
+    accelerator, zero_stage = epochs.start_run(args, resume_state, added_pad, sync_with_dataloader=True)
+    if args.use_peft and zero_stage == 3:
+        fail("use_peft", "the adapter is merged into the saved model, which ZeRO-3's shards cannot; use ZeRO-2")
 
     # Data: prompt + completion + EOS, so that the score is read at EOS, as in PPO where responses end with it.
     train_rows, dropped_train = tokenize_pairs(train_data, tokenizer, args.max_length)
     eval_rows, dropped_eval = tokenize_pairs(test_data, tokenizer, args.max_length)
-    references = zip(refs["prompt"], refs["completion"]) if args.normalize_reward else []
-    reference_ids = [encode_checked(tokenizer, prompt, completion) for prompt, completion in references]
+    reference_ids = [encode_checked(tokenizer, prompt, completion) for prompt, completion in refs]
     accelerator.print(split_note)
-    accelerator.print(
-        f"{len(train_rows)} train / {len(eval_rows)} eval pairs ({kind} format, "
-        f"{'explicit' if has_prompt else 'implicit'} prompt); dropped as longer than --max-length "
-        f"{args.max_length}: {dropped_train} train, {dropped_eval} eval"
+    prompt_kind = "explicit" if has_prompt else "implicit"
+    summary = (
+        f"{len(train_rows)} train / {len(eval_rows)} eval pairs ({kind} format, {prompt_kind} prompt); dropped as "
+        f"longer than --max-length {args.max_length}: {dropped_train} train, {dropped_eval} eval"
     )
-    if kind == "text" and tokenizer.chat_template:
-        accelerator.print(
-            "note: the tokenizer has a chat template, but the data is plain text: it is used as it is, "
-            "without the template (give lists of {role, content} messages to have it applied)"
-        )
-    if not train_rows:
-        fail("max_length", f"every training pair is longer than {args.max_length} tokens")
+    epochs.report_data(accelerator, summary, kind == "text", tokenizer, len(train_rows), args.max_length)
     batch_size, pad = args.per_device_train_batch_size, tokenizer.pad_token_id
     collate = functools.partial(collate_pairs, pad_token_id=pad)
-    shuffle_generator = torch.Generator().manual_seed(args.seed)  # its state at each epoch's start goes in checkpoints
-    train_loader = torch.utils.data.DataLoader(
-        train_rows, batch_size, shuffle=True, collate_fn=collate, generator=shuffle_generator
-    )
-    eval_loader = torch.utils.data.DataLoader(
-        eval_rows, args.per_device_eval_batch_size or batch_size, collate_fn=collate
+    train_loader, eval_loader, shuffle_generator = epochs.data_loaders(
+        train_rows, eval_rows, batch_size, collate, args.seed, args.per_device_eval_batch_size
     )
 
     # Model, optimizer and learning-rate schedule
     model = load_reward_model(args, config, tokenizer, resume_dir, zero_stage, accelerator)
-    optimizer = torch.optim.AdamW(
-        model.parameters(),
-        lr=args.learning_rate,
-        eps=args.adam_epsilon,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.weight_decay,
-        fused=args.optim == "adamw_torch_fused" or None,  # None: torch's default
-    )
-    # The schedule counts this process's optimizer steps (accelerate gives each process ceil(batches / processes)
-    # batches) and is stepped by hand once per optimizer step, so it is not prepared: accelerate's wrapper would step
-    # it once per process instead, which overshoots the schedule when the batches do not split evenly.
-    batches_per_process = math.ceil(len(train_loader) / accelerator.num_processes)
-    num_update_steps = math.ceil(batches_per_process / args.gradient_accumulation_steps) * args.num_train_epochs
-    scheduler = get_scheduler(
-        args.lr_scheduler_type,
-        optimizer,
-        num_warmup_steps=warmup_steps(args, num_update_steps),
-        num_training_steps=num_update_steps,
-    )
+    optimizer, scheduler, num_update_steps = epochs.adamw_and_schedule(args, model, train_loader, accelerator)
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
-
-    metrics_log, step, first_epoch, skip_batches, start = [], 0, 0, 0, time.time()
-    if resume_dir:
-        load_checkpoint(resume_dir, resume_state, accelerator, model, optimizer, scheduler, zero_stage)
-        step, first_epoch, skip_batches = resume_state["step"], resume_state["epoch"], resume_state["batches_done"]
-        shuffle_generator.set_state(resume_state["shuffle"])
-        metrics_log = json.loads(resume_state["metrics"])
-        accelerator.print(
-            f"resumed from {resume_dir}: continuing after optimizer step {step} (epoch {first_epoch}, "
-            f"{skip_batches} batches in)"
-        )
-    elif accelerator.is_main_process:
-        # A fresh run: the checkpoints of a run that --overwrite-output-dir replaces must not mix with its own.
-        shutil.rmtree(os.path.join(args.output_dir, "checkpoints"), ignore_errors=True)
+    training = (model, optimizer, scheduler, zero_stage)
+    metrics_log, step, first_epoch, skip_batches = epochs.resume_position(
+        args, resume_dir, resume_state, shuffle_generator, accelerator, *training
+    )
+    start = time.time()
 
     # ALGO LOGIC: the training loop
     model.train()
     bar = progress_bar(num_update_steps, "step", accelerator.is_main_process, initial=step)
+    log = bar.write if bar is not None else accelerator.print
     for epoch in range(first_epoch, args.num_train_epochs):
         # The epoch's shuffle is drawn from this generator state: checkpoints keep it, so a resumed run draws the same
         # shuffle and skips the batches already trained on.
@@ -627,71 +491,53 @@ if __name__ == "__main__":
                 if not torch.isfinite(loss):
                     sys.exit(f"error: non-finite loss {loss.item()} at optimizer step {step}; lower --learning-rate")
                 accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    # --max-grad-norm None: no clipping (an infinite bound), but the norm is still checked
-                    max_norm = args.max_grad_norm if args.max_grad_norm is not None else math.inf
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-                    # A finite loss can still give inf/nan gradients; the step would write them into the weights,
-                    # and into every later checkpoint.
-                    if grad_norm is not None and not math.isfinite(float(grad_norm)):
-                        sys.exit(
-                            f"error: non-finite gradient norm at optimizer step {step + 1}; the run stops before "
-                            "that step, so the last checkpoint is intact (lower --learning-rate)"
-                        )
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    scheduler.step()
-                optimizer.zero_grad()
-            if accelerator.sync_gradients:
-                step += 1
-                if bar is not None:
-                    bar.update(1)
-                if step % args.logging_steps == 0 or (args.logging_first_step and step == 1):
-                    row = {
-                        "train/loss": accelerator.reduce(loss.detach(), "mean").item(),
-                        "train/accuracy": accelerator.reduce(accuracy, "mean").item(),
-                        "lr": scheduler.get_last_lr()[0],
-                        "epoch": epoch,
-                        "step": step,
-                    }
-                    metrics_log.append(row)
-                    (bar.write if bar is not None else accelerator.print)(
-                        f"step {step}/{num_update_steps} loss {row['train/loss']:.4f} "
-                        f"accuracy {row['train/accuracy']:.3f}"
-                    )
-                    if args.track and accelerator.is_main_process:
-                        wandb.log(wandb_row(row))
-                stop = stop_requested(accelerator)
-                if (args.save_steps and step % args.save_steps == 0) or stop:
-                    # The data position (the epoch's shuffle, the batches done in it) and the metrics so far.
-                    position = dict(epoch=epoch, batches_done=batch_index + 1, shuffle=shuffle_state)
-                    state = dict(
-                        step=step, **position, metrics=json.dumps(metrics_log), script=os.path.basename(__file__)
-                    )
-                    write_checkpoint(args, step, state, accelerator, model, optimizer, scheduler, zero_stage)
-                if stop:
-                    stop_run(accelerator, stop, f"optimizer step {step}", step)
+                epochs.optimizer_step(args, accelerator, model, optimizer, scheduler, step)
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            if bar is not None:
+                bar.update(1)
+            if step % args.logging_steps == 0 or (args.logging_first_step and step == 1):
+                row = {
+                    "train/loss": accelerator.reduce(loss.detach(), "mean").item(),
+                    "train/accuracy": accelerator.reduce(accuracy, "mean").item(),
+                    "lr": scheduler.get_last_lr()[0],
+                    "epoch": epoch,
+                    "step": step,
+                }
+                epochs.log_row(row, metrics_log, args.track, accelerator)
+                log(
+                    f"step {step}/{num_update_steps} loss {row['train/loss']:.4f} accuracy {row['train/accuracy']:.3f}"
+                )
+            position = dict(epoch=epoch, batches_done=batch_index + 1, shuffle=shuffle_state)
+            epochs.checkpoint_or_stop(
+                args, step, position, metrics_log, os.path.basename(__file__), accelerator, *training
+            )
         skip_batches = 0
         row = {**evaluate(model, eval_loader, accelerator), "epoch": epoch, "step": step}
-        metrics_log.append(row)
-        (bar.write if bar is not None else accelerator.print)(f"epoch {epoch}: {row} ({time.time() - start:.0f}s)")
-        if args.track and accelerator.is_main_process:
-            wandb.log(wandb_row(row))
+        epochs.log_row(row, metrics_log, args.track, accelerator)
+        log(f"epoch {epoch}: {row} ({time.time() - start:.0f}s)")
 
     if bar is not None:
         bar.close()
+    if args.use_peft:  # one plain model for the PPO scripts: the adapter and the trained head merged in
+        model = accelerator.unwrap_model(model).merge_and_unload()
 
     # N+ normalisation: the reference completions' mean score becomes 0.
+    normalized = "The scores are not normalised (`--no-normalize-reward`)."
     if args.normalize_reward:
         sequences = [s for s in reference_ids if len(s) <= args.max_length]
         mean_before, where = normalize_scores(model, sequences, batch_size, pad, accelerator, zero_stage)
-        accelerator.print(
-            f"reward normalisation: reference completions scored {mean_before:.4f} on average; shifted to 0 in {where}"
+        normalized = (
+            f"{len(sequences)} reference completions ({refs_name}) scored {mean_before:.4f} on average; every score "
+            f"is shifted by {-mean_before:+.4f} (stored in {where}), so that they score 0 on average."
         )
+        accelerator.print(f"reward normalisation: {normalized}")
         metrics_log.append({"normalization/reference_mean_before": mean_before, "step": step})
 
+    unwrapped = accelerator.unwrap_model(model)
     write = functools.partial(
-        write_output, args=args, model=accelerator.unwrap_model(model), tokenizer=tokenizer, metrics=metrics_log
+        write_output, args=args, model=unwrapped, tokenizer=tokenizer, metrics=metrics_log, normalized=normalized
     )
     save_output(args, accelerator, model, write, start)
     end_run(accelerator)

@@ -7,72 +7,46 @@
 The loss is the next-token cross-entropy on completion tokens only (prompt and padding positions are masked),
 and the completion ends with EOS so that the policy learns to stop. Conversational data (TRL's `messages`, or
 `prompt`/`completion` as lists of messages) goes through the tokenizer's chat template, with the loss on the
-assistant turns only.
+assistant turns only. A `text` column (TRL's language-modelling format) trains on every token.
 """
 
 import functools
-import json
 import math
 import os
-import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rlhf_utils.checkpoints import check_resume, load_checkpoint, write_checkpoint
+from rlhf_utils import epochs
+from rlhf_utils.checkpoints import check_resume
 from rlhf_utils.cli import (
     TRAINING_RANGES,
-    check_paths,
     check_ranges,
     check_trl_flags,
     explain_remote_code_errors,
     fail,
     parse_args,
-    warmup_steps,
 )
-from rlhf_utils.data import column_kind, load_splits, load_tokenizer, require_assistant, tokenize_conversation
-from rlhf_utils.hub import check_push_to_hub, model_card
-from rlhf_utils.models import disable_dropout, disable_dropout_in_config, load_options
+from rlhf_utils.data import (
+    column_kind,
+    load_splits,
+    load_tokenizer,
+    require_assistant,
+    tokenize_conversation,
+)
+from rlhf_utils.hub import model_card
 from rlhf_utils.outputs import claim_output_dir, save_output, write_run_files
-from rlhf_utils.processes import make_accelerator, start_tracking
-from rlhf_utils.runs import end_run, progress_bar, show_samples, stop_on_signals, stop_requested, stop_run, wandb_row
+from rlhf_utils.runs import end_run, progress_bar, show_samples, stop_on_signals
 
 
 @dataclass
-class Args:
-    # common settings
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment (W&B run names start with it)"""
-    seed: int = 1
-    """seed of python, numpy and torch"""
-    track: bool = False
-    """log to Weights and Biases"""
-    wandb_project_name: str = "rlhf"
-    """the W&B project"""
-    wandb_entity: Optional[str] = None
-    """the W&B entity (team)"""
+class Args(epochs.EpochArgs):  # seed, tracking, checkpoints, Hub, AdamW and its schedule, LoRA: rlhf_utils
     output_dir: str = "models/sft_tiny"
     """where the model and tokenizer are saved (written atomically at the end)"""
-    overwrite_output_dir: bool = False
-    """replace an existing non-empty output_dir"""
-    save_steps: int = 0
-    """write a resumable checkpoint every this many optimizer steps (0: never)"""
-    save_total_limit: Optional[int] = 2
-    """keep only the newest this many checkpoints (None: keep all)"""
-    resume_from_checkpoint: Optional[str] = None
-    """a checkpoint folder, or `latest` for the newest one in output_dir/checkpoints; the run continues exactly"""
-    push_to_hub: bool = False
-    """upload the saved model and tokenizer to the Hugging Face hub"""
-    hub_model_id: Optional[str] = None
-    """the hub repository for --push-to-hub (None: the output_dir's name)"""
-    trust_remote_code: bool = False
-    """allow models and tokenizers that run code from their repository"""
 
     # data and model
     model_name_or_path: str = "embedded/base_model"
@@ -88,125 +62,51 @@ class Args:
     max_length: int = 256
     """examples whose prompt + completion is longer (in tokens) are dropped and counted"""
 
-    # optimisation
+    # optimisation (the rest of AdamW and its schedule: EpochArgs)
     learning_rate: float = 3e-3
     """peak learning rate (tiny models trained from scratch like it high; ~3e-5 for Pythia-1B)"""
-    num_train_epochs: int = 3
-    """passes over the training split"""
-    per_device_train_batch_size: int = 32
-    """examples per forward pass on each process"""
-    gradient_accumulation_steps: int = 1
-    """micro-batches per optimizer step"""
-    lr_scheduler_type: Literal["cosine", "linear", "constant"] = "cosine"
-    """learning-rate schedule after warmup"""
-    warmup_ratio: float = 0.05
-    """fraction of the optimizer steps spent warming up linearly"""
-    weight_decay: float = 0.0
-    """AdamW's decoupled weight decay"""
-    adam_epsilon: float = 1e-5
-    """AdamW's epsilon"""
-    adam_beta1: float = 0.9
-    """AdamW's beta1"""
-    adam_beta2: float = 0.999
-    """AdamW's beta2"""
-    max_grad_norm: Optional[float] = 1.0
-    """gradient clipping norm; None: no clipping"""
-    bf16: bool = False
-    """bf16 autocast (faster matmuls on GPUs and on CPUs with avx512_bf16)"""
-    gradient_checkpointing: bool = False
-    """recompute activations in the backward pass to save memory"""
-    logging_steps: int = 20
-    """print/log the train loss every this many optimizer steps"""
+    num_train_epochs: float = 3
+    """passes over the training split; a fraction (e.g. 0.5) trains on that share of the optimizer steps"""
+    eval_strategy: Literal["epoch", "steps"] = "epoch"
+    """when the held-out loss is computed: after each epoch, or every --eval-steps optimizer steps"""
+    eval_steps: Optional[int] = None
+    """with --eval-strategy steps: evaluate every this many optimizer steps (None: --logging-steps)"""
     num_sample_completions: int = 6
     """validation prompts shown with the model's greedy completion at the end"""
     sample_max_new_tokens: int = 53
     """generation length of the sample completions"""
 
-    # LoRA (PEFT)
+    # LoRA (PEFT; rank, alpha, dropout and target modules: EpochArgs)
     use_peft: bool = False
     """train a LoRA adapter instead of the model's weights; output_dir then holds the adapter"""
-    lora_r: int = 16
-    """LoRA rank"""
-    lora_alpha: int = 32
-    """LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)"""
-    lora_dropout: float = 0.0
-    """dropout on the adapter's input (0, like every dropout in the RLHF pipeline)"""
-    lora_target_modules: Optional[list[str]] = None
-    """modules that get an adapter (None: PEFT's choice for the architecture; `all-linear`: every linear layer)"""
     merge_adapter_on_save: bool = False
     """also save the adapter merged into the base, in output_dir/merged (a plain model, e.g. for reward_modeling.py)"""
-
-    # TRL's flags: TRL's names with TRL's meaning, mapped onto the settings above (README: "TRL's flags")
-    report_to: Optional[str] = None
-    """TRL: where to log: wandb or all (= --track; W&B is the only tracker here), none; None: --track decides"""
-    run_name: Optional[str] = None
-    """TRL: the W&B run's name; None: exp_name__seed__time"""
-    warmup_steps: float = 0
-    """TRL: warmup steps of the schedule (below 1: a fraction of them); > 0 overrides --warmup-ratio (transformers)"""
-    torch_dtype: Optional[str] = None
-    """TRL: the dtype the models' weights load in (auto, float32, bfloat16, float16), apart from --bf16 autocast"""
-    dtype: Optional[str] = None
-    """TRL: the newer name of --torch-dtype (either may be given)"""
-    attn_implementation: Optional[str] = None
-    """TRL: the attention kernel the models load with (eager, sdpa, ...); None: transformers' choice"""
-    model_revision: Optional[str] = None
-    """TRL: the hub revision (branch, tag or commit) of the models and tokenizer; None: main"""
-    dataset_config: Optional[str] = None
-    """TRL: the configuration name of a hub dataset (load_dataset's second argument)"""
-    per_device_eval_batch_size: Optional[int] = None
-    """TRL: examples per evaluation forward on each process; None: per_device_train_batch_size"""
-    logging_first_step: bool = False
-    """TRL: also log the first optimizer step"""
-    optim: str = "adamw_torch"
-    """TRL: the optimizer: adamw_torch or adamw_torch_fused (one kernel for all parameters)"""
-    save_strategy: str = "steps"
-    """TRL: steps (a checkpoint every --save-steps) or no (no checkpoints)"""
 
 
 def check_args(args: Args) -> None:
     """Every check that needs only the arguments, before any data or model loads: a typo should cost a second."""
-    check_ranges(args, {**TRAINING_RANGES, "num_train_epochs": (">", 0), "max_length": (">", 0)})
+    ranges = {**TRAINING_RANGES, "num_train_epochs": (">", 0), "max_length": (">", 0), "eval_steps": (">", 0)}
+    check_ranges(args, ranges)
     check_trl_flags(args)
     if args.merge_adapter_on_save and not args.use_peft:
         fail("merge_adapter_on_save", "merges a LoRA adapter into the model; add --use-peft")
-    tokenizer_path = args.tokenizer_name_or_path or args.model_name_or_path
-    paths = {"model_name_or_path": args.model_name_or_path, "tokenizer_name_or_path": tokenizer_path}
-    check_paths(paths, "build the embedded task with `python tiny_tldr.py` or pass a path/hub id")
-    if args.push_to_hub:  # asks the Hub: last, after every local check
-        check_push_to_hub(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)))
+    if args.eval_steps is not None and args.eval_strategy != "steps":
+        fail("eval_steps", f"applies to --eval-strategy steps (now {args.eval_strategy}); add it or drop --eval-steps")
+    epochs.check_model_and_hub(args, "build the embedded task with `python tiny_tldr.py` or pass a path/hub id")
 
 
-# Arguments a resumed run may change: where and how often things are written, tracking and memory savers. Anything
-# else would silently train a different model.
-MAY_CHANGE_ON_RESUME = (
-    "exp_name",
-    "track",
-    "wandb_project_name",
-    "wandb_entity",
-    "output_dir",
-    "overwrite_output_dir",
-    "push_to_hub",
-    "hub_model_id",
-    "trust_remote_code",
-    "save_steps",
-    "save_total_limit",
-    "resume_from_checkpoint",
-    "logging_steps",
-    "gradient_checkpointing",
+# Arguments a resumed run may change besides those of rlhf_utils' list: what is shown at the end, and the merge.
+MAY_CHANGE_ON_RESUME = epochs.MAY_CHANGE_ON_RESUME + [
     "num_sample_completions",
     "sample_max_new_tokens",
     "merge_adapter_on_save",
-    "report_to",
-    "run_name",
-    "logging_first_step",
-    "save_strategy",
-    "per_device_eval_batch_size",
-)
+]
 
 
 def sft_format(data, where: str) -> str:
     """Which of TRL's SFT formats a split is, every row checked: `text` (`prompt`/`completion` strings),
-    `conversation` (`prompt`/`completion` lists of messages) or `messages` (whole conversations)."""
+    `conversation` (`prompt`/`completion` lists of messages), `messages` (whole conversations) or `language modeling`
+    (a `text` column: every token is trained on)."""
     if {"prompt", "completion"} <= set(data.column_names):
         kind = column_kind(data, "prompt", where)[0]
         if column_kind(data, "completion", where)[0] != kind:
@@ -219,15 +119,23 @@ def sft_format(data, where: str) -> str:
             fail("dataset_name", f"{where}: `messages` must hold lists of {{'role', 'content'}} messages, not strings")
         require_assistant(data, "messages", where)
         return "messages"
+    if "text" in data.column_names:
+        if column_kind(data, "text", where)[0] != "text":
+            fail("dataset_name", f"{where}: `text` must hold strings (conversations go in a `messages` column)")
+        return "language modeling"
     fail(
         "dataset_name",
         f"{where} has columns {data.column_names}; SFT needs `prompt` and `completion` (strings or "
-        "lists of messages) or `messages` (conversations)",
+        "lists of messages), `messages` (conversations) or `text` (language modelling on every token)",
     )
 
 
 def tokenize_row(tokenizer, row: dict, kind: str) -> dict:
-    """One example of any sft_format: input ids and labels with everything but the completion masked."""
+    """One example of any sft_format: input ids and labels with everything but the completion masked (a `text` row:
+    nothing masked; EOS appended, as to a completion)."""
+    if kind == "language modeling":
+        ids = tokenizer(row["text"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        return {"input_ids": ids, "labels": list(ids)}
     if kind == "text":
         return tokenize_example(tokenizer, row["prompt"], row["completion"])
     if kind == "messages":
@@ -237,7 +145,10 @@ def tokenize_row(tokenizer, row: dict, kind: str) -> dict:
 
 def prompt_and_reference(tokenizer, row: dict, kind: str) -> tuple:
     """For the sample table: the prompt as text (a conversation up to its last assistant turn, with the assistant
-    cue) and the reference answer."""
+    cue; a `text` row's first half of words) and the reference answer."""
+    if kind == "language modeling":
+        words, half = row["text"].split(" "), max(1, len(row["text"].split(" ")) // 2)
+        return " ".join(words[:half]), " " + " ".join(words[half:])
     if kind == "text":
         return row["prompt"], row["completion"]
     messages = row["messages"] if kind == "messages" else row["prompt"] + row["completion"]
@@ -294,22 +205,6 @@ def step_groups(batches, size: int):
 # Setup, evaluation, samples, saving and checkpointing, in the order the main block calls them
 
 
-def check_embedding_rows(args: Args, config, tokenizer) -> int:
-    """The model's embedding rows. A new [PAD] past them (Llama-3, Mistral: no spare rows) resizes them: the saved
-    model and tokenizer then agree, and the PPO scripts take both as they are. A LoRA adapter would not save the new
-    row."""
-    embedding_rows = config.get_text_config().vocab_size
-    if len(tokenizer) > embedding_rows and args.use_peft:
-        fail(
-            "use_peft",
-            f"the tokenizer has {len(tokenizer)} tokens (pad {tokenizer.pad_token!r} is id "
-            f"{tokenizer.pad_token_id}) but {args.model_name_or_path!r} has {embedding_rows} embedding rows, "
-            "and a LoRA adapter does not save new rows; train without --use-peft once, or give the "
-            "tokenizer a pad token inside its vocabulary (tokenizer.pad_token = <an unused token>)",
-        )
-    return embedding_rows
-
-
 def tokenize_split(data, tokenizer, kind: str, max_length: int) -> tuple:
     """The rows of a split tokenised (tokenize_row), those longer than max_length dropped; returns (kept, dropped)."""
     rows = []
@@ -325,47 +220,14 @@ def tokenize_split(data, tokenizer, kind: str, max_length: int) -> tuple:
     return kept, len(rows) - len(kept)
 
 
-def load_model(args: Args, tokenizer, embedding_rows: int, resume_dir: Optional[str], accelerator):
-    """The model to train, dropout off as in the whole RLHF pipeline (the N+ recipe), its embeddings resized for a new
-    [PAD], with a LoRA adapter under --use-peft. A resumed run takes the trained weights (with LoRA: the trained
-    adapter) from the checkpoint."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def load_model(args: Args, config, tokenizer, resume_dir: Optional[str], accelerator):
+    """The model to train (dropout off, embeddings resized for a new [PAD]: epochs.load_for_training), with a LoRA
+    adapter under --use-peft. A resumed run takes the trained weights (with LoRA: the trained adapter) from the
+    checkpoint."""
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(
-        args.model_name_or_path, trust_remote_code=args.trust_remote_code, revision=args.model_revision
-    )
-    disable_dropout_in_config(config)
-    resize = (
-        len(tokenizer) > embedding_rows
-    )  # for the new [PAD]: rows for every token id, the new ones mean-initialised
-    if resize and resume_dir:
-        config.get_text_config().vocab_size = len(tokenizer)  # the checkpoint holds the resized embeddings
-    trained_path = os.path.join(resume_dir, "model") if resume_dir else None
-    model = AutoModelForCausalLM.from_pretrained(
-        args.model_name_or_path if args.use_peft or not resume_dir else trained_path,
-        config=config,
-        trust_remote_code=args.trust_remote_code,
-        **load_options(args),
-    )
-    disable_dropout(model)  # what the config does not reach: rates kept as module attributes
-    if resize and not resume_dir:
-        model.resize_token_embeddings(len(tokenizer))
-        accelerator.print(f"resized the embeddings from {embedding_rows} to {len(tokenizer)} rows for the tokenizer")
-    if args.use_peft:
-        from peft import LoraConfig, PeftModel, get_peft_model
-
-        if resume_dir:
-            model = PeftModel.from_pretrained(model, trained_path, is_trainable=True)
-        else:
-            targets = args.lora_target_modules  # `all-linear` is PEFT's keyword only as a string; tyro gives a list
-            lora_config = LoraConfig(
-                task_type="CAUSAL_LM",
-                r=args.lora_r,
-                lora_alpha=args.lora_alpha,
-                lora_dropout=args.lora_dropout,
-                target_modules="all-linear" if targets == ["all-linear"] else targets,
-            )
-            model = get_peft_model(model, lora_config)
+    model = epochs.load_for_training(AutoModelForCausalLM, args, config, tokenizer, resume_dir, accelerator)
+    model = epochs.with_lora(model, args, resume_dir, "CAUSAL_LM")
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
@@ -459,104 +321,55 @@ if __name__ == "__main__":
     train_data, eval_data, kind, split_note = load_splits(
         args, lambda data, where: (sft_format(data, where), data, None)
     )
-    config, tokenizer, added_pad = load_tokenizer(args, kind, "`prompt`/`completion`")
-    embedding_rows = check_embedding_rows(args, config, tokenizer)
+    # a `text` column needs no chat template, as prompt/completion strings
+    template_kind = "text" if kind == "language modeling" else kind
+    config, tokenizer, added_pad = load_tokenizer(args, template_kind, "`prompt`/`completion`")
+    epochs.check_lora_rows(args, config, tokenizer)
     stop_on_signals()  # from here on, Ctrl-C or SIGTERM stops after the current step with a checkpoint
 
-    # TRY NOT TO MODIFY: seeding, processes, tracking
+    # TRY NOT TO MODIFY: processes, seeding, tracking
     # The training loop ends each optimizer step itself (step_groups), including the shorter last one of an epoch.
-    accelerator, zero_stage = make_accelerator(
-        args.gradient_accumulation_steps, args.bf16, args.max_grad_norm, resume_state, sync_with_dataloader=False
-    )
-    if added_pad:
-        accelerator.print(added_pad)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    if args.track and accelerator.is_main_process:
-        import wandb
-
-        start_tracking(args, "train/global_step")
+    accelerator, zero_stage = epochs.start_run(args, resume_state, added_pad, sync_with_dataloader=False)
 
     # Data: tokenise, drop (and count) over-long examples.
     train_rows, dropped_train = tokenize_split(train_data, tokenizer, kind, args.max_length)
     eval_rows, dropped_eval = tokenize_split(eval_data, tokenizer, kind, args.max_length)
-    accelerator.print(
+    summary = (
         f"{split_note}; {len(train_rows)} train / {len(eval_rows)} eval examples ({kind} format); "
-        f"dropped as longer than --max-length {args.max_length}: {dropped_train} train, "
-        f"{dropped_eval} eval"
+        f"dropped as longer than --max-length {args.max_length}: {dropped_train} train, {dropped_eval} eval"
     )
-    if kind == "text" and tokenizer.chat_template:
-        accelerator.print(
-            "note: the tokenizer has a chat template, but the data is plain text: it is used as it is, "
-            "without the template (give lists of {role, content} messages to have it applied)"
-        )
-    if not train_rows:
-        fail("max_length", f"every training example is longer than {args.max_length} tokens")
-    pad = tokenizer.pad_token_id
-    shuffle_generator = torch.Generator().manual_seed(args.seed)  # its state at each epoch's start goes in checkpoints
-    train_loader = torch.utils.data.DataLoader(
+    epochs.report_data(accelerator, summary, template_kind == "text", tokenizer, len(train_rows), args.max_length)
+    train_loader, eval_loader, shuffle_generator = epochs.data_loaders(
         train_rows,
-        batch_size=args.per_device_train_batch_size,
-        shuffle=True,
-        collate_fn=lambda b: collate(b, pad),
-        generator=shuffle_generator,
-    )
-    eval_loader = torch.utils.data.DataLoader(
         eval_rows,
-        batch_size=args.per_device_eval_batch_size or args.per_device_train_batch_size,
-        collate_fn=lambda b: collate(b, pad),
+        args.per_device_train_batch_size,
+        lambda b: collate(b, tokenizer.pad_token_id),
+        args.seed,
+        args.per_device_eval_batch_size,
     )
 
     # Model, optimizer and learning-rate schedule
-    from transformers import get_scheduler
-
-    model = load_model(args, tokenizer, embedding_rows, resume_dir, accelerator)
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=args.learning_rate,
-        eps=args.adam_epsilon,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.weight_decay,
-        fused=args.optim == "adamw_torch_fused" or None,  # None: torch's default
-    )
-    # The schedule counts this process's optimizer steps (accelerate gives each process ceil(batches / processes)
-    # batches) and is stepped by hand once per optimizer step, so it is not prepared: accelerate's wrapper would step
-    # it once per process instead, which overshoots the schedule when the batches do not split evenly.
-    batches_per_process = math.ceil(len(train_loader) / accelerator.num_processes)
-    num_update_steps = math.ceil(batches_per_process / args.gradient_accumulation_steps) * args.num_train_epochs
-    scheduler = get_scheduler(
-        args.lr_scheduler_type,
-        optimizer,
-        num_warmup_steps=warmup_steps(args, num_update_steps),
-        num_training_steps=num_update_steps,
-    )
+    model = load_model(args, config, tokenizer, resume_dir, accelerator)
+    optimizer, scheduler, num_update_steps = epochs.adamw_and_schedule(args, model, train_loader, accelerator)
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
-
-    metrics_log, step, first_epoch, skip_batches, start = [], 0, 0, 0, time.time()
-    if resume_dir:
-        load_checkpoint(resume_dir, resume_state, accelerator, model, optimizer, scheduler, zero_stage)
-        shuffle_generator.set_state(resume_state["shuffle"])
-        metrics_log, step = json.loads(resume_state["metrics"]), resume_state["step"]
-        first_epoch, skip_batches = resume_state["epoch"], resume_state["batches_done"]
-        accelerator.print(
-            f"resumed from {resume_dir}: continuing after optimizer step {step} (epoch {first_epoch}, "
-            f"{skip_batches} batches in)"
-        )
-    elif accelerator.is_main_process:
-        # A fresh run: the checkpoints of a run that --overwrite-output-dir replaces must not mix with its own.
-        shutil.rmtree(os.path.join(args.output_dir, "checkpoints"), ignore_errors=True)
+    training = (model, optimizer, scheduler, zero_stage)
+    metrics_log, step, first_epoch, skip_batches = epochs.resume_position(
+        args, resume_dir, resume_state, shuffle_generator, accelerator, *training
+    )
+    eval_steps, start = args.eval_steps or args.logging_steps, time.time()
 
     # ALGO LOGIC: the training loop
     model.train()
     bar = progress_bar(num_update_steps, "step", accelerator.is_main_process, initial=step)
     log = bar.write if bar is not None else accelerator.print
-    for epoch in range(first_epoch, args.num_train_epochs):
+    for epoch in range(first_epoch, math.ceil(args.num_train_epochs)):
         # The epoch's shuffle is drawn from this generator state: checkpoints keep it, so a resumed run draws the same
         # shuffle and skips the batches already trained on.
         shuffle_state = shuffle_generator.get_state()
         batches = accelerator.skip_first_batches(train_loader, skip_batches) if skip_batches else train_loader
         for group in step_groups(enumerate(batches, start=skip_batches), args.gradient_accumulation_steps):
+            if step >= num_update_steps:  # the end of a fractional last epoch (--num-train-epochs 0.5)
+                break
             # The loss of an optimizer step is the token sum of its micro-batches over the completion tokens of the
             # whole step, all processes together (not a mean of per-micro-batch means): how the data is split into
             # micro-batches and processes does not change it. accelerate (or DeepSpeed) divides each backward by
@@ -572,67 +385,38 @@ if __name__ == "__main__":
                     if not torch.isfinite(token_sum):
                         sys.exit(f"error: non-finite loss at optimizer step {step + 1}; lower --learning-rate")
                     accelerator.backward(token_sum * loss_scale)
-                    if accelerator.sync_gradients:
-                        # --max-grad-norm None: no clipping (an infinite bound), but the norm is still checked
-                        max_norm = args.max_grad_norm if args.max_grad_norm is not None else math.inf
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-                        # A finite loss can still give inf/nan gradients; the step would write them into the weights,
-                        # and into every later checkpoint.
-                        if grad_norm is not None and not math.isfinite(float(grad_norm)):
-                            sys.exit(
-                                f"error: non-finite gradient norm at optimizer step {step + 1}; the run stops "
-                                "before that step, so the last checkpoint is intact (lower --learning-rate)"
-                            )
-                    optimizer.step()
-                    if accelerator.sync_gradients:
-                        scheduler.step()
-                    optimizer.zero_grad()
+                    epochs.optimizer_step(args, accelerator, model, optimizer, scheduler, step)
                 step_loss += token_sum.detach()
-            if accelerator.sync_gradients:
-                step += 1
-                if bar is not None:
-                    bar.update(1)
-                if step % args.logging_steps == 0 or (args.logging_first_step and step == 1):
-                    row = {
-                        "train/loss": (accelerator.reduce(step_loss, "sum") / step_tokens).item(),
-                        "lr": scheduler.get_last_lr()[0],
-                        "epoch": epoch,
-                        "step": step,
-                    }
-                    metrics_log.append(row)
-                    log(f"step {step}/{num_update_steps} loss {row['train/loss']:.4f} lr {row['lr']:.2e}")
-                    if args.track and accelerator.is_main_process:
-                        wandb.log(wandb_row(row))
-                stop = stop_requested(accelerator)
-                if (args.save_steps and step % args.save_steps == 0) or stop:
-                    # The data position (the epoch's shuffle, the batches done in it) and the metrics so far.
-                    position = dict(epoch=epoch, batches_done=batch_index + 1, shuffle=shuffle_state)
-                    state = dict(
-                        step=step, **position, metrics=json.dumps(metrics_log), script=os.path.basename(__file__)
-                    )
-                    write_checkpoint(args, step, state, accelerator, model, optimizer, scheduler, zero_stage)
-                if stop:
-                    stop_run(accelerator, stop, f"optimizer step {step}", step)
+            step += 1
+            if bar is not None:
+                bar.update(1)
+            if step % args.logging_steps == 0 or (args.logging_first_step and step == 1):
+                loss = (accelerator.reduce(step_loss, "sum") / step_tokens).item()
+                row = {"train/loss": loss, "lr": scheduler.get_last_lr()[0], "epoch": epoch, "step": step}
+                epochs.log_row(row, metrics_log, args.track, accelerator)
+                log(f"step {step}/{num_update_steps} loss {loss:.4f} lr {row['lr']:.2e}")
+            if args.eval_strategy == "steps" and step % eval_steps == 0:
+                row = {"eval/loss": evaluate(model, eval_loader, accelerator), "epoch": epoch, "step": step}
+                epochs.log_row(row, metrics_log, args.track, accelerator)
+                log(f"step {step}: eval loss {row['eval/loss']:.4f} ({time.time() - start:.0f}s)")
+            position = dict(epoch=epoch, batches_done=batch_index + 1, shuffle=shuffle_state)
+            epochs.checkpoint_or_stop(
+                args, step, position, metrics_log, os.path.basename(__file__), accelerator, *training
+            )
         skip_batches = 0
-        eval_loss = evaluate(model, eval_loader, accelerator)
-        row = {"eval/loss": eval_loss, "epoch": epoch, "step": step}
-        metrics_log.append(row)
-        log(f"epoch {epoch}: eval loss {eval_loss:.4f} ({time.time() - start:.0f}s)")
-        if args.track and accelerator.is_main_process:
-            wandb.log(wandb_row(row))
+        if args.eval_strategy == "epoch":
+            row = {"eval/loss": evaluate(model, eval_loader, accelerator), "epoch": epoch, "step": step}
+            epochs.log_row(row, metrics_log, args.track, accelerator)
+            log(f"epoch {epoch}: eval loss {row['eval/loss']:.4f} ({time.time() - start:.0f}s)")
 
     if bar is not None:
         bar.close()
     if args.num_sample_completions > 0:
         print_samples(args, model, tokenizer, eval_data, kind, zero_stage, accelerator)
     deepspeed = accelerator.state.deepspeed_plugin.dschf if zero_stage is not None else None
+    unwrapped = accelerator.unwrap_model(model)
     write = functools.partial(
-        write_output,
-        args=args,
-        model=accelerator.unwrap_model(model),
-        tokenizer=tokenizer,
-        metrics_log=metrics_log,
-        deepspeed=deepspeed,
+        write_output, args=args, model=unwrapped, tokenizer=tokenizer, metrics_log=metrics_log, deepspeed=deepspeed
     )
     save_output(args, accelerator, model, write, start)
     end_run(accelerator)

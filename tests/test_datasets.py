@@ -6,9 +6,11 @@ directly: tests/test_utils_data.py.
 The chat template is a tiny Jinja one set on the embedded tokenizer (which has none), saved with a copy of a model."""
 
 import os
+import re
 import shutil
 
 import pytest
+import torch
 from helpers import (
     ROOT,
     TEMPLATE,
@@ -292,7 +294,7 @@ BAD_ROWS = {
     ),
     "sft no known columns": (
         "sft.py",
-        [{"text": "hi"}] * 20,
+        [{"content": "hi"}] * 20,  # (a `text` column is the language-modelling format)
         "--dataset-name",
         ["`prompt` and `completion`", "`messages`"],
     ),
@@ -433,6 +435,35 @@ def test_reward_modeling_on_implicit_conversations_drops_useless_pairs(tmp_path)
     assert "held out 4 of 39 rows of 'train'" in proc.stdout
     assert "35 train / 4 eval pairs (conversation format, implicit prompt)" in proc.stdout
     assert os.path.exists(tmp_path / "out" / "model.safetensors")
+
+
+def test_reward_modeling_on_conversations_normalises_on_their_held_out_preferred_completions(tmp_path):
+    """Without --normalize-dataset-name, a user's data is normalised on its own held-out pairs' preferred
+    completions (in its format, here conversations), which the saved model then scores 0 on average; the log and
+    the model card say on what, how many and by how much."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = chat_model(tmp_path)
+    data = write_jsonl(tmp_path / "d.jsonl", rm_rows("conversation", True, 30))  # rows 9, 19, 29 held out
+    out = tmp_path / "out"
+    argv = [*"--per-device-train-batch-size 9 --normalize-num-examples 2".split(), "--output-dir", str(out)]
+    proc = run_script(
+        "reward_modeling.py", "--model-name-or-path", model, "--dataset-name", data, *argv, env=ONE_THREAD
+    )
+    said = re.search(
+        rf"reward normalisation: 2 reference completions \(the preferred completions of the held-out pairs of "
+        rf"{re.escape(repr(data))}\) scored (\S+) on average; every score is shifted by (\S+) ",
+        proc.stdout,
+    )
+    assert said and float(said[1]) == -float(said[2]), proc.stdout[-2000:]
+    assert said[0][len("reward normalisation: ") :] in open(out / "README.md").read()
+    saved, tok = AutoModelForSequenceClassification.from_pretrained(out).eval(), AutoTokenizer.from_pretrained(out)
+    scores = []
+    for row in rm_rows("conversation", True, 30)[9:20:10]:
+        ids = reward_modeling.encode_completion(tok, row["prompt"], row["chosen"])
+        with torch.no_grad():
+            scores.append(saved(input_ids=torch.tensor([ids])).logits[0, 0].item())
+    assert abs(sum(scores) / 2) < 1e-3, scores
 
 
 @pytest.mark.parametrize("kind", ["conversational", "plain"])

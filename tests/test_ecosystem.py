@@ -386,7 +386,7 @@ def test_run_on_a_terminal_shows_progress_and_uploads_the_saved_folder(script, u
 def test_lora_all_linear_puts_an_adapter_on_every_linear_layer_but_the_head(script, modules):
     """`--lora-target-modules all-linear` (TRL's usual flag) reaches PEFT as its keyword, not as a module name."""
     from peft.tuners.lora import LoraLayer
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     module = modules[script]
     model_flag = "--model-name-or-path" if script == "sft.py" else "--sft-model-path"
@@ -395,7 +395,8 @@ def test_lora_all_linear_puts_an_adapter_on_every_linear_layer_but_the_head(scri
     assert args.lora_target_modules == ["all-linear"]  # what tyro hands the script
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(EMBEDDED, "tokenizer"))
     if script == "sft.py":
-        model = module["load_model"](args, tokenizer, 10**9, None, None)
+        config = AutoConfig.from_pretrained(os.path.join(EMBEDDED, "sft_model"))
+        model = module["load_model"](args, config, tokenizer, None, None)
     else:
         model = module["load_policy"](args, tokenizer, None)[0]
     plain = AutoModelForCausalLM.from_pretrained(os.path.join(EMBEDDED, "sft_model"))

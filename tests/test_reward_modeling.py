@@ -261,6 +261,40 @@ def test_reward_modeling_tiny_run_saves_a_normalised_model(tmp_path, tokenizer):
     assert accuracy.item() == pytest.approx(eval_row["eval/accuracy"])
 
 
+def test_lora_reward_model_trains_adapter_and_head_and_saves_a_plain_normalised_model(tmp_path, tokenizer):
+    """--use-peft: checkpoints hold the LoRA adapter with the score head (PEFT's modules_to_save); the final folder
+    holds the adapter merged into a plain, normalised classifier: the backbone changed only through the adapter
+    (the embeddings as in the SFT model), the card tagged lora."""
+    from datasets import load_from_disk
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    pairs = load_from_disk(os.path.join(EMBEDDED, "preference_data"))["train"].select(range(40))
+    out, data = tmp_path / "out", str(tmp_path / "pref.jsonl")
+    pairs.to_json(data)
+    run_script(
+        *"reward_modeling.py --use-peft --lora-r 4 --lora-target-modules query_key_value --save-steps 1".split(),
+        *"--normalize-num-examples 16 --per-device-train-batch-size 12 --learning-rate 1e-2".split(),
+        *["--model-name-or-path", os.path.join(EMBEDDED, "sft_model"), "--dataset-name", data],
+        *["--normalize-dataset-name", os.path.join(EMBEDDED, "sft_data"), "--output-dir", str(out)],
+        env={**ONE_THREAD, "HF_DATASETS_CACHE": str(tmp_path / "cache")},
+    )
+    adapters = [load_file(str(out / f"checkpoints/checkpoint-{n}/model/adapter_model.safetensors")) for n in (2, 3)]
+    head = "base_model.model.score.weight"  # PEFT saves a modules_to_save copy under the module's own name
+    assert any("lora_A" in k for k in adapters[1]) and not torch.equal(adapters[0][head], adapters[1][head])
+    model = AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
+    sft_model = AutoModelForSequenceClassification.from_pretrained(os.path.join(EMBEDDED, "sft_model"))
+    weights, sft_weights = model.state_dict(), sft_model.state_dict()
+    assert not any("lora" in k for k in weights)
+    assert torch.equal(weights["gpt_neox.embed_in.weight"], sft_weights["gpt_neox.embed_in.weight"])
+    qkv = "gpt_neox.layers.0.attention.query_key_value.weight"
+    assert not torch.allclose(weights[qkv], sft_weights[qkv])  # the adapter, merged
+    assert torch.equal(adapters[1][head], weights["score.weight"])  # the head trained to the last step (3 in all)
+    seqs = [encode(tokenizer, r["prompt"], r["completion"]) for r in references(16)]
+    assert abs(hf_scores(model, seqs, tokenizer.pad_token_id).mean().item()) < 1e-3
+    assert "- lora" in open(out / "README.md").read()
+
+
 def test_sigkill_after_a_checkpoint_then_resume_latest_is_bitwise_identical(tmp_path):
     from datasets import DatasetDict, load_from_disk
 

@@ -212,6 +212,32 @@ def test_sft_tiny_run_saves_a_loadable_model_and_finite_eval_loss(tmp_path, exam
     assert trained_loss < base_loss - 0.5
 
 
+def test_text_column_trains_on_every_token_with_step_evaluation_for_half_an_epoch(tmp_path, examples, tokenizer):
+    """TRL's language-modelling format (a `text` column: nothing masked, EOS appended), --eval-strategy steps with
+    --eval-steps, and --num-train-epochs 0.5: half of the optimizer steps, rounded up."""
+    from datasets import Dataset
+
+    row = {"text": "Hello world, again."}
+    ids = tokenizer(row["text"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert sft.tokenize_row(tokenizer, row, "language modeling") == {"input_ids": ids, "labels": ids}
+    assert sft.sft_format(Dataset.from_list([row]), "d") == "language modeling"
+    texts = [{"text": r["prompt"] + r["completion"]} for r in examples.select(range(30))]  # 27 train, 3 held out
+    out = tmp_path / "out"
+    proc = run_script(
+        *"sft.py --num-train-epochs 0.5 --per-device-train-batch-size 3 --eval-strategy steps --eval-steps 2".split(),
+        *"--logging-steps 1 --num-sample-completions 1 --sample-max-new-tokens 2".split(),
+        *["--dataset-name", write_jsonl(tmp_path / "d.jsonl", texts), "--output-dir", str(out)],
+        *["--model-name-or-path", os.path.join(EMBEDDED, "base_model")],
+        env=ONE_THREAD,
+    )
+    assert "27 train / 3 eval examples (language modeling format)" in proc.stdout, proc.stdout[-2000:]
+    with open(out / "metrics.jsonl") as f:
+        metrics = [json.loads(line) for line in f]
+    assert [m["step"] for m in metrics if "train/loss" in m] == [1, 2, 3, 4, 5]  # 9 steps an epoch: 4.5, rounded up
+    assert [m["step"] for m in metrics if "eval/loss" in m] == [2, 4]  # every 2 steps, none at the epoch's end
+    assert all(math.isfinite(m["eval/loss"]) for m in metrics if "eval/loss" in m)
+
+
 def test_sigkill_after_a_checkpoint_then_resume_latest_is_bitwise_identical(tmp_path, examples):
     from datasets import DatasetDict, load_from_disk
 
@@ -285,6 +311,17 @@ BAD_INPUTS = {
     # reached; the load error names --dataset-name, which is the argument to change.
     "empty dataset": (empty_dataset, "--dataset-name", "could not load"),
     "missing train split": (lambda t: {"--dataset-train-split": "nope"}, "--dataset-train-split", "nope"),
+    "eval steps without the steps strategy": (
+        lambda t: {"--eval-steps": "5"},
+        "--eval-steps",
+        "--eval-strategy steps",
+    ),
+    "eval steps 0": (lambda t: {"--eval-strategy": "steps", "--eval-steps": "0"}, "--eval-steps", "positive"),
+    "text column of conversations": (
+        lambda t: {"--dataset-name": write_jsonl(t / "c.jsonl", [{"text": [{"role": "user", "content": "Hi."}]}])},
+        "--dataset-name",
+        "`text` must hold strings",
+    ),
     "model path missing": (
         lambda t: {"--model-name-or-path": str(t / "no_such_model")},
         "--model-name-or-path",
