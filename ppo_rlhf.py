@@ -1269,7 +1269,10 @@ def ppo_model_card(args: Args, rows: list) -> str:
         "\nThe value model is in `value_model/`; every logged row is in `metrics.jsonl`.\n"
     )
     name = os.path.basename(os.path.abspath(args.output_dir))
-    return model_card(name, args.sft_model_path, [args.dataset_name], ["ppo", "rlhf"], body)
+    usage = dict(
+        location=args.hub_model_id or args.output_dir, model_class="AutoModelForCausalLM", adapter=args.use_peft
+    )
+    return model_card(name, args.sft_model_path, [args.dataset_name], ["ppo", "rlhf"], body, usage)
 
 
 def write_output(run: Run, path: str, state_dict: dict) -> None:

@@ -424,7 +424,9 @@ def write_output(path: str, state_dict: dict, args: Args, model, tokenizer, metr
     )
     title = os.path.basename(os.path.abspath(args.output_dir))
     tags = ["reward-model", "rlhf"] + (["lora"] if args.use_peft else [])
-    write_run_files(path, args, metrics, model_card(title, args.model_name_or_path, datasets, tags, body))
+    # The LoRA adapter is merged before saving: the output is a plain sequence classifier either way.
+    usage = dict(location=args.hub_model_id or args.output_dir, model_class="AutoModelForSequenceClassification")
+    write_run_files(path, args, metrics, model_card(title, args.model_name_or_path, datasets, tags, body, usage))
 
 
 if __name__ == "__main__":

@@ -305,8 +305,14 @@ def write_output(path: str, state_dict: dict, args: Args, model, tokenizer, metr
     )
     title = os.path.basename(os.path.abspath(args.output_dir))
     tags = ["sft", "rlhf"] + (["lora"] if args.use_peft else [])
+    usage = dict(
+        location=args.hub_model_id or args.output_dir, model_class="AutoModelForCausalLM", adapter=args.use_peft
+    )
     write_run_files(
-        path, args, metrics_log, model_card(title, args.model_name_or_path, [args.dataset_name], tags, body)
+        path,
+        args,
+        metrics_log,
+        model_card(title, args.model_name_or_path, [args.dataset_name], tags, body, usage),
     )
 
 

@@ -1,13 +1,19 @@
 """Hugging Face Hub: model cards, checking --push-to-hub before training, uploading the output folder."""
 
+import json
 import os
+from typing import Optional
 
 from rlhf_utils.cli import fail
 
 
-def model_card(title: str, base_model: str, datasets: list, tags: list, body: str) -> str:
+def model_card(
+    title: str, base_model: str, datasets: list, tags: list, body: str, usage: Optional[dict] = None
+) -> str:
     """README.md of a saved model: the Hub's YAML metadata (what it indexes and filters by), then the text. Only
-    hub ids go into the metadata (the Hub cannot resolve a local folder); the body names local ones."""
+    hub ids go into the metadata (the Hub cannot resolve a local folder); the body names local ones. With `usage`
+    ({"location": hub id or folder, "model_class": transformers' Auto class, "adapter": bool}), the card also has
+    TRL's tags, the library an adapter needs (peft), a snippet that loads the model, and the framework versions."""
     from huggingface_hub import ModelCardData
 
     def hub_id(name):
@@ -15,10 +21,31 @@ def model_card(title: str, base_model: str, datasets: list, tags: list, body: st
         return None if not name or local else name
 
     hub_datasets = [d for d in datasets if hub_id(d)]
-    meta = ModelCardData(
-        library_name="transformers", tags=tags, base_model=hub_id(base_model), datasets=hub_datasets or None
-    )
+    library = "peft" if usage and usage.get("adapter") else "transformers"
+    if usage:  # the tags TRL's trainers put on their cards, so Hub filters written for them find these models
+        tags = list(dict.fromkeys([*tags, "trl", "generated_from_trainer"]))
+    meta = ModelCardData(library_name=library, tags=tags, base_model=hub_id(base_model), datasets=hub_datasets or None)
+    if usage:
+        body = body.rstrip("\n") + "\n\n" + usage_section(**usage)
     return f"---\n{meta.to_yaml()}\n---\n\n# {title}\n\n{body}"
+
+
+def usage_section(location: str, model_class: str, adapter: bool = False) -> str:
+    """How to load the saved model, and the versions it was trained with."""
+    import importlib.metadata
+
+    where = json.dumps(location)
+    if adapter:  # a LoRA adapter: PEFT loads the base named in adapter_config.json, then the adapter
+        model_class, module = model_class.replace("AutoModel", "AutoPeftModel"), "peft"
+    else:
+        module = "transformers"
+    code = (
+        f"from {module} import {model_class}\nfrom transformers import AutoTokenizer\n\n"
+        f"model = {model_class}.from_pretrained({where})\ntokenizer = AutoTokenizer.from_pretrained({where})\n"
+    )
+    packages = ["torch", "transformers", "accelerate", "datasets"] + (["peft"] if adapter else [])
+    versions = "".join(f"- {name}: {importlib.metadata.version(name)}\n" for name in packages)
+    return f"## Usage\n\n```python\n{code}```\n\n## Framework versions\n\n{versions}"
 
 
 def check_push_to_hub(repo_id: str) -> None:

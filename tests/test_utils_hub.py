@@ -71,3 +71,34 @@ def test_the_upload_is_the_folder_as_written_without_checkpoints(monkeypatch, tm
             },
         ),
     ]
+
+
+@pytest.mark.parametrize("adapter", [False, True], ids=["model", "lora-adapter"])
+def test_the_cards_usage_snippet_loads_the_saved_model_and_its_yaml_says_the_library(adapter, tmp_path):
+    """The card of a saved run carries TRL's tags, `library_name: peft` for an adapter, the framework versions and a
+    snippet that, run as it is, loads the model and its tokenizer."""
+    import os
+    import shutil
+
+    from helpers import EMBEDDED
+
+    folder = str(tmp_path / "run")
+    shutil.copytree(os.path.join(EMBEDDED, "sft_model"), folder)
+    shutil.copytree(os.path.join(EMBEDDED, "tokenizer"), folder, dirs_exist_ok=True)
+    if adapter:
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(os.path.join(EMBEDDED, "sft_model"))
+        get_peft_model(base, LoraConfig(r=2, target_modules=["query_key_value"])).save_pretrained(folder)
+    usage = dict(location=folder, model_class="AutoModelForCausalLM", adapter=adapter)
+    card = model_card("run", "EleutherAI/pythia-160m", [], ["sft"], "text\n", usage)
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["library_name"] == ("peft" if adapter else "transformers")
+    assert {"sft", "trl"} <= set(meta["tags"]) and meta["base_model"] == "EleutherAI/pythia-160m"
+    assert "## Framework versions" in card and "- transformers: " in card and ("- peft: " in card) == adapter
+    snippet = card.split("```python\n")[1].split("```")[0]
+    scope = {}
+    exec(snippet, scope)
+    assert type(scope["model"]).__name__ == ("PeftModelForCausalLM" if adapter else "GPTNeoXForCausalLM")
+    assert scope["tokenizer"]("TL;DR:")["input_ids"]
