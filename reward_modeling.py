@@ -518,7 +518,8 @@ if __name__ == "__main__":
         skip_batches = 0
         row = {**evaluate(model, eval_loader, accelerator), "epoch": epoch, "step": step}
         epochs.log_row(row, metrics_log, args.track, accelerator)
-        log(f"epoch {epoch}: {row} ({time.time() - start:.0f}s)")
+        shown = " ".join(f"{k} {v:.4g}" for k, v in row.items() if k.startswith("eval/"))
+        log(f"epoch {epoch}: {shown} ({time.time() - start:.0f}s)")
 
     if bar is not None:
         bar.close()

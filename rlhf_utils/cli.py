@@ -161,7 +161,8 @@ def unknown_flag_message(name: str, known) -> str:
 
 def parse_args(args_cls, argv: Optional[list] = None, description: Optional[str] = None):
     """The script's Args from the command line (default sys.argv[1:]): TRL's `--flag True` booleans as switches
-    (bool_flags_as_switches), and an unknown flag stopped with one line (unknown_flag_message) before tyro sees it."""
+    (bool_flags_as_switches), and an unknown flag stopped with one line (unknown_flag_message) before tyro sees it.
+    When stderr is not a terminal, the libraries' progress bars are turned off for this process."""
     import dataclasses
 
     import tyro
@@ -183,6 +184,10 @@ def parse_args(args_cls, argv: Optional[list] = None, description: Optional[str]
             i += 1 if eq else 2
             continue
         fail(name, unknown_flag_message(name, known))
+    if not sys.stderr.isatty():
+        # Piped logs keep one line per event: the libraries' bars (loading weights, writing shards, dataset maps) would
+        # add carriage-return redraws. tqdm takes TQDM_* variables as its defaults; our own bar passes its own.
+        os.environ.setdefault("TQDM_DISABLE", "1")
     return tyro.cli(args_cls, args=bool_flags_as_switches(kept, args_cls), description=description)
 
 

@@ -158,6 +158,12 @@ def load_for_training(model_class, args, config, tokenizer, resume_dir: Optional
     if resize and resume_dir:
         config.get_text_config().vocab_size = len(tokenizer)  # the checkpoint holds the resized embeddings
     path = os.path.join(resume_dir, "model") if resume_dir and not args.use_peft else args.model_name_or_path
+    if "SequenceClassification" in model_class.__name__ and path == args.model_name_or_path:
+        if not any("SequenceClassification" in name for name in config.architectures or []):
+            accelerator.print(
+                "note: the score head is new (randomly initialised), so transformers' LOAD REPORT below lists it as "
+                "missing: expected when a reward model starts from a language model"
+            )
     model = model_class.from_pretrained(
         path, config=config, trust_remote_code=args.trust_remote_code, **load_options(args)
     )

@@ -83,7 +83,13 @@ def progress_bar(total: int, unit: str, main_process: bool, initial: int = 0):
     # that reports 0 rows or columns (a fresh pseudo-terminal, some CI runners).
     size = shutil.get_terminal_size()
     return tqdm(
-        total=total, initial=initial, unit=unit, file=sys.stderr, ncols=max(size.columns, 60), nrows=max(size.lines, 2)
+        total=total,
+        initial=initial,
+        unit=unit,
+        file=sys.stderr,
+        ncols=max(size.columns, 60),
+        nrows=max(size.lines, 2),
+        disable=False,  # shown on a terminal whatever TQDM_DISABLE says (parse_args sets it for piped logs)
     )
 
 

@@ -2,6 +2,7 @@
 transformers' remote-code refusal as one line. Through each script's own command line: tests/test_ecosystem.py."""
 
 import dataclasses
+import os
 import sys
 
 import pytest
@@ -72,3 +73,28 @@ def test_a_remote_code_refusal_is_one_line_naming_the_flag(monkeypatch, capsys):
     assert other == []
     sys.excepthook(ValueError, ValueError("something else"), None)  # any other error: the usual traceback
     assert len(other) == 1 and str(other[0][1]) == "something else"
+
+
+@pytest.mark.parametrize("parsed", [True, False])
+def test_piped_runs_print_no_library_progress_bars(parsed):
+    """With stderr piped (a log file, CI), a script's start (parse_args) turns off the progress bars transformers and
+    datasets draw with carriage returns; without it the loading bar is there, so the check can fail."""
+    import subprocess
+    import sys
+
+    from helpers import EMBEDDED, ROOT
+
+    program = (
+        "import dataclasses, sys\n"
+        "from rlhf_utils.cli import parse_args\n"
+        "@dataclasses.dataclass\nclass A:\n    seed: int = 1\n"
+        + ("parse_args(A, [])\n" if parsed else "")
+        + "from transformers import AutoModelForCausalLM\n"
+        + f"AutoModelForCausalLM.from_pretrained({EMBEDDED + '/sft_model'!r})\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    proc = subprocess.run(
+        [sys.executable, "-c", program], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert ("%|" in proc.stderr) != parsed, proc.stderr[-2000:]
