@@ -10,13 +10,9 @@ The N+ implementation details recipe, with TRL's PPOTrainer flags. One PPO updat
 1. rollout: the policy samples a response to each prompt; the reward model scores prompt + response;
 2. reward: minus kl_coef x the per-token KL to the frozen SFT reference, plus the score at the response's end;
 3. advantages: GAE over the value model's values, whitened over the valid tokens;
-4. PPO epochs: clipped policy and value losses over random mini-batches, one optimizer step per mini-batch;
-5. logging, evaluation and checkpoints.
-Read top to bottom: the arguments and their checks, the algorithm's helpers (each small and tested), the policy and
-value model (the plain log-prob computation; rlhf_utils.speed gets the same numbers with less work, and
-`--no-length-grouping --no-chunked-logprobs` switches it off), generation and scoring, the setup the main block calls,
-then the main block. Plumbing that no fork changes (output folder, checkpoints, Hub, datasets, model loading and
-checks) lives in rlhf_utils/. The numbered "implementation details" in the README say where this departs from TRL.
+4. PPO epochs: clipped policy and value losses over random mini-batches, one optimizer step per mini-batch.
+Plumbing that no fork changes (output folder, checkpoints, Hub, datasets, model checks) lives in rlhf_utils/ (see
+docs/rlhf_utils.md); the numbered "implementation details" in the README say where this departs from TRL.
 """
 
 import contextlib
@@ -37,56 +33,20 @@ import torch.nn as nn
 import tyro
 
 from rlhf_utils.checkpoints import check_resume, load_checkpoint, write_checkpoint
-from rlhf_utils.cli import (
-    TRAINING_RANGES,
-    bool_flags_as_switches,
-    check_paths,
-    check_ranges,
-    explain_remote_code_errors,
-    fail,
-)
+from rlhf_utils.cli import TRAINING_RANGES, bool_flags_as_switches, check_paths, check_ranges, fail
+from rlhf_utils.cli import explain_remote_code_errors
 from rlhf_utils.data import column_kind, left_pad, load_splits, prompt_token_ids, prompts_for_update, right_pad_cat
 from rlhf_utils.hub import check_push_to_hub, run_model_card
-from rlhf_utils.models import (
-    add_pad_token,
-    backbone_and_head,
-    checked_configs,
-    gathered_for_generation,
-    is_adapter_folder,
-    load_model,
-    logit_transform,
-    model_config,
-    num_params,
-    transform_logits,
-)
-from rlhf_utils.outputs import (
-    claim_output_dir,
-    prepare_output_dir,
-    save_output,
-    save_policy,
-    split_state_dict,
-    write_run_files,
-)
+from rlhf_utils.models import add_pad_token, backbone_and_head, checked_configs, gathered_for_generation
+from rlhf_utils.models import is_adapter_folder, load_model, logit_transform, model_config, num_params
+from rlhf_utils.models import transform_logits
+from rlhf_utils.outputs import claim_output_dir, prepare_output_dir, save_output, save_policy, split_state_dict
+from rlhf_utils.outputs import write_run_files
 from rlhf_utils.processes import configure_deepspeed, make_accelerator, prepare_frozen, start_tracking
-from rlhf_utils.runs import (
-    Timer,
-    append_metrics,
-    end_run,
-    progress_bar,
-    reduce_stats,
-    show_samples,
-    stop_if_not_finite,
-    stop_on_signals,
-    stop_requested,
-)
-from rlhf_utils.speed import (
-    GROUP_OVERHEAD,
-    forward_in_chunks,
-    grouped_response_hidden,
-    in_position_chunks,
-    length_groups,
-    round_up,
-)
+from rlhf_utils.runs import Timer, append_metrics, end_run, progress_bar, reduce_stats, show_samples
+from rlhf_utils.runs import stop_if_not_finite, stop_on_signals, stop_requested
+from rlhf_utils.speed import GROUP_OVERHEAD, forward_in_chunks, grouped_response_hidden, in_position_chunks
+from rlhf_utils.speed import length_groups, round_up
 
 INVALID_LOGPROB = 1.0  # written at padded positions; both policy and reference get it, so their KL there is 0
 
@@ -361,24 +321,11 @@ def check_args(args: Args) -> Batches:
 # Resuming continues the checkpoint's run: only where and how often things are written, tracking and memory savers
 # may differ from the arguments it was written with; anything else would silently train another model (evaluation
 # settings too: evaluation draws from the sampling generator).
-MAY_CHANGE_ON_RESUME = {
-    "exp_name",
-    "track",
-    "wandb_project_name",
-    "wandb_entity",
-    "output_dir",
-    "overwrite_output_dir",
-    "push_to_hub",
-    "hub_model_id",
-    "trust_remote_code",
-    "logging_steps",
-    "save_steps",
-    "save_total_limit",
-    "resume_from_checkpoint",
-    "gradient_checkpointing",
-    "dataset_num_proc",
-    "merge_adapter_on_save",
-}
+MAY_CHANGE_ON_RESUME = set(
+    "exp_name track wandb_project_name wandb_entity output_dir overwrite_output_dir push_to_hub hub_model_id "
+    "trust_remote_code logging_steps save_steps save_total_limit resume_from_checkpoint gradient_checkpointing "
+    "dataset_num_proc merge_adapter_on_save".split()
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -547,28 +494,14 @@ class PolicyAndValue(nn.Module):
         self, query_responses, attention_mask, context_length: int, temperature: float, needed, policy=None
     ):
         """(log-probs, entropy) under the trained policy, or with the same settings under another (the reference)."""
+        inputs = (query_responses, attention_mask, context_length, temperature, needed)
         return policy_logprobs(
-            self.policy if policy is None else policy,
-            query_responses,
-            attention_mask,
-            context_length,
-            temperature,
-            needed,
-            self.overhead,
-            self.chunked,
-            self.multiple,
+            self.policy if policy is None else policy, *inputs, self.overhead, self.chunked, self.multiple
         )
 
     def value_forward(self, query_responses, attention_mask, context_length: int, needed) -> torch.Tensor:
-        hidden = grouped_response_hidden(
-            self.value_model.base_model,
-            query_responses,
-            attention_mask,
-            context_length,
-            needed,
-            self.overhead,
-            self.multiple,
-        )
+        inputs = (query_responses, attention_mask, context_length, needed, self.overhead, self.multiple)
+        hidden = grouped_response_hidden(self.value_model.base_model, *inputs)
         return self.value_model.score(hidden).squeeze(-1).float()
 
 

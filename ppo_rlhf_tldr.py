@@ -2,19 +2,20 @@
 
     python ppo_rlhf_tldr.py                     # the embedded tiny TL;DR task, offline, ~3 minutes on a laptop CPU
     accelerate launch --config_file benchmark/accelerate_configs/deepspeed_zero2.yaml ppo_rlhf_tldr.py \
-        --dataset-name trl-lib/tldr --dataset-test-split validation --output-dir models/minimal/ppo_tldr \
-        --learning-rate 3e-6 --per-device-train-batch-size 16 --gradient-accumulation-steps 4 \
-        --total-episodes 1000000 --model-name-or-path EleutherAI/pythia-1b-deduped \
-        --sft-model-path cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr \
-        --reward-model-path cleanrl/EleutherAI_pythia-1b-deduped__reward__tldr \
-        --local-rollout-forward-batch-size 16 --missing-eos-penalty 1.0 --stop-token eos \
-        --eval-strategy steps --eval-steps 100
+        --dataset-name trl-lib/tldr --model-name-or-path EleutherAI/pythia-1b-deduped --learning-rate 3e-6 \
+        --sft-model-path cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr --output-dir models/minimal/ppo_tldr \
+        --reward-model-path cleanrl/EleutherAI_pythia-1b-deduped__reward__tldr --total-episodes 1000000 \
+        --per-device-train-batch-size 16 --gradient-accumulation-steps 4 --local-rollout-forward-batch-size 16
 
-What differs from ppo_rlhf.py (`diff ppo_rlhf.py ppo_rlhf_tldr.py`): the data is trl-lib/tldr's `prompt`/`completion`
-format (plain-text prompts: the judges read TL;DR text, so conversational prompts are refused); prompts longer than
---max-prompt-length are dropped (and counted) and none may end with EOS; and a final
-evaluation on the whole --dataset-final-eval-split saves every generation (query, response, reference, score) to
-output_dir/eval_generations/, along with the same for the initial (SFT) policy, so a judge can compare them later.
+The N+ implementation details recipe, with TRL's PPOTrainer flags. One PPO update, in the main block at the end:
+1. rollout: the policy samples a response to each prompt; the reward model scores prompt + response;
+2. reward: minus kl_coef x the per-token KL to the frozen SFT reference, plus the score at the response's end;
+3. advantages: GAE over the value model's values, whitened over the valid tokens;
+4. PPO epochs: clipped policy and value losses over random mini-batches, one optimizer step per mini-batch.
+Plumbing that no fork changes (output folder, checkpoints, Hub, datasets, model checks) lives in rlhf_utils/ (see
+docs/rlhf_utils.md); the numbered "implementation details" in the README say where this departs from TRL.
+
+What differs from ppo_rlhf.py: TL;DR's `prompt`/`completion` rows; a final evaluation whose generations a judge reads.
 """
 
 import contextlib
@@ -36,64 +37,21 @@ import torch.nn as nn
 import tyro
 
 from rlhf_utils.checkpoints import check_resume, load_checkpoint, write_checkpoint
-from rlhf_utils.cli import (
-    TRAINING_RANGES,
-    bool_flags_as_switches,
-    check_paths,
-    check_ranges,
-    explain_remote_code_errors,
-    fail,
-)
-from rlhf_utils.data import (
-    column_kind,
-    left_pad,
-    load_any_dataset,
-    load_splits,
-    prompt_token_ids,
-    prompts_for_update,
-    right_pad_cat,
-)
+from rlhf_utils.cli import TRAINING_RANGES, bool_flags_as_switches, check_paths, check_ranges, fail
+from rlhf_utils.cli import explain_remote_code_errors
+from rlhf_utils.data import column_kind, left_pad, load_final_split, load_splits, prompt_token_ids
+from rlhf_utils.data import prompts_for_update, right_pad_cat
 from rlhf_utils.hub import check_push_to_hub, run_model_card
-from rlhf_utils.models import (
-    add_pad_token,
-    backbone_and_head,
-    checked_configs,
-    gathered_for_generation,
-    is_adapter_folder,
-    load_model,
-    logit_transform,
-    model_config,
-    num_params,
-    transform_logits,
-)
-from rlhf_utils.outputs import (
-    claim_output_dir,
-    prepare_output_dir,
-    save_output,
-    save_policy,
-    split_state_dict,
-    write_run_files,
-)
+from rlhf_utils.models import add_pad_token, backbone_and_head, checked_configs, gathered_for_generation
+from rlhf_utils.models import is_adapter_folder, load_model, logit_transform, model_config, num_params
+from rlhf_utils.models import transform_logits
+from rlhf_utils.outputs import claim_output_dir, prepare_output_dir, save_output, save_policy, split_state_dict
+from rlhf_utils.outputs import write_jsonl, write_run_files
 from rlhf_utils.processes import configure_deepspeed, make_accelerator, prepare_frozen, start_tracking
-from rlhf_utils.runs import (
-    Timer,
-    append_metrics,
-    end_run,
-    progress_bar,
-    reduce_stats,
-    show_samples,
-    stop_if_not_finite,
-    stop_on_signals,
-    stop_requested,
-)
-from rlhf_utils.speed import (
-    GROUP_OVERHEAD,
-    forward_in_chunks,
-    grouped_response_hidden,
-    in_position_chunks,
-    length_groups,
-    round_up,
-)
+from rlhf_utils.runs import Timer, append_metrics, end_run, progress_bar, reduce_stats, show_samples
+from rlhf_utils.runs import stop_if_not_finite, stop_on_signals, stop_requested
+from rlhf_utils.speed import GROUP_OVERHEAD, forward_in_chunks, grouped_response_hidden, in_position_chunks
+from rlhf_utils.speed import length_groups, round_up
 
 INVALID_LOGPROB = 1.0  # written at padded positions; both policy and reference get it, so their KL there is 0
 
@@ -374,24 +332,11 @@ def check_args(args: Args) -> Batches:
 # Resuming continues the checkpoint's run: only where and how often things are written, tracking and memory savers
 # may differ from the arguments it was written with; anything else would silently train another model (evaluation
 # settings too: evaluation draws from the sampling generator).
-MAY_CHANGE_ON_RESUME = {
-    "exp_name",
-    "track",
-    "wandb_project_name",
-    "wandb_entity",
-    "output_dir",
-    "overwrite_output_dir",
-    "push_to_hub",
-    "hub_model_id",
-    "trust_remote_code",
-    "logging_steps",
-    "save_steps",
-    "save_total_limit",
-    "resume_from_checkpoint",
-    "gradient_checkpointing",
-    "dataset_num_proc",
-    "merge_adapter_on_save",
-}
+MAY_CHANGE_ON_RESUME = set(
+    "exp_name track wandb_project_name wandb_entity output_dir overwrite_output_dir push_to_hub hub_model_id "
+    "trust_remote_code logging_steps save_steps save_total_limit resume_from_checkpoint gradient_checkpointing "
+    "dataset_num_proc merge_adapter_on_save".split()
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -560,28 +505,14 @@ class PolicyAndValue(nn.Module):
         self, query_responses, attention_mask, context_length: int, temperature: float, needed, policy=None
     ):
         """(log-probs, entropy) under the trained policy, or with the same settings under another (the reference)."""
+        inputs = (query_responses, attention_mask, context_length, temperature, needed)
         return policy_logprobs(
-            self.policy if policy is None else policy,
-            query_responses,
-            attention_mask,
-            context_length,
-            temperature,
-            needed,
-            self.overhead,
-            self.chunked,
-            self.multiple,
+            self.policy if policy is None else policy, *inputs, self.overhead, self.chunked, self.multiple
         )
 
     def value_forward(self, query_responses, attention_mask, context_length: int, needed) -> torch.Tensor:
-        hidden = grouped_response_hidden(
-            self.value_model.base_model,
-            query_responses,
-            attention_mask,
-            context_length,
-            needed,
-            self.overhead,
-            self.multiple,
-        )
+        inputs = (query_responses, attention_mask, context_length, needed, self.overhead, self.multiple)
+        hidden = grouped_response_hidden(self.value_model.base_model, *inputs)
         return self.value_model.score(hidden).squeeze(-1).float()
 
 
@@ -714,15 +645,8 @@ def load_prompts(args: Args, local_batch_size: int) -> tuple:
     train_data, eval_data, prompt_kind, split_note = load_splits(args, prompt_format)
     final_data = None
     if args.dataset_final_eval_split is not None:
-        splits = load_any_dataset(args.dataset_name)
-        final_data = splits.get(args.dataset_final_eval_split)
-        if final_data is None:  # the same rule as for evaluation: the held-out rows
-            final_data = eval_data
-            split_note += f"; the final evaluation uses them too (no {args.dataset_final_eval_split!r} split)"
-        elif len(final_data) == 0:
-            fail("dataset_name", f"split {args.dataset_final_eval_split!r} of {args.dataset_name!r} is empty")
-        else:
-            prompt_format(final_data, f"split {args.dataset_final_eval_split!r} of {args.dataset_name!r}")
+        final_data, note = load_final_split(args.dataset_name, args.dataset_final_eval_split, eval_data, prompt_format)
+        split_note += note
     if len(train_data) < local_batch_size:
         fail(
             "dataset_train_split",
@@ -762,24 +686,19 @@ def tokenize_prompts(
     def tokenize(batch):
         return {"input_ids": prompt_token_ids(tokenizer, batch["prompt"])}
 
+    # Prompt + response must fit the models' context (absolute positions would index past their table, rotary
+    # ones extrapolate): the limit is the smaller of the two.
+    limit = min(args.max_prompt_length, context - args.response_length) if context else args.max_prompt_length
+    reason = f"{limit} tokens (the models' context of {context} minus --response-length {args.response_length})"
+    reason = f"--max-prompt-length {limit}" if limit == args.max_prompt_length else reason
+
     def tokenize_and_filter(data, split: str) -> tuple:
-        """Token ids and reference completions of the prompts that fit in max_prompt_length, counted in the log."""
+        """Token ids and reference completions of the prompts that fit, counted in the log."""
         ids = data.map(tokenize, batched=True, num_proc=args.dataset_num_proc, keep_in_memory=True)["input_ids"]
         if any(len(x) and x[-1] == tokenizer.eos_token_id for x in ids):
-            fail(
-                "dataset_name",
-                f"some prompts of split {split!r} end with the EOS token; the policy would see a "
-                "finished text. Strip EOS from the prompts",
-            )
-        # Prompt + response must also fit the models' context (absolute positions would index past their table,
-        # rotary ones extrapolate).
-        limit = min(args.max_prompt_length, context - args.response_length) if context else args.max_prompt_length
+            advice = "the policy would see a finished text. Strip EOS from the prompts"
+            fail("dataset_name", f"some prompts of split {split!r} end with the EOS token; {advice}")
         keep = [i for i, x in enumerate(ids) if 0 < len(x) <= limit]
-        reason = (
-            f"--max-prompt-length {limit}"
-            if limit == args.max_prompt_length
-            else f"{limit} tokens (the models' context of {context} minus --response-length {args.response_length})"
-        )
         say(f"split {split!r}: dropped {len(ids) - len(keep)} of {len(ids)} prompts longer than {reason}")
         if not keep:
             fail("max_prompt_length", f"every prompt of split {split!r} is longer than {limit} tokens")
@@ -787,16 +706,12 @@ def tokenize_prompts(
 
     train_ids, _ = tokenize_and_filter(train_data, args.dataset_train_split)
     if len(train_ids) < b.local_batch_size:
-        fail(
-            "max_prompt_length",
-            f"only {len(train_ids)} prompts fit, fewer than one per-process batch of {b.local_batch_size}",
-        )
+        batch = f"one per-process batch of {b.local_batch_size}"
+        fail("max_prompt_length", f"only {len(train_ids)} prompts fit, fewer than {batch}")
     eval_data = eval_data.select(range(min(args.num_eval_prompts or len(eval_data), len(eval_data))))
     eval_ids, _ = tokenize_and_filter(eval_data, args.dataset_test_split)
-    final_ids, final_references = (
-        tokenize_and_filter(final_data, args.dataset_final_eval_split) if final_data else ([], [])
-    )
-    return train_ids, eval_ids, final_ids, final_references
+    final = tokenize_and_filter(final_data, args.dataset_final_eval_split) if final_data else ([], [])
+    return train_ids, eval_ids, *final
 
 
 def load_policy(args: Args, tokenizer, resume_dir: Optional[str]) -> tuple:
@@ -1080,14 +995,9 @@ def save_generations(run: Run, name: str, final_ids: list, final_references: lis
     metrics, rows = evaluate(run, final_ids)
     rows = sorted(gather_object(rows), key=lambda r: r["index"])
     if run.accelerator.is_main_process:
-        folder = os.path.join(run.args.output_dir, "eval_generations")
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, f"{name}.jsonl.tmp"), "w") as f:
-            for row in rows:
-                reference = final_references[row["index"]]
-                saved = {"query": row["query"], "response": row["response"], "reference": reference}
-                f.write(json.dumps({**saved, "score": row["score"]}) + "\n")
-        os.replace(os.path.join(folder, f"{name}.jsonl.tmp"), os.path.join(folder, f"{name}.jsonl"))
+        keys = ("query", "response", "reference", "score")
+        rows = [{k: final_references[r["index"]] if k == "reference" else r[k] for k in keys} for r in rows]
+        write_jsonl(os.path.join(run.args.output_dir, "eval_generations", f"{name}.jsonl"), rows)
     return {k.replace("eval/", f"{name}_eval/"): v for k, v in metrics.items()}
 
 
@@ -1216,7 +1126,6 @@ if __name__ == "__main__":
         global_episode, optimizer_steps = resume_state["global_episode"], resume_state["optimizer_steps"]
         first_update = resume_state["update"] + 1
         accelerator.print(f"resumed from {resume_dir}: continuing at update {first_update}, episode {global_episode}")
-
     if final_ids and args.eval_initial_policy and resume_state is None:
         log(run, {**save_generations(run, "initial", final_ids, final_references), "episode": 0, "update": 0})
     start_time, start_episode = time.time(), global_episode

@@ -250,3 +250,15 @@ def left_pad(sequences: list, pad_token_id: int, multiple: int = 1) -> tuple:
 def right_pad_cat(chunks: list, width: int, fill: int) -> torch.Tensor:
     """Row chunks of different widths (generation stops at different steps) right-padded to `width` and stacked."""
     return torch.cat([F.pad(c, (0, width - c.shape[1]), value=fill) for c in chunks])
+
+
+def load_final_split(name: str, split: str, fallback, check) -> tuple:
+    """Split `split` of the dataset `name` for a final evaluation, every row checked (check(rows, where), as in
+    load_splits), and a note for the log; a dataset without that split gives `fallback` (the evaluation rows)."""
+    rows = load_any_dataset(name).get(split)
+    if rows is None:  # the same rule as for evaluation: the held-out rows
+        return fallback, f"; the final evaluation uses them too (no {split!r} split)"
+    if len(rows) == 0:
+        fail("dataset_name", f"split {split!r} of {name!r} is empty")
+    check(rows, f"split {split!r} of {name!r}")
+    return rows, ""

@@ -272,7 +272,8 @@ def save_policy(
 
 
 def write_jsonl(path: str, rows: list) -> None:
-    """rows as JSON lines at path, all or nothing (written beside it, then renamed)."""
+    """rows as JSON lines at path (and its folder, if new), all or nothing (written beside it, then renamed)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path + ".tmp", "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
     os.replace(path + ".tmp", path)
