@@ -951,18 +951,8 @@ def save_checkpoint(run: Run, optimizer, scheduler, update: int, global_episode:
     def write(folder: str, state_dict: dict) -> None:
         write_models(run, state_dict, os.path.join(folder, "policy"), os.path.join(folder, "value_model"))
 
-    write_checkpoint(
-        run.args,
-        update,
-        state,
-        run.accelerator,
-        run.model,
-        optimizer,
-        scheduler,
-        run.zero_stage,
-        write,
-        run.sampling_generator,
-    )
+    training = (run.accelerator, run.model, optimizer, scheduler, run.zero_stage)
+    write_checkpoint(run.args, update, state, *training, write, run.sampling_generator)
 
 
 def write_output(run: Run, path: str, state_dict: dict) -> None:
