@@ -15,6 +15,7 @@ from rlhf_utils.data import (
     hold_out,
     left_pad,
     load_any_dataset,
+    load_final_split,
     pick_splits,
     prompt_order,
     prompts_for_update,
@@ -233,6 +234,9 @@ def test_left_pad():
     # a pad id that also appears inside a sequence is still attended there
     ids, mask = left_pad([[1, 2], [3]], pad_token_id=1)
     assert ids.tolist() == [[1, 2], [1, 3]] and mask.tolist() == [[1, 1], [0, 1]]
+    # a width rounded up to a multiple: more left padding, unattended
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_token_id=1, multiple=4)
+    assert ids.tolist() == [[1, 5, 6, 7], [1, 1, 1, 8]] and mask.tolist() == [[0, 1, 1, 1], [0, 0, 0, 1]]
 
 
 def test_prompt_order_is_a_permutation_determined_by_seed_and_epoch():
@@ -244,9 +248,6 @@ def test_prompt_order_is_a_permutation_determined_by_seed_and_epoch():
     assert torch.equal(a, prompt_order(50, seed=42, epoch=3))
     assert not torch.equal(a, prompt_order(50, seed=42, epoch=4))
     assert not torch.equal(a, prompt_order(50, seed=43, epoch=3))
-    # to a multiple of the width: more left padding, still unattended
-    ids, mask = left_pad([[5, 6, 7], [8]], pad_token_id=1, multiple=4)
-    assert ids.tolist() == [[1, 5, 6, 7], [1, 1, 1, 8]] and mask.tolist() == [[0, 1, 1, 1], [0, 0, 0, 1]]
 
 
 def test_prompts_for_update_splits_each_pass_over_processes_and_reshuffles_the_next():
@@ -268,3 +269,12 @@ def test_prompts_for_update_splits_each_pass_over_processes_and_reshuffles_the_n
 def test_right_pad_cat():
     out = right_pad_cat([torch.tensor([[1, 2]]), torch.tensor([[3], [4]])], 3, 0)
     assert out.tolist() == [[1, 2, 0], [3, 0, 0], [4, 0, 0]]
+
+
+def test_load_final_split_checks_its_rows_or_falls_back_to_the_evaluation_rows():
+    prompts, checked = os.path.join(EMBEDDED, "prompts"), []
+    rows, note = load_final_split(prompts, "test", "eval rows", lambda data, where: checked.append(where))
+    assert len(rows) > 0 and "prompt" in rows.column_names and note == ""
+    assert checked == [f"split 'test' of {prompts!r}"]
+    rows, note = load_final_split(prompts, "final", "eval rows", lambda data, where: checked.append(where))
+    assert rows == "eval rows" and "(no 'final' split)" in note and len(checked) == 1

@@ -5,7 +5,7 @@ import pytest
 from helpers import EMBEDDED
 from transformers import AutoTokenizer, GPT2Config, GPTNeoXConfig, LlamaConfig, PretrainedConfig
 
-from rlhf_utils.models import add_pad_token, context_length
+from rlhf_utils.models import add_pad_token, checked_configs, context_length
 
 
 @pytest.mark.parametrize("pad", [None, "eos"])
@@ -28,3 +28,16 @@ def test_context_length_is_the_position_table_or_the_rotary_training_length():
     assert context_length(GPTNeoXConfig(max_position_embeddings=99)) == 99
     assert context_length(LlamaConfig(max_position_embeddings=4096)) == 4096
     assert context_length(PretrainedConfig()) is None  # a config that states neither
+
+
+def test_checked_configs_reads_every_model_and_wants_room_for_a_prompt():
+    import os
+
+    sft, reward = os.path.join(EMBEDDED, "sft_model"), os.path.join(EMBEDDED, "reward_model")
+    tokenizer = AutoTokenizer.from_pretrained(sft)
+    models = {"sft_model_path": (sft, False), "reward_model_path": (reward, True)}
+    configs, context = checked_configs(models, tokenizer, sft, False, 8)
+    assert set(configs) == set(models) and configs["reward_model_path"].num_labels == 1
+    assert context == min(context_length(c) for c in configs.values())
+    with pytest.raises(SystemExit, match="--response-length: .* leave no room for a prompt"):
+        checked_configs(models, tokenizer, sft, False, context)
