@@ -219,8 +219,8 @@ def gathered_for_generation(engine, module: nn.Module, gather: bool):
 
 
 def checked_configs(models: dict, tokenizer, tokenizer_path: str, trust_remote_code: bool, response_length: int):
-    """models: {argument: (path, scalar)}, the policy first (scalar: a reward or value model, one output). Every config
-    checked by checked_config before any weights load (a policy given as a LoRA adapter folder: its base model's);
+    """models: {argument: (path or None, scalar)}, the policy first (scalar: a reward or value model, one output). Every
+    config checked by checked_config before any weights load (a policy given as a LoRA adapter folder: its base model's);
     prompt + response_length must fit the smallest context, and the policy must not transform its logits in a way the
     scripts do not reproduce. Returns ({argument: config}, the smallest context or None)."""
     import json
@@ -229,6 +229,8 @@ def checked_configs(models: dict, tokenizer, tokenizer_path: str, trust_remote_c
 
     configs, config_paths = {}, {}
     for arg, (path, scalar) in models.items():
+        if path is None:  # a model the run goes without
+            continue
         config_paths[arg] = path
         if not scalar and is_adapter_folder(path):
             with open(os.path.join(path, "adapter_config.json")) as f:

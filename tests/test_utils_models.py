@@ -35,9 +35,9 @@ def test_checked_configs_reads_every_model_and_wants_room_for_a_prompt():
 
     sft, reward = os.path.join(EMBEDDED, "sft_model"), os.path.join(EMBEDDED, "reward_model")
     tokenizer = AutoTokenizer.from_pretrained(sft)
-    models = {"sft_model_path": (sft, False), "reward_model_path": (reward, True)}
+    models = {"sft_model_path": (sft, False), "reward_model_path": (reward, True), "value_model_path": (None, True)}
     configs, context = checked_configs(models, tokenizer, sft, False, 8)
-    assert set(configs) == set(models) and configs["reward_model_path"].num_labels == 1
+    assert set(configs) == {"sft_model_path", "reward_model_path"} and configs["reward_model_path"].num_labels == 1
     assert context == min(context_length(c) for c in configs.values())
     with pytest.raises(SystemExit, match="--response-length: .* leave no room for a prompt"):
         checked_configs(models, tokenizer, sft, False, context)
