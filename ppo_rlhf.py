@@ -10,13 +10,9 @@ The N+ implementation details recipe, with TRL's PPOTrainer flags. One PPO updat
 1. rollout: the policy samples a response to each prompt; the reward model (or --reward-funcs) scores it;
 2. reward: minus kl_coef x the per-token KL to the frozen SFT reference, plus the score at the response's end;
 3. advantages: GAE over the value model's values, whitened over the valid tokens;
-4. PPO epochs: clipped policy and value losses over random mini-batches, one optimizer step per mini-batch;
-5. logging, evaluation and checkpoints.
-Read top to bottom: the arguments and their checks, the algorithm's helpers (each small and tested), the policy and
-value model (the plain log-prob computation; rlhf_utils.speed gets the same numbers with less work, and
-`--no-length-grouping --no-chunked-logprobs` switches it off), generation and scoring, the setup the main block calls,
-then the main block. Plumbing that no fork changes (output folder, checkpoints, Hub, datasets, model loading and
-checks) lives in rlhf_utils/. The numbered "implementation details" in the README say where this departs from TRL.
+4. PPO epochs: clipped policy and value losses over random mini-batches, one optimizer step per mini-batch.
+Plumbing that no fork changes (output folder, checkpoints, Hub, datasets, model checks) lives in rlhf_utils/ (see
+docs/rlhf_utils.md); the numbered "implementation details" in the README say where this departs from TRL.
 """
 
 import contextlib
@@ -26,66 +22,33 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from rlhf_utils.checkpoints import check_resume, load_checkpoint, write_checkpoint
-from rlhf_utils.cli import (
-    TRAINING_RANGES,
-    check_paths,
-    check_ranges,
-    check_trl_flags,
-    explain_remote_code_errors,
-    fail,
-    parse_args,
-    warmup_steps,
-)
-from rlhf_utils.data import column_kind, load_splits, render_chat
-from rlhf_utils.hub import check_push_to_hub, model_card
-from rlhf_utils.models import (
-    add_pad_token,
-    backbone_and_head,
-    checked_config,
-    context_length,
-    eos_token_ids,
-    gathered_for_generation,
-    is_adapter_folder,
-    load_model,
-    load_options,
-    logit_transform,
-    model_config,
-    num_params,
-    transform_logits,
-    unsupported_logit_transform,
-)
-from rlhf_utils.outputs import claim_output_dir, prepare_output_dir, save_output, write_run_files
-from rlhf_utils.processes import make_accelerator, start_tracking
+from rlhf_utils.cli import TRAINING_RANGES, check_paths, check_ranges, check_trl_flags, explain_remote_code_errors
+from rlhf_utils.cli import fail, parse_args, warmup_steps
+from rlhf_utils.data import column_kind, left_pad, load_splits, prompt_token_ids, prompts_for_update, right_pad_cat
+from rlhf_utils.hub import check_push_to_hub, run_model_card
+from rlhf_utils.models import add_pad_token, backbone_and_head, checked_configs, eos_token_ids, gathered_for_generation
+from rlhf_utils.models import is_adapter_folder, load_model, load_options, logit_transform, model_config, num_params
+from rlhf_utils.models import transform_logits
+from rlhf_utils.outputs import claim_output_dir, prepare_output_dir, save_output, save_policy, split_state_dict
+from rlhf_utils.outputs import write_jsonl, write_run_files
+from rlhf_utils.processes import configure_deepspeed, make_accelerator, prepare_frozen, start_tracking
 from rlhf_utils.rewards import call_reward_funcs, load_reward_funcs, weighted_sum
-from rlhf_utils.runs import (
-    Timer,
-    end_run,
-    progress_bar,
-    show_samples,
-    stop_if_not_finite,
-    stop_on_signals,
-    stop_requested,
-)
-from rlhf_utils.speed import (
-    GROUP_OVERHEAD,
-    forward_in_chunks,
-    grouped_response_hidden,
-    in_position_chunks,
-    length_groups,
-    round_up,
-)
+from rlhf_utils.runs import append_metrics, end_run, progress_bar, reduce_stats, show_samples, stop_if_not_finite
+from rlhf_utils.runs import stop_on_signals, stop_requested, Timer
+from rlhf_utils.speed import GROUP_OVERHEAD, forward_in_chunks, grouped_response_hidden, in_position_chunks
+from rlhf_utils.speed import length_groups, round_up
 
 INVALID_LOGPROB = 1.0  # written at padded positions; both policy and reference get it, so their KL there is 0
 
@@ -414,29 +377,12 @@ def check_args(args: Args, train_prompts: Optional[int] = None) -> Batches:
 # Resuming continues the checkpoint's run: only where and how often things are written, tracking and memory savers
 # may differ from the arguments it was written with; anything else would silently train another model (evaluation
 # settings too: evaluation draws from the sampling generator).
-MAY_CHANGE_ON_RESUME = {
-    "exp_name",
-    "track",
-    "wandb_project_name",
-    "wandb_entity",
-    "output_dir",
-    "overwrite_output_dir",
-    "push_to_hub",
-    "hub_model_id",
-    "trust_remote_code",
-    "logging_steps",
-    "save_steps",
-    "save_total_limit",
-    "resume_from_checkpoint",
-    "gradient_checkpointing",
-    "dataset_num_proc",
-    "merge_adapter_on_save",
-    "report_to",
-    "run_name",
-    "logging_first_step",
-    "save_strategy",
-    "num_train_epochs",  # what it sets, total_episodes, is checked: the budget may grow (budget_growth_problem)
-}
+MAY_CHANGE_ON_RESUME = set(
+    "exp_name track wandb_project_name wandb_entity output_dir overwrite_output_dir push_to_hub hub_model_id "
+    "trust_remote_code logging_steps save_steps save_total_limit resume_from_checkpoint gradient_checkpointing "
+    "dataset_num_proc merge_adapter_on_save report_to run_name logging_first_step save_strategy".split()
+)
+MAY_CHANGE_ON_RESUME.add("num_train_epochs")  # what it sets, total_episodes, is checked: the budget may grow
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -623,28 +569,14 @@ class PolicyAndValue(nn.Module):
         self, query_responses, attention_mask, context_length: int, temperature: float, needed, policy=None
     ):
         """(log-probs, entropy) under the trained policy, or with the same settings under another (the reference)."""
+        inputs = (query_responses, attention_mask, context_length, temperature, needed)
         return policy_logprobs(
-            self.policy if policy is None else policy,
-            query_responses,
-            attention_mask,
-            context_length,
-            temperature,
-            needed,
-            self.overhead,
-            self.chunked,
-            self.multiple,
+            self.policy if policy is None else policy, *inputs, self.overhead, self.chunked, self.multiple
         )
 
     def value_forward(self, query_responses, attention_mask, context_length: int, needed) -> torch.Tensor:
-        hidden = grouped_response_hidden(
-            self.value_model.base_model,
-            query_responses,
-            attention_mask,
-            context_length,
-            needed,
-            self.overhead,
-            self.multiple,
-        )
+        inputs = (query_responses, attention_mask, context_length, needed, self.overhead, self.multiple)
+        hidden = grouped_response_hidden(self.value_model.base_model, *inputs)
         return self.value_model.score(hidden).squeeze(-1).float()
 
 
@@ -740,34 +672,6 @@ def get_score(
     return scores
 
 
-def left_pad(sequences: list, pad_token_id: int, multiple: int = 1) -> tuple:
-    """Left-pad token-id lists into (input_ids, attention_mask), to a width that is a multiple of `multiple`."""
-    width = round_up(max(len(s) for s in sequences), multiple)
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    for i, s in enumerate(sequences):
-        input_ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-    attention_mask = torch.arange(width)[None, :] >= torch.tensor([width - len(s) for s in sequences])[:, None]
-    return input_ids, attention_mask.long()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Prompts: their tokens and their order
-
-
-def prompt_token_ids(tokenizer, prompts: list) -> list:
-    """Token ids of a column of prompts: strings as they are, without special tokens (as TRL's PPO did), and
-    conversations through the chat template with the assistant cue (add_generation_prompt=True)."""
-    if all(isinstance(p, str) for p in prompts):
-        return tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    return [render_chat(tokenizer, p, add_generation_prompt=True) for p in prompts]
-
-
-def prompt_order(num_prompts: int, seed: int, epoch: int) -> torch.Tensor:
-    """The shuffle of one pass over the prompts: a function of (seed, epoch) only, identical on every process,
-    so a resumed run draws exactly the prompts the uninterrupted run would."""
-    return torch.randperm(num_prompts, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Setup, models, evaluation and saving: what the main block calls around the PPO loop
 
@@ -795,8 +699,8 @@ def load_prompts(args: Args, local_batch_size: int) -> tuple:
 
 
 def check_model_configs(args: Args, tokenizer, prompt_kind: str) -> tuple:
-    """From the configs and saved tokenizers only, before any weights load: every model reads the policy
-    tokenizer's ids, and prompt + response fits every model's context. Returns (the smallest context or None,
+    """From the configs and saved tokenizers only, before any weights load (checked_configs): every model reads the
+    policy tokenizer's ids, and prompt + response fits every model's context. Returns (the smallest context or None,
     the reward model's reward_shift)."""
     if prompt_kind == "conversation" and not tokenizer.chat_template:
         fail(
@@ -805,41 +709,15 @@ def check_model_configs(args: Args, tokenizer, prompt_kind: str) -> tuple:
             "conversational prompts need; use an instruct model's tokenizer, set "
             "tokenizer.chat_template and save it, or give the prompts as strings",
         )
-    sft_config_path = args.sft_model_path
-    if is_adapter_folder(args.sft_model_path):
-        with open(os.path.join(args.sft_model_path, "adapter_config.json")) as f:
-            sft_config_path = json.load(f)["base_model_name_or_path"]
-    value_model_path = args.value_model_path or args.reward_model_path or sft_config_path
-    configs = {}
-    for arg, path, config_path in (
-        ("sft_model_path", args.sft_model_path, sft_config_path),
-        ("reward_model_path", args.reward_model_path, args.reward_model_path),
-        ("value_model_path", value_model_path, value_model_path),
-    ):
-        if path is None:  # no reward model: rewards from --reward-funcs only
-            continue
-        scalar = arg != "sft_model_path"
-        configs[arg] = checked_config(
-            arg, path, config_path, tokenizer, args.model_name_or_path, args.trust_remote_code, scalar
-        )
+    models = {
+        "sft_model_path": (args.sft_model_path, False),
+        "reward_model_path": (args.reward_model_path, True),  # None: rewards from --reward-funcs only
+        "value_model_path": (args.value_model_path or args.reward_model_path or args.sft_model_path, True),
+    }
+    tokenizer_path, response_length = args.model_name_or_path, args.response_length
+    configs, context = checked_configs(models, tokenizer, tokenizer_path, args.trust_remote_code, response_length)
     # reward_modeling.py's normalisation, for architectures without a norm bias
-    reward_shift = float(getattr(configs.get("reward_model_path"), "reward_shift", 0.0))
-    context = min((c for c in map(context_length, configs.values()) if c), default=None)
-    if context is not None and args.response_length >= context:
-        fail(
-            "response_length",
-            f"{args.response_length} tokens leave no room for a prompt in the models' context of "
-            f"{context} tokens (max_position_embeddings); lower it",
-        )
-    model_type = unsupported_logit_transform(configs["sft_model_path"])
-    if model_type is not None:
-        fail(
-            "sft_model_path",
-            f"{sft_config_path!r} is a {model_type} model, whose forward transforms its logits in a way "
-            "this script does not reproduce (it would train on another distribution than the "
-            "model's); use another architecture",
-        )
-    return context, reward_shift
+    return context, float(getattr(configs.get("reward_model_path"), "reward_shift", 0.0))
 
 
 def tokenize_prompts(args: Args, tokenizer, train_data, eval_data, context: Optional[int], b: Batches, say) -> tuple:
@@ -873,20 +751,6 @@ def tokenize_prompts(args: Args, tokenizer, train_data, eval_data, context: Opti
             f"(context {context} minus the response); lower --response-length or use shorter prompts",
         )
     return train_rows, eval_rows
-
-
-def prompts_for_update(train_ids: list, update: int, seed: int, b: Batches, process_index: int) -> list:
-    """This process's prompts for a PPO update (1-based). The loader repeats forever, reshuffling each pass; the
-    position in the data is a function of the update number, so resuming needs no loader state."""
-    per_pass = len(train_ids) // b.batch_size
-    if per_pass:
-        epoch, index = divmod(update - 1, per_pass)
-        order = prompt_order(len(train_ids), seed, epoch)[index * b.batch_size : (index + 1) * b.batch_size]
-    else:  # fewer prompts than one global batch: a fresh shuffle per update, repeated to fill it
-        repeats = math.ceil(b.batch_size / len(train_ids))
-        order = prompt_order(len(train_ids), seed, update).repeat(repeats)[: b.batch_size]
-    mine = order[process_index * b.local_batch_size : (process_index + 1) * b.local_batch_size]
-    return [train_ids[i] for i in mine.tolist()]
 
 
 def load_policy(args: Args, tokenizer, resume_dir: Optional[str]) -> tuple:
@@ -938,52 +802,6 @@ def parameter_counts(args: Args, policy, value_model, reward_model, ref_policy) 
         f"parameters: policy {num_params(policy)} ({num_params(policy, True)} trained), value model "
         f"{num_params(value_model)}, reward model {num_params(reward_model)}, reference {reference}"
     )
-
-
-def configure_deepspeed(accelerator, args: Args, b: Batches, model: "PolicyAndValue") -> int:
-    """The PPO loop relies on these, whatever the launcher's config file says: one engine step per mini-batch,
-    clipping at --max-grad-norm, and (ZeRO-3) full weights gathered for saving loadable models. Returns the ZeRO
-    stage."""
-    ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
-    ds_config.update(
-        train_micro_batch_size_per_gpu=args.per_device_train_batch_size,
-        gradient_accumulation_steps=b.micro_per_mini,
-        gradient_clipping=args.max_grad_norm or 0.0,
-        train_batch_size=args.per_device_train_batch_size * b.micro_per_mini * b.world_size,
-    )
-    zero_stage = ds_config["zero_optimization"]["stage"]
-    if zero_stage == 3:
-        ds_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
-        # ZeRO-3 holds a shard of each weight, gathered by a collective around each module call: every process must
-        # make the same calls (one forward per batch, not a group count of its own), and the LM head's weight is
-        # only whole inside the head's own forward.
-        model.overhead, model.chunked = None, False
-    return zero_stage
-
-
-def prepare_frozen(frozen: nn.Module, accelerator, args: Args, zero_stage: Optional[int]) -> nn.Module:
-    """The reference and reward models are never trained: a copy on every process, or, under DeepSpeed, an
-    inference engine from an eval config built here (no optimizer; ZeRO-3 shards them like the trained models when
-    training uses ZeRO-3, else stage 0 keeps a full copy on each process)."""
-    if zero_stage is None:
-        return frozen.to(accelerator.device)
-    import deepspeed
-
-    eval_config = {
-        "train_micro_batch_size_per_gpu": args.per_device_train_batch_size,
-        "bf16": {"enabled": args.bf16},
-        "zero_optimization": {"stage": 0},
-    }
-    if zero_stage == 3:
-        zero = accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"]
-        eval_config["zero_optimization"] = {
-            "stage": 3,
-            "stage3_param_persistence_threshold": zero.get("stage3_param_persistence_threshold", 1e5),
-            "offload_param": zero.get("offload_param", {"device": "none"}),
-        }
-    engine, *_ = deepspeed.initialize(model=frozen, config=eval_config)
-    engine.eval()
-    return engine
 
 
 @dataclass
@@ -1087,29 +905,8 @@ def rollout_forward(run: Run, query_responses, attention_mask, context_length: i
     return logprobs, ref_logprobs, values
 
 
-def right_pad_cat(chunks: list, width: int, fill: int) -> torch.Tensor:
-    """Chunks stop generating at different steps: right-pad them to the widest before stacking."""
-    return torch.cat([F.pad(c, (0, width - c.shape[1]), value=fill) for c in chunks])
-
-
 # The PPO epochs' statistics: sums over valid tokens, then token-weighted averages (the token counts are the last two).
-PPO_STATS = (
-    "approxkl",
-    "pg_clipfrac",
-    "pg_loss",
-    "vf_loss",
-    "vf_clipfrac",
-    "entropy",
-    "ratio",
-    "ratio_squared",
-    "pg_tokens",
-    "vf_tokens",
-)
-
-
-def reduce_stats(accelerator, stats: dict, op: str) -> dict:
-    """Named statistics summed or averaged over processes, in one all-reduce."""
-    return dict(zip(stats, accelerator.reduce(torch.stack(list(stats.values())), op)))
+PPO_STATS = "approxkl pg_clipfrac pg_loss vf_loss vf_clipfrac entropy ratio ratio_squared pg_tokens vf_tokens".split()
 
 
 @torch.no_grad()
@@ -1175,14 +972,8 @@ def evaluate(run: Run, prompt_rows: list) -> tuple:
 
 
 def log(run: Run, row: dict) -> None:
-    if not run.accelerator.is_main_process:
-        return
-    with open(run.metrics_path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-    if run.args.track:
-        import wandb
-
-        wandb.log({("train/" + k if not k.startswith("eval/") else k): v for k, v in row.items()})
+    if run.accelerator.is_main_process:
+        append_metrics(run.metrics_path, row, run.args.track)
 
 
 def print_samples(run: Run, rows: list, update: int) -> None:
@@ -1193,99 +984,66 @@ def print_samples(run: Run, rows: list, update: int) -> None:
     show_samples(f"sample completions after update {update}", columns, table, run.args.track, {"query": 200})
 
 
-def split_state_dict(state_dict: dict) -> dict:
-    """PolicyAndValue's state dict as {"policy": ..., "value_model": ...}, each as its model saves it."""
-    return {
-        name: {k[len(name) + 1 :]: v for k, v in state_dict.items() if k.startswith(name + ".")}
-        for name in ("policy", "value_model")
-    }
-
-
-def save_policy(run: Run, path: str, state_dict: dict, merge: bool = False) -> None:
-    """The policy as from_pretrained loads it: its weights or, with LoRA, the trained adapter (and with merge, the
-    adapter merged into a plain copy of the base model, in path/merged)."""
-    policy = run.unwrapped.policy
-    if not run.args.use_peft:
-        policy.save_pretrained(path, state_dict=state_dict)
-        return
-    from peft import PeftModel, get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    adapter_name = run.args.model_adapter_name or "default"
-    os.makedirs(path, exist_ok=True)
-    adapter = get_peft_model_state_dict(policy, state_dict, adapter_name)
-    save_file({k: v.contiguous() for k, v in adapter.items()}, os.path.join(path, "adapter_model.safetensors"))
-    policy.peft_config[adapter_name].save_pretrained(path)
-    if merge:
-        # A fresh copy of the base on this process only: under ZeRO-3 the live weights are shards, and transformers
-        # must not load it with zero.Init (a collective), so its DeepSpeed config is unset meanwhile.
-        from transformers import AutoModelForCausalLM
-        from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
-
-        unset_hf_deepspeed_config()
-        base = AutoModelForCausalLM.from_pretrained(run.base_path, trust_remote_code=run.args.trust_remote_code)
-        if run.zero_stage is not None:
-            set_hf_deepspeed_config(run.accelerator.state.deepspeed_plugin.dschf)
-        PeftModel.from_pretrained(base, path).merge_and_unload().save_pretrained(os.path.join(path, "merged"))
-        run.tokenizer.save_pretrained(os.path.join(path, "merged"))
+def write_models(run: Run, state_dict: dict, policy_dir: str, value_dir: str, merge: bool = False) -> None:
+    """The policy (as from_pretrained loads it, or with LoRA its adapter; with merge, also merged into its base model,
+    in policy_dir/merged) and the value model."""
+    args, split = run.args, split_state_dict(state_dict, ("policy", "value_model"))
+    adapter_name = (args.model_adapter_name or "default") if args.use_peft else None
+    merge_base = run.base_path if merge else None
+    deepspeed = run.accelerator.state.deepspeed_plugin.dschf if merge and run.zero_stage is not None else None
+    policy_args = (adapter_name, merge_base, run.tokenizer, args.trust_remote_code, deepspeed)
+    save_policy(run.unwrapped.policy, policy_dir, split["policy"], *policy_args)
+    run.unwrapped.value_model.save_pretrained(value_dir, state_dict=split["value_model"])
 
 
 def save_checkpoint(run: Run, optimizer, scheduler, update: int, global_episode: int, optimizer_steps: int) -> None:
     """checkpoint-`update` (write_checkpoint): the policy (or its adapter), the value model and the counters."""
     counters = {"update": update, "global_episode": global_episode, "optimizer_steps": optimizer_steps}
     state = {**counters, "script": os.path.basename(__file__)}
-    write = functools.partial(write_models, run)
-    write_checkpoint(
-        run.args,
-        update,
-        state,
-        run.accelerator,
-        run.model,
-        optimizer,
-        scheduler,
-        run.zero_stage,
-        write,
-        run.sampling_generator,
-    )
+
+    def write(folder: str, state_dict: dict) -> None:
+        write_models(run, state_dict, os.path.join(folder, "policy"), os.path.join(folder, "value_model"))
+
+    training = (run.accelerator, run.model, optimizer, scheduler, run.zero_stage)
+    write_checkpoint(run.args, update, state, *training, write, run.sampling_generator)
 
 
-def write_models(run: Run, folder: str, state_dict: dict) -> None:
-    """The policy (as from_pretrained loads it, or its adapter) in folder/policy and the value model in
-    folder/value_model."""
-    split = split_state_dict(state_dict)
-    save_policy(run, os.path.join(folder, "policy"), split["policy"])
-    run.unwrapped.value_model.save_pretrained(os.path.join(folder, "value_model"), state_dict=split["value_model"])
+def save_generations(run: Run, name: str, eval_rows: list) -> dict:
+    """Evaluate on eval_rows and write every generation (the query, the response, the row's reference `completion`
+    where it has one, the score) to output_dir/eval_generations/<name>.jsonl, for a judge; returns the metrics."""
+    from accelerate.utils import gather_object
 
-
-def ppo_model_card(args: Args, rows: list) -> str:
-    final = {k: v for row in rows for k, v in row.items()}  # each metric's last logged value
-    metrics = "".join(f"| {k} | {v:.4g} |\n" for k, v in final.items() if isinstance(v, (int, float)))
-    body = (
-        f"A PPO-RLHF policy trained with `{os.path.basename(__file__)}` from `{args.sft_model_path}` against "
-        f"`{args.reward_model_path}`.\n\n"
-        f"## Command\n\n```\npython {' '.join(sys.argv)}\n```\n\n"
-        f"## Arguments\n\n```json\n{json.dumps(asdict(args), indent=2)}\n```\n\n"
-        f"## Final metrics\n\n| metric | value |\n|---|---|\n{metrics}"
-        "\nThe value model is in `value_model/`; every logged row is in `metrics.jsonl`.\n"
-    )
-    name = os.path.basename(os.path.abspath(args.output_dir))
-    usage = dict(
-        location=args.hub_model_id or args.output_dir, model_class="AutoModelForCausalLM", adapter=args.use_peft
-    )
-    return model_card(name, args.sft_model_path, [args.dataset_name], ["ppo", "rlhf"], body, usage)
+    metrics, rows = evaluate(run, eval_rows)
+    rows = sorted(gather_object(rows), key=lambda r: r["index"])
+    if run.accelerator.is_main_process:
+        saved = []
+        for row in rows:
+            reference = {"reference": eval_rows[row["index"]]["completion"]} if "completion" in eval_rows[0] else {}
+            saved.append({"query": row["query"], "response": row["response"], **reference, "score": row["score"]})
+        write_jsonl(os.path.join(run.args.output_dir, "eval_generations", f"{name}.jsonl"), saved)
+    return {k.replace("eval/", f"{name}_eval/"): v for k, v in metrics.items()}
 
 
 def write_output(run: Run, path: str, state_dict: dict) -> None:
     """The policy (+ tokenizer, model card, metrics, args) at path and the value model in path/value_model."""
     args, tokenizer = run.args, run.tokenizer
-    split = split_state_dict(state_dict)
-    save_policy(run, path, split["policy"], merge=args.merge_adapter_on_save)
+    write_models(run, state_dict, path, os.path.join(path, "value_model"), merge=args.merge_adapter_on_save)
     tokenizer.save_pretrained(path)
-    run.unwrapped.value_model.save_pretrained(os.path.join(path, "value_model"), state_dict=split["value_model"])
     tokenizer.save_pretrained(os.path.join(path, "value_model"))
     with open(run.metrics_path) as f:
         rows = [json.loads(line) for line in f]
-    write_run_files(path, args, rows, ppo_model_card(args, rows))
+    summary = (
+        f"A PPO-RLHF policy trained with `{os.path.basename(__file__)}` from `{args.sft_model_path}` against "
+        + " and ".join([f"`{args.reward_model_path}`"] * bool(args.reward_model_path) + list(args.reward_funcs or []))
+        + "."
+    )
+    footer = "\nThe value model is in `value_model/`; every logged row is in `metrics.jsonl`.\n"
+    usage = dict(
+        location=args.hub_model_id or args.output_dir, model_class="AutoModelForCausalLM", adapter=args.use_peft
+    )
+    card = run_model_card(args, summary, args.sft_model_path, ["ppo", "rlhf"], rows, footer, usage)
+    write_run_files(path, args, rows, card)
+    shutil.copytree(os.path.join(args.output_dir, "eval_generations"), os.path.join(path, "eval_generations"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1392,15 +1150,22 @@ if __name__ == "__main__":
         num_warmup_steps=warmup_steps(args, b.num_total_batches),
         num_training_steps=b.num_total_batches,
     )
-    zero_stage = configure_deepspeed(accelerator, args, b, model) if is_deepspeed else None
+    if is_deepspeed:  # the PPO loop relies on one engine step per mini-batch, whatever the config file says
+        configure_deepspeed(accelerator, args.per_device_train_batch_size, b.micro_per_mini, args.max_grad_norm)
+    if zero_stage == 3:
+        # ZeRO-3 holds a shard of each weight, gathered by a collective around each module call: every process must
+        # make the same calls (one forward per batch, not a group count of its own), and the LM head's weight is
+        # only whole inside the head's own forward.
+        model.overhead, model.chunked = None, False
     model, optimizer = accelerator.prepare(model, optimizer)
+    frozen_settings = (accelerator, args.per_device_train_batch_size, args.bf16, zero_stage)
     run = Run(
         args=args,
         accelerator=accelerator,
         model=model,
         unwrapped=accelerator.unwrap_model(model),
-        ref_policy=prepare_frozen(ref_policy, accelerator, args, zero_stage) if ref_policy is not None else None,
-        reward_model=prepare_frozen(reward_model, accelerator, args, zero_stage) if reward_model is not None else None,
+        ref_policy=prepare_frozen(ref_policy, *frozen_settings) if ref_policy is not None else None,
+        reward_model=prepare_frozen(reward_model, *frozen_settings) if reward_model is not None else None,
         reward_funcs=reward_funcs,
         reward_weights=args.reward_weights or [1.0] * ((reward_model is not None) + len(reward_funcs)),
         tokenizer=tokenizer,
@@ -1419,6 +1184,7 @@ if __name__ == "__main__":
         f"{b.batch_size} episodes ({b.world_size} processes x {b.local_batch_size})"
     )
 
+    batch_sizes = (b.batch_size, b.local_batch_size)  # the prompts of an update, all processes and this one
     sample_every = max(b.num_total_batches // args.num_sample_generations, 1) if args.num_sample_generations else 0
     global_episode, optimizer_steps, first_update = 0, 0, 1
     if resume_state is not None:
@@ -1434,7 +1200,7 @@ if __name__ == "__main__":
     )
     say = bar.write if bar is not None else accelerator.print  # printed lines stay above the bar
     for update in range(first_update, b.num_total_batches + 1):
-        rows = prompts_for_update(train_rows, update, args.seed, b, accelerator.process_index)
+        rows = prompts_for_update(train_rows, update, args.seed, *batch_sizes, accelerator.process_index)
         global_episode += b.batch_size
         timer = Timer(generation=0.0, rollout_forward=0.0, training=0.0)
         update_start = time.time()
@@ -1658,5 +1424,9 @@ if __name__ == "__main__":
     if bar is not None:
         bar.close()
 
+    # The evaluation prompts' completions, saved for a judge (the TL;DR variant: its final split's)
+    final_metrics = save_generations(run, "final", eval_rows)
+    log(run, {**final_metrics, "episode": global_episode, "update": b.num_total_batches})
+    accelerator.print("final evaluation: " + " ".join(f"{k} {v:.3f}" for k, v in final_metrics.items()))
     save_output(args, accelerator, model, functools.partial(write_output, run), start_time, "policy and value model ")
     end_run(accelerator)

@@ -1,11 +1,17 @@
 """Datasets: any hub id, saved folder or data file; held-out rows; TRL's standard and conversational formats; the
-tokenizer the data goes through, checked against it."""
+tokenizer the data goes through, checked against it; the prompts of an RL loop (tokens, order, padding)."""
 
+import math
 import os
 from typing import Optional
 
+import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
+
 from rlhf_utils.cli import fail
 from rlhf_utils.models import add_pad_token, context_length
+from rlhf_utils.speed import round_up
 
 HOLD_OUT_EVERY = 10  # with no test split, the last training row and every 10th row before it are held out
 
@@ -202,3 +208,65 @@ def load_tokenizer(args, kind: str, columns: str) -> tuple:
             f"or give {columns} as strings",
         )
     return config, tokenizer, added_pad
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompts of an RL loop: their tokens, their order and their padding
+
+
+def prompt_token_ids(tokenizer, prompts: list) -> list:
+    """Token ids of a column of prompts: strings as they are, without special tokens (as TRL's PPO did), and
+    conversations through the chat template with the assistant cue (add_generation_prompt=True)."""
+    if all(isinstance(p, str) for p in prompts):
+        return tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    return [render_chat(tokenizer, p, add_generation_prompt=True) for p in prompts]
+
+
+def prompt_order(num_prompts: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffle of one pass over the prompts: a function of (seed, epoch) only, identical on every process,
+    so a resumed run draws exactly the prompts the uninterrupted run would."""
+    return torch.randperm(num_prompts, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def prompts_for_update(
+    train_ids: list, update: int, seed: int, batch_size: int, local_batch_size: int, process_index: int
+) -> list:
+    """This process's prompts for an update (1-based) of batch_size prompts over all processes. The loader repeats
+    forever, reshuffling each pass; the position in the data is a function of the update number, so resuming needs no
+    loader state."""
+    per_pass = len(train_ids) // batch_size
+    if per_pass:
+        epoch, index = divmod(update - 1, per_pass)
+        order = prompt_order(len(train_ids), seed, epoch)[index * batch_size : (index + 1) * batch_size]
+    else:  # fewer prompts than one global batch: a fresh shuffle per update, repeated to fill it
+        repeats = math.ceil(batch_size / len(train_ids))
+        order = prompt_order(len(train_ids), seed, update).repeat(repeats)[:batch_size]
+    mine = order[process_index * local_batch_size : (process_index + 1) * local_batch_size]
+    return [train_ids[i] for i in mine.tolist()]
+
+
+def left_pad(sequences: list, pad_token_id: int, multiple: int = 1) -> tuple:
+    """Left-pad token-id lists into (input_ids, attention_mask), to a width that is a multiple of `multiple`."""
+    tensors = [torch.tensor(s, dtype=torch.long) for s in sequences]
+    input_ids = pad_sequence(tensors, batch_first=True, padding_value=pad_token_id, padding_side="left")
+    width = round_up(input_ids.shape[1], multiple)
+    input_ids = F.pad(input_ids, (width - input_ids.shape[1], 0), value=pad_token_id)
+    attention_mask = torch.arange(width)[None, :] >= torch.tensor([width - len(s) for s in sequences])[:, None]
+    return input_ids, attention_mask.long()
+
+
+def right_pad_cat(chunks: list, width: int, fill: int) -> torch.Tensor:
+    """Row chunks of different widths (generation stops at different steps) right-padded to `width` and stacked."""
+    return torch.cat([F.pad(c, (0, width - c.shape[1]), value=fill) for c in chunks])
+
+
+def load_final_split(name: str, split: str, fallback, check, config: Optional[str] = None) -> tuple:
+    """Split `split` of the dataset `name` for a final evaluation, every row checked (check(rows, where), as in
+    load_splits), and a note for the log; a dataset without that split gives `fallback` (the evaluation rows)."""
+    rows = load_any_dataset(name, config).get(split)
+    if rows is None:  # the same rule as for evaluation: the held-out rows
+        return fallback, f"; the final evaluation uses them too (no {split!r} split)"
+    if len(rows) == 0:
+        fail("dataset_name", f"split {split!r} of {name!r} is empty")
+    check(rows, f"split {split!r} of {name!r}")
+    return rows, ""

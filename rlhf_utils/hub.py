@@ -2,6 +2,8 @@
 
 import json
 import os
+import sys
+from dataclasses import asdict
 from typing import Optional
 
 from rlhf_utils.cli import fail
@@ -86,3 +88,20 @@ def push_folder_to_hub(folder: str, repo_id: str) -> str:
         ignore_patterns=["checkpoints/**", ".*"],
         commit_message=f"upload {os.path.basename(os.path.abspath(folder))}",
     )
+
+
+def run_model_card(
+    args, summary: str, base_model: str, tags: list, rows: list, footer: str = "", usage: Optional[dict] = None
+) -> str:
+    """A trained model's card: the summary, the command, the arguments, each metric's last logged value in `rows`
+    (the metrics.jsonl rows) and the footer."""
+    final = {k: v for row in rows for k, v in row.items()}  # each metric's last logged value
+    metrics = "".join(f"| {k} | {v:.4g} |\n" for k, v in final.items() if isinstance(v, (int, float)))
+    body = (
+        f"{summary}\n\n"
+        f"## Command\n\n```\npython {' '.join(sys.argv)}\n```\n\n"
+        f"## Arguments\n\n```json\n{json.dumps(asdict(args), indent=2)}\n```\n\n"
+        f"## Final metrics\n\n| metric | value |\n|---|---|\n{metrics}{footer}"
+    )
+    name = os.path.basename(os.path.abspath(args.output_dir))
+    return model_card(name, base_model, [args.dataset_name], tags, body, usage)

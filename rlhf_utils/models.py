@@ -261,3 +261,42 @@ def load_options(args) -> dict:
     if args.model_revision is not None:
         options["revision"] = args.model_revision
     return options
+
+
+def checked_configs(models: dict, tokenizer, tokenizer_path: str, trust_remote_code: bool, response_length: int):
+    """models: {argument: (path or None, scalar)}, the policy first (scalar: a reward or value model, one output). Every
+    config checked by checked_config before any weights load (a policy given as a LoRA adapter folder: its base model's);
+    prompt + response_length must fit the smallest context, and the policy must not transform its logits in a way the
+    scripts do not reproduce. Returns ({argument: config}, the smallest context or None)."""
+    import json
+
+    from rlhf_utils.cli import fail
+
+    configs, config_paths = {}, {}
+    for arg, (path, scalar) in models.items():
+        if path is None:  # a model the run goes without
+            continue
+        config_paths[arg] = path
+        if is_adapter_folder(path):  # e.g. the value model starting from an SFT adapter's base
+            with open(os.path.join(path, "adapter_config.json")) as f:
+                config_paths[arg] = json.load(f)["base_model_name_or_path"]
+        configs[arg] = checked_config(
+            arg, path, config_paths[arg], tokenizer, tokenizer_path, trust_remote_code, scalar
+        )
+    context = min((c for c in map(context_length, configs.values()) if c), default=None)
+    if context is not None and response_length >= context:
+        fail(
+            "response_length",
+            f"{response_length} tokens leave no room for a prompt in the models' context of "
+            f"{context} tokens (max_position_embeddings); lower it",
+        )
+    policy = next(iter(models))
+    model_type = unsupported_logit_transform(configs[policy])
+    if model_type is not None:
+        fail(
+            policy,
+            f"{config_paths[policy]!r} is a {model_type} model, whose forward transforms its logits in a way "
+            "this script does not reproduce (it would train on another distribution than the "
+            "model's); use another architecture",
+        )
+    return configs, context

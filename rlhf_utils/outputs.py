@@ -226,3 +226,54 @@ def save_output(args, accelerator, model, write, start_time: float, what: str = 
             )
             accelerator.print(f"uploaded {args.output_dir} to {url}")
     accelerator.wait_for_everyone()
+
+
+def split_state_dict(state_dict: dict, names: tuple) -> dict:
+    """The state dict of a module holding several models as attributes: {name: that model's state dict, as the model
+    itself saves it}."""
+    return {name: {k[len(name) + 1 :]: v for k, v in state_dict.items() if k.startswith(name + ".")} for name in names}
+
+
+def save_policy(
+    policy,
+    path: str,
+    state_dict: dict,
+    adapter_name: Optional[str] = None,
+    merge_base: Optional[str] = None,
+    tokenizer=None,
+    trust_remote_code: bool = False,
+    deepspeed=None,
+) -> None:
+    """A causal LM as from_pretrained loads it: its weights or, with a LoRA adapter_name, the trained adapter only (and
+    with merge_base, the adapter merged into a plain copy of that base model, with the tokenizer, in path/merged).
+    deepspeed: the transformers DeepSpeed config to restore after the merge, or None."""
+    if adapter_name is None:
+        policy.save_pretrained(path, state_dict=state_dict)
+        return
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    adapter = get_peft_model_state_dict(policy, state_dict, adapter_name)
+    save_file({k: v.contiguous() for k, v in adapter.items()}, os.path.join(path, "adapter_model.safetensors"))
+    policy.peft_config[adapter_name].save_pretrained(path)
+    if merge_base:
+        # A fresh copy of the base on this process only: under ZeRO-3 the live weights are shards, and transformers
+        # must not load it with zero.Init (a collective), so its DeepSpeed config is unset meanwhile.
+        from transformers import AutoModelForCausalLM
+        from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        base = AutoModelForCausalLM.from_pretrained(merge_base, trust_remote_code=trust_remote_code)
+        if deepspeed is not None:
+            set_hf_deepspeed_config(deepspeed)
+        PeftModel.from_pretrained(base, path).merge_and_unload().save_pretrained(os.path.join(path, "merged"))
+        tokenizer.save_pretrained(os.path.join(path, "merged"))
+
+
+def write_jsonl(path: str, rows: list) -> None:
+    """rows as JSON lines at path (and its folder, if new), all or nothing (written beside it, then renamed)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    os.replace(path + ".tmp", path)

@@ -1,4 +1,5 @@
-"""Processes and tracking: the Accelerator of a launch, checked against a resumed checkpoint's layout; the W&B run."""
+"""Processes and tracking: the Accelerator of a launch, checked against a resumed checkpoint's layout; the W&B run;
+the DeepSpeed settings a training loop relies on and the frozen models' engines."""
 
 import os
 import sys
@@ -118,3 +119,45 @@ def check_launcher_processes(num_processes: int) -> None:
             f"launch --multi_gpu --num_processes {asked} --num_machines 1 --mixed_precision no --dynamo_backend no "
             "SCRIPT` (docs/scale_out.md)",
         )
+
+
+def configure_deepspeed(accelerator, micro_batch_size: int, accumulation_steps: int, max_grad_norm) -> int:
+    """What a training loop relies on under DeepSpeed, whatever the launcher's config file says: micro-batches of
+    micro_batch_size, one engine step per accumulation_steps backward passes, clipping at max_grad_norm, and (ZeRO-3)
+    full weights gathered for saving loadable models. Returns the ZeRO stage."""
+    ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+    ds_config.update(
+        train_micro_batch_size_per_gpu=micro_batch_size,
+        gradient_accumulation_steps=accumulation_steps,
+        gradient_clipping=max_grad_norm or 0.0,
+        train_batch_size=micro_batch_size * accumulation_steps * accelerator.num_processes,
+    )
+    zero_stage = ds_config["zero_optimization"]["stage"]
+    if zero_stage == 3:
+        ds_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    return zero_stage
+
+
+def prepare_frozen(frozen: torch.nn.Module, accelerator, micro_batch_size: int, bf16: bool, zero_stage: Optional[int]):
+    """A model that is never trained (a reference or reward model): a copy on every process, or, under DeepSpeed, an
+    inference engine from an eval config built here (no optimizer; ZeRO-3 shards it like the trained models when
+    training uses ZeRO-3, else stage 0 keeps a full copy on each process)."""
+    if zero_stage is None:
+        return frozen.to(accelerator.device)
+    import deepspeed
+
+    eval_config = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "bf16": {"enabled": bf16},
+        "zero_optimization": {"stage": 0},
+    }
+    if zero_stage == 3:
+        zero = accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"]
+        eval_config["zero_optimization"] = {
+            "stage": 3,
+            "stage3_param_persistence_threshold": zero.get("stage3_param_persistence_threshold", 1e5),
+            "offload_param": zero.get("offload_param", {"device": "none"}),
+        }
+    engine, *_ = deepspeed.initialize(model=frozen, config=eval_config)
+    engine.eval()
+    return engine

@@ -1,8 +1,9 @@
-"""The life of a run: stopping on signals at an update's end, ending processes cleanly, progress, W&B rows, timers
-and the stop on non-finite numbers."""
+"""The life of a run: stopping on signals at an update's end, ending processes cleanly, progress, W&B rows, timers,
+the stop on non-finite numbers, statistics reduced over processes and the metrics file."""
 
 import atexit
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -140,3 +141,19 @@ def show_samples(title: str, columns: list, rows: list, track: bool, widths: dic
         import wandb
 
         wandb.log({"samples": wandb.Table(columns=list(columns), data=[list(row) for row in rows])})
+
+
+def reduce_stats(accelerator, stats: dict, op: str) -> dict:
+    """Named statistics (0-d tensors) summed or averaged over processes, in one all-reduce."""
+    return dict(zip(stats, accelerator.reduce(torch.stack(list(stats.values())), op)))
+
+
+def append_metrics(metrics_path: str, row: dict, track: bool) -> None:
+    """One logged row: a line of metrics.jsonl, and under --track a W&B step (eval/* as they are, the rest as
+    train/*)."""
+    with open(metrics_path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    if track:
+        import wandb
+
+        wandb.log({("train/" + k if not k.startswith("eval/") else k): v for k, v in row.items()})

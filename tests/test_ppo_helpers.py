@@ -236,27 +236,6 @@ def test_sequence_logprobs_matches_manual_gather():
             assert out[b, t].item() == pytest.approx(expected.item(), abs=1e-5)
 
 
-def test_left_pad():
-    ids, mask = ppo_rlhf.left_pad([[5, 6, 7], [8], [9, 10]], pad_token_id=1)
-    assert ids.tolist() == [[5, 6, 7], [1, 1, 8], [1, 9, 10]]
-    assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
-    assert ids.dtype == torch.long
-    # a pad id that also appears inside a sequence is still attended there
-    ids, mask = ppo_rlhf.left_pad([[1, 2], [3]], pad_token_id=1)
-    assert ids.tolist() == [[1, 2], [1, 3]] and mask.tolist() == [[1, 1], [0, 1]]
-
-
-def test_prompt_order_is_a_permutation_determined_by_seed_and_epoch():
-    a = ppo_rlhf.prompt_order(50, seed=42, epoch=3)
-    assert sorted(a.tolist()) == list(range(50))
-    torch.manual_seed(123)  # the global RNG state does not matter
-    assert torch.equal(a, ppo_rlhf.prompt_order(50, seed=42, epoch=3))
-    torch.rand(10)
-    assert torch.equal(a, ppo_rlhf.prompt_order(50, seed=42, epoch=3))
-    assert not torch.equal(a, ppo_rlhf.prompt_order(50, seed=42, epoch=4))
-    assert not torch.equal(a, ppo_rlhf.prompt_order(50, seed=43, epoch=3))
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # model helpers on tiny random GPT-NeoX models
 

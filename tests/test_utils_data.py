@@ -1,20 +1,26 @@
 """rlhf_utils.data: reading any dataset (hub id, saved folder, data file), the train and test splits, the one
 hold-out rule, the check of a text column, and conversations through a chat template with the assistant turns
-labelled. What each script makes of its rows, end to end, is in tests/test_datasets.py."""
+labelled; the prompts of an RL loop (order, padding). What each script makes of its rows, end to end, is in tests/test_datasets.py."""
 
 import json
 import os
 
 import pytest
+import torch
 from datasets import Dataset
 from helpers import EMBEDDED, assistant, labelled_spans, user, write_jsonl
 
 from rlhf_utils.data import (
     column_kind,
     hold_out,
+    left_pad,
     load_any_dataset,
+    load_final_split,
     pick_splits,
+    prompt_order,
+    prompts_for_update,
     require_assistant,
+    right_pad_cat,
     tokenize_conversation,
 )
 
@@ -214,3 +220,61 @@ def test_a_template_whose_prefix_tokenises_differently_is_an_error(tokenizer):
     )
     with pytest.raises(ValueError, match="tokens before it change"):
         tokenize_conversation(tok, [user("Hi."), assistant(" Yes.")], 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the prompts of an RL loop: order and padding
+
+
+def test_left_pad():
+    ids, mask = left_pad([[5, 6, 7], [8], [9, 10]], pad_token_id=1)
+    assert ids.tolist() == [[5, 6, 7], [1, 1, 8], [1, 9, 10]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
+    assert ids.dtype == torch.long
+    # a pad id that also appears inside a sequence is still attended there
+    ids, mask = left_pad([[1, 2], [3]], pad_token_id=1)
+    assert ids.tolist() == [[1, 2], [1, 3]] and mask.tolist() == [[1, 1], [0, 1]]
+    # a width rounded up to a multiple: more left padding, unattended
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_token_id=1, multiple=4)
+    assert ids.tolist() == [[1, 5, 6, 7], [1, 1, 1, 8]] and mask.tolist() == [[0, 1, 1, 1], [0, 0, 0, 1]]
+
+
+def test_prompt_order_is_a_permutation_determined_by_seed_and_epoch():
+    a = prompt_order(50, seed=42, epoch=3)
+    assert sorted(a.tolist()) == list(range(50))
+    torch.manual_seed(123)  # the global RNG state does not matter
+    assert torch.equal(a, prompt_order(50, seed=42, epoch=3))
+    torch.rand(10)
+    assert torch.equal(a, prompt_order(50, seed=42, epoch=3))
+    assert not torch.equal(a, prompt_order(50, seed=42, epoch=4))
+    assert not torch.equal(a, prompt_order(50, seed=43, epoch=3))
+
+
+def test_prompts_for_update_splits_each_pass_over_processes_and_reshuffles_the_next():
+    prompts = [[i] for i in range(12)]
+
+    def update(u, rank):
+        return prompts_for_update(prompts, u, 7, batch_size=6, local_batch_size=3, process_index=rank)
+
+    first_pass = [update(u, rank) for u in (1, 2) for rank in (0, 1)]
+    assert sorted(p for chunk in first_pass for p in chunk) == prompts  # every prompt once per pass
+    order = prompt_order(12, 7, 0).tolist()
+    assert [p[0] for p in update(2, 1)] == order[9:12]
+    assert [p[0] for p in update(3, 0)] == prompt_order(12, 7, 1).tolist()[:3]  # the second pass: a new shuffle
+    # fewer prompts than a global batch: one shuffle of the update, repeated to fill it
+    few = prompts_for_update(prompts[:4], 5, 7, batch_size=6, local_batch_size=3, process_index=1)
+    assert [p[0] for p in few] == (prompt_order(4, 7, 5).tolist() * 2)[3:6]
+
+
+def test_right_pad_cat():
+    out = right_pad_cat([torch.tensor([[1, 2]]), torch.tensor([[3], [4]])], 3, 0)
+    assert out.tolist() == [[1, 2, 0], [3, 0, 0], [4, 0, 0]]
+
+
+def test_load_final_split_checks_its_rows_or_falls_back_to_the_evaluation_rows():
+    prompts, checked = os.path.join(EMBEDDED, "prompts"), []
+    rows, note = load_final_split(prompts, "test", "eval rows", lambda data, where: checked.append(where))
+    assert len(rows) > 0 and "prompt" in rows.column_names and note == ""
+    assert checked == [f"split 'test' of {prompts!r}"]
+    rows, note = load_final_split(prompts, "final", "eval rows", lambda data, where: checked.append(where))
+    assert rows == "eval rows" and "(no 'final' split)" in note and len(checked) == 1

@@ -5,7 +5,7 @@ import huggingface_hub
 import pytest
 import yaml
 
-from rlhf_utils.hub import check_push_to_hub, model_card, push_folder_to_hub
+from rlhf_utils.hub import check_push_to_hub, model_card, push_folder_to_hub, run_model_card
 
 
 def test_model_card_metadata_names_hub_ids():
@@ -102,3 +102,22 @@ def test_the_cards_usage_snippet_loads_the_saved_model_and_its_yaml_says_the_lib
     exec(snippet, scope)
     assert type(scope["model"]).__name__ == ("PeftModelForCausalLM" if adapter else "GPTNeoXForCausalLM")
     assert scope["tokenizer"]("TL;DR:")["input_ids"]
+
+
+def test_run_model_card_has_the_command_the_arguments_and_each_metrics_last_value(monkeypatch, tmp_path):
+    import dataclasses
+    import sys
+
+    @dataclasses.dataclass
+    class Args:
+        output_dir: str = str(tmp_path / "my_run")
+        dataset_name: str = "trl-lib/tldr"
+        learning_rate: float = 0.25
+
+    monkeypatch.setattr(sys, "argv", ["ppo_rlhf.py", "--learning-rate", "0.25"])
+    rows = [{"loss": 2.0, "note": "text"}, {"loss": 1.5}]
+    card = run_model_card(Args(), "A policy.", "EleutherAI/pythia-1b-deduped", ["ppo"], rows, "\nThe end.\n")
+    assert "# my_run\n\nA policy.\n" in card and "python ppo_rlhf.py --learning-rate 0.25" in card
+    assert '"learning_rate": 0.25' in card
+    assert "| loss | 1.5 |" in card and "| note |" not in card and card.endswith("|\n\nThe end.\n")
+    assert "base_model: EleutherAI/pythia-1b-deduped" in card and "trl-lib/tldr" in card

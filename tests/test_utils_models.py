@@ -5,7 +5,13 @@ import pytest
 from helpers import EMBEDDED
 from transformers import AutoTokenizer, GPT2Config, GPTNeoXConfig, LlamaConfig, PretrainedConfig
 
-from rlhf_utils.models import add_pad_token, context_length, logit_transform, unsupported_logit_transform
+from rlhf_utils.models import (
+    add_pad_token,
+    checked_configs,
+    context_length,
+    logit_transform,
+    unsupported_logit_transform,
+)
 
 
 @pytest.mark.parametrize("pad", [None, "eos"])
@@ -56,3 +62,16 @@ def test_a_logit_scale_left_unset_is_one_not_a_crash():
     assert logit_transform(config) == (1.0, None)
     assert logit_transform(AutoConfig.for_model("cohere", logit_scale=0.5)) == (0.5, None)
     assert logit_transform(AutoConfig.for_model("granite", logits_scaling=4.0)) == (0.25, None)
+
+
+def test_checked_configs_reads_every_model_and_wants_room_for_a_prompt():
+    import os
+
+    sft, reward = os.path.join(EMBEDDED, "sft_model"), os.path.join(EMBEDDED, "reward_model")
+    tokenizer = AutoTokenizer.from_pretrained(sft)
+    models = {"sft_model_path": (sft, False), "reward_model_path": (reward, True), "value_model_path": (None, True)}
+    configs, context = checked_configs(models, tokenizer, sft, False, 8)
+    assert set(configs) == {"sft_model_path", "reward_model_path"} and configs["reward_model_path"].num_labels == 1
+    assert context == min(context_length(c) for c in configs.values())
+    with pytest.raises(SystemExit, match="--response-length: .* leave no room for a prompt"):
+        checked_configs(models, tokenizer, sft, False, context)

@@ -10,9 +10,16 @@ import subprocess
 import sys
 
 import pytest
-from helpers import OFFLINE_ENV, ONE_THREAD, ROOT, files_under
+from helpers import EMBEDDED, OFFLINE_ENV, ONE_THREAD, ROOT, files_under
 
-from rlhf_utils.outputs import finish_interrupted_save, lock_output_dir, publish_output
+from rlhf_utils.outputs import (
+    finish_interrupted_save,
+    lock_output_dir,
+    publish_output,
+    save_policy,
+    split_state_dict,
+    write_jsonl,
+)
 
 # ---------------------------------------------------------------------------------------------------------------
 # the lock
@@ -226,3 +233,43 @@ def test_a_full_disk_during_the_final_save_keeps_the_previous_output(tmp_path):
     assert str(info.value.code).startswith("error: could not write the final output (OSError: [Errno 28] No space")
     assert files_under(out) == {"model.safetensors": b"previous"} and sorted(os.listdir(tmp_path)) == ["out"]
     assert os.listdir(out / "checkpoints") == ["checkpoint-2"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what the PPO scripts save: each model's part of a joint state dict, the policy or its adapter, JSON lines
+
+
+def test_split_state_dict_gives_each_model_its_own_keys():
+    state_dict = {"policy.a.weight": 1, "policy.b": 2, "value_model.score.weight": 3, "policyx.c": 4}
+    assert split_state_dict(state_dict, ("policy", "value_model")) == {
+        "policy": {"a.weight": 1, "b": 2},
+        "value_model": {"score.weight": 3},
+    }
+
+
+def test_write_jsonl_writes_every_row_and_leaves_no_temporary_file(tmp_path):
+    path = tmp_path / "new_folder" / "rows.jsonl"
+    write_jsonl(str(path), [{"a": 1}, {"b": "x"}])
+    assert path.read_text() == '{"a": 1}\n{"b": "x"}\n'
+    assert os.listdir(path.parent) == ["rows.jsonl"]
+
+
+def test_save_policy_writes_the_weights_or_the_adapter_and_its_merge(tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sft = os.path.join(EMBEDDED, "sft_model")
+    model = AutoModelForCausalLM.from_pretrained(sft)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    save_policy(model, str(tmp_path / "plain"), model.state_dict())
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "plain").state_dict()
+    assert all(torch.equal(reloaded[k], v) for k, v in expected.items())
+
+    lora = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["query_key_value"]))
+    tokenizer = AutoTokenizer.from_pretrained(sft)
+    save_policy(lora, str(tmp_path / "lora"), lora.state_dict(), "default", sft, tokenizer)
+    assert {"adapter_model.safetensors", "adapter_config.json", "merged"} <= set(os.listdir(tmp_path / "lora"))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "lora" / "merged").state_dict()
+    assert all(torch.equal(merged[k], v) for k, v in expected.items())  # LoRA's B starts at 0: the base itself
+    assert os.path.isfile(tmp_path / "lora" / "merged" / "tokenizer_config.json")

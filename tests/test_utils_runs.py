@@ -12,7 +12,15 @@ import pytest
 from helpers import ROOT, free_port
 
 from rlhf_utils import runs
-from rlhf_utils.runs import end_run, progress_bar, stop_on_signals, stop_requested, wandb_row
+from rlhf_utils.runs import (
+    append_metrics,
+    end_run,
+    progress_bar,
+    reduce_stats,
+    stop_on_signals,
+    stop_requested,
+    wandb_row,
+)
 
 # ---------------------------------------------------------------------------------------------------------------
 # stopping and ending
@@ -141,3 +149,27 @@ def test_wandb_names_follow_one_convention():
         "train/global_step": 4,
         "eval/loss": 2.0,
     }
+
+
+def test_reduce_stats_reduces_every_statistic_in_one_call_and_keeps_the_names():
+    import torch
+
+    class TwoSameProcesses:
+        calls = 0
+
+        def reduce(self, tensor, op):
+            self.calls += 1
+            return tensor * 2 if op == "sum" else tensor
+
+    accelerator = TwoSameProcesses()
+    out = reduce_stats(accelerator, {"a": torch.tensor(1.0), "b": torch.tensor(3.0)}, "sum")
+    assert list(out) == ["a", "b"] and out["a"].item() == 2.0 and out["b"].item() == 6.0
+    assert accelerator.calls == 1
+
+
+def test_append_metrics_adds_one_json_line_per_row(tmp_path):
+    path = str(tmp_path / "metrics.jsonl")
+    append_metrics(path, {"loss": 1.0}, track=False)
+    append_metrics(path, {"eval/score": 2.0}, track=False)
+    with open(path) as f:
+        assert f.read() == '{"loss": 1.0}\n{"eval/score": 2.0}\n'
