@@ -673,6 +673,23 @@ def test_pad_to_multiple_of_gives_the_same_metrics(runs):
 # saving and resuming
 
 
+@pytest.mark.slow
+@needs("base")
+def test_the_final_evaluations_completions_are_saved_for_a_judge(runs):
+    """ppo_rlhf.py, like the TL;DR variant, writes each evaluation prompt's completion and score to
+    eval_generations/final.jsonl in the output folder, and logs the final evaluation's metrics."""
+    run = runs["base"]().check()
+    with open(os.path.join(run.out, "eval_generations", "final.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    # --num-eval-prompts 8; the embedded prompts carry a reference `completion`, saved beside each response
+    assert len(rows) == 8 and all(list(r) == ["query", "response", "reference", "score"] for r in rows)
+    assert all(r["query"].endswith("TL;DR:") and isinstance(r["score"], float) for r in rows)
+    final = [r for r in run.rows if any(k.startswith("final_eval/") for k in r)]
+    assert len(final) == 1 and math.isclose(
+        final[0]["final_eval/score"], sum(r["score"] for r in rows) / 8, rel_tol=1e-5
+    )
+
+
 def state_dict(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
