@@ -35,7 +35,7 @@ import torch.nn as nn
 
 from rlhf_utils.checkpoints import check_resume, load_checkpoint, write_checkpoint
 from rlhf_utils.cli import TRAINING_RANGES, check_paths, check_ranges, check_trl_flags, explain_remote_code_errors
-from rlhf_utils.cli import fail, parse_args, warmup_steps
+from rlhf_utils.cli import fail, parse_args, TRLFlags, warmup_steps
 from rlhf_utils.data import column_kind, left_pad, load_splits, prompt_token_ids, prompts_for_update, right_pad_cat
 from rlhf_utils.hub import check_push_to_hub, run_model_card
 from rlhf_utils.models import add_pad_token, backbone_and_head, checked_configs, eos_token_ids, gathered_for_generation
@@ -54,7 +54,7 @@ INVALID_LOGPROB = 1.0  # written at padded positions; both policy and reference 
 
 
 @dataclass
-class Args:
+class Args(TRLFlags):
     """Fine-tune a causal language model with PPO against a reward model (RLHF)."""
 
     # common settings
@@ -219,33 +219,13 @@ class Args:
     merge_adapter_on_save: bool = False
     """also save the policy with the adapter merged into its weights, in output_dir/merged"""
 
-    # TRL's flags: TRL's names with TRL's meaning, mapped onto the settings above (README: "TRL's flags")
-    report_to: Optional[str] = None
-    """TRL: where to log: wandb or all (= --track; W&B is the only tracker here), none; None: --track decides"""
-    run_name: Optional[str] = None
-    """TRL: the W&B run's name; None: exp_name__seed__time"""
+    # TRL's flags whose meaning is this script's (the rest: rlhf_utils.cli.TRLFlags)
     num_train_epochs: Optional[float] = None
     """TRL: passes over the train prompts; given, total_episodes = int(epochs x train prompts) (TRL's rule)"""
-    warmup_steps: float = 0
-    """TRL: warmup steps of the schedule (below 1: a fraction of them); > 0 overrides --warmup-ratio (transformers)"""
-    torch_dtype: Optional[str] = None
-    """TRL: the dtype the models' weights load in (auto, float32, bfloat16, float16), apart from --bf16 autocast"""
-    dtype: Optional[str] = None
-    """TRL: the newer name of --torch-dtype (either may be given)"""
-    attn_implementation: Optional[str] = None
-    """TRL: the attention kernel the models load with (eager, sdpa, ...); None: transformers' choice"""
-    model_revision: Optional[str] = None
-    """TRL: the hub revision (branch, tag or commit) of the models and tokenizer; None: main"""
-    dataset_config: Optional[str] = None
-    """TRL: the configuration name of a hub dataset (load_dataset's second argument)"""
     per_device_eval_batch_size: Optional[int] = None
     """TRL: prompts per evaluation generation batch on each process; None: local_rollout_forward_batch_size"""
-    logging_first_step: bool = False
-    """TRL: also log the first PPO update"""
     optim: str = "adamw_torch_fused"
     """TRL: the optimizer: adamw_torch or adamw_torch_fused (one kernel for all parameters; DeepSpeed keeps its own)"""
-    save_strategy: str = "steps"
-    """TRL: steps (a checkpoint every --save-steps) or no (no checkpoints)"""
 
 
 @dataclass

@@ -3,6 +3,7 @@ argument errors that name the argument, remote-code errors explained."""
 
 import os
 import sys
+from dataclasses import dataclass
 from typing import Optional
 
 
@@ -217,3 +218,30 @@ def warmup_steps(args, total_steps: int) -> int:
     if 0 < args.warmup_steps < 1:
         return int(args.warmup_steps * total_steps)
     return int(args.warmup_steps) if args.warmup_steps > 0 else int(args.warmup_ratio * total_steps)
+
+
+@dataclass
+class TRLFlags:
+    """The flags of TRL's trainers that mean the same in every script here (README: "TRL's flags"), mapped onto the
+    scripts' own settings by check_trl_flags; each script's Args inherits them."""
+
+    report_to: Optional[str] = None
+    """TRL: where to log: wandb or all (= --track; W&B is the only tracker here), none; None: --track decides"""
+    run_name: Optional[str] = None
+    """TRL: the W&B run's name; None: exp_name__seed__time"""
+    warmup_steps: float = 0
+    """TRL: warmup steps of the schedule (below 1: a fraction of them); > 0 overrides --warmup-ratio (transformers)"""
+    torch_dtype: Optional[str] = None
+    """TRL: the dtype the models' weights load in (auto, float32, bfloat16, float16), apart from --bf16 autocast"""
+    dtype: Optional[str] = None
+    """TRL: the newer name of --torch-dtype (either may be given)"""
+    attn_implementation: Optional[str] = None
+    """TRL: the attention kernel the models load with (eager, sdpa, ...); None: transformers' choice"""
+    model_revision: Optional[str] = None
+    """TRL: the hub revision (branch, tag or commit) of the models and tokenizer; None: main"""
+    dataset_config: Optional[str] = None
+    """TRL: the configuration name of a hub dataset (load_dataset's second argument)"""
+    logging_first_step: bool = False
+    """TRL: also log the first optimizer step"""
+    save_strategy: str = "steps"
+    """TRL: steps (a checkpoint every --save-steps) or no (no checkpoints)"""

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from rlhf_utils.checkpoints import load_checkpoint, write_checkpoint
-from rlhf_utils.cli import check_paths, fail, warmup_steps
+from rlhf_utils.cli import TRLFlags, check_paths, fail, warmup_steps
 from rlhf_utils.hub import check_push_to_hub
 from rlhf_utils.models import disable_dropout, disable_dropout_in_config, load_options
 from rlhf_utils.processes import make_accelerator, start_tracking
@@ -23,7 +23,7 @@ from rlhf_utils.runs import stop_requested, stop_run, wandb_row
 
 
 @dataclass
-class EpochArgs:
+class EpochArgs(TRLFlags):
     """The arguments sft.py and reward_modeling.py share (their Args add the data, the model and the algorithm's)."""
 
     # common settings
@@ -88,31 +88,11 @@ class EpochArgs:
     lora_target_modules: Optional[list[str]] = None
     """modules that get an adapter (None: PEFT's choice for the architecture; `all-linear`: every linear layer)"""
 
-    # TRL's flags: TRL's names with TRL's meaning, mapped onto the settings above (README: "TRL's flags")
-    report_to: Optional[str] = None
-    """TRL: where to log: wandb or all (= --track; W&B is the only tracker here), none; None: --track decides"""
-    run_name: Optional[str] = None
-    """TRL: the W&B run's name; None: exp_name__seed__time"""
-    warmup_steps: float = 0
-    """TRL: warmup steps of the schedule (below 1: a fraction of them); > 0 overrides --warmup-ratio (transformers)"""
-    torch_dtype: Optional[str] = None
-    """TRL: the dtype the models' weights load in (auto, float32, bfloat16, float16), apart from --bf16 autocast"""
-    dtype: Optional[str] = None
-    """TRL: the newer name of --torch-dtype (either may be given)"""
-    attn_implementation: Optional[str] = None
-    """TRL: the attention kernel the models load with (eager, sdpa, ...); None: transformers' choice"""
-    model_revision: Optional[str] = None
-    """TRL: the hub revision (branch, tag or commit) of the models and tokenizer; None: main"""
-    dataset_config: Optional[str] = None
-    """TRL: the configuration name of a hub dataset (load_dataset's second argument)"""
+    # TRL's flags whose meaning is this script's (the rest: rlhf_utils.cli.TRLFlags)
     per_device_eval_batch_size: Optional[int] = None
     """TRL: examples per evaluation forward on each process; None: per_device_train_batch_size"""
-    logging_first_step: bool = False
-    """TRL: also log the first optimizer step"""
     optim: str = "adamw_torch"
     """TRL: the optimizer: adamw_torch or adamw_torch_fused (one kernel for all parameters)"""
-    save_strategy: str = "steps"
-    """TRL: steps (a checkpoint every --save-steps) or no (no checkpoints)"""
 
 
 # Arguments of EpochArgs (and the scripts' output_dir, exp_name, logging_steps) a resumed run may change: where and
