@@ -48,7 +48,8 @@ def test_a_copy_with_the_kl_estimator_written_inline_runs_and_trains_as_that_est
     assert (out / "model.safetensors").is_file() and (out / "value_model" / "model.safetensors").is_file()
     assert fork in (out / "README.md").read_text()  # the card says which script made the model
     forked, k3 = training(out), training(tmp_path / "k3")
-    assert [r.get("update") for r in forked] == [1, 2, 3, 3]  # three updates, then the evaluation
+    # three updates, the evaluation after the last one, then the final evaluation whose completions are saved
+    assert [r.get("update") for r in forked] == [1, 2, 3, 3, 3]
     # The fork ran its own line: with the flag at k1 it trains, update by update, as the script does with k3 ...
     assert forked == k3
     # ... and k3 is not k1 here: the policy has moved from the reference after the first update, and k3 (unlike k1)
