@@ -168,7 +168,8 @@ def claim_output_dir(output_dir: str, resume: Optional[str], overwrite: bool) ->
 
 def prepare_output_dir(output_dir: str, resume_state: Optional[dict], main_process: bool) -> str:
     """Create output_dir (only now, with every input checked, is anything written there); a fresh run drops an
-    earlier run's checkpoints, a resumed one the metrics rows logged after its checkpoint's update. Returns the path
+    earlier run's checkpoints, a resumed one the metrics rows logged after its checkpoint (later updates, a final
+    evaluation). Returns the path
     of metrics.jsonl, which the run appends to."""
     os.makedirs(output_dir, exist_ok=True)
     metrics_path = os.path.join(output_dir, "metrics.jsonl")
@@ -185,7 +186,9 @@ def prepare_output_dir(output_dir: str, resume_state: Optional[dict], main_proce
                         row = json.loads(line)
                     except json.JSONDecodeError:
                         continue
-                    if row.get("update", 0) <= resume_state["update"]:
+                    # A final evaluation is logged after the last checkpoint: the resumed run logs its own at its end.
+                    final = any(k.startswith("final_eval/") for k in row)
+                    if row.get("update", 0) <= resume_state["update"] and not final:
                         kept.append(line if line.endswith("\n") else line + "\n")
         with open(metrics_path + ".tmp", "w") as f:
             f.writelines(kept)

@@ -210,7 +210,8 @@ def test_resume_with_a_larger_budget(script, schedule, tmp_path, monkeypatch, sm
 def test_extended_run_equals_a_run_started_with_the_larger_budget(tmp_path):
     """ppo_rlhf.py, constant learning rate: 2 updates with a checkpoint at the end, resumed with twice the budget,
     ends with the weights and metrics of a run started with that budget (nothing at the old end draws from the
-    sampling generator: no evaluation, no sample tables)."""
+    sampling generator before the checkpoint: no evaluation, no sample tables; the short run's final evaluation comes
+    after it, and the resumed run drops its row)."""
     from safetensors.torch import load_file
 
     common = [*PPO_TINY, "--lr-scheduler-type", "constant", "--save-steps", "2"]
@@ -226,7 +227,7 @@ def test_extended_run_equals_a_run_started_with_the_larger_budget(tmp_path):
                 {k: v for k, v in json.loads(line).items() if k != "eps" and not k.startswith("time")} for line in f
             ]
 
-    assert [r["update"] for r in rows(fresh)] == [1, 2, 3, 4]
+    assert [r["update"] for r in rows(fresh)] == [1, 2, 3, 4, 4]  # the last: the final evaluation
     assert rows(short) == rows(fresh)
     for model in ("model.safetensors", os.path.join("value_model", "model.safetensors")):  # the policy, the value
         a, b = (load_file(os.path.join(f, model)) for f in (short, fresh))

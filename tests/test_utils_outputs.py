@@ -273,3 +273,17 @@ def test_save_policy_writes_the_weights_or_the_adapter_and_its_merge(tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "lora" / "merged").state_dict()
     assert all(torch.equal(merged[k], v) for k, v in expected.items())  # LoRA's B starts at 0: the base itself
     assert os.path.isfile(tmp_path / "lora" / "merged" / "tokenizer_config.json")
+
+
+def test_a_resumed_run_keeps_the_metrics_rows_up_to_its_checkpoint_but_not_a_final_evaluation(tmp_path):
+    """A final evaluation is logged after the last checkpoint; resuming from that checkpoint (to train longer) must not
+    keep it, or the extended run would log two."""
+    import json
+
+    from rlhf_utils.outputs import prepare_output_dir
+
+    rows = [{"update": 1}, {"update": 2}, {"final_eval/score": 1.0, "update": 2}, {"update": 3}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"update": 4, "half')
+    path = prepare_output_dir(str(tmp_path), {"update": 2}, True)
+    assert [json.loads(line) for line in open(path)] == [{"update": 1}, {"update": 2}]
+    assert prepare_output_dir(str(tmp_path), None, True) and open(path).read() == ""  # a fresh run starts empty
