@@ -699,15 +699,16 @@ def load_prompts(args: Args, local_batch_size: int) -> tuple:
     """The train and evaluation prompts, checked: (train rows, eval rows, "text" or "conversation", a note saying
     which rows are evaluated)."""
     train_data, eval_data, prompt_kind, split_note = load_splits(args, prompt_format)
-    final_data, split, note = None, args.dataset_final_eval_split, ""
+    final_data, split = None, args.dataset_final_eval_split
     if split is not None:
         final_data, note = load_final_split(args.dataset_name, split, eval_data, prompt_format, args.dataset_config)
+        split_note += note
     if len(train_data) < local_batch_size:
         fail(
             "dataset_train_split",
             f"{len(train_data)} prompts cannot fill one per-process batch of {local_batch_size} ({split_note})",
         )
-    return train_data, eval_data, final_data, prompt_kind, split_note + note
+    return train_data, eval_data, final_data, prompt_kind, split_note
 
 
 def check_model_configs(args: Args, tokenizer, prompt_kind: str) -> tuple:
