@@ -370,9 +370,9 @@ def check_args(args: Args, train_prompts: Optional[int] = None) -> Batches:
 MAY_CHANGE_ON_RESUME = set(
     "exp_name track wandb_project_name wandb_entity output_dir overwrite_output_dir push_to_hub hub_model_id "
     "trust_remote_code logging_steps save_steps save_total_limit resume_from_checkpoint gradient_checkpointing "
-    "dataset_num_proc merge_adapter_on_save report_to run_name logging_first_step save_strategy".split()
+    "dataset_num_proc merge_adapter_on_save report_to run_name logging_first_step save_strategy "
+    "num_train_epochs".split()  # what num_train_epochs sets, total_episodes, is checked: the budget may grow
 )
-MAY_CHANGE_ON_RESUME.add("num_train_epochs")  # what it sets, total_episodes, is checked: the budget may grow
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -606,6 +606,8 @@ def generate(
     out = backbone(input_ids=queries, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
     next_position = position_ids[:, -1:] + 1
     tokens, done = [], torch.zeros(len(queries), dtype=torch.bool, device=queries.device)
+    if stop_token_id is not None:  # one tensor for every step's comparison
+        stop_token_id = torch.as_tensor(stop_token_id, device=queries.device)
     for step in range(response_length):
         logits = transform_logits(head(out.last_hidden_state[:, -1]).float(), scale, softcap)
         probs = (logits / (temperature + 1e-7)).softmax(-1)
@@ -843,8 +845,7 @@ class Run:
     reward_weights: list  # one per reward source: the reward model first (if any), then each function
     tokenizer: object
     sampling_generator: torch.Generator
-    stop_token_id: list  # the token ids that end a response
-    eos_check_id: list  # the EOS trick's tokens: the stop tokens
+    stop_token_id: list  # the token ids that end a response (and that the EOS trick checks)
     reward_shift: float
     pad_multiple: int
     zero_stage: Optional[int]  # None: no DeepSpeed
@@ -968,7 +969,7 @@ def evaluate(run: Run, prompt_rows: list) -> tuple:
             ref_logprobs = reference_logprobs(run, query_responses, attention_mask, context_length, 1.0, needed)
         valid = torch.arange(logprobs.shape[1], device=device)[None, :] <= sequence_lengths[:, None]
         kl = ((logprobs - ref_logprobs) * valid).sum(1)
-        has_stop = is_stop(responses, run.eos_check_id).any(1)
+        has_stop = is_stop(responses, run.stop_token_id).any(1)
         totals["score"] += (scores * w).sum()
         totals["kl"] += (kl * w).sum()
         totals["eos"] += (has_stop.float() * w).sum()
@@ -1103,8 +1104,6 @@ if __name__ == "__main__":
         # TRL's default: its generate() still stopped at the model's EOS, which transformers takes from the SFT
         # model's generation config (every id of it), else from the tokenizer.
         stop_token_id = eos_token_ids(args.sft_model_path, tokenizer, args.trust_remote_code)
-    # The EOS trick checks the configured stop token (TRL checked EOS even with a custom stop_token_id).
-    eos_check_id = stop_token_id
 
     stop_on_signals()  # from here on, Ctrl-C or SIGTERM stops after the current update with a checkpoint
 
@@ -1200,7 +1199,6 @@ if __name__ == "__main__":
         tokenizer=tokenizer,
         sampling_generator=sampling_generator,
         stop_token_id=stop_token_id,
-        eos_check_id=eos_check_id,
         reward_shift=reward_shift,
         pad_multiple=pad_multiple,
         zero_stage=zero_stage,
@@ -1275,7 +1273,8 @@ if __name__ == "__main__":
                 )
 
             # Step 6, the EOS trick: responses that never produced the stop token lose missing_eos_penalty.
-            contains_stop = is_stop(postprocessed, eos_check_id).any(1)
+            # The EOS trick checks the configured stop tokens (TRL checked EOS even with a custom stop_token_id).
+            contains_stop = is_stop(postprocessed, stop_token_id).any(1)
             if args.missing_eos_penalty is not None:
                 scores = scores - args.missing_eos_penalty * (~contains_stop).float()
 
